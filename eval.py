@@ -281,7 +281,7 @@ def _number_value(token):
 
 
 def extract_count(text):
-    """The count an answer ends with, or None when it states none. Reads, in order: the number after
+    """The count an answer gives, or None when none can be read (never raises). Reads, in order: the number after
     "total" ("... shows a total of 2."), else the last number (digits or a word up to twenty), else 0 when
     it says none ("There are none.", "There are no ..."). Markup such as <points coords=...> is skipped."""
     if not isinstance(text, str):
