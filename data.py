@@ -11,6 +11,7 @@ Everything between raw inputs and the model's tensors.
 import collections
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -351,6 +352,239 @@ def parse_points(text):
     elif NO_POINTS_ANSWER.rstrip(".") in text:
         count = 0
     return ParsedPoints(tags, count, dropped)
+
+
+# --- 3b. Records: one JSON line per image / image set / video / text example ---------------------------
+# The record format, shared by every dataset (real ones after prepare_data.py, and the synthetic world):
+#
+#     {"id": "pixmo_points/000017",                    optional, for reports
+#      "image": "images/a.jpg" | ["a.jpg", "b.jpg"],   optional: one image or several (multi-image)
+#      "video": "clips/c.gif" | "clips/c_frames/",     optional, never with "image": an animated GIF or a
+#                                                      folder of frames in name order (played at "video_fps",
+#                                                      default 2)
+#      "annotations": [                                one or more; each is a conversation about the same
+#         {"style": "point_count",                     media (a branch of the message tree), in a known style
+#          "messages": [{"role": "user", "content": "How many red circles are there?"},
+#                       {"role": "assistant", "content": "Counting the <points ...>red circles</points> ..."}]},
+#         ...],
+#      "scene": {...},                                 optional: the synthetic world's ground truth
+#      "meta": {...}}                                  optional, anything
+#
+# Paths are relative to the folder of the JSONL file (or absolute). Messages alternate user / assistant,
+# start with the user (a leading "system" message is allowed) and end with the assistant; the user's text
+# may be empty (the style prefix then is the prompt), no assistant answer may be. No image and no video is
+# a text-only record. Point answers are already Molmo2 text (section 3a): a record is exactly what is
+# trained on, and a reader can be checked by eye.
+#
+# Reading is lazy: RecordFile indexes line offsets once and parses a line, checks it and decodes its media
+# only when asked. A bad record raises BadRecord(reason, message); RecordFile.get() counts it in a
+# SkipReport and returns None, so a training run skips it and goes on, and prints the counts by reason.
+
+# style -> the per-token loss weight rule it gets (spec section 8): "sqrt" scales a conversation's loss
+# tokens by 2/sqrt(n), "grounding" is a flat 0.2 (pointing, counting with points, tracking), "video_caption"
+# a flat 0.1. Names follow allenai/molmo2's styles where one exists.
+STYLES = {
+    # captions
+    "long_caption": "sqrt", "transcript": "sqrt",
+    "video_long_caption": "video_caption", "video_short_caption": "video_caption",
+    "video_merged_caption": "video_caption",
+    # image grounding
+    "pointing": "grounding", "point_count": "grounding", "cosyn_point": "grounding",
+    "multi_image_pointing": "grounding", "multi_image_point_then_count": "grounding",
+    # video grounding
+    "video_point": "grounding", "video_point_count": "grounding", "video_point_track_per_frame": "grounding",
+    # question answering
+    "short_answer": "sqrt", "user_qa": "sqrt", "synthetic_qa": "sqrt", "correction_qa": "sqrt",
+    "multi_image_short_answer": "sqrt", "video_short_answer": "sqrt",
+    "pixmo_docs_charts": "sqrt", "pixmo_docs_tables": "sqrt", "pixmo_docs_diagrams": "sqrt",
+    "pixmo_docs_other": "sqrt",
+    # text only
+    "text_sft": "sqrt",
+}
+
+SKIP_REASONS = ("malformed_json", "bad_schema", "unknown_style", "empty_answer", "missing_file",
+                "undecodable_image", "undecodable_video")
+DEFAULT_VIDEO_FPS = 2.0
+_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class BadRecord(Exception):
+    def __init__(self, reason, message):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message
+
+
+class SkipReport:
+    """Counts skipped records by reason and keeps the first message of each reason."""
+
+    def __init__(self):
+        self.n_seen = 0
+        self.counts = collections.Counter()
+        self.first = {}
+
+    def skip(self, error):
+        self.counts[error.reason] += 1
+        self.first.setdefault(error.reason, error.message)
+
+    @property
+    def n_skipped(self):
+        return sum(self.counts.values())
+
+    def summary(self):
+        if not self.counts:
+            return f"records: {self.n_seen} read, none skipped"
+        lines = [f"records: {self.n_seen} read, {self.n_skipped} skipped"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {reason}: {n} (first: {self.first[reason]})")
+        return "\n".join(lines)
+
+
+def load_image(path):
+    """An image file -> RGB PIL image, decoded now so a broken file fails here, with its name."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise BadRecord("missing_file", f"image '{path}' not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord("undecodable_image", f"image '{path}': cannot decode ({e})") from None
+
+
+def load_video(path, fps=DEFAULT_VIDEO_FPS):
+    """An animated GIF or a folder of frames -> ([RGB PIL frame], [time in s]). A GIF's times come from its
+    frame durations; a folder's frames are `fps` apart."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(_FRAME_SUFFIXES))
+        if not names:
+            raise BadRecord("undecodable_video", f"video '{path}': folder has no frame images")
+        frames = []
+        for name in names:
+            try:
+                frames.append(load_image(os.path.join(path, name)))
+            except BadRecord as e:
+                raise BadRecord("undecodable_video", f"video '{path}': {e.message}") from None
+        return frames, [i / fps for i in range(len(frames))]
+    if not os.path.isfile(path):
+        raise BadRecord("missing_file", f"video '{path}' not found")
+    try:
+        frames, times, t = [], [], 0.0
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                frames.append(frame.convert("RGB"))
+                times.append(t)
+                t += frame.info.get("duration", 1000 / fps) / 1000
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
+        raise BadRecord("undecodable_video", f"video '{path}': cannot decode ({e})") from None
+    return frames, times
+
+
+def check_record(record, where="record"):
+    """Raise BadRecord unless `record` (a parsed JSON line) follows the record format. No file access."""
+    if not isinstance(record, dict):
+        raise BadRecord("bad_schema", f"{where}: a record is a JSON object, got {type(record).__name__}")
+    image, video = record.get("image"), record.get("video")
+    if image is not None and video is not None:
+        raise BadRecord("bad_schema", f"{where}: has both 'image' and 'video'")
+    images = [image] if isinstance(image, str) else image
+    if image is not None and not (isinstance(images, list) and images and all(isinstance(p, str) and p for p in images)):
+        raise BadRecord("bad_schema", f"{where}: 'image' must be a path or a non-empty list of paths")
+    if video is not None and not (isinstance(video, str) and video):
+        raise BadRecord("bad_schema", f"{where}: 'video' must be a path")
+    annotations = record.get("annotations")
+    if not isinstance(annotations, list) or not annotations:
+        raise BadRecord("bad_schema", f"{where}: 'annotations' must be a non-empty list")
+    for a, annotation in enumerate(annotations):
+        at = f"{where} annotation {a}"
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("messages"), list):
+            raise BadRecord("bad_schema", f"{at}: must be an object with 'style' and a 'messages' list")
+        style = annotation.get("style")
+        if style not in STYLES:
+            raise BadRecord("unknown_style", f"{at}: style {style!r} is not one of data.STYLES")
+        messages = annotation["messages"]
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            messages = messages[1:]
+        if not messages or len(messages) % 2:
+            raise BadRecord("bad_schema", f"{at}: needs user/assistant pairs, got {len(messages)} message(s)")
+        for m, message in enumerate(messages):
+            role = "user" if m % 2 == 0 else "assistant"
+            if not isinstance(message, dict) or message.get("role") != role or not isinstance(message.get("content"), str):
+                raise BadRecord("bad_schema", f"{at} message {m}: expected {{'role': '{role}', 'content': str}}")
+            if role == "assistant" and not message["content"].strip():
+                raise BadRecord("empty_answer", f"{at} message {m}: empty answer")
+
+
+class RecordFile:
+    """Lazy random access to a JSONL file of records.
+
+    get(i) -> the record with absolute media paths and, when load_media, its decoded media added as
+    "images" ([PIL]) or "video_frames" ([PIL]) + "video_times" ([s]); None for a bad record, which is
+    counted in `report` (a SkipReport, shared between files if you like)."""
+
+    def __init__(self, path, report=None, load_media=True):
+        self.path = os.path.abspath(path)
+        self.root = os.path.dirname(self.path)
+        self.report = report if report is not None else SkipReport()
+        self.load_media = load_media
+        self.offsets = []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    self.offsets.append(offset)
+                offset += len(line)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def read(self, i):
+        """The i-th record; raises BadRecord."""
+        where = f"{os.path.basename(self.path)} record {i}"
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            line = f.readline()
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRecord("malformed_json", f"{where}: {e}") from None
+        check_record(record, where)
+        if "id" not in record:
+            record["id"] = where
+        if "image" in record:
+            paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+            record["image"] = [os.path.join(self.root, p) for p in paths]
+            if self.load_media:
+                record["images"] = [load_image(p) for p in record["image"]]
+            else:
+                for p in record["image"]:
+                    if not os.path.isfile(p):
+                        raise BadRecord("missing_file", f"image '{p}' not found")
+        if "video" in record:
+            record["video"] = os.path.join(self.root, record["video"])
+            if self.load_media:
+                record["video_frames"], record["video_times"] = load_video(
+                    record["video"], record.get("video_fps", DEFAULT_VIDEO_FPS))
+            elif not os.path.exists(record["video"]):
+                raise BadRecord("missing_file", f"video '{record['video']}' not found")
+        return record
+
+    def get(self, i):
+        """The i-th record, or None (counted in self.report) if it is bad."""
+        self.report.n_seen += 1
+        try:
+            return self.read(i)
+        except BadRecord as e:
+            self.report.skip(e)
+            return None
+
+    def __iter__(self):
+        for i in range(len(self)):
+            record = self.get(i)
+            if record is not None:
+                yield record
 
 
 # (end of section 3)
