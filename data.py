@@ -588,7 +588,102 @@ class RecordFile:
                 yield record
 
 
-# --- 3e. The synthetic world: shapes to learn from, generated here -----------------------------------
+# --- 3c. The mixture: groups of datasets with shares ---------------------------------------------------
+# A mixture is {group: (share, [dataset, ...])}, as in config/mix_*.py. Each draw picks a group by share
+# (groups with no dataset are left out, the others' shares scaled up), then a dataset of the group with
+# probability proportional to sqrt(its size) (Molmo2's rule), then the dataset's next index in a fresh
+# random order per epoch. The draw is a function of (seed, rank, draw number) and the per-dataset
+# cursors, so a sampler's state is a few integers: state_dict() / load_state_dict() resume it exactly.
+# Each rank draws its own stream (seeded by rank); a dataset lives at {data_dir}/{name}/{split}.jsonl.
+
+class MixtureSampler:
+    """An endless stream of (dataset name, record index) drawn from a mixture."""
+
+    def __init__(self, mixture, dataset_sizes, seed=0, rank=0):
+        self.seed, self.rank = seed, rank
+        self.groups = []  # [(group, share, [names], [sqrt-size weights])]
+        for group, (share, names) in mixture.items():
+            names = [n for n in names if dataset_sizes.get(n, 0) > 0]
+            if names and share > 0:
+                self.groups.append((group, share, names, [math.sqrt(dataset_sizes[n]) for n in names]))
+        if not self.groups:
+            raise ValueError(f"mixture {mixture}: no group has a non-empty dataset (sizes {dataset_sizes})")
+        self.sizes = dict(dataset_sizes)
+        self.draws = 0
+        self.cursors = {n: [0, 0] for _, _, names, _ in self.groups for n in names}  # name -> [epoch, position]
+        self._orders = {}  # name -> (epoch, permutation)
+
+    def probabilities(self):
+        """{dataset: probability of being drawn}, from the shares and sqrt sizes."""
+        total_share = sum(share for _, share, _, _ in self.groups)
+        return {name: share / total_share * w / sum(weights)
+                for _, share, names, weights in self.groups for name, w in zip(names, weights)}
+
+    def _order(self, name, epoch):
+        import numpy as np
+        if self._orders.get(name, (None,))[0] != epoch:
+            key = int.from_bytes(hashlib.sha256(f"{self.seed}/{self.rank}/{name}/{epoch}".encode()).digest()[:8], "little")
+            self._orders[name] = (epoch, np.random.default_rng(key).permutation(self.sizes[name]))
+        return self._orders[name][1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = random.Random(f"{self.seed}/{self.rank}/{self.draws}")
+        self.draws += 1
+        _, _, names, weights = rng.choices(self.groups, weights=[g[1] for g in self.groups])[0]
+        name = rng.choices(names, weights=weights)[0]
+        epoch, position = self.cursors[name]
+        index = int(self._order(name, epoch)[position])
+        self.cursors[name] = [epoch, position + 1] if position + 1 < self.sizes[name] else [epoch + 1, 0]
+        return name, index
+
+    def state_dict(self):
+        return {"seed": self.seed, "rank": self.rank, "draws": self.draws,
+                "cursors": {n: list(c) for n, c in self.cursors.items()}}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["rank"]) != (self.seed, self.rank):
+            raise ValueError(f"mixture state for seed {state['seed']} rank {state['rank']}, "
+                             f"this sampler has seed {self.seed} rank {self.rank}")
+        if set(state["cursors"]) != set(self.cursors):
+            raise ValueError(f"mixture state datasets {sorted(state['cursors'])} != {sorted(self.cursors)}")
+        self.draws = state["draws"]
+        self.cursors = {n: list(c) for n, c in state["cursors"].items()}
+
+
+def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=True, report=None):
+    """Open every dataset of a mixture ({data_dir}/{name}/{split}.jsonl; a missing file is an error) and
+    its sampler. Returns (sampler, {name: RecordFile}); the files share one SkipReport."""
+    report = report if report is not None else SkipReport()
+    files = {}
+    for group, (share, names) in mixture.items():
+        for name in names:
+            path = os.path.join(data_dir, name, f"{split}.jsonl")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"mixture group {group!r}: dataset {name!r} has no '{path}' "
+                                        f"(run prepare_data.py {name})")
+            files[name] = RecordFile(path, report=report, load_media=load_media)
+    sampler = MixtureSampler(mixture, {name: len(f) for name, f in files.items()}, seed, rank)
+    return sampler, files
+
+
+def mixture_records(sampler, files, max_consecutive_skips=1000):
+    """Endless (dataset name, record) from a sampler, skipping bad records (counted in the files' report)."""
+    skipped = 0
+    for name, index in sampler:
+        record = files[name].get(index)
+        if record is not None:
+            skipped = 0
+            yield name, record
+        else:
+            skipped += 1
+            if skipped >= max_consecutive_skips:
+                raise RuntimeError(f"mixture: {skipped} bad records in a row\n{files[name].report.summary()}")
+
+
+# --- 3d. The synthetic world: shapes to learn from, generated here -----------------------------------
 # Images of 0..max_objects shapes (4 kinds, 4 colours, 2 sizes, 3 textures) on 4 backgrounds x 3 patterns,
 # with a dense caption, short QA, counting with points and pointing; pairs of images to compare and count
 # across; and short videos (frame folders at 2 fps) of shapes that appear and move, with counting, video
@@ -937,11 +1032,14 @@ def _save_png(image, path):
     image.save(path, format="PNG", compress_level=1)
 
 
-def generate_synthetic_world(out_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
+SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "synth_video"}
+
+
+def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
                              max_video_objects=6, n_frames=8):
-    """Write the synthetic world under out_dir: {split}_{part}.jsonl for split in train/val/test and part in
-    image/multi/video, media under images/ and videos/. sizes: {split: {part: n_records}}.
-    Returns {split: {part: jsonl path}}."""
+    """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
+    {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
+    sizes: {split: {"image"|"multi"|"video": n_records}}. Returns {split: {part: jsonl path}}."""
     sizes = sizes or {"train": {"image": 2000, "multi": 300, "video": 200},
                       "val": {"image": 200, "multi": 50, "video": 50},
                       "test": {"image": 200, "multi": 50, "video": 50}}
@@ -949,41 +1047,44 @@ def generate_synthetic_world(out_dir, seed=0, sizes=None, image_size=224, video_
     for split, parts in sizes.items():
         paths[split] = {}
         for part, n in parts.items():
-            media_dir = os.path.join(out_dir, "videos" if part == "video" else "images", split, part)
-            os.makedirs(media_dir, exist_ok=True)
-            path = os.path.join(out_dir, f"{split}_{part}.jsonl")
+            if part not in SYNTHETIC_DATASETS:
+                raise ValueError(f"synthetic world part {part!r}: expected one of {list(SYNTHETIC_DATASETS)}")
+            dataset_dir = os.path.join(data_dir, SYNTHETIC_DATASETS[part])
+            os.makedirs(os.path.join(dataset_dir, split), exist_ok=True)
+            path = os.path.join(dataset_dir, f"{split}.jsonl")
             with open(path, "w") as f:
                 for index in range(n):
-                    rng = _example_rng(seed, split, part, index)
-                    name = f"{split}_{part}_{index:06d}"
-                    if part == "image":
-                        scene = make_image_scene(rng, max_objects)
-                        _save_png(render_scene(scene, image_size), os.path.join(media_dir, name + ".png"))
-                        record = {"id": name, "image": f"images/{split}/{part}/{name}.png",
-                                  "annotations": image_annotations(rng, scene), "scene": scene}
-                    elif part == "multi":
-                        scenes = multi_image_scenes(rng, max_objects)
-                        files = []
-                        for k, scene in enumerate(scenes, 1):
-                            _save_png(render_scene(scene, image_size), os.path.join(media_dir, f"{name}_{k}.png"))
-                            files.append(f"images/{split}/{part}/{name}_{k}.png")
-                        record = {"id": name, "image": files, "annotations": multi_image_annotations(rng, scenes),
-                                  "scene": {"images": scenes}}
-                    elif part == "video":
-                        scene = make_video_scene(rng, n_frames, max_video_objects)
-                        frame_dir = os.path.join(media_dir, name)
-                        os.makedirs(frame_dir, exist_ok=True)
-                        for frame in range(n_frames):
-                            positions = [s["track"][frame] for s in scene["shapes"]]
-                            _save_png(render_scene(scene, video_size, positions=positions),
-                                      os.path.join(frame_dir, f"{frame:04d}.png"))
-                        record = {"id": name, "video": f"videos/{split}/{part}/{name}", "video_fps": SYNTHETIC_FPS,
-                                  "annotations": video_annotations(rng, scene), "scene": scene}
-                    else:
-                        raise ValueError(f"synthetic world part {part!r}: expected image, multi or video")
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size,
+                                                         video_size, max_objects, max_video_objects, n_frames)) + "\n")
             paths[split][part] = path
     return paths
+
+
+def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size, max_objects,
+                      max_video_objects, n_frames):
+    """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
+    rng = _example_rng(seed, split, part, index)
+    name = f"{split}/{index:06d}"
+    if part == "image":
+        scene = make_image_scene(rng, max_objects)
+        _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, name + ".png"))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": name + ".png",
+                "annotations": image_annotations(rng, scene), "scene": scene}
+    if part == "multi":
+        scenes = multi_image_scenes(rng, max_objects)
+        files = [f"{name}_{k}.png" for k in range(1, len(scenes) + 1)]
+        for scene, file in zip(scenes, files):
+            _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, file))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": files,
+                "annotations": multi_image_annotations(rng, scenes), "scene": {"images": scenes}}
+    scene = make_video_scene(rng, n_frames, max_video_objects)
+    os.makedirs(os.path.join(dataset_dir, name), exist_ok=True)
+    for frame in range(n_frames):
+        positions = [s["track"][frame] for s in scene["shapes"]]
+        _save_png(render_scene(scene, video_size, positions=positions),
+                  os.path.join(dataset_dir, name, f"{frame:04d}.png"))
+    return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "video": name, "video_fps": SYNTHETIC_FPS,
+            "annotations": video_annotations(rng, scene), "scene": scene}
 
 
 # (end of section 3)

@@ -1,9 +1,13 @@
 """The record format and its lazy reader: good records of every kind come back with decoded media; each
-kind of defect is skipped, counted and named in the report, and reading goes on."""
+kind of defect is skipped, counted and named in the report, and reading goes on. The mixture sampler:
+shares x sqrt(size) (hand-worked), epochs without replacement, exact resume."""
 
+import itertools
 import json
 import os
+from collections import Counter
 
+import pytest
 from PIL import Image
 
 import data
@@ -102,3 +106,57 @@ def test_every_style_has_a_loss_rule():
     for style in ("pointing", "point_count", "video_point", "video_point_track_per_frame"):
         assert data.STYLES[style] == "grounding"  # flat 0.2 in spec section 8
     assert data.STYLES["video_long_caption"] == "video_caption"  # flat 0.1
+
+
+# --- the mixture ------------------------------------------------------------------------------------
+
+def test_mixture_probabilities_are_shares_times_sqrt_size():
+    mixture = {"a": (0.75, ["x", "y"]), "b": (0.25, ["z"]), "none": (0.5, [])}
+    sampler = data.MixtureSampler(mixture, {"x": 100, "y": 400, "z": 50})
+    # hand-worked: group a gets 0.75 (the empty group is left out), split 10:20 by sqrt size
+    want = {"x": 0.25, "y": 0.5, "z": 0.25}
+    assert sampler.probabilities() == pytest.approx(want)
+    counts = Counter(name for name, _ in itertools.islice(sampler, 20000))
+    for name, p in want.items():
+        assert abs(counts[name] / 20000 - p) < 0.015, (name, counts)
+
+
+def test_mixture_walks_each_dataset_without_replacement_per_epoch():
+    sampler = data.MixtureSampler({"g": (1.0, ["small", "big"])}, {"small": 7, "big": 10_000}, seed=3)
+    small = [i for name, i in itertools.islice(sampler, 3000) if name == "small"]
+    assert len(small) > 21
+    for epoch in range(3):
+        assert sorted(small[7 * epoch: 7 * epoch + 7]) == list(range(7))
+    assert small[:7] != small[7:14]  # a new order each epoch
+
+
+def test_mixture_resumes_exactly_and_is_deterministic():
+    mixture = {"a": (0.6, ["x", "y"]), "b": (0.4, ["z"])}
+    sizes = {"x": 13, "y": 40, "z": 5}
+    reference = list(itertools.islice(data.MixtureSampler(mixture, sizes, seed=1), 300))
+    first = data.MixtureSampler(mixture, sizes, seed=1)
+    head = list(itertools.islice(first, 120))
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON checkpoint
+    resumed = data.MixtureSampler(mixture, sizes, seed=1)
+    resumed.load_state_dict(state)
+    assert head + list(itertools.islice(resumed, 180)) == reference
+    other_rank = list(itertools.islice(data.MixtureSampler(mixture, sizes, seed=1, rank=1), 300))
+    assert other_rank != reference
+    with pytest.raises(ValueError, match="rank"):
+        data.MixtureSampler(mixture, sizes, seed=1, rank=1).load_state_dict(state)
+
+
+def test_mixture_reads_records_and_skips_bad_ones(tmp_path):
+    qa = {"style": "short_answer", "messages": _messages("q", "a")}
+    for name, lines in {"good": [json.dumps({"annotations": [qa]})] * 3,
+                        "half_bad": [json.dumps({"annotations": [qa]}), "{oops", json.dumps({"image": "x.png", "annotations": [qa]})]}.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "train.jsonl").write_text("\n".join(lines) + "\n")
+    sampler, files = data.open_mixture({"g": (1.0, ["good", "half_bad"])}, str(tmp_path))
+    got = list(itertools.islice(data.mixture_records(sampler, files), 200))
+    assert len(got) == 200 and {name for name, _ in got} == {"good", "half_bad"}
+    report = files["good"].report
+    assert report is files["half_bad"].report
+    assert report.counts["malformed_json"] > 0 and report.counts["missing_file"] > 0
+    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+        data.open_mixture({"g": (1.0, ["absent"])}, str(tmp_path))

@@ -56,20 +56,19 @@ def test_splits_share_no_image(world):
     out, paths = world
     image_hashes = {}
     for split in SIZES:
-        hashes = set()
-        for folder in ("images", "videos"):
-            hashes |= set(_file_hashes(os.path.join(out, folder, split)).values())
-        image_hashes[split] = hashes
-    n_files = {split: sum(len(files) for _, _, files in os.walk(os.path.join(out, f, split)))
-               for split in SIZES for f in ("images",)}
-    assert n_files["train"] == 60 + 2 * 16
+        hashes = {}
+        for dataset in data.SYNTHETIC_DATASETS.values():
+            hashes.update(_file_hashes(os.path.join(out, dataset, split)))
+        assert len(hashes) == sum(n * {"image": 1, "multi": 2, "video": 8}[part] for part, n in SIZES[split].items())
+        image_hashes[split] = set(hashes.values())
     assert not image_hashes["train"] & image_hashes["val"]
     assert not image_hashes["train"] & image_hashes["test"]
     assert not image_hashes["val"] & image_hashes["test"]
     # and no two stills in a split are the same either
     for split in SIZES:
-        stills = _file_hashes(os.path.join(out, "images", split)).values()
-        assert len(set(stills)) == len(list(stills))
+        for dataset in ("synth_image", "synth_multi"):
+            stills = list(_file_hashes(os.path.join(out, dataset, split)).values())
+            assert len(set(stills)) == len(stills)
 
 
 # --- an independent checker: recompute every answer from the scene ---------------------------------
