@@ -556,7 +556,7 @@ class RecordFile:
             record["id"] = where
         if "image" in record:
             paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            record["image"] = [os.path.join(self.root, p) for p in paths]
+            record["image"] = [os.path.normpath(os.path.join(self.root, p)) for p in paths]
             if self.load_media:
                 record["images"] = [load_image(p) for p in record["image"]]
             else:
@@ -564,7 +564,7 @@ class RecordFile:
                     if not os.path.isfile(p):
                         raise BadRecord("missing_file", f"image '{p}' not found")
         if "video" in record:
-            record["video"] = os.path.join(self.root, record["video"])
+            record["video"] = os.path.normpath(os.path.join(self.root, record["video"]))
             if self.load_media:
                 record["video_frames"], record["video_times"] = load_video(
                     record["video"], record.get("video_fps", DEFAULT_VIDEO_FPS))

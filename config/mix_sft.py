@@ -1,7 +1,8 @@
 # Molmo2's SFT mixture (MOLMO2_SPEC.md section 9), groups and shares as in the paper; inside a group datasets
 # are drawn in proportion to sqrt(size). Only datasets prepare_data.py can build are listed: Molmo2 also had
 # multi-image QA in "demo", CoSyn-400K in "image_academic" and many academic sets; a group with no dataset
-# ("video_academic" here) is left out and the other shares scaled up.
+# ("video_academic" here) is left out and the other shares scaled up. The shares add up to 1.1, as in
+# allenai/molmo2 launch_scripts/sft.py: they are relative rates, normalised by the sampler.
 data_dir = "data"
 data_mixture = {
     "demo": (0.15, ["pixmo_ama", "pixmo_cap", "pixmo_cap_qa", "molmo2_cap"]),
