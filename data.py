@@ -442,7 +442,7 @@ class SkipReport:
         return "\n".join(lines)
 
 
-def load_image(path):
+def read_image_file(path):
     """An image file -> RGB PIL image, decoded now so a broken file fails here, with its name."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
@@ -455,7 +455,7 @@ def load_image(path):
         raise BadRecord("undecodable_image", f"image '{path}': cannot decode ({e})") from None
 
 
-def load_video(path, fps=DEFAULT_VIDEO_FPS):
+def read_video_file(path, fps=DEFAULT_VIDEO_FPS):
     """An animated GIF or a folder of frames -> ([RGB PIL frame], [time in s]). A GIF's times come from its
     frame durations; a folder's frames are `fps` apart."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -466,7 +466,7 @@ def load_video(path, fps=DEFAULT_VIDEO_FPS):
         frames = []
         for name in names:
             try:
-                frames.append(load_image(os.path.join(path, name)))
+                frames.append(read_image_file(os.path.join(path, name)))
             except BadRecord as e:
                 raise BadRecord("undecodable_video", f"video '{path}': {e.message}") from None
         return frames, [i / fps for i in range(len(frames))]
@@ -559,7 +559,7 @@ class RecordFile:
             paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
             record["image"] = [os.path.normpath(os.path.join(self.root, p)) for p in paths]
             if self.load_media:
-                record["images"] = [load_image(p) for p in record["image"]]
+                record["images"] = [read_image_file(p) for p in record["image"]]
             else:
                 for p in record["image"]:
                     if not os.path.isfile(p):
@@ -567,7 +567,7 @@ class RecordFile:
         if "video" in record:
             record["video"] = os.path.normpath(os.path.join(self.root, record["video"]))
             if self.load_media:
-                record["video_frames"], record["video_times"] = load_video(
+                record["video_frames"], record["video_times"] = read_video_file(
                     record["video"], record.get("video_fps", DEFAULT_VIDEO_FPS))
             elif not os.path.exists(record["video"]):
                 raise BadRecord("missing_file", f"video '{record['video']}' not found")
@@ -1086,194 +1086,6 @@ def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_s
                   os.path.join(dataset_dir, name, f"{frame:04d}.png"))
     return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "video": name, "video_fps": SYNTHETIC_FPS,
             "annotations": video_annotations(rng, scene), "scene": scene}
-
-
-# --- 3e. Formatting: a record -> token ids, targets, loss weights, positions, a message tree ----------
-# Layout (spec sections 5, 7, 8): BOS (<|im_end|>), the vision tokens, then every annotation of the record
-# as one branch of a message tree: "<|im_start|>user\n{prefix} {prompt}<|im_end|>\n<|im_start|>assistant\n"
-# + answer + <|im_end|> (further turns follow after "\n"). The shared part (BOS + vision) comes once;
-# a branch sees it and itself, not the other branches, and its positions restart right after it.
-# Targets are kept per branch (a branch's last token predicts nothing), so the branches can sit one after
-# another in the row. The vision tokens come from a callable of the processor (data.py section 2):
-#     vision_tokens(record) -> (token_ids: [int], vision: dict | None), vision["n_crops"] = crops used
-# Loss weights (SFT, Molmo2's "root_subsegments_root_tokens"): a branch's answer tokens each get
-# 2/sqrt(n answer tokens) / sqrt(n branches); grounding styles a flat 0.2, video captions a flat 0.1
-# (STYLES); weighting="none" gives every answer token 1.
-# Deviations from allenai/molmo2, on purpose: every branch trains its closing <|im_end|> (Molmo2 leaves it
-# untrained in trees), and a later user turn starts "\n<|im_start|>user" (Molmo2 writes a second
-# <|im_end|> there).
-
-# tokens the LLM sees bidirectionally: transformers' Molmo2Processor.image_token_ids
-VISION_TOKEN_IDS = frozenset(SPECIAL_TOKENS[t] for t in (
-    "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>", "<frame_end>",
-    "<im_low>"))
-# styles without a prefix in SFT (Molmo2's "demo_or_style_v2": its DEMO_STYLES that we use)
-DEMO_STYLES = frozenset({"point_count", "pointing", "cosyn_point", "user_qa", "long_caption", "video_long_caption",
-                         "video_short_caption", "video_point_track_per_frame", "correction_qa", "text_sft",
-                         "video_point", "video_point_count", "multi_image_pointing", "multi_image_point_then_count"})
-_PLAIN_PREFIX_STYLES = ("pointing", "point_count", "cosyn_point")  # no length hint in pretraining
-
-
-def style_prefix(style, answer, mode, rng):
-    """The style prefix of the first user turn. mode "pretrain": "{style} {n}:" with the length hint
-    n = (answer chars + int(N(0, 25))) // 15, "{style}:" 10% of the time and for pointing styles;
-    "sft": "{style}:" except for DEMO_STYLES; "none": no prefix."""
-    if mode not in ("pretrain", "sft", "none"):
-        raise ValueError(f"style prefix mode {mode!r}: expected 'pretrain', 'sft' or 'none'")
-    if mode == "none" or (mode == "sft" and style in DEMO_STYLES):
-        return ""
-    if mode == "sft" or style in _PLAIN_PREFIX_STYLES or rng.random() < 0.1:
-        return f"{style}:"
-    return f"{style} {(len(answer) + int(rng.gauss(0, 25))) // 15}:"
-
-
-def _conversation_tokens(tokenizer, messages, prefix):
-    """Chat turns -> (ids, is_answer): answers and their <|im_end|> are the loss tokens. Text is encoded
-    with special-token strings as plain text, so a message can not inject a turn."""
-    ids, is_answer = [], []
-
-    def add(tokens, answer=False):
-        ids.extend(tokens)
-        is_answer.extend([answer] * len(tokens))
-
-    prefix_pending = bool(prefix)
-    for k, message in enumerate(messages):
-        role, content = message["role"], message["content"]
-        if role == "assistant":
-            add(tokenizer.encode(content, allow_special=False) + [IM_END_ID], answer=True)
-            if k + 1 < len(messages):
-                add(tokenizer.encode("\n"))
-            continue
-        if role == "user" and prefix_pending:
-            content = f"{prefix} {content}" if content else prefix
-            prefix_pending = False
-        add([IM_START_ID] + tokenizer.encode(f"{role}\n{content}", allow_special=False) + [IM_END_ID]
-            + tokenizer.encode("\n"))
-        if role == "user":
-            add([IM_START_ID] + tokenizer.encode("assistant\n"))
-    return ids, is_answer
-
-
-def format_example(record, tokenizer, vision_tokens=None, prefix_mode="sft", weighting="sqrt", rng=None,
-                   max_tokens=None):
-    """A record -> one training example (a message tree), or None if not even one branch fits max_tokens.
-
-    Returns {"input_ids", "target_ids" (-1: none), "loss_weights", "position_ids", "branch_ids" (0: shared,
-    k: annotation k), "is_vision"} as lists of equal length, plus "vision" (the callable's payload) and
-    "n_crops"."""
-    rng = rng or random.Random(0)
-    vision_ids, vision = vision_tokens(record) if vision_tokens is not None else ([], None)
-    shared = [tokenizer.bos_id] + list(vision_ids)
-    branches = []
-    n_total = len(shared)
-    for annotation in record["annotations"]:
-        messages = annotation["messages"]
-        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
-        ids, is_answer = _conversation_tokens(tokenizer, messages, style_prefix(annotation["style"], answer, prefix_mode, rng))
-        if max_tokens is not None and n_total + len(ids) > max_tokens:
-            break
-        n_total += len(ids)
-        branches.append((annotation["style"], ids, is_answer))
-    if not branches:
-        return None
-
-    P = len(shared)
-    example = {"input_ids": list(shared), "target_ids": [-1] * P, "loss_weights": [0.0] * P,
-               "position_ids": list(range(P)), "branch_ids": [0] * P}
-    for b, (style, ids, is_answer) in enumerate(branches, 1):
-        n_answer = sum(is_answer)
-        rule = STYLES[style] if weighting == "sqrt" else "flat"
-        weight = {"sqrt": 2 / math.sqrt(max(n_answer, 1)) / math.sqrt(len(branches)), "grounding": 0.2,
-                  "video_caption": 0.1, "flat": 1.0}[rule]
-        example["input_ids"] += ids
-        example["target_ids"] += ids[1:] + [-1]  # position t predicts the branch's token t + 1
-        example["loss_weights"] += [weight if answer else 0.0 for answer in is_answer[1:]] + [0.0]
-        example["position_ids"] += list(range(P, P + len(ids)))
-        example["branch_ids"] += [b] * len(ids)
-    example["is_vision"] = [t in VISION_TOKEN_IDS for t in example["input_ids"]]
-    example["vision"] = vision
-    example["n_crops"] = (vision or {}).get("n_crops", 0)
-    return example
-
-
-# --- 3f. Packing: examples -> rows of max_seq_len tokens, isolated from each other --------------------
-# Greedy first fit over a small pool: a row starts with the oldest pending example and takes every later
-# one that still fits (tokens and crops), so order is kept roughly and rows are nearly full. Examples in
-# a row never see each other (the mask) and keep their own positions. The packer's state is the keys of
-# the pending examples: the loader rebuilds them on resume (formatting is deterministic per key), so a
-# checkpoint stays small. collate() turns rows into the model's tensors: the dense attention mask combines
-# causal order, packed-example isolation, message-tree branches and bidirectional vision tokens; the ids
-# it is built from come along too, for a block-sparse attention that builds its own mask.
-
-class Packer:
-    def __init__(self, max_seq_len, max_crops=None, pool_size=8):
-        self.max_seq_len, self.max_crops, self.pool_size = max_seq_len, max_crops, pool_size
-        self.pool = []  # [(key, example)], oldest first
-
-    def push(self, key, example):
-        n, crops = len(example["input_ids"]), example.get("n_crops", 0)
-        if n > self.max_seq_len or (self.max_crops is not None and crops > self.max_crops):
-            raise ValueError(f"example {key}: {n} tokens / {crops} crops do not fit a row of {self.max_seq_len} "
-                             f"tokens / {self.max_crops} crops (format it with max_tokens)")
-        self.pool.append((key, example))
-
-    def ready(self):
-        return len(self.pool) >= self.pool_size
-
-    def pop_row(self):
-        """The next row: [(key, example)] with at most max_seq_len tokens and max_crops crops in all."""
-        row, rest = [self.pool[0]], []
-        n, crops = len(self.pool[0][1]["input_ids"]), self.pool[0][1].get("n_crops", 0)
-        for key, example in self.pool[1:]:
-            m, c = len(example["input_ids"]), example.get("n_crops", 0)
-            if n + m <= self.max_seq_len and (self.max_crops is None or crops + c <= self.max_crops):
-                row.append((key, example))
-                n, crops = n + m, crops + c
-            else:
-                rest.append((key, example))
-        self.pool = rest
-        return row
-
-    def state_dict(self):
-        return {"pending": [key for key, _ in self.pool]}
-
-    def load_state_dict(self, state, rebuild):
-        """rebuild(key) -> the example that key named (the same one, formatting being deterministic)."""
-        self.pool = [(key, rebuild(key)) for key in state["pending"]]
-
-
-def collate(rows, pad_to=None, pad_id=ENDOFTEXT_ID, dense_mask=True):
-    """Rows of examples -> a batch of tensors, (B, T) each, T = the longest row or pad_to:
-    input_ids, target_ids (-1: no loss), loss_weights, position_ids, example_ids (-1: padding),
-    branch_ids, is_vision; attention_mask (B, 1, T, T) bool, True = may attend, when dense_mask;
-    vision: per row, the examples' vision payloads in order."""
-    import torch
-    T = max(sum(len(ex["input_ids"]) for _, ex in row) for row in rows)
-    T = max(T, pad_to or 0)
-    B = len(rows)
-    fields = {"input_ids": pad_id, "target_ids": -1, "loss_weights": 0.0, "position_ids": 0, "branch_ids": 0,
-              "is_vision": False}
-    batch = {name: [[fill] * T for _ in range(B)] for name, fill in fields.items()}
-    batch["example_ids"] = [[-1] * T for _ in range(B)]
-    for b, row in enumerate(rows):
-        start = 0
-        for e, (_, example) in enumerate(row):
-            n = len(example["input_ids"])
-            for name in fields:
-                batch[name][b][start:start + n] = example[name]
-            batch["example_ids"][b][start:start + n] = [e] * n
-            start += n
-    dtypes = {"loss_weights": torch.float32, "is_vision": torch.bool}
-    out = {name: torch.tensor(values, dtype=dtypes.get(name, torch.long)) for name, values in batch.items()}
-    out["vision"] = [[example["vision"] for _, example in row] for row in rows]
-    if dense_mask:
-        example_ids, branch_ids, is_vision = out["example_ids"], out["branch_ids"], out["is_vision"]
-        same_example = example_ids[:, :, None] == example_ids[:, None, :]  # (B, T, T), query x key
-        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-        same_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])  # (B, T, T)
-        both_vision = is_vision[:, :, None] & is_vision[:, None, :]  # (B, T, T)
-        out["attention_mask"] = (same_example & ((causal & same_branch) | both_vision))[:, None]  # (B, 1, T, T)
-    return out
 
 
 # (end of section 3)

@@ -426,7 +426,7 @@ def prefetch_images(rows, media, n_threads=16):
 
 
 def extract_frames(video_file, frames_dir, fps=2.0, start=None, end=None):
-    """A video file -> a folder of frames at `fps` (needs the ffmpeg program), the form data.load_video reads."""
+    """A video file -> a folder of frames at `fps` (needs the ffmpeg program), the form data.read_video_file reads."""
     os.makedirs(frames_dir, exist_ok=True)
     clip = (["-ss", str(start)] if start is not None else []) + (["-to", str(end)] if end is not None else [])
     subprocess.run(["ffmpeg", "-loglevel", "error", *clip, "-i", video_file, "-vf", f"fps={fps}",
