@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -220,9 +221,9 @@ class Progress:
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
-    def __init__(self, d, out_dir, max_steps, flops_per_token=None, log_every=1):
+    def __init__(self, d, out_dir, max_steps, model, log_every=1):
         self.d, self.out_dir, self.max_steps, self.log_every = d, out_dir, max_steps, log_every
-        self.flops_per_token = flops_per_token
+        self.model = model
         self.curves = {"train": [], "val": []}
         self.t_start = self.t_last = time.time()
         self.tb = None
@@ -238,19 +239,21 @@ class Progress:
             except ImportError:
                 pass  # TensorBoard is optional
 
-    def step(self, step, loss, optimizer, tokens, grad_norm=None):
+    def step(self, step, loss, optimizer, micro_batches, grad_norm=None):
         now = time.time()
         dt, self.t_last = now - self.t_last, now
         self.curves["train"].append((step, loss))
         if not self.d.is_master:
             return
+        tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches) * self.d.world_size
         tok_s = tokens / max(dt, 1e-9)
         lrs = " ".join(f"{g['name']} {g['lr']:.2e}" for g in optimizer.param_groups)
         line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f} | lr {lrs} | {tok_s:,.0f} tok/s"
         if grad_norm is not None:
             line += f" | grad {grad_norm:.2f}"
-        if self.peak and self.flops_per_token:
-            line += f" | MFU {100 * tok_s * self.flops_per_token / (self.peak * self.d.world_size):.1f}%"
+        if self.peak:  # this rank's batches stand for every rank's
+            flops = sum(self.model.training_flops(mb) for mb in micro_batches)
+            line += f" | MFU {100 * flops / dt / self.peak:.1f}%"
         done = step + 1
         eta = (now - self.t_start) / done * (self.max_steps - done)
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
@@ -278,3 +281,192 @@ class Progress:
 
     def elapsed(self):
         return time.time() - self.t_start
+
+
+# ---------------------------------------------------------------------------
+# The model to train
+# ---------------------------------------------------------------------------
+
+
+def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from=None, vit_from=None):
+    """scratch: a fresh Molmo2 of model_preset; parts: a pretrained Qwen3 (llm_from) and SigLIP2 (vit_from) with a
+    fresh connector (the align stage's start); a directory holding final/ (a previous stage's out_dir); or any
+    Molmo2 checkpoint, native or released layout, local or on the hub."""
+    from model import Molmo2, Molmo2Config, Qwen3
+    from vision import SigLIP2
+    if init_from == "scratch":
+        model = Molmo2(Molmo2Config.preset(model_preset))
+    elif init_from == "parts":
+        model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), SigLIP2.from_pretrained(vit_from))
+    elif os.path.isdir(os.path.join(init_from, "final")):
+        model = Molmo2.from_pretrained(os.path.join(init_from, "final"))
+    else:
+        model = Molmo2.from_pretrained(init_from)
+    model.llm.config.resid_dropout = resid_dropout
+    model.llm.config.response_dropout = response_dropout
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Data: the mixture -> formatted examples -> packed rows -> batches, one stream per rank, resumable
+# ---------------------------------------------------------------------------
+
+MODEL_INPUTS = ("input_ids", "position_ids", "attn_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
+                "image_grids", "image_num_crops", "pixel_values_videos", "video_token_pooling", "video_grids")
+
+
+def merge_media_streams(batch, rows):
+    """A batch holding images and videos -> one stream of crops and frames, in token order, image windows
+    padded to the 9 slots of video windows (-1 = padding): the model reads <im_patch> tokens in order, and
+    images and videos share the ViT and connector (pooling with padding slots is the same computation)."""
+    parts, poolings, offset = [], [], 0
+    for ex in (ex for row in rows for ex in row):
+        for pixels, pooling in ((ex.pixel_values, ex.image_token_pooling), (ex.pixel_values_videos, ex.video_token_pooling)):
+            if pixels is None:
+                continue
+            pooling = torch.where(pooling >= 0, pooling + offset, -1).long()
+            poolings.append(F.pad(pooling, (0, 9 - pooling.shape[1]), value=-1))  # (n_tokens, 9)
+            parts.append(pixels)
+            offset += pixels.shape[0] * pixels.shape[1]
+    for key in ("pixel_values_videos", "video_token_pooling", "video_grids", "image_grids", "image_num_crops"):
+        batch.pop(key, None)
+    batch["pixel_values"], batch["image_token_pooling"] = torch.cat(parts), torch.cat(poolings)
+    return batch
+
+
+class TrainLoader:
+    """Batches for one rank: records drawn from the mixture (data.MixtureSampler, its own stream per rank),
+    formatted (data.format_example, deterministic per draw), packed (data.Packer) and collated.
+    Bad records are skipped and counted in self.report (records) and the packer (too long, too many crops).
+    state_dict() / load_state_dict() continue the exact same stream."""
+
+    def __init__(self, data_dir, mixture, split, rank, batch_size, max_seq_len, max_crops, max_row_crops,
+                 max_video_frames, crop_size, patch_size, prefix_mode, weighting, seed):
+        import data
+        self.data = data
+        self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
+        self.prefix_mode, self.weighting = prefix_mode, weighting
+        self.report = data.SkipReport()
+        self.sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank, report=self.report)
+        self.processor = data.Molmo2Processor(max_crops=max_crops, max_frames=max_video_frames, crop_size=crop_size,
+                                              patch_size=patch_size)
+        self.packer = data.Packer(_DrawKeys(self.sampler), self._example, max_seq_len, max_row_crops)
+
+    def _example(self, key):
+        name, index, draw = key
+        record = self.files[name].get(index)
+        if record is None:
+            return None  # counted in self.report
+        rng = np.random.default_rng([self.seed, draw])
+        try:
+            return self.data.format_example(record, self.processor, rng, self.prefix_mode, self.weighting, self.max_seq_len)
+        except self.data.MediaError as e:
+            self.report.skip(self.data.BadRecord("undecodable_image", str(e)))
+            return None
+
+    def next_batch(self):
+        rows = [next(self.packer) for _ in range(self.batch_size)]
+        batch = self.data.collate(rows, pad_to=self.max_seq_len)
+        if "pixel_values" in batch and "pixel_values_videos" in batch:
+            batch = merge_media_streams(batch, rows)
+        return batch
+
+    def skip_summary(self):
+        lines = [self.report.summary()]
+        if self.packer.skipped:
+            lines.append("examples not packed: " + ", ".join(f"{k} {v}" for k, v in sorted(self.packer.skipped.items())))
+        return "\n".join(lines)
+
+    def state_dict(self):
+        return self.packer.state_dict()  # holds the sampler's state too
+
+    def load_state_dict(self, state):
+        self.packer.load_state_dict(state)
+
+
+class _DrawKeys:
+    """The sampler's draws as keys (dataset, index, draw number): the draw number seeds the example's own
+    randomness, so an example is a pure function of its key. Resumable through the sampler's state."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        draw = self.sampler.draws
+        name, index = next(self.sampler)
+        return name, index, draw
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+@torch.no_grad()
+def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_args):
+    """Mean weighted cross-entropy on the first n_batches batches of a split (the same ones every time)."""
+    loader = TrainLoader(split=split, rank=d.rank, **loader_args)
+    was_training = model.training
+    model.eval()
+    total, weight = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+    for _ in range(n_batches):
+        batch = {k: v.to(d.device) for k, v in loader.next_batch().items()}
+        is_loss = batch["targets"] >= 0
+        with autocast or torch.autocast("cpu", enabled=False):
+            logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, logits_positions=is_loss)
+        w = batch["loss_weights"][is_loss]
+        total += (w * F.cross_entropy(logits.float(), batch["targets"][is_loss], reduction="none")).sum()
+        weight += w.sum()
+    model.train(was_training)
+    return (d.all_reduce_sum(total) / d.all_reduce_sum(weight)).item()
+
+
+def train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip, z_loss, bad_batch_path):
+    """One optimizer step over micro-batches (gradient accumulation). Returns (train loss, grad norm).
+    A non-finite loss or gradient applies no update, saves the batch to bad_batch_path and raises
+    FloatingPointError naming the step's batch."""
+    # the divisor of this step's loss: every loss token's weight, on every rank
+    weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
+    weighted_ce = torch.zeros((), device=d.device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
+        with no_sync, autocast:
+            mb = {k: v.to(d.device) for k, v in mb.items()}
+            is_loss = mb["targets"] >= 0
+            logits = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, logits_positions=is_loss,
+                                 response_mask=is_loss)  # (N, vocab) at the loss positions only
+            loss, wce = molmo2_loss(logits, mb["targets"][is_loss], mb["loss_weights"][is_loss], weight_total, z_loss)
+            # DDP and FSDP average gradients over ranks; this loss already sums over them
+            (loss * d.world_size).backward()
+        weighted_ce += wce
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    train_loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
+    if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
+        optimizer.zero_grad(set_to_none=True)
+        torch.save(micro_batches, bad_batch_path)
+        raise FloatingPointError(f"loss {train_loss}, grad norm {grad_norm.item()}: not finite; the batch is in "
+                                 f"{bad_batch_path}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, grad_norm.item()
+
+
+def export_final(train_model, model, optimizer, d, final_dir):
+    """Write the trained model with save_pretrained (transformers' Molmo2 layout). Under DDP/FSDP the full
+    weights are gathered and rank 0 writes them from a plain copy of the model."""
+    if d.world_size > 1:
+        model_sd, _ = full_state_dicts(train_model, optimizer)
+        if d.is_master:
+            with torch.device("meta"):
+                plain = type(model)(model.config)
+            plain.to_empty(device="cpu").load_state_dict(model_sd)
+            plain.save_pretrained(final_dir)
+        d.barrier()
+    elif d.is_master:
+        model.save_pretrained(final_dir)

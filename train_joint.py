@@ -1,0 +1,116 @@
+"""
+Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM), with Molmo2's objective.
+
+    python train_joint.py                                   # CPU or one GPU, the synthetic world
+    python train_joint.py config/joint_sft.py --batch_size=4
+    torchrun --nproc_per_node=4 train_joint.py --batch_size=16 --parallel=fsdp
+
+Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak; AdamW
+(0.9, 0.95, eps 1e-6, no weight decay); gradient clipping at 1.0; z-loss 1e-4; residual dropout; the loss of a
+step is divided by the sum of token weights over all its micro-batches on all ranks. Runs resume from
+out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure
+from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
+                      load_checkpoint, save_checkpoint, seed_everything, set_learning_rates, train_step, wrap_model)
+
+# -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
+out_dir = "out/joint"
+init_from = "scratch"  # scratch (model_preset) | a previous stage's out_dir | a Molmo2 checkpoint dir or hub id
+model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
+data_dir = "data"
+data_mixture = {"image": (0.7, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]), "video": (0.2, ["synth_video"])}
+max_seq_len = 1024  # tokens per packed row
+max_crops = 4  # crops per image (Molmo2: 8 in training)
+max_row_crops = 16  # crops (and frames) per packed row
+max_video_frames = 8
+crop_size = 112  # 378 for SigLIP2-so400m; small presets use smaller crops
+prefix_mode = "sft"  # style prefixes: pretrain | sft | none
+loss_weighting = "sft"  # sft (2/sqrt(n), grounding 0.2, video captions 0.1) | sqrt | none
+batch_size = 8  # rows per micro-batch per process
+grad_accum = 1  # micro-batches per optimizer step
+max_steps = 500
+lr_connector, lr_vit, lr_llm = 5e-6, 5e-6, 1e-5  # Molmo2 SFT
+warmup_connector, warmup_vit, warmup_llm = 200, 200, 200
+grad_clip = 1.0
+z_loss = 1e-4
+resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
+response_dropout = 0.0
+device = "auto"  # auto | cpu | cuda
+dtype = "bfloat16"  # autocast dtype on GPU; CPU runs are float32
+parallel = "ddp"  # ddp | fsdp (with torchrun)
+compile = False
+activation_checkpointing = False
+log_every = 1
+eval_every = 100  # validation loss on the val split
+eval_batches = 4
+save_every = 100
+seed = 1337
+resume = True  # continue from out_dir/ckpt.pt if it exists
+config = configure(globals())
+# ------------------------------------------------------------------------------------------------------------
+
+d = Dist(device)
+seed_everything(seed + d.rank)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+model = build_model(init_from, model_preset, resid_dropout, response_dropout).to(d.device)
+model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
+lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
+warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
+train_model = wrap_model(model, d, parallel, getattr(torch, dtype))
+optimizer = build_optimizer(model, lrs, warmups)
+if compile:
+    train_model = torch.compile(train_model)
+autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type == "cuda" else nullcontext()
+
+loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, max_seq_len=max_seq_len,
+                   max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,
+                   crop_size=crop_size, patch_size=model.config.vit.patch_size, prefix_mode=prefix_mode,
+                   weighting=loss_weighting, seed=seed)
+loader = TrainLoader(split="train", rank=d.rank, **loader_args)
+start_step = 0
+if resume and os.path.exists(ckpt_path):
+    ckpt = load_checkpoint(ckpt_path, train_model, optimizer, d)
+    start_step = ckpt["step"]
+    loader.load_state_dict(ckpt["data"][d.rank])
+    d.print(f"resumed from {ckpt_path} at step {start_step}")
+progress = Progress(d, out_dir, max_steps, model, log_every)
+d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "
+        f"llm {model.num_params('llm') / 1e6:.1f}M | {d.world_size} process(es) on {d.device.type} | "
+        f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")
+
+for step in range(start_step, max_steps):
+    set_learning_rates(optimizer, step, max_steps)
+    data_state = loader.state_dict()  # before this step's batches, in case the step must be redone
+    micro_batches = [loader.next_batch() for _ in range(grad_accum)]
+    try:
+        loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip,
+                                     z_loss, os.path.join(out_dir, f"nonfinite_step{step}_rank{d.rank}.pt"))
+    except FloatingPointError as e:
+        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config)
+        raise SystemExit(f"step {step}: {e}; the state before this step is in {ckpt_path}")
+    progress.step(step, loss, optimizer, micro_batches, grad_norm)
+    done = step + 1
+    if eval_every and (done % eval_every == 0 or done == max_steps):
+        progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args))
+    if done % save_every == 0 or done == max_steps:
+        save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
+
+# -- the end: export, pictures, summary ------------------------------------------------------------------------
+final_dir = os.path.join(out_dir, "final")
+export_final(train_model, model, optimizer, d, final_dir)
+if d.is_master:
+    curve = progress.plot()
+    first = progress.curves["train"][0][1] if progress.curves["train"] else float("nan")
+    last = progress.curves["train"][-1][1] if progress.curves["train"] else float("nan")
+    print(f"done: {max_steps - start_step} steps in {progress.elapsed() / 60:.1f} min | train loss {first:.3f} -> {last:.3f}"
+          + (f" | val loss {progress.curves['val'][-1][1]:.3f}" if progress.curves["val"] else ""))
+    print(loader.skip_summary())
+    print(f"model: {final_dir} | loss curve: {curve} | checkpoint: {ckpt_path}")
+d.close()
