@@ -5,7 +5,8 @@ Everything between raw inputs and the model's tensors.
    sha256), Qwen's pre-tokenizer regex, NFC normalisation, Qwen3's special tokens at 151643..151668 and
    Molmo2's vision tokens at 151936..151945.
 2. Images and video -> pixels, pooling indices and token strings (Molmo2's processor).
-3. Training data: records, formatting, points, packing, the mixture, the synthetic world.
+3. Training data: records, points, the mixture, dataset readers, the synthetic world.
+4. Training examples: formatting, loss weights, message trees, packing, collation.
 """
 
 import hashlib
@@ -157,3 +158,11 @@ def get_tokenizer():
 
 
 # (end of section 3)
+
+
+# ---------------------------------------------------------------------------
+# 4. Training examples: formatting, loss weights, message trees, packing, collation
+# ---------------------------------------------------------------------------
+
+
+# (end of section 4)
