@@ -556,9 +556,11 @@ class Molmo2Config:
     def preset(cls, name: str) -> "Molmo2Config":
         if name == "nanomolmo2":  # Qwen3-0.6B + SigLIP2 so400m/14 at 378 px, blocks 24 and 18 (25 kept)
             return cls.join(Qwen3Config.preset("qwen3-0.6b"), SigLIP2Config.preset("siglip2-so400m-14-378"))
-        if name == "tiny":  # tests and CPU runs: blocks 2 and 0 of a 4-block ViT (3 kept)
+        if name == "tiny":  # tests: 56 px crops, blocks 2 and 0 of a 4-block ViT (3 kept)
             return cls.join(Qwen3Config.preset("tiny"), SigLIP2Config.preset("tiny"), vit_layers=(-2, -4))
-        raise ValueError(f"unknown Molmo2 preset {name!r}; known: ['nanomolmo2', 'tiny']")
+        if name == "small":  # CPU runs: 112 px crops, blocks 4 and 2 of a 6-block ViT (5 kept)
+            return cls.join(Qwen3Config.preset("small"), SigLIP2Config.preset("small"), vit_layers=(-2, -4))
+        raise ValueError(f"unknown Molmo2 preset {name!r}; known: ['nanomolmo2', 'small', 'tiny']")
 
 
 class Molmo2(nn.Module):
@@ -684,7 +686,7 @@ class Molmo2(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "Molmo2":
+    def from_pretrained(cls, name_or_dir: str, dtype=torch.float32) -> "Molmo2":
         """A Molmo2 checkpoint (hub id or local dir) in transformers' native layout or the released one
         (allenai/Molmo2-4B, -8B), with a Qwen3 LLM of any size."""
         path = resolve_checkpoint(name_or_dir)
@@ -698,13 +700,15 @@ class Molmo2(nn.Module):
             model = cls(config)
         model.to_empty(device="cpu")
         load_state_strict(model, molmo2_native_to_ours(tensors, config), name_or_dir)
-        return model
+        return model.to(dtype)
 
     def save_pretrained(self, out_dir: str):
         """Write transformers' native Molmo2 layout (config.json + model.safetensors)."""
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(molmo2_config_to_hf(self.config), f, indent=2)
+            config = molmo2_config_to_hf(self.config)
+            config["dtype"] = str(self.new_embedding.dtype).removeprefix("torch.")
+            json.dump(config, f, indent=2)
         save_safetensors(molmo2_ours_to_native(self.state_dict(), self.config), os.path.join(out_dir, "model.safetensors"))
 
 
@@ -858,7 +862,6 @@ def molmo2_config_to_hf(config: Molmo2Config) -> dict:
     return {
         "architectures": ["Molmo2ForConditionalGeneration"],
         "model_type": "molmo2",
-        "dtype": "float32",
         "image_patch_id": config.image_patch_id,
         "tie_word_embeddings": False,  # transformers' Molmo2 head is never tied; see text_config
         "text_config": {

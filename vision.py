@@ -149,7 +149,7 @@ class SigLIP2(nn.Module):
         return [wanted[i] for i in layers]
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, num_layers: int | None = None) -> "SigLIP2":
+    def from_pretrained(cls, name_or_dir: str, num_layers: int | None = None, dtype=torch.float32) -> "SigLIP2":
         """SigLIP2 from a hub id or a local dir in HF `SiglipVisionModel` or `SiglipModel` layout
         (e.g. google/siglip2-so400m-patch14-384). `num_layers` keeps only the first blocks."""
         import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
@@ -163,9 +163,12 @@ class SigLIP2(nn.Module):
             if not 0 < num_layers <= config.num_hidden_layers:
                 raise ValueError(f"{name_or_dir}: num_layers={num_layers}, the checkpoint has {config.num_hidden_layers}")
             config.num_hidden_layers = num_layers
-        vit = cls(config)
-        vit.load_state_dict(siglip_state_dict_from_hf(model_io.load_checkpoint_tensors(path), config))
-        return vit
+        with torch.device("meta"):
+            vit = cls(config)
+        vit.to_empty(device="cpu")
+        state = siglip_state_dict_from_hf(model_io.load_checkpoint_tensors(path), config)
+        model_io.load_state_strict(vit, state, name_or_dir)
+        return vit.to(dtype)
 
 
 def siglip_config_from_hf(hf: dict) -> SigLIP2Config:

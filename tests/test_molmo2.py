@@ -27,15 +27,22 @@ MAX_DIFF = 1e-4
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    """A tiny random Molmo2 saved by transformers, with every parameter perturbed (biases and norms too)."""
+    """A tiny random Molmo2 saved by transformers, with every parameter perturbed (biases and norms too) and
+    a projector strong enough that the pixels move the logits by far more than the tolerance."""
     torch.manual_seed(0)
     hf = Molmo2ForConditionalGeneration(HFMolmo2Config(**TINY_HF_CONFIG)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        hf.model.multi_modal_projector.image_projector.down_proj.weight.mul_(20)
     path = tmp_path_factory.mktemp("hf_native")
     hf.save_pretrained(path)
     return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def ours(hf_model):
+    return Molmo2.from_pretrained(hf_model[1]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +99,8 @@ def max_logit_diff(hf, ours, inputs) -> float:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers_native_checkpoint(hf_model, processor, case):
-    hf, path = hf_model
-    ours = Molmo2.from_pretrained(path).eval()
+def test_logits_match_transformers_native_checkpoint(hf_model, ours, processor, case):
+    hf, _ = hf_model
     inputs = processor_inputs(processor, case)
     assert set(inputs) <= {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
                            "image_grids", "image_num_crops", "pixel_values_videos", "video_token_pooling",
@@ -150,8 +156,6 @@ def native_to_released(native: dict, text_config: dict) -> dict:
 def released_checkpoint(hf_model, tmp_path_factory):
     """The tiny model written in the released layout with a hub-style config.json (vit_config declaring
     more ViT layers than stored, negative vit_layers, legacy key names), loaded back by transformers."""
-    from safetensors.torch import save_file
-
     hf, _ = hf_model
     t = TINY_HF_CONFIG["text_config"]
     v = TINY_HF_CONFIG["vision_config"]
@@ -184,7 +188,7 @@ def released_checkpoint(hf_model, tmp_path_factory):
         json.dump(config, f)
     tensors = native_to_released(hf.state_dict(), config["text_config"])
     assert not any(k.startswith(("model.language_model", "model.vision_tower")) for k in tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    nano.save_safetensors(tensors, str(path / "model.safetensors"))
     oracle = Molmo2ForConditionalGeneration.from_pretrained(path).eval()  # transformers' own reading
     assert oracle.config.vision_config.num_hidden_layers == 4
     return oracle, str(path)
@@ -198,9 +202,8 @@ def test_logits_match_transformers_released_checkpoint(released_checkpoint, proc
     assert max_logit_diff(oracle, ours, processor_inputs(processor, case)) <= MAX_DIFF
 
 
-def test_save_pretrained_loads_in_transformers(hf_model, processor, tmp_path):
-    hf, path = hf_model
-    ours = Molmo2.from_pretrained(path).eval()
+def test_save_pretrained_loads_in_transformers(hf_model, ours, processor, tmp_path):
+    hf, _ = hf_model
     ours.save_pretrained(str(tmp_path))
     reloaded = Molmo2ForConditionalGeneration.from_pretrained(tmp_path).eval()
     inputs = processor_inputs(processor, "three images")
@@ -228,9 +231,7 @@ def test_from_parts_and_tied_head_round_trip(processor, tmp_path):
         assert torch.equal(reloaded(**inputs), model(**inputs))
 
 
-def test_logits_positions_and_explicit_mask(hf_model, processor):
-    _, path = hf_model
-    ours = Molmo2.from_pretrained(path).eval()
+def test_logits_positions_and_explicit_mask(ours, processor):
     inputs = processor_inputs(processor, "one image")
     with torch.no_grad():
         full = ours(**inputs)
@@ -243,6 +244,23 @@ def test_logits_positions_and_explicit_mask(hf_model, processor):
         # without mm_token_type_ids the vision tokens are found by id: same mask, same logits
         no_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
         assert torch.equal(ours(**no_types), full)
+
+
+def test_generate_with_kv_cache_matches_full_recompute(ours, processor):
+    # model.generate's prefill takes the processor's tensors; each cached greedy step must pick what a
+    # full forward over prompt + tokens so far picks
+    inputs = dict(processor_inputs(processor, "one image"))
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    new = nano.generate(ours, input_ids, max_new_tokens=4, attention_mask=attention_mask, stop_ids=(), **inputs)
+    assert new.shape == (1, 4)
+    with torch.no_grad():
+        for k in range(4):
+            ids = torch.cat([input_ids, new[:, :k]], dim=1)
+            types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new[:, :k])], dim=1)
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[:, -1] = True
+            logits = ours(ids, **{**inputs, "mm_token_type_ids": types}, logits_positions=last)  # (1, vocab)
+            assert logits[0].argmax() == new[0, k]
 
 
 def test_vision_attention_mask_rules():
@@ -271,9 +289,7 @@ def test_vision_tokens_of_one_example_only():
     assert mask[0, 0, 1] and mask[1, 1, 2] and not mask[1, 0, 1] and not mask[0, 2, 3]
 
 
-def test_bad_inputs_name_the_input(hf_model, processor):
-    _, path = hf_model
-    ours = Molmo2.from_pretrained(path).eval()
+def test_bad_inputs_name_the_input(ours, processor):
     inputs = dict(processor_inputs(processor, "one image"))
     ids = inputs["input_ids"].clone()
     ids[ids == 151938] = torch.tensor([100] + [151938] * (int((ids == 151938).sum()) - 1))  # one <im_patch> fewer
