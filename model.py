@@ -506,6 +506,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
 #   `<im_col>`, the image/frame start and end tokens), or, without mm_token_type_ids, tokens whose id is
 #   one of those (transformers is purely causal then). Padding keys (attention_mask == 0) are masked.
 #   An explicit `attn_mask` (B, 1, T, S) replaces all of this: packing and message trees build their own.
+#   With a KV cache that already holds tokens the mask is the caller's too (None = causal, as in decoding).
 # - Checkpoints: `from_pretrained` reads transformers' native Molmo2 layout and the released hub layout
 #   (allenai/Molmo2-4B, -8B: Molmo2's own names, fused qkv and up/gate, split embedding tables);
 #   `save_pretrained` writes the native layout, which `Molmo2ForConditionalGeneration` loads.
@@ -538,7 +539,8 @@ class Molmo2Config:
         layers = tuple(i % depth for i in self.connector.vit_layers)
         self.connector = replace(self.connector, vit_layers=layers)
         self.vit = replace(self.vit, num_hidden_layers=max(layers) + 1)
-        if (self.connector.vit_hidden_size, self.connector.llm_hidden_size) != (self.vit.hidden_size, self.llm.hidden_size):
+        widths = (self.connector.vit_hidden_size, self.connector.llm_hidden_size)
+        if widths != (self.vit.hidden_size, self.llm.hidden_size):
             raise ValueError(f"connector widths {self.connector.vit_hidden_size} -> {self.connector.llm_hidden_size} "
                              f"do not join a ViT of {self.vit.hidden_size} and an LLM of {self.llm.hidden_size}")
 
@@ -626,36 +628,42 @@ class Molmo2(nn.Module):
         """The LLM's final-normed hidden states (B, T, C). Arguments as in forward."""
         x = self.embed(input_ids)  # (B, T, C)
         if pixel_values is not None and pixel_values_videos is not None:
-            raise ValueError("pixel_values and pixel_values_videos: one batch holds images or a video, not both")
+            raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
+                             "as pixel_values, with 2x2 windows padded to 9 slots with -1 (as transformers, "
+                             "the two streams are not merged)")
         if pixel_values is not None:
+            crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
             if image_token_pooling is None:
                 raise ValueError("pixel_values given without image_token_pooling")
-            if image_num_crops is not None and int(image_num_crops.sum()) != pixel_values.reshape(-1, *pixel_values.shape[-2:]).shape[0]:
-                raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, pixel_values has "
-                                 f"{pixel_values.reshape(-1, *pixel_values.shape[-2:]).shape[0]}")
-            features = self.vision_features(pixel_values, image_token_pooling)  # (M, C)
-            # tokens per image: low-res rows x cols + high-res rows x cols
-            expected = None if image_grids is None else int((image_grids[:, 0] * image_grids[:, 1] + image_grids[:, 2] * image_grids[:, 3]).sum())
-            x = self.add_vision_features(x, input_ids, features, expected, "image")
+            if image_num_crops is not None and int(image_num_crops.sum()) != crops.shape[0]:
+                raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
+                                 f"holds {crops.shape[0]}")
+            # per image: low-res rows x cols + high-res rows x cols tokens
+            num_tokens = None
+            if image_grids is not None:
+                num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
+            features = self.vision_features(crops, image_token_pooling)  # (M, C)
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
         if pixel_values_videos is not None:
             if video_token_pooling is None:
                 raise ValueError("pixel_values_videos given without video_token_pooling")
+            # per video: frames x rows x cols tokens
+            num_tokens = None if video_grids is None else int(video_grids.prod(-1).sum())
             features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
-            # tokens per video: frames x rows x cols
-            expected = None if video_grids is None else int(video_grids.prod(-1).sum())
-            x = self.add_vision_features(x, input_ids, features, expected, "video")
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
         if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
             # with earlier tokens in the cache the caller gives the mask (None = causal, as when decoding)
             attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
         return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache)
 
-    def add_vision_features(self, x, input_ids, features, expected, kind):
-        """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order."""
+    def add_vision_features(self, x, input_ids, features, num_tokens, kind):
+        """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
+        num_tokens is M as the grids count it (None: not given)."""
         is_patch = input_ids == self.config.image_patch_id  # (B, T)
         num_patches = int(is_patch.sum())
-        if num_patches != features.shape[0] or (expected is not None and expected != num_patches):
+        if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
             raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
-                             + ("" if expected is None else f" ({kind}_grids: {expected})")
+                             + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
                              + f" for {num_patches} <im_patch> tokens in input_ids")
         return x.index_put(torch.nonzero(is_patch, as_tuple=True), features.to(x.dtype), accumulate=True)
 
@@ -709,7 +717,8 @@ class Molmo2(nn.Module):
             config = molmo2_config_to_hf(self.config)
             config["dtype"] = str(self.new_embedding.dtype).removeprefix("torch.")
             json.dump(config, f, indent=2)
-        save_safetensors(molmo2_ours_to_native(self.state_dict(), self.config), os.path.join(out_dir, "model.safetensors"))
+        tensors = molmo2_ours_to_native(self.state_dict(), self.config)
+        save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
 
 
 # Our parameter names -> transformers' native Molmo2 names, by prefix. The Qwen3 and ViT blocks already
@@ -794,7 +803,8 @@ def molmo2_released_to_native(released: dict, config: Molmo2Config) -> dict:
     native = {}
     for key, value in released.items():
         if key == "model.transformer.wte.embedding":
-            native["model.language_model.embed_tokens.weight"] = torch.cat([value, released["model.transformer.wte.new_embedding"]])
+            new_rows = released["model.transformer.wte.new_embedding"]
+            native["model.language_model.embed_tokens.weight"] = torch.cat([value, new_rows])
             continue
         if key == "model.transformer.wte.new_embedding":
             continue

@@ -207,8 +207,8 @@ def siglip_state_dict_from_hf(tensors: dict, config: SigLIP2Config) -> dict:
         if not key.startswith(prefix):
             continue  # text tower, logit scale
         key = key[len(prefix):]
-        if key.startswith(("post_layernorm.", "head.")):
-            continue
+        if key.startswith(("post_layernorm.", "head.")) or key.endswith("position_ids"):
+            continue  # unused by Molmo2; old files also store the position_ids buffer
         if key == "embeddings.patch_embedding.weight":
             # Conv2d (C, c, ph, pw) -> Linear over patches flattened as (ph, pw, c)
             ours["patch_embedding.weight"] = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)

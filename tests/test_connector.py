@@ -73,3 +73,13 @@ def test_bad_index_names_the_input():
         assert "pooled_patches_idx" in str(e)
     else:
         raise AssertionError("out-of-range index accepted")
+
+
+def test_image_windows_padded_to_video_width_pool_the_same():
+    # a batch mixing images (2x2 windows) and video frames (3x3) can pass one index tensor: -1 slots are inert
+    _, ours = make_pair()
+    features = [torch.randn(2, 16, 32) for _ in range(2)]
+    idx = torch.randint(0, 32, (5, 4))
+    padded = torch.cat([idx, torch.full((5, 5), -1)], dim=1)
+    with torch.no_grad():
+        assert (ours(features, idx) - ours(features, padded)).abs().max() <= 1e-6
