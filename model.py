@@ -639,7 +639,8 @@ class Molmo2(nn.Module):
 
     def hidden_states(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
                       image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
-                      attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None):
+                      attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
+                      response_mask=None):
         """The LLM's final-normed hidden states (B, T, C). Arguments as in forward."""
         x = self.embed(input_ids)  # (B, T, C)
         if pixel_values is not None and pixel_values_videos is not None:
@@ -669,7 +670,8 @@ class Molmo2(nn.Module):
         if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
             # with earlier tokens in the cache the caller gives the mask (None = causal, as when decoding)
             attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
-        return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache)
+        return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
+                                   response_mask=response_mask)
 
     def add_vision_features(self, x, input_ids, features, num_tokens, kind):
         """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
@@ -685,7 +687,7 @@ class Molmo2(nn.Module):
     def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                 attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
-                logits_positions=None, kv_cache=None) -> torch.Tensor:
+                logits_positions=None, kv_cache=None, response_mask=None) -> torch.Tensor:
         """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
         logits_positions (B, T) bool (the loss positions: full-vocabulary logits everywhere dominate
         the cost of a step).
@@ -695,16 +697,29 @@ class Molmo2(nn.Module):
         their N * P patches (-1 = padding); image_grids (I, 4) and image_num_crops (I,) per image, used to
         check the rest; the same for a video (pixel_values_videos, video_token_pooling (M, 9), video_grids
         (V, 3)); attention_mask (B, T) 1 = token, 0 = padding; mm_token_type_ids (B, T) 1 = vision token.
-        position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S) bool replaces the built mask."""
+        position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S) bool replaces the built mask;
+        response_mask (B, T) bool: the tokens that get Qwen3's response_dropout (training)."""
         h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
-                               mm_token_type_ids, position_ids, attn_mask, kv_cache)  # (B, T, C)
+                               mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
         return self.llm.lm_logits(h)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
+
+    # -- training hooks ------------------------------------------------------------------------------
+
+    def param_parts(self) -> dict:
+        """{part: parameters} for per-part learning rates and freezing; the 128 new token embeddings train
+        with the connector (both are new in Molmo2)."""
+        return {"connector": list(self.connector.parameters()) + [self.new_embedding],
+                "vit": list(self.vit.parameters()), "llm": list(self.llm.parameters())}
+
+    def blocks(self) -> list:
+        """The transformer blocks, ViT then LLM: FSDP shards them one by one."""
+        return list(self.vit.layers) + list(self.llm.layers)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

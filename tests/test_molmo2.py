@@ -325,3 +325,12 @@ def test_full_preset_parameter_counts():
     with torch.device("meta"):
         hf = Molmo2ForConditionalGeneration(HFMolmo2Config(**{k: v for k, v in hf_config.items() if k != "architectures"}))
     assert count(hf.model.vision_tower) == vit and count(hf.model.multi_modal_projector) == connector
+
+
+def test_parameter_parts_cover_the_model_once():
+    model = Molmo2(Molmo2Config.preset("tiny"))
+    parts = model.param_parts()
+    ids = [id(p) for params in parts.values() for p in params]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    assert any(p is model.new_embedding for p in parts["connector"])
+    assert len(model.blocks()) == len(model.vit.layers) + len(model.llm.layers)
