@@ -504,3 +504,432 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
         logits = model(next_ids[:, None], position_ids=next_pos, attn_mask=step_mask, kv_cache=kv_cache)
         next_pos = next_pos + 1
     return torch.stack(out, dim=1)
+
+# ---------------------------------------------------------------------------
+# Molmo2: SigLIP2 -> connector -> Qwen3
+# ---------------------------------------------------------------------------
+# Design choices:
+# - The three parts are `model.vit` (vision.SigLIP2), `model.connector` (connector.Connector) and
+#   `model.llm` (Qwen3); Molmo2's 128 extra token embeddings (ids 151936..152063) are `model.new_embedding`,
+#   kept apart from Qwen3's table so each part can get its own learning rate or be frozen. Logits cover
+#   only the base vocabulary: the extra tokens are never predicted.
+# - Pooled vision features are *added* to the embeddings of the `<im_patch>` tokens, in order: the k-th
+#   pooled window of the batch goes to the k-th `<im_patch>` of the batch (row-major).
+# - Attention mask rules (`vision_attention_mask`): causal, except that every vision token of an example
+#   attends to every other vision token of that example, later ones included; a text token never sees a
+#   later token. Vision tokens are those with mm_token_type_ids == 1 (the processor marks `<im_patch>`,
+#   `<im_col>`, the image/frame start and end tokens), or, without mm_token_type_ids, tokens whose id is
+#   one of those (transformers is purely causal then). Padding keys (attention_mask == 0) are masked.
+#   An explicit `attn_mask` (B, 1, T, S) replaces all of this: packing and message trees build their own.
+#   With a KV cache that already holds tokens the mask is the caller's too (None = causal, as in decoding).
+# - Checkpoints: `from_pretrained` reads transformers' native Molmo2 layout and the released hub layout
+#   (allenai/Molmo2-4B, -8B: Molmo2's own names, fused qkv and up/gate, split embedding tables);
+#   `save_pretrained` writes the native layout, which `Molmo2ForConditionalGeneration` loads.
+
+from dataclasses import replace  # noqa: E402  (the Molmo2 section's imports stay with it)
+
+from connector import Connector, ConnectorConfig  # noqa: E402
+from vision import SigLIP2, SigLIP2Config  # noqa: E402
+
+# the tokens transformers' Molmo2Processor marks as image tokens (mm_token_type_ids == 1):
+# <im_start> <im_end> <im_patch> <im_col> <low_res_im_start> <im_low> <frame_start> <frame_end>
+MOLMO2_VISION_TOKEN_IDS = (151936, 151937, 151938, 151939, 151940, 151942, 151943, 151944)
+
+
+@dataclass
+class Molmo2Config:
+    llm: Qwen3Config
+    vit: SigLIP2Config
+    connector: ConnectorConfig
+    additional_vocab_size: int = 128
+    image_patch_id: int = 151938  # <im_patch>: where pooled features are added
+    vision_token_ids: tuple = MOLMO2_VISION_TOKEN_IDS
+
+    def __post_init__(self):
+        # vit_layers may count from the end of the ViT as pretrained (Molmo2: -3, -9 of SigLIP2's 27); resolve
+        # them to block indices and drop the blocks after the deepest one read (Molmo2 keeps 25 of 27)
+        depth = self.vit.num_hidden_layers
+        if not all(-depth <= i < depth for i in self.connector.vit_layers):
+            raise ValueError(f"vit_layers {self.connector.vit_layers}: not blocks of a {depth}-layer ViT")
+        layers = tuple(i % depth for i in self.connector.vit_layers)
+        self.connector = replace(self.connector, vit_layers=layers)
+        self.vit = replace(self.vit, num_hidden_layers=max(layers) + 1)
+        widths = (self.connector.vit_hidden_size, self.connector.llm_hidden_size)
+        if widths != (self.vit.hidden_size, self.llm.hidden_size):
+            raise ValueError(f"connector widths {self.connector.vit_hidden_size} -> {self.connector.llm_hidden_size} "
+                             f"do not join a ViT of {self.vit.hidden_size} and an LLM of {self.llm.hidden_size}")
+
+    @classmethod
+    def join(cls, llm: Qwen3Config, vit: SigLIP2Config, vit_layers=(-3, -9)) -> "Molmo2Config":
+        """Molmo2's connector for this LLM and ViT: pooling attention shaped like the ViT's, a projector as
+        wide as the LLM's MLP."""
+        connector = ConnectorConfig(vit_layers=tuple(vit_layers), vit_hidden_size=vit.hidden_size,
+                                    hidden_size=vit.hidden_size, num_attention_heads=vit.num_attention_heads,
+                                    head_dim=vit.head_dim, intermediate_size=llm.intermediate_size,
+                                    llm_hidden_size=llm.hidden_size)
+        return cls(llm=replace(llm), vit=replace(vit), connector=connector)
+
+    @classmethod
+    def preset(cls, name: str) -> "Molmo2Config":
+        if name == "nanomolmo2":  # Qwen3-0.6B + SigLIP2 so400m/14 at 378 px, blocks 24 and 18 (25 kept)
+            return cls.join(Qwen3Config.preset("qwen3-0.6b"), SigLIP2Config.preset("siglip2-so400m-14-378"))
+        if name == "tiny":  # tests: 56 px crops, blocks 2 and 0 of a 4-block ViT (3 kept)
+            return cls.join(Qwen3Config.preset("tiny"), SigLIP2Config.preset("tiny"), vit_layers=(-2, -4))
+        if name == "small":  # CPU runs: 112 px crops, blocks 4 and 2 of a 6-block ViT (5 kept)
+            return cls.join(Qwen3Config.preset("small"), SigLIP2Config.preset("small"), vit_layers=(-2, -4))
+        raise ValueError(f"unknown Molmo2 preset {name!r}; known: ['nanomolmo2', 'small', 'tiny']")
+
+
+class Molmo2(nn.Module):
+    def __init__(self, config: Molmo2Config, llm: Qwen3 | None = None, vit: SigLIP2 | None = None):
+        """A fresh Molmo2, or one around an already built (pretrained) LLM and ViT (see from_parts)."""
+        super().__init__()
+        self.config = config
+        self.vit = vit if vit is not None else SigLIP2(config.vit)
+        self.connector = Connector(config.connector)
+        self.llm = llm if llm is not None else Qwen3(config.llm)
+        self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
+
+    @classmethod
+    def from_parts(cls, llm: Qwen3, vit: SigLIP2, vit_layers=(-3, -9)) -> "Molmo2":
+        """A pretrained Qwen3 and SigLIP2 joined by a fresh connector: the start of the align stage.
+        The ViT loses the blocks after the deepest one in vit_layers."""
+        config = Molmo2Config.join(llm.config, vit.config, vit_layers)
+        del vit.layers[config.vit.num_hidden_layers:]
+        vit.config = config.vit
+        return cls(config, llm=llm, vit=vit)
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
+        vocab = self.config.llm.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab + self.config.additional_vocab_size:
+            raise ValueError(f"input_ids: ids must lie in [0, {vocab + self.config.additional_vocab_size}), "
+                             f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
+        is_new = input_ids >= vocab  # (B, T)
+        base = self.llm.embed_tokens(input_ids.clamp(max=vocab - 1))  # (B, T, C)
+        new = F.embedding((input_ids - vocab).clamp(min=0), self.new_embedding)  # (B, T, C)
+        return torch.where(is_new[..., None], new, base)
+
+    def vision_features(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """crops (N, P, patch_dim) (or (B, N, P, patch_dim)) and pooling windows (M, K) -> (M', C), one
+        LLM-width vector per window that has a patch."""
+        crops = crops.reshape(-1, *crops.shape[-2:])  # (N, P, patch_dim)
+        return self.connector(self.vit(crops, self.config.connector.vit_layers), pooled_patches_idx)
+
+    def vision_attention_mask(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, 1, T, T) bool, True = may attend: causal, vision tokens bidirectional among
+        themselves, padding keys masked. See the rules at the top of this section."""
+        B, T = input_ids.shape
+        if mm_token_type_ids is not None:
+            is_vision = mm_token_type_ids == 1  # (B, T)
+        else:
+            is_vision = torch.isin(input_ids, torch.tensor(self.config.vision_token_ids, device=input_ids.device))
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        mask = causal | (is_vision[:, :, None] & is_vision[:, None, :])  # (B, T, T)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]  # (B, T, T): padding keys
+            # a left-padded query would see no key at all (NaN softmax): let every token see itself
+            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        return mask[:, None]  # (B, 1, T, T)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
+                      image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
+                      attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
+                      response_mask=None):
+        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward."""
+        x = self.embed(input_ids)  # (B, T, C)
+        if pixel_values is not None and pixel_values_videos is not None:
+            raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
+                             "as pixel_values, with 2x2 windows padded to 9 slots with -1 (as transformers, "
+                             "the two streams are not merged)")
+        if pixel_values is not None:
+            crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
+            if image_token_pooling is None:
+                raise ValueError("pixel_values given without image_token_pooling")
+            if image_num_crops is not None and int(image_num_crops.sum()) != crops.shape[0]:
+                raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
+                                 f"holds {crops.shape[0]}")
+            # per image: low-res rows x cols + high-res rows x cols tokens
+            num_tokens = None
+            if image_grids is not None:
+                num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
+            features = self.vision_features(crops, image_token_pooling)  # (M, C)
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
+        if pixel_values_videos is not None:
+            if video_token_pooling is None:
+                raise ValueError("pixel_values_videos given without video_token_pooling")
+            # per video: frames x rows x cols tokens
+            num_tokens = None if video_grids is None else int(video_grids.prod(-1).sum())
+            features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
+        if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
+            # with earlier tokens in the cache the caller gives the mask (None = causal, as when decoding)
+            attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
+        return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
+                                   response_mask=response_mask)
+
+    def add_vision_features(self, x, input_ids, features, num_tokens, kind):
+        """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
+        num_tokens is M as the grids count it (None: not given)."""
+        is_patch = input_ids == self.config.image_patch_id  # (B, T)
+        num_patches = int(is_patch.sum())
+        if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
+            raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
+                             + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
+                             + f" for {num_patches} <im_patch> tokens in input_ids")
+        return x.index_put(torch.nonzero(is_patch, as_tuple=True), features.to(x.dtype), accumulate=True)
+
+    def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
+                image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
+                attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
+                logits_positions=None, kv_cache=None, response_mask=None) -> torch.Tensor:
+        """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
+        logits_positions (B, T) bool (the loss positions: full-vocabulary logits everywhere dominate
+        the cost of a step).
+
+        Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
+        (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
+        their N * P patches (-1 = padding); image_grids (I, 4) and image_num_crops (I,) per image, used to
+        check the rest; the same for a video (pixel_values_videos, video_token_pooling (M, 9), video_grids
+        (V, 3)); attention_mask (B, T) 1 = token, 0 = padding; mm_token_type_ids (B, T) 1 = vision token.
+        position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S) bool replaces the built mask;
+        response_mask (B, T) bool: the tokens that get Qwen3's response_dropout (training)."""
+        h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
+                               pixel_values_videos, video_token_pooling, video_grids, attention_mask,
+                               mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
+        if logits_positions is not None:
+            h = h[logits_positions]  # (N, C)
+        return self.llm.lm_logits(h)
+
+    def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
+        return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
+
+    # -- training hooks ------------------------------------------------------------------------------
+
+    def param_parts(self) -> dict:
+        """{part: parameters} for per-part learning rates and freezing; the 128 new token embeddings train
+        with the connector (both are new in Molmo2)."""
+        return {"connector": list(self.connector.parameters()) + [self.new_embedding],
+                "vit": list(self.vit.parameters()), "llm": list(self.llm.parameters())}
+
+    def blocks(self) -> list:
+        """The transformer blocks, ViT then LLM: FSDP shards them one by one."""
+        return list(self.vit.layers) + list(self.llm.layers)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dtype=torch.float32) -> "Molmo2":
+        """A Molmo2 checkpoint (hub id or local dir) in transformers' native layout or the released one
+        (allenai/Molmo2-4B, -8B), with a Qwen3 LLM of any size."""
+        path = resolve_checkpoint(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        config = molmo2_config_from_hf(hf_config, name_or_dir)
+        tensors = load_checkpoint_tensors(path)
+        if any(k.startswith("model.transformer.") for k in tensors):
+            tensors = molmo2_released_to_native(tensors, config)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        load_state_strict(model, molmo2_native_to_ours(tensors, config), name_or_dir)
+        return model.to(dtype)
+
+    def save_pretrained(self, out_dir: str):
+        """Write transformers' native Molmo2 layout (config.json + model.safetensors)."""
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            config = molmo2_config_to_hf(self.config)
+            config["dtype"] = str(self.new_embedding.dtype).removeprefix("torch.")
+            json.dump(config, f, indent=2)
+        tensors = molmo2_ours_to_native(self.state_dict(), self.config)
+        save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
+
+
+# Our parameter names -> transformers' native Molmo2 names, by prefix. The Qwen3 and ViT blocks already
+# carry transformers' names inside; the extra embeddings are rows 151936.. of the native embed_tokens.
+MOLMO2_NATIVE_PREFIXES = [
+    ("vit.", "model.vision_tower."),
+    ("connector.pooling.", "model.multi_modal_projector.image_pooling_2d."),
+    ("connector.projector.", "model.multi_modal_projector.image_projector."),
+    ("llm.lm_head.", "lm_head."),
+    ("llm.", "model.language_model."),
+]
+
+
+def molmo2_ours_to_native(state: dict, config: Molmo2Config) -> dict:
+    native = {}
+    for key, value in state.items():
+        if key == "new_embedding":
+            continue
+        for ours, theirs in MOLMO2_NATIVE_PREFIXES:
+            if key.startswith(ours):
+                native[theirs + key[len(ours):]] = value
+                break
+    embed = native["model.language_model.embed_tokens.weight"]
+    native["model.language_model.embed_tokens.weight"] = torch.cat([embed, state["new_embedding"]])
+    if "lm_head.weight" not in native:  # tied Qwen3 (0.6B): transformers' Molmo2 always has its own head
+        native["lm_head.weight"] = embed
+    return {k: v.contiguous() for k, v in native.items()}
+
+
+def molmo2_native_to_ours(native: dict, config: Molmo2Config) -> dict:
+    state = {}
+    for key, value in native.items():
+        if key.startswith("model.vision_tower.layers.") and int(key.split(".")[3]) >= config.vit.num_hidden_layers:
+            continue  # blocks after the deepest one the connector reads
+        if key == "model.language_model.embed_tokens.weight":
+            state["llm.embed_tokens.weight"] = value[: config.llm.vocab_size]
+            state["new_embedding"] = value[config.llm.vocab_size:]
+            continue
+        if key == "lm_head.weight" and config.llm.tie_word_embeddings:
+            continue  # a copy of the tied embedding (written so transformers can load it)
+        for ours, theirs in MOLMO2_NATIVE_PREFIXES:
+            if key.startswith(theirs):
+                state[ours + key[len(theirs):]] = value
+                break
+        else:
+            raise ValueError(f"Molmo2 checkpoint: unexpected tensor {key!r}")
+    return state
+
+
+# The released checkpoints' names (Molmo2's own code) -> transformers' native names, applied in order
+# after the fused tensors are split (same renames as transformers' conversion_mapping for "molmo2").
+MOLMO2_RELEASED_RENAMES = [
+    ("model.transformer.blocks.", "model.language_model.layers."),
+    ("model.transformer.ln_f.", "model.language_model.norm."),
+    (".attn_norm.", ".input_layernorm."),
+    (".ff_norm.", ".post_attention_layernorm."),
+    (".self_attn.attn_out.", ".self_attn.o_proj."),
+    (".mlp.ff_out.", ".mlp.down_proj."),
+    ("model.vision_backbone.image_vit.transformer.resblocks.", "model.vision_tower.layers."),
+    ("model.vision_backbone.image_vit.", "model.vision_tower."),
+    (".attention.wq.", ".self_attn.q_proj."),
+    (".attention.wk.", ".self_attn.k_proj."),
+    (".attention.wv.", ".self_attn.v_proj."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".attention_norm.", ".layer_norm1."),
+    (".ffn_norm.", ".layer_norm2."),
+    (".feed_forward.w1.", ".mlp.fc1."),
+    (".feed_forward.w2.", ".mlp.fc2."),
+    ("model.vision_backbone.image_pooling_2d.wq.", "model.multi_modal_projector.image_pooling_2d.q_proj."),
+    ("model.vision_backbone.image_pooling_2d.wk.", "model.multi_modal_projector.image_pooling_2d.k_proj."),
+    ("model.vision_backbone.image_pooling_2d.wv.", "model.multi_modal_projector.image_pooling_2d.v_proj."),
+    ("model.vision_backbone.image_pooling_2d.wo.", "model.multi_modal_projector.image_pooling_2d.o_proj."),
+    ("model.vision_backbone.image_projector.w1.", "model.multi_modal_projector.image_projector.gate_proj."),
+    ("model.vision_backbone.image_projector.w2.", "model.multi_modal_projector.image_projector.down_proj."),
+    ("model.vision_backbone.image_projector.w3.", "model.multi_modal_projector.image_projector.up_proj."),
+]
+
+
+def molmo2_released_to_native(released: dict, config: Molmo2Config) -> dict:
+    llm = config.llm
+    q_rows, kv_rows = llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
+    native = {}
+    for key, value in released.items():
+        if key == "model.transformer.wte.embedding":
+            new_rows = released["model.transformer.wte.new_embedding"]
+            native["model.language_model.embed_tokens.weight"] = torch.cat([value, new_rows])
+            continue
+        if key == "model.transformer.wte.new_embedding":
+            continue
+        if key.endswith(".self_attn.att_proj.weight"):  # fused q, k, v rows
+            q, k, v = value.split([q_rows, kv_rows, kv_rows])
+            fused = {"q_proj": q, "k_proj": k, "v_proj": v}
+        elif key.endswith(".mlp.ff_proj.weight"):  # fused up then gate rows
+            up, gate = value.chunk(2)
+            fused = {"up_proj": up, "gate_proj": gate}
+        else:
+            fused = None
+        if fused is not None:
+            stem = key.rsplit(".", 2)[0]  # ...blocks.N.self_attn / ...blocks.N.mlp
+            for name, part in fused.items():
+                native.update(rename_released({f"{stem}.{name}.weight": part}))
+        else:
+            native.update(rename_released({key: value}))
+    return native
+
+
+def rename_released(tensors: dict) -> dict:
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in MOLMO2_RELEASED_RENAMES:
+            key = key.replace(old, new)
+        renamed[key] = value
+    return renamed
+
+
+def molmo2_config_from_hf(hf: dict, source: str) -> Molmo2Config:
+    """config.json of transformers' Molmo2 (vision_config / adapter_config / text_config) or of the released
+    checkpoints (vit_config, vit_layers, image_default_input_size, ...) -> Molmo2Config."""
+    text, adapter = hf["text_config"], hf["adapter_config"]
+    vision = hf.get("vision_config") or hf["vit_config"]
+    unsupported = {"qk_norm_type": (text.get("qk_norm_type", "qwen3"), "qwen3"),
+                   "norm_after": (text.get("norm_after", False), False),
+                   "attention bias": (text.get("attention_bias", text.get("qkv_bias", False)), False),
+                   "rope scaling": ("scaled" if text.get("rope_scaling") else "default", "default")}
+    for what, (got, want) in unsupported.items():
+        if got != want:
+            raise ValueError(f"{source}: text_config {what} = {got!r}; only Qwen3 LLMs ({want!r}) are supported")
+    # released configs name the norm epsilon layer_norm_eps; Molmo2's head is untied unless we wrote it
+    llm = Qwen3Config.from_hf({"rms_norm_eps": text.get("layer_norm_eps", 1e-6), "tie_word_embeddings": False, **text})
+    image_size = vision.get("image_size", vision.get("image_default_input_size", [378, 378]))
+    if vision.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or image_size[0] != image_size[1]:
+        raise ValueError(f"{source}: vision config {vision} is not a SigLIP2 on square crops")
+    vit = SigLIP2Config(
+        hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+        num_hidden_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
+        head_dim=vision["head_dim"], patch_size=vision.get("patch_size", vision.get("image_patch_size", 14)),
+        image_size=image_size[0], layer_norm_eps=vision.get("layer_norm_eps", 1e-6))
+    connector = ConnectorConfig(
+        vit_layers=tuple(adapter.get("vision_feature_layer", adapter.get("vit_layers", [24, 18]))),
+        vit_hidden_size=vit.hidden_size, hidden_size=adapter["hidden_size"],
+        num_attention_heads=adapter["num_attention_heads"], head_dim=adapter["head_dim"],
+        intermediate_size=adapter["intermediate_size"], llm_hidden_size=adapter["text_hidden_size"])
+    return Molmo2Config(llm=llm, vit=vit, connector=connector,
+                        additional_vocab_size=text.get("additional_vocab_size", 128),
+                        image_patch_id=hf.get("image_patch_id", 151938))
+
+
+def molmo2_config_to_hf(config: Molmo2Config) -> dict:
+    """Molmo2Config -> config.json for transformers' Molmo2ForConditionalGeneration."""
+    llm, vit, connector = config.llm, config.vit, config.connector
+    return {
+        "architectures": ["Molmo2ForConditionalGeneration"],
+        "model_type": "molmo2",
+        "image_patch_id": config.image_patch_id,
+        "tie_word_embeddings": False,  # transformers' Molmo2 head is never tied; see text_config
+        "text_config": {
+            "model_type": "molmo2_text", "vocab_size": llm.vocab_size,
+            "additional_vocab_size": config.additional_vocab_size, "hidden_size": llm.hidden_size,
+            "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_hidden_layers,
+            "num_attention_heads": llm.num_attention_heads, "num_key_value_heads": llm.num_key_value_heads,
+            "head_dim": llm.head_dim, "rms_norm_eps": llm.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": llm.rope_theta},
+            "max_position_embeddings": llm.max_position_embeddings, "qk_norm_type": "qwen3",
+            "attention_bias": False, "norm_after": False, "hidden_act": "silu",
+            # transformers ignores this (its head is always a separate tensor, written below); we read it
+            # back to re-tie Qwen3-0.6B's head
+            "tie_word_embeddings": llm.tie_word_embeddings,
+        },
+        "vision_config": {
+            "model_type": "molmo2_vision", "hidden_size": vit.hidden_size,
+            "intermediate_size": vit.intermediate_size, "num_hidden_layers": vit.num_hidden_layers,
+            "num_attention_heads": vit.num_attention_heads, "num_key_value_heads": vit.num_attention_heads,
+            "head_dim": vit.head_dim, "patch_size": vit.patch_size, "image_size": [vit.image_size, vit.image_size],
+            "num_position_embeddings": vit.num_patches, "layer_norm_eps": vit.layer_norm_eps,
+            "hidden_act": "gelu_pytorch_tanh", "attention_bias": True,
+        },
+        "adapter_config": {
+            "model_type": "molmo2_adapter", "vision_feature_layer": list(connector.vit_layers),
+            "hidden_size": connector.hidden_size, "num_attention_heads": connector.num_attention_heads,
+            "num_key_value_heads": connector.num_attention_heads, "head_dim": connector.head_dim,
+            "intermediate_size": connector.intermediate_size, "text_hidden_size": connector.llm_hidden_size,
+            "hidden_act": "silu", "attention_bias": True, "mlp_bias": False,
+        },
+    }

@@ -1,0 +1,99 @@
+"""
+The connector: ViT patch features -> one LLM embedding per pooling window.
+
+Design choices:
+- Features of several ViT blocks are concatenated on the channel axis, in the order asked for
+  (Molmo2: blocks 24 then 18 of SigLIP2, 2 x 1152 = 2304 channels).
+- Pooling is "attention_meanq": each output token owns a window of patch indices (2x2 for images, 3x3 for
+  video frames, built by the processor). The query is the mean of the window's valid patches, keys and
+  values are the window's patches, and one multi-head attention (biases on q/k/v/o) reduces the window
+  to one vector. Index -1 marks a padding slot: it is masked out of the mean and of the attention.
+- Indices point into the patches of all crops of the batch, flattened in order: crop c, patch p is
+  index c * patches_per_crop + p. A window whose slots are all -1 produces no token (as in transformers).
+- The pooling attention runs in float32 whatever the model dtype (Molmo2's `float32_attention`).
+- Projector: SwiGLU without biases, down(silu(gate(x)) * up(x)), pooled width -> LLM intermediate -> LLM width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ConnectorConfig:
+    vit_layers: tuple = (24, 18)  # 0-based ViT blocks, concatenated in this order
+    vit_hidden_size: int = 1152
+    hidden_size: int = 1152  # width of a pooled token (pooling attention output)
+    num_attention_heads: int = 16
+    head_dim: int = 72
+    intermediate_size: int = 3072  # projector hidden width (Molmo2 uses the LLM's intermediate size)
+    llm_hidden_size: int = 1024
+
+
+class PoolingAttention(nn.Module):
+    """Multi-head attention of one query (the window mean) over the window's patches."""
+
+    def __init__(self, config: ConnectorConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        in_dim = config.vit_hidden_size * len(config.vit_layers)
+        inner = config.num_attention_heads * config.head_dim
+        self.q_proj = nn.Linear(in_dim, inner)
+        self.k_proj = nn.Linear(in_dim, inner)
+        self.v_proj = nn.Linear(in_dim, inner)
+        self.o_proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, windows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """windows (M, K, D) patch features with padding slots zeroed, valid (M, K) bool -> (M, hidden)."""
+        M, K, _ = windows.shape
+        num_valid = valid.sum(-1, keepdim=True).to(windows.dtype)  # (M, 1), >= 1 for every window here
+        query = windows.sum(1, keepdim=True) / num_valid[:, :, None]  # (M, 1, D): mean of the valid patches
+        q = self.q_proj(query).view(M, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, 1, hs)
+        k = self.k_proj(windows).view(M, K, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, K, hs)
+        v = self.v_proj(windows).view(M, K, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, K, hs)
+        # float32 softmax and weighted sum, as Molmo2 does; the projections stay in the model dtype
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=valid[:, None, None, :])
+        y = y.to(windows.dtype).transpose(1, 2).reshape(M, -1)  # (M, nh * hs)
+        return self.o_proj(y)  # (M, hidden)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Connector(nn.Module):
+    def __init__(self, config: ConnectorConfig):
+        super().__init__()
+        self.config = config
+        self.pooling = PoolingAttention(config)
+        self.projector = SwiGLU(config.hidden_size, config.intermediate_size, config.llm_hidden_size)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, vit_features: list[torch.Tensor], pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """vit_features: one (N, P, C) tensor per entry of config.vit_layers, N crops of P patches;
+        pooled_patches_idx (M, K) long, indices into the N * P patches, -1 = padding
+        -> (M', llm_hidden), one row per window with at least one valid index, in order."""
+        features = torch.cat(vit_features, dim=-1)  # (N, P, D)
+        features = features.reshape(-1, features.shape[-1])  # (N * P, D)
+        pooled_patches_idx = pooled_patches_idx.to(device=features.device, dtype=torch.long)
+        if pooled_patches_idx.numel() and pooled_patches_idx.max() >= features.shape[0]:
+            raise ValueError(f"pooled_patches_idx: index {int(pooled_patches_idx.max())} out of range for "
+                             f"{features.shape[0]} patches")
+        # drop all-padding windows up front: they produce no token and would make a fully masked softmax
+        pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
+        valid = pooled_patches_idx >= 0  # (M', K)
+        windows = features[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(features.dtype)  # (M', K, D)
+        return self.projector(self.pooling(windows, valid))  # (M', llm_hidden)

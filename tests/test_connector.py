@@ -1,0 +1,85 @@
+"""The connector against transformers' Molmo2Adapter (attention-meanq pooling + SwiGLU projector)."""
+
+import torch
+from transformers import Molmo2AdapterConfig
+from transformers.models.molmo2.modeling_molmo2 import Molmo2Adapter
+
+from connector import Connector, ConnectorConfig
+
+
+def make_pair(vit_layers=(3, 1)):
+    hf_config = Molmo2AdapterConfig(vision_feature_layer=list(vit_layers), hidden_size=32, num_attention_heads=4,
+                                    num_key_value_heads=4, head_dim=8, intermediate_size=48, text_hidden_size=64)
+    torch.manual_seed(0)
+    hf = Molmo2Adapter(hf_config).eval()
+    for p in hf.parameters():  # transformers zero-inits biases; random ones test the bias wiring too
+        torch.nn.init.normal_(p, std=0.2)
+    ours = Connector(ConnectorConfig(vit_layers=tuple(vit_layers), vit_hidden_size=32, hidden_size=32,
+                                     num_attention_heads=4, head_dim=8, intermediate_size=48, llm_hidden_size=64))
+    renames = {"image_pooling_2d.": "pooling.", "image_projector.": "projector."}
+    state = {}
+    for key, value in hf.state_dict().items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        state[key] = value
+    ours.load_state_dict(state)
+    return hf, ours
+
+
+def test_pooling_matches_transformers_with_padding_and_empty_windows():
+    hf, ours = make_pair()
+    num_crops, num_patches = 3, 16
+    features = [torch.randn(num_crops, num_patches, 32) for _ in range(2)]
+    idx = torch.randint(0, num_crops * num_patches, (10, 4))
+    idx[1, 3] = -1  # partial windows (crop edges, odd grids)
+    idx[4, :2] = -1
+    idx[7] = -1  # a window with no patch at all yields no token
+    with torch.no_grad():
+        expected = hf(torch.cat(features, dim=-1), idx).last_hidden_state
+        got = ours(features, idx)
+    assert got.shape == (9, 64) == expected.shape
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_video_windows_3x3():
+    hf, ours = make_pair(vit_layers=(2,))
+    features = [torch.randn(4, 16, 32)]
+    idx = torch.randint(0, 64, (6, 9))
+    idx[:, ::4] = -1
+    with torch.no_grad():
+        expected = hf(features[0], idx).last_hidden_state
+        got = ours(features, idx)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_padding_slots_are_ignored():
+    # invariant: what a -1 slot would have pointed at cannot change the output
+    _, ours = make_pair()
+    features = [torch.randn(2, 16, 32) for _ in range(2)]
+    idx = torch.tensor([[0, 1, -1, -1], [5, -1, 6, 7]])
+    with torch.no_grad():
+        a = ours(features, idx)
+        features[0][0, 2:5] += 100.0  # patches 2..4 are not referenced
+        b = ours(features, idx)
+    assert torch.equal(a, b)
+
+
+def test_bad_index_names_the_input():
+    _, ours = make_pair()
+    features = [torch.randn(1, 16, 32) for _ in range(2)]
+    try:
+        ours(features, torch.tensor([[0, 1, 2, 16]]))
+    except ValueError as e:
+        assert "pooled_patches_idx" in str(e)
+    else:
+        raise AssertionError("out-of-range index accepted")
+
+
+def test_image_windows_padded_to_video_width_pool_the_same():
+    # a batch mixing images (2x2 windows) and video frames (3x3) can pass one index tensor: -1 slots are inert
+    _, ours = make_pair()
+    features = [torch.randn(2, 16, 32) for _ in range(2)]
+    idx = torch.randint(0, 32, (5, 4))
+    padded = torch.cat([idx, torch.full((5, 5), -1)], dim=1)
+    with torch.no_grad():
+        assert (ours(features, idx) - ours(features, padded)).abs().max() <= 1e-6

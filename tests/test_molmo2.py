@@ -1,0 +1,336 @@
+"""Molmo2 against transformers' Molmo2ForConditionalGeneration: logits for the processor's outputs, both
+checkpoint layouts, the save round trip, the attention mask rules and the full preset's size."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import (Molmo2Config as HFMolmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor,
+                          Molmo2Processor, Molmo2VideoProcessor)
+
+import model as nano
+from model import Molmo2, Molmo2Config
+from vision import SigLIP2
+
+CROP = 56  # 4x4 patches of 14 px: tiny crops keep the ViT cheap on CPU
+TINY_HF_CONFIG = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=8, image_size=[CROP, CROP]),
+    adapter_config=dict(vision_feature_layer=[3, 1], hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                        head_dim=8, intermediate_size=48, text_hidden_size=64),
+    text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                     intermediate_size=96, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+)
+MAX_DIFF = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """A tiny random Molmo2 saved by transformers, with every parameter perturbed (biases and norms too) and
+    a projector strong enough that the pixels move the logits by far more than the tolerance."""
+    torch.manual_seed(0)
+    hf = Molmo2ForConditionalGeneration(HFMolmo2Config(**TINY_HF_CONFIG)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        hf.model.multi_modal_projector.image_projector.down_proj.weight.mul_(20)
+    path = tmp_path_factory.mktemp("hf_native")
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def ours(hf_model):
+    return Molmo2.from_pretrained(hf_model[1]).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(hf_qwen_tokenizer):
+    """transformers' Molmo2Processor with the released settings (spec section 5), on small crops."""
+    images = Molmo2ImageProcessor(size={"height": CROP, "width": CROP}, max_crops=4, overlap_margins=[1, 1])
+    videos = Molmo2VideoProcessor(size={"height": CROP, "width": CROP}, do_rescale=True, do_normalize=True,
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Molmo2Processor(image_processor=images, video_processor=videos, tokenizer=hf_qwen_tokenizer,
+                           image_use_col_tokens=True, use_single_crop_col_tokens=False,
+                           use_single_crop_start_token=True, video_use_col_tokens=False,
+                           use_frame_special_tokens=True)
+
+
+def chat(user: str) -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\nIt is"
+
+
+def random_image(rng, height, width):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def processor_inputs(processor, case: str) -> dict:
+    rng = np.random.default_rng(0)
+    if case == "one image":
+        return processor(images=[random_image(rng, 90, 130)], text=chat("<|image|>What is this?"), return_tensors="pt")
+    if case == "three images":
+        images = [random_image(rng, 90, 130), random_image(rng, 200, 60), random_image(rng, 56, 56)]
+        text = chat("Image 1<|image|>Image 2<|image|>Image 3<|image|>Compare them.")
+        return processor(images=images, text=text, return_tensors="pt")
+    if case == "two examples, padded":
+        images = [random_image(rng, 70, 100), random_image(rng, 120, 90), random_image(rng, 60, 60)]
+        texts = [chat("<|image|>Describe."), chat("Image 1<|image|>Image 2<|image|>Which one is brighter, and why?")]
+        return processor(images=[images[:1], images[1:]], text=texts, padding=True, return_tensors="pt")
+    if case == "video of 12 frames":
+        video = rng.integers(0, 256, (12, 60, 80, 3), dtype=np.uint8)
+        return processor(videos=[video], text=chat("<|video|>What happens?"), return_tensors="pt",
+                         videos_kwargs=dict(do_sample_frames=False))
+    if case == "text only":
+        return processor(text=chat("Write a haiku about the sea."), return_tensors="pt")
+    raise ValueError(case)
+
+
+CASES = ["one image", "three images", "two examples, padded", "video of 12 frames", "text only"]
+
+
+def max_logit_diff(hf, ours, inputs) -> float:
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+        got = ours(**inputs)
+    assert got.shape == expected.shape == (*inputs["input_ids"].shape, 151936)
+    valid = inputs["attention_mask"].bool()  # padded positions are nobody's business
+    return (got[valid] - expected[valid]).abs().max().item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers_native_checkpoint(hf_model, ours, processor, case):
+    hf, _ = hf_model
+    inputs = processor_inputs(processor, case)
+    assert set(inputs) <= {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
+                           "image_grids", "image_num_crops", "pixel_values_videos", "video_token_pooling",
+                           "video_grids"}
+    assert max_logit_diff(hf, ours, inputs) <= MAX_DIFF
+
+
+def native_to_released(native: dict, text_config: dict) -> dict:
+    """Write transformers' tensors under the released checkpoints' names (Molmo2's own code), the layout
+    of allenai/Molmo2-4B's model.safetensors.index.json."""
+    renames = [
+        ("model.language_model.layers.", "model.transformer.blocks."), ("model.language_model.norm.", "model.transformer.ln_f."),
+        (".input_layernorm.", ".attn_norm."), (".post_attention_layernorm.", ".ff_norm."),
+        ("model.language_model.", "model.transformer."), (".self_attn.o_proj.", ".self_attn.attn_out."),
+        (".mlp.down_proj.", ".mlp.ff_out."),
+        ("model.vision_tower.layers.", "model.vision_backbone.image_vit.transformer.resblocks."),
+        ("model.vision_tower.", "model.vision_backbone.image_vit."),
+        (".layer_norm1.", ".attention_norm."), (".layer_norm2.", ".ffn_norm."),
+        (".mlp.fc1.", ".feed_forward.w1."), (".mlp.fc2.", ".feed_forward.w2."),
+        ("model.multi_modal_projector.", "model.vision_backbone."),
+        (".image_projector.gate_proj.", ".image_projector.w1."), (".image_projector.down_proj.", ".image_projector.w2."),
+        (".image_projector.up_proj.", ".image_projector.w3."),
+    ]
+    released = {}
+    for key, value in native.items():
+        if key.startswith("model.language_model.layers.") and (".q_proj." in key or ".k_proj." in key or ".v_proj." in key):
+            continue
+        if key.startswith("model.language_model.layers.") and (".gate_proj." in key or ".up_proj." in key):
+            continue
+        if key == "model.language_model.embed_tokens.weight":
+            released["model.transformer.wte.embedding"] = value[: text_config["vocab_size"]]
+            released["model.transformer.wte.new_embedding"] = value[text_config["vocab_size"]:]
+            continue
+        if ".self_attn." in key and key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            for proj, short in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+                key = key.replace(f".self_attn.{proj}.", f".attention.{short}.")
+        if "image_pooling_2d." in key:
+            for proj, short in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+                key = key.replace(f"image_pooling_2d.{proj}.", f"image_pooling_2d.{short}.")
+        for old, new in renames:
+            key = key.replace(old, new)
+        released[key] = value
+    for i in range(text_config["num_hidden_layers"]):
+        layer = f"model.language_model.layers.{i}."
+        released[f"model.transformer.blocks.{i}.self_attn.att_proj.weight"] = torch.cat(
+            [native[layer + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+        released[f"model.transformer.blocks.{i}.mlp.ff_proj.weight"] = torch.cat(
+            [native[layer + "mlp.up_proj.weight"], native[layer + "mlp.gate_proj.weight"]])
+    return released
+
+
+@pytest.fixture(scope="module")
+def released_checkpoint(hf_model, tmp_path_factory):
+    """The tiny model written in the released layout with a hub-style config.json (vit_config declaring
+    more ViT layers than stored, negative vit_layers, legacy key names), loaded back by transformers."""
+    hf, _ = hf_model
+    t = TINY_HF_CONFIG["text_config"]
+    v = TINY_HF_CONFIG["vision_config"]
+    a = TINY_HF_CONFIG["adapter_config"]
+    config = {
+        "architectures": ["Molmo2ForConditionalGeneration"], "model_type": "molmo2", "tie_word_embeddings": False,
+        "image_patch_id": 151938, "image_start_token_id": 151936, "image_end_token_id": 151937,
+        "image_col_id": 151939, "low_res_image_start_token_id": 151940, "frame_start_token_id": 151943,
+        "frame_end_token_id": 151944, "use_frame_special_tokens": True,
+        "text_config": {"model_type": "molmo2_text", "additional_vocab_size": 128, "vocab_size": 151936,
+                        "hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
+                        "num_hidden_layers": t["num_hidden_layers"], "num_attention_heads": t["num_attention_heads"],
+                        "num_key_value_heads": t["num_key_value_heads"], "head_dim": t["head_dim"],
+                        "layer_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": None, "rope_scaling_layers": None,
+                        "qk_norm_type": "qwen3", "qkv_bias": False, "norm_after": False, "use_qk_norm": True,
+                        "max_position_embeddings": 36864, "hidden_act": "silu"},
+        # 6 layers declared, vit_layers [-3, -5] = blocks 3 and 1: blocks 4 and 5 are not in the file
+        "vit_config": {"model_type": "molmo2", "hidden_size": v["hidden_size"], "intermediate_size": v["intermediate_size"],
+                       "num_hidden_layers": 6, "num_attention_heads": v["num_attention_heads"],
+                       "num_key_value_heads": v["num_key_value_heads"], "head_dim": v["head_dim"],
+                       "image_default_input_size": [CROP, CROP], "image_patch_size": 14, "image_num_pos": 16,
+                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
+        "adapter_config": {"model_type": "molmo2", "vit_layers": [-3, -5], "hidden_size": a["hidden_size"],
+                           "num_attention_heads": a["num_attention_heads"], "num_key_value_heads": a["num_key_value_heads"],
+                           "head_dim": a["head_dim"], "intermediate_size": a["intermediate_size"],
+                           "text_hidden_size": a["text_hidden_size"], "hidden_act": "silu"},
+    }
+    path = tmp_path_factory.mktemp("released")
+    with open(path / "config.json", "w") as f:
+        json.dump(config, f)
+    tensors = native_to_released(hf.state_dict(), config["text_config"])
+    assert not any(k.startswith(("model.language_model", "model.vision_tower")) for k in tensors)
+    nano.save_safetensors(tensors, str(path / "model.safetensors"))
+    oracle = Molmo2ForConditionalGeneration.from_pretrained(path).eval()  # transformers' own reading
+    assert oracle.config.vision_config.num_hidden_layers == 4
+    return oracle, str(path)
+
+
+@pytest.mark.parametrize("case", ["three images", "video of 12 frames"])
+def test_logits_match_transformers_released_checkpoint(released_checkpoint, processor, case):
+    oracle, path = released_checkpoint
+    ours = Molmo2.from_pretrained(path).eval()
+    assert len(ours.vit.layers) == 4 and ours.config.connector.vit_layers == (3, 1)
+    assert max_logit_diff(oracle, ours, processor_inputs(processor, case)) <= MAX_DIFF
+
+
+def test_save_pretrained_loads_in_transformers(hf_model, ours, processor, tmp_path):
+    hf, _ = hf_model
+    ours.save_pretrained(str(tmp_path))
+    reloaded = Molmo2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    inputs = processor_inputs(processor, "three images")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, hf(**inputs).logits)  # same weights, same code
+    assert max_logit_diff(reloaded, ours, inputs) <= MAX_DIFF
+
+
+def test_from_parts_and_tied_head_round_trip(processor, tmp_path):
+    # the align stage's start: a (tied, like Qwen3-0.6B) Qwen3 and a SigLIP2 of 4 blocks, fresh connector
+    config = Molmo2Config.preset("tiny")
+    torch.manual_seed(0)
+    llm = nano.Qwen3(config.llm)
+    vit = SigLIP2(nano.SigLIP2Config.preset("tiny"))
+    model = Molmo2.from_parts(llm, vit, vit_layers=(-2, -4)).eval()
+    assert model.llm is llm and model.vit is vit and len(vit.layers) == 3
+    assert model.config.connector.vit_layers == (2, 0)
+    model.save_pretrained(str(tmp_path))
+    hf = Molmo2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reloaded = Molmo2.from_pretrained(str(tmp_path)).eval()
+    assert reloaded.config.llm.tie_word_embeddings == config.llm.tie_word_embeddings
+    inputs = processor_inputs(processor, "one image")
+    assert max_logit_diff(hf, model, inputs) <= MAX_DIFF
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs), model(**inputs))
+
+
+def test_logits_positions_and_explicit_mask(ours, processor):
+    inputs = processor_inputs(processor, "one image")
+    with torch.no_grad():
+        full = ours(**inputs)
+        where = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        where[0, -3:] = True
+        # (a smaller matmul may round differently in the last bit)
+        assert torch.allclose(ours(**inputs, logits_positions=where), full[where], rtol=0, atol=1e-6)
+        mask = ours.vision_attention_mask(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["attention_mask"])
+        assert torch.equal(ours(**inputs, attn_mask=mask), full)
+        # without mm_token_type_ids the vision tokens are found by id: same mask, same logits
+        no_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+        assert torch.equal(ours(**no_types), full)
+
+
+def test_generate_with_kv_cache_matches_full_recompute(ours, processor):
+    # model.generate's prefill takes the processor's tensors; each cached greedy step must pick what a
+    # full forward over prompt + tokens so far picks
+    inputs = dict(processor_inputs(processor, "one image"))
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    new = nano.generate(ours, input_ids, max_new_tokens=4, attention_mask=attention_mask, stop_ids=(), **inputs)
+    assert new.shape == (1, 4)
+    with torch.no_grad():
+        for k in range(4):
+            ids = torch.cat([input_ids, new[:, :k]], dim=1)
+            types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new[:, :k])], dim=1)
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[:, -1] = True
+            logits = ours(ids, **{**inputs, "mm_token_type_ids": types}, logits_positions=last)  # (1, vocab)
+            assert logits[0].argmax() == new[0, k]
+
+
+def test_vision_attention_mask_rules():
+    # hand-worked: text, <low_res_im_start>, <im_patch> x2, <im_end>, text, text (pad)
+    ids = torch.tensor([[151645, 151940, 151938, 151938, 151937, 100, 151643]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    model = Molmo2(Molmo2Config.preset("tiny"))
+    mask = model.vision_attention_mask(ids, attention_mask=attention_mask)[0, 0]
+    vision = [1, 2, 3, 4]
+    for q in vision:
+        for k in vision:
+            assert mask[q, k], f"vision token {q} must see vision token {k}"
+        assert not mask[q, 5] and mask[q, 0]  # never a later text token; earlier text yes
+    for q in (0, 5):
+        assert mask[q, : q + 1].all() and not mask[q, q + 1:].any(), f"text token {q}: causal"
+    assert not mask[:6, 6].any()  # nobody sees padding
+    # the same rule from the processor's token types
+    types = torch.tensor([[0, 1, 1, 1, 1, 0, 0]])
+    assert torch.equal(model.vision_attention_mask(ids, types, attention_mask)[0, 0], mask)
+
+
+def test_vision_tokens_of_one_example_only():
+    # two examples in a batch: the bidirectional block is per row
+    ids = torch.tensor([[151938, 151938, 5, 6], [7, 151938, 151938, 8]])
+    mask = Molmo2(Molmo2Config.preset("tiny")).vision_attention_mask(ids)[:, 0]
+    assert mask[0, 0, 1] and mask[1, 1, 2] and not mask[1, 0, 1] and not mask[0, 2, 3]
+
+
+def test_bad_inputs_name_the_input(ours, processor):
+    inputs = dict(processor_inputs(processor, "one image"))
+    ids = inputs["input_ids"].clone()
+    ids[ids == 151938] = torch.tensor([100] + [151938] * (int((ids == 151938).sum()) - 1))  # one <im_patch> fewer
+    inputs["input_ids"] = ids
+    with pytest.raises(ValueError, match="<im_patch>"):
+        ours(**inputs)
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_full_preset_parameter_counts():
+    with torch.device("meta"):
+        model = Molmo2(Molmo2Config.preset("nanomolmo2"))
+        qwen3 = nano.Qwen3(nano.Qwen3Config.preset("qwen3-0.6b"))
+    # hand-worked: SigLIP2 so400m/14, 25 of its 27 blocks
+    C, F, P = 1152, 4304, 729
+    block = 2 * 2 * C + 4 * (C * C + C) + (C * F + F) + (F * C + C)
+    vit = (588 * C + C) + P * C + 25 * block
+    # pooling attention over 2 x 1152 channels, SwiGLU 1152 -> 3072 -> 1024
+    connector = 3 * (2 * C * C + C) + (C * C + C) + 2 * C * 3072 + 3072 * 1024
+    print(f"\nnanoMolmo2 parameters: ViT {count(model.vit) / 1e6:.1f}M, connector {count(model.connector) / 1e6:.1f}M, "
+          f"LLM {count(model.llm) / 1e6:.1f}M (Qwen3-0.6B {count(qwen3) / 1e6:.1f}M), "
+          f"new embeddings {model.new_embedding.numel() / 1e3:.0f}K, total {count(model) / 1e6:.1f}M")
+    assert len(model.vit.layers) == 25
+    assert count(model.vit) == vit
+    assert count(model.connector) == connector
+    assert 595e6 < count(qwen3) < 597e6 and count(model.llm) == count(qwen3)
+    assert count(model) == count(qwen3) + vit + connector + 128 * 1024
+    # transformers' Molmo2 of the same shape agrees on the vision tower and the adapter
+    hf_config = json.loads(json.dumps(nano.molmo2_config_to_hf(model.config)))
+    with torch.device("meta"):
+        hf = Molmo2ForConditionalGeneration(HFMolmo2Config(**{k: v for k, v in hf_config.items() if k != "architectures"}))
+    assert count(hf.model.vision_tower) == vit and count(hf.model.multi_modal_projector) == connector
+
+
+def test_parameter_parts_cover_the_model_once():
+    model = Molmo2(Molmo2Config.preset("tiny"))
+    parts = model.param_parts()
+    ids = [id(p) for params in parts.values() for p in params]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    assert any(p is model.new_embedding for p in parts["connector"])
+    assert len(model.blocks()) == len(model.vit.layers) + len(model.llm.layers)

@@ -1,0 +1,86 @@
+"""Our SigLIP2 against transformers' SiglipVisionModel, layer by layer, and its checkpoint loading."""
+
+import torch
+from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
+
+from vision import SigLIP2, siglip_config_from_hf, siglip_state_dict_from_hf
+
+TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=56, patch_size=14)
+
+
+def random_siglip(seed=0):
+    torch.manual_seed(seed)
+    hf = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).eval()
+    with torch.no_grad():  # perturb every parameter: non-trivial LayerNorm affine and biases too
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+def pixels(n):
+    """Normalised pixels as the processor produces them, in [-1, 1]."""
+    return torch.rand(n, 3, 56, 56) * 2 - 1
+
+
+def hf_and_our_hidden_states(hf, vit, images):
+    """images (N, 3, H, W) -> (transformers' hidden_states, ours for every block)."""
+    with torch.no_grad():
+        expected = hf(pixel_values=images, output_hidden_states=True).hidden_states
+        # Molmo2's processor flattens each 14x14 patch as (ph, pw, c): its own helper is the oracle here
+        patches = batch_pixels_to_patches(images.permute(0, 2, 3, 1), 14)
+        ours = [vit.embed(patches)] + vit(patches, list(range(len(vit.layers))))
+    return expected, ours
+
+
+def test_every_layer_matches_transformers():
+    hf = random_siglip()
+    vit = SigLIP2(siglip_config_from_hf(hf.config.to_dict()))
+    vit.load_state_dict(siglip_state_dict_from_hf(hf.state_dict(), vit.config))
+    expected, ours = hf_and_our_hidden_states(hf, vit, pixels(2))
+    assert len(expected) == len(ours) == 4
+    for i, (e, o) in enumerate(zip(expected, ours)):
+        assert (e - o).abs().max() <= 1e-5, f"hidden state {i}"
+
+
+def test_stops_after_deepest_layer_asked():
+    hf = random_siglip()
+    vit = SigLIP2(siglip_config_from_hf(hf.config.to_dict()))
+    vit.load_state_dict(siglip_state_dict_from_hf(hf.state_dict(), vit.config))
+    ran = []
+    for i, block in enumerate(vit.layers):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    out = vit(torch.randn(1, 16, 588), [1, 0])
+    assert ran == [0, 1] and len(out) == 2
+
+
+def test_from_pretrained_vision_model_layout(tmp_path):
+    hf = random_siglip(seed=1)
+    hf.save_pretrained(tmp_path)
+    vit = SigLIP2.from_pretrained(str(tmp_path))
+    assert vit.config.num_hidden_layers == 3 and vit.config.image_size == 56
+    expected, ours = hf_and_our_hidden_states(hf, vit, pixels(1))
+    assert max((e - o).abs().max().item() for e, o in zip(expected, ours)) <= 1e-5
+
+
+def test_from_pretrained_full_siglip_layout_keeps_first_layers(tmp_path):
+    # google/siglip2-so400m-patch14-384 is a SiglipModel checkpoint (vision + text towers, nested config)
+    torch.manual_seed(2)
+    full = SiglipModel(SiglipConfig(vision_config=TINY_SIGLIP, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)))
+    full.save_pretrained(tmp_path)
+    vit = SigLIP2.from_pretrained(str(tmp_path), num_layers=2)
+    assert len(vit.layers) == 2
+    expected, ours = hf_and_our_hidden_states(full.vision_model.eval(), vit, pixels(1))
+    assert max((e - o).abs().max().item() for e, o in zip(expected[:3], ours)) <= 1e-5
+
+
+def test_bad_input_shape_names_the_input():
+    vit = SigLIP2(siglip_config_from_hf(SiglipVisionConfig(**TINY_SIGLIP).to_dict()))
+    try:
+        vit(torch.randn(1, 9, 588), [0])
+    except ValueError as e:
+        assert "vision input" in str(e)
+    else:
+        raise AssertionError("wrong patch count accepted")

@@ -1,0 +1,227 @@
+"""
+The SigLIP2 vision transformer, as Molmo2 runs it.
+
+Design choices:
+- The input is already cut into patches: (num_crops, num_patches, patch_size * patch_size * 3), each
+  patch flattened as (ph, pw, c), exactly as Molmo2's image and video processors emit it. The patch
+  embedding is therefore a Linear; SigLIP2's Conv2d weight converts to it by a permute.
+- No CLS token; one learned position embedding per patch of the fixed crop grid (27x27 at 378 px),
+  added to every crop. No interpolation: every crop has the same size.
+- Pre-norm blocks: LayerNorm -> multi-head attention with biases -> residual, LayerNorm -> gelu-tanh
+  MLP -> residual. Attention via F.scaled_dot_product_attention, full (non-causal).
+- Only the encoder: SigLIP2's post_layernorm and attention-pooling head are never used by Molmo2.
+- `forward(patches, layers)` returns the outputs of the requested blocks and never runs the blocks after
+  the deepest one asked for. Molmo2 reads blocks 24 and 18 of the 27 and keeps only 25 (see model.py).
+- Parameter names follow transformers' Molmo2 vision tower, so that checkpoint layout maps by prefix;
+  `from_pretrained` reads the HF `SiglipVisionModel` / `SiglipModel` layout.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class SigLIP2Config:
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27  # as pretrained; Molmo2Config trims it to the deepest layer it reads
+    num_attention_heads: int = 16
+    head_dim: int = 72
+    patch_size: int = 14
+    image_size: int = 378  # crop side in pixels; 27x27 patches at 378
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.num_channels
+
+    @classmethod
+    def preset(cls, name: str) -> "SigLIP2Config":
+        if name not in SIGLIP2_PRESETS:
+            raise ValueError(f"unknown SigLIP2 preset {name!r}; known: {sorted(SIGLIP2_PRESETS)}")
+        return replace(SIGLIP2_PRESETS[name])
+
+
+SIGLIP2_PRESETS = {
+    # google/siglip2-so400m-patch14-384 run at 378 px (27x27 patches, the same 729 position embeddings)
+    "siglip2-so400m-14-378": SigLIP2Config(),
+    # for tests and CPU runs: 56 px crops of 4x4 patches
+    "tiny": SigLIP2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          head_dim=8, image_size=56),
+    "small": SigLIP2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                           head_dim=32, image_size=112),
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: SigLIP2Config):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        inner = config.num_attention_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner)
+        self.k_proj = nn.Linear(config.hidden_size, inner)
+        self.v_proj = nn.Linear(config.hidden_size, inner)
+        self.o_proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, P, _ = x.shape
+        q = self.q_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
+        k = self.k_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
+        v = self.v_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, nh, P, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(N, P, -1))  # (N, P, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: SigLIP2Config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: SigLIP2Config):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SigLIP2(nn.Module):
+    def __init__(self, config: SigLIP2Config):
+        super().__init__()
+        self.config = config
+        self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
+        self.positional_embedding = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        self.init_weights()
+
+    def init_weights(self):
+        """A fresh ViT (tests, from-scratch runs); pretrained runs load SigLIP2 over it."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.positional_embedding, std=0.02)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (N, P, patch_dim), any dtype (the video processor may hand over uint8) -> (N, P, C)."""
+        if patches.dim() != 3 or patches.shape[1:] != (self.config.num_patches, self.config.patch_dim):
+            raise ValueError(f"vision input: expected crops of shape (N, {self.config.num_patches}, "
+                             f"{self.config.patch_dim}), got {tuple(patches.shape)}")
+        x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))  # (N, P, C)
+        return x + self.positional_embedding  # (N, P, C)
+
+    def forward(self, patches: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """patches (N, P, patch_dim) -> [output of block i for i in layers], each (N, P, C); blocks are
+        0-based (block i's output is transformers' hidden_states[i + 1])."""
+        for i in layers:
+            if not 0 <= i < len(self.layers):
+                raise ValueError(f"vision layers {list(layers)}: block {i} is not among the {len(self.layers)} built")
+        x = self.embed(patches)
+        wanted = {}
+        for i, block in enumerate(self.layers[: max(layers) + 1]):
+            x = block(x)
+            if i in layers:
+                wanted[i] = x
+        return [wanted[i] for i in layers]
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, num_layers: int | None = None, dtype=torch.float32) -> "SigLIP2":
+        """SigLIP2 from a hub id or a local dir in HF `SiglipVisionModel` or `SiglipModel` layout
+        (e.g. google/siglip2-so400m-patch14-384). `num_layers` keeps only the first blocks."""
+        import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
+
+        path = model_io.resolve_checkpoint(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        hf = hf.get("vision_config", hf)  # SiglipModel nests the vision tower's config
+        config = siglip_config_from_hf(hf)
+        if num_layers is not None:
+            if not 0 < num_layers <= config.num_hidden_layers:
+                raise ValueError(f"{name_or_dir}: num_layers={num_layers}, the checkpoint has {config.num_hidden_layers}")
+            config.num_hidden_layers = num_layers
+        with torch.device("meta"):
+            vit = cls(config)
+        vit.to_empty(device="cpu")
+        state = siglip_state_dict_from_hf(model_io.load_checkpoint_tensors(path), config)
+        model_io.load_state_strict(vit, state, name_or_dir)
+        return vit.to(dtype)
+
+
+def siglip_config_from_hf(hf: dict) -> SigLIP2Config:
+    """HF SiglipVisionConfig dict -> ours. Missing keys take transformers' SiglipVisionConfig defaults
+    (config.json files written by transformers leave defaults out)."""
+    hidden = hf.get("hidden_size", 768)
+    heads = hf.get("num_attention_heads", 12)
+    patch = hf.get("patch_size", 16)
+    if hf.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"SigLIP config: hidden_act {hf['hidden_act']!r} unsupported (gelu_pytorch_tanh only)")
+    # SigLIP2 so400m/14 "384" has 27x27 positions (its conv drops the last 6 px); Molmo2 feeds exactly
+    # 27 * 14 = 378 px, so the crop size is the position grid times the patch size.
+    grid = hf.get("image_size", 224) // patch
+    return SigLIP2Config(
+        hidden_size=hidden,
+        intermediate_size=hf.get("intermediate_size", 3072),
+        num_hidden_layers=hf.get("num_hidden_layers", 12),
+        num_attention_heads=heads,
+        head_dim=hidden // heads,
+        patch_size=patch,
+        image_size=grid * patch,
+        num_channels=hf.get("num_channels", 3),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+    )
+
+
+def siglip_state_dict_from_hf(tensors: dict, config: SigLIP2Config) -> dict:
+    """HF SigLIP tensors -> our SigLIP2 state dict (blocks past config.num_hidden_layers, the text tower,
+    post_layernorm and head are dropped)."""
+    # SiglipModel and older SiglipVisionModel files prefix the vision tower with "vision_model."
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+    renames = [("embeddings.position_embedding.weight", "positional_embedding"),
+               ("encoder.layers.", "layers."), (".self_attn.out_proj.", ".self_attn.o_proj.")]
+    ours = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue  # text tower, logit scale
+        key = key[len(prefix):]
+        if key.startswith(("post_layernorm.", "head.")) or key.endswith("position_ids"):
+            continue  # unused by Molmo2; old files also store the position_ids buffer
+        if key == "embeddings.patch_embedding.weight":
+            # Conv2d (C, c, ph, pw) -> Linear over patches flattened as (ph, pw, c)
+            ours["patch_embedding.weight"] = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)
+            continue
+        if key == "embeddings.patch_embedding.bias":
+            ours["patch_embedding.bias"] = value
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        if key.startswith("layers.") and int(key.split(".")[1]) >= config.num_hidden_layers:
+            continue
+        ours[key] = value
+    if "positional_embedding" in ours and ours["positional_embedding"].shape[0] != config.num_patches:
+        raise ValueError(f"SigLIP checkpoint: {ours['positional_embedding'].shape[0]} position embeddings, "
+                         f"expected {config.num_patches} ({int(math.sqrt(config.num_patches))}^2)")
+    return ours
