@@ -721,6 +721,32 @@ class Molmo2(nn.Module):
         """The transformer blocks, ViT then LLM: FSDP shards them one by one."""
         return list(self.vit.layers) + list(self.llm.layers)
 
+    def num_params(self, part=None) -> int:
+        parts = self.param_parts()
+        return sum(p.numel() for name in ([part] if part else parts) for p in parts[name])
+
+    def training_flops(self, batch) -> float:
+        """Matmul FLOPs of one training step (forward + backward = 3 x forward) on a collated batch: the LLM
+        on every token (logits only at the loss positions), the ViT on every crop, the connector on every
+        pooled token. Frozen parts are counted too: their backward still runs for the activations."""
+        c = self.config
+        B, T = batch["input_ids"].shape
+        llm = self.llm
+        head = 0 if llm.lm_head is None else llm.lm_head.weight.numel()  # counted at the loss positions below
+        per_token = 6 * (llm.num_params(exclude_embedding=True) - llm._norm_params() - head) \
+            + 12 * c.llm.num_hidden_layers * c.llm.num_attention_heads * c.llm.head_dim * T
+        flops = per_token * B * T + 6 * c.llm.hidden_size * c.llm.vocab_size * int((batch["targets"] >= 0).sum())
+        pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
+        if pixels:
+            n_crops = sum(p.shape[0] for p in pixels)
+            v = c.vit
+            vit_block = 4 * v.hidden_size * v.num_attention_heads * v.head_dim + 2 * v.hidden_size * v.intermediate_size
+            per_patch = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block) \
+                + 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
+            n_pooled = sum(batch[k].shape[0] for k in ("image_token_pooling", "video_token_pooling") if k in batch)
+            flops += per_patch * n_crops * v.num_patches + 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
+        return flops
+
     # -- checkpoints ---------------------------------------------------------------------------------
 
     @classmethod

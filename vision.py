@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 
 
@@ -113,6 +114,7 @@ class SigLIP2(nn.Module):
         self.patch_embedding = nn.Linear(config.patch_dim, config.hidden_size)
         self.positional_embedding = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
         self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
         self.init_weights()
 
     def init_weights(self):
@@ -143,7 +145,10 @@ class SigLIP2(nn.Module):
         x = self.embed(patches)
         wanted = {}
         for i, block in enumerate(self.layers[: max(layers) + 1]):
-            x = block(x)
+            if self.gradient_checkpointing and self.training and x.requires_grad:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i in layers:
                 wanted[i] = x
         return [wanted[i] for i in layers]
