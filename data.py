@@ -450,6 +450,7 @@ def _read_pillow_animation(path, name, pick):
             total_ms = 0
             for i in range(n_frames):
                 image.seek(i)
+                image.load()  # WebP sets a frame's duration only once the frame is decoded
                 total_ms += image.info.get("duration", 0) or 0
             fps = n_frames / (total_ms / 1000) if total_ms > 0 else DEFAULT_ANIMATION_FPS
             indices = pick(n_frames, fps)
@@ -482,15 +483,15 @@ def _read_pyav(path, name, pick):
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise MediaError("video", name, "has no video stream")
+                raise MediaError("video", name, "has no frames (no video stream)")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             n_frames = stream.frames
             if n_frames <= 0:  # not in the header (webm, mkv): count the packets
                 n_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+                if n_frames == 0:
+                    raise MediaError("video", name, "has no frames")
                 container.seek(0)
-            if n_frames <= 0:
-                raise MediaError("video", name, "has no frames")
             if fps <= 0:
                 raise MediaError("video", name, "has no frame rate")
             indices = pick(n_frames, fps)
