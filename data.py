@@ -289,24 +289,23 @@ def crop_geometry(height, width, max_crops, crop_size=CROP_SIZE, patch_size=PATC
 
 
 def resize_to_unit_range(images, height, width):
-    """(N, 3, H, W) float 0..255 -> (N, height, width, 3) float32 in [-1, 1]: bilinear without antialias,
+    """(N, 3, H, W) float 0..255 -> (N, height, width, 3) float32 view in [-1, 1]: bilinear without antialias,
     rounded back to whole 0..255 values (Molmo2 resizes uint8 images), then (x - 127.5) / 127.5."""
     resized = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    resized = resized.round_().clamp_(0, 255).sub_(127.5).div_(127.5)
-    return resized.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (N, h, w, 3), contiguous
+    return resized.round_().clamp_(0, 255).sub_(127.5).div_(127.5).permute(0, 2, 3, 1)
 
 
-def crops_to_patches(canvas, rows, cols, crop_size, stride, patch_size):
-    """(H, W, C) contiguous canvas -> (rows * cols, n_patches, patch_size**2 * C): square crops of crop_size
-    every `stride` px, row-major, each cut into row-major patches flattened as (dy, dx, c)."""
+def crops_to_patches(image, rows, cols, crop_size, stride, patch_size, out):
+    """Copy square crops of an (H, W, C) image view into out (rows * cols, n_patches, patch_size**2 * C):
+    crops of crop_size every `stride` px, row-major, each cut into row-major patches flattened as (dy, dx, c)."""
     n = crop_size // patch_size
-    s_y, s_x, s_c = canvas.stride()
-    crops = canvas.as_strided(
-        (rows, cols, n, n, patch_size, patch_size, canvas.shape[2]),
+    s_y, s_x, s_c = image.stride()
+    crops = image.as_strided(
+        (rows, cols, n, n, patch_size, patch_size, image.shape[2]),
         (stride * s_y, stride * s_x, patch_size * s_y, patch_size * s_x, s_y, s_x, s_c),
-        canvas.storage_offset(),
+        image.storage_offset(),
     )  # (rows, cols, n, n, p, p, C) view
-    return crops.reshape(rows * cols, n * n, patch_size * patch_size * canvas.shape[2])
+    out.view(crops.shape).copy_(crops)
 
 
 def pool_windows(index_grid, pool_h, pool_w):
@@ -366,9 +365,10 @@ def preprocess_image(image, max_crops=MAX_CROPS, crop_size=CROP_SIZE, patch_size
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()  # (1, 3, H, W), channels-last in memory
     n_patches, patch_dim = (crop_size // patch_size) ** 2, patch_size * patch_size * 3
     patches = torch.empty(1 + rows * cols, n_patches, patch_dim)  # (n_crops, n_patches, patch_dim)
-    patches[0] = crops_to_patches(resize_to_unit_range(x, crop_size, crop_size)[0], 1, 1, crop_size, crop_size, patch_size)[0]
+    global_crop = resize_to_unit_range(x, crop_size, crop_size)[0]  # (S, S, 3)
+    crops_to_patches(global_crop, 1, 1, crop_size, crop_size, patch_size, out=patches[:1])
     canvas = resize_to_unit_range(x, canvas_h, canvas_w)[0]  # (canvas_h, canvas_w, 3)
-    patches[1:] = crops_to_patches(canvas, rows, cols, crop_size, stride, patch_size)
+    crops_to_patches(canvas, rows, cols, crop_size, stride, patch_size, out=patches[1:])
     token_pooling, grid = _image_pooling(rows, cols, crop_size // patch_size, tuple(overlap_margins), tuple(pooling))
     return VisionInput(patches, torch.from_numpy(token_pooling.copy()), grid)
 
@@ -585,7 +585,7 @@ def preprocess_video(frames, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, pooling
         x = frames[start:start + chunk].permute(0, 3, 1, 2).float()  # (t, 3, H, W), channels-last in memory
         resized = resize_to_unit_range(x, crop_size, crop_size)  # (t, S, S, 3)
         for t in range(len(resized)):
-            patches[start + t] = crops_to_patches(resized[t], 1, 1, crop_size, crop_size, patch_size)[0]
+            crops_to_patches(resized[t], 1, 1, crop_size, crop_size, patch_size, out=patches[start + t:start + t + 1])
     windows, tokens_h, tokens_w = pool_windows(np.arange(n * n).reshape(n, n), *pooling)  # (tokens, window)
     windows = torch.from_numpy(windows).long()
     frame_offsets = torch.arange(n_frames).view(-1, 1, 1) * (n * n)  # (T, 1, 1)
@@ -606,6 +606,10 @@ def video_token_ids(grid, timestamps, tokenizer=None):
 
 
 # --- the processor ------------------------------------------------------------------------------------------
+
+
+def _cat(tensors):  # torch.cat without the copy when there is one tensor
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class Molmo2Processor:
@@ -664,8 +668,8 @@ class Molmo2Processor:
             inputs = [self.image(img, max_crops, name=None if isinstance(img, (str, os.PathLike)) else f"images[{i}]")
                       for i, img in enumerate(images)]
             offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x in inputs])
-            out["pixel_values"] = torch.cat([x.patches for x in inputs])
-            out["image_token_pooling"] = torch.cat(
+            out["pixel_values"] = _cat([x.patches for x in inputs])
+            out["image_token_pooling"] = _cat(
                 [torch.where(x.token_pooling >= 0, x.token_pooling + int(o), -1) for x, o in zip(inputs, offsets)])
             out["image_grids"] = torch.tensor([x.grid for x in inputs], dtype=torch.long)
             out["image_num_crops"] = torch.tensor([x.patches.shape[0] for x in inputs], dtype=torch.long)
@@ -674,8 +678,8 @@ class Molmo2Processor:
             inputs = [self.video(v, name=None if isinstance(v, (str, os.PathLike)) else f"videos[{i}]")
                       for i, v in enumerate(videos)]
             offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x, _ in inputs])
-            out["pixel_values_videos"] = torch.cat([x.patches for x, _ in inputs])
-            out["video_token_pooling"] = torch.cat(
+            out["pixel_values_videos"] = _cat([x.patches for x, _ in inputs])
+            out["video_token_pooling"] = _cat(
                 [torch.where(x.token_pooling >= 0, x.token_pooling + int(o), -1) for (x, _), o in zip(inputs, offsets)])
             out["video_grids"] = torch.tensor([x.grid for x, _ in inputs], dtype=torch.long)
             video_ids = [video_token_ids(x.grid, ts, self.tokenizer) for x, ts in inputs]
