@@ -155,6 +155,12 @@ def get_tokenizer():
 # 2. Images and video -> pixels, pooling indices, tokens
 # ---------------------------------------------------------------------------
 
+# Design: everything is computed once per image at its final size (two bilinear resizes, one strided copy into
+# the (n_crops, n_patches, patch_dim) buffer); pooling indices depend only on the tiling and are cached; token
+# ids are built directly (placeholder expansion never goes through a long token string). Files are decoded
+# fully up front, so a bad file fails in load_image/load_video with a MediaError that names it. PyAV (video
+# files) is imported only when a video file is read.
+#
 # Settings verified against transformers==5.23.0 (Molmo2ImageProcessor / Molmo2VideoProcessor / Molmo2Processor)
 # and the released processor config (Molmo2's hub conversion script):
 #   images: 378-px crops of 14-px patches, overlap margins 4+4 patches, 2x2 pooling, max_crops 8,
@@ -199,8 +205,10 @@ def _describe(source, name):
         return name
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
-    shape = getattr(source, "size", None) if isinstance(source, Image.Image) else getattr(source, "shape", None)
-    return f"<{type(source).__name__} {tuple(shape) if shape is not None else ''}>"
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    shape = source.size if isinstance(source, Image.Image) else getattr(source, "shape", "")
+    return f"<{type(source).__name__} {tuple(shape)}>"
 
 
 # --- images -------------------------------------------------------------------------------------------------
@@ -232,8 +240,9 @@ def load_image(source, name=None):
         except IsADirectoryError:
             raise MediaError("image", name, "is a directory, not an image file") from None
         except UnidentifiedImageError:
-            empty = isinstance(source, bytes) and not source or not isinstance(source, bytes) and os.path.getsize(source) == 0
-            raise MediaError("image", name, "empty file" if empty else "not an image file (cannot identify format)") from None
+            n_bytes = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+            problem = "not an image file (cannot identify format)" if n_bytes else "empty file"
+            raise MediaError("image", name, problem) from None
         except Image.DecompressionBombError as e:
             raise MediaError("image", name, f"too large ({e})") from None
         except (OSError, SyntaxError, ValueError) as e:
@@ -242,16 +251,17 @@ def load_image(source, name=None):
         image = _pil_to_rgb(source)
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         pixels = source.numpy() if isinstance(source, torch.Tensor) else source
-        if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4):
-            raise MediaError("image", name, f"expected a (H, W, 3) uint8 array, got {pixels.dtype} {pixels.shape}")
-        if pixels.ndim == 3 and pixels.shape[2] == 3:
-            image = pixels
-        else:
-            if 0 in pixels.shape[:2]:
-                raise MediaError("image", name, f"has a zero side ({pixels.shape[1]}x{pixels.shape[0]})")
-            image = _pil_to_rgb(Image.fromarray(pixels.squeeze(2) if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels))
+        if pixels.ndim == 3 and pixels.shape[2] == 1:
+            pixels = pixels[:, :, 0]
+        if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[2] in (3, 4)):
+            got = f"{pixels.dtype} {pixels.shape}"
+            raise MediaError("image", name, f"expected an (H, W[, 1|3|4]) uint8 array, got {got}")
+        if 0 in pixels.shape[:2]:
+            raise MediaError("image", name, f"has a zero side ({pixels.shape[1]}x{pixels.shape[0]})")
+        image = pixels if pixels.ndim == 3 and pixels.shape[2] == 3 else _pil_to_rgb(Image.fromarray(pixels))
     else:
-        raise MediaError("image", name, f"expected a path, bytes, PIL image or uint8 array, got {type(source).__name__}")
+        kind = type(source).__name__
+        raise MediaError("image", name, f"expected a path, bytes, PIL image or uint8 array, got {kind}")
     pixels = np.array(image)  # (H, W, 3) uint8, writable (torch.from_numpy wants that)
     if 0 in pixels.shape[:2]:
         raise MediaError("image", name, f"has a zero side ({pixels.shape[1]}x{pixels.shape[0]})")
@@ -262,10 +272,9 @@ def select_tiling(height, width, window_size, max_crops):
     """(rows, cols) of crop windows for an image of height x width px (overlap margins already removed):
     the fewest crops whose windows cover the image without upscaling it; if none can, the tiling that
     downscales it least. Ties go to fewer crops, then fewer rows. Scales in float32, as Molmo2 computes them."""
-    tilings = sorted(
-        ((rows, cols) for rows in range(1, max_crops + 1) for cols in range(1, max_crops + 1) if rows * cols <= max_crops),
-        key=lambda t: (t[0] * t[1], t[0]),
-    )
+    candidates = range(1, max_crops + 1)
+    tilings = [(rows, cols) for rows in candidates for cols in candidates if rows * cols <= max_crops]
+    tilings.sort(key=lambda t: (t[0] * t[1], t[0]))
     sizes = np.array(tilings, dtype=np.float32) * np.float32(window_size)  # (n_tilings, 2) px
     with np.errstate(divide="ignore"):  # a side of exactly the margins gives inf, which min() then skips
         scales = (sizes / np.array([height, width], dtype=np.float32)).min(axis=1)  # (n_tilings,) scale to fit
@@ -274,7 +283,8 @@ def select_tiling(height, width, window_size, max_crops):
     return tilings[int(np.where(scales < 1, np.float32(1e10), scales).argmin())]
 
 
-def crop_geometry(height, width, max_crops, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, overlap_margins=OVERLAP_MARGINS):
+def crop_geometry(height, width, max_crops, crop_size=CROP_SIZE, patch_size=PATCH_SIZE,
+                  overlap_margins=OVERLAP_MARGINS):
     """Tiling and canvas for one image -> (rows, cols, canvas_height, canvas_width). Neighbouring crops
     overlap by the margins; the canvas is what the image is resized to (aspect not kept)."""
     crop_patches = crop_size // patch_size
@@ -324,7 +334,8 @@ def pool_windows(index_grid, pool_h, pool_w):
 def _image_pooling(rows, cols, crop_patches, overlap_margins, pooling):
     """Pooling windows of one image (global crop first, then the crops) -> (token_pooling (n_tokens, ph*pw)
     int32, grid (low_h, low_w, high_h, high_w)). Depends only on the tiling, hence cached."""
-    low, low_h, low_w = pool_windows(np.arange(crop_patches * crop_patches).reshape(crop_patches, crop_patches), *pooling)
+    global_grid = np.arange(crop_patches * crop_patches).reshape(crop_patches, crop_patches)
+    low, low_h, low_w = pool_windows(global_grid, *pooling)
     # The stitched high-res grid keeps each crop's central patches: a crop's margin rows/columns are dropped
     # where a neighbouring crop covers them, kept at the image border.
     left, right = overlap_margins
@@ -461,7 +472,7 @@ def _read_pillow_animation(path, name, pick):
     except FileNotFoundError:
         raise MediaError("video", name, "no such file") from None
     except UnidentifiedImageError:
-        problem = "empty file" if os.path.getsize(path) == 0 else "not a video or animated image (cannot identify format)"
+        problem = "not a video or animated image (cannot identify format)" if os.path.getsize(path) else "empty file"
         raise MediaError("video", name, problem) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError("video", name, f"cannot decode ({e})") from None
@@ -574,9 +585,10 @@ def load_video(source, max_frames=MAX_FRAMES, max_fps=MAX_FPS, sampling="uniform
     return VideoClip(frames, indices, timestamps, float(fps))
 
 
-def preprocess_video(frames, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, pooling=VIDEO_POOLING, chunk=16):
+def preprocess_video(frames, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, pooling=VIDEO_POOLING):
     """(T, H, W, 3) uint8 frames -> VisionInput: each frame resized to one crop_size crop, pooled in
-    pool_h x pool_w windows. Frames are resized `chunk` at a time to bound memory."""
+    pool_h x pool_w windows."""
+    chunk = 16  # frames resized at a time: bounds the float copy of the source frames
     frames = torch.as_tensor(frames)
     n_frames = len(frames)
     n = crop_size // patch_size
@@ -608,8 +620,14 @@ def video_token_ids(grid, timestamps, tokenizer=None):
 # --- the processor ------------------------------------------------------------------------------------------
 
 
-def _cat(tensors):  # torch.cat without the copy when there is one tensor
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+def concat_vision_inputs(inputs):
+    """Several VisionInputs (the images, or the videos, of one batch, in order) -> (patches, token_pooling)
+    with each input's pooling indices shifted past the patches before it; -1 padding stays -1."""
+    if len(inputs) == 1:  # no copy
+        return inputs[0].patches, inputs[0].token_pooling
+    offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x in inputs])
+    pooling = [torch.where(x.token_pooling >= 0, x.token_pooling + int(o), -1) for x, o in zip(inputs, offsets)]
+    return torch.cat([x.patches for x in inputs]), torch.cat(pooling)
 
 
 class Molmo2Processor:
@@ -618,7 +636,7 @@ class Molmo2Processor:
 
         processor = Molmo2Processor()
         batch = processor(text="<|image|>Describe this.", images=["cat.jpg"])
-        batch = processor(text="<|video|>What happens?", videos=[("clip.gif"), (frames, 30.0)])
+        batch = processor(text="<|video|>What happens?", videos=[(frames, 30.0)])  # or videos=["clip.mp4"]
 
     Images are paths, bytes, PIL images or (H, W, 3) uint8 arrays; a video is a path (file, or an animated
     GIF/WebP/APNG), a (frames, fps) pair with (T, H, W, 3) uint8 frames, or a (folder, fps) pair. A list of
@@ -631,9 +649,10 @@ class Molmo2Processor:
             raise ValueError(f"frame_sampling {frame_sampling!r}: expected one of {FRAME_SAMPLINGS}")
         crop_geometry(crop_size, crop_size, 1, crop_size, patch_size, overlap_margins)  # validates the sizes
         self.tokenizer = tokenizer or get_tokenizer()
-        self.max_crops, self.max_frames, self.max_fps, self.frame_sampling = max_crops, max_frames, max_fps, frame_sampling
-        self.crop_size, self.patch_size = crop_size, patch_size
-        self.overlap_margins, self.image_pooling, self.video_pooling = tuple(overlap_margins), tuple(image_pooling), tuple(video_pooling)
+        self.max_crops, self.max_frames, self.max_fps = max_crops, max_frames, max_fps
+        self.frame_sampling, self.crop_size, self.patch_size = frame_sampling, crop_size, patch_size
+        self.overlap_margins = tuple(overlap_margins)
+        self.image_pooling, self.video_pooling = tuple(image_pooling), tuple(video_pooling)
 
     def image(self, image, max_crops=None, name=None):
         """One image -> VisionInput (see preprocess_image)."""
@@ -667,20 +686,14 @@ class Molmo2Processor:
         if images:
             inputs = [self.image(img, max_crops, name=None if isinstance(img, (str, os.PathLike)) else f"images[{i}]")
                       for i, img in enumerate(images)]
-            offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x in inputs])
-            out["pixel_values"] = _cat([x.patches for x in inputs])
-            out["image_token_pooling"] = _cat(
-                [torch.where(x.token_pooling >= 0, x.token_pooling + int(o), -1) for x, o in zip(inputs, offsets)])
+            out["pixel_values"], out["image_token_pooling"] = concat_vision_inputs(inputs)
             out["image_grids"] = torch.tensor([x.grid for x in inputs], dtype=torch.long)
             out["image_num_crops"] = torch.tensor([x.patches.shape[0] for x in inputs], dtype=torch.long)
             image_ids = [image_token_ids(x.grid) for x in inputs]
         if videos:
             inputs = [self.video(v, name=None if isinstance(v, (str, os.PathLike)) else f"videos[{i}]")
                       for i, v in enumerate(videos)]
-            offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x, _ in inputs])
-            out["pixel_values_videos"] = _cat([x.patches for x, _ in inputs])
-            out["video_token_pooling"] = _cat(
-                [torch.where(x.token_pooling >= 0, x.token_pooling + int(o), -1) for (x, _), o in zip(inputs, offsets)])
+            out["pixel_values_videos"], out["video_token_pooling"] = concat_vision_inputs([x for x, _ in inputs])
             out["video_grids"] = torch.tensor([x.grid for x, _ in inputs], dtype=torch.long)
             video_ids = [video_token_ids(x.grid, ts, self.tokenizer) for x, ts in inputs]
         if texts is not None:
@@ -689,7 +702,8 @@ class Molmo2Processor:
 
     def tokenize(self, texts, image_ids, video_ids):
         """Texts -> input_ids, attention_mask, mm_token_type_ids: <|im_end|> (Molmo2's BOS) first unless the
-        text starts with it, each placeholder replaced by the next ids from image_ids / video_ids."""
+        text starts with it, each placeholder replaced by the next id list from the iterators image_ids /
+        video_ids (image_token_ids / video_token_ids of the inputs, in order)."""
         rows = []
         for text in texts:
             ids = [] if text.startswith("<|im_end|>") else [IM_END_ID]

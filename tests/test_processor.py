@@ -9,7 +9,6 @@ directly, where transformers has no reader) decodes from the same file, so both 
 
 import copy
 import io
-import os
 import sys
 
 import av
@@ -77,7 +76,9 @@ def photo(height, width, seed=0):
     img = np.stack([128 + 100 * np.sin(3 * x + 2 * y + p) for p in phase], axis=-1)  # (H, W, 3)
     for _ in range(4):  # discs and boxes
         cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
-        mask = (y - cy) ** 2 + (x - cx) ** 2 < r * r if rng.uniform() < 0.5 else (abs(y - cy) < r) & (abs(x - cx) < r / 2)
+        disc = (y - cy) ** 2 + (x - cx) ** 2 < r * r
+        box = (abs(y - cy) < r) & (abs(x - cx) < r / 2)
+        mask = disc if rng.uniform() < 0.5 else box
         img[mask] = rng.uniform(0, 255, 3)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -128,7 +129,8 @@ def test_exif_rotated_jpeg_file(ours, hf, tmp_path):
     assert data.load_image(str(path)).shape == (320, 240, 3)
     assert np.array_equal(data.load_image(str(path)), upright)
     text = "<|image|>What is this?"
-    assert_same(ours(text=text, images=[str(path)]), hf(text=text, images=[Image.fromarray(upright)], return_tensors="pt"))
+    theirs = hf(text=text, images=[Image.fromarray(upright)], return_tensors="pt")
+    assert_same(ours(text=text, images=[str(path)]), theirs)
 
 
 def test_png_file_and_bytes_match_the_pil_image(ours, tmp_path):
@@ -298,7 +300,7 @@ def decode_pyav(path):
         return frames, float(stream.average_rate)
 
 
-@pytest.mark.parametrize("n_frames,fps", [(50, 10), (75, 30)])
+@pytest.mark.parametrize("n_frames,fps", [(1, 10), (3, 24), (50, 10), (75, 30), (300, 30), (300, 5)])
 def test_mp4_file_matches_transformers(ours, hf, tmp_path, n_frames, fps):
     path = tmp_path / "clip.mp4"
     write_pyav(path, moving_video(n_frames, seed=1), fps, "libx264")
