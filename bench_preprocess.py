@@ -3,7 +3,8 @@ Preprocessing speed: data.Molmo2Processor next to transformers' Molmo2Processor 
 
   python bench_preprocess.py            # needs transformers==5.23.0, torchvision and PyAV (requirements-test.txt)
 
-- images: the full processor call (text + one 640x480 photo, 8-crop budget -> 2x2 crops + global crop).
+- images: the full processor call (text + one 640x480 photo, 8-crop budget -> 2x2 crops + global crop), from a
+  PIL image and from a JPEG file (transformers decodes files with torchvision, we with pillow).
 - video: 2-fps sampling of a 60 s 640x480 30-fps clip (1,800 frames -> 120), as an mp4 file (decode + sample +
   preprocess) and as a (frames, fps) array. transformers reads files with torchcodec, which is not installed
   here, so its file path is its own PyAV reader (transformers.video_utils.load_video(backend="pyav")) with its
@@ -96,7 +97,13 @@ def main():
     assert ours(text=text, images=[image])["image_num_crops"].tolist() == [5]
     t_ours = cpu_seconds(lambda: ours(text=text, images=[image]), repeats)
     t_hf = cpu_seconds(lambda: hf(text=text, images=[image], return_tensors="pt"), repeats)
-    rows.append(("image 640x480, 8-crop budget (5 crops)", "images/s/core", 1 / t_ours, 1 / t_hf))
+    rows.append(("image 640x480 PIL, 8-crop budget (5 crops)", "images/s/core", 1 / t_ours, 1 / t_hf))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "photo.jpg")
+        image.save(path, quality=90)
+        t_ours = cpu_seconds(lambda: ours(text=text, images=[path]), repeats)
+        t_hf = cpu_seconds(lambda: hf(text=text, images=[path], return_tensors="pt"), repeats)  # torchvision decode
+        rows.append(("image 640x480 JPEG file (decode included)", "images/s/core", 1 / t_ours, 1 / t_hf))
 
     n_source = video_seconds * video_fps
     with tempfile.TemporaryDirectory() as tmp:
