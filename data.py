@@ -226,8 +226,8 @@ def _pil_to_rgb(image):
 
 def load_image(source, name=None):
     """A path, bytes, PIL image or (H, W[, 1|3|4]) uint8 array -> (H, W, 3) uint8 RGB array.
-    Files are decoded fully (a truncated file fails here, not later) and EXIF-rotated upright.
-    Raises MediaError naming the input for anything unusable."""
+    Files are decoded fully (a truncated file fails here, not later) and EXIF-rotated upright; PIL images and
+    arrays are taken as they are, as transformers does. Raises MediaError naming the input if unusable."""
     name = _describe(source, name)
     if isinstance(source, (str, os.PathLike, bytes)):
         try:
