@@ -268,17 +268,17 @@ class Example:
         return sum(len(x) for x in (self.pixel_values, self.pixel_values_videos) if x is not None)
 
 
-def _media_prefix(record, tokenizer, max_crops, crop_size, max_frames, max_fps):
+def _media_prefix(record, processor):
     """BOS + the record's image or video tokens -> (ids, dict of this example's vision tensors)."""
     ids, vision = [IM_END_ID], {}
     images = record.get("images", record.get("image", []))
     images = [images] if isinstance(images, str) else images
     if images:
-        inputs = [preprocess_image(image, max_crops=max_crops, crop_size=crop_size) for image in images]
+        inputs = [processor.image(image) for image in images]
         offsets = np.cumsum([0] + [x.patches.shape[0] * x.patches.shape[1] for x in inputs])  # patches before each
         for i, x in enumerate(inputs):
             if len(inputs) > 1:
-                ids += tokenizer.encode(f"Image {i + 1}")
+                ids += processor.tokenizer.encode(f"Image {i + 1}")
             ids += image_token_ids(x.grid)
         vision["pixel_values"] = torch.cat([x.patches for x in inputs])
         vision["image_token_pooling"] = torch.cat(
@@ -286,25 +286,21 @@ def _media_prefix(record, tokenizer, max_crops, crop_size, max_frames, max_fps):
         vision["image_grids"] = torch.tensor([x.grid for x in inputs], dtype=torch.long)
         vision["image_num_crops"] = torch.tensor([len(x.patches) for x in inputs], dtype=torch.long)
     if "video_frames" in record:
-        # decoded frames with their times (section 3's reader): sample as Molmo2 trains, the first and last
-        # frame always, at most max_fps and max_frames
+        # decoded frames with their times (section 3's reader): sampled as Molmo2 trains, first and last frame
+        # always, at most max_fps and max_frames
         frames, times = record["video_frames"], record["video_times"]
         span = times[-1] - times[0] if len(times) > 1 else 0.0
         fps = (len(times) - 1) / span if span > 0 else DEFAULT_VIDEO_FPS
-        keep = sample_frame_indices(len(frames), fps, max_frames, max_fps, "uniform_last_frame")
+        keep = sample_frame_indices(len(frames), fps, processor.max_frames, processor.max_fps, "uniform_last_frame")
         frames = np.stack([np.asarray(frames[i]) for i in keep])  # (T, H, W, 3) uint8
-        timestamps = [times[i] for i in keep]
-    elif record.get("video") is not None:
-        raise ValueError(f"record {record.get('id', '?')!r}: video {record['video']!r} is not decoded; read records "
-                         "with their media (video_frames, video_times)")
-    else:
-        frames = None
-    if frames is not None:
-        x = preprocess_video(frames, crop_size=crop_size)
-        ids += video_token_ids(x.grid, timestamps, tokenizer)
+        x = preprocess_video(frames, processor.crop_size, processor.patch_size, processor.video_pooling)
+        ids += video_token_ids(x.grid, [times[i] for i in keep], processor.tokenizer)
         vision["pixel_values_videos"] = x.patches
         vision["video_token_pooling"] = x.token_pooling
         vision["video_grids"] = torch.tensor([x.grid], dtype=torch.long)
+    elif record.get("video") is not None:
+        raise ValueError(f"record {record.get('id', '?')!r}: video {record['video']!r} is not decoded; read "
+                         "records with their media (video_frames, video_times)")
     return ids, vision
 
 
@@ -333,19 +329,20 @@ def _conversation_tokens(messages, prefix, tokenizer):
     return ids, has_loss
 
 
-def format_example(record, tokenizer=None, rng=None, style_prefixes="sft", loss_weighting="sft", max_len=None,
-                   max_crops=MAX_CROPS, crop_size=CROP_SIZE, max_frames=MAX_FRAMES, max_fps=MAX_FPS):
-    """A record (section 3's format, media paths or decoded media) -> Example.
+def format_example(record, processor=None, rng=None, style_prefixes="sft", loss_weighting="sft", max_len=None):
+    """A record (section 3's format: images as paths or decoded, video decoded) -> Example.
 
-    style_prefixes: 'sft' | 'pretrain' | 'none'; loss_weighting: 'sft' | 'sqrt' | 'none' (see above).
-    rng: numpy Generator for the pretraining length hint. max_len: keep the annotations that fit in order,
-    as Molmo2 does (a later one that does not fit is dropped; the first one is cut at max_len); raises
-    ExampleTooLong if not even one answer token fits. max_crops: per image; crop_size: ViT input side."""
+    processor: a Molmo2Processor (section 2) holding the tokenizer and the vision settings (crops per image,
+    crop size, frames); None = the released settings. style_prefixes: 'sft' | 'pretrain' | 'none';
+    loss_weighting: 'sft' | 'sqrt' | 'none' (see above); rng: numpy Generator for the pretraining length
+    hint. max_len: keep the annotations that fit, in order, as Molmo2 does (one that does not fit is dropped
+    with all after it; the first one is cut at max_len); raises ExampleTooLong if no answer token fits."""
     where = f"record {record.get('id', '?')!r}"
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting {loss_weighting!r}: expected one of {LOSS_WEIGHTINGS}")
-    tokenizer = tokenizer or get_tokenizer()
-    prefix_ids, vision = _media_prefix(record, tokenizer, max_crops, crop_size, max_frames, max_fps)
+    processor = processor or Molmo2Processor()
+    tokenizer = processor.tokenizer
+    prefix_ids, vision = _media_prefix(record, processor)
     n_prefix = len(prefix_ids)
 
     branches = []  # (input ids, target ids, style, n loss tokens) per annotation kept
