@@ -164,7 +164,8 @@ class Qwen3Config:
     rope_theta: float = 1e6
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = True
-    resid_dropout: float = 0.0  # dropout on each block's residual branch (training only)
+    resid_dropout: float = 0.0  # dropout on each block's residual branches (training only)
+    response_dropout: float = 0.0  # the same, but for response tokens (Molmo2 pretrain: 0 and 0.1)
 
     @staticmethod
     def preset(name):
@@ -192,14 +193,14 @@ class Qwen3Config:
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope type {rope['rope_type']!r} is not supported (only default RoPE)")
         theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))
-        names = {f.name for f in fields(Qwen3Config)} - {"rope_theta", "resid_dropout"}
+        names = {f.name for f in fields(Qwen3Config)} - {"rope_theta", "resid_dropout", "response_dropout"}
         kwargs = {k: hf[k] for k in names if k in hf}
         if "head_dim" not in hf:
             kwargs["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
         return Qwen3Config(rope_theta=float(theta), **kwargs)
 
     def to_hf(self):
-        cfg = {k: v for k, v in asdict(self).items() if k not in ("rope_theta", "resid_dropout")}
+        cfg = {k: v for k, v in asdict(self).items() if k not in ("rope_theta", "resid_dropout", "response_dropout")}
         cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
                    attention_bias=False, attention_dropout=0.0, torch_dtype="float32",
                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
@@ -304,6 +305,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def residual_dropout(branch, keep_prob):
+    """Dropout with a per-token keep probability keep_prob (B, T, 1), or None for none."""
+    if keep_prob is None:
+        return branch
+    return branch * torch.bernoulli(keep_prob.expand_as(branch)) / keep_prob
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -311,11 +319,10 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache))
-        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, keep_prob=None):
+        x = x + residual_dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache), keep_prob)
+        x = x + residual_dropout(self.mlp(self.post_attention_layernorm(x)), keep_prob)
         return x
 
 
@@ -335,18 +342,26 @@ class Qwen3(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def run_layers(self, x, position_ids=None, attn_mask=None, kv_cache=None):
-        """Input embeddings x (B, T, C) -> final-normed hidden states (B, T, C)."""
+    def run_layers(self, x, position_ids=None, attn_mask=None, kv_cache=None, response_mask=None):
+        """Input embeddings x (B, T, C) -> final-normed hidden states (B, T, C).
+        response_mask (B, T) bool marks the tokens that get `response_dropout` instead of `resid_dropout`."""
         B, T, _ = x.shape
         if position_ids is None:
             start = kv_cache.pos if kv_cache is not None else 0
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        keep_prob = None
+        c = self.config
+        if self.training and (c.resid_dropout > 0 or c.response_dropout > 0):
+            keep_prob = torch.full((B, T, 1), 1.0 - c.resid_dropout, device=x.device, dtype=x.dtype)
+            if response_mask is not None:
+                keep_prob[response_mask] = 1.0 - c.response_dropout
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, attn_mask, kv_cache, use_reentrant=False)
+                # the dropout draw is recomputed too: checkpoint restores the RNG state (preserve_rng_state)
+                x = checkpoint(block, x, cos, sin, attn_mask, kv_cache, keep_prob, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_mask, kv_cache)
+                x = block(x, cos, sin, attn_mask, kv_cache, keep_prob)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.norm(x)

@@ -124,3 +124,19 @@ def test_flops_per_token_hand_worked():
     # matmul weights per layer: q 8*8, k 8*4, v 8*4, o 8*8, mlp 3*8*16 = 64+32+32+64+384 = 576; two layers
     # 1152; tied head 10*8 = 80 -> 1232 weights -> 6*1232 = 7392. Attention: 12 * 2 layers * 2 heads * 4 * T.
     assert model.flops_per_token(seq_len=100) == 7392 + 12 * 2 * 2 * 4 * 100
+
+
+def test_residual_dropout_only_where_asked():
+    torch.manual_seed(0)
+    cfg = Qwen3Config.preset("tiny")
+    cfg.response_dropout = 0.5  # resid_dropout stays 0: prompt tokens are never dropped
+    model = Qwen3(cfg).train()
+    x = torch.randn(2, 10, cfg.hidden_size)
+    response = torch.zeros(2, 10, dtype=torch.bool)
+    response[:, 6:] = True
+    h1 = model.run_layers(x, response_mask=response)
+    h2 = model.run_layers(x, response_mask=response)
+    # causal: tokens before the first response token never see a dropped branch
+    assert torch.equal(h1[:, :6], h2[:, :6]) and not torch.equal(h1[:, 6:], h2[:, 6:])
+    model.eval()
+    assert torch.equal(model.run_layers(x, response_mask=response), model.run_layers(x, response_mask=response))
