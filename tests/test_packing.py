@@ -78,11 +78,9 @@ def test_packing_invariance_text_qwen3():
     torch.testing.assert_close(w_packed, w_apart * scale)
 
 
-@pytest.fixture(scope="module")
-def tiny_molmo2():
+def tiny_hf_molmo2():
     """A random transformers Molmo2 small enough for CPU, reading 84-px crops (6x6 patches)."""
     from transformers import Molmo2Config, Molmo2ForConditionalGeneration
-    torch.manual_seed(0)
     config = Molmo2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16, image_size=[84, 84], num_position_embeddings=36),
@@ -91,31 +89,54 @@ def tiny_molmo2():
         text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_hidden_layers=2, intermediate_size=128),
     )
-    return Molmo2ForConditionalGeneration(config).eval()
+    molmo2 = Molmo2ForConditionalGeneration(config).eval()
+
+    def per_token_ce(batch, own_mask):
+        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+        masking = dict(attention_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
+        out = molmo2.model(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], **masking, **vision)
+        has_loss = batch["targets"] >= 0
+        return F.cross_entropy(molmo2.lm_head(out.last_hidden_state[has_loss]), batch["targets"][has_loss], reduction="none")
+    return per_token_ce
 
 
-def per_token_ce_molmo2(molmo2, batch, own_mask):
-    """own_mask: our attn_mask and positions; else transformers builds its mask (causal + bidirectional
-    vision block from mm_token_type_ids) and positions itself."""
-    vision = {k: batch[k] for k in ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops") if k in batch}
-    masking = dict(attention_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
-    out = molmo2.model(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], **masking, **vision)
-    has_loss = batch["targets"] >= 0
-    return F.cross_entropy(molmo2.lm_head(out.last_hidden_state[has_loss]), batch["targets"][has_loss], reduction="none")
+def tiny_our_molmo2():
+    """model.Molmo2 with the tiny Qwen3 and a tiny SigLIP2 reading 84-px crops."""
+    import dataclasses
+    import vision as vision_lib
+    vit = dataclasses.replace(vision_lib.SigLIP2Config.preset("tiny"), image_size=84)
+    molmo2 = model_lib.Molmo2(model_lib.Molmo2Config.join(model_lib.Qwen3Config.preset("tiny"), vit, (-2, -4))).eval()
+
+    def per_token_ce(batch, own_mask):
+        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+        masking = dict(attn_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
+        has_loss = batch["targets"] >= 0
+        logits = molmo2(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], logits_positions=has_loss,
+                        **masking, **vision)
+        return F.cross_entropy(logits, batch["targets"][has_loss], reduction="none")
+    return per_token_ce
 
 
+VISION_KEYS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops")
+
+
+@pytest.mark.parametrize("make_model", [tiny_hf_molmo2, tiny_our_molmo2], ids=["transformers", "ours"])
 @torch.no_grad()
-def test_packing_invariance_images_transformers_molmo2(tiny_molmo2):
+def test_packing_invariance_images_molmo2(make_model):
+    """Packed rows with our mask and positions give each example the loss it gets alone, where the model
+    builds its own mask (causal + bidirectional vision); tree branches the loss of separate sequences."""
+    torch.manual_seed(0)
+    per_token_ce = make_model()
     processor = data.Molmo2Processor(crop_size=84, overlap_margins=(1, 1), max_crops=4)
     pictures = [image(0, 40, 60), image(1, 70, 30), image(2, 30, 30)]
     one = data.format_example(record(["A red circle."], pictures[:1]), processor)
     text = data.format_example(record(["Only text here."]), processor)
-    tree = data.format_example(record(["Two images.", "The second branch answer."], pictures[1:]), processor)
-    branches = [data.format_example(record([a], pictures[1:]), processor) for a in ("Two images.", "The second branch answer.")]
+    answers = ("Two images.", "The second branch answer.")
+    tree = data.format_example(record(answers, pictures[1:]), processor)
+    branches = [data.format_example(record([a], pictures[1:]), processor) for a in answers]
     packed = data.collate([[one, text], [tree]])  # images of two rows, a text example between them
-    ce_packed = per_token_ce_molmo2(tiny_molmo2, packed, own_mask=True)
-    ce_apart = torch.cat([per_token_ce_molmo2(tiny_molmo2, data.collate([[ex]]), own_mask=False)
-                          for ex in (one, text, *branches)])
+    ce_packed = per_token_ce(packed, own_mask=True)
+    ce_apart = torch.cat([per_token_ce(data.collate([[ex]]), own_mask=False) for ex in (one, text, *branches)])
     assert ce_packed.shape == ce_apart.shape
     torch.testing.assert_close(ce_packed, ce_apart, atol=1e-5, rtol=1e-5)
 
