@@ -193,8 +193,12 @@ def get_tokenizer():
 # - Template text is encoded with special tokens, the record's text without (a prompt cannot inject
 #   <|im_end|>); each piece is encoded on its own, as Molmo2 does, which at these boundaries (special tokens,
 #   "\n") gives the ids the processor gives for the whole string.
+# - Where Molmo2's training code and its chat template differ, the template wins: a later user turn starts
+#   "\n<|im_start|>user" after the answer's <|im_end|> (training code writes a second <|im_end|> there),
+#   and n in 2/sqrt(n) counts each closing <|im_end|> (in trees training code leaves the last one out). A
+#   conversation cut at max_len keeps the weight of its full n. Annotations are not shuffled.
 # Packing fills rows of max_seq_len tokens (and a crop budget) with whole examples; collation pads rows,
-# builds the boolean attention mask from (example, branch, vision) ids, and merges the vision tensors under
+# builds the boolean attention mask block by block from each example's branch and vision ids, and merges the vision tensors under
 # transformers' Molmo2 names and batch convention, so both our model and transformers' accept a batch.
 
 STYLE_PREFIX_MODES = ("sft", "pretrain", "none")
@@ -413,7 +417,7 @@ class Packer:
     def __init__(self, items, make_example, max_seq_len, max_crops=None, lookahead=8):
         if lookahead < 1:
             raise ValueError(f"lookahead {lookahead}: must be at least 1")
-        self.items, self.make_example = items, make_example
+        self.items, self.make_example = iter(items), make_example
         self.max_seq_len, self.max_crops, self.lookahead = max_seq_len, max_crops, lookahead
         self.waiting = []  # [(key, Example)] in arrival order
         self.n_drawn = 0
@@ -486,22 +490,16 @@ class Packer:
 # --- collation ----------------------------------------------------------------------------------------------
 
 
-def packed_attention_mask(example_ids, branch_ids, is_vision):
-    """Who may attend to whom in packed rows -> (B, 1, L, L) bool, True = may attend.
-
-    example_ids (B, L): the example of each token within its row, -1 = padding; branch_ids (B, L): 0 = shared
-    prefix, k = branch k; is_vision (B, L) bool. A query sees keys of its own example only: causally in the
-    prefix and its own branch, and every vision token of its example if it is one itself (bidirectional).
-    A padding query sees itself only, so no row of the mask is empty."""
-    B, L = example_ids.shape
-    causal = torch.ones(L, L, dtype=torch.bool, device=example_ids.device).tril()  # (L, L)
-    same_example = (example_ids[:, :, None] == example_ids[:, None, :]) & (example_ids[:, None, :] >= 0)  # (B, L, L)
-    key_branch = branch_ids[:, None, :]  # (B, 1, L)
-    branch_visible = (key_branch == 0) | (key_branch == branch_ids[:, :, None])  # (B, L, L)
-    both_vision = is_vision[:, :, None] & is_vision[:, None, :]  # (B, L, L)
-    mask = same_example & ((causal & branch_visible) | both_vision)
-    padding_query = (example_ids < 0)[:, :, None] & torch.eye(L, dtype=torch.bool, device=example_ids.device)
-    return (mask | padding_query)[:, None]  # (B, 1, L, L)
+def example_attention_mask(branch_ids, is_vision):
+    """Who may attend to whom within one example -> (T, T) bool, True = may attend. branch_ids (T,): 0 = shared
+    prefix, k = branch k; is_vision (T,) bool. Causal within the prefix and a query's own branch (never
+    another branch); a vision token also sees every vision token of the example, later ones included."""
+    T = len(branch_ids)
+    mask = branch_ids[:, None] == branch_ids[None, :]  # (T, T) same branch
+    mask |= (branch_ids == 0)[None, :]  # the shared prefix is visible to every branch
+    mask &= torch.ones(T, T, dtype=torch.bool, device=branch_ids.device).tril()  # causal
+    mask |= is_vision[:, None] & is_vision[None, :]  # vision tokens: bidirectional among themselves
+    return mask
 
 
 def collate(rows, pad_to=None):
@@ -511,7 +509,8 @@ def collate(rows, pad_to=None):
       targets (B, L) int64, -1 = no loss; loss_weights (B, L) float32, 0 = no loss
       example_ids (B, L) int64: the example's index within its row, -1 = padding
       mm_token_type_ids (B, L) int64: 1 = vision token (transformers' name)
-      attn_mask (B, 1, L, L) bool: see packed_attention_mask
+      attn_mask (B, 1, L, L) bool, True = may attend: example_attention_mask on each example's diagonal
+                block, nothing across packed examples; a padding query sees only itself (no empty row)
       images, when any:  pixel_values (n_crops, n_patches, patch_dim), image_token_pooling (n_tokens, 4),
                          image_grids (n_images, 4), image_num_crops (n_images,)
       videos, when any:  pixel_values_videos (n_frames, n_patches, patch_dim), video_token_pooling (n_tokens, 9),
@@ -528,20 +527,22 @@ def collate(rows, pad_to=None):
     targets = torch.full((B, L), -1, dtype=torch.long)
     loss_weights = torch.zeros((B, L), dtype=torch.float32)
     example_ids = torch.full((B, L), -1, dtype=torch.long)
-    branch_ids = torch.zeros((B, L), dtype=torch.long)
     is_vision = torch.zeros((B, L), dtype=torch.bool)
+    attn_mask = torch.zeros((B, 1, L, L), dtype=torch.bool)
     for b, row in enumerate(rows):
         start = 0
         for e, ex in enumerate(row):
             span = slice(start, start + len(ex))
             input_ids[b, span], position_ids[b, span] = ex.input_ids, ex.position_ids
             targets[b, span], loss_weights[b, span] = ex.targets, ex.loss_weights
-            example_ids[b, span], branch_ids[b, span], is_vision[b, span] = e, ex.branch_ids, ex.is_vision
+            example_ids[b, span], is_vision[b, span] = e, ex.is_vision
+            attn_mask[b, 0, span, span] = example_attention_mask(ex.branch_ids, ex.is_vision)
             start += len(ex)
+        padding = torch.arange(start, L)
+        attn_mask[b, 0, padding, padding] = True
     batch = {
         "input_ids": input_ids, "position_ids": position_ids, "targets": targets, "loss_weights": loss_weights,
-        "example_ids": example_ids, "mm_token_type_ids": is_vision.long(),
-        "attn_mask": packed_attention_mask(example_ids, branch_ids, is_vision),
+        "example_ids": example_ids, "mm_token_type_ids": is_vision.long(), "attn_mask": attn_mask,
     }
     examples = [ex for row in rows for ex in row]
     for pixels, pooling, extra in (("pixel_values", "image_token_pooling", ("image_grids", "image_num_crops")),

@@ -28,11 +28,15 @@ def record(answers, images=(), prompt="What is shown?"):
         for a in answers]}
 
 
+def example_with(branch_ids, is_vision):
+    n = len(branch_ids)
+    ids = torch.zeros(n, dtype=torch.long)
+    return data.Example(ids, ids - 1, torch.zeros(n), torch.arange(n), torch.tensor(branch_ids), torch.tensor(is_vision))
+
+
 def test_attention_mask_hand_drawn():
-    # row: example 0 = [BOS, vision, vision | branch 1: a, b | branch 2: c], example 1 = [x, y], one pad
-    example_ids = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, -1]])
-    branch_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 0, 1, 0]])
-    is_vision = torch.tensor([[F_, T, T, F_, F_, F_, F_, F_, F_]])
+    # row: example 0 = [BOS, vision, vision | branch 1: a, b | branch 2: c], example 1 = [x | y], one pad
+    row = [example_with([0, 0, 0, 1, 1, 2], [F_, T, T, F_, F_, F_]), example_with([0, 1], [F_, F_])]
     expected = torch.tensor([
         # keys: BOS v   v   a   b   c   x   y   pad
         [T, F_, F_, F_, F_, F_, F_, F_, F_],  # BOS
@@ -45,7 +49,9 @@ def test_attention_mask_hand_drawn():
         [F_, F_, F_, F_, F_, F_, T, T, F_],
         [F_, F_, F_, F_, F_, F_, F_, F_, T],  # padding sees itself only
     ])
-    assert torch.equal(data.packed_attention_mask(example_ids, branch_ids, is_vision), expected[None, None])
+    batch = data.collate([row], pad_to=9)
+    assert torch.equal(batch["attn_mask"], expected[None, None])
+    assert batch["example_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, -1]]
 
 
 def per_token_ce_qwen3(qwen, batch):
