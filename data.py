@@ -12,8 +12,11 @@ Everything between raw inputs and the model's tensors.
 import collections
 import dataclasses
 import hashlib
+import json
 import math
 import os
+import random
+import re
 import unicodedata
 
 import numpy as np
@@ -160,6 +163,1119 @@ def get_tokenizer():
 # ---------------------------------------------------------------------------
 # 3. Training data: records, formatting, points, packing, mixture, synthetic world
 # ---------------------------------------------------------------------------
+
+# --- 3a. Points: Molmo2's grounding strings -------------------------------------------------------
+# Coordinates are normalised to [0, 1] everywhere in our code; in text they are integers 0..1000 written
+# with at least 3 digits ("%03d", so 1000 keeps its 4), points sorted by (x, y) after rounding, each point
+# an "id x y" triple. A group starts with the image index (1-based) or the frame time ("%.1f" seconds);
+# groups are joined by ";" (SFT format) or "\t" (pretrain format). Point ids run on across groups; track
+# ids name one object for the whole video. Matches allenai/molmo2 UnifiedPointFormatter ("html-v1"/"v2"),
+# except that an image or frame with no points gets no group at all (Molmo2 writes a bare "2 " prefix).
+
+POINT_SCALE = 1000
+NO_POINTS_ANSWER = "There are none."
+POINT_GROUP_SEPARATORS = (";", "\t")
+
+
+def _scaled(x, y):
+    """Normalised (x, y) -> integer coordinates on the 0..1000 scale, clamped to the image."""
+    x, y = float(x), float(y)
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"point ({x}, {y}): coordinates must be finite")
+    return (round(min(max(x, 0.0), 1.0) * POINT_SCALE), round(min(max(y, 0.0), 1.0) * POINT_SCALE))
+
+
+def _triples(ids, scaled_points):
+    return " ".join(f"{i} {x:03d} {y:03d}" for i, (x, y) in zip(ids, scaled_points))
+
+
+def _point_tag(tag, coords, label, alt):
+    if "<" in label or ">" in label:
+        raise ValueError(f"point label {label!r}: must not contain '<' or '>'")
+    alt_attr = "" if alt is None else f' alt="{alt.replace(chr(34), chr(39))}"'
+    return f'<{tag}{alt_attr} coords="{coords}">{label}</{tag}>'
+
+
+def _check_separator(sep):
+    if sep not in POINT_GROUP_SEPARATORS:
+        raise ValueError(f"point group separator {sep!r}: expected ';' (SFT) or '\\t' (pretrain)")
+
+
+def image_points_tag(points, label, alt=None):
+    """One image's points [(x, y), ...] (normalised) -> '<points coords="1 1 x y 2 x y">label</points>'."""
+    return multi_image_points_tag([points], label, alt)
+
+
+def multi_image_points_tag(points_per_image, label, alt=None, sep=";"):
+    """Points of several images [[(x, y), ...] per image] -> one <points> tag; groups start with the
+    1-based image index, point ids run on from image to image."""
+    _check_separator(sep)
+    groups, next_id = [], 1
+    for image_index, points in enumerate(points_per_image, 1):
+        scaled = sorted(_scaled(x, y) for x, y in points)
+        if scaled:
+            groups.append(f"{image_index} " + _triples(range(next_id, next_id + len(scaled)), scaled))
+            next_id += len(scaled)
+    return _point_tag("points", sep.join(groups), label, alt)
+
+
+def video_points_tag(timestamps, points_per_frame, label, alt=None, sep=";"):
+    """Video points: frame times (s) and [[(x, y), ...] per frame] -> one <points> tag whose groups
+    start with the time ("%.1f"); point ids run on from frame to frame."""
+    _check_separator(sep)
+    if len(timestamps) != len(points_per_frame):
+        raise ValueError(f"video points: {len(timestamps)} timestamps for {len(points_per_frame)} frames")
+    groups, next_id = [], 1
+    for t, points in sorted(zip(timestamps, points_per_frame), key=lambda tp: tp[0]):
+        scaled = sorted(_scaled(x, y) for x, y in points)
+        if scaled:
+            groups.append(f"{t:.1f} " + _triples(range(next_id, next_id + len(scaled)), scaled))
+            next_id += len(scaled)
+    return _point_tag("points", sep.join(groups), label, alt)
+
+
+def video_tracks_tag(frames, label, alt=None, sep=";"):
+    """Tracks: [(time, {object_key: (x, y)}), ...] -> one <tracks> tag. Object keys become ids 1, 2, ...
+    in order of first appearance (frames by time, points of a frame by (x, y)); in each frame the points
+    are listed by id, as Molmo2 does."""
+    _check_separator(sep)
+    id_of, groups = {}, []
+    for t, objects in sorted(frames, key=lambda f: f[0]):
+        scaled = sorted((_scaled(x, y), key) for key, (x, y) in objects.items())
+        for _, key in scaled:
+            id_of.setdefault(key, len(id_of) + 1)
+        by_id = sorted((id_of[key], xy) for xy, key in scaled)
+        if by_id:
+            groups.append(f"{t:.1f} " + _triples([i for i, _ in by_id], [xy for _, xy in by_id]))
+    return _point_tag("tracks", sep.join(groups), label, alt)
+
+
+def pointing_answer(tag, count, with_count=False):
+    """The answer around a points tag: the tag alone, or Molmo2's counting sentence; no points at all is
+    always 'There are none.'."""
+    if count == 0:
+        return NO_POINTS_ANSWER
+    if with_count:
+        return f"Counting the {tag} shows a total of {count}."
+    return tag
+
+
+# Parsing must survive anything a model writes: every pattern is bounded (no nested quantifiers), and
+# numbers are checked by pattern before int()/float() so no huge or odd literal reaches them.
+Point = collections.namedtuple("Point", "frame id x y")  # frame: image index (int) or time (float, s)
+_TAG_OPEN = re.compile(r"<(points|tracks)\b")
+_ATTRIBUTE = re.compile(r'([A-Za-z_]{1,32})\s*=\s*"([^"]*)"')
+_INT = re.compile(r"\d{1,9}")
+_TIME = re.compile(r"\d{1,9}\.\d{1,6}")
+_COUNT = re.compile(r"total of (\d{1,9})\b")
+
+
+@dataclasses.dataclass
+class PointTag:
+    kind: str  # "points" or "tracks"
+    label: str
+    alt: str | None
+    points: list  # [Point]
+
+
+@dataclasses.dataclass
+class ParsedPoints:
+    tags: list  # [PointTag]
+    count: int | None  # from "... shows a total of N." (0 for "There are none."), else None
+    dropped: list  # [str]: what could not be read, and why
+
+    @property
+    def points(self):
+        return [p for tag in self.tags for p in tag.points]
+
+
+def _parse_coords(coords, where, dropped):
+    points = []
+    for g, group in enumerate(re.split(r"[;\t]", coords), 1):
+        tokens = group.split()
+        if not tokens:
+            dropped.append(f"{where} group {g}: empty")
+            continue
+        frame_token, rest = tokens[0], tokens[1:]
+        if _INT.fullmatch(frame_token):
+            frame = int(frame_token)
+        elif _TIME.fullmatch(frame_token):
+            frame = float(frame_token)
+        else:
+            dropped.append(f"{where} group {g}: {frame_token[:20]!r} is not an image index or a time")
+            continue
+        if len(rest) % 3:
+            dropped.append(f"{where} group {g}: {len(rest) % 3} trailing value(s) {' '.join(rest[-(len(rest) % 3):])[:40]!r}")
+        for k in range(0, len(rest) - len(rest) % 3, 3):
+            i, x, y = rest[k:k + 3]
+            if not (_INT.fullmatch(i) and _INT.fullmatch(x) and _INT.fullmatch(y)):
+                dropped.append(f"{where} group {g}: {' '.join((i, x, y))[:40]!r} is not an 'id x y' triple")
+            elif int(x) > POINT_SCALE or int(y) > POINT_SCALE:
+                dropped.append(f"{where} group {g}: point {i} ({x}, {y}) is outside 0..{POINT_SCALE}")
+            else:
+                points.append(Point(frame, int(i), int(x) / POINT_SCALE, int(y) / POINT_SCALE))
+    return points
+
+
+def parse_points(text):
+    """Read every <points>/<tracks> tag and the count from a model's answer. Never raises: whatever can
+    not be read is skipped and described in `dropped`."""
+    if not isinstance(text, str):
+        return ParsedPoints([], None, [f"answer is a {type(text).__name__}, not text"])
+    tags, dropped = [], []
+    for n, match in enumerate(_TAG_OPEN.finditer(text), 1):
+        kind = match.group(1)
+        where = f"<{kind}> #{n}"
+        head_end = text.find(">", match.end())
+        next_open = _TAG_OPEN.search(text, match.end())
+        if head_end < 0 or (next_open and next_open.start() < head_end):
+            head_end = next_open.start() if next_open else len(text)
+            dropped.append(f"{where}: opening tag not closed with '>'")
+            body_start = head_end
+        else:
+            body_start = head_end + 1
+        attributes = dict(_ATTRIBUTE.findall(text[match.end():head_end]))
+        close = text.find(f"</{kind}>", body_start)
+        if text[match.end():head_end].rstrip().endswith("/"):
+            body_end = body_start  # self-closing <points .../>: no label
+        elif close < 0 or (next_open and next_open.start() < close):
+            body_end = next_open.start() if next_open else len(text)
+            dropped.append(f"{where}: no </{kind}>")
+        else:
+            body_end = close
+        label = text[body_start:body_end].split("<", 1)[0].strip()
+        if "coords" not in attributes:
+            dropped.append(f"{where}: no coords attribute")
+            continue
+        points = _parse_coords(attributes["coords"], where, dropped)
+        tags.append(PointTag(kind, label, attributes.get("alt"), points))
+    count = None
+    counts = _COUNT.findall(text)
+    if counts:
+        count = int(counts[-1])
+    elif NO_POINTS_ANSWER.rstrip(".") in text:
+        count = 0
+    return ParsedPoints(tags, count, dropped)
+
+
+# --- 3b. Records: one JSON line per image / image set / video / text example ---------------------------
+# The record format, shared by every dataset (real ones after prepare_data.py, and the synthetic world):
+#
+#     {"id": "pixmo_points/000017",                    optional, for reports
+#      "image": "images/a.jpg" | ["a.jpg", "b.jpg"],   optional: one image or several (multi-image)
+#      "video": "clips/c.gif" | "clips/c_frames/",     optional, never with "image": an animated GIF or a
+#                                                      folder of frames in name order (played at "video_fps",
+#                                                      default 2)
+#      "annotations": [                                one or more; each is a conversation about the same
+#         {"style": "point_count",                     media (a branch of the message tree), in a known style
+#          "messages": [{"role": "user", "content": "How many red circles are there?"},
+#                       {"role": "assistant", "content": "Counting the <points ...>red circles</points> ..."}]},
+#         ...],
+#      "scene": {...},                                 optional: the synthetic world's ground truth
+#      "meta": {...}}                                  optional, anything
+#
+# Paths are relative to the folder of the JSONL file (or absolute). Messages alternate user / assistant,
+# start with the user (a leading "system" message is allowed) and end with the assistant; the user's text
+# may be empty (the style prefix then is the prompt), no assistant answer may be. No image and no video is
+# a text-only record. Point answers are already Molmo2 text (section 3a): a record is exactly what is
+# trained on, and a reader can be checked by eye.
+#
+# Reading is lazy: RecordFile indexes line offsets once and parses a line, checks it and decodes its media
+# only when asked. A bad record raises BadRecord(reason, message); RecordFile.get() counts it in a
+# SkipReport and returns None, so a training run skips it and goes on, and prints the counts by reason.
+
+# style -> the per-token loss weight rule it gets (spec section 8): "sqrt" scales a conversation's loss
+# tokens by 2/sqrt(n), "grounding" is a flat 0.2 (pointing, counting with points, tracking), "video_caption"
+# a flat 0.1. Names follow allenai/molmo2's styles where one exists.
+STYLES = {
+    # captions
+    "long_caption": "sqrt", "transcript": "sqrt",
+    "video_long_caption": "video_caption", "video_short_caption": "video_caption",
+    "video_merged_caption": "video_caption",
+    # image grounding
+    "pointing": "grounding", "point_count": "grounding", "cosyn_point": "grounding",
+    "multi_image_pointing": "grounding", "multi_image_point_then_count": "grounding",
+    # video grounding
+    "video_point": "grounding", "video_point_count": "grounding", "video_point_track_per_frame": "grounding",
+    # question answering
+    "short_answer": "sqrt", "user_qa": "sqrt", "synthetic_qa": "sqrt", "correction_qa": "sqrt",
+    "multi_image_short_answer": "sqrt", "video_short_answer": "sqrt",
+    "pixmo_docs_charts": "sqrt", "pixmo_docs_tables": "sqrt", "pixmo_docs_diagrams": "sqrt",
+    "pixmo_docs_other": "sqrt",
+    # text only
+    "text_sft": "sqrt",
+}
+
+SKIP_REASONS = ("malformed_json", "bad_schema", "unknown_style", "empty_answer", "missing_file",
+                "undecodable_image", "undecodable_video")
+DEFAULT_VIDEO_FPS = 2.0
+_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class BadRecord(Exception):
+    def __init__(self, reason, message):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message
+
+
+class SkipReport:
+    """Counts skipped records by reason and keeps the first message of each reason."""
+
+    def __init__(self):
+        self.n_seen = 0
+        self.counts = collections.Counter()
+        self.first = {}
+
+    def skip(self, error):
+        self.counts[error.reason] += 1
+        self.first.setdefault(error.reason, error.message)
+
+    @property
+    def n_skipped(self):
+        return sum(self.counts.values())
+
+    def summary(self):
+        if not self.counts:
+            return f"records: {self.n_seen} read, none skipped"
+        lines = [f"records: {self.n_seen} read, {self.n_skipped} skipped"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {reason}: {n} (first: {self.first[reason]})")
+        return "\n".join(lines)
+
+
+def load_image(path):
+    """An image file -> RGB PIL image, decoded now so a broken file fails here, with its name."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise BadRecord("missing_file", f"image '{path}' not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord("undecodable_image", f"image '{path}': cannot decode ({e})") from None
+
+
+def load_video(path, fps=DEFAULT_VIDEO_FPS):
+    """An animated GIF or a folder of frames -> ([RGB PIL frame], [time in s]). A GIF's times come from its
+    frame durations; a folder's frames are `fps` apart."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(_FRAME_SUFFIXES))
+        if not names:
+            raise BadRecord("undecodable_video", f"video '{path}': folder has no frame images")
+        frames = []
+        for name in names:
+            try:
+                frames.append(load_image(os.path.join(path, name)))
+            except BadRecord as e:
+                raise BadRecord("undecodable_video", f"video '{path}': {e.message}") from None
+        return frames, [i / fps for i in range(len(frames))]
+    if not os.path.isfile(path):
+        raise BadRecord("missing_file", f"video '{path}' not found")
+    try:
+        frames, times, t = [], [], 0.0
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                frames.append(frame.convert("RGB"))
+                times.append(t)
+                t += frame.info.get("duration", 1000 / fps) / 1000
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
+        raise BadRecord("undecodable_video", f"video '{path}': cannot decode ({e})") from None
+    return frames, times
+
+
+def check_record(record, where="record"):
+    """Raise BadRecord unless `record` (a parsed JSON line) follows the record format. No file access."""
+    if not isinstance(record, dict):
+        raise BadRecord("bad_schema", f"{where}: a record is a JSON object, got {type(record).__name__}")
+    image, video = record.get("image"), record.get("video")
+    if image is not None and video is not None:
+        raise BadRecord("bad_schema", f"{where}: has both 'image' and 'video'")
+    images = [image] if isinstance(image, str) else image
+    if image is not None and not (isinstance(images, list) and images and all(isinstance(p, str) and p for p in images)):
+        raise BadRecord("bad_schema", f"{where}: 'image' must be a path or a non-empty list of paths")
+    if video is not None and not (isinstance(video, str) and video):
+        raise BadRecord("bad_schema", f"{where}: 'video' must be a path")
+    annotations = record.get("annotations")
+    if not isinstance(annotations, list) or not annotations:
+        raise BadRecord("bad_schema", f"{where}: 'annotations' must be a non-empty list")
+    for a, annotation in enumerate(annotations):
+        at = f"{where} annotation {a}"
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("messages"), list):
+            raise BadRecord("bad_schema", f"{at}: must be an object with 'style' and a 'messages' list")
+        style = annotation.get("style")
+        if style not in STYLES:
+            raise BadRecord("unknown_style", f"{at}: style {style!r} is not one of data.STYLES")
+        messages = annotation["messages"]
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            messages = messages[1:]
+        if not messages or len(messages) % 2:
+            raise BadRecord("bad_schema", f"{at}: needs user/assistant pairs, got {len(messages)} message(s)")
+        for m, message in enumerate(messages):
+            role = "user" if m % 2 == 0 else "assistant"
+            if not isinstance(message, dict) or message.get("role") != role or not isinstance(message.get("content"), str):
+                raise BadRecord("bad_schema", f"{at} message {m}: expected {{'role': '{role}', 'content': str}}")
+            if role == "assistant" and not message["content"].strip():
+                raise BadRecord("empty_answer", f"{at} message {m}: empty answer")
+
+
+class RecordFile:
+    """Lazy random access to a JSONL file of records.
+
+    get(i) -> the record with absolute media paths and, when load_media, its decoded media added as
+    "images" ([PIL]) or "video_frames" ([PIL]) + "video_times" ([s]); None for a bad record, which is
+    counted in `report` (a SkipReport, shared between files if you like)."""
+
+    def __init__(self, path, report=None, load_media=True):
+        self.path = os.path.abspath(path)
+        self.root = os.path.dirname(self.path)
+        self.report = report if report is not None else SkipReport()
+        self.load_media = load_media
+        self.offsets = []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    self.offsets.append(offset)
+                offset += len(line)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def read(self, i):
+        """The i-th record; raises BadRecord."""
+        where = f"{os.path.basename(self.path)} record {i}"
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            line = f.readline()
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRecord("malformed_json", f"{where}: {e}") from None
+        check_record(record, where)
+        if "id" not in record:
+            record["id"] = where
+        if "image" in record:
+            paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+            record["image"] = [os.path.normpath(os.path.join(self.root, p)) for p in paths]
+            if self.load_media:
+                record["images"] = [load_image(p) for p in record["image"]]
+            else:
+                for p in record["image"]:
+                    if not os.path.isfile(p):
+                        raise BadRecord("missing_file", f"image '{p}' not found")
+        if "video" in record:
+            record["video"] = os.path.normpath(os.path.join(self.root, record["video"]))
+            if self.load_media:
+                record["video_frames"], record["video_times"] = load_video(
+                    record["video"], record.get("video_fps", DEFAULT_VIDEO_FPS))
+            elif not os.path.exists(record["video"]):
+                raise BadRecord("missing_file", f"video '{record['video']}' not found")
+        return record
+
+    def get(self, i):
+        """The i-th record, or None (counted in self.report) if it is bad."""
+        self.report.n_seen += 1
+        try:
+            return self.read(i)
+        except BadRecord as e:
+            self.report.skip(e)
+            return None
+
+    def __iter__(self):
+        for i in range(len(self)):
+            record = self.get(i)
+            if record is not None:
+                yield record
+
+
+# --- 3c. The mixture: groups of datasets with shares ---------------------------------------------------
+# A mixture is {group: (share, [dataset, ...])}, as in config/mix_*.py. Each draw picks a group by share
+# (groups with no dataset are left out, the others' shares scaled up), then a dataset of the group with
+# probability proportional to sqrt(its size) (Molmo2's rule), then the dataset's next index in a fresh
+# random order per epoch. The draw is a function of (seed, rank, draw number) and the per-dataset
+# cursors, so a sampler's state is a few integers: state_dict() / load_state_dict() resume it exactly.
+# Each rank draws its own stream (seeded by rank); a dataset lives at {data_dir}/{name}/{split}.jsonl.
+
+class MixtureSampler:
+    """An endless stream of (dataset name, record index) drawn from a mixture."""
+
+    def __init__(self, mixture, dataset_sizes, seed=0, rank=0):
+        self.seed, self.rank = seed, rank
+        self.groups = []  # [(group, share, [names], [sqrt-size weights])]
+        for group, (share, names) in mixture.items():
+            names = [n for n in names if dataset_sizes.get(n, 0) > 0]
+            if names and share > 0:
+                self.groups.append((group, share, names, [math.sqrt(dataset_sizes[n]) for n in names]))
+        if not self.groups:
+            raise ValueError(f"mixture {mixture}: no group has a non-empty dataset (sizes {dataset_sizes})")
+        self.sizes = dict(dataset_sizes)
+        self.draws = 0
+        self.cursors = {n: [0, 0] for _, _, names, _ in self.groups for n in names}  # name -> [epoch, position]
+        self._orders = {}  # name -> (epoch, permutation)
+
+    def probabilities(self):
+        """{dataset: probability of being drawn}, from the shares and sqrt sizes."""
+        total_share = sum(share for _, share, _, _ in self.groups)
+        return {name: share / total_share * w / sum(weights)
+                for _, share, names, weights in self.groups for name, w in zip(names, weights)}
+
+    def _order(self, name, epoch):
+        import numpy as np
+        if self._orders.get(name, (None,))[0] != epoch:
+            key = int.from_bytes(hashlib.sha256(f"{self.seed}/{self.rank}/{name}/{epoch}".encode()).digest()[:8], "little")
+            self._orders[name] = (epoch, np.random.default_rng(key).permutation(self.sizes[name]))
+        return self._orders[name][1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = random.Random(f"{self.seed}/{self.rank}/{self.draws}")
+        self.draws += 1
+        _, _, names, weights = rng.choices(self.groups, weights=[g[1] for g in self.groups])[0]
+        name = rng.choices(names, weights=weights)[0]
+        epoch, position = self.cursors[name]
+        index = int(self._order(name, epoch)[position])
+        self.cursors[name] = [epoch, position + 1] if position + 1 < self.sizes[name] else [epoch + 1, 0]
+        return name, index
+
+    def state_dict(self):
+        return {"seed": self.seed, "rank": self.rank, "draws": self.draws,
+                "cursors": {n: list(c) for n, c in self.cursors.items()}}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["rank"]) != (self.seed, self.rank):
+            raise ValueError(f"mixture state for seed {state['seed']} rank {state['rank']}, "
+                             f"this sampler has seed {self.seed} rank {self.rank}")
+        if set(state["cursors"]) != set(self.cursors):
+            raise ValueError(f"mixture state datasets {sorted(state['cursors'])} != {sorted(self.cursors)}")
+        self.draws = state["draws"]
+        self.cursors = {n: list(c) for n, c in state["cursors"].items()}
+
+
+def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=True, report=None):
+    """Open every dataset of a mixture ({data_dir}/{name}/{split}.jsonl; a missing file is an error) and
+    its sampler. Returns (sampler, {name: RecordFile}); the files share one SkipReport."""
+    report = report if report is not None else SkipReport()
+    files = {}
+    for group, (share, names) in mixture.items():
+        for name in names:
+            path = os.path.join(data_dir, name, f"{split}.jsonl")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"mixture group {group!r}: dataset {name!r} has no '{path}' "
+                                        f"(run prepare_data.py {name})")
+            files[name] = RecordFile(path, report=report, load_media=load_media)
+    sampler = MixtureSampler(mixture, {name: len(f) for name, f in files.items()}, seed, rank)
+    return sampler, files
+
+
+def mixture_records(sampler, files, max_consecutive_skips=1000):
+    """Endless (dataset name, record) from a sampler, skipping bad records (counted in the files' report)."""
+    skipped = 0
+    for name, index in sampler:
+        record = files[name].get(index)
+        if record is not None:
+            skipped = 0
+            yield name, record
+        else:
+            skipped += 1
+            if skipped >= max_consecutive_skips:
+                raise RuntimeError(f"mixture: {skipped} bad records in a row\n{files[name].report.summary()}")
+
+
+# --- 3d. The synthetic world: shapes to learn from, generated here -----------------------------------
+# Images of 0..max_objects shapes (4 kinds, 4 colours, 2 sizes, 3 textures) on 4 backgrounds x 3 patterns,
+# with a dense caption, short QA, counting with points and pointing; pairs of images to compare and count
+# across; and short videos (frame folders at 2 fps) of shapes that appear and move, with counting, video
+# pointing and tracking. Design choices:
+# - Deterministic: every example has its own random.Random seeded by sha256(seed/split/part/index), and
+#   PNG bytes depend only on pixels, so the same seed writes the same bytes. Splits use different seeds;
+#   the background colour is jittered so no two images coincide (the tests check both).
+# - Answers need the image: each scene is built around a query ("red circles", "red shapes", "circles")
+#   whose count is drawn uniformly from 0..max_objects before the scene, the other shapes never match it,
+#   and yes/no questions ask about a present or an absent shape half the time each.
+# - Every record carries its scene (shapes with centres, sizes, tracks), from which a checker recomputes
+#   every answer. Sizes are equal-area radii (fractions of the width); a point is a shape's centre.
+
+SHAPE_KINDS = ("circle", "square", "triangle", "star")
+SHAPE_COLOURS = {"red": (220, 45, 45), "green": (40, 165, 70), "blue": (45, 85, 225), "yellow": (240, 200, 30)}
+SHAPE_TEXTURES = ("solid", "striped", "outline")
+SHAPE_SIZES = {"small": (0.035, 0.05), "large": (0.065, 0.085)}
+BACKGROUNDS = {"light grey": (214, 214, 214), "beige": (226, 212, 184), "pale blue": (194, 208, 228),
+               "dark grey": (68, 70, 76)}
+BACKGROUND_PATTERNS = ("plain", "gradient", "grid")
+# bounding radius / equal-area radius, so shapes of one size cover about the same area
+_EXTENT = {"circle": 1.0, "square": math.sqrt(math.pi) / 2 * math.sqrt(2), "triangle": 1.555, "star": 1.46}
+SYNTHETIC_FPS = 2.0
+
+_POSITION_NAMES = [["at the top left", "at the top", "at the top right"],
+                   ["on the left", "in the center", "on the right"],
+                   ["at the bottom left", "at the bottom", "at the bottom right"]]
+_CAPTION_PROMPTS = ["Describe this image in detail.", "Write a detailed description of the picture.",
+                    "What does this image show? Describe everything."]
+_COUNT_PROMPTS = ["How many {label} are there?", "Count the {label}.", "How many {label} can you see?"]
+_POINT_PROMPTS = ["Point to the {label}.", "Point to all the {label}.", "Where are the {label}?"]
+_VIDEO_COUNT_PROMPTS = ["How many {label} appear in the video?", "Count the {label} in this video."]
+_VIDEO_POINT_PROMPTS = ["Point to the {label} when they first appear.", "Point to each of the {label}."]
+_TRACK_PROMPTS = ["Track the {label}.", "Track every one of the {label} through the video."]
+
+
+def _example_rng(seed, split, part, index):
+    digest = hashlib.sha256(f"{seed}/{split}/{part}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _plural(kind):
+    return kind + "s"
+
+
+def query_label(query):
+    """{"colour": "red"|None, "kind": "circle"|None} -> 'red circles' / 'red shapes' / 'circles'."""
+    noun = _plural(query["kind"]) if query["kind"] else "shapes"
+    return f"{query['colour']} {noun}" if query["colour"] else noun
+
+
+def shape_matches(shape, query):
+    return (query["colour"] in (None, shape["colour"])) and (query["kind"] in (None, shape["kind"]))
+
+
+def _random_query(rng):
+    form = rng.randrange(3)
+    return {"colour": rng.choice(list(SHAPE_COLOURS)) if form != 1 else None,
+            "kind": rng.choice(SHAPE_KINDS) if form != 0 else None}
+
+
+def _shape_specs(rng, query, n_matching, n_other):
+    """Colours, kinds, sizes and textures of the shapes: n_matching match the query, n_other do not."""
+    specs = []
+    for matching in [True] * n_matching + [False] * n_other:
+        while True:
+            shape = {"kind": rng.choice(SHAPE_KINDS), "colour": rng.choice(list(SHAPE_COLOURS))}
+            if matching:
+                shape["kind"] = query["kind"] or shape["kind"]
+                shape["colour"] = query["colour"] or shape["colour"]
+            if shape_matches(shape, query) == matching:
+                break
+        shape["size"] = "large" if rng.random() < 0.4 else "small"
+        shape["radius"] = round(rng.uniform(*SHAPE_SIZES[shape["size"]]), 4)
+        shape["texture"] = rng.choice(SHAPE_TEXTURES)
+        specs.append(shape)
+    rng.shuffle(specs)
+    return specs
+
+
+def _place(rng, shapes):
+    """Give each shape a centre (x, y) in [0, 1] so it lies inside the image and overlaps its neighbours at
+    most a little; large shapes first, drawn first, so small ones stay on top."""
+    shapes.sort(key=lambda s: -s["radius"])
+    placed = []
+    for shape in shapes:
+        for attempt in range(400):
+            if attempt == 200:  # crowded: shrink to a small shape and try again
+                shape["size"], shape["radius"] = "small", SHAPE_SIZES["small"][0]
+            e = shape["radius"] * _EXTENT[shape["kind"]]
+            x, y = rng.uniform(e, 1 - e), rng.uniform(e, 1 - e)
+            if all(math.hypot(x - p["x"], y - p["y"]) >= 0.7 * (e + p["radius"] * _EXTENT[p["kind"]])
+                   for p in placed):
+                break
+        else:
+            raise RuntimeError("synthetic scene: could not place the shapes")  # not reached for <= 12 shapes
+        shape["x"], shape["y"] = round(x, 4), round(y, 4)
+        placed.append(shape)
+    return placed
+
+
+def _background(rng):
+    name = rng.choice(list(BACKGROUNDS))
+    colour = [min(255, max(0, c + rng.randint(-12, 12))) for c in BACKGROUNDS[name]]
+    return {"name": name, "colour": colour, "pattern": rng.choice(BACKGROUND_PATTERNS)}
+
+
+def make_image_scene(rng, max_objects=12, query=None, n_matching=None):
+    """A scene: background, query and shapes; the query's count is uniform over 0..max_objects unless given."""
+    query = query or _random_query(rng)
+    n_matching = rng.randint(0, max_objects) if n_matching is None else n_matching
+    n_other = rng.randint(0, max_objects - n_matching)
+    shapes = _place(rng, _shape_specs(rng, query, n_matching, n_other))
+    return {"background": _background(rng), "query": query, "shapes": shapes}
+
+
+def _shape_polygon(kind, cx, cy, r):
+    """Outline of a shape of equal-area radius r (pixels) centred at (cx, cy), as a list of points."""
+    if kind == "square":
+        h = r * math.sqrt(math.pi) / 2
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "triangle":
+        R = r * _EXTENT["triangle"]
+        return [(cx + R * math.sin(a), cy - R * math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    R = r * _EXTENT["star"]  # five-pointed star, inner radius R / 2
+    return [(cx + (R if i % 2 == 0 else R / 2) * math.sin(i * math.pi / 5),
+             cy - (R if i % 2 == 0 else R / 2) * math.cos(i * math.pi / 5)) for i in range(10)]
+
+
+def _draw_shape(canvas, shape, x, y, width):
+    from PIL import Image, ImageDraw
+    r = shape["radius"] * width
+    colour = tuple(SHAPE_COLOURS[shape["colour"]])
+    border = max(2, round(r * 0.3))
+    # draw into a mask, then paint the texture through it
+    e = math.ceil(r * _EXTENT[shape["kind"]]) + 2
+    x0, y0 = round(x) - e, round(y) - e
+    mask = Image.new("L", (2 * e, 2 * e), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = x - x0, y - y0
+    if shape["kind"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(_shape_polygon(shape["kind"], cx, cy, r), fill=255)
+    if shape["texture"] == "outline":  # keep only a rim: erase an eroded copy
+        inner = Image.new("L", mask.size, 0)
+        draw_inner = ImageDraw.Draw(inner)
+        ri = max(r - border, 1)
+        if shape["kind"] == "circle":
+            draw_inner.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=255)
+        else:
+            draw_inner.polygon(_shape_polygon(shape["kind"], cx, cy, ri * 0.92), fill=255)
+        mask.paste(0, (0, 0), inner)
+        canvas.paste(colour, (x0, y0), mask)
+    elif shape["texture"] == "striped":
+        light = tuple(int(c * 0.45 + 255 * 0.55) for c in colour)
+        stripes = Image.new("RGB", mask.size, light)
+        stripe_draw = ImageDraw.Draw(stripes)
+        step = max(4, round(r * 0.5))
+        for k in range(-2 * e, 2 * e, step):
+            stripe_draw.line([(k, 0), (k + 2 * e, 2 * e)], fill=colour, width=max(2, step // 2))
+        canvas.paste(stripes, (x0, y0), mask)
+    else:
+        canvas.paste(colour, (x0, y0), mask)
+
+
+def _draw_background(background, width, height):
+    import numpy as np
+    from PIL import Image, ImageDraw
+    colour = np.array(background["colour"], dtype=np.float32)
+    if background["pattern"] == "gradient":  # darker towards the bottom
+        shade = np.linspace(1.0, 0.8, height, dtype=np.float32)[:, None, None]  # (H, 1, 1)
+        pixels = np.broadcast_to(colour * shade, (height, width, 3))  # (H, W, 3)
+        return Image.fromarray(np.ascontiguousarray(pixels.round().astype(np.uint8)))
+    canvas = Image.new("RGB", (width, height), tuple(int(c) for c in colour))
+    if background["pattern"] == "grid":
+        draw = ImageDraw.Draw(canvas)
+        line = tuple(int(c * 0.85) for c in colour)
+        for k in range(0, max(width, height), max(8, width // 8)):
+            draw.line([(k, 0), (k, height)], fill=line)
+            draw.line([(0, k), (width, k)], fill=line)
+    return canvas
+
+
+def render_scene(scene, width, height=None, positions=None):
+    """Scene -> RGB PIL image. `positions` overrides the shapes' centres (video frames), None = hidden."""
+    height = height or width
+    canvas = _draw_background(scene["background"], width, height)
+    for k, shape in enumerate(scene["shapes"]):
+        x, y = (shape["x"], shape["y"]) if positions is None else (positions[k] or (None, None))
+        if x is not None:
+            _draw_shape(canvas, shape, x * width, y * height, width)
+    return canvas
+
+
+def _position_name(x, y):
+    return _POSITION_NAMES[min(2, int(y * 3))][min(2, int(x * 3))]
+
+
+def _count_phrase(n, noun):
+    return f"{n} {noun if n != 1 else noun[:-1]}"
+
+
+def describe_scene(scene):
+    """The dense caption: background, counts by colour, then every shape in reading order."""
+    shapes, background = scene["shapes"], scene["background"]
+    pattern = {"plain": "", "gradient": " that darkens towards the bottom", "grid": " with a faint grid"}
+    setting = f"a {background['name']} background{pattern[background['pattern']]}"
+    if not shapes:
+        return f"An empty image: {setting}, with no shapes on it."
+    sentences = [f"The image shows {_count_phrase(len(shapes), 'shapes')} on {setting}."]
+    by_colour = collections.Counter(s["colour"] for s in shapes)
+    parts = [_count_phrase(by_colour[c], f"{c} shapes") for c in SHAPE_COLOURS if by_colour[c]]
+    sentences.append("There " + ("is " if len(shapes) == 1 else "are ") + _join_words(parts) + ".")
+    for s in sorted(shapes, key=lambda s: (min(2, int(s["y"] * 3)), s["x"])):
+        texture = {"solid": "", "striped": " striped", "outline": " outlined"}[s["texture"]]
+        sentences.append(f"A {s['size']}{texture} {s['colour']} {s['kind']} {_position_name(s['x'], s['y'])}.")
+    return " ".join(sentences)
+
+
+def _join_words(parts):
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _qa(style, question, answer):
+    return {"style": style, "messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}]}
+
+
+def _area(shape):
+    return shape["radius"] ** 2
+
+
+def _short_questions(rng, scene):
+    """Short questions whose answers are balanced over scenes: (question, answer) pairs."""
+    shapes = scene["shapes"]
+    questions = [("How many shapes are there?", str(len(shapes)))]
+    present = {(s["colour"], s["kind"]) for s in shapes}
+    absent = sorted({(c, k) for c in SHAPE_COLOURS for k in SHAPE_KINDS} - present)
+    if present and rng.random() < 0.5:
+        colour, kind = rng.choice(sorted(present))
+    else:
+        colour, kind = rng.choice(absent)
+    questions.append((f"Is there a {colour} {kind}?", "yes" if (colour, kind) in present else "no"))
+    if shapes:
+        questions.append(("What shape is furthest to the left?", min(shapes, key=lambda s: s["x"])["kind"]))
+        by_area = sorted(shapes, key=_area, reverse=True)
+        if len(by_area) == 1 or _area(by_area[0]) > 1.3 * _area(by_area[1]):
+            questions.append(("What colour is the largest shape?", by_area[0]["colour"]))
+    return questions
+
+
+def image_annotations(rng, scene):
+    """A caption, counting with points and pointing for the scene's query, and two short questions."""
+    query, shapes = scene["query"], scene["shapes"]
+    label = query_label(query)
+    points = [(s["x"], s["y"]) for s in shapes if shape_matches(s, query)]
+    tag = image_points_tag(points, label) if points else ""
+    annotations = [
+        _qa("long_caption", rng.choice(_CAPTION_PROMPTS), describe_scene(scene)),
+        _qa("point_count", rng.choice(_COUNT_PROMPTS).format(label=label),
+            pointing_answer(tag, len(points), with_count=True)),
+        _qa("pointing", rng.choice(_POINT_PROMPTS).format(label=label), pointing_answer(tag, len(points))),
+    ]
+    for question, answer in rng.sample(_short_questions(rng, scene), 2):
+        annotations.append(_qa("short_answer", question, answer))
+    return annotations
+
+
+def multi_image_scenes(rng, max_objects=12):
+    """Two scenes sharing a query; which has more of it (or neither) is drawn uniformly first."""
+    query = _random_query(rng)
+    relation = rng.randrange(3)  # 0: image 1 has more, 1: image 2 has more, 2: same
+    if relation == 2:
+        counts = [rng.randint(0, max_objects)] * 2
+    else:
+        low, high = sorted(rng.sample(range(max_objects + 1), 2))
+        counts = [high, low] if relation == 0 else [low, high]
+    return [make_image_scene(rng, max_objects, query, n) for n in counts]
+
+
+def multi_image_annotations(rng, scenes):
+    query = scenes[0]["query"]
+    label = query_label(query)
+    counts = [sum(shape_matches(s, query) for s in scene["shapes"]) for scene in scenes]
+    more = ("Image 1" if counts[0] > counts[1] else "Image 2" if counts[1] > counts[0]
+            else "They have the same number.")
+    per_image = [[(s["x"], s["y"]) for s in scene["shapes"] if shape_matches(s, query)] for scene in scenes]
+    tag = multi_image_points_tag(per_image, label) if sum(counts) else ""
+    return [
+        _qa("multi_image_short_answer", f"Which image has more {label}?", more),
+        _qa("multi_image_point_then_count", f"How many {label} are there in the two images?",
+            pointing_answer(tag, sum(counts), with_count=True)),
+    ]
+
+
+def make_video_scene(rng, n_frames=8, max_objects=6):
+    """Shapes that appear at some frame, move in straight lines bouncing off the edges, and some leave
+    before the end. Each shape's track holds its centre per frame, None while it is not in the video."""
+    scene = make_image_scene(rng, max_objects)
+    for shape in scene["shapes"]:
+        e = shape["radius"] * _EXTENT[shape["kind"]]
+        appear = rng.randrange(n_frames - 2)
+        leave = rng.randint(appear + 2, n_frames - 1) if rng.random() < 0.4 else n_frames
+        x, y = shape.pop("x"), shape.pop("y")
+        speed, angle = rng.uniform(0.03, 0.08), rng.uniform(0, 2 * math.pi)
+        vx, vy = speed * math.cos(angle), speed * math.sin(angle)
+        track = []
+        for f in range(n_frames):
+            track.append([round(x, 4), round(y, 4)] if appear <= f < leave else None)
+            if f >= appear:
+                x, y = x + vx, y + vy
+                if not e <= x <= 1 - e:
+                    vx, x = -vx, min(max(x, e), 1 - e)
+                if not e <= y <= 1 - e:
+                    vy, y = -vy, min(max(y, e), 1 - e)
+        shape["appear"], shape["leave"], shape["track"] = appear, leave, track
+    scene["frame_times"] = [f / SYNTHETIC_FPS for f in range(n_frames)]
+    return scene
+
+
+def video_annotations(rng, scene):
+    """Counting with points at each shape's first frame, the same points alone, tracks, and a count of the
+    shapes in the last frame."""
+    query, times = scene["query"], scene["frame_times"]
+    label = query_label(query)
+    matching = [k for k, s in enumerate(scene["shapes"]) if shape_matches(s, query)]
+    first_points = [[tuple(scene["shapes"][k]["track"][f]) for k in matching if scene["shapes"][k]["appear"] == f]
+                    for f in range(len(times))]
+    tag = video_points_tag(times, first_points, label) if matching else ""
+    frames = [(t, {k: tuple(scene["shapes"][k]["track"][f]) for k in matching if scene["shapes"][k]["track"][f]})
+              for f, t in enumerate(times)]
+    tracks = video_tracks_tag(frames, label) if matching else ""
+    n_last = sum(s["track"][-1] is not None for s in scene["shapes"])
+    return [
+        _qa("video_point_count", rng.choice(_VIDEO_COUNT_PROMPTS).format(label=label),
+            pointing_answer(tag, len(matching), with_count=True)),
+        _qa("video_point", rng.choice(_VIDEO_POINT_PROMPTS).format(label=label), pointing_answer(tag, len(matching))),
+        _qa("video_point_track_per_frame", rng.choice(_TRACK_PROMPTS).format(label=label),
+            pointing_answer(tracks, len(matching))),
+        _qa("video_short_answer", "How many shapes are there at the end of the video?", str(n_last)),
+    ]
+
+
+def _save_png(image, path):
+    image.save(path, format="PNG", compress_level=1)
+
+
+SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "synth_video"}
+
+
+def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
+                             max_video_objects=6, n_frames=8):
+    """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
+    {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
+    sizes: {split: {"image"|"multi"|"video": n_records}}. Returns {split: {part: jsonl path}}."""
+    sizes = sizes or {"train": {"image": 2000, "multi": 300, "video": 200},
+                      "val": {"image": 200, "multi": 50, "video": 50},
+                      "test": {"image": 200, "multi": 50, "video": 50}}
+    paths = {}
+    for split, parts in sizes.items():
+        paths[split] = {}
+        for part, n in parts.items():
+            if part not in SYNTHETIC_DATASETS:
+                raise ValueError(f"synthetic world part {part!r}: expected one of {list(SYNTHETIC_DATASETS)}")
+            dataset_dir = os.path.join(data_dir, SYNTHETIC_DATASETS[part])
+            os.makedirs(os.path.join(dataset_dir, split), exist_ok=True)
+            path = os.path.join(dataset_dir, f"{split}.jsonl")
+            with open(path, "w") as f:
+                for index in range(n):
+                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size,
+                                                         video_size, max_objects, max_video_objects, n_frames)) + "\n")
+            paths[split][part] = path
+    return paths
+
+
+def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size, max_objects,
+                      max_video_objects, n_frames):
+    """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
+    rng = _example_rng(seed, split, part, index)
+    name = f"{split}/{index:06d}"
+    if part == "image":
+        scene = make_image_scene(rng, max_objects)
+        _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, name + ".png"))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": name + ".png",
+                "annotations": image_annotations(rng, scene), "scene": scene}
+    if part == "multi":
+        scenes = multi_image_scenes(rng, max_objects)
+        files = [f"{name}_{k}.png" for k in range(1, len(scenes) + 1)]
+        for scene, file in zip(scenes, files):
+            _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, file))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": files,
+                "annotations": multi_image_annotations(rng, scenes), "scene": {"images": scenes}}
+    scene = make_video_scene(rng, n_frames, max_video_objects)
+    os.makedirs(os.path.join(dataset_dir, name), exist_ok=True)
+    for frame in range(n_frames):
+        positions = [s["track"][frame] for s in scene["shapes"]]
+        _save_png(render_scene(scene, video_size, positions=positions),
+                  os.path.join(dataset_dir, name, f"{frame:04d}.png"))
+    return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "video": name, "video_fps": SYNTHETIC_FPS,
+            "annotations": video_annotations(rng, scene), "scene": scene}
+
+
+# --- 3e. Formatting: a record -> token ids, targets, loss weights, positions, a message tree ----------
+# Layout (spec sections 5, 7, 8): BOS (<|im_end|>), the vision tokens, then every annotation of the record
+# as one branch of a message tree: "<|im_start|>user\n{prefix} {prompt}<|im_end|>\n<|im_start|>assistant\n"
+# + answer + <|im_end|> (further turns follow after "\n"). The shared part (BOS + vision) comes once;
+# a branch sees it and itself, not the other branches, and its positions restart right after it.
+# Targets are kept per branch (a branch's last token predicts nothing), so the branches can sit one after
+# another in the row. The vision tokens come from a callable of the processor (data.py section 2):
+#     vision_tokens(record) -> (token_ids: [int], vision: dict | None), vision["n_crops"] = crops used
+# Loss weights (SFT, Molmo2's "root_subsegments_root_tokens"): a branch's answer tokens each get
+# 2/sqrt(n answer tokens) / sqrt(n branches); grounding styles a flat 0.2, video captions a flat 0.1
+# (STYLES); weighting="none" gives every answer token 1.
+# Deviations from allenai/molmo2, on purpose: every branch trains its closing <|im_end|> (Molmo2 leaves it
+# untrained in trees), and a later user turn starts "\n<|im_start|>user" (Molmo2 writes a second
+# <|im_end|> there).
+
+# tokens the LLM sees bidirectionally: transformers' Molmo2Processor.image_token_ids
+VISION_TOKEN_IDS = frozenset(SPECIAL_TOKENS[t] for t in (
+    "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>", "<frame_end>",
+    "<im_low>"))
+# styles without a prefix in SFT (Molmo2's "demo_or_style_v2": its DEMO_STYLES that we use)
+DEMO_STYLES = frozenset({"point_count", "pointing", "cosyn_point", "user_qa", "long_caption", "video_long_caption",
+                         "video_short_caption", "video_point_track_per_frame", "correction_qa", "text_sft",
+                         "video_point", "video_point_count", "multi_image_pointing", "multi_image_point_then_count"})
+_PLAIN_PREFIX_STYLES = ("pointing", "point_count", "cosyn_point")  # no length hint in pretraining
+
+
+def style_prefix(style, answer, mode, rng):
+    """The style prefix of the first user turn. mode "pretrain": "{style} {n}:" with the length hint
+    n = (answer chars + int(N(0, 25))) // 15, "{style}:" 10% of the time and for pointing styles;
+    "sft": "{style}:" except for DEMO_STYLES; "none": no prefix."""
+    if mode not in ("pretrain", "sft", "none"):
+        raise ValueError(f"style prefix mode {mode!r}: expected 'pretrain', 'sft' or 'none'")
+    if mode == "none" or (mode == "sft" and style in DEMO_STYLES):
+        return ""
+    if mode == "sft" or style in _PLAIN_PREFIX_STYLES or rng.random() < 0.1:
+        return f"{style}:"
+    return f"{style} {(len(answer) + int(rng.gauss(0, 25))) // 15}:"
+
+
+def _conversation_tokens(tokenizer, messages, prefix):
+    """Chat turns -> (ids, is_answer): answers and their <|im_end|> are the loss tokens. Text is encoded
+    with special-token strings as plain text, so a message can not inject a turn."""
+    ids, is_answer = [], []
+
+    def add(tokens, answer=False):
+        ids.extend(tokens)
+        is_answer.extend([answer] * len(tokens))
+
+    prefix_pending = bool(prefix)
+    for k, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            add(tokenizer.encode(content, allow_special=False) + [IM_END_ID], answer=True)
+            if k + 1 < len(messages):
+                add(tokenizer.encode("\n"))
+            continue
+        if role == "user" and prefix_pending:
+            content = f"{prefix} {content}" if content else prefix
+            prefix_pending = False
+        add([IM_START_ID] + tokenizer.encode(f"{role}\n{content}", allow_special=False) + [IM_END_ID]
+            + tokenizer.encode("\n"))
+        if role == "user":
+            add([IM_START_ID] + tokenizer.encode("assistant\n"))
+    return ids, is_answer
+
+
+def format_example(record, tokenizer, vision_tokens=None, prefix_mode="sft", weighting="sqrt", rng=None,
+                   max_tokens=None):
+    """A record -> one training example (a message tree), or None if not even one branch fits max_tokens.
+
+    Returns {"input_ids", "target_ids" (-1: none), "loss_weights", "position_ids", "branch_ids" (0: shared,
+    k: annotation k), "is_vision"} as lists of equal length, plus "vision" (the callable's payload) and
+    "n_crops"."""
+    rng = rng or random.Random(0)
+    vision_ids, vision = vision_tokens(record) if vision_tokens is not None else ([], None)
+    shared = [tokenizer.bos_id] + list(vision_ids)
+    branches = []
+    n_total = len(shared)
+    for annotation in record["annotations"]:
+        messages = annotation["messages"]
+        answer = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "")
+        ids, is_answer = _conversation_tokens(tokenizer, messages, style_prefix(annotation["style"], answer, prefix_mode, rng))
+        if max_tokens is not None and n_total + len(ids) > max_tokens:
+            break
+        n_total += len(ids)
+        branches.append((annotation["style"], ids, is_answer))
+    if not branches:
+        return None
+
+    P = len(shared)
+    example = {"input_ids": list(shared), "target_ids": [-1] * P, "loss_weights": [0.0] * P,
+               "position_ids": list(range(P)), "branch_ids": [0] * P}
+    for b, (style, ids, is_answer) in enumerate(branches, 1):
+        n_answer = sum(is_answer)
+        rule = STYLES[style] if weighting == "sqrt" else "flat"
+        weight = {"sqrt": 2 / math.sqrt(max(n_answer, 1)) / math.sqrt(len(branches)), "grounding": 0.2,
+                  "video_caption": 0.1, "flat": 1.0}[rule]
+        example["input_ids"] += ids
+        example["target_ids"] += ids[1:] + [-1]  # position t predicts the branch's token t + 1
+        example["loss_weights"] += [weight if answer else 0.0 for answer in is_answer[1:]] + [0.0]
+        example["position_ids"] += list(range(P, P + len(ids)))
+        example["branch_ids"] += [b] * len(ids)
+    example["is_vision"] = [t in VISION_TOKEN_IDS for t in example["input_ids"]]
+    example["vision"] = vision
+    example["n_crops"] = (vision or {}).get("n_crops", 0)
+    return example
+
+
+# --- 3f. Packing: examples -> rows of max_seq_len tokens, isolated from each other --------------------
+# Greedy first fit over a small pool: a row starts with the oldest pending example and takes every later
+# one that still fits (tokens and crops), so order is kept roughly and rows are nearly full. Examples in
+# a row never see each other (the mask) and keep their own positions. The packer's state is the keys of
+# the pending examples: the loader rebuilds them on resume (formatting is deterministic per key), so a
+# checkpoint stays small. collate() turns rows into the model's tensors: the dense attention mask combines
+# causal order, packed-example isolation, message-tree branches and bidirectional vision tokens; the ids
+# it is built from come along too, for a block-sparse attention that builds its own mask.
+
+class Packer:
+    def __init__(self, max_seq_len, max_crops=None, pool_size=8):
+        self.max_seq_len, self.max_crops, self.pool_size = max_seq_len, max_crops, pool_size
+        self.pool = []  # [(key, example)], oldest first
+
+    def push(self, key, example):
+        n, crops = len(example["input_ids"]), example.get("n_crops", 0)
+        if n > self.max_seq_len or (self.max_crops is not None and crops > self.max_crops):
+            raise ValueError(f"example {key}: {n} tokens / {crops} crops do not fit a row of {self.max_seq_len} "
+                             f"tokens / {self.max_crops} crops (format it with max_tokens)")
+        self.pool.append((key, example))
+
+    def ready(self):
+        return len(self.pool) >= self.pool_size
+
+    def pop_row(self):
+        """The next row: [(key, example)] with at most max_seq_len tokens and max_crops crops in all."""
+        row, rest = [self.pool[0]], []
+        n, crops = len(self.pool[0][1]["input_ids"]), self.pool[0][1].get("n_crops", 0)
+        for key, example in self.pool[1:]:
+            m, c = len(example["input_ids"]), example.get("n_crops", 0)
+            if n + m <= self.max_seq_len and (self.max_crops is None or crops + c <= self.max_crops):
+                row.append((key, example))
+                n, crops = n + m, crops + c
+            else:
+                rest.append((key, example))
+        self.pool = rest
+        return row
+
+    def state_dict(self):
+        return {"pending": [key for key, _ in self.pool]}
+
+    def load_state_dict(self, state, rebuild):
+        """rebuild(key) -> the example that key named (the same one, formatting being deterministic)."""
+        self.pool = [(key, rebuild(key)) for key in state["pending"]]
+
+
+def collate(rows, pad_to=None, pad_id=ENDOFTEXT_ID, dense_mask=True):
+    """Rows of examples -> a batch of tensors, (B, T) each, T = the longest row or pad_to:
+    input_ids, target_ids (-1: no loss), loss_weights, position_ids, example_ids (-1: padding),
+    branch_ids, is_vision; attention_mask (B, 1, T, T) bool, True = may attend, when dense_mask;
+    vision: per row, the examples' vision payloads in order."""
+    import torch
+    T = max(sum(len(ex["input_ids"]) for _, ex in row) for row in rows)
+    T = max(T, pad_to or 0)
+    B = len(rows)
+    fields = {"input_ids": pad_id, "target_ids": -1, "loss_weights": 0.0, "position_ids": 0, "branch_ids": 0,
+              "is_vision": False}
+    batch = {name: [[fill] * T for _ in range(B)] for name, fill in fields.items()}
+    batch["example_ids"] = [[-1] * T for _ in range(B)]
+    for b, row in enumerate(rows):
+        start = 0
+        for e, (_, example) in enumerate(row):
+            n = len(example["input_ids"])
+            for name in fields:
+                batch[name][b][start:start + n] = example[name]
+            batch["example_ids"][b][start:start + n] = [e] * n
+            start += n
+    dtypes = {"loss_weights": torch.float32, "is_vision": torch.bool}
+    out = {name: torch.tensor(values, dtype=dtypes.get(name, torch.long)) for name, values in batch.items()}
+    out["vision"] = [[example["vision"] for _, example in row] for row in rows]
+    if dense_mask:
+        example_ids, branch_ids, is_vision = out["example_ids"], out["branch_ids"], out["is_vision"]
+        same_example = example_ids[:, :, None] == example_ids[:, None, :]  # (B, T, T), query x key
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        same_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])  # (B, T, T)
+        both_vision = is_vision[:, :, None] & is_vision[:, None, :]  # (B, T, T)
+        out["attention_mask"] = (same_example & ((causal & same_branch) | both_vision))[:, None]  # (B, 1, T, T)
+    return out
 
 
 # (end of section 3)
@@ -389,7 +1505,7 @@ def format_example(record, processor=None, rng=None, style_prefixes="sft", loss_
         loss_weights=torch.tensor(weights, dtype=torch.float32),
         position_ids=torch.tensor(positions, dtype=torch.long),
         branch_ids=torch.tensor(branch_ids, dtype=torch.long),
-        is_vision=torch.isin(input_ids, torch.tensor(VISION_TOKEN_IDS)),
+        is_vision=torch.isin(input_ids, torch.tensor(list(VISION_TOKEN_IDS))),
         **vision,
     )
 

@@ -1,0 +1,271 @@
+"""The synthetic world: same seed -> same bytes, disjoint splits, every answer recomputed from the scene by
+an independent checker, pixels where the scene says, and answers that can not be guessed from the
+question alone."""
+
+import collections
+import hashlib
+import math
+import os
+import re
+
+import pytest
+
+import data
+
+SIZES = {"train": {"image": 60, "multi": 16, "video": 8},
+         "val": {"image": 20, "multi": 6, "video": 4},
+         "test": {"image": 20, "multi": 6, "video": 4}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("world"))
+    return out, data.generate_synthetic_world(out, seed=7, sizes=SIZES)
+
+
+def _file_hashes(root):
+    hashes = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def _records(path):
+    records = data.RecordFile(path, load_media=False)
+    out = list(records)
+    assert records.report.n_skipped == 0, records.report.summary()
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
+    out, _ = world
+    small = {"train": {"image": 5, "multi": 2, "video": 2}}
+    data.generate_synthetic_world(str(tmp_path / "a"), seed=7, sizes=SIZES)
+    data.generate_synthetic_world(str(tmp_path / "b"), seed=8, sizes=small)
+    same, other = _file_hashes(str(tmp_path / "a")), _file_hashes(str(tmp_path / "b"))
+    assert same == _file_hashes(out)
+    assert len(same) == 9 + 100 + 2 * 28 + 8 * 16  # jsonl files, stills, image pairs, video frames
+    shared = set(same) & set(other)
+    assert shared and all(same[k] != other[k] for k in shared if k.endswith(".png"))
+
+
+def test_splits_share_no_image(world):
+    out, paths = world
+    image_hashes = {}
+    for split in SIZES:
+        hashes = {}
+        for dataset in data.SYNTHETIC_DATASETS.values():
+            hashes.update(_file_hashes(os.path.join(out, dataset, split)))
+        assert len(hashes) == sum(n * {"image": 1, "multi": 2, "video": 8}[part] for part, n in SIZES[split].items())
+        image_hashes[split] = set(hashes.values())
+    assert not image_hashes["train"] & image_hashes["val"]
+    assert not image_hashes["train"] & image_hashes["test"]
+    assert not image_hashes["val"] & image_hashes["test"]
+    # and no two stills in a split are the same either
+    for split in SIZES:
+        for dataset in ("synth_image", "synth_multi"):
+            stills = list(_file_hashes(os.path.join(out, dataset, split)).values())
+            assert len(set(stills)) == len(stills)
+
+
+# --- an independent checker: recompute every answer from the scene ---------------------------------
+
+def _matches(shape, query):
+    return all(query[key] in (None, shape[key]) for key in ("colour", "kind"))
+
+
+def _label(query):
+    noun = query["kind"] + "s" if query["kind"] else "shapes"
+    return f"{query['colour']} {noun}" if query["colour"] else noun
+
+
+def _key(x, y):
+    return round(min(max(x, 0), 1) * 1000), round(min(max(y, 0), 1) * 1000)
+
+
+def _parsed_keys(parsed):
+    return collections.Counter((p.frame, round(p.x * 1000), round(p.y * 1000)) for p in parsed.points)
+
+
+def _check_points_answer(style, question, answer, query, expected, with_count):
+    """expected: Counter of (frame, x_1000, y_1000) for the query's shapes."""
+    assert _label(query) in question, (question, query)
+    parsed = data.parse_points(answer)
+    assert parsed.dropped == [], (answer, parsed.dropped)
+    total = sum(expected.values())
+    if total == 0:
+        assert answer == "There are none.", answer
+        return
+    assert _parsed_keys(parsed) == expected, (style, answer)
+    assert parsed.tags[0].label == _label(query)
+    assert parsed.count == (total if with_count else None)
+
+
+def _check_image_record(record):
+    scene = record["scene"]
+    shapes, query = scene["shapes"], scene["query"]
+    matching = collections.Counter((1, *_key(s["x"], s["y"])) for s in shapes if _matches(s, query))
+    for annotation in record["annotations"]:
+        style = annotation["style"]
+        question, answer = (m["content"] for m in annotation["messages"])
+        if style == "long_caption":
+            n = len(shapes)
+            assert (f"shows {n} shape" in answer) if n else ("no shapes" in answer)
+            assert len(re.findall(r"\bA (?:small|large) ", answer)) == n
+            for colour in ("red", "green", "blue", "yellow"):
+                k = sum(s["colour"] == colour for s in shapes)
+                assert (f"{k} {colour} shape" in answer) == (k > 0)
+        elif style in ("point_count", "pointing"):
+            _check_points_answer(style, question, answer, query, matching, style == "point_count")
+        elif style == "short_answer":
+            if question == "How many shapes are there?":
+                assert answer == str(len(shapes))
+            elif question.startswith("Is there a "):
+                colour, kind = question[len("Is there a "):-1].split()
+                assert answer == ("yes" if any(s["colour"] == colour and s["kind"] == kind for s in shapes) else "no")
+            elif question == "What shape is furthest to the left?":
+                assert answer == min(shapes, key=lambda s: s["x"])["kind"]
+            elif question == "What colour is the largest shape?":
+                radii = sorted((s["radius"] for s in shapes), reverse=True)
+                assert len(radii) == 1 or radii[0] ** 2 > 1.3 * radii[1] ** 2
+                assert answer == max(shapes, key=lambda s: s["radius"])["colour"]
+            else:
+                raise AssertionError(f"unchecked question {question!r}")
+        else:
+            raise AssertionError(f"unchecked style {style}")
+
+
+def _check_multi_record(record):
+    scenes = record["scene"]["images"]
+    query = scenes[0]["query"]
+    assert all(scene["query"] == query for scene in scenes) and len(record["image"]) == len(scenes) == 2
+    counts = [sum(_matches(s, query) for s in scene["shapes"]) for scene in scenes]
+    expected = collections.Counter((i, *_key(s["x"], s["y"])) for i, scene in enumerate(scenes, 1)
+                                   for s in scene["shapes"] if _matches(s, query))
+    for annotation in record["annotations"]:
+        question, answer = (m["content"] for m in annotation["messages"])
+        if annotation["style"] == "multi_image_short_answer":
+            want = "Image 1" if counts[0] > counts[1] else "Image 2" if counts[1] > counts[0] else "same"
+            assert want in answer
+        else:
+            assert annotation["style"] == "multi_image_point_then_count"
+            _check_points_answer("multi", question, answer, query, expected, True)
+
+
+def _check_video_record(record):
+    scene = record["scene"]
+    shapes, query, times = scene["shapes"], scene["query"], scene["frame_times"]
+    assert times == [f / 2 for f in range(len(times))]
+    matching = [s for s in shapes if _matches(s, query)]
+    first = collections.Counter((round(times[s["appear"]], 1), *_key(*s["track"][s["appear"]])) for s in matching)
+    for s in shapes:  # a shape is in the video from the frame it appears to the frame before it leaves
+        assert all((p is None) == (not s["appear"] <= f < s["leave"]) for f, p in enumerate(s["track"]))
+    for annotation in record["annotations"]:
+        style = annotation["style"]
+        question, answer = (m["content"] for m in annotation["messages"])
+        if style in ("video_point_count", "video_point"):
+            _check_points_answer(style, question, answer, query, first, style == "video_point_count")
+        elif style == "video_point_track_per_frame":
+            expected = collections.Counter((round(t, 1), *_key(*s["track"][f])) for s in matching
+                                           for f, t in enumerate(times) if s["track"][f])
+            _check_points_answer(style, question, answer, query, expected, False)
+            if matching:  # one id per shape: the id's points follow one shape's track
+                parsed = data.parse_points(answer)
+                assert parsed.tags[0].kind == "tracks"
+                by_id = collections.defaultdict(list)
+                for p in parsed.points:
+                    by_id[p.id].append((p.frame, round(p.x * 1000), round(p.y * 1000)))
+                tracks = sorted(sorted((round(times[f], 1), *_key(*xy)) for f, xy in enumerate(s["track"]) if xy)
+                                for s in matching)
+                assert sorted(sorted(v) for v in by_id.values()) == tracks
+        elif style == "video_short_answer":
+            assert answer == str(sum(s["track"][-1] is not None for s in shapes))
+        else:
+            raise AssertionError(f"unchecked style {style}")
+
+
+def test_every_answer_agrees_with_its_scene(world):
+    out, paths = world
+    checkers = {"image": _check_image_record, "multi": _check_multi_record, "video": _check_video_record}
+    n_checked = collections.Counter()
+    for split in SIZES:
+        for part, path in paths[split].items():
+            records = _records(path)
+            assert len(records) == SIZES[split][part]
+            for record in records:
+                checkers[part](record)
+                n_checked[part] += 1
+    assert n_checked == {"image": 100, "multi": 28, "video": 16}
+
+
+def test_records_read_back_with_media(world):
+    out, paths = world
+    records = data.RecordFile(paths["val"]["video"])
+    video = records.get(0)
+    assert len(video["video_frames"]) == 8 and video["video_times"] == [f / 2 for f in range(8)]
+    image = data.RecordFile(paths["val"]["image"]).get(0)
+    assert image["images"][0].size == (224, 224)
+
+
+def test_pixels_show_the_scene(world):
+    """At the centre of every solid shape that nothing drawn later covers, the pixel has the shape's colour."""
+    out, paths = world
+    n_checked = 0
+    for record in data.RecordFile(paths["train"]["image"]):
+        image, shapes = record["images"][0], record["scene"]["shapes"]
+        for k, s in enumerate(shapes):
+            covered = any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:])
+            if s["texture"] == "solid" and not covered:
+                pixel = image.getpixel((int(s["x"] * 224), int(s["y"] * 224)))
+                assert pixel == data.SHAPE_COLOURS[s["colour"]], (record["id"], s)
+                n_checked += 1
+    assert n_checked > 100
+
+
+# --- answers need the image -------------------------------------------------------------------------
+
+def _normalised_answer(style, answer):
+    if style in ("point_count", "pointing", "multi_image_point_then_count", "video_point_count", "video_point",
+                 "video_point_track_per_frame"):
+        parsed = data.parse_points(answer)
+        return len(parsed.points) if style != "video_point_track_per_frame" else len({p.id for p in parsed.points})
+    return answer
+
+
+def test_answers_cannot_be_guessed_from_the_question():
+    """For every question text asked often enough, no answer (for points: no number of points) is common:
+    someone who only reads the question can not do much better than chance. Scenes only, no pixels."""
+    by_question = collections.defaultdict(collections.Counter)
+    for index in range(1500):
+        for part in ("image", "multi", "video"):
+            rng = data._example_rng(3, "train", part, index)
+            if part == "image":
+                annotations = data.image_annotations(rng, data.make_image_scene(rng))
+            elif part == "multi":
+                annotations = data.multi_image_annotations(rng, data.multi_image_scenes(rng))
+            else:
+                annotations = data.video_annotations(rng, data.make_video_scene(rng))
+            for a in annotations:
+                question, answer = (m["content"] for m in a["messages"])
+                assert not re.search(r"\d", question), question  # no number in any question
+                if a["style"] != "long_caption":
+                    by_question[(a["style"], question)][_normalised_answer(a["style"], answer)] += 1
+    n_groups = 0
+    for (style, question), answers in by_question.items():
+        n = sum(answers.values())
+        if n < 40:
+            continue
+        n_groups += 1
+        top_answer, top = answers.most_common(1)[0]
+        binary = set(answers) <= {"yes", "no"}
+        # chance plus sampling noise: 1/2 for yes/no, 1/3 for which-image-has-more, 1/4 otherwise
+        chance = 0.5 if binary else 1 / 3 if style == "multi_image_short_answer" else 0.25
+        limit = chance + 3.5 * math.sqrt(chance * (1 - chance) / n)
+        assert top / n <= limit, (style, question, answers.most_common(4))
+        if not binary and style != "multi_image_short_answer":
+            entropy = -sum(c / n * math.log2(c / n) for c in answers.values())
+            assert entropy >= 1.5, (style, question, entropy)
+    assert n_groups > 50

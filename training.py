@@ -1,0 +1,280 @@
+"""
+The pieces both training stages share (train_align.py, train_joint.py): devices and torchrun, DDP / FSDP2
+wrapping, per-part optimizer groups and schedules, Molmo2's loss, atomic checkpoints, progress output.
+
+Design choices:
+- One process per GPU under torchrun (RANK / LOCAL_RANK / WORLD_SIZE), or a single process on CPU / one GPU.
+  NCCL on GPUs, gloo on CPU, so multi-process runs can be tested on a laptop.
+- FSDP2 (`fully_shard`) per transformer block of the ViT and the LLM, then the root, with bf16 parameters
+  and float32 gradient reduction; DDP otherwise. On CPU everything is float32.
+- Loss normalisation as Molmo2: sum over tokens of weight * (cross-entropy + 1e-4 * logsumexp^2), divided by
+  the sum of weights over the whole optimizer step on all ranks (gathered before the first micro-batch).
+  Gradient accumulation and any number of ranks then give the same gradient as one big batch.
+- Checkpoints hold everything a resumed run needs to continue the same trajectory (model, optimizer,
+  step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
+"""
+
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Devices and processes
+# ---------------------------------------------------------------------------
+
+
+class Dist:
+    """Where this process runs: rank, world size, device, and whether it is the one that prints."""
+
+    def __init__(self, device="auto"):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        self.is_master = self.rank == 0
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def all_reduce_sum(self, x):
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def all_gather_objects(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def print(self, *args, **kwargs):
+        if self.is_master:
+            print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16):
+    """DDP or FSDP2 across the processes of `d`; the model unchanged in a single process.
+    `model.blocks()` lists the transformer blocks (ViT and LLM) that FSDP shards one by one."""
+    if d.world_size == 1:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if d.device.type == "cuda" else None
+        kwargs = {"mp_policy": mp} if mp is not None else {}
+        for block in model.blocks():
+            fully_shard(block, **kwargs)  # each block's parameters gathered just before it runs
+        fully_shard(model, **kwargs)
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # frozen parts have no gradients to reduce; unused parameters (no video in a batch) are allowed
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                   find_unused_parameters=True)
+    raise ValueError(f"parallel={parallel!r}: expected 'ddp' or 'fsdp'")
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: one group per part, each with its own learning rate and warmup
+# ---------------------------------------------------------------------------
+
+PARTS = ("connector", "vit", "llm")
+
+
+def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None):
+    """AdamW with a group per part that trains. lr / warmup: {part: value}; a part with lr 0 is frozen.
+    Molmo2 counts the 128 new token embeddings as part of the connector."""
+    groups = []
+    for part, params in model.param_parts().items():
+        trainable = lr.get(part, 0.0) > 0
+        for p in params:
+            p.requires_grad_(trainable)
+        if trainable:
+            groups.append({"name": part, "params": params, "lr": lr[part], "peak_lr": lr[part],
+                           "warmup": warmup.get(part, 0)})
+    if not groups:
+        raise ValueError(f"no part has a learning rate > 0: {lr}")
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def lr_at(step, peak, warmup, max_steps, final_frac=0.1):
+    """Linear warmup from 0 to peak over `warmup` steps, then cosine down to final_frac * peak at max_steps."""
+    if step < warmup:
+        return peak * step / warmup
+    if step >= max_steps:
+        return peak * final_frac
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rates(optimizer, step, max_steps):
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, g["peak_lr"], g["warmup"], max_steps)
+
+
+# ---------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------
+
+
+def molmo2_loss(logits, targets, weights, weight_total, z_loss=1e-4):
+    """logits (N, V) at the N loss positions, targets (N,), weights (N,); weight_total = the sum of weights
+    over the whole optimizer step on all ranks. Returns (loss to backpropagate, sum of weighted CE) where
+    the loss is already divided by weight_total."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    z = logits.logsumexp(dim=-1).pow(2)  # (N,) keeps the softmax normaliser near 1
+    weighted_ce = (weights * ce).sum()
+    loss = (weighted_ce + z_loss * (weights * z).sum()) / weight_total
+    return loss, weighted_ce.detach()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_state_dicts(model, optimizer):
+    """Model and optimizer state as plain full tensors on CPU, also under FSDP (gathered to every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=None):
+    """Every rank takes part (FSDP gathers); rank 0 writes path.tmp, then renames it over path."""
+    model_sd, optim_sd = full_state_dicts(model, optimizer)
+    data_states = d.all_gather_objects(data_state)
+    rngs = d.all_gather_objects(rng_state())
+    if d.is_master:
+        ckpt = {"model": model_sd, "optimizer": optim_sd, "step": step, "data": data_states, "rng": rngs,
+                "config": config, "world_size": d.world_size, **(extra or {})}
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # a crash before this line leaves the previous checkpoint intact
+    d.barrier()
+
+
+def load_checkpoint(path, model, optimizer, d):
+    """Restore model, optimizer and this rank's RNG; returns the checkpoint dict (step, data states...)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt["world_size"] != d.world_size:
+        raise ValueError(f"checkpoint '{path}' was written by {ckpt['world_size']} processes, this run has "
+                         f"{d.world_size}: the data-loader states would not line up")
+    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    set_rng_state(ckpt["rng"][d.rank])
+    return ckpt
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+class Progress:
+    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), TensorBoard when the
+    tensorboard package is installed, and the loss curve as a PNG."""
+
+    PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+    def __init__(self, d, out_dir, max_steps, flops_per_token=None, log_every=1):
+        self.d, self.out_dir, self.max_steps, self.log_every = d, out_dir, max_steps, log_every
+        self.flops_per_token = flops_per_token
+        self.curves = {"train": [], "val": []}
+        self.t_start = self.t_last = time.time()
+        self.tb = None
+        self.peak = None
+        if d.device.type == "cuda":
+            name = torch.cuda.get_device_name(d.device)
+            self.peak = next((v for k, v in self.PEAK_FLOPS.items() if k in name), None)
+        if d.is_master:
+            os.makedirs(out_dir, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                pass  # TensorBoard is optional
+
+    def step(self, step, loss, optimizer, tokens, grad_norm=None):
+        now = time.time()
+        dt, self.t_last = now - self.t_last, now
+        self.curves["train"].append((step, loss))
+        if not self.d.is_master:
+            return
+        tok_s = tokens / max(dt, 1e-9)
+        lrs = " ".join(f"{g['name']} {g['lr']:.2e}" for g in optimizer.param_groups)
+        line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f} | lr {lrs} | {tok_s:,.0f} tok/s"
+        if grad_norm is not None:
+            line += f" | grad {grad_norm:.2f}"
+        if self.peak and self.flops_per_token:
+            line += f" | MFU {100 * tok_s * self.flops_per_token / (self.peak * self.d.world_size):.1f}%"
+        done = step + 1
+        eta = (now - self.t_start) / done * (self.max_steps - done)
+        line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
+        if step % self.log_every == 0 or done == self.max_steps:
+            print(line, flush=True)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/tokens_per_s", tok_s, step)
+            for g in optimizer.param_groups:
+                self.tb.add_scalar(f"lr/{g['name']}", g["lr"], step)
+
+    def val(self, step, loss):
+        self.curves["val"].append((step, loss))
+        self.d.print(f"step {step:5d} | val loss {loss:.4f}")
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", loss, step)
+
+    def plot(self, name="loss.png"):
+        if not self.d.is_master:
+            return None
+        from eval import plot_curves
+        path = os.path.join(self.out_dir, name)
+        plot_curves({k: v for k, v in self.curves.items() if v}, path)
+        return path
+
+    def elapsed(self):
+        return time.time() - self.t_start
