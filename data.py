@@ -1314,8 +1314,9 @@ def collate(rows, pad_to=None, pad_id=ENDOFTEXT_ID, dense_mask=True):
 #   and n in 2/sqrt(n) counts each closing <|im_end|> (in trees training code leaves the last one out). A
 #   conversation cut at max_len keeps the weight of its full n. Annotations are not shuffled.
 # Packing fills rows of max_seq_len tokens (and a crop budget) with whole examples; collation pads rows,
-# builds the boolean attention mask block by block from each example's branch and vision ids, and merges the vision tensors under
-# transformers' Molmo2 names and batch convention, so both our model and transformers' accept a batch.
+# builds the boolean attention mask block by block from each example's branch and vision ids, and merges
+# the vision tensors under transformers' Molmo2 names and batch convention, so both our model and
+# transformers' accept a batch.
 
 STYLE_PREFIX_MODES = ("sft", "pretrain", "none")
 LOSS_WEIGHTINGS = ("sft", "sqrt", "none")
@@ -1471,7 +1472,8 @@ def format_example(record, processor=None, rng=None, style_prefixes="sft", loss_
         style, messages = annotation["style"], annotation["messages"]
         if loss_weighting == "sft" and style not in STYLES:
             raise ValueError(f"{where}: style {style!r} has no loss-weight rule in data.STYLES")
-        ids, has_loss = _conversation_tokens(messages, style_prefix(style, messages[-1]["content"], style_prefixes, rng), tokenizer)
+        prefix = style_prefix(style, messages[-1]["content"], style_prefixes, rng)
+        ids, has_loss = _conversation_tokens(messages, prefix, tokenizer)
         inputs = ids[:-1]
         targets = [t if loss else -1 for t, loss in zip(ids[1:], has_loss[1:])]
         n_loss = sum(has_loss)
@@ -1480,12 +1482,14 @@ def format_example(record, processor=None, rng=None, style_prefixes="sft", loss_
                 break  # this annotation and the later ones do not fit
             inputs, targets = inputs[:max(budget, 0)], targets[:max(budget, 0)]
             if all(t < 0 for t in targets):
-                raise ExampleTooLong(f"{where}: {n_prefix} prefix tokens leave no room for an answer in max_len {max_len}")
+                raise ExampleTooLong(f"{where}: {n_prefix} prefix tokens leave no room for an answer "
+                                     f"in max_len {max_len}")
         branches.append((inputs, targets, style, n_loss))
         if budget is not None:
             budget -= len(inputs)
 
-    input_ids, target_ids, weights, positions, branch_ids = list(prefix_ids), [-1] * n_prefix, [0.0] * n_prefix, list(range(n_prefix)), [0] * n_prefix
+    input_ids, positions = list(prefix_ids), list(range(n_prefix))
+    target_ids, weights, branch_ids = [-1] * n_prefix, [0.0] * n_prefix, [0] * n_prefix
     for k, (inputs, targets, style, n_loss) in enumerate(branches, 1):
         if loss_weighting == "none":
             w = 1.0

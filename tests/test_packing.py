@@ -31,7 +31,8 @@ def record(answers, images=(), prompt="What is shown?"):
 def example_with(branch_ids, is_vision):
     n = len(branch_ids)
     ids = torch.zeros(n, dtype=torch.long)
-    return data.Example(ids, ids - 1, torch.zeros(n), torch.arange(n), torch.tensor(branch_ids), torch.tensor(is_vision))
+    return data.Example(ids, ids - 1, torch.zeros(n), torch.arange(n), torch.tensor(branch_ids),
+                        torch.tensor(is_vision))
 
 
 def test_attention_mask_hand_drawn():
@@ -100,9 +101,11 @@ def tiny_hf_molmo2():
     def per_token_ce(batch, own_mask):
         vision = {k: batch[k] for k in VISION_KEYS if k in batch}
         masking = dict(attention_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
-        out = molmo2.model(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], **masking, **vision)
+        out = molmo2.model(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                           **masking, **vision)
         has_loss = batch["targets"] >= 0
-        return F.cross_entropy(molmo2.lm_head(out.last_hidden_state[has_loss]), batch["targets"][has_loss], reduction="none")
+        logits = molmo2.lm_head(out.last_hidden_state[has_loss])
+        return F.cross_entropy(logits, batch["targets"][has_loss], reduction="none")
     return per_token_ce
 
 
