@@ -1,0 +1,229 @@
+"""Packing and collation: the attention mask on a hand-drawn case, the loss of packed examples equal to
+their losses apart (our Qwen3 on text; transformers' Molmo2 on images, with its own masking as the
+reference), message-tree branches equal to separate sequences, the batch vision tensors equal to
+transformers' processor output, and the packer's budgets, skips and exact resume."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import model as model_lib
+
+T, F_ = True, False  # short names for the hand-drawn mask
+
+
+def image(seed, height, width):
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def record(answers, images=(), prompt="What is shown?"):
+    """One annotation per answer (several = a message tree)."""
+    return {"id": "test", "images": list(images), "annotations": [
+        {"style": "user_qa", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]}
+        for a in answers]}
+
+
+def example_with(branch_ids, is_vision):
+    n = len(branch_ids)
+    ids = torch.zeros(n, dtype=torch.long)
+    return data.Example(ids, ids - 1, torch.zeros(n), torch.arange(n), torch.tensor(branch_ids),
+                        torch.tensor(is_vision))
+
+
+def test_attention_mask_hand_drawn():
+    # row: example 0 = [BOS, vision, vision | branch 1: a, b | branch 2: c], example 1 = [x | y], one pad
+    row = [example_with([0, 0, 0, 1, 1, 2], [F_, T, T, F_, F_, F_]), example_with([0, 1], [F_, F_])]
+    expected = torch.tensor([
+        # keys: BOS v   v   a   b   c   x   y   pad
+        [T, F_, F_, F_, F_, F_, F_, F_, F_],  # BOS
+        [T, T, T, F_, F_, F_, F_, F_, F_],  # vision sees the later vision token (bidirectional)
+        [T, T, T, F_, F_, F_, F_, F_, F_],
+        [T, T, T, T, F_, F_, F_, F_, F_],  # branch 1
+        [T, T, T, T, T, F_, F_, F_, F_],
+        [T, T, T, F_, F_, T, F_, F_, F_],  # branch 2: the prefix and itself, not branch 1
+        [F_, F_, F_, F_, F_, F_, T, F_, F_],  # example 1 starts: nothing of example 0
+        [F_, F_, F_, F_, F_, F_, T, T, F_],
+        [F_, F_, F_, F_, F_, F_, F_, F_, T],  # padding sees itself only
+    ])
+    batch = data.collate([row], pad_to=9)
+    assert torch.equal(batch["attn_mask"], expected[None, None])
+    assert batch["example_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, -1]]
+
+
+def per_token_ce_qwen3(qwen, batch):
+    """Cross-entropy at every loss target, in row-major order."""
+    h = qwen.run_layers(qwen.embed_tokens(batch["input_ids"]), batch["position_ids"], batch["attn_mask"])
+    has_loss = batch["targets"] >= 0
+    return F.cross_entropy(qwen.lm_logits(h[has_loss]).float(), batch["targets"][has_loss], reduction="none")
+
+
+@torch.no_grad()
+def test_packing_invariance_text_qwen3():
+    torch.manual_seed(0)
+    qwen = model_lib.Qwen3(model_lib.Qwen3Config.preset("tiny")).eval()
+    a = data.format_example(record(["A short answer."]))
+    b = data.format_example(record(["Another, somewhat longer answer with more tokens in it."], prompt="Hm?"))
+    tree = data.format_example(record(["Yes.", "No, it is not."], prompt="Is it?"))
+    branches = [data.format_example(record([answer], prompt="Is it?")) for answer in ("Yes.", "No, it is not.")]
+    packed = data.collate([[a, tree], [b]], pad_to=len(a) + len(tree) + 3)
+    apart = [data.collate([[ex]]) for ex in (a, *branches, b)]
+    ce_packed = per_token_ce_qwen3(qwen, packed)
+    ce_apart = torch.cat([per_token_ce_qwen3(qwen, batch) for batch in apart])
+    assert ce_packed.shape == ce_apart.shape
+    torch.testing.assert_close(ce_packed, ce_apart, atol=1e-5, rtol=1e-5)
+    # weights: the same per token, except that each tree branch carries 1/sqrt(2) of its separate weight,
+    # so the weighted CE sums of the branches are the separate sums / sqrt(2)
+    w_packed = packed["loss_weights"][packed["targets"] >= 0]
+    w_apart = torch.cat([batch["loss_weights"][batch["targets"] >= 0] for batch in apart])
+    n_loss = [int((batch["targets"] >= 0).sum()) for batch in apart]
+    scale = torch.cat([torch.full((n,), s) for n, s in zip(n_loss, (1, 2 ** -0.5, 2 ** -0.5, 1))])
+    torch.testing.assert_close(w_packed, w_apart * scale)
+
+
+def tiny_hf_molmo2():
+    """A random transformers Molmo2 small enough for CPU, reading 84-px crops (6x6 patches)."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+    config = Molmo2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, image_size=[84, 84], num_position_embeddings=36),
+        adapter_config=dict(vision_feature_layer=[-1, -2], hidden_size=32, num_attention_heads=2,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=64, text_hidden_size=64),
+        text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_hidden_layers=2, intermediate_size=128),
+    )
+    molmo2 = Molmo2ForConditionalGeneration(config).eval()
+
+    def per_token_ce(batch, own_mask):
+        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+        masking = dict(attention_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
+        out = molmo2.model(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                           **masking, **vision)
+        has_loss = batch["targets"] >= 0
+        logits = molmo2.lm_head(out.last_hidden_state[has_loss])
+        return F.cross_entropy(logits, batch["targets"][has_loss], reduction="none")
+    return per_token_ce
+
+
+def tiny_our_molmo2():
+    """model.Molmo2 with the tiny Qwen3 and a tiny SigLIP2 reading 84-px crops."""
+    import dataclasses
+    import vision as vision_lib
+    vit = dataclasses.replace(vision_lib.SigLIP2Config.preset("tiny"), image_size=84)
+    molmo2 = model_lib.Molmo2(model_lib.Molmo2Config.join(model_lib.Qwen3Config.preset("tiny"), vit, (-2, -4))).eval()
+
+    def per_token_ce(batch, own_mask):
+        vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+        masking = dict(attn_mask=batch["attn_mask"], position_ids=batch["position_ids"]) if own_mask else {}
+        has_loss = batch["targets"] >= 0
+        logits = molmo2(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], logits_positions=has_loss,
+                        **masking, **vision)
+        return F.cross_entropy(logits, batch["targets"][has_loss], reduction="none")
+    return per_token_ce
+
+
+VISION_KEYS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops")
+
+
+@pytest.mark.parametrize("make_model", [tiny_hf_molmo2, tiny_our_molmo2], ids=["transformers", "ours"])
+@torch.no_grad()
+def test_packing_invariance_images_molmo2(make_model):
+    """Packed rows with our mask and positions give each example the loss it gets alone, where the model
+    builds its own mask (causal + bidirectional vision); tree branches the loss of separate sequences."""
+    torch.manual_seed(0)
+    per_token_ce = make_model()
+    processor = data.Molmo2Processor(crop_size=84, overlap_margins=(1, 1), max_crops=4)
+    pictures = [image(0, 40, 60), image(1, 70, 30), image(2, 30, 30)]
+    one = data.format_example(record(["A red circle."], pictures[:1]), processor)
+    text = data.format_example(record(["Only text here."]), processor)
+    answers = ("Two images.", "The second branch answer.")
+    tree = data.format_example(record(answers, pictures[1:]), processor)
+    branches = [data.format_example(record([a], pictures[1:]), processor) for a in answers]
+    packed = data.collate([[one, text], [tree]])  # images of two rows, a text example between them
+    ce_packed = per_token_ce(packed, own_mask=True)
+    ce_apart = torch.cat([per_token_ce(data.collate([[ex]]), own_mask=False) for ex in (one, text, *branches)])
+    assert ce_packed.shape == ce_apart.shape
+    torch.testing.assert_close(ce_packed, ce_apart, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_vision_tensors_match_transformers_processor():
+    from transformers import Molmo2ImageProcessor
+    pictures = [image(3, 50, 70), image(4, 60, 20), image(5, 30, 90)]
+    examples = [data.format_example(record(["a"], pictures[:2])), data.format_example(record(["b"], pictures[2:]))]
+    batch = data.collate([[examples[0]], [examples[1]]])
+    ref = Molmo2ImageProcessor()(pictures, return_tensors="pt")
+    for key in ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops"):
+        assert torch.equal(batch[key], ref[key]), key
+    assert (batch["input_ids"] == data.IMAGE_PATCH_ID).sum() == len(ref["image_token_pooling"])
+
+
+def fake_example(key, n=None):
+    """A deterministic Example of a length and crop count drawn from its key; None for key % 11 == 5."""
+    if key % 11 == 5:
+        return None
+    rng = np.random.default_rng(key)
+    n, crops = n or int(rng.integers(5, 40)), int(rng.integers(0, 4))
+    ids = torch.full((n,), key, dtype=torch.long)
+    pixels = torch.zeros(crops, 4, 3) if crops else None
+    return data.Example(ids, ids.clone(), torch.ones(n), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                        torch.zeros(n, dtype=torch.bool), pixel_values=pixels)
+
+
+class KeyStream:
+    """A stateful stream of keys, like MixtureSampler."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.i
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def row_keys(row):
+    return [int(ex.input_ids[0]) for ex in row]
+
+
+def test_packer_budgets_skips_and_order():
+    def make(key):
+        if key == 7:
+            raise data.ExampleTooLong("key 7")
+        return fake_example(key, n=100 if key == 9 else None)
+    packer = data.Packer(iter(range(60)), make, max_seq_len=64, max_crops=4, lookahead=4)
+    rows = list(packer)
+    keys = [k for row in rows for k in row_keys(row)]
+    assert all(sum(len(ex) for ex in row) <= 64 and sum(ex.n_crops for ex in row) <= 4 for row in rows)
+    expected = [k for k in range(60) if k not in (7, 9) and k % 11 != 5]
+    assert sorted(keys) == expected  # every usable example exactly once
+    assert packer.skipped == {"too_long": 2, "unusable": 5}
+    # a lookahead of 4 fills rows well
+    assert sum(len(ex) for row in rows for ex in row) / (64 * len(rows)) > 0.8
+
+
+@pytest.mark.parametrize("stateful", [True, False])
+def test_packer_resumes_identically(stateful):
+    def fresh():
+        items = KeyStream() if stateful else iter(range(1, 1000))
+        return data.Packer(items, fake_example, max_seq_len=64, max_crops=4, lookahead=5)
+    packer = fresh()
+    for _ in range(6):
+        next(packer)
+    state = copy.deepcopy(packer.state_dict())
+    following = [row_keys(next(packer)) for _ in range(8)]
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    assert [row_keys(next(resumed)) for _ in range(8)] == following
+    assert resumed.skipped == packer.skipped
