@@ -32,7 +32,7 @@ max_seq_len = 1024  # tokens per packed row
 max_crops = 4  # crops per image (Molmo2: 8 in training)
 max_row_crops = 16  # crops (and frames) per packed row
 max_video_frames = 8
-crop_size = 112  # 378 for SigLIP2-so400m; small presets use smaller crops
+overlap_margins = (2, 2)  # patches shared with the neighbouring crop on each side (Molmo2 at 378 px: (4, 4))
 prefix_mode = "pretrain"  # style prefixes with length hints
 loss_weighting = "none"  # pretraining weighs every answer token alike
 batch_size = 8  # rows per micro-batch per process
@@ -73,7 +73,8 @@ autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type 
 
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, max_seq_len=max_seq_len,
                    max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,
-                   crop_size=crop_size, patch_size=model.config.vit.patch_size, prefix_mode=prefix_mode,
+                   crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
+                   overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed)
 loader = TrainLoader(split="train", rank=d.rank, **loader_args)
 start_step = 0

@@ -341,7 +341,7 @@ class TrainLoader:
     state_dict() / load_state_dict() continue the exact same stream."""
 
     def __init__(self, data_dir, mixture, split, rank, batch_size, max_seq_len, max_crops, max_row_crops,
-                 max_video_frames, crop_size, patch_size, prefix_mode, weighting, seed):
+                 max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed):
         import data
         self.data = data
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
@@ -349,7 +349,7 @@ class TrainLoader:
         self.report = data.SkipReport()
         self.sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank, report=self.report)
         self.processor = data.Molmo2Processor(max_crops=max_crops, max_frames=max_video_frames, crop_size=crop_size,
-                                              patch_size=patch_size)
+                                              patch_size=patch_size, overlap_margins=overlap_margins)
         self.packer = data.Packer(_DrawKeys(self.sampler), self._example, max_seq_len, max_row_crops)
 
     def _example(self, key):
