@@ -33,6 +33,7 @@ max_crops = 4  # crops per image (Molmo2: 8 in training)
 max_row_crops = 16  # crops (and frames) per packed row
 max_video_frames = 8
 overlap_margins = (2, 2)  # patches shared with the neighbouring crop on each side (Molmo2 at 378 px: (4, 4))
+styles = None  # train on these annotation styles only, e.g. ("point_count", "pointing"); None = all
 prefix_mode = "pretrain"  # style prefixes with length hints
 loss_weighting = "none"  # pretraining weighs every answer token alike
 batch_size = 8  # rows per micro-batch per process
@@ -75,8 +76,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,
                    crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
-                   weighting=loss_weighting, seed=seed)
-loader = TrainLoader(split="train", rank=d.rank, **loader_args)
+                   weighting=loss_weighting, seed=seed, styles=styles)
+loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum, **loader_args)
 start_step = 0
 if resume and os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, train_model, optimizer, d)
@@ -91,7 +92,7 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
 for step in range(start_step, max_steps):
     set_learning_rates(optimizer, step, max_steps)
     data_state = loader.state_dict()  # before this step's batches, in case the step must be redone
-    micro_batches = [loader.next_batch() for _ in range(grad_accum)]
+    micro_batches = loader.next_step()
     try:
         loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip,
                                      z_loss, os.path.join(out_dir, f"nonfinite_step{step}_rank{d.rank}.pt"))

@@ -14,6 +14,7 @@ Design choices:
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
 """
 
+import collections
 import math
 import os
 import random
@@ -335,28 +336,44 @@ def merge_media_streams(batch, rows):
 
 
 class TrainLoader:
-    """Batches for one rank: records drawn from the mixture (data.MixtureSampler, its own stream per rank),
-    formatted (data.format_example, deterministic per draw), packed (data.Packer) and collated.
-    Bad records are skipped and counted in self.report (records) and the packer (too long, too many crops).
-    state_dict() / load_state_dict() continue the exact same stream."""
+    """The micro-batches of one rank: records drawn from the mixture (data.MixtureSampler), formatted
+    (data.format_example, deterministic per draw), packed (data.Packer) and collated.
 
-    def __init__(self, data_dir, mixture, split, rank, batch_size, max_seq_len, max_crops, max_row_crops,
-                 max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed):
+    One stream of draws is dealt round-robin over world_size * grad_accum shards, and micro-batch m of
+    rank r packs shard r * grad_accum + m. The examples of a step therefore depend only on the product:
+    2 GPUs x 1 micro-batch see exactly what 1 GPU x 2 micro-batches sees (how the FSDP run is checked
+    against the single-GPU one). Bad records are skipped and counted in self.report, examples that cannot
+    be packed in the packers; state_dict() / load_state_dict() continue the exact same streams."""
+
+    def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
+                 max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
+                 rank=0, world_size=1, grad_accum=1):
         import data
         self.data = data
+        self.styles = None if styles is None else set(styles)  # train on these annotation styles only
+        self.n_filtered = 0  # records with no annotation of those styles
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
         self.prefix_mode, self.weighting = prefix_mode, weighting
         self.report = data.SkipReport()
-        self.sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank, report=self.report)
         self.processor = data.Molmo2Processor(max_crops=max_crops, max_frames=max_video_frames, crop_size=crop_size,
                                               patch_size=patch_size, overlap_margins=overlap_margins)
-        self.packer = data.Packer(_DrawKeys(self.sampler), self._example, max_seq_len, max_row_crops)
+        n_shards = world_size * grad_accum
+        self.files, self.packers = None, []
+        for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
+            sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            self.files = self.files or files  # the shards read the same files
+            self.packers.append(data.Packer(_DrawKeys(sampler, shard, n_shards), self._example, max_seq_len, max_row_crops))
 
     def _example(self, key):
         name, index, draw = key
         record = self.files[name].get(index)
         if record is None:
             return None  # counted in self.report
+        if self.styles is not None:
+            record["annotations"] = [a for a in record["annotations"] if a["style"] in self.styles]
+            if not record["annotations"]:
+                self.n_filtered += 1
+                return None
         rng = np.random.default_rng([self.seed, draw])
         try:
             return self.data.format_example(record, self.processor, rng, self.prefix_mode, self.weighting, self.max_seq_len)
@@ -364,8 +381,12 @@ class TrainLoader:
             self.report.skip(self.data.BadRecord("undecodable_image", str(e)))
             return None
 
-    def next_batch(self):
-        rows = [next(self.packer) for _ in range(self.batch_size)]
+    def next_step(self):
+        """-> [micro-batch] (grad_accum of them), each a collated batch of batch_size rows."""
+        return [self._batch(packer) for packer in self.packers]
+
+    def _batch(self, packer):
+        rows = [next(packer) for _ in range(self.batch_size)]
         batch = self.data.collate(rows, pad_to=self.max_seq_len)
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
@@ -373,31 +394,43 @@ class TrainLoader:
 
     def skip_summary(self):
         lines = [self.report.summary()]
-        if self.packer.skipped:
-            lines.append("examples not packed: " + ", ".join(f"{k} {v}" for k, v in sorted(self.packer.skipped.items())))
+        if self.n_filtered:
+            lines.append(f"records without an annotation of the styles {sorted(self.styles)}: {self.n_filtered}")
+        skipped = collections.Counter()
+        for packer in self.packers:
+            skipped.update(packer.skipped)
+        if skipped:
+            lines.append("examples not packed: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
         return "\n".join(lines)
 
     def state_dict(self):
-        return self.packer.state_dict()  # holds the sampler's state too
+        return [packer.state_dict() for packer in self.packers]  # each holds its sampler's state too
 
     def load_state_dict(self, state):
-        self.packer.load_state_dict(state)
+        if len(state) != len(self.packers):
+            raise ValueError(f"data state for {len(state)} micro-batches per step, this run has {len(self.packers)} "
+                             "(resume with the same grad_accum)")
+        for packer, packer_state in zip(self.packers, state):
+            packer.load_state_dict(packer_state)
 
 
 class _DrawKeys:
-    """The sampler's draws as keys (dataset, index, draw number): the draw number seeds the example's own
-    randomness, so an example is a pure function of its key. Resumable through the sampler's state."""
+    """The sampler's draws dealt to one shard, as keys (dataset, index, draw number): the draw number seeds
+    the example's own randomness, so an example is a pure function of its key. Resumable through the
+    sampler's state (every shard runs the whole sampler and keeps every n_shards-th draw)."""
 
-    def __init__(self, sampler):
-        self.sampler = sampler
+    def __init__(self, sampler, shard=0, n_shards=1):
+        self.sampler, self.shard, self.n_shards = sampler, shard, n_shards
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        draw = self.sampler.draws
-        name, index = next(self.sampler)
-        return name, index, draw
+        while True:
+            draw = self.sampler.draws
+            name, index = next(self.sampler)
+            if draw % self.n_shards == self.shard:
+                return name, index, draw
 
     def state_dict(self):
         return self.sampler.state_dict()
@@ -409,12 +442,12 @@ class _DrawKeys:
 @torch.no_grad()
 def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_args):
     """Mean weighted cross-entropy on the first n_batches batches of a split (the same ones every time)."""
-    loader = TrainLoader(split=split, rank=d.rank, **loader_args)
+    loader = TrainLoader(split=split, rank=d.rank, world_size=d.world_size, **loader_args)
     was_training = model.training
     model.eval()
     total, weight = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     for _ in range(n_batches):
-        batch = {k: v.to(d.device) for k, v in loader.next_batch().items()}
+        batch = {k: v.to(d.device) for k, v in loader.next_step()[0].items()}
         is_loss = batch["targets"] >= 0
         with autocast or torch.autocast("cpu", enabled=False):
             logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, logits_positions=is_loss)
