@@ -14,6 +14,7 @@ Design choices:
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
 """
 
+import json
 import math
 import os
 import random
@@ -216,8 +217,9 @@ def load_checkpoint(path, model, optimizer, d):
 
 
 class Progress:
-    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), TensorBoard when the
-    tensorboard package is installed, and the loss curve as a PNG."""
+    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), the same numbers appended to
+    out_dir/log.jsonl (a resumed run appends its steps after the earlier ones: a step's last line is the one that
+    counts), TensorBoard when the tensorboard package is installed, and the loss curve as a PNG."""
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
@@ -228,6 +230,7 @@ class Progress:
         self.t_start = self.t_last = time.time()
         self.tb = None
         self.peak = None
+        self.log_path = os.path.join(out_dir, "log.jsonl")
         if d.device.type == "cuda":
             name = torch.cuda.get_device_name(d.device)
             self.peak = next((v for k, v in self.PEAK_FLOPS.items() if k in name), None)
@@ -259,6 +262,8 @@ class Progress:
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
+        self.log({"step": step, "loss": loss, "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": dt})
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/tokens_per_s", tok_s, step)
@@ -268,15 +273,24 @@ class Progress:
     def val(self, step, loss):
         self.curves["val"].append((step, loss))
         self.d.print(f"step {step:5d} | val loss {loss:.4f}")
+        if self.d.is_master:
+            self.log({"step": step, "val_loss": loss})
         if self.tb is not None:
             self.tb.add_scalar("val/loss", loss, step)
 
+    def log(self, record):
+        """Append one JSON line; floats are written exactly (repr), so runs can be compared bit for bit."""
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def plot(self, name="loss.png"):
-        if not self.d.is_master:
+        """The loss curves as a PNG; None when this run took no step (e.g. it resumed a finished run)."""
+        curves = {k: v for k, v in self.curves.items() if v}
+        if not self.d.is_master or not curves:
             return None
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
-        plot_curves({k: v for k, v in self.curves.items() if v}, path)
+        plot_curves(curves, path)
         return path
 
     def elapsed(self):
