@@ -14,6 +14,7 @@ Design choices:
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
 """
 
+import collections
 import json
 import math
 import os
@@ -352,7 +353,7 @@ class TrainLoader:
     """Batches for one rank: records drawn from the mixture (data.MixtureSampler, its own stream per rank),
     formatted (data.format_example, deterministic per draw), packed (data.Packer) and collated.
     Bad records are skipped and counted in self.report (records) and the packer (too long, too many crops).
-    state_dict() / load_state_dict() continue the exact same stream."""
+    state_dict() / load_state_dict() continue the exact same stream, and the counts."""
 
     def __init__(self, data_dir, mixture, split, rank, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed):
@@ -392,10 +393,16 @@ class TrainLoader:
         return "\n".join(lines)
 
     def state_dict(self):
-        return self.packer.state_dict()  # holds the sampler's state too
+        report = self.report
+        return {"packer": self.packer.state_dict(),  # holds the sampler's state too
+                "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first)}}
 
     def load_state_dict(self, state):
-        self.packer.load_state_dict(state)
+        self.packer.load_state_dict(state["packer"])
+        # after the packer, which rereads its waiting records: they were counted before the checkpoint
+        self.report.n_seen = state["records"]["n_seen"]
+        self.report.counts = collections.Counter(state["records"]["counts"])
+        self.report.first = dict(state["records"]["first"])
 
 
 class _DrawKeys:
