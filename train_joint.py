@@ -18,7 +18,8 @@ import torch
 
 from configurator import configure
 from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
-                      load_checkpoint, save_checkpoint, seed_everything, set_learning_rates, train_step, wrap_model)
+                      load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
+                      wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -88,13 +89,14 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
 
 for step in range(start_step, max_steps):
     set_learning_rates(optimizer, step, max_steps)
-    data_state = loader.state_dict()  # before this step's batches, in case the step must be redone
+    # the state before this step's batches and dropout draws, in case the step must be redone
+    data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = [loader.next_batch() for _ in range(grad_accum)]
     try:
         loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip,
                                      z_loss, os.path.join(out_dir, f"nonfinite_step{step}_rank{d.rank}.pt"))
     except FloatingPointError as e:
-        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config)
+        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config, rng=rng_before)
         raise SystemExit(f"step {step}: {e}; the state before this step is in {ckpt_path}")
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1

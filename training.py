@@ -185,11 +185,12 @@ def full_state_dicts(model, optimizer):
     return get_state_dict(model, optimizer, options=opts)
 
 
-def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=None):
-    """Every rank takes part (FSDP gathers); rank 0 writes path.tmp, then renames it over path."""
+def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=None, rng=None):
+    """Every rank takes part (FSDP gathers); rank 0 writes path.tmp, then renames it over path.
+    rng: this rank's rng_state() to store (default: now), e.g. taken before a step that failed."""
     model_sd, optim_sd = full_state_dicts(model, optimizer)
     data_states = d.all_gather_objects(data_state)
-    rngs = d.all_gather_objects(rng_state())
+    rngs = d.all_gather_objects(rng if rng is not None else rng_state())
     if d.is_master:
         ckpt = {"model": model_sd, "optimizer": optim_sd, "step": step, "data": data_states, "rng": rngs,
                 "config": config, "world_size": d.world_size, **(extra or {})}
