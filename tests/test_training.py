@@ -42,8 +42,9 @@ TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--m
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("world"))
-    data.generate_synthetic_world(root, seed=0, sizes={"train": {"image": 12, "multi": 3, "video": 3}},
-                                  image_size=56, video_size=56, max_objects=3, max_video_objects=2, n_frames=4)
+    sizes = {"train": {"image": 12, "multi": 3, "video": 3}, "val": {"image": 2}}
+    data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
+                                  max_video_objects=2, n_frames=4)
     # "damaged": one good record among a malformed line, a missing image and an image that does not decode
     damaged = os.path.join(root, "damaged")
     os.makedirs(damaged)
@@ -80,6 +81,12 @@ def run_script(command):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def run_stage_in_process(script, args, monkeypatch):
+    """A stage script as `python script args`, in this process (so its functions can be patched)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
 def read_log(out_dir):
@@ -148,6 +155,16 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(world, joint_run, t
     assert all(torch.equal(final[k], ref_final[k]) for k in final)
     # the skip report is part of the resumed state: the end-of-run summaries agree
     assert end_summary(stdout) == end_summary(ref_stdout)
+
+
+def test_rerunning_a_finished_run_changes_nothing(world, joint_run, monkeypatch):
+    out_dir, _ = joint_run
+    log = read_log(out_dir)
+    weights = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    run_stage_in_process("train_joint.py", joint_command(world, out_dir)[2:], monkeypatch)
+    assert read_log(out_dir) == log
+    again = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
 
 
 # ---------------------------------------------------------------------------
@@ -230,12 +247,6 @@ def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
 # ---------------------------------------------------------------------------
 
 
-def run_stage_in_process(script, args, monkeypatch):
-    """A stage script as `python script args`, in this process (so its functions can be patched)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-
-
 def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeypatch):
     torch.manual_seed(1)
     start = training.build_model("scratch", "tiny")
@@ -243,7 +254,7 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
     out_dir = tmp_path / "align"
     run_stage_in_process("train_align.py", [f"--init_from={tmp_path / 'start'}", f"--out_dir={out_dir}",
                                             f"--data_dir={world}", *TINY, "--max_steps=3", "--lr_connector=1e-2",
-                                            "--warmup_connector=0"], monkeypatch)
+                                            "--warmup_connector=0", "--eval_every=3", "--eval_batches=1"], monkeypatch)
     trained = Molmo2.from_pretrained(str(out_dir / "final"))
     before, after = start.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()
@@ -257,6 +268,7 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
     assert changed_rows[2] and not changed_rows.all()
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=False)
     assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["connector"]
+    assert [r["step"] for r in read_log(out_dir) if "val_loss" in r] == [2]
 
 
 # ---------------------------------------------------------------------------
