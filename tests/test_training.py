@@ -404,17 +404,22 @@ def test_gradient_accumulation_equals_one_big_batch(big_batch_step):
 
 
 def ddp_rank(rank, port, start_path, rows_path, out_path):
-    """One of 2 CPU processes (gloo): 4 of the 8 rows each; rank 0 writes its result."""
+    """One of 2 CPU processes (gloo), with 4 of the 8 rows each: as one micro-batch of 4, then (a fresh
+    copy of the model) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes both results."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     d = training.Dist("cpu")
-    model = torch.load(start_path, weights_only=False)
+    start = torch.load(start_path, weights_only=False)
     rows, pad_to = torch.load(rows_path, weights_only=False)
-    train_model = training.wrap_model(model, d, "ddp")
-    result = gradients_of_one_step(model, [to_batch(rows[4 * rank:4 * rank + 4], pad_to)], d, train_model)
+    mine = rows[4 * rank:4 * rank + 4]
+    results = []
+    for micro_batches in ([mine], [mine[:2], mine[2:]]):
+        model = copy.deepcopy(start)
+        train_model = training.wrap_model(model, d, "ddp")
+        results.append(gradients_of_one_step(model, [to_batch(mb, pad_to) for mb in micro_batches], d, train_model))
     if d.is_master:
-        torch.save(result, out_path)
+        torch.save(results, out_path)
     d.close()
 
 
@@ -432,7 +437,9 @@ def test_ddp_two_processes_equal_one_big_batch(big_batch_step, tmp_path):
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
-    assert_same_step(torch.load(tmp_path / "rank0.pt", weights_only=False), big)
+    one_micro_batch, two_micro_batches = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert_same_step(one_micro_batch, big)
+    assert_same_step(two_micro_batches, big)
 
 
 # ---------------------------------------------------------------------------
