@@ -18,7 +18,8 @@ import torch
 
 from configurator import configure
 from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
-                      load_checkpoint, save_checkpoint, seed_everything, set_learning_rates, train_step, wrap_model)
+                      load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
+                      wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
@@ -60,9 +61,10 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 d = Dist(device)
-seed_everything(seed + d.rank)
+seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from).to(d.device)
+seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
@@ -91,13 +93,14 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
 
 for step in range(start_step, max_steps):
     set_learning_rates(optimizer, step, max_steps)
-    data_state = loader.state_dict()  # before this step's batches, in case the step must be redone
+    # the state before this step's batches and dropout draws, in case the step must be redone
+    data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = loader.next_step()
     try:
         loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip,
                                      z_loss, os.path.join(out_dir, f"nonfinite_step{step}_rank{d.rank}.pt"))
     except FloatingPointError as e:
-        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config)
+        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config, rng=rng_before)
         raise SystemExit(f"step {step}: {e}; the state before this step is in {ckpt_path}")
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
@@ -110,11 +113,5 @@ for step in range(start_step, max_steps):
 final_dir = os.path.join(out_dir, "final")
 export_final(train_model, model, optimizer, d, final_dir)
 if d.is_master:
-    curve = progress.plot()
-    first = progress.curves["train"][0][1] if progress.curves["train"] else float("nan")
-    last = progress.curves["train"][-1][1] if progress.curves["train"] else float("nan")
-    print(f"done: {max_steps - start_step} steps in {progress.elapsed() / 60:.1f} min | train loss {first:.3f} -> {last:.3f}"
-          + (f" | val loss {progress.curves['val'][-1][1]:.3f}" if progress.curves["val"] else ""))
-    print(loader.skip_summary())
-    print(f"model: {final_dir} | loss curve: {curve} | checkpoint: {ckpt_path}")
+    print(progress.summary(loader, final_dir, ckpt_path))
 d.close()

@@ -15,6 +15,7 @@ Design choices:
 """
 
 import collections
+import json
 import math
 import os
 import random
@@ -184,11 +185,12 @@ def full_state_dicts(model, optimizer):
     return get_state_dict(model, optimizer, options=opts)
 
 
-def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=None):
-    """Every rank takes part (FSDP gathers); rank 0 writes path.tmp, then renames it over path."""
+def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=None, rng=None):
+    """Every rank takes part (FSDP gathers); rank 0 writes path.tmp, then renames it over path.
+    rng: this rank's rng_state() to store (default: now), e.g. taken before a step that failed."""
     model_sd, optim_sd = full_state_dicts(model, optimizer)
     data_states = d.all_gather_objects(data_state)
-    rngs = d.all_gather_objects(rng_state())
+    rngs = d.all_gather_objects(rng if rng is not None else rng_state())
     if d.is_master:
         ckpt = {"model": model_sd, "optimizer": optim_sd, "step": step, "data": data_states, "rng": rngs,
                 "config": config, "world_size": d.world_size, **(extra or {})}
@@ -217,8 +219,9 @@ def load_checkpoint(path, model, optimizer, d):
 
 
 class Progress:
-    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), TensorBoard when the
-    tensorboard package is installed, and the loss curve as a PNG."""
+    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), the same numbers appended to
+    out_dir/log.jsonl (a resumed run appends its steps after the earlier ones: a step's last line is the one that
+    counts), TensorBoard when the tensorboard package is installed, and the loss curve as a PNG."""
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
@@ -229,6 +232,7 @@ class Progress:
         self.t_start = self.t_last = time.time()
         self.tb = None
         self.peak = None
+        self.log_path = os.path.join(out_dir, "log.jsonl")
         if d.device.type == "cuda":
             name = torch.cuda.get_device_name(d.device)
             self.peak = next((v for k, v in self.PEAK_FLOPS.items() if k in name), None)
@@ -246,7 +250,7 @@ class Progress:
         self.curves["train"].append((step, loss))
         if not self.d.is_master:
             return
-        tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches) * self.d.world_size
+        tokens = sum(int((mb["example_ids"] >= 0).sum()) for mb in micro_batches) * self.d.world_size  # no padding
         tok_s = tokens / max(dt, 1e-9)
         lrs = " ".join(f"{g['name']} {g['lr']:.2e}" for g in optimizer.param_groups)
         line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f} | lr {lrs} | {tok_s:,.0f} tok/s"
@@ -260,6 +264,8 @@ class Progress:
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
+        self.log({"step": step, "loss": loss, "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": dt})
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/tokens_per_s", tok_s, step)
@@ -269,19 +275,39 @@ class Progress:
     def val(self, step, loss):
         self.curves["val"].append((step, loss))
         self.d.print(f"step {step:5d} | val loss {loss:.4f}")
+        if self.d.is_master:
+            self.log({"step": step, "val_loss": loss})
         if self.tb is not None:
             self.tb.add_scalar("val/loss", loss, step)
 
+    def log(self, record):
+        """Append one JSON line; floats are written exactly (repr), so runs can be compared bit for bit."""
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def plot(self, name="loss.png"):
-        if not self.d.is_master:
+        """The loss curves as a PNG; None when this run took no step (e.g. it resumed a finished run)."""
+        curves = {k: v for k, v in self.curves.items() if v}
+        if not self.d.is_master or not curves:
             return None
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
-        plot_curves({k: v for k, v in self.curves.items() if v}, path)
+        plot_curves(curves, path)
         return path
 
-    def elapsed(self):
-        return time.time() - self.t_start
+    def summary(self, loader, final_dir, ckpt_path):
+        """The end-of-run report: steps, time, losses, peak GPU memory, skipped data, where things are."""
+        train, val = self.curves["train"], self.curves["val"]
+        line = f"done: {len(train)} steps in {(time.time() - self.t_start) / 60:.1f} min"
+        if train:
+            line += f" | train loss {train[0][1]:.3f} -> {train[-1][1]:.3f}"
+        if val:
+            line += f" | val loss {val[-1][1]:.3f}"
+        if self.d.device.type == "cuda":
+            line += f" | peak memory {torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f} GiB"
+        curve = self.plot()
+        return "\n".join([line, loader.skip_summary(),
+                          f"model: {final_dir} | loss curve: {curve} | log: {self.log_path} | checkpoint: {ckpt_path}"])
 
 
 # ---------------------------------------------------------------------------
@@ -404,14 +430,20 @@ class TrainLoader:
         return "\n".join(lines)
 
     def state_dict(self):
-        return [packer.state_dict() for packer in self.packers]  # each holds its sampler's state too
+        report = self.report
+        return {"packers": [packer.state_dict() for packer in self.packers],  # each holds its sampler's state
+                "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first)}}
 
     def load_state_dict(self, state):
-        if len(state) != len(self.packers):
-            raise ValueError(f"data state for {len(state)} micro-batches per step, this run has {len(self.packers)} "
-                             "(resume with the same grad_accum)")
-        for packer, packer_state in zip(self.packers, state):
+        if len(state["packers"]) != len(self.packers):
+            raise ValueError(f"data state for {len(state['packers'])} micro-batches per step, this run has "
+                             f"{len(self.packers)} (resume with the same grad_accum)")
+        for packer, packer_state in zip(self.packers, state["packers"]):
             packer.load_state_dict(packer_state)
+        # after the packers, which reread their waiting records: those were counted before the checkpoint
+        self.report.n_seen = state["records"]["n_seen"]
+        self.report.counts = collections.Counter(state["records"]["counts"])
+        self.report.first = dict(state["records"]["first"])
 
 
 class _DrawKeys:

@@ -1,0 +1,467 @@
+"""The training stages (train_joint.py, train_align.py, training.py) on a tiny synthetic world, on CPU:
+a run killed with SIGKILL and resumed ends on exactly the losses and weights of an uninterrupted run;
+align leaves the ViT and LLM bit for bit unchanged; each part has its own optimizer group and schedule
+(hand-worked values); gradient accumulation and 2-process DDP give the gradient of one big batch; a
+non-finite loss stops the run naming the step, with the batch and the state before the step saved; bad
+records are skipped and counted; Molmo2's loss equals a hand computation."""
+
+import copy
+import json
+import math
+import os
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import training
+from model import Molmo2, load_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300  # a stuck subprocess fails the test instead of hanging it
+
+# the tiny preset crops at 56 px: 4x4 patches of 14 px, so overlap margins of 1 patch
+TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--max_row_crops=8",
+        "--max_video_frames=4", "--max_seq_len=256", "--batch_size=1", "--device=cpu", "--eval_every=0"]
+
+
+# ---------------------------------------------------------------------------
+# A tiny world: the synthetic datasets plus one holding bad records
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    sizes = {"train": {"image": 12, "multi": 3, "video": 3}, "val": {"image": 2}}
+    data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
+                                  max_video_objects=2, n_frames=4)
+    # "damaged": one good record among a malformed line, a missing image and an image that does not decode
+    damaged = os.path.join(root, "damaged")
+    os.makedirs(damaged)
+    with open(os.path.join(root, "synth_image", "train.jsonl")) as f:
+        good = json.loads(f.readline())
+    good["image"] = os.path.join(root, "synth_image", good["image"])
+    with open(os.path.join(damaged, "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing decodable
+    lines = ['{"image": "a.png", "annotations": [',  # cut off mid-line
+             json.dumps({**good, "image": "nowhere.png"}),
+             json.dumps({**good, "image": "broken.png"}),
+             json.dumps(good)]
+    with open(os.path.join(damaged, "train.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return root
+
+
+def mixture_args(world):
+    mixture = {"image": (0.5, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
+               "video": (0.1, ["synth_video"]), "damaged": (0.3, ["damaged"])}
+    return [f"--data_dir={world}", f"--data_mixture={mixture!r}"]
+
+
+# joint runs with a distinct learning rate and warmup per part, dropout 0.1 (train_joint's default)
+JOINT = ["--max_steps=6", "--save_every=2", "--lr_connector=3e-3", "--lr_vit=2e-3", "--lr_llm=1e-3",
+         "--warmup_connector=2", "--warmup_vit=4", "--warmup_llm=0"]
+
+
+def joint_command(world, out_dir):
+    return [sys.executable, "train_joint.py", f"--out_dir={out_dir}", *TINY, *mixture_args(world), *JOINT]
+
+
+def run_script(command):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def run_stage_in_process(script, args, monkeypatch):
+    """A stage script as `python script args`, in this process (so its functions can be patched)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def end_summary(stdout):
+    """The skip report printed at the end of a run: from 'records:' up to the 'model:' line."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("records:"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("model:"))
+    return lines[start:end]
+
+
+@pytest.fixture(scope="module")
+def joint_run(world, tmp_path_factory):
+    """One uninterrupted joint run: (out_dir, stdout)."""
+    out_dir = str(tmp_path_factory.mktemp("joint"))
+    return out_dir, run_script(joint_command(world, out_dir))
+
+
+# ---------------------------------------------------------------------------
+# 1. Resume after SIGKILL: the same trajectory, bit for bit
+# ---------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(world, joint_run, tmp_path):
+    ref_dir, ref_stdout = joint_run
+    out_dir = str(tmp_path / "killed")
+    command = joint_command(world, out_dir)
+    # checkpoints are written after steps 1, 3, 5 (done = 2, 4, 6); step 4's line comes after the second,
+    # and the kill lands while step 5 computes
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + TIMEOUT_S
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("step     4/6") or time.time() > deadline:
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert any(line.startswith("step     4/6") for line in seen), "".join(seen)
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out_dir, "final")), "the run finished before the kill"
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["step"] == 4
+    before_kill = read_log(out_dir)
+    assert [r["step"] for r in before_kill] in ([0, 1, 2, 3], [0, 1, 2, 3, 4])  # step 4's line may be cut off
+
+    stdout = run_script(command)  # resume=True continues from out_dir/ckpt.pt
+    assert f"resumed from {out_dir}/ckpt.pt at step 4" in stdout
+    after_resume = read_log(out_dir)[len(before_kill):]
+    assert [r["step"] for r in after_resume] == [4, 5]
+
+    def trajectory(records):
+        return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in records]
+
+    reference = read_log(ref_dir)
+    assert trajectory(before_kill[:4] + after_resume) == trajectory(reference)  # exact floats
+    final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
+    assert final.keys() == ref_final.keys()
+    assert all(torch.equal(final[k], ref_final[k]) for k in final)
+    # the skip report is part of the resumed state: the end-of-run summaries agree
+    assert end_summary(stdout) == end_summary(ref_stdout)
+
+
+def test_rerunning_a_finished_run_changes_nothing(world, joint_run, monkeypatch):
+    out_dir, _ = joint_run
+    log = read_log(out_dir)
+    weights = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    run_stage_in_process("train_joint.py", joint_command(world, out_dir)[2:], monkeypatch)
+    assert read_log(out_dir) == log
+    again = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
+
+
+# ---------------------------------------------------------------------------
+# 2. Bad records are skipped, counted and named; the run goes on
+# ---------------------------------------------------------------------------
+
+
+def test_bad_records_are_skipped_and_counted(joint_run):
+    _, stdout = joint_run
+    assert "done: 6 steps" in stdout
+    summary = "\n".join(end_summary(stdout))
+    counts = re.search(r"records: (\d+) read, (\d+) skipped", summary)
+    assert counts, summary
+    assert int(counts.group(2)) >= 3 and int(counts.group(1)) > int(counts.group(2))
+    assert re.search(r"malformed_json: \d+ \(first: train\.jsonl record 0: ", summary), summary
+    assert re.search(r"missing_file: \d+ \(first: image '.*/damaged/nowhere\.png' not found\)", summary), summary
+    assert re.search(r"undecodable_image: \d+ \(first: image '.*/damaged/broken\.png': cannot decode", summary), summary
+
+
+# ---------------------------------------------------------------------------
+# 3. Per-part optimizer groups and learning-rate schedules
+# ---------------------------------------------------------------------------
+
+
+def test_joint_logs_each_parts_hand_worked_learning_rate(joint_run):
+    """Linear warmup from 0, then cosine to 10% at max_steps = 6, each part on its own peak and warmup:
+    connector 3e-3 / 2 steps, ViT 2e-3 / 4 steps, LLM 1e-3 / none. Cosine factor at progress p:
+    0.1 + 0.45 * (1 + cos(pi p)); cos(pi/4) = 0.70710678, cos(pi/6) = 0.86602540."""
+    expected = {
+        "connector": [0.0, 1.5e-3, 3e-3, 3e-3 * 0.86819805, 3e-3 * 0.55, 3e-3 * 0.23180195],
+        "vit": [0.0, 0.5e-3, 1e-3, 1.5e-3, 2e-3, 2e-3 * 0.55],
+        "llm": [1e-3, 1e-3 * 0.93971143, 1e-3 * 0.775, 1e-3 * 0.55, 1e-3 * 0.325, 1e-3 * 0.16028857],
+    }
+    records = read_log(joint_run[0])
+    assert [r["step"] for r in records] == list(range(6))
+    for part, lrs in expected.items():
+        assert [r["lr"][part] for r in records] == pytest.approx(lrs, rel=1e-7, abs=1e-12), part
+
+
+def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
+    torch.manual_seed(0)
+    model = training.build_model("scratch", "tiny")
+    lrs = {"connector": 2e-4, "vit": 6e-6, "llm": 2e-5}  # Molmo2 pretraining
+    warmups = {"connector": 200, "vit": 2000, "llm": 2000}
+    optimizer = training.build_optimizer(model, lrs, warmups)
+    assert [g["name"] for g in optimizer.param_groups] == ["connector", "vit", "llm"]
+    by_part = {"connector": [*model.connector.parameters(), model.new_embedding],
+               "vit": list(model.vit.parameters()), "llm": list(model.llm.parameters())}
+    for group in optimizer.param_groups:
+        assert {id(p) for p in group["params"]} == {id(p) for p in by_part[group["name"]]}, group["name"]
+        assert len(group["params"]) == len(by_part[group["name"]])
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.0)
+    in_groups = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())  # every parameter, once
+    assert all(p.requires_grad for p in model.parameters())
+
+    max_steps = 3000
+    hand_worked = {  # step: (connector, vit, llm)
+        0: (0.0, 0.0, 0.0),
+        100: (1e-4, 3e-7, 1e-6),  # warmup: peak * step / warmup
+        200: (2e-4, 6e-7, 2e-6),  # the connector's cosine starts at its peak
+        1600: (2e-4 * 0.55, 4.8e-6, 1.6e-5),  # connector halfway down its 2800-step cosine
+        2000: (2e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * 1800 / 2800))), 6e-6, 2e-5),
+        2500: (2e-4 * (0.1 + 0.45 * (1 + math.cos(math.pi * 2300 / 2800))), 6e-6 * 0.55, 2e-5 * 0.55),
+        3000: (2e-5, 6e-7, 2e-6),  # 10% of each peak at max_steps
+    }
+    for step, values in hand_worked.items():
+        training.set_learning_rates(optimizer, step, max_steps)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(values, rel=1e-9), step
+
+    # the align stage's settings: only the connector group, the ViT and LLM frozen
+    optimizer = training.build_optimizer(model, {"connector": 2e-4, "vit": 0.0, "llm": 0.0}, {"connector": 200})
+    assert [g["name"] for g in optimizer.param_groups] == ["connector"]
+    assert not any(p.requires_grad for p in [*model.vit.parameters(), *model.llm.parameters()])
+    assert all(p.requires_grad for p in by_part["connector"])
+
+
+# ---------------------------------------------------------------------------
+# 4. Align: the frozen parts stay bit for bit
+# ---------------------------------------------------------------------------
+
+
+def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    start = training.build_model("scratch", "tiny")
+    start.save_pretrained(str(tmp_path / "start" / "final"))  # a previous stage's out_dir
+    out_dir = tmp_path / "align"
+    run_stage_in_process("train_align.py", [f"--init_from={tmp_path / 'start'}", f"--out_dir={out_dir}",
+                                            f"--data_dir={world}", *TINY, "--max_steps=3", "--lr_connector=1e-2",
+                                            "--warmup_connector=0", "--eval_every=3", "--eval_batches=1"], monkeypatch)
+    trained = Molmo2.from_pretrained(str(out_dir / "final"))
+    before, after = start.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        if name.startswith(("vit.", "llm.")):
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+        else:  # connector.* and new_embedding
+            assert not torch.equal(before[name], after[name]), f"{name} did not train"
+    # the new embeddings learn only where their tokens were read (<im_patch> is id 151938, row 2)
+    changed_rows = (before["new_embedding"] != after["new_embedding"]).any(-1)
+    assert changed_rows[2] and not changed_rows.all()
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=False)
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["connector"]
+    assert [r["step"] for r in read_log(out_dir) if "val_loss" in r] == [2]
+
+
+# ---------------------------------------------------------------------------
+# 5. A non-finite loss stops the run: the step named, the batch and the state before it saved
+# ---------------------------------------------------------------------------
+
+
+def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world, tmp_path, monkeypatch):
+    out_dir = str(tmp_path / "nonfinite")
+    real_train_step = training.train_step
+    seen = {}
+
+    def train_step_with_a_corrupt_image_at_step_2(train_model, model, optimizer, micro_batches, *args):
+        step = seen.setdefault("calls", 0)
+        seen["calls"] += 1
+        if step == 2:
+            seen["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+            seen["rng"] = torch.get_rng_state()
+            seen["input_ids"] = micro_batches[0]["input_ids"].clone()
+            micro_batches[0]["pixel_values"][0] = float("inf")  # one crop's pixels
+        return real_train_step(train_model, model, optimizer, micro_batches, *args)
+
+    monkeypatch.setattr(training, "train_step", train_step_with_a_corrupt_image_at_step_2)
+    images_only = {"image": (1.0, ["synth_image"])}
+    args = [f"--out_dir={out_dir}", f"--data_dir={world}", f"--data_mixture={images_only!r}", *TINY, "--max_steps=5",
+            "--save_every=100", "--warmup_connector=0", "--warmup_vit=0", "--warmup_llm=0"]  # dropout 0.1
+    with pytest.raises(SystemExit) as stopped:
+        run_stage_in_process("train_joint.py", args, monkeypatch)
+    message = str(stopped.value.code)
+    batch_path, ckpt_path = f"{out_dir}/nonfinite_step2_rank0.pt", f"{out_dir}/ckpt.pt"
+    assert message == (f"step 2: loss nan, grad norm nan: not finite; the batch is in {batch_path}; "
+                       f"the state before this step is in {ckpt_path}")
+
+    bad_batch = torch.load(batch_path, weights_only=False)
+    assert len(bad_batch) == 1 and torch.equal(bad_batch[0]["input_ids"], seen["input_ids"])
+    assert not bad_batch[0]["pixel_values"].isfinite().all()
+
+    # the checkpoint is the state before step 2: weights (no update applied), RNG before its dropout draws,
+    # and a data state that redoes its batch
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["step"] == 2
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in seen["weights"].items())
+    assert torch.equal(ckpt["rng"][0]["torch"], seen["rng"])
+    d = training.Dist("cpu")
+    model = training.build_model("scratch", "tiny")
+    optimizer = training.build_optimizer(model, {"connector": 5e-6, "vit": 5e-6, "llm": 1e-5}, {})
+    training.load_checkpoint(ckpt_path, model, optimizer, d)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in seen["weights"].items())
+    assert optimizer.state_dict()["state"], "the optimizer state of steps 0 and 1 was not restored"
+    config = ckpt["config"]
+    loader = training.TrainLoader(
+        config["data_dir"], config["data_mixture"], "train", config["batch_size"], config["max_seq_len"],
+        config["max_crops"], config["max_row_crops"], config["max_video_frames"], 56, 14, config["overlap_margins"],
+        config["prefix_mode"], config["loss_weighting"], config["seed"])
+    loader.load_state_dict(ckpt["data"][0])
+    assert torch.equal(loader.next_step()[0]["input_ids"], seen["input_ids"])
+
+
+# ---------------------------------------------------------------------------
+# 6. Gradient accumulation and DDP: the gradient of one big batch
+# ---------------------------------------------------------------------------
+
+
+def short_answer_rows(world):
+    """8 packed rows of images, image pairs and videos with one short answer each (few loss tokens keep the
+    152k-entry logits cheap), of different lengths so micro-batches carry different weight sums."""
+    processor = data.Molmo2Processor(max_crops=2, max_frames=4, crop_size=56, patch_size=14, overlap_margins=(1, 1))
+    examples = []
+    for name, style in (("synth_image", "short_answer"), ("synth_multi", "multi_image_short_answer"),
+                        ("synth_video", "video_short_answer")):
+        for record in list(data.RecordFile(os.path.join(world, name, "train.jsonl")))[:4]:
+            answers = [a for a in record["annotations"] if a["style"] == style]
+            examples.append(data.format_example({**record, "annotations": answers[:2]}, processor,
+                                                np.random.default_rng(0)))
+    examples = examples[:10]
+    rows = [[examples[0], examples[1]], [examples[2]], [examples[3]], [examples[4], examples[5]],  # first 4
+            [examples[6]], [examples[7]], [examples[8]], [examples[9]]]
+    return rows, max(sum(len(ex) for ex in row) for row in rows)
+
+
+def to_batch(rows, pad_to):
+    batch = data.collate(rows, pad_to=pad_to)
+    if "pixel_values" in batch and "pixel_values_videos" in batch:
+        batch = training.merge_media_streams(batch, rows)
+    return batch
+
+
+def gradients_of_one_step(model, micro_batches, d=None, train_model=None):
+    """train_step with AdamW as in training; returns (loss, grad norm, {name: clipped gradient}, new params)."""
+    d = d or training.Dist("cpu")
+    optimizer = training.build_optimizer(model, {"connector": 1e-3, "vit": 1e-3, "llm": 1e-3}, {})
+    grads = {}
+    step = optimizer.step
+
+    def recording_step():
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        step()
+
+    optimizer.step = recording_step
+    loss, grad_norm = training.train_step(train_model or model, model, optimizer, micro_batches, d, "ddp",
+                                          nullcontext(), 1.0, 1e-4, "unused.pt")
+    return loss, grad_norm, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_step(a, b):
+    loss_a, norm_a, grads_a, params_a = a
+    loss_b, norm_b, grads_b, params_b = b
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert norm_a == pytest.approx(norm_b, rel=1e-4)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item() + 1e-12
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def big_batch_step(world):
+    """The reference: one micro-batch of 8 rows, dropout off. Returns (start model, rows, pad_to, result)."""
+    torch.manual_seed(2)
+    start = training.build_model("scratch", "tiny")  # dropout 0
+    rows, pad_to = short_answer_rows(world)
+    first, second = (sum(float(ex.loss_weights.sum()) for row in half for ex in row) for half in (rows[:4], rows[4:]))
+    assert abs(first - second) > 0.5, "micro-batches of equal weight would not test the normalisation"
+    result = gradients_of_one_step(copy.deepcopy(start), [to_batch(rows, pad_to)])
+    return start, rows, pad_to, result
+
+
+def test_gradient_accumulation_equals_one_big_batch(big_batch_step):
+    start, rows, pad_to, big = big_batch_step
+    accumulated = gradients_of_one_step(copy.deepcopy(start), [to_batch(rows[:4], pad_to), to_batch(rows[4:], pad_to)])
+    assert_same_step(accumulated, big)
+
+
+def ddp_rank(rank, port, start_path, rows_path, out_path):
+    """One of 2 CPU processes (gloo), with 4 of the 8 rows each: as one micro-batch of 4, then (a fresh
+    copy of the model) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes both results."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = training.Dist("cpu")
+    start = torch.load(start_path, weights_only=False)
+    rows, pad_to = torch.load(rows_path, weights_only=False)
+    mine = rows[4 * rank:4 * rank + 4]
+    results = []
+    for micro_batches in ([mine], [mine[:2], mine[2:]]):
+        model = copy.deepcopy(start)
+        train_model = training.wrap_model(model, d, "ddp")
+        results.append(gradients_of_one_step(model, [to_batch(mb, pad_to) for mb in micro_batches], d, train_model))
+    if d.is_master:
+        torch.save(results, out_path)
+    d.close()
+
+
+def test_ddp_two_processes_equal_one_big_batch(big_batch_step, tmp_path):
+    start, rows, pad_to, big = big_batch_step
+    torch.save(start, tmp_path / "start.pt")
+    torch.save((rows, pad_to), tmp_path / "rows.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.dirname(__file__)!r}]; import test_training; "
+            f"test_training.ddp_rank(int(sys.argv[1]), {port}, {str(tmp_path / 'start.pt')!r}, "
+            f"{str(tmp_path / 'rows.pt')!r}, {str(tmp_path / 'rank0.pt')!r})")
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
+    one_micro_batch, two_micro_batches = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert_same_step(one_micro_batch, big)
+    assert_same_step(two_micro_batches, big)
+
+
+# ---------------------------------------------------------------------------
+# 7. The loss, by hand
+# ---------------------------------------------------------------------------
+
+
+def test_molmo2_loss_equals_hand_computed_weighted_ce_and_z_loss():
+    # row 0: logits (0, 0, ln 2): logsumexp ln 4, target 2 -> CE ln 4 - ln 2 = ln 2
+    # row 1: logits (ln 3, 0, 0): logsumexp ln 5, target 0 -> CE ln 5 - ln 3
+    logits = torch.tensor([[0.0, 0.0, math.log(2)], [math.log(3), 0.0, 0.0]], requires_grad=True)
+    targets, weights = torch.tensor([2, 0]), torch.tensor([0.5, 2.0])
+    weight_total = 4.0  # other micro-batches (or ranks) hold the remaining weight 1.5
+    loss, weighted_ce = training.molmo2_loss(logits, targets, weights, weight_total, z_loss=1e-4)
+    ce_sum = 0.5 * math.log(2) + 2.0 * (math.log(5) - math.log(3))
+    z_sum = 0.5 * math.log(4) ** 2 + 2.0 * math.log(5) ** 2
+    assert weighted_ce.item() == pytest.approx(ce_sum, rel=1e-6)
+    assert loss.item() == pytest.approx((ce_sum + 1e-4 * z_sum) / 4.0, rel=1e-6)
+    # d loss / d logits = w / W * (softmax - onehot + 2e-4 * logsumexp * softmax)
+    loss.backward()
+    softmax = torch.tensor([[0.25, 0.25, 0.5], [0.6, 0.2, 0.2]])
+    onehot = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    lse = torch.tensor([[math.log(4)], [math.log(5)]])
+    expected = weights[:, None] / 4.0 * (softmax - onehot + 2e-4 * lse * softmax)
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-7)
