@@ -259,6 +259,11 @@ class KVCache:
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
+    def keep_rows(self, rows):
+        """Drop the other rows (finished sequences): rows is a (B,) bool mask or an index tensor."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -464,6 +469,8 @@ class Qwen3(nn.Module):
 #   tokens; Qwen3: causal), positions count real tokens only, so a left-padded prompt gets exactly the
 #   positions and attention it would get alone.
 # - Each new token is text: it attends to every real cached token and itself.
+# - A row that has stopped leaves the batch and the KV cache, so short answers cost nothing while long
+#   ones finish.
 # - Logits are computed for the last position only (at 152k entries per position they would dominate).
 # ---------------------------------------------------------------------------
 
@@ -500,8 +507,9 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     `model(input_ids, position_ids=, attention_mask=, kv_cache=, logits_positions=, **prefill_inputs)` must
     return logits at logits_positions; extra inputs (pixels, mm_token_type_ids for Molmo2) go to the prefill
     only. attention_mask (B, T): 1 = token, 0 = left padding (default all ones). A row that produced a stop
-    id is finished and emits stop_ids[0] from then on. `on_token(step, ids (B,))` is called as tokens come
-    (streaming). Returns the new tokens (B, n), n <= max_new_tokens (fewer when every row stopped)."""
+    id is finished: it leaves the batch (and the KV cache), and its output is padded with stop_ids[0].
+    `on_token(step, ids (B,))` is called as tokens come (streaming). Returns the new tokens (B, n),
+    n <= max_new_tokens (fewer when every row stopped)."""
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -519,27 +527,29 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
                    logits_positions=last, **prefill_inputs)  # (B, V)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    pad_id = stop_ids[0] if len(stop_ids) else 0
-    one = torch.ones(B, 1, dtype=torch.bool, device=device)
-    out = []
+    out = torch.full((B, max_new_tokens), stop_ids[0] if len(stop_ids) else 0, dtype=torch.long, device=device)
+    active = torch.arange(B, device=device)  # the rows still generating, in the order the cache holds them
+    n_steps = 0
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        next_ids = torch.where(finished, pad_id, next_ids)
-        out.append(next_ids)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (A,)
+        out[active, step] = next_ids
+        n_steps = step + 1
         if on_token is not None:
-            on_token(step, next_ids)
-        finished |= torch.isin(next_ids, stop)
-        if finished.all() or step == max_new_tokens - 1:
+            on_token(step, out[:, step])
+        running = ~torch.isin(next_ids, stop)  # (A,)
+        if not running.all():  # finished rows leave the batch
+            active, next_ids, next_pos = active[running], next_ids[running], next_pos[running]
+            attention_mask = attention_mask[running]
+            kv_cache.keep_rows(running)
+        if len(active) == 0 or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, one], dim=1)  # (B, S): the new token is real
+        one = torch.ones(len(active), 1, dtype=torch.long, device=device)
+        attention_mask = torch.cat([attention_mask, one], dim=1)  # (A, S): the new token is real
         logits = model(next_ids[:, None], position_ids=next_pos, attention_mask=attention_mask, kv_cache=kv_cache,
-                       logits_positions=one)  # (B, V)
+                       logits_positions=one.bool())  # (A, V)
         next_pos = next_pos + 1
-    if not out:
-        return torch.zeros(B, 0, dtype=torch.long, device=device)
-    return torch.stack(out, dim=1)
+    return out[:, :n_steps]
 
 # ---------------------------------------------------------------------------
 # Molmo2: SigLIP2 -> connector -> Qwen3
