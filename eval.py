@@ -1,5 +1,14 @@
 """
-Measuring nanoMolmo2: metrics on plain Python data, a markdown report, and pictures drawn with pillow.
+Measuring nanoMolmo2: metrics on plain Python data, a markdown report, pictures drawn with pillow, and the
+driver that asks a checkpoint every question of a record file and scores the answers.
+
+    python eval.py --init_from=out/joint --split=test                  # the synthetic world's test split
+    python eval.py --init_from=out/joint --tasks="['counting','pointing']" --max_examples=100
+    python eval.py --init_from=allenai/Molmo2-4B --datasets="['bench/pixmo_count/test.jsonl']"
+
+writes report.md (a table per task, example pictures), metrics.json (with the headline counting_accuracy
+and pointing_f1), predictions.jsonl and the pictures into out_dir. Sections 5 and 6 (answers, the driver)
+say how prompts are built and how each style is scored.
 
 Design choices
 - Every metric works on plain data (lists of points, ints, strings), one example at a time, and returns a
