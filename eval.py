@@ -945,14 +945,15 @@ def dataset_path(name, data_dir, split):
 
 def evaluation_items(datasets, data_dir, split, tasks=(), max_examples=0, report=None):
     """[(source, task, record, annotation)] for every scoreable annotation of the first max_examples (0 = all)
-    records of each dataset; `tasks` (empty = all) filters. Bad records are skipped into `report`."""
+    records of each dataset; `tasks` (empty = all) filters. Records hold media paths (decoded only when
+    their batch comes: see with_media); bad records are skipped into `report`."""
     items = []
     for name in datasets:
         path = dataset_path(name, data_dir, split)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset {name!r}: no '{path}' (run prepare_data.py, or check data_dir "
                                     f"and split)")
-        records = data.RecordFile(path, report=report)
+        records = data.RecordFile(path, report=report, load_media=False)
         source = os.path.splitext(os.path.relpath(path, data_dir))[0] if not name.endswith(".jsonl") else name
         for i in range(len(records) if max_examples <= 0 else min(max_examples, len(records))):
             record = records.get(i)
@@ -965,10 +966,23 @@ def evaluation_items(datasets, data_dir, split, tasks=(), max_examples=0, report
     return items
 
 
+def with_media(record):
+    """A record read without media (RecordFile(load_media=False)) -> a copy with its media decoded, as
+    RecordFile(load_media=True) returns it; raises data.BadRecord for media that cannot be decoded."""
+    if "image" in record and "images" not in record:
+        return {**record, "images": [data.read_image_file(path) for path in record["image"]]}
+    if "video" in record and "video_frames" not in record:
+        frames, times = data.read_video_file(record["video"], record.get("video_fps", data.DEFAULT_VIDEO_FPS))
+        return {**record, "video_frames": frames, "video_times": times}
+    return record
+
+
 def evaluate(model, processor, items, batch_size=32, max_new_tokens=0, point_radius=0.05, style_prefixes="sft",
-             log=print):
-    """Answer and score every item (evaluation_items) -> per-example rows, dicts with source, task, id, prompt,
-    answer, truth, scores (None: not scoreable), drawing. max_new_tokens 0 = MAX_NEW_TOKENS[task]."""
+             log=print, report=None):
+    """Answer and score every item (evaluation_items) -> per-example rows, dicts with source, task, id, record
+    (media not decoded), prompt, answer, truth, scores (None: not scoreable), drawing. max_new_tokens 0 =
+    MAX_NEW_TOKENS[task]. Media that cannot be decoded skip their item, counted in `report`."""
+    report = report if report is not None else data.SkipReport()
     rows = []
     order = sorted(range(len(items)), key=lambda i: (items[i][1], "video" in items[i][2], items[i][0]))
     groups = {}
@@ -979,13 +993,21 @@ def evaluate(model, processor, items, batch_size=32, max_new_tokens=0, point_rad
     for (task, _), group in groups.items():
         limit = max_new_tokens or MAX_NEW_TOKENS[task]
         for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
+            chunk, loaded = [], []
+            for item in group[start:start + batch_size]:
+                try:
+                    loaded.append(with_media(item[2]))
+                    chunk.append(item)
+                except data.BadRecord as e:
+                    report.skip(e)
+            if not chunk:
+                continue
             examples = [prompt_example(record, annotation["messages"][:-1], annotation["style"], processor,
-                                       style_prefixes) for _, _, record, annotation in chunk]
+                                       style_prefixes) for record, (_, _, _, annotation) in zip(loaded, chunk)]
             answers = generate_answers(model, processor, examples, limit)
-            for (source, task_, record, annotation), answer in zip(chunk, answers):
+            for (source, task_, record, annotation), media, answer in zip(chunk, loaded, answers):
                 truth = annotation["messages"][-1]["content"]
-                scores, drawing = score_answer(task_, answer, truth, record, point_radius)
+                scores, drawing = score_answer(task_, answer, truth, media, point_radius)
                 rows.append({"source": source, "task": task_, "id": record["id"], "record": record,
                              "prompt": annotation["messages"][-2]["content"], "answer": answer, "truth": truth,
                              "scores": scores, "drawing": drawing})
@@ -1032,20 +1054,19 @@ def save_figures(rows, out_dir, n_show=8):
         by_group.setdefault((row["task"], row["source"]), []).append(row)
     for (task, source), group in by_group.items():
         slug = re.sub(r"[^a-z0-9]+", "_", f"{task} {source}".lower()).strip("_")
-        record = group[0]["record"]
-        if "video_frames" in record:
+        if "video" in group[0]["record"]:
             if task not in POINT_TASKS:
                 continue  # nothing to draw on the frames
             for k, row in enumerate(group[:min(2, n_show)]):
                 path = os.path.join(out_dir, f"{slug}_{k}.gif")
-                record = row["record"]
+                record = with_media(row["record"])
                 save_video_gif(path, record["video_frames"], record["video_times"], row["drawing"]["pred"],
                                row["drawing"]["true"])
                 figures[f"{task}, {source}, {row['id']}: {row['prompt']} -> {row['answer'][:80]}"] = path
             continue
         examples = []
         for row in group[:n_show]:
-            record, drawing = row["record"], row["drawing"]
+            record, drawing = with_media(row["record"]), row["drawing"]
             pred, true = drawing["pred"], drawing["true"]
             if len(record["images"]) > 1:  # show the first image with its own points
                 pred = [(x, y) for f, x, y in pred if int(f) == 1]
@@ -1107,7 +1128,7 @@ def main(argv=None):
     print(f"model {model_dir} | {len(items)} questions from {', '.join(knobs['datasets'])} ({knobs['split']})")
     t0 = time.time()
     rows = evaluate(model, processor, items, knobs["batch_size"], knobs["max_new_tokens"], knobs["point_radius"],
-                    knobs["style_prefixes"])
+                    knobs["style_prefixes"], report=skipped)
     seconds = time.time() - t0
     results = summarize(rows)
     figures = save_figures(rows, out_dir, knobs["n_show"])

@@ -38,7 +38,10 @@ def checkpoint(tmp_path_factory, processor):
 
 
 def all_items(world):
-    return E.evaluation_items(["synth_image", "synth_multi", "synth_video"], world, "test")
+    """Every question of the tiny world, media decoded."""
+    items = E.evaluation_items(["synth_image", "synth_multi", "synth_video"], world, "test")
+    assert not any("images" in record or "video_frames" in record for _, _, record, _ in items)
+    return [(source, task, E.with_media(record), annotation) for source, task, record, annotation in items]
 
 
 def test_prompt_is_the_training_layout_cut_before_the_answer(world, processor):
@@ -194,3 +197,20 @@ def test_scene_lookup_for_video_uses_the_frame_at_that_time(world):
     assert len(got) == sum(s["track"][f] is not None for s in shapes)
     assert np.isclose(E._true_radius(record, data.Point(t, 1, *shapes[k]["track"][f]), 0.05),
                       shapes[k]["radius"] * 64)
+
+
+def test_undecodable_media_skip_their_questions(tmp_path, processor, checkpoint):
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    qa = [{"style": "short_answer", "messages": [{"role": "user", "content": "Colour?"},
+                                                 {"role": "assistant", "content": "red"}]}]
+    with open(tmp_path / "bench.jsonl", "w") as f:
+        for name in ("good.png", "bad.png"):
+            f.write(json.dumps({"image": name, "annotations": qa}) + "\n")
+    items = E.evaluation_items([str(tmp_path / "bench.jsonl")], str(tmp_path), "test")
+    assert len(items) == 2
+    model, _, _ = E.load_model(checkpoint)
+    report = data.SkipReport()
+    rows = E.evaluate(model, processor, items, max_new_tokens=2, log=lambda *a: None, report=report)
+    assert [row["record"]["image"][0].endswith("good.png") for row in rows] == [True]
+    assert report.counts == {"undecodable_image": 1}
