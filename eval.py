@@ -877,10 +877,15 @@ def _scene_shapes(record, frame):
     return [(s["x"], s["y"], s["radius"]) for s in scene.get("shapes", [])]
 
 
+def _size_at(record, frame):
+    """(width, height) of the image a point's frame names (1-based index), or of the video."""
+    sizes = _frame_sizes(record)
+    return sizes[min(max(int(frame) - 1, 0), len(sizes) - 1)] if "images" in record else sizes[0]
+
+
 def _true_radius(record, point, point_radius):
     """Matching radius in pixels for one true point (data.Point, normalised)."""
-    sizes = _frame_sizes(record)
-    width, height = sizes[min(max(int(point.frame) - 1, 0), len(sizes) - 1)] if "images" in record else sizes[0]
+    width, height = _size_at(record, point.frame)
     shapes = _scene_shapes(record, point.frame)
     if not shapes:
         return point_radius * max(width, height)
@@ -890,9 +895,16 @@ def _true_radius(record, point, point_radius):
 
 def _pixels(record, point):
     """data.Point (normalised) -> (frame, x_px, y_px): frame is the image index or the time."""
-    sizes = _frame_sizes(record)
-    width, height = sizes[min(max(int(point.frame) - 1, 0), len(sizes) - 1)] if "images" in record else sizes[0]
+    width, height = _size_at(record, point.frame)
     return point.frame, point.x * width, point.y * height
+
+
+def _tracks(parsed, points_px):
+    """The points of parsed <tracks> as {track_id: [(t, x, y), ...]} (pixels)."""
+    tracks = {}
+    for point, (t, x, y) in zip(parsed.points, points_px):
+        tracks.setdefault(point.id, []).append((t, x, y))
+    return tracks
 
 
 def score_answer(task, pred_text, true_text, record, point_radius=0.05):
@@ -916,12 +928,7 @@ def score_answer(task, pred_text, true_text, record, point_radius=0.05):
     if task in ("multi-image pointing", "video pointing"):
         return video_point_scores(pred_px, true_px, radii), drawing
     if task == "tracking":
-        def tracks(parsed, points_px):
-            out = {}
-            for p, (t, x, y) in zip(parsed.points, points_px):
-                out.setdefault(p.id, []).append((t, x, y))
-            return out
-        pred_tracks, true_tracks = tracks(pred, pred_px), tracks(true, true_px)
+        pred_tracks, true_tracks = _tracks(pred, pred_px), _tracks(true, true_px)
         radius_of = {}
         for p, r in zip(true.points, radii):
             radius_of.setdefault(p.id, r)
@@ -929,9 +936,9 @@ def score_answer(task, pred_text, true_text, record, point_radius=0.05):
         return track_scores(pred_tracks, true_tracks, radius_of), drawing
     if task == "captions":
         scene = record.get("scene") or {}
-        if not scene.get("shapes") and "images" not in scene:
+        if "shapes" not in scene and "images" not in scene:
             return None, drawing
-        shapes = scene.get("shapes") or [s for image in scene.get("images", []) for s in image["shapes"]]
+        shapes = scene.get("shapes", []) + [s for image in scene.get("images", []) for s in image["shapes"]]
         return caption_object_scores(pred_text, [f"{s['colour']} {s['kind']}" for s in shapes], SCENE_NAMES), drawing
     if task == "vqa":
         return vqa_score(pred_text, true_text), drawing

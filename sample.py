@@ -199,7 +199,7 @@ if __name__ == "__main__":
         raise SystemExit(str(e)) from None
     try:
         record = media_record(images, videos[0] if videos else "", processor)
-    except data.MediaError as e:
+    except (data.MediaError, ImportError) as e:  # ImportError: a video file without PyAV installed
         raise SystemExit(str(e)) from None
     print(f"model: {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     if interactive:

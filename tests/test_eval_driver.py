@@ -214,3 +214,11 @@ def test_undecodable_media_skip_their_questions(tmp_path, processor, checkpoint)
     rows = E.evaluate(model, processor, items, max_new_tokens=2, log=lambda *a: None, report=report)
     assert [row["record"]["image"][0].endswith("good.png") for row in rows] == [True]
     assert report.counts == {"undecodable_image": 1}
+
+
+def test_empty_scene_caption_scores_when_nothing_is_named():
+    record = {"images": [Image.new("RGB", (50, 50))], "scene": {"shapes": []}}
+    scores, _ = E.score_answer("captions", "An empty image with no shapes on it.", "", record)
+    assert scores == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    scores, _ = E.score_answer("captions", "A red circle on the left.", "", record)
+    assert scores["precision"] == 0.0
