@@ -163,7 +163,8 @@ def ask(model, processor, record, question, n):
 def default_prompt(record):
     if "video_frames" in record:
         return DEFAULT_PROMPTS["video"]
-    return DEFAULT_PROMPTS["images" if len(record.get("images", ())) > 1 else "image" if record.get("images") else "text"]
+    n_images = len(record.get("images", ()))
+    return DEFAULT_PROMPTS["images" if n_images > 1 else "image" if n_images else "text"]
 
 
 def interact(model, processor, record):

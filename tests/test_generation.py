@@ -56,7 +56,8 @@ def test_bidirectional_vision_mask_survives_left_padding(ours, processor):
     n_tokens = int((padded["input_ids"][0] == 151938).sum())
     alone = {"input_ids": padded["input_ids"][:1, n_pad:], "attention_mask": padded["attention_mask"][:1, n_pad:],
              "mm_token_type_ids": padded["mm_token_type_ids"][:1, n_pad:],
-             "pixel_values": padded["pixel_values"][:n_crops], "image_token_pooling": padded["image_token_pooling"][:n_tokens],
+             "pixel_values": padded["pixel_values"][:n_crops],
+             "image_token_pooling": padded["image_token_pooling"][:n_tokens],
              "image_grids": padded["image_grids"][:1], "image_num_crops": padded["image_num_crops"][:1]}
     assert our_greedy(ours, padded)[0].tolist() == our_greedy(ours, alone)[0].tolist()
 
