@@ -1108,6 +1108,7 @@ EVAL_DEFAULTS = dict(
     max_new_tokens=0,  # 0 = the task's default (MAX_NEW_TOKENS)
     point_radius=0.05,  # matching radius without a scene: a fraction of the image's longer side
     style_prefixes="sft",  # as the model was trained: sft | none
+    max_crops=0,  # crops per image; 0 = as the checkpoint was trained (Molmo2 evaluates its 8-crop models with 24)
     n_show=8,  # examples drawn per task
     out_dir="",  # default: {init_from}/eval_{split} (out/eval_{split} for a hub id)
     device="cpu",
@@ -1126,6 +1127,7 @@ def main(argv=None):
         raise SystemExit(f"--tasks: unknown {unknown}; known {sorted(MAX_NEW_TOKENS)}")
     torch.set_grad_enabled(False)
     model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
+    processor.max_crops = knobs["max_crops"] or processor.max_crops
     out_dir = knobs["out_dir"] or os.path.join(knobs["init_from"] if os.path.isdir(knobs["init_from"]) else "out",
                                                f"eval_{knobs['split']}")
     os.makedirs(out_dir, exist_ok=True)

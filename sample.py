@@ -37,6 +37,7 @@ init_from = E.DEFAULT_INIT_FROM  # a training out_dir (holding final/), a model 
 prompt = ""  # default: DEFAULT_PROMPTS for the media given
 style = "demo"  # the training style whose prefix the prompt gets (e.g. pointing, short_answer); demo = none
 video_fps = 2.0  # frames per second of a folder of frames
+max_crops = 0  # crops per image; 0 = as the checkpoint was trained
 max_new_tokens = 384
 temperature = 0.0  # 0 = greedy
 top_k = 0  # 0 = off
@@ -198,6 +199,7 @@ if __name__ == "__main__":
         model, processor, model_dir = E.load_model(init_from, device, getattr(torch, dtype))
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
+    processor.max_crops = max_crops or processor.max_crops
     try:
         record = media_record(images, videos[0] if videos else "", processor)
     except (data.MediaError, ImportError) as e:  # ImportError: a video file without PyAV installed
