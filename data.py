@@ -731,6 +731,46 @@ class Molmo2Processor:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
 
+# --- the processor next to a checkpoint ----------------------------------------------------------------------
+# A model only works with the preprocessing it was trained with (crop size, overlap margins, crop and frame
+# budgets). Training writes processor.json next to the exported model; sample.py and eval.py read it back.
+
+PROCESSOR_FILE = "processor.json"
+PROCESSOR_SETTINGS = ("max_crops", "max_frames", "max_fps", "frame_sampling", "crop_size", "patch_size",
+                      "overlap_margins", "image_pooling", "video_pooling")
+
+
+def save_processor_config(out_dir, processor):
+    """Write the processor's settings to out_dir/processor.json (next to config.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    settings = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in ((k, getattr(processor, k)) for k in PROCESSOR_SETTINGS)}
+    with open(os.path.join(out_dir, PROCESSOR_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def load_processor(ckpt_dir, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, tokenizer=None):
+    """The Molmo2Processor a checkpoint was trained with: ckpt_dir/processor.json when there is one; else, for
+    crop_size 378 (the released models), the released settings; else train_joint.py's settings for the small
+    presets (overlap margins of 2 patches, or fewer on tiny crops, 4 crops per image, 8 frames)."""
+    path = os.path.join(ckpt_dir, PROCESSOR_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                settings = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"processor settings '{path}': not JSON ({e})") from None
+        unknown = sorted(set(settings) - set(PROCESSOR_SETTINGS))
+        if unknown:
+            raise ValueError(f"processor settings '{path}': unknown keys {unknown}; known {list(PROCESSOR_SETTINGS)}")
+        return Molmo2Processor(tokenizer=tokenizer, **settings)
+    if crop_size == CROP_SIZE:
+        return Molmo2Processor(tokenizer=tokenizer, crop_size=crop_size, patch_size=patch_size)
+    margin = min(2, (crop_size // patch_size - 1) // 2)
+    return Molmo2Processor(tokenizer=tokenizer, crop_size=crop_size, patch_size=patch_size,
+                           overlap_margins=(margin, margin), max_crops=4, max_frames=8)
+
+
 # (end of section 2)
 
 

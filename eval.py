@@ -1,5 +1,14 @@
 """
-Measuring nanoMolmo2: metrics on plain Python data, a markdown report, and pictures drawn with pillow.
+Measuring nanoMolmo2: metrics on plain Python data, a markdown report, pictures drawn with pillow, and the
+driver that asks a checkpoint every question of a record file and scores the answers.
+
+    python eval.py --init_from=out/joint --split=test                  # the synthetic world's test split
+    python eval.py --init_from=out/joint --tasks="['counting','pointing']" --max_examples=100
+    python eval.py --init_from=allenai/Molmo2-4B --datasets="['bench/pixmo_count/test.jsonl']"
+
+writes report.md (a table per task, example pictures), metrics.json (with the headline counting_accuracy
+and pointing_f1), predictions.jsonl and the pictures into out_dir. Sections 5 and 6 (answers, the driver)
+say how prompts are built and how each style is scored.
 
 Design choices
 - Every metric works on plain data (lists of points, ints, strings), one example at a time, and returns a
@@ -41,12 +50,19 @@ Design choices
   a legend names both.
 """
 
+import dataclasses
+import json
 import math
 import os
 import re
+import time
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+import data
+from model import Molmo2, generate, resolve_checkpoint
 
 # ---------------------------------------------------------------------------
 # 1. One-to-one assignment
@@ -708,3 +724,440 @@ def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(
     image.save(path)
     return path
 
+
+
+# ---------------------------------------------------------------------------
+# 5. Answers: a checkpoint, prompts laid out as in training, batched generation
+# ---------------------------------------------------------------------------
+# A prompt is built by data.format_example itself (the training layout, never a second copy of it): the
+# record with the question and a one-token placeholder answer is formatted, and the tokens are cut just
+# before the placeholder, i.e. right after '<|im_start|>assistant\n'. Prompts of a batch are collated as
+# training collates them, then left-aligned for generation.
+
+DEFAULT_INIT_FROM = "out/joint"
+PLACEHOLDER_ANSWER = "?"
+PER_TOKEN_FIELDS = ("input_ids", "targets", "loss_weights", "position_ids", "branch_ids", "is_vision")
+
+
+def resolve_model_dir(init_from):
+    """A training output directory (holding final/), a model directory (holding config.json) or a hub id
+    -> a local directory with config.json."""
+    for candidate in (os.path.join(init_from, "final"), init_from):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    if os.path.exists(init_from) or init_from == DEFAULT_INIT_FROM:
+        raise FileNotFoundError(
+            f"init_from '{init_from}': no trained model there (expected {os.path.join(init_from, 'final')}"
+            f"/config.json). Train one first (`make demo`, or `python train_joint.py --out_dir={init_from}`), "
+            "or pass --init_from=<a model directory or a hub id such as allenai/Molmo2-4B>")
+    return resolve_checkpoint(init_from)  # a hub id; raises naming it when it cannot be downloaded
+
+
+def load_model(init_from, device="cpu", dtype=torch.float32):
+    """-> (Molmo2 in eval mode, the data.Molmo2Processor it was trained with, its directory)."""
+    path = resolve_model_dir(init_from)
+    model = Molmo2.from_pretrained(path, dtype).to(device).eval()
+    processor = data.load_processor(path, model.config.vit.image_size, model.config.vit.patch_size)
+    return model, processor, path
+
+
+def prompt_example(record, messages, style, processor, style_prefixes="sft"):
+    """The generation prompt for `messages` (the turns so far, ending with the user's question) about the
+    record's media (section 3's record format, media decoded or as paths) -> data.Example, laid out exactly
+    as data.format_example lays out training: BOS, vision tokens, the style prefix for `style` (per
+    style_prefixes 'sft' | 'none'), the chat turns, '<|im_start|>assistant\\n'."""
+    if style_prefixes not in ("sft", "none"):
+        raise ValueError(f"style_prefixes {style_prefixes!r}: prompts support 'sft' or 'none' ('pretrain' "
+                         "prefixes hint at the answer's length, which is unknown when asking)")
+    conversation = list(messages) + [{"role": "assistant", "content": PLACEHOLDER_ANSWER}]
+    example = data.format_example({**record, "annotations": [{"style": style, "messages": conversation}]},
+                                  processor, style_prefixes=style_prefixes, loss_weighting="none")
+    # inputs end with the placeholder (its <|im_end|> is only a target): the prompt is everything before it
+    placeholder = processor.tokenizer.encode(PLACEHOLDER_ANSWER)
+    if len(placeholder) != 1 or int(example.input_ids[-1]) != placeholder[0]:
+        raise RuntimeError("prompt_example: data.format_example no longer ends with the answer's first token")
+    n = len(example) - 1
+    return dataclasses.replace(example, **{f: getattr(example, f)[:n] for f in PER_TOKEN_FIELDS})
+
+
+def collate_prompts(examples):
+    """Prompts (data.Example) -> the model's inputs for generate: input_ids, attention_mask and
+    mm_token_type_ids (B, L) left-padded with <|endoftext|>, and the vision tensors as data.collate merges
+    them (transformers' batch convention). A batch holds images or videos, not both."""
+    batch = data.collate([[example] for example in examples])  # right-padded, one example per row
+    if "pixel_values" in batch and "pixel_values_videos" in batch:
+        raise ValueError("collate_prompts: a batch mixes images and videos; batch them apart")
+    B, L = batch["input_ids"].shape
+    out = {"input_ids": torch.full((B, L), data.ENDOFTEXT_ID, dtype=torch.long),
+           "attention_mask": torch.zeros(B, L, dtype=torch.long),
+           "mm_token_type_ids": torch.zeros(B, L, dtype=torch.long)}
+    for b, example in enumerate(examples):
+        n = len(example)
+        out["input_ids"][b, L - n:] = batch["input_ids"][b, :n]
+        out["mm_token_type_ids"][b, L - n:] = batch["mm_token_type_ids"][b, :n]
+        out["attention_mask"][b, L - n:] = 1
+    vision_keys = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops", "pixel_values_videos",
+                   "video_token_pooling", "video_grids")
+    out.update({k: batch[k] for k in vision_keys if k in batch})
+    return out
+
+
+def decode_answer(ids, tokenizer):
+    """New token ids -> the answer's text, up to the first <|im_end|> / <|endoftext|>."""
+    ids = [int(i) for i in ids]
+    for stop in (data.IM_END_ID, data.ENDOFTEXT_ID):
+        if stop in ids:
+            ids = ids[:ids.index(stop)]
+    return tokenizer.decode(ids, skip_special=True).strip()
+
+
+def generate_answers(model, processor, examples, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                     on_token=None, generator=None):
+    """Answers (str) to a batch of prompts (prompt_example), generated together; on_token(step, ids (B,))
+    streams the new tokens."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(examples).items()}
+    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    new = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_ids=(data.IM_END_ID, data.ENDOFTEXT_ID), on_token=on_token,
+                   generator=generator, **batch)
+    return [decode_answer(row, processor.tokenizer) for row in new.tolist()]
+
+
+# ---------------------------------------------------------------------------
+# 6. Evaluating a checkpoint on records
+# ---------------------------------------------------------------------------
+# Any JSONL of records (section 3b's format: the synthetic world, or a real benchmark prepared into it) is
+# evaluated the same way: each annotation's last answer is the truth, its style names the task, and the
+# turns before it are the prompt (laid out with the style prefix the model was trained with).
+# - Truth comes from the annotation's answer text (points, tracks, counts, words), parsed like a prediction.
+# - Matching radius for points: the synthetic world's scene records every shape, so a true point is a hit
+#   zone of its shape's equal-area radius (a fraction of the image width, here in pixels), taken from the
+#   shape whose centre lies nearest to the true point. Records without a scene use point_radius times the
+#   image's longer side for every point.
+# - Captions are scored only where a scene lists the objects (names "red circle", ...; precision over the
+#   world's 16 names).
+# - Prompts are grouped by task and generated in batches (greedy); a batch holds images or a video.
+
+TASK_OF_STYLE = {
+    "point_count": "counting", "multi_image_point_then_count": "multi-image counting",
+    "video_point_count": "video counting",
+    "pointing": "pointing", "cosyn_point": "pointing", "multi_image_pointing": "multi-image pointing",
+    "video_point": "video pointing", "video_point_track_per_frame": "tracking",
+    "long_caption": "captions",
+    "short_answer": "vqa", "multi_image_short_answer": "vqa", "video_short_answer": "vqa",
+}
+# enough for the longest answers of the synthetic world's test split, plus <|im_end|>
+MAX_NEW_TOKENS = {"counting": 192, "multi-image counting": 320, "video counting": 128, "pointing": 160,
+                  "multi-image pointing": 320, "video pointing": 128, "tracking": 448, "captions": 192, "vqa": 16}
+HEADLINE_METRICS = {"counting_accuracy": ("counting", "correct"), "pointing_f1": ("pointing", "f1")}
+SCENE_NAMES = [f"{colour} {kind}" for colour in data.SHAPE_COLOURS for kind in data.SHAPE_KINDS]
+
+
+def _frame_sizes(record):
+    """(width, height) of each image, or of the video's frames (one entry)."""
+    if "images" in record:
+        return [image.size for image in record["images"]]
+    if "video_frames" in record:
+        return [record["video_frames"][0].size]
+    return []
+
+
+def _scene_shapes(record, frame):
+    """[(x, y, radius)] normalised to the width, of the shapes of a synthetic scene in one image (1-based
+    index) or at one video time (s); [] without a scene."""
+    scene = record.get("scene") or {}
+    if "images" in scene:
+        index = int(frame) - 1
+        shapes = scene["images"][index]["shapes"] if 0 <= index < len(scene["images"]) else []
+        return [(s["x"], s["y"], s["radius"]) for s in shapes]
+    if "frame_times" in scene:
+        f = int(np.argmin([abs(t - float(frame)) for t in scene["frame_times"]]))
+        return [(*s["track"][f], s["radius"]) for s in scene.get("shapes", []) if s["track"][f] is not None]
+    return [(s["x"], s["y"], s["radius"]) for s in scene.get("shapes", [])]
+
+
+def _size_at(record, frame):
+    """(width, height) of the image a point's frame names (1-based index), or of the video."""
+    sizes = _frame_sizes(record)
+    return sizes[min(max(int(frame) - 1, 0), len(sizes) - 1)] if "images" in record else sizes[0]
+
+
+def _true_radius(record, point, point_radius):
+    """Matching radius in pixels for one true point (data.Point, normalised)."""
+    width, height = _size_at(record, point.frame)
+    shapes = _scene_shapes(record, point.frame)
+    if not shapes:
+        return point_radius * max(width, height)
+    x, y, radius = min(shapes, key=lambda s: math.hypot(s[0] - point.x, s[1] - point.y))
+    return radius * width
+
+
+def _pixels(record, point):
+    """data.Point (normalised) -> (frame, x_px, y_px): frame is the image index or the time."""
+    width, height = _size_at(record, point.frame)
+    return point.frame, point.x * width, point.y * height
+
+
+def _tracks(parsed, points_px):
+    """The points of parsed <tracks> as {track_id: [(t, x, y), ...]} (pixels)."""
+    tracks = {}
+    for point, (t, x, y) in zip(parsed.points, points_px):
+        tracks.setdefault(point.id, []).append((t, x, y))
+    return tracks
+
+
+def score_answer(task, pred_text, true_text, record, point_radius=0.05):
+    """One answer -> (scores dict, or None when the task cannot be scored on this record; drawing dict with
+    'pred' / 'true' points in pixels: [(x, y)] for one image, [(frame, x, y)] for several or a video,
+    {track_id: [(t, x, y)]} for tracks)."""
+    pred, true = data.parse_points(pred_text), data.parse_points(true_text)
+    pred_px = [_pixels(record, p) for p in pred.points]
+    true_px = [_pixels(record, p) for p in true.points]
+    one_image = len(record.get("images", ())) == 1
+    drawing = {"pred": [(x, y) for _, x, y in pred_px] if one_image else pred_px,
+               "true": [(x, y) for _, x, y in true_px] if one_image else true_px}
+    radii = [_true_radius(record, p, point_radius) for p in true.points]
+    if task in ("counting", "multi-image counting", "video counting"):
+        true_count = true.count if true.count is not None else extract_count(true_text)
+        if true_count is None:
+            return None, drawing
+        return count_score(pred_text, true_count), drawing
+    if task == "pointing":
+        return point_scores(drawing["pred"], drawing["true"], radii), drawing
+    if task in ("multi-image pointing", "video pointing"):
+        return video_point_scores(pred_px, true_px, radii), drawing
+    if task == "tracking":
+        pred_tracks, true_tracks = _tracks(pred, pred_px), _tracks(true, true_px)
+        radius_of = {}
+        for p, r in zip(true.points, radii):
+            radius_of.setdefault(p.id, r)
+        drawing = {"pred": pred_tracks, "true": true_tracks}
+        return track_scores(pred_tracks, true_tracks, radius_of), drawing
+    if task == "captions":
+        scene = record.get("scene") or {}
+        if "shapes" not in scene and "images" not in scene:
+            return None, drawing
+        shapes = scene.get("shapes", []) + [s for image in scene.get("images", []) for s in image["shapes"]]
+        return caption_object_scores(pred_text, [f"{s['colour']} {s['kind']}" for s in shapes], SCENE_NAMES), drawing
+    if task == "vqa":
+        return vqa_score(pred_text, true_text), drawing
+    raise ValueError(f"task {task!r}: expected one of {sorted(set(TASK_OF_STYLE.values()))}")
+
+
+def dataset_path(name, data_dir, split):
+    """A dataset name ({data_dir}/{name}/{split}.jsonl) or a path to a .jsonl file of records."""
+    return name if name.endswith(".jsonl") else os.path.join(data_dir, name, f"{split}.jsonl")
+
+
+def evaluation_items(datasets, data_dir, split, tasks=(), max_examples=0, report=None):
+    """[(source, task, record, annotation)] for every scoreable annotation of the first max_examples (0 = all)
+    records of each dataset; `tasks` (empty = all) filters. Records hold media paths (decoded only when
+    their batch comes: see with_media); bad records are skipped into `report`."""
+    items = []
+    for name in datasets:
+        path = dataset_path(name, data_dir, split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset {name!r}: no '{path}' (run prepare_data.py, or check data_dir "
+                                    f"and split)")
+        records = data.RecordFile(path, report=report, load_media=False)
+        source = os.path.splitext(os.path.relpath(path, data_dir))[0] if not name.endswith(".jsonl") else name
+        for i in range(len(records) if max_examples <= 0 else min(max_examples, len(records))):
+            record = records.get(i)
+            if record is None:
+                continue
+            for annotation in record["annotations"]:
+                task = TASK_OF_STYLE.get(annotation["style"])
+                if task is not None and (not tasks or task in tasks):
+                    items.append((source, task, record, annotation))
+    return items
+
+
+def with_media(record):
+    """A record read without media (RecordFile(load_media=False)) -> a copy with its media decoded, as
+    RecordFile(load_media=True) returns it; raises data.BadRecord for media that cannot be decoded."""
+    if "image" in record and "images" not in record:
+        return {**record, "images": [data.read_image_file(path) for path in record["image"]]}
+    if "video" in record and "video_frames" not in record:
+        frames, times = data.read_video_file(record["video"], record.get("video_fps", data.DEFAULT_VIDEO_FPS))
+        return {**record, "video_frames": frames, "video_times": times}
+    return record
+
+
+def evaluate(model, processor, items, batch_size=32, max_new_tokens=0, point_radius=0.05, style_prefixes="sft",
+             log=print, report=None):
+    """Answer and score every item (evaluation_items) -> per-example rows, dicts with source, task, id, record
+    (media not decoded), prompt, answer, truth, scores (None: not scoreable), drawing. max_new_tokens 0 =
+    MAX_NEW_TOKENS[task]. Media that cannot be decoded skip their item, counted in `report`."""
+    report = report if report is not None else data.SkipReport()
+    rows = []
+    order = sorted(range(len(items)), key=lambda i: (items[i][1], "video" in items[i][2], items[i][0]))
+    groups = {}
+    for i in order:  # batches never mix tasks, nor images with videos
+        source, task, record, _ = items[i]
+        groups.setdefault((task, "video" in record), []).append(items[i])
+    t0 = time.time()
+    for (task, _), group in groups.items():
+        limit = max_new_tokens or MAX_NEW_TOKENS[task]
+        for start in range(0, len(group), batch_size):
+            chunk, loaded = [], []
+            for item in group[start:start + batch_size]:
+                try:
+                    loaded.append(with_media(item[2]))
+                    chunk.append(item)
+                except data.BadRecord as e:
+                    report.skip(e)
+            if not chunk:
+                continue
+            examples = [prompt_example(record, annotation["messages"][:-1], annotation["style"], processor,
+                                       style_prefixes) for record, (_, _, _, annotation) in zip(loaded, chunk)]
+            answers = generate_answers(model, processor, examples, limit)
+            for (source, task_, record, annotation), media, answer in zip(chunk, loaded, answers):
+                truth = annotation["messages"][-1]["content"]
+                scores, drawing = score_answer(task_, answer, truth, media, point_radius)
+                rows.append({"source": source, "task": task_, "id": record["id"], "record": record,
+                             "prompt": annotation["messages"][-2]["content"], "answer": answer, "truth": truth,
+                             "scores": scores, "drawing": drawing})
+            log(f"{task}: {min(start + batch_size, len(group))}/{len(group)} answered ({time.time() - t0:.0f}s)")
+    return rows
+
+
+def summarize(rows):
+    """Per-example rows -> {task: {source: mean scores}} (rows that could not be scored left out)."""
+    results = {}
+    for row in rows:
+        if row["scores"] is not None:
+            results.setdefault(row["task"], {}).setdefault(row["source"], []).append(row["scores"])
+    return {task: {source: mean_scores(s) for source, s in by_source.items()} for task, by_source in results.items()}
+
+
+def headline(rows):
+    """The numbers a demo prints: counting accuracy and pointing F1 over every source (None when absent)."""
+    out = {}
+    for name, (task, metric) in HEADLINE_METRICS.items():
+        values = [row["scores"][metric] for row in rows if row["task"] == task and row["scores"] is not None]
+        out[name] = float(np.mean(values)) if values else None
+    return out
+
+
+POINT_TASKS = ("counting", "multi-image counting", "video counting", "pointing", "multi-image pointing",
+               "video pointing", "tracking")
+
+
+def _subtitle(row):
+    """The main score and the answer (and, where no points show the truth, the true answer)."""
+    scores = row["scores"] or {}
+    key = next((k for k in ("correct", "f1", "exact_match") if k in scores), None)
+    text = (f"{key} {scores[key]:.2f} | " if key else "") + row["answer"].replace("\n", " ")
+    return text if row["task"] in POINT_TASKS else f"{text} [true: {row['truth']}]"
+
+
+def save_figures(rows, out_dir, n_show=8):
+    """Example pictures per (task, source): a grid for image tasks, an animated GIF per video (first few).
+    Returns {caption: path} for write_report."""
+    figures = {}
+    by_group = {}
+    for row in rows:
+        by_group.setdefault((row["task"], row["source"]), []).append(row)
+    for (task, source), group in by_group.items():
+        slug = re.sub(r"[^a-z0-9]+", "_", f"{task} {source}".lower()).strip("_")
+        if "video" in group[0]["record"]:
+            if task not in POINT_TASKS:
+                continue  # nothing to draw on the frames
+            for k, row in enumerate(group[:min(2, n_show)]):
+                path = os.path.join(out_dir, f"{slug}_{k}.gif")
+                record = with_media(row["record"])
+                save_video_gif(path, record["video_frames"], record["video_times"], row["drawing"]["pred"],
+                               row["drawing"]["true"])
+                figures[f"{task}, {source}, {row['id']}: {row['prompt']} -> {row['answer'][:80]}"] = path
+            continue
+        examples = []
+        for row in group[:n_show]:
+            record, drawing = with_media(row["record"]), row["drawing"]
+            pred, true = drawing["pred"], drawing["true"]
+            if len(record["images"]) > 1:  # show the first image with its own points
+                pred = [(x, y) for f, x, y in pred if int(f) == 1]
+                true = [(x, y) for f, x, y in true if int(f) == 1]
+            examples.append({"image": record["images"][0], "pred": pred, "true": true,
+                             "title": row["prompt"], "subtitle": _subtitle(row)})
+        path = os.path.join(out_dir, f"{slug}.png")
+        save_example_grid(path, examples)
+        what = " (predicted and true points)" if task in POINT_TASKS else ""
+        figures[f"{task}, {source}: the first {len(examples)} examples{what}"] = path
+    return figures
+
+
+def summary_table(results):
+    """Plain-text table of every task's main scores."""
+    lines = [f"{'task':<22} {'source':<28} {'n':>5}  scores"]
+    for task, by_source in results.items():
+        for source, scores in by_source.items():
+            shown = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "n")
+            lines.append(f"{task:<22} {source:<28} {scores['n']:>5}  {shown}")
+    return "\n".join(lines)
+
+
+EVAL_DEFAULTS = dict(
+    init_from=DEFAULT_INIT_FROM,  # a training out_dir (with final/), a model directory, or a hub id
+    data_dir="data",
+    split="test",
+    datasets=["synth_image", "synth_multi", "synth_video"],  # names under data_dir, or paths to .jsonl files
+    tasks=[],  # e.g. ["counting", "pointing"]; empty = every task the records have
+    max_examples=0,  # records per dataset, 0 = all
+    batch_size=32,
+    max_new_tokens=0,  # 0 = the task's default (MAX_NEW_TOKENS)
+    point_radius=0.05,  # matching radius without a scene: a fraction of the image's longer side
+    style_prefixes="sft",  # as the model was trained: sft | none
+    max_crops=0,  # crops per image; 0 = as the checkpoint was trained (Molmo2 evaluates its 8-crop models with 24)
+    n_show=8,  # examples drawn per task
+    out_dir="",  # default: {init_from}/eval_{split} (out/eval_{split} for a hub id)
+    device="cpu",
+    dtype="float32",
+)
+
+
+def main(argv=None):
+    """python eval.py --init_from=out/joint --split=test [--tasks="['counting','pointing']"] [--max_examples=50]
+    Writes report.md, metrics.json, predictions.jsonl and example pictures into out_dir; returns the headline."""
+    from configurator import configure
+    knobs = dict(EVAL_DEFAULTS)
+    configure(knobs, argv)
+    unknown = sorted(set(knobs["tasks"]) - set(MAX_NEW_TOKENS))
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {unknown}; known {sorted(MAX_NEW_TOKENS)}")
+    torch.set_grad_enabled(False)
+    model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
+    processor.max_crops = knobs["max_crops"] or processor.max_crops
+    out_dir = knobs["out_dir"] or os.path.join(knobs["init_from"] if os.path.isdir(knobs["init_from"]) else "out",
+                                               f"eval_{knobs['split']}")
+    os.makedirs(out_dir, exist_ok=True)
+    skipped = data.SkipReport()
+    items = evaluation_items(knobs["datasets"], knobs["data_dir"], knobs["split"], knobs["tasks"],
+                             knobs["max_examples"], skipped)
+    print(f"model {model_dir} | {len(items)} questions from {', '.join(knobs['datasets'])} ({knobs['split']})")
+    t0 = time.time()
+    rows = evaluate(model, processor, items, knobs["batch_size"], knobs["max_new_tokens"], knobs["point_radius"],
+                    knobs["style_prefixes"], report=skipped)
+    seconds = time.time() - t0
+    results = summarize(rows)
+    figures = save_figures(rows, out_dir, knobs["n_show"])
+    report = write_report(os.path.join(out_dir, "report.md"), results, figures,
+                          title=f"nanoMolmo2 evaluation: {model_dir}, {knobs['split']} split")
+    numbers = headline(rows)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({**numbers, "results": results, "n_questions": len(rows), "seconds": round(seconds, 1),
+                   "model": model_dir, "config": knobs}, f, indent=2)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in ("source", "task", "id", "prompt", "answer", "truth", "scores")})
+                    + "\n")
+    print(summary_table(results))
+    if skipped.n_skipped:
+        print(skipped.summary())
+    print(" | ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in numbers.items())
+          + f" | {len(rows)} answers in {seconds:.0f}s | report: {report}")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()

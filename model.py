@@ -14,7 +14,9 @@ rename table a reader can check at a glance.
 
 Masks: `attn_mask=None` means plain causal attention and never builds a T x T mask (SDPA's is_causal).
 An explicit boolean `attn_mask` (B, 1, T, S), True = may attend, is how Molmo2 expresses bidirectional
-vision tokens, packed examples and message trees.
+vision tokens, packed examples and message trees. A 2-D `attention_mask` (B, S), 1 = token, 0 = padding
+(transformers' convention, used for left-padded prompts in generation), gives causal attention over the
+real tokens (`causal_padding_mask`); S counts the cached keys too.
 """
 
 import json
@@ -258,6 +260,11 @@ class KVCache:
         self.v[layer][:, :, self.pos:self.pos + T] = v
         return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
 
+    def keep_rows(self, rows):
+        """Drop the other rows (finished sequences): rows is a (B,) bool mask or an index tensor."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -293,6 +300,20 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+
+def causal_padding_mask(attention_mask, T):
+    """attention_mask (B, S) 1 = token, 0 = padding, over all S keys (the cached ones, then the T new ones)
+    -> (B, 1, T, S) bool, True = may attend: causal, padding keys masked, and every query sees itself (a
+    padding query would otherwise see no key at all: a NaN softmax)."""
+    S = attention_mask.shape[1]
+    if S < T:
+        raise ValueError(f"attention_mask: {S} columns for {T} new tokens (it must also cover the cached ones)")
+    device = attention_mask.device
+    query_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1): where the new tokens sit
+    key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = (key_pos <= query_pos) & attention_mask.bool()[:, None, :]  # (B, T, S)
+    return (mask | (key_pos == query_pos))[:, None]  # (B, 1, T, S)
 
 
 class MLP(nn.Module):
@@ -343,10 +364,14 @@ class Qwen3(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def run_layers(self, x, position_ids=None, attn_mask=None, kv_cache=None, response_mask=None):
+    def run_layers(self, x, position_ids=None, attn_mask=None, kv_cache=None, response_mask=None,
+                   attention_mask=None):
         """Input embeddings x (B, T, C) -> final-normed hidden states (B, T, C).
-        response_mask (B, T) bool marks the tokens that get `response_dropout` instead of `resid_dropout`."""
+        response_mask (B, T) bool marks the tokens that get `response_dropout` instead of `resid_dropout`.
+        attention_mask (B, cached + T) 1 = token, 0 = padding is used when attn_mask is None."""
         B, T, _ = x.shape
+        if attn_mask is None and attention_mask is not None and not bool(attention_mask.all()):
+            attn_mask = causal_padding_mask(attention_mask, T)  # (B, 1, T, S)
         if position_ids is None:
             start = kv_cache.pos if kv_cache is not None else 0
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
@@ -373,9 +398,15 @@ class Qwen3(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None):
-        """input_ids (B, T) -> logits (B, T, vocab)."""
-        return self.lm_logits(self.run_layers(self.embed_tokens(input_ids), position_ids, attn_mask, kv_cache))
+    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None, attention_mask=None,
+                logits_positions=None):
+        """input_ids (B, T) -> logits (B, T, vocab), or (N, vocab) at the N True places of logits_positions
+        (B, T) bool. Masks as in run_layers."""
+        h = self.run_layers(self.embed_tokens(input_ids), position_ids, attn_mask, kv_cache,
+                            attention_mask=attention_mask)  # (B, T, C)
+        if logits_positions is not None:
+            h = h[logits_positions]  # (N, C)
+        return self.lm_logits(h)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         w = self.embed_tokens.weight
@@ -435,11 +466,19 @@ class Qwen3(nn.Module):
 # ---------------------------------------------------------------------------
 # Generation: batched prompts of different lengths (left-padded), a preallocated KV cache, greedy or
 # temperature / top-k / top-p sampling, stop tokens, streaming through a callback.
+# - The model builds its own prefill mask from the 2-D attention_mask (Molmo2: bidirectional among vision
+#   tokens; Qwen3: causal), positions count real tokens only, so a left-padded prompt gets exactly the
+#   positions and attention it would get alone.
+# - Each new token is text: it attends to every real cached token and itself.
+# - A row that has stopped leaves the batch and the KV cache, so short answers cost nothing while long
+#   ones finish.
+# - Logits are computed for the last position only (at 152k entries per position they would dominate).
 # ---------------------------------------------------------------------------
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy; top_k keeps the k largest logits, top_p the
+    smallest set of most likely tokens whose probabilities reach p (the most likely one always stays)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -447,64 +486,71 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # mass before a token already reaches p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def padded_positions_and_mask(attention_mask):
-    """attention_mask (B, S) 1 = real token, left padding = 0 -> position_ids (B, S) counting real tokens
-    from 0, and the key-padding part of a mask, (B, 1, 1, S) bool."""
-    attention_mask = attention_mask.bool()
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return position_ids, attention_mask[:, None, None, :]
+def padded_position_ids(attention_mask):
+    """attention_mask (B, S) 1 = real token, 0 = padding -> position_ids (B, S) counting real tokens from 0
+    (0 on padding), as transformers' generate derives them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
              stop_ids=(151645, 151643), on_token=None, generator=None, **prefill_inputs):
-    """Generate up to max_new_tokens after the (left-padded) prompts input_ids (B, T).
+    """Generate up to max_new_tokens after the left-padded prompts input_ids (B, T).
 
-    `model(input_ids, position_ids=, attn_mask=, kv_cache=, **prefill_inputs)` must return logits; extra
-    inputs (pixels for Molmo2) go to the prefill only. Rows that produced a stop id are finished and keep
-    emitting padding. `on_token(step, ids (B,))` is called as tokens come (streaming).
-    Returns the new tokens (B, n) with stop ids kept and padding (stop_ids[0]) after them."""
+    `model(input_ids, position_ids=, attention_mask=, kv_cache=, logits_positions=, **prefill_inputs)` must
+    return logits at logits_positions; extra inputs (pixels, mm_token_type_ids for Molmo2) go to the prefill
+    only. attention_mask (B, T): 1 = token, 0 = left padding (default all ones). A row that produced a stop
+    id is finished: it leaves the batch (and the KV cache), and its output is padded with stop_ids[0].
+    `on_token(step, ids (B,))` is called as tokens come (streaming). Returns the new tokens (B, n),
+    n <= max_new_tokens (fewer when every row stopped)."""
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    if not bool(attention_mask[:, -1].all()):
+        rows = torch.nonzero(attention_mask[:, -1] == 0).flatten().tolist()
+        raise ValueError(f"attention_mask: rows {rows} end in padding; prompts must be left-padded")
+    attention_mask = attention_mask.long()
     kv_cache = model.make_kv_cache(B, T + max_new_tokens)
-    position_ids, key_mask = padded_positions_and_mask(attention_mask)
-    if attention_mask.all():
-        attn_mask = None  # plain causal
-    else:
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        attn_mask = causal[None, None] & key_mask  # (B, 1, T, T)
-        attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=device)  # padding rows see themselves
-    logits = model(input_ids, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache, **prefill_inputs)
+    position_ids = padded_position_ids(attention_mask)  # (B, T)
+    last = torch.zeros(B, T, dtype=torch.bool, device=device)
+    last[:, -1] = True
+    logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                   logits_positions=last, **prefill_inputs)  # (B, V)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
-    key_valid = attention_mask.bool()
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    pad_id = stop_ids[0] if len(stop_ids) else 0
-    out = []
+    out = torch.full((B, max_new_tokens), stop_ids[0] if len(stop_ids) else 0, dtype=torch.long, device=device)
+    active = torch.arange(B, device=device)  # the rows still generating, in the order the cache holds them
+    n_steps = 0
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-        next_ids = torch.where(finished, pad_id, next_ids)
-        out.append(next_ids)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (A,)
+        out[active, step] = next_ids
+        n_steps = step + 1
         if on_token is not None:
-            on_token(step, next_ids)
-        finished |= torch.isin(next_ids, stop)
-        if finished.all() or step == max_new_tokens - 1:
+            on_token(step, out[:, step])
+        running = ~torch.isin(next_ids, stop)  # (A,)
+        if not running.all():  # finished rows leave the batch
+            active, next_ids, next_pos = active[running], next_ids[running], next_pos[running]
+            attention_mask = attention_mask[running]
+            kv_cache.keep_rows(running)
+        if len(active) == 0 or step == max_new_tokens - 1:
             break
-        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        step_mask = None if key_valid.all() else key_valid[:, None, None, :]  # (B, 1, 1, S)
-        logits = model(next_ids[:, None], position_ids=next_pos, attn_mask=step_mask, kv_cache=kv_cache)
+        one = torch.ones(len(active), 1, dtype=torch.long, device=device)
+        attention_mask = torch.cat([attention_mask, one], dim=1)  # (A, S): the new token is real
+        logits = model(next_ids[:, None], position_ids=next_pos, attention_mask=attention_mask, kv_cache=kv_cache,
+                       logits_positions=one.bool())  # (A, V)
         next_pos = next_pos + 1
-    return torch.stack(out, dim=1)
+    return out[:, :n_steps]
 
 # ---------------------------------------------------------------------------
 # Molmo2: SigLIP2 -> connector -> Qwen3
@@ -522,7 +568,8 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
 #   `<im_col>`, the image/frame start and end tokens), or, without mm_token_type_ids, tokens whose id is
 #   one of those (transformers is purely causal then). Padding keys (attention_mask == 0) are masked.
 #   An explicit `attn_mask` (B, 1, T, S) replaces all of this: packing and message trees build their own.
-#   With a KV cache that already holds tokens the mask is the caller's too (None = causal, as in decoding).
+#   With a KV cache that already holds tokens (decoding) the new tokens are text: causal, padding keys
+#   masked by attention_mask (B, cached + T) when given.
 # - Checkpoints: `from_pretrained` reads transformers' native Molmo2 layout and the released hub layout
 #   (allenai/Molmo2-4B, -8B: Molmo2's own names, fused qkv and up/gate, split embedding tables);
 #   `save_pretrained` writes the native layout, which `Molmo2ForConditionalGeneration` loads.
@@ -669,10 +716,10 @@ class Molmo2(nn.Module):
             features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
         if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
-            # with earlier tokens in the cache the caller gives the mask (None = causal, as when decoding)
             attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
+        # after cached tokens (decoding) the new tokens are text: causal over the keys attention_mask keeps
         return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
-                                   response_mask=response_mask)
+                                   response_mask=response_mask, attention_mask=attention_mask)
 
     def add_vision_features(self, x, input_ids, features, num_tokens, kind):
         """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
@@ -697,9 +744,10 @@ class Molmo2(nn.Module):
         (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
         their N * P patches (-1 = padding); image_grids (I, 4) and image_num_crops (I,) per image, used to
         check the rest; the same for a video (pixel_values_videos, video_token_pooling (M, 9), video_grids
-        (V, 3)); attention_mask (B, T) 1 = token, 0 = padding; mm_token_type_ids (B, T) 1 = vision token.
-        position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S) bool replaces the built mask;
-        response_mask (B, T) bool: the tokens that get Qwen3's response_dropout (training)."""
+        (V, 3)); attention_mask (B, T) 1 = token, 0 = padding ((B, cached + T) when decoding);
+        mm_token_type_ids (B, T) 1 = vision token. position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S)
+        bool replaces the built mask; response_mask (B, T) bool: the tokens that get Qwen3's response_dropout
+        (training)."""
         h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)

@@ -1,0 +1,136 @@
+"""sample.py: its command line, the pictures of an answer's points (checked by their pixels against the
+synthetic scene's shape centres), streaming, and a run end to end on a tiny random checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as E
+import sample
+from model import Molmo2, Molmo2Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_media_arguments_both_forms_and_repeats():
+    images, videos, rest = sample.split_media_args(["--image", "a.jpg", "--prompt=Hi there", "--image=b.png",
+                                                    "--temperature=0.5"])
+    assert images == ["a.jpg", "b.png"] and videos == [] and rest == ["--prompt=Hi there", "--temperature=0.5"]
+    assert sample.split_media_args(["--video", "clip.gif"])[1] == ["clip.gif"]
+    with pytest.raises(SystemExit, match="expected a path"):
+        sample.split_media_args(["--image", "--prompt=x"])
+    with pytest.raises(SystemExit, match="one --video"):
+        sample.split_media_args(["--image=a.jpg", "--video=b.gif"])
+
+
+@pytest.fixture
+def scene_image(tmp_path):
+    """A rendered synthetic scene (the oracle for where each shape is) saved as a PNG."""
+    rng = data._example_rng(0, "test", "image", 5)
+    scene = data.make_image_scene(rng, max_objects=5, n_matching=3)
+    path = tmp_path / "scene.png"
+    data.render_scene(scene, 160, 120).save(path)
+    return scene, str(path)
+
+
+def test_points_drawn_where_the_shapes_are(scene_image, tmp_path, monkeypatch, capsys):
+    scene, path = scene_image
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path / "out"))
+    centres = [(s["x"], s["y"]) for s in scene["shapes"] if data.shape_matches(s, scene["query"])]
+    answer = data.pointing_answer(data.image_points_tag(centres, "things"), len(centres), with_count=True)
+    record = sample.media_record([path], "", None)
+    (png,) = sample.show_points(answer, record, str(tmp_path / "out" / "answer1"))
+    drawn = np.asarray(Image.open(png).convert("RGB"))
+    factor = drawn.shape[1] // 160  # small images are upscaled before drawing
+    assert drawn.shape[:2] == (120 * factor, 160 * factor)
+    printed = capsys.readouterr().out
+    for x, y in centres:
+        # the answer's 0..1000 integers, back in pixels of the 160 x 120 image
+        px, py = round(x * 1000) / 1000 * 160, round(y * 1000) / 1000 * 120
+        assert tuple(drawn[round(py * factor), round(px * factor)]) == E.PRED_COLOR
+        assert f"x={px:.1f}  y={py:.1f}" in printed
+
+
+def test_several_images_get_a_picture_each(scene_image, tmp_path, monkeypatch):
+    _, path = scene_image
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    answer = data.multi_image_points_tag([[(0.25, 0.5)], [(0.75, 0.25)]], "dots")
+    record = sample.media_record([path, path], "", None)
+    first, second = sample.show_points(answer, record, str(tmp_path / "a"))
+    for png, (x, y) in ((first, (0.25, 0.5)), (second, (0.75, 0.25))):
+        drawn = np.asarray(Image.open(png).convert("RGB"))
+        factor = drawn.shape[1] // 160
+        assert tuple(drawn[round(y * 120 * factor), round(x * 160 * factor)]) == E.PRED_COLOR
+    assert (first, second) == (str(tmp_path / "a_image1.png"), str(tmp_path / "a_image2.png"))
+
+
+def test_video_tracks_make_a_gif(tmp_path, monkeypatch):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 48), (40 * i, 80, 120)).save(frames / f"{i:03d}.png")
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_frames=8)
+    record = sample.media_record([], str(frames), processor)  # a folder of frames at video_fps = 2
+    assert record["video_times"] == [0.0, 0.5, 1.0, 1.5] and len(record["video_frames"]) == 4
+    answer = data.video_tracks_tag([(0.0, {"a": (0.5, 0.5)}), (0.5, {"a": (0.6, 0.5)})], "ball")
+    (gif,) = sample.show_points(answer, record, str(tmp_path / "v"))
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 4
+
+
+def test_streamer_prints_whole_characters(capsys):
+    tokenizer = data.get_tokenizer()
+    text = "Sí 🙂 ok"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # the emoji spans several byte-level tokens
+    streamer = sample.Streamer(tokenizer)
+    pieces = []
+    for step, token in enumerate(ids + [data.IM_END_ID]):
+        streamer(step, torch.tensor([token]))
+        pieces.append(capsys.readouterr().out)
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    Molmo2(Molmo2Config.preset("tiny")).save_pretrained(str(run / "final"))
+    data.save_processor_config(str(run / "final"),
+                               data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_crops=2, max_frames=4))
+    return str(run)
+
+
+def test_command_line_end_to_end(checkpoint, scene_image, tmp_path):
+    _, path = scene_image
+    run = subprocess.run([sys.executable, "sample.py", "--image", path, f"--init_from={checkpoint}",
+                          "--max_new_tokens=3", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "> Describe this image in detail." in run.stdout and "(3 tokens in" in run.stdout
+    missing = subprocess.run([sys.executable, "sample.py", "--image", path, f"--init_from={tmp_path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "make demo" in missing.stderr
+
+
+def test_interactive_keeps_the_model_and_switches_media(checkpoint, scene_image, tmp_path, monkeypatch, capsys):
+    _, path = scene_image
+    model, processor, _ = E.load_model(checkpoint)
+    monkeypatch.setattr(sample, "max_new_tokens", 2)
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    lines = iter(["How many?", f":image {path} {path}", "Which has more?", ":video missing.gif", ":quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    asked = []
+    real_ask = sample.ask
+    monkeypatch.setattr(sample, "ask", lambda m, p, record, q, n: asked.append((len(record["images"]), q))
+                        or real_ask(m, p, record, q, n))
+    sample.interact(model, processor, sample.media_record([path], "", processor))
+    assert asked == [(1, "How many?"), (2, "Which has more?")]
+    assert "cannot use missing.gif" in capsys.readouterr().out
