@@ -1116,6 +1116,7 @@ EVAL_DEFAULTS = dict(
 )
 
 
+@torch.no_grad()
 def main(argv=None):
     """python eval.py --init_from=out/joint --split=test [--tasks="['counting','pointing']"] [--max_examples=50]
     Writes report.md, metrics.json, predictions.jsonl and example pictures into out_dir; returns the headline."""
@@ -1125,7 +1126,6 @@ def main(argv=None):
     unknown = sorted(set(knobs["tasks"]) - set(MAX_NEW_TOKENS))
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; known {sorted(MAX_NEW_TOKENS)}")
-    torch.set_grad_enabled(False)
     model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
     processor.max_crops = knobs["max_crops"] or processor.max_crops
     out_dir = knobs["out_dir"] or os.path.join(knobs["init_from"] if os.path.isdir(knobs["init_from"]) else "out",

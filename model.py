@@ -392,11 +392,14 @@ class Qwen3(nn.Module):
             kv_cache.pos += T
         return self.norm(x)
 
+    def output_weight(self):
+        """The output head's (vocab, C) matrix: the input embedding when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def lm_logits(self, h):
         """(..., C) -> (..., vocab). Call it only where logits are needed: at 152k entries per position it
         dominates the cost of small models."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(h, self.output_weight())
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None, attention_mask=None,
                 logits_positions=None):
@@ -461,6 +464,58 @@ class Qwen3(nn.Module):
         save_safetensors(state, os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(self.config.to_hf(), f, indent=2)
+
+
+# ---------------------------------------------------------------------------
+# The training loss at the output head, fused: Molmo2's objective per loss token is
+#     weight * (cross-entropy + z_loss * logsumexp(logits)^2)
+# over the 151,936-entry vocabulary. Written plainly (logits, F.cross_entropy, logsumexp) it keeps an
+# (N, vocab) float32 tensor and several same-sized temporaries alive for backward: 3 GB at 5k loss tokens,
+# and on CPU the elementwise passes over them cost as much as the matmul. Here the logits of a chunk of rows
+# are made, turned into their gradient in place (softmax scaled, minus the target), and used for both
+# gradients at once; backward only scales what forward computed.
+# ---------------------------------------------------------------------------
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, token_weights, z_loss, chunk_size):
+        """h (N, C), weight (V, C), targets (N,), token_weights (N,) -> (sum of weighted loss, sum of weighted
+        CE); gradients of the first are computed now, chunk by chunk."""
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        w_mm = weight.to(h.dtype)  # under autocast h is bf16: matmuls in bf16, softmax in float32
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        ce = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, t, w = h[start:start + chunk_size], targets[start:start + chunk_size], token_weights[start:start + chunk_size].float()
+            logits = (hc @ w_mm.t()).float()  # (n, V)
+            lse = logits.logsumexp(dim=-1)  # (n,)
+            rows = torch.arange(len(t), device=h.device)
+            ce_rows = lse - logits[rows, t]  # (n,)
+            loss += (w * (ce_rows + z_loss * lse.pow(2))).sum()
+            ce += (w * ce_rows).sum()
+            # d/dlogits of w * (lse - logit_t + z * lse^2) = w * (1 + 2 z lse) * softmax - w * onehot(t)
+            grad = logits.sub_(lse[:, None]).exp_().mul_((w * (1 + 2 * z_loss * lse))[:, None])  # (n, V), in place
+            grad[rows, t] -= w
+            grad = grad.to(h.dtype)
+            grad_h[start:start + chunk_size] = grad @ w_mm  # (n, C)
+            grad_weight += (grad.t() @ hc).float()  # (V, C)
+        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=1024):
+    """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
+    CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head."""
+    return LinearCrossEntropy.apply(h, weight, targets, token_weights, z_loss, chunk_size)
 
 
 # ---------------------------------------------------------------------------
@@ -735,10 +790,13 @@ class Molmo2(nn.Module):
     def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                 attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
-                logits_positions=None, kv_cache=None, response_mask=None) -> torch.Tensor:
+                logits_positions=None, kv_cache=None, response_mask=None, targets=None, loss_weights=None,
+                z_loss=0.0):
         """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
-        logits_positions (B, T) bool (the loss positions: full-vocabulary logits everywhere dominate
-        the cost of a step).
+        logits_positions (B, T) bool (full-vocabulary logits everywhere dominate the cost of a step).
+        With targets (B, T) (-1 = no loss) and loss_weights (B, T): Molmo2's training loss instead, as
+        (sum of weight * (CE + z_loss * logsumexp^2), sum of weight * CE) over the positions with a target,
+        through the fused head (linear_cross_entropy): no logits are kept.
 
         Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
         (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
@@ -751,6 +809,10 @@ class Molmo2(nn.Module):
         h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
+        if targets is not None:
+            has_target = targets >= 0  # (B, T)
+            return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets[has_target],
+                                        loss_weights[has_target], z_loss)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
         return self.llm.lm_logits(h)

@@ -111,7 +111,7 @@ for step in range(start_step, max_steps):
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
 final_dir = os.path.join(out_dir, "final")
-export_final(train_model, model, optimizer, d, final_dir)
+export_final(train_model, model, optimizer, d, final_dir, loader.processor)
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))
 d.close()

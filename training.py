@@ -7,8 +7,9 @@ Design choices:
   NCCL on GPUs, gloo on CPU, so multi-process runs can be tested on a laptop.
 - FSDP2 (`fully_shard`) per transformer block of the ViT and the LLM, then the root, with bf16 parameters
   and float32 gradient reduction; DDP otherwise. On CPU everything is float32.
-- Loss normalisation as Molmo2: sum over tokens of weight * (cross-entropy + 1e-4 * logsumexp^2), divided by
-  the sum of weights over the whole optimizer step on all ranks (gathered before the first micro-batch).
+- Loss normalisation as Molmo2: sum over tokens of weight * (cross-entropy + 1e-4 * logsumexp^2) (computed by
+  the model's fused head, model.linear_cross_entropy), divided by the sum of weights over the whole optimizer
+  step on all ranks (gathered before the first micro-batch).
   Gradient accumulation and any number of ranks then give the same gradient as one big batch.
 - Checkpoints hold everything a resumed run needs to continue the same trajectory (model, optimizer,
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
@@ -139,23 +140,6 @@ def lr_at(step, peak, warmup, max_steps, final_frac=0.1):
 def set_learning_rates(optimizer, step, max_steps):
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, g["peak_lr"], g["warmup"], max_steps)
-
-
-# ---------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------
-
-
-def molmo2_loss(logits, targets, weights, weight_total, z_loss=1e-4):
-    """logits (N, V) at the N loss positions, targets (N,), weights (N,); weight_total = the sum of weights
-    over the whole optimizer step on all ranks. Returns (loss to backpropagate, sum of weighted CE) where
-    the loss is already divided by weight_total."""
-    logits = logits.float()
-    ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    z = logits.logsumexp(dim=-1).pow(2)  # (N,) keeps the softmax normaliser near 1
-    weighted_ce = (weights * ce).sum()
-    loss = (weighted_ce + z_loss * (weights * z).sum()) / weight_total
-    return loss, weighted_ce.detach()
 
 
 # ---------------------------------------------------------------------------
@@ -480,12 +464,11 @@ def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_ar
     total, weight = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     for _ in range(n_batches):
         batch = {k: v.to(d.device) for k, v in loader.next_step()[0].items()}
-        is_loss = batch["targets"] >= 0
-        with autocast or torch.autocast("cpu", enabled=False):
-            logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, logits_positions=is_loss)
-        w = batch["loss_weights"][is_loss]
-        total += (w * F.cross_entropy(logits.float(), batch["targets"][is_loss], reduction="none")).sum()
-        weight += w.sum()
+        with autocast or nullcontext():
+            _, weighted_ce = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, targets=batch["targets"],
+                                   loss_weights=batch["loss_weights"])
+        total += weighted_ce
+        weight += batch["loss_weights"].sum()
     model.train(was_training)
     return (d.all_reduce_sum(total) / d.all_reduce_sum(weight)).item()
 
@@ -502,12 +485,11 @@ def train_step(train_model, model, optimizer, micro_batches, d, parallel, autoca
         no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
         with no_sync, autocast:
             mb = {k: v.to(d.device) for k, v in mb.items()}
-            is_loss = mb["targets"] >= 0
-            logits = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, logits_positions=is_loss,
-                                 response_mask=is_loss)  # (N, vocab) at the loss positions only
-            loss, wce = molmo2_loss(logits, mb["targets"][is_loss], mb["loss_weights"][is_loss], weight_total, z_loss)
-            # DDP and FSDP average gradients over ranks; this loss already sums over them
-            (loss * d.world_size).backward()
+            # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
+            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
+                                        loss_weights=mb["loss_weights"], z_loss=z_loss, response_mask=mb["targets"] >= 0)
+            # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
+            (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
@@ -522,9 +504,10 @@ def train_step(train_model, model, optimizer, micro_batches, d, parallel, autoca
     return train_loss, grad_norm.item()
 
 
-def export_final(train_model, model, optimizer, d, final_dir):
-    """Write the trained model with save_pretrained (transformers' Molmo2 layout). Under DDP/FSDP the full
-    weights are gathered and rank 0 writes them from a plain copy of the model."""
+def export_final(train_model, model, optimizer, d, final_dir, processor):
+    """Write the trained model with save_pretrained (transformers' Molmo2 layout) and the processor settings
+    it was trained with (processor.json, read by sample.py and eval.py). Under DDP/FSDP the full weights are
+    gathered and rank 0 writes them from a plain copy of the model."""
     if d.world_size > 1:
         model_sd, _ = full_state_dicts(train_model, optimizer)
         if d.is_master:
@@ -535,3 +518,6 @@ def export_final(train_model, model, optimizer, d, final_dir):
         d.barrier()
     elif d.is_master:
         model.save_pretrained(final_dir)
+    if d.is_master:
+        import data
+        data.save_processor_config(final_dir, processor)

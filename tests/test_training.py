@@ -21,8 +21,10 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
+import model as model_lib
 import training
 from model import Molmo2, load_safetensors
 
@@ -448,20 +450,44 @@ def test_ddp_two_processes_equal_one_big_batch(big_batch_step, tmp_path):
 
 
 def test_molmo2_loss_equals_hand_computed_weighted_ce_and_z_loss():
+    # the fused head with an identity output matrix, so h are the logits:
     # row 0: logits (0, 0, ln 2): logsumexp ln 4, target 2 -> CE ln 4 - ln 2 = ln 2
     # row 1: logits (ln 3, 0, 0): logsumexp ln 5, target 0 -> CE ln 5 - ln 3
     logits = torch.tensor([[0.0, 0.0, math.log(2)], [math.log(3), 0.0, 0.0]], requires_grad=True)
+    head = torch.eye(3, requires_grad=True)
     targets, weights = torch.tensor([2, 0]), torch.tensor([0.5, 2.0])
     weight_total = 4.0  # other micro-batches (or ranks) hold the remaining weight 1.5
-    loss, weighted_ce = training.molmo2_loss(logits, targets, weights, weight_total, z_loss=1e-4)
+    loss_sum, weighted_ce = model_lib.linear_cross_entropy(logits, head, targets, weights, z_loss=1e-4, chunk_size=1)
+    loss = loss_sum / weight_total
     ce_sum = 0.5 * math.log(2) + 2.0 * (math.log(5) - math.log(3))
     z_sum = 0.5 * math.log(4) ** 2 + 2.0 * math.log(5) ** 2
     assert weighted_ce.item() == pytest.approx(ce_sum, rel=1e-6)
     assert loss.item() == pytest.approx((ce_sum + 1e-4 * z_sum) / 4.0, rel=1e-6)
-    # d loss / d logits = w / W * (softmax - onehot + 2e-4 * logsumexp * softmax)
+    # d loss / d logits = w / W * (softmax - onehot + 2e-4 * logsumexp * softmax); d loss / d head = that^T @ h
     loss.backward()
     softmax = torch.tensor([[0.25, 0.25, 0.5], [0.6, 0.2, 0.2]])
     onehot = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     lse = torch.tensor([[math.log(4)], [math.log(5)]])
     expected = weights[:, None] / 4.0 * (softmax - onehot + 2e-4 * lse * softmax)
     torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.grad, expected.t() @ logits.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_head_equals_plain_logits_on_a_real_vocabulary():
+    """The chunked head against logits + F.cross_entropy + logsumexp, on 151,936 entries, with chunks that do
+    not divide the rows, in float32 and under bf16 autocast (the GPU path)."""
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    head = (torch.randn(151936, 16) * 0.3).requires_grad_()
+    targets, weights = torch.randint(0, 151936, (37,)), torch.rand(37)
+    logits = h @ head.t()
+    ref = (weights * (F.cross_entropy(logits, targets, reduction="none") + 1e-4 * logits.logsumexp(-1) ** 2)).sum()
+    ref_grads = torch.autograd.grad(ref, (h, head))
+    loss, _ = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=10)
+    grads = torch.autograd.grad(loss * 1.0, (h, head))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16, _ = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=10)
+    assert abs(loss_bf16.item() - ref.item()) / ref.item() < 2e-2
