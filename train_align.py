@@ -54,7 +54,7 @@ activation_checkpointing = False
 log_every = 1
 eval_every = 100  # validation loss on the val split
 eval_batches = 4
-save_every = 100
+save_every = 100  # steps between resumable checkpoints (0: none, only the exported final model)
 seed = 1337
 resume = True  # continue from out_dir/ckpt.pt if it exists
 config = configure(globals())
@@ -106,7 +106,7 @@ for step in range(start_step, max_steps):
     done = step + 1
     if eval_every and (done % eval_every == 0 or done == max_steps):
         progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args))
-    if done % save_every == 0 or done == max_steps:
+    if save_every and (done % save_every == 0 or done == max_steps):
         save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
