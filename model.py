@@ -500,7 +500,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[rows, t] -= w
             grad = grad.to(h.dtype)
             grad_h[start:start + chunk_size] = grad @ w_mm  # (n, C)
-            grad_weight += (grad.t() @ hc).float()  # (V, C)
+            if ctx.needs_input_grad[1]:  # a frozen head (the align stage) skips a third of the work
+                grad_weight += (grad.t() @ hc).float()  # (V, C)
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)

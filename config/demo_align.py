@@ -1,0 +1,19 @@
+# The README demo's align stage: a small nanoMolmo2 from scratch, only the connector and the 128 new token
+# embeddings train (the ViT and LLM stay at their random init), on the synthetic world's captions, counting and
+# pointing; a short stage that shows the mechanics on a CPU (see demo.py).
+out_dir = "out/demo/align"
+init_from = "scratch"
+model_preset = "small"
+data_mixture = {"image": (1.0, ["synth_image"])}
+styles = ("point_count", "pointing")
+max_crops = 4
+overlap_margins = (2, 2)
+max_seq_len = 512
+batch_size = 4
+max_steps = 40
+lr_connector = 2e-3
+warmup_connector = 10
+eval_every = 40
+eval_batches = 2
+save_every = 40
+log_every = 10
