@@ -76,9 +76,13 @@ class Connector(nn.Module):
         self.config = config
         self.pooling = PoolingAttention(config)
         self.projector = SwiGLU(config.hidden_size, config.intermediate_size, config.llm_hidden_size)
+        # A new connector starts with every layer keeping its input's scale (std 1/sqrt(fan_in)). Molmo2 uses a
+        # flat std of 0.02, which works on a pretrained SigLIP2's large features; on a ViT trained from scratch
+        # it shrinks the features ~1000x (0.02 * sqrt(fan_in) per layer, squared by the SwiGLU product): the
+        # LLM then never sees the image (the loss does not move when the pixels are shuffled) and never learns to.
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=module.in_features ** -0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
