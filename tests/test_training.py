@@ -382,6 +382,11 @@ def assert_same_step(a, b):
     assert norm_a == pytest.approx(norm_b, rel=1e-4)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
+        if name.endswith("k_proj.bias"):
+            # a key bias shifts every score of a query's row equally: softmax cancels it, so its gradient is
+            # exactly 0 and what is computed is rounding noise (which AdamW's m / sqrt(v) turns into +-lr steps)
+            assert grads_a[name].abs().max() < 1e-5 * max(g.abs().max() for g in grads_a.values())
+            continue
         scale = grads_a[name].abs().max().item() + 1e-12
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
         torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6, msg=name)
