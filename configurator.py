@@ -9,7 +9,7 @@ A stage script keeps its knobs as module-level values, then calls
 which applies, in order, each `config/<name>.py` preset named on the command line (a file of plain
 assignments) and each `--key=value` override (the value parsed as a Python literal, falling back to a
 bare string for string keys). A key the script does not define, or a value whose type does not match the
-default's, is an error that names it. Returns the final {key: value} dict for logging and checkpoints.
+default's, stops the script with a message that names it (ConfigError, a SystemExit). Returns the final {key: value} dict for logging and checkpoints.
 """
 
 import ast
@@ -18,8 +18,11 @@ import sys
 CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(SystemExit):
+    """A bad preset file or --key=value: the script stops with this message (no traceback) and exit code 1."""
+
+    def __str__(self):
+        return str(self.code)
 
 
 def config_keys(namespace):
