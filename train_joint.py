@@ -2,7 +2,7 @@
 Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM), with Molmo2's objective.
 
     python train_joint.py                                   # CPU or one GPU, the synthetic world
-    python train_joint.py config/joint_sft.py --batch_size=4
+    python train_joint.py config/mix_sft.py --init_from=out/align --batch_size=4
     torchrun --nproc_per_node=4 train_joint.py --batch_size=16 --parallel=fsdp
 
 Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak; AdamW
@@ -38,7 +38,7 @@ loss_weighting = "sft"  # sft (2/sqrt(n), grounding 0.2, video captions 0.1) | s
 batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
 max_steps = 500
-lr_connector, lr_vit, lr_llm = 5e-6, 5e-6, 1e-5  # Molmo2 SFT
+lr_connector, lr_vit, lr_llm = 5e-6, 5e-6, 1e-5  # Molmo2 SFT, for pretrained parts; from scratch see config/demo_joint.py
 warmup_connector, warmup_vit, warmup_llm = 200, 200, 200
 grad_clip = 1.0
 z_loss = 1e-4
