@@ -256,11 +256,14 @@ class Progress:
             for g in optimizer.param_groups:
                 self.tb.add_scalar(f"lr/{g['name']}", g["lr"], step)
 
-    def val(self, step, loss):
+    def val(self, step, losses):
+        """losses: (val loss, val loss with the batch's crops shuffled)."""
+        loss, shuffled = losses
         self.curves["val"].append((step, loss))
-        self.d.print(f"step {step:5d} | val loss {loss:.4f}")
+        self.d.print(f"step {step:5d} | val loss {loss:.4f} | with the crops shuffled {shuffled:.4f} "
+                     f"(the gap is what the images are worth)")
         if self.d.is_master:
-            self.log({"step": step, "val_loss": loss})
+            self.log({"step": step, "val_loss": loss, "val_loss_crops_shuffled": shuffled})
         if self.tb is not None:
             self.tb.add_scalar("val/loss", loss, step)
 
@@ -457,20 +460,28 @@ class _DrawKeys:
 
 @torch.no_grad()
 def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_args):
-    """Mean weighted cross-entropy on the first n_batches batches of a split (the same ones every time)."""
+    """Mean weighted cross-entropy on the first n_batches batches of a split (the same ones every time), and the
+    same with each batch's crops (and frames) shuffled: the gap says how much the model uses its images (none:
+    the loss does not move when the pictures are scrambled)."""
     loader = TrainLoader(split=split, rank=d.rank, world_size=d.world_size, **loader_args)
     was_training = model.training
     model.eval()
-    total, weight = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+    total, shuffled, weight = (torch.zeros((), device=d.device) for _ in range(3))
+    shuffle = torch.Generator().manual_seed(0)
     for _ in range(n_batches):
         batch = {k: v.to(d.device) for k, v in loader.next_step()[0].items()}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         with autocast or nullcontext():
-            _, weighted_ce = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, targets=batch["targets"],
-                                   loss_weights=batch["loss_weights"])
-        total += weighted_ce
+            total += model(**inputs, targets=batch["targets"], loss_weights=batch["loss_weights"])[1]
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in inputs:
+                    order = torch.randperm(inputs[key].shape[0], generator=shuffle).to(d.device)
+                    inputs[key] = inputs[key][order]
+            shuffled += model(**inputs, targets=batch["targets"], loss_weights=batch["loss_weights"])[1]
         weight += batch["loss_weights"].sum()
     model.train(was_training)
-    return (d.all_reduce_sum(total) / d.all_reduce_sum(weight)).item()
+    weight = d.all_reduce_sum(weight)
+    return (d.all_reduce_sum(total) / weight).item(), (d.all_reduce_sum(shuffled) / weight).item()
 
 
 def train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip, z_loss, bad_batch_path):
