@@ -271,7 +271,8 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=False)
     assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["connector"]
     assert [r["step"] for r in read_log(out_dir) if "val_loss" in r] == [2]
-    # the validation pass also scores the batches with their crops shuffled (logged beside the loss)
+    # the validation pass also scores the batches with their crops rotated (logged beside the loss; here each
+    # 56-px image's two crops are the same pixels, so the two losses may coincide)
     val = next(r for r in read_log(out_dir) if "val_loss" in r)
     assert math.isfinite(val["val_loss_crops_shuffled"]) and math.isfinite(val["val_loss"])
 
@@ -499,3 +500,20 @@ def test_fused_head_equals_plain_logits_on_a_real_vocabulary():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_bf16, _ = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=10)
     assert abs(loss_bf16.item() - ref.item()) / ref.item() < 2e-2
+
+
+def test_validation_reports_what_the_images_are_worth(world):
+    """evaluate_loss scores the same batches twice, the second time with the crops rotated by one place: for a
+    model whose vision path matters the two differ; with the vision features zeroed out they are equal."""
+    d = training.Dist("cpu")
+    torch.manual_seed(0)
+    model = training.build_model("scratch", "tiny")
+    args = dict(data_dir=world, mixture={"image": (1.0, ["synth_image"])}, batch_size=2, max_seq_len=512,
+                max_crops=2, max_row_crops=8, max_video_frames=4, crop_size=56, patch_size=14,
+                overlap_margins=(1, 1), prefix_mode="sft", weighting="sft", seed=0)
+    loss, rotated = training.evaluate_loss(model, d, "val", 1, **args)
+    assert math.isfinite(loss) and rotated != loss
+    with torch.no_grad():
+        model.connector.projector.down_proj.weight.zero_()  # the LLM now sees no image at all
+    loss, rotated = training.evaluate_loss(model, d, "val", 1, **args)
+    assert rotated == loss
