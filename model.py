@@ -843,11 +843,8 @@ class Molmo2(nn.Module):
         pooled token. Frozen parts are counted too: their backward still runs for the activations."""
         c = self.config
         B, T = batch["input_ids"].shape
-        llm = self.llm
-        head = 0 if llm.lm_head is None else llm.lm_head.weight.numel()  # counted at the loss positions below
-        per_token = 6 * (llm.num_params(exclude_embedding=True) - llm._norm_params() - head) \
-            + 12 * c.llm.num_hidden_layers * c.llm.num_attention_heads * c.llm.head_dim * T
-        flops = per_token * B * T + 6 * c.llm.hidden_size * c.llm.vocab_size * int((batch["targets"] >= 0).sum())
+        head = 6 * c.llm.hidden_size * c.llm.vocab_size  # per token: paid only at the loss positions
+        flops = (self.llm.flops_per_token(T) - head) * B * T + head * int((batch["targets"] >= 0).sum())
         pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
         if pixels:
             n_crops = sum(p.shape[0] for p in pixels)
