@@ -202,10 +202,27 @@ def load_checkpoint(path, model, optimizer, d):
 # ---------------------------------------------------------------------------
 
 
+def image_feature_stats(features):
+    """The connector's output, one row per image token as the LLM receives it -> (std, mean cosine between two
+    different tokens), or None for fewer than two tokens. A mean cosine near 1 means every image token points the
+    same way: after the LLM's first RMSNorm they all look alike and the pictures carry no information. Training
+    from scratch drifts there within tens of steps (one shared direction grows until it swamps the content;
+    BENCHMARKS.md, 'Does the model learn to see?'), so the progress line shows both numbers."""
+    f = features.detach().float().reshape(-1, features.shape[-1])
+    n = f.shape[0]
+    if n < 2:
+        return None
+    unit = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    total = unit.sum(0)
+    mean_cos = (total @ total - n) / (n * (n - 1))  # |sum u|^2 = n + sum of cos over ordered pairs i != j
+    return f.std().item(), mean_cos.item()
+
+
 class Progress:
-    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, ETA), the same numbers appended to
-    out_dir/log.jsonl (a resumed run appends its steps after the earlier ones: a step's last line is the one that
-    counts), TensorBoard when the tensorboard package is installed, and the loss curve as a PNG."""
+    """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, the image features' std and mean
+    cosine, ETA), the same numbers appended to out_dir/log.jsonl (a resumed run appends its steps after the earlier
+    ones: a step's last line is the one that counts), TensorBoard when the tensorboard package is installed, and the
+    loss curve as a PNG."""
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
@@ -213,10 +230,14 @@ class Progress:
         self.d, self.out_dir, self.max_steps, self.log_every = d, out_dir, max_steps, log_every
         self.model = model
         self.curves = {"train": [], "val": []}
+        self.image_cos = []  # (step, mean cosine between image tokens): image_features.png
         self.t_start = self.t_last = time.time()
         self.tb = None
         self.peak = None
         self.log_path = os.path.join(out_dir, "log.jsonl")
+        # the last image features the connector produced (this rank's last micro-batch), for image_feature_stats
+        self.image_features = None
+        model.connector.register_forward_hook(lambda module, args, out: setattr(self, "image_features", out.detach()))
         if d.device.type == "cuda":
             name = torch.cuda.get_device_name(d.device)
             self.peak = next((v for k, v in self.PEAK_FLOPS.items() if k in name), None)
@@ -232,8 +253,10 @@ class Progress:
         now = time.time()
         dt, self.t_last = now - self.t_last, now
         self.curves["train"].append((step, loss))
+        features, self.image_features = self.image_features, None
         if not self.d.is_master:
             return
+        image_stats = image_feature_stats(features) if features is not None else None
         tokens = sum(int((mb["example_ids"] >= 0).sum()) for mb in micro_batches) * self.d.world_size  # no padding
         tok_s = tokens / max(dt, 1e-9)
         lrs = " ".join(f"{g['name']} {g['lr']:.2e}" for g in optimizer.param_groups)
@@ -243,18 +266,25 @@ class Progress:
         if self.peak:  # this rank's batches stand for every rank's
             flops = sum(self.model.training_flops(mb) for mb in micro_batches)
             line += f" | MFU {100 * flops / dt / self.peak:.1f}%"
+        if image_stats:
+            line += f" | image std {image_stats[0]:.3g} cos {image_stats[1]:.3f}"
+            self.image_cos.append((step, image_stats[1]))
         done = step + 1
         eta = (now - self.t_start) / done * (self.max_steps - done)
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
         self.log({"step": step, "loss": loss, "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": dt})
+                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": dt,
+                  **({"image_feature_std": image_stats[0], "image_feature_cos": image_stats[1]} if image_stats else {})})
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/tokens_per_s", tok_s, step)
             for g in optimizer.param_groups:
                 self.tb.add_scalar(f"lr/{g['name']}", g["lr"], step)
+            if image_stats:
+                self.tb.add_scalar("image_features/std", image_stats[0], step)
+                self.tb.add_scalar("image_features/mean_cos", image_stats[1], step)
 
     def val(self, step, losses):
         """losses: (val loss, val loss with the batch's crops shuffled)."""
@@ -273,13 +303,19 @@ class Progress:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, name="loss.png"):
-        """The loss curves as a PNG; None when this run took no step (e.g. it resumed a finished run)."""
+        """The loss curves as a PNG, and beside it image_features.png: the mean cosine between the image tokens the
+        LLM received, step by step (near 1: they all look alike). None when this run took no step (e.g. it resumed
+        a finished run)."""
         curves = {k: v for k, v in self.curves.items() if v}
         if not self.d.is_master or not curves:
             return None
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
         plot_curves(curves, path)
+        if self.image_cos:
+            plot_curves({"mean cosine between image tokens": self.image_cos},
+                        os.path.join(self.out_dir, "image_features.png"), title="image features (1 = all alike)",
+                        ylabel="mean cosine")
         return path
 
     def summary(self, loader, final_dir, ckpt_path):

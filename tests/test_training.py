@@ -517,3 +517,28 @@ def test_validation_reports_what_the_images_are_worth(world):
         model.connector.projector.down_proj.weight.zero_()  # the LLM now sees no image at all
     loss, rotated = training.evaluate_loss(model, d, "val", 1, **args)
     assert rotated == loss
+
+
+def test_image_feature_stats_hand_worked():
+    """Mean cosine over pairs of different tokens: orthogonal 0, one direction 1 (whatever the lengths),
+    opposite -1; e1, e2 and e1 + e2 give pairs 0, 1/sqrt(2), 1/sqrt(2) -> sqrt(2) / 3. std is over all numbers."""
+    stats = training.image_feature_stats
+    assert stats(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))[1] == pytest.approx(0.0, abs=1e-7)
+    assert stats(torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]))[1] == pytest.approx(1.0)
+    assert stats(torch.tensor([[1.0, 0.0], [-5.0, 0.0]]))[1] == pytest.approx(-1.0)
+    std, cos = stats(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert cos == pytest.approx(math.sqrt(2) / 3)
+    assert std == pytest.approx(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]).std().item())
+    assert stats(torch.ones(1, 4)) is None  # one token: no pair
+
+
+def test_progress_logs_the_features_the_connector_produced(joint_run):
+    """Each step's log line carries the std and mean cosine of that step's image features (every training
+    batch of the tiny world holds images), and they are those of a real forward pass: finite, std > 0; the
+    cosine is drawn step by step in image_features.png."""
+    records = [r for r in read_log(joint_run[0]) if "loss" in r]
+    assert records and all("image_feature_std" in r and "image_feature_cos" in r for r in records)
+    assert all(r["image_feature_std"] > 0 and -1 <= r["image_feature_cos"] <= 1 for r in records)
+    from PIL import Image
+    with Image.open(os.path.join(joint_run[0], "image_features.png")) as picture:  # the curve beside loss.png
+        assert picture.size == (800, 480)
