@@ -6,7 +6,8 @@ The README's main job, on its embedded default: a 2-core CPU, no network, about 
    (config/demo_align.py)
 3. joint: every part learns counting and pointing (config/demo_joint.py)
 4. evaluate on the held-out test images with eval.py: counting accuracy and pointing F1
-5. write out/demo/report.md: the numbers, the loss curves and the test images with predicted and true points
+5. write out/demo/report.md: the numbers, the loss curves, how alike the image tokens became, and the test
+   images with predicted and true points
 
 Each step is the project's own command line, run as a subprocess and printed first, so it can be rerun or
 changed by hand. A finished step is not redone (delete out/demo to start over).
@@ -46,7 +47,11 @@ def main():
         metrics = json.load(f)
     for stage in ("align", "joint"):
         shutil.copy(f"{OUT}/{stage}/loss.png", f"{OUT}/{stage}_loss.png")
+    shutil.copy(f"{OUT}/joint/image_features.png", f"{OUT}/joint_image_features.png")
     counting, pointing = metrics["counting_accuracy"], metrics["pointing_f1"]
+    with open(f"{OUT}/joint/log.jsonl") as f:
+        val = [r for r in map(json.loads, f) if "val_loss" in r][-1]
+    real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
     report = f"""# nanoMolmo2 demo
 
 A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
@@ -57,6 +62,10 @@ this machine's CPU, then asked to count and point on the held-out test images.
 |---|---|
 | counting accuracy (exact final count) | {counting:.3f} |
 | pointing F1 (a point counts inside the shape's radius) | {pointing:.3f} |
+| validation loss with the real crops / with each crop moved to the next image | {real:.4f} / {rotated:.4f} |
+
+The last row is what the images are worth to the model: when the two losses are equal it answers without
+looking.
 
 Total time {(time.time() - t0) / 60:.1f} min (steps already done earlier not counted). Full tables and
 predictions: [eval/report.md](eval/report.md).
@@ -66,6 +75,15 @@ predictions: [eval/report.md](eval/report.md).
 ![align stage](align_loss.png)
 
 ![joint stage](joint_loss.png)
+
+## What the LLM receives from the images
+
+The mean cosine between the image tokens of each training batch, as the connector hands them to the LLM.
+Near 1, every image token points the same way and, after the LLM's first RMSNorm, they all look alike: the
+picture carries little information. Training from scratch drifts there within tens of steps (BENCHMARKS.md,
+"Does the model learn to see?").
+
+![image features](joint_image_features.png)
 
 ## Test images: predicted (filled) and true (rings) points
 
@@ -78,7 +96,8 @@ Ask the model yourself: `python sample.py --init_from={OUT}/joint --image=data/s
 """
     with open(f"{OUT}/report.md", "w") as f:
         f.write(report)
-    print(f"\ncounting accuracy {counting:.3f} | pointing F1 {pointing:.3f} on held-out test images")
+    print(f"\ncounting accuracy {counting:.3f} | pointing F1 {pointing:.3f} on held-out test images | "
+          f"validation loss {real:.4f} with the real crops, {rotated:.4f} with them moved to the next image")
     print(f"report: {OUT}/report.md | {(time.time() - t0) / 60:.1f} min")
 
 
