@@ -1,0 +1,55 @@
+"""
+How fast TrainLoader makes training steps in the training process (reading records, decoding and cutting the
+images into crops, formatting, packing, collating). Nothing trains: this is the data side of a step alone, to
+set against a whole step's time (BENCHMARKS.md, 'Does the model learn to see?').
+
+    python bench_loader.py                                             # the small preset's crops, 16 rows a step
+    python bench_loader.py --crop_size=378 --max_seq_len=2048 --batch_size=8     # the full preset's
+
+Needs the synthetic world (python prepare_data.py synthetic --out data). Wall-clock time on one process.
+"""
+
+import time
+
+from configurator import configure
+from training import TrainLoader
+
+KNOBS = dict(
+    steps=30,  # timed steps, after 3 warm-up steps
+    data_dir="data",
+    batch_size=16,
+    max_seq_len=512,
+    max_crops=4,
+    crop_size=112,  # the small preset's; the full preset's is 378
+    styles=("point_count", "pointing", "short_answer", "long_caption"),
+)
+
+
+def steps_per_second(knobs):
+    crop = knobs["crop_size"]
+    loader = TrainLoader(data_dir=knobs["data_dir"], mixture={"image": (1.0, ["synth_image"])}, split="train",
+                         batch_size=knobs["batch_size"], max_seq_len=knobs["max_seq_len"], max_crops=knobs["max_crops"],
+                         max_row_crops=16, max_video_frames=8, crop_size=crop, patch_size=14,
+                         overlap_margins=(2, 2) if crop < 378 else (4, 4), prefix_mode="sft", weighting="sft", seed=0,
+                         styles=knobs["styles"])
+    for _ in range(3):
+        loader.next_step()
+    start = time.perf_counter()
+    tokens = 0
+    for _ in range(knobs["steps"]):
+        tokens += int((loader.next_step()[0]["example_ids"] >= 0).sum())
+    elapsed = time.perf_counter() - start
+    return knobs["steps"] / elapsed, tokens / elapsed
+
+
+def main(argv=None):
+    knobs = dict(KNOBS)
+    configure(knobs, argv)
+    print(f"{knobs['batch_size']} rows of {knobs['max_seq_len']} tokens a step, crops of {knobs['crop_size']} px, "
+          f"up to {knobs['max_crops']} crops an image")
+    rate, tok_rate = steps_per_second(knobs)
+    print(f"{rate:.2f} steps/s ({1000 / rate:.0f} ms a step), {tok_rate:,.0f} real tokens/s")
+
+
+if __name__ == "__main__":
+    main()
