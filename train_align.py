@@ -52,6 +52,7 @@ parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
 activation_checkpointing = False
 log_every = 1
+wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)
 eval_every = 100  # validation loss on the val split
 eval_batches = 4
 save_every = 100  # steps between resumable checkpoints (0: none, only the exported final model)
@@ -86,7 +87,7 @@ if resume and os.path.exists(ckpt_path):
     start_step = ckpt["step"]
     loader.load_state_dict(ckpt["data"][d.rank])
     d.print(f"resumed from {ckpt_path} at step {start_step}")
-progress = Progress(d, out_dir, max_steps, model, log_every)
+progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "
         f"llm {model.num_params('llm') / 1e6:.1f}M | {d.world_size} process(es) on {d.device.type} | "
         f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")

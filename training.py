@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+import uuid
 from contextlib import nullcontext
 
 import numpy as np
@@ -226,7 +227,7 @@ class Progress:
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
-    def __init__(self, d, out_dir, max_steps, model, log_every=1):
+    def __init__(self, d, out_dir, max_steps, model, log_every=1, wandb_project="", config=None):
         self.d, self.out_dir, self.max_steps, self.log_every = d, out_dir, max_steps, log_every
         self.model = model
         self.curves = {"train": [], "val": []}
@@ -248,6 +249,27 @@ class Progress:
                 self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
             except ImportError:
                 pass  # TensorBoard is optional
+        self.wandb = self._start_wandb(wandb_project, config) if wandb_project and d.is_master else None
+
+    def _start_wandb(self, project, config):
+        """Weights & Biases, when the user asks for it (wandb_project) and has set it up. The run's id is kept in
+        out_dir/wandb_id, so a resumed run goes on logging into the same W&B run."""
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit(f"wandb_project={project!r}, but the wandb package is not installed: "
+                             f"pip install wandb && wandb login, or leave wandb_project empty") from None
+        id_path = os.path.join(self.out_dir, "wandb_id")
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            with open(id_path, "w") as f:
+                f.write(run_id + "\n")
+        wandb.init(project=project, name=os.path.basename(os.path.normpath(self.out_dir)), id=run_id,
+                   resume="allow", dir=self.out_dir, config=config)
+        return wandb
 
     def step(self, step, loss, optimizer, micro_batches, grad_norm=None):
         now = time.time()
@@ -298,9 +320,14 @@ class Progress:
             self.tb.add_scalar("val/loss", loss, step)
 
     def log(self, record):
-        """Append one JSON line; floats are written exactly (repr), so runs can be compared bit for bit."""
+        """Append one JSON line; floats are written exactly (repr), so runs can be compared bit for bit. The same
+        numbers go to W&B when it is on (learning rates as lr/<part>)."""
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if k not in ("step", "lr") and v is not None}
+            flat.update({f"lr/{part}": lr for part, lr in record.get("lr", {}).items()})
+            self.wandb.log(flat, step=record["step"])
 
     def plot(self, name="loss.png"):
         """The loss curves as a PNG, and beside it image_features.png: the mean cosine between the image tokens the
@@ -329,6 +356,8 @@ class Progress:
         if self.d.device.type == "cuda":
             line += f" | peak memory {torch.cuda.max_memory_allocated(self.d.device) / 2**30:.1f} GiB"
         curve = self.plot()
+        if self.wandb is not None:
+            self.wandb.finish()
         return "\n".join([line, loader.skip_summary(),
                           f"model: {final_dir} | loss curve: {curve} | log: {self.log_path} | checkpoint: {ckpt_path}"])
 

@@ -542,3 +542,53 @@ def test_progress_logs_the_features_the_connector_produced(joint_run):
     from PIL import Image
     with Image.open(os.path.join(joint_run[0], "image_features.png")) as picture:  # the curve beside loss.png
         assert picture.size == (800, 480)
+
+
+# ---------------------------------------------------------------------------
+# 8. Weights & Biases, when the user sets it up
+# ---------------------------------------------------------------------------
+
+
+class FakeWandb:
+    """Stands in for the wandb package (not installed here): records what the trainer calls."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+
+    def log(self, values, step):
+        self.logs.append((step, values))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_gets_the_logged_numbers_and_a_resumed_run_keeps_its_id(world, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out_dir = tmp_path / "wandb_run"
+    args = [f"--out_dir={out_dir}", *TINY, f"--data_dir={world}", "--data_mixture={'image': (1.0, ['synth_image'])}",
+            "--wandb_project=nano", "--eval_every=3", "--eval_batches=1", "--save_every=3", "--lr_vit=1e-3",
+            "--lr_connector=1e-3", "--lr_llm=1e-3"]
+    run_stage_in_process("train_joint.py", [*args, "--max_steps=3"], monkeypatch)
+    init = fake.inits[0]
+    assert (init["project"], init["name"], init["resume"]) == ("nano", "wandb_run", "allow")
+    assert init["config"]["max_steps"] == 3 and fake.finished == 1
+    records = read_log(out_dir)
+    train = [(r["step"], r["loss"], r["lr"]["llm"]) for r in records if "loss" in r]
+    assert [(step, v["loss"], v["lr/llm"]) for step, v in fake.logs if "loss" in v] == train
+    val = next(r for r in records if "val_loss" in r)
+    assert (2, val["val_loss"]) in [(step, v.get("val_loss")) for step, v in fake.logs]
+    # resumed from the step-3 checkpoint: the same W&B run goes on
+    run_stage_in_process("train_joint.py", [*args, "--max_steps=4"], monkeypatch)
+    assert len(fake.inits) == 2 and fake.inits[1]["id"] == init["id"]
+    assert [step for step, v in fake.logs if "loss" in v][-1] == 3
+
+
+def test_wandb_asked_for_but_not_installed_is_a_clear_error(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(SystemExit, match="wandb package is not installed"):
+        run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'x'}", *TINY, f"--data_dir={world}",
+                                                "--wandb_project=nano", "--max_steps=1"], monkeypatch)
