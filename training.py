@@ -222,8 +222,8 @@ def image_feature_stats(features):
 class Progress:
     """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, the image features' std and mean
     cosine, ETA), the same numbers appended to out_dir/log.jsonl (a resumed run appends its steps after the earlier
-    ones: a step's last line is the one that counts), TensorBoard when the tensorboard package is installed, and the
-    loss curve as a PNG."""
+    ones: a step's last line is the one that counts), TensorBoard when the tensorboard package is installed, Weights &
+    Biases when wandb_project is set, and the curves as PNGs."""
 
     PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
