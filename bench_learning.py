@@ -43,16 +43,15 @@ def export_checkpoint(run_dir):
 
     import data
     from model import Molmo2, Molmo2Config
+    from training import Dist, export_final
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     config = ckpt["config"]
     model = Molmo2(Molmo2Config.preset(config["model_preset"]))
     model.load_state_dict(ckpt["model"])
-    final = os.path.join(run_dir, "final")
-    model.save_pretrained(final)
     processor = data.Molmo2Processor(max_crops=config["max_crops"], max_frames=config["max_video_frames"],
                                      crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
                                      overlap_margins=config["overlap_margins"])
-    data.save_processor_config(final, processor)
+    export_final(model, model, None, Dist("cpu"), os.path.join(run_dir, "final"), processor)
     return ckpt["step"]
 
 
