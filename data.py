@@ -1652,14 +1652,22 @@ def _save_png(image, path):
 SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "synth_video"}
 
 
+SYNTHETIC_SIZES = {"train": {"image": 2000, "multi": 300, "video": 200},
+                   "val": {"image": 200, "multi": 50, "video": 50},
+                   "test": {"image": 200, "multi": 50, "video": 50}}
+MAX_SHAPES = 12  # the most shapes _place can always fit into one image
+
+
 def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
                              max_video_objects=6, n_frames=8):
     """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
     {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
-    sizes: {split: {"image"|"multi"|"video": n_records}}. Returns {split: {part: jsonl path}}."""
-    sizes = sizes or {"train": {"image": 2000, "multi": 300, "video": 200},
-                      "val": {"image": 200, "multi": 50, "video": 50},
-                      "test": {"image": 200, "multi": 50, "video": 50}}
+    sizes: {split: {"image"|"multi"|"video": n_records}} (default SYNTHETIC_SIZES). max_objects bounds every
+    image's shapes, and so the counts (1..12; fewer makes an easier world). Returns {split: {part: jsonl path}}."""
+    for name, value in (("max_objects", max_objects), ("max_video_objects", max_video_objects)):
+        if not 1 <= value <= MAX_SHAPES:
+            raise ValueError(f"synthetic world: {name}={value}, expected 1..{MAX_SHAPES}")
+    sizes = sizes or SYNTHETIC_SIZES
     paths = {}
     for split, parts in sizes.items():
         paths[split] = {}

@@ -442,10 +442,17 @@ def main():
     parser.add_argument("--no-images", action="store_true", help="do not download image URLs")
     parser.add_argument("--seed", type=int, default=0, help="synthetic world seed")
     parser.add_argument("--image-size", type=int, default=224, help="synthetic world image size")
+    parser.add_argument("--max-objects", type=int, default=12,
+                        help="synthetic world: at most this many shapes per image, so counts of 0..N (1-12)")
+    parser.add_argument("--train-images", type=int, default=data.SYNTHETIC_SIZES["train"]["image"],
+                        help="synthetic world: single-image training records")
     args = parser.parse_args()
 
     if args.dataset == "synthetic":
-        paths = data.generate_synthetic_world(args.out, seed=args.seed, image_size=args.image_size)
+        sizes = {split: dict(parts) for split, parts in data.SYNTHETIC_SIZES.items()}
+        sizes["train"]["image"] = args.train_images
+        paths = data.generate_synthetic_world(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
+                                              max_objects=args.max_objects)
         for split, parts in paths.items():
             print(split, {part: sum(1 for _ in open(p)) for part, p in parts.items()})
         return

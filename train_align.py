@@ -43,6 +43,7 @@ max_steps = 300
 lr_connector, lr_vit, lr_llm = 2e-4, 0.0, 0.0  # 0 = frozen
 warmup_connector, warmup_vit, warmup_llm = 200, 0, 0
 grad_clip = 1.0
+weight_decay = 0.0  # AdamW's decoupled decay on every trained weight (Molmo2: 0)
 z_loss = 1e-4
 resid_dropout = 0.0  # Molmo2 pretraining: dropout on response tokens only
 response_dropout = 0.1
@@ -70,7 +71,7 @@ model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype))
-optimizer = build_optimizer(model, lrs, warmups)
+optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
     train_model = torch.compile(train_model)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type == "cuda" else nullcontext()

@@ -6,7 +6,7 @@ Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM)
     torchrun --nproc_per_node=4 train_joint.py --batch_size=16 --parallel=fsdp
 
 Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak; AdamW
-(0.9, 0.95, eps 1e-6, no weight decay); gradient clipping at 1.0; z-loss 1e-4; residual dropout; the loss of a
+(0.9, 0.95, eps 1e-6, weight decay 0 as in Molmo2 unless weight_decay is set); gradient clipping at 1.0; z-loss 1e-4; residual dropout; the loss of a
 step is divided by the sum of token weights over all its micro-batches on all ranks. Runs resume from
 out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
 """
@@ -41,6 +41,7 @@ max_steps = 500
 lr_connector, lr_vit, lr_llm = 5e-6, 5e-6, 1e-5  # Molmo2 SFT, for pretrained parts; from scratch see config/demo_joint.py
 warmup_connector, warmup_vit, warmup_llm = 200, 200, 200
 grad_clip = 1.0
+weight_decay = 0.0  # AdamW's decoupled decay on every trained weight (Molmo2: 0)
 z_loss = 1e-4
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
@@ -68,7 +69,7 @@ model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype))
-optimizer = build_optimizer(model, lrs, warmups)
+optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
     train_model = torch.compile(train_model)
 autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type == "cuda" else nullcontext()

@@ -269,3 +269,24 @@ def test_answers_cannot_be_guessed_from_the_question():
             entropy = -sum(c / n * math.log2(c / n) for c in answers.values())
             assert entropy >= 1.5, (style, question, entropy)
     assert n_groups > 50
+
+
+def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
+    """`prepare_data.py synthetic --max-objects 2 --train-images 30`: every training image holds at most 2
+    shapes (so every count is 0, 1 or 2), and there are 30 of them; the other parts keep their default sizes."""
+    import sys
+
+    import prepare_data
+    monkeypatch.setattr(data, "SYNTHETIC_SIZES", {"train": {"image": 999, "multi": 2, "video": 1},
+                                                  "val": {"image": 3}})
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "synthetic", "--out", str(tmp_path), "--max-objects", "2",
+                                      "--train-images", "30", "--image-size", "56"])
+    prepare_data.main()
+    train = _records(str(tmp_path / "synth_image" / "train.jsonl"))
+    assert len(train) == 30 and len(_records(str(tmp_path / "synth_image" / "val.jsonl"))) == 3
+    assert len(_records(str(tmp_path / "synth_multi" / "train.jsonl"))) == 2
+    shapes = [len(r["scene"]["shapes"]) for r in train]
+    assert max(shapes) <= 2 and 2 in shapes  # bounded, and the bound is reached
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match=f"max_objects={bad}, expected 1..12"):
+            data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)

@@ -72,7 +72,7 @@ def mixture_args(world):
 
 # joint runs with a distinct learning rate and warmup per part, dropout 0.1 (train_joint's default)
 JOINT = ["--max_steps=6", "--save_every=2", "--lr_connector=3e-3", "--lr_vit=2e-3", "--lr_llm=1e-3",
-         "--warmup_connector=2", "--warmup_vit=4", "--warmup_llm=0"]
+         "--warmup_connector=2", "--warmup_vit=4", "--warmup_llm=0", "--weight_decay=0.01"]
 
 
 def joint_command(world, out_dir):
@@ -204,6 +204,8 @@ def test_joint_logs_each_parts_hand_worked_learning_rate(joint_run):
     assert [r["step"] for r in records] == list(range(6))
     for part, lrs in expected.items():
         assert [r["lr"][part] for r in records] == pytest.approx(lrs, rel=1e-7, abs=1e-12), part
+    groups = torch.load(os.path.join(joint_run[0], "ckpt.pt"), weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("connector", 0.01), ("vit", 0.01), ("llm", 0.01)]
 
 
 def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
@@ -236,6 +238,17 @@ def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
     for step, values in hand_worked.items():
         training.set_learning_rates(optimizer, step, max_steps)
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(values, rel=1e-9), step
+
+    # decoupled weight decay (a knob, 0 in Molmo2): with no gradient a step only shrinks, p <- p * (1 - lr * wd)
+    optimizer = training.build_optimizer(model, {"connector": 0.1, "vit": 0.0, "llm": 0.0}, {}, weight_decay=0.5)
+    before = [p.detach().clone() for p in by_part["connector"]]
+    frozen = [p.detach().clone() for p in model.vit.parameters()]
+    for p in by_part["connector"]:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for old, p in zip(before, by_part["connector"]):
+        torch.testing.assert_close(p.detach(), old * (1 - 0.1 * 0.5), rtol=1e-6, atol=0)
+    assert all(torch.equal(old, p) for old, p in zip(frozen, model.vit.parameters()))
 
     # the align stage's settings: only the connector group, the ViT and LLM frozen
     optimizer = training.build_optimizer(model, {"connector": 2e-4, "vit": 0.0, "llm": 0.0}, {"connector": 200})
