@@ -616,6 +616,12 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
 #   `model.llm` (Qwen3); Molmo2's 128 extra token embeddings (ids 151936..152063) are `model.new_embedding`,
 #   kept apart from Qwen3's table so each part can get its own learning rate or be frozen. Logits cover
 #   only the base vocabulary: the extra tokens are never predicted.
+# - Kept tokens (`config.token_ids`, for small models trained from scratch): the LLM's table holds rows for
+#   these Qwen3 ids only, in order. Inputs and targets stay Qwen3 ids and are mapped to rows inside `embed`
+#   and the loss; logits come back over all 151,936 ids, -inf where no row is kept, so generation and
+#   decoding never see the rows. The softmax runs over the kept rows: at 128 wide, the full head is 39 MFLOP
+#   per loss token, about 85% of a CPU step on counting and pointing. transformers cannot run such a
+#   checkpoint (it does not know the row map); every full-vocabulary model is unaffected.
 # - Pooled vision features are *added* to the embeddings of the `<im_patch>` tokens, in order: the k-th
 #   pooled window of the batch goes to the k-th `<im_patch>` of the batch (row-major).
 # - Attention mask rules (`vision_attention_mask`): causal, except that every vision token of an example
@@ -638,6 +644,7 @@ from vision import SigLIP2, SigLIP2Config  # noqa: E402
 # the tokens transformers' Molmo2Processor marks as image tokens (mm_token_type_ids == 1):
 # <im_start> <im_end> <im_patch> <im_col> <low_res_im_start> <im_low> <frame_start> <frame_end>
 MOLMO2_VISION_TOKEN_IDS = (151936, 151937, 151938, 151939, 151940, 151942, 151943, 151944)
+QWEN3_VOCAB_SIZE = 151936  # the base vocabulary; Molmo2's extra tokens follow it
 
 
 @dataclass
@@ -648,8 +655,17 @@ class Molmo2Config:
     additional_vocab_size: int = 128
     image_patch_id: int = 151938  # <im_patch>: where pooled features are added
     vision_token_ids: tuple = MOLMO2_VISION_TOKEN_IDS
+    token_ids: tuple | None = None  # the Qwen3 ids the LLM keeps rows for (increasing); None = all 151,936
 
     def __post_init__(self):
+        if self.token_ids is not None:
+            ids = tuple(int(i) for i in self.token_ids)
+            if not ids or ids[0] < 0 or ids[-1] >= QWEN3_VOCAB_SIZE or any(a >= b for a, b in zip(ids, ids[1:])):
+                raise ValueError("token_ids: expected increasing Qwen3 ids in [0, 151936)")
+            if len(ids) != self.llm.vocab_size:
+                raise ValueError(f"token_ids: {len(ids)} kept tokens, but the LLM has {self.llm.vocab_size} rows "
+                                 "(use Molmo2Config.keep_tokens)")
+            self.token_ids = ids
         # vit_layers may count from the end of the ViT as pretrained (Molmo2: -3, -9 of SigLIP2's 27); resolve
         # them to block indices and drop the blocks after the deepest one read (Molmo2 keeps 25 of 27)
         depth = self.vit.num_hidden_layers
@@ -662,6 +678,16 @@ class Molmo2Config:
         if widths != (self.vit.hidden_size, self.llm.hidden_size):
             raise ValueError(f"connector widths {self.connector.vit_hidden_size} -> {self.connector.llm_hidden_size} "
                              f"do not join a ViT of {self.vit.hidden_size} and an LLM of {self.llm.hidden_size}")
+
+    def keep_tokens(self, token_ids) -> "Molmo2Config":
+        """This config with an LLM table of rows for these Qwen3 ids only (see the design notes above)."""
+        ids = tuple(sorted(set(int(i) for i in token_ids)))
+        return replace(self, llm=replace(self.llm, vocab_size=len(ids)), token_ids=ids)
+
+    @property
+    def base_vocab_size(self) -> int:
+        """Where Molmo2's extra token ids start: after the full Qwen3 vocabulary, kept rows or not."""
+        return self.llm.vocab_size if self.token_ids is None else QWEN3_VOCAB_SIZE
 
     @classmethod
     def join(cls, llm: Qwen3Config, vit: SigLIP2Config, vit_layers=(-3, -9)) -> "Molmo2Config":
@@ -693,6 +719,7 @@ class Molmo2(nn.Module):
         self.connector = Connector(config.connector)
         self.llm = llm if llm is not None else Qwen3(config.llm)
         self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
+        self._kept = {}  # kept-token lookup tables by device (config.token_ids; not part of the state)
 
     @classmethod
     def from_parts(cls, llm: Qwen3, vit: SigLIP2, vit_layers=(-3, -9)) -> "Molmo2":
@@ -705,12 +732,36 @@ class Molmo2(nn.Module):
 
     # -- inputs --------------------------------------------------------------------------------------
 
+    def kept_tables(self, device):
+        """(row of every id, -1 = none; the kept Qwen3 ids) for config.token_ids, built once per device."""
+        if device not in self._kept:
+            kept = torch.tensor(self.config.token_ids, dtype=torch.long, device=device)
+            extra = self.config.additional_vocab_size
+            table = torch.full((QWEN3_VOCAB_SIZE + extra,), -1, dtype=torch.long, device=device)
+            table[kept] = torch.arange(len(kept), device=device)
+            table[QWEN3_VOCAB_SIZE:] = len(kept) + torch.arange(extra, device=device)  # the extra tokens follow
+            self._kept[device] = (table, kept)
+        return self._kept[device]
+
+    def kept_rows(self, ids: torch.Tensor, what="input_ids") -> torch.Tensor:
+        """Qwen3 ids (and the extra ids after them) -> rows of this model's kept-token table; an id with no
+        row raises, naming it."""
+        rows = self.kept_tables(ids.device)[0][ids]
+        if bool((rows < 0).any()):
+            missing = ids[rows < 0].unique()[:8].tolist()
+            raise ValueError(f"{what}: token ids {missing} are not among this model's {len(self.config.token_ids)} "
+                             "kept tokens (config.token_ids: the tokens of the data it was built for)")
+        return rows
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
-        vocab = self.config.llm.vocab_size
-        if input_ids.min() < 0 or input_ids.max() >= vocab + self.config.additional_vocab_size:
-            raise ValueError(f"input_ids: ids must lie in [0, {vocab + self.config.additional_vocab_size}), "
+        base = self.config.base_vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size:
+            raise ValueError(f"input_ids: ids must lie in [0, {base + self.config.additional_vocab_size}), "
                              f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
+        if self.config.token_ids is not None:
+            input_ids = self.kept_rows(input_ids)
+        vocab = self.config.llm.vocab_size
         is_new = input_ids >= vocab  # (B, T)
         base = self.llm.embed_tokens(input_ids.clamp(max=vocab - 1))  # (B, T, C)
         new = F.embedding((input_ids - vocab).clamp(min=0), self.new_embedding)  # (B, T, C)
@@ -812,11 +863,18 @@ class Molmo2(nn.Module):
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
         if targets is not None:
             has_target = targets >= 0  # (B, T)
-            return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets[has_target],
+            targets = targets[has_target]
+            if self.config.token_ids is not None:
+                targets = self.kept_rows(targets, "targets")
+            return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets,
                                         loss_weights[has_target], z_loss)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
-        return self.llm.lm_logits(h)
+        logits = self.llm.lm_logits(h)
+        if self.config.token_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], QWEN3_VOCAB_SIZE), float("-inf"))
+        return full.index_copy_(-1, self.kept_tables(h.device)[1], logits)  # (..., 151936): -inf where no row
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
@@ -1026,15 +1084,19 @@ def molmo2_config_from_hf(hf: dict, source: str) -> Molmo2Config:
         vit_hidden_size=vit.hidden_size, hidden_size=adapter["hidden_size"],
         num_attention_heads=adapter["num_attention_heads"], head_dim=adapter["head_dim"],
         intermediate_size=adapter["intermediate_size"], llm_hidden_size=adapter["text_hidden_size"])
+    token_ids = hf.get("token_ids")  # written by save_pretrained for a model with kept tokens
     return Molmo2Config(llm=llm, vit=vit, connector=connector,
                         additional_vocab_size=text.get("additional_vocab_size", 128),
-                        image_patch_id=hf.get("image_patch_id", 151938))
+                        image_patch_id=hf.get("image_patch_id", 151938),
+                        token_ids=None if token_ids is None else tuple(token_ids))
 
 
 def molmo2_config_to_hf(config: Molmo2Config) -> dict:
     """Molmo2Config -> config.json for transformers' Molmo2ForConditionalGeneration."""
     llm, vit, connector = config.llm, config.vit, config.connector
+    kept = {} if config.token_ids is None else {"token_ids": list(config.token_ids)}  # ours alone reads it
     return {
+        **kept,
         "architectures": ["Molmo2ForConditionalGeneration"],
         "model_type": "molmo2",
         "image_patch_id": config.image_patch_id,

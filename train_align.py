@@ -25,6 +25,8 @@ from training import (Dist, Progress, TrainLoader, build_model, build_optimizer,
 out_dir = "out/align"
 init_from = "scratch"  # scratch (model_preset) | parts (llm_from + vit_from, pretrained) | a Molmo2 checkpoint
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
+vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
+#   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 llm_from = "Qwen/Qwen3-0.6B"  # hub id or local HF directory, for init_from=parts
 vit_from = "google/siglip2-so400m-patch14-384"
 data_dir = "data"
@@ -65,7 +67,8 @@ config = configure(globals())
 d = Dist(device)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from).to(d.device)
+model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from,
+                    vocab=vocab, data_dir=data_dir, mixture=data_mixture).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
@@ -90,7 +93,8 @@ if resume and os.path.exists(ckpt_path):
     d.print(f"resumed from {ckpt_path} at step {start_step}")
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "
-        f"llm {model.num_params('llm') / 1e6:.1f}M | {d.world_size} process(es) on {d.device.type} | "
+        f"llm {model.num_params('llm') / 1e6:.1f}M ({model.config.llm.vocab_size:,} token rows) | "
+        f"{d.world_size} process(es) on {d.device.type} | "
         f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")
 
 for step in range(start_step, max_steps):

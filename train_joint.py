@@ -25,6 +25,8 @@ from training import (Dist, Progress, TrainLoader, build_model, build_optimizer,
 out_dir = "out/joint"
 init_from = "scratch"  # scratch (model_preset) | a previous stage's out_dir | a Molmo2 checkpoint dir or hub id
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
+vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
+#   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 data_dir = "data"
 data_mixture = {"image": (0.7, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]), "video": (0.2, ["synth_video"])}
 max_seq_len = 1024  # tokens per packed row
@@ -63,7 +65,8 @@ config = configure(globals())
 d = Dist(device)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model = build_model(init_from, model_preset, resid_dropout, response_dropout).to(d.device)
+model = build_model(init_from, model_preset, resid_dropout, response_dropout,
+                    vocab=vocab, data_dir=data_dir, mixture=data_mixture).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
@@ -88,7 +91,8 @@ if resume and os.path.exists(ckpt_path):
     d.print(f"resumed from {ckpt_path} at step {start_step}")
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "
-        f"llm {model.num_params('llm') / 1e6:.1f}M | {d.world_size} process(es) on {d.device.type} | "
+        f"llm {model.num_params('llm') / 1e6:.1f}M ({model.config.llm.vocab_size:,} token rows) | "
+        f"{d.world_size} process(es) on {d.device.type} | "
         f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")
 
 for step in range(start_step, max_steps):

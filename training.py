@@ -367,15 +367,27 @@ class Progress:
 # ---------------------------------------------------------------------------
 
 
-def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from=None, vit_from=None):
+def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from=None, vit_from=None,
+                vocab="full", data_dir=None, mixture=None):
     """scratch: a fresh Molmo2 of model_preset; parts: a pretrained Qwen3 (llm_from) and SigLIP2 (vit_from) with a
     fresh connector (the align stage's start); a directory holding final/ (a previous stage's out_dir); or any
-    Molmo2 checkpoint, native or released layout, local or on the hub."""
+    Molmo2 checkpoint, native or released layout, local or on the hub.
+    vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
+    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with."""
     from model import Molmo2, Molmo2Config, Qwen3
     from vision import SigLIP2
+    if vocab not in ("full", "data"):
+        raise ValueError(f"vocab={vocab!r}: expected 'full' or 'data'")
     if init_from == "scratch":
-        model = Molmo2(Molmo2Config.preset(model_preset))
+        config = Molmo2Config.preset(model_preset)
+        if vocab == "data":
+            import data
+            names = [name for _, (_, names) in mixture.items() for name in names]
+            config = config.keep_tokens(data.record_token_ids(data_dir, names))
+        model = Molmo2(config)
     elif init_from == "parts":
+        if vocab == "data":
+            raise ValueError("vocab='data' is for models from scratch: a pretrained Qwen3 keeps its whole vocabulary")
         model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), SigLIP2.from_pretrained(vit_from))
     elif os.path.isdir(os.path.join(init_from, "final")):
         model = Molmo2.from_pretrained(os.path.join(init_from, "final"))

@@ -334,3 +334,68 @@ def test_parameter_parts_cover_the_model_once():
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     assert any(p is model.new_embedding for p in parts["connector"])
     assert len(model.blocks()) == len(model.vit.layers) + len(model.llm.layers)
+
+
+def test_kept_tokens_are_the_full_models_rows(ours, processor, tmp_path):
+    """A model keeping rows for some Qwen3 ids only (Molmo2Config.keep_tokens, for small models from scratch)
+    is the full model restricted to those rows: the same logits there and -inf elsewhere, the cross-entropy of
+    a softmax over the kept ids, greedy generation that picks among them, and a save/load round trip."""
+    inputs = processor_inputs(processor, "one image")
+    ids = inputs["input_ids"]
+    kept = sorted(set(ids[ids < nano.QWEN3_VOCAB_SIZE].tolist()) | set(range(0, 400, 7)))
+    small = Molmo2(ours.config.keep_tokens(kept))
+    state = ours.state_dict()
+    for name in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+        if name in state:
+            state[name] = state[name][kept]
+    small.load_state_dict(state)
+    rows = torch.tensor(kept)
+    with torch.no_grad():
+        full_logits, small_logits = ours(**inputs), small(**inputs)
+        assert small_logits.shape == full_logits.shape
+        torch.testing.assert_close(small_logits[..., rows], full_logits[..., rows], rtol=0, atol=1e-5)
+        others = torch.ones(full_logits.shape[-1], dtype=torch.bool)
+        others[rows] = False
+        assert torch.isneginf(small_logits[..., others]).all()
+
+        # the loss: cross-entropy over the kept ids, from the full model's logits by hand
+        targets = torch.full_like(ids, -1)
+        text = ids[0] < nano.QWEN3_VOCAB_SIZE
+        targets[0, :-1] = torch.where(text[1:], ids[0, 1:], -1)
+        weights = (targets >= 0).float()
+        loss_sum, ce_sum = small(**inputs, targets=targets, loss_weights=weights)
+        has = targets >= 0
+        log_probs = torch.log_softmax(full_logits[has][:, rows].double(), -1)
+        hand = -log_probs.gather(1, torch.searchsorted(rows, targets[has])[:, None]).sum()
+        assert has.sum() > 10 and abs(ce_sum.item() - hand.item()) < 1e-3 * has.sum().item()
+
+    # greedy generation: each new token is the full model's best among the kept ids (full recompute)
+    prompt = dict(inputs)
+    input_ids, attention_mask = prompt.pop("input_ids"), prompt.pop("attention_mask")
+    new = nano.generate(small, input_ids, max_new_tokens=3, attention_mask=attention_mask, stop_ids=(), **prompt)
+    with torch.no_grad():
+        for k in range(3):
+            seq = torch.cat([input_ids, new[:, :k]], dim=1)
+            types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(new[:, :k])], dim=1)
+            logits = ours(seq, **{**prompt, "mm_token_type_ids": types})[0, -1]
+            assert new[0, k] == rows[logits[rows].argmax()]
+
+    small.save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["token_ids"] == kept
+    loaded = Molmo2.from_pretrained(str(tmp_path))
+    assert loaded.config.token_ids == tuple(kept)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), small_logits)
+
+    missing = next(i for i in range(nano.QWEN3_VOCAB_SIZE) if i not in set(kept))
+    bad = ids.clone()
+    bad[0, -1] = missing
+    with pytest.raises(ValueError, match=rf"input_ids: token ids \[{missing}\] are not among this model's"):
+        small(**{**inputs, "input_ids": bad})
+    targets[0, 0] = missing
+    with pytest.raises(ValueError, match=rf"targets: token ids \[{missing}\]"):
+        small(**inputs, targets=targets, loss_weights=weights)
+    with pytest.raises(ValueError, match="increasing Qwen3 ids"):
+        Molmo2Config(llm=small.config.llm, vit=small.config.vit, connector=small.config.connector,
+                     token_ids=tuple(reversed(kept)))

@@ -290,3 +290,33 @@ def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
     for bad in (0, 13):
         with pytest.raises(ValueError, match=f"max_objects={bad}, expected 1..12"):
             data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
+
+
+def test_record_token_ids_cover_every_formatted_example(world):
+    """vocab='data' keeps rows for data.record_token_ids: every token of every example the loader or the
+    evaluation can build from these records (any split, style prefixes sft / none / pretrain) must be there."""
+    import numpy as np
+
+    import training
+    out, _ = world
+    names = list(data.SYNTHETIC_DATASETS.values())
+    kept = set(data.record_token_ids(out, names))
+    assert data.IM_END_ID in kept and len(kept) < 1000
+    processor = data.Molmo2Processor(max_crops=2, max_frames=4, crop_size=56, patch_size=14, overlap_margins=(1, 1))
+    n = 0
+    for name in names:
+        for split in SIZES:
+            for record in data.RecordFile(os.path.join(out, name, f"{split}.jsonl")):
+                for mode in ("sft", "none", "pretrain"):
+                    example = data.format_example(record, processor, rng=np.random.default_rng(n), style_prefixes=mode)
+                    ids = set(example.input_ids.tolist()) | set(example.targets[example.targets >= 0].tolist())
+                    assert {i for i in ids if i < 151936} <= kept, (record["id"], mode)
+                    n += 1
+    assert n == 3 * sum(sum(parts.values()) for parts in SIZES.values())
+
+    model = training.build_model("scratch", "tiny", vocab="data", data_dir=out, mixture={"all": (1.0, names)})
+    assert model.config.token_ids == tuple(sorted(kept)) and model.llm.embed_tokens.weight.shape[0] == len(kept)
+    with pytest.raises(ValueError, match="vocab='words': expected 'full' or 'data'"):
+        training.build_model("scratch", "tiny", vocab="words")
+    with pytest.raises(ValueError, match="vocab='data' is for models from scratch"):
+        training.build_model("parts", "tiny", vocab="data")
