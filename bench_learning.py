@@ -45,8 +45,8 @@ def export_checkpoint(run_dir):
     from training import Dist, build_model, export_final
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     config = ckpt["config"]
-    model = build_model("scratch", config["model_preset"], vocab=config["vocab"], data_dir=config["data_dir"],
-                        mixture=config["data_mixture"])  # the same kept tokens: the same data
+    model = build_model("scratch", config["model_preset"], vocab=config.get("vocab", "full"),
+                        data_dir=config["data_dir"], mixture=config["data_mixture"])  # same data: same kept tokens
     model.load_state_dict(ckpt["model"])
     processor = data.Molmo2Processor(max_crops=config["max_crops"], max_frames=config["max_video_frames"],
                                      crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,

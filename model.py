@@ -620,7 +620,7 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
 #   these Qwen3 ids only, in order. Inputs and targets stay Qwen3 ids and are mapped to rows inside `embed`
 #   and the loss; logits come back over all 151,936 ids, -inf where no row is kept, so generation and
 #   decoding never see the rows. The softmax runs over the kept rows: at 128 wide, the full head is 39 MFLOP
-#   per loss token, about 85% of a CPU step on counting and pointing. transformers cannot run such a
+#   per loss token, about three quarters of a CPU step of the demo. transformers cannot run such a
 #   checkpoint (it does not know the row map); every full-vocabulary model is unaffected.
 # - Pooled vision features are *added* to the embeddings of the `<im_patch>` tokens, in order: the k-th
 #   pooled window of the batch goes to the k-th `<im_patch>` of the batch (row-major).

@@ -150,6 +150,13 @@ def ask(model, processor, record, question, n):
     """Answer one question about the record's media, streaming; draw the points. Returns the answer."""
     messages = [{"role": "user", "content": question}]
     example = E.prompt_example(record, messages, style, processor)
+    kept = model.config.token_ids  # a model from scratch with --vocab=data knows its data's tokens only
+    if kept is not None:
+        known = set(kept)
+        unknown = list(dict.fromkeys(i for i in example.input_ids.tolist() if i < 151936 and i not in known))
+        if unknown:
+            words = ", ".join(repr(processor.tokenizer.decode([i])) for i in unknown)
+            raise ValueError(f"this model knows only the {len(kept)} tokens of its training data; not {words}")
     generator = torch.Generator(device=device).manual_seed(seed + n)
     streamer = Streamer(processor.tokenizer)
     t0 = time.time()
@@ -187,7 +194,11 @@ def interact(model, processor, record):
             except (data.MediaError, ImportError, IndexError) as e:
                 print(f"cannot use {' '.join(paths)}: {e}")
             continue
-        ask(model, processor, record, line, n)
+        try:
+            ask(model, processor, record, line, n)
+        except ValueError as e:
+            print(e)
+            continue
         n += 1
 
 
@@ -210,4 +221,7 @@ if __name__ == "__main__":
     else:
         question = prompt or default_prompt(record)
         print(f"> {question}")
-        ask(model, processor, record, question, 1)
+        try:
+            ask(model, processor, record, question, 1)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None

@@ -4,7 +4,7 @@
 out_dir = "out/demo/align"
 init_from = "scratch"
 model_preset = "small"
-vocab = "data"  # LLM rows only for the world's ~500 tokens: the full 151,936-row head is ~85% of a CPU step
+vocab = "data"  # LLM rows only for the world's ~500 tokens: the full 151,936-row head is ~3/4 of a CPU step
 data_dir = "data/demo"  # demo.py's world: up to 5 shapes per image, 10,000 training images
 data_mixture = {"image": (1.0, ["synth_image"])}
 styles = ("point_count", "pointing")

@@ -134,3 +134,25 @@ def test_interactive_keeps_the_model_and_switches_media(checkpoint, scene_image,
     sample.interact(model, processor, sample.media_record([path], "", processor))
     assert asked == [(1, "How many?"), (2, "Which has more?")]
     assert "cannot use missing.gif" in capsys.readouterr().out
+
+
+def test_a_kept_token_model_names_the_words_it_does_not_know(scene_image, tmp_path, monkeypatch, capsys):
+    """A model with rows for some tokens only (--vocab=data): a question with other words gets an error that
+    names them (interactive: printed, and the session goes on), not a crash inside the model."""
+    _, path = scene_image
+    processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_crops=2, max_frames=4)
+    record = sample.media_record([path], "", processor)
+    known = "How many circles?"
+    example = E.prompt_example(record, [{"role": "user", "content": known}], sample.style, processor)
+    kept = sorted({i for i in example.input_ids.tolist() if i < 151936} | set(range(151643, 151936)))
+    torch.manual_seed(0)
+    model = Molmo2(Molmo2Config.preset("tiny").keep_tokens(kept))
+    monkeypatch.setattr(sample, "max_new_tokens", 2)
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    sample.ask(model, processor, record, known, 1)  # every word known: answers
+    with pytest.raises(ValueError, match=r"knows only the \d+ tokens of its training data; not ' gir', 'aff', 'es'$"):
+        sample.ask(model, processor, record, "How many giraffes?", 2)
+    lines = iter(["How many giraffes?", known, ":quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    sample.interact(model, processor, record)
+    assert "not ' gir', 'aff', 'es'" in capsys.readouterr().out

@@ -605,3 +605,23 @@ def test_wandb_asked_for_but_not_installed_is_a_clear_error(world, tmp_path, mon
     with pytest.raises(SystemExit, match="wandb package is not installed"):
         run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'x'}", *TINY, f"--data_dir={world}",
                                                 "--wandb_project=nano", "--max_steps=1"], monkeypatch)
+
+
+def test_joint_from_scratch_with_kept_tokens_and_bench_learning_export(world, tmp_path, monkeypatch):
+    """`--vocab=data` through the stage script: the exported model keeps rows for exactly the mixture's tokens;
+    bench_learning rebuilds a run cut off by its time limit from the checkpoint, with the same rows."""
+    import shutil
+
+    import bench_learning
+    out_dir = tmp_path / "kept"
+    run_stage_in_process("train_joint.py", [f"--out_dir={out_dir}", *TINY, *mixture_args(world), "--vocab=data",
+                                            "--max_steps=2", "--save_every=2", "--lr_llm=1e-3"], monkeypatch)
+    final = Molmo2.from_pretrained(str(out_dir / "final"))
+    names = ["synth_image", "synth_multi", "synth_video", "damaged"]
+    assert final.config.token_ids == tuple(data.record_token_ids(world, names))
+    assert final.llm.embed_tokens.weight.shape[0] == len(final.config.token_ids) < 1000
+    shutil.rmtree(out_dir / "final")
+    assert bench_learning.export_checkpoint(str(out_dir)) == 2
+    rebuilt = Molmo2.from_pretrained(str(out_dir / "final"))
+    assert rebuilt.config.token_ids == final.config.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), final.state_dict().values()))
