@@ -22,13 +22,15 @@ import sys
 import time
 
 OUT = "out/demo"
+WORLD = "data/demo"  # the demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
 STEPS = [
-    ("demo world", ["prepare_data.py", "synthetic", "--out", "data/demo", "--max-objects", "5", "--train-images", "10000"],
-     "data/demo/synth_image/test.jsonl"),
+    ("demo world", ["prepare_data.py", "synthetic", "--out", WORLD, "--max-objects", "5", "--train-images", "10000"],
+     f"{WORLD}/synth_image/test.jsonl"),
     ("align", ["train_align.py", "config/demo_align.py"], f"{OUT}/align/final/config.json"),
     ("joint", ["train_joint.py", "config/demo_joint.py"], f"{OUT}/joint/final/config.json"),
-    ("evaluate", ["eval.py", f"--init_from={OUT}/joint", "--split=test", "--data_dir=data/demo", "--datasets=['synth_image']",
-                  "--tasks=['counting', 'pointing']", f"--out_dir={OUT}/eval"], f"{OUT}/eval/metrics.json"),
+    ("evaluate", ["eval.py", f"--init_from={OUT}/joint", "--split=test", f"--data_dir={WORLD}",
+                  "--datasets=['synth_image']", "--tasks=['counting', 'pointing']", f"--out_dir={OUT}/eval"],
+     f"{OUT}/eval/metrics.json"),
 ]
 
 
@@ -39,7 +41,8 @@ def commonest_count_share(test_jsonl):
     import data
     with open(test_jsonl) as f:
         scenes = [json.loads(line)["scene"] for line in f if line.strip()]
-    counts = collections.Counter(sum(data.shape_matches(s, scene["query"]) for s in scene["shapes"]) for scene in scenes)
+    counts = collections.Counter(sum(data.shape_matches(shape, scene["query"]) for shape in scene["shapes"])
+                                 for scene in scenes)
     return counts.most_common(1)[0][1] / len(scenes)
 
 
@@ -67,7 +70,7 @@ def main():
     real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
     with open(f"{OUT}/joint/final/config.json") as f:
         n_tokens = len(json.load(f).get("token_ids", [])) or 151936
-    guess = commonest_count_share("data/demo/synth_image/test.jsonl")
+    guess = commonest_count_share(f"{WORLD}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
 
 A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
@@ -109,7 +112,7 @@ picture carries little information. Training from scratch drifts there within te
 
 ![pointing](eval/pointing_synth_image_test.png)
 
-Ask the model yourself: `python sample.py --init_from={OUT}/joint --image=data/demo/synth_image/test/000000.png
+Ask the model yourself: `python sample.py --init_from={OUT}/joint --image={WORLD}/synth_image/test/000000.png
 --prompt="Point to the red shapes."`
 """
     with open(f"{OUT}/report.md", "w") as f:

@@ -6,8 +6,9 @@ Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM)
     torchrun --nproc_per_node=4 train_joint.py --batch_size=16 --parallel=fsdp
 
 Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak; AdamW
-(0.9, 0.95, eps 1e-6, weight decay 0 as in Molmo2 unless weight_decay is set); gradient clipping at 1.0; z-loss 1e-4; residual dropout; the loss of a
-step is divided by the sum of token weights over all its micro-batches on all ranks. Runs resume from
+(0.9, 0.95, eps 1e-6, weight decay 0 as in Molmo2 unless weight_decay is set); gradient clipping at 1.0;
+z-loss 1e-4; residual dropout; the loss of a step is divided by the sum of token weights over all its
+micro-batches on all ranks. Runs resume from
 out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
 """
 
