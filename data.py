@@ -1948,19 +1948,19 @@ def format_example(record, processor=None, rng=None, style_prefixes="sft", loss_
     )
 
 
-def record_token_ids(data_dir, datasets, tokenizer=None, report=None):
-    """Every Qwen3 token id that examples of these datasets can hold, for a small model trained from scratch
+def record_token_ids(data_dir, mixture, tokenizer=None, report=None):
+    """Every Qwen3 token id that examples of a mixture's datasets can hold, for a small model trained from scratch
     with rows for these tokens only (model.Molmo2Config.keep_tokens): each annotation of every split's
     records in the chat template under each style-prefix mode (so evaluation prompts too), plus what layouts
     add - image labels, video timestamps, single characters, Qwen3's special tokens. Media are not opened;
     bad records are skipped and counted in `report`. Returns a sorted list."""
     tokenizer = tokenizer or Tokenizer()
-    ids = set(range(min(SPECIAL_TOKENS.values()), 151936))  # <|endoftext|>, <|im_start|>, ... and the rest
+    ids = set(range(min(SPECIAL_TOKENS.values()), MOLMO2_FIRST_ID))  # <|endoftext|>, <|im_start|>, ... the rest
     texts = [chr(c) for c in range(32, 127)] + ["\n", "\n\n"] + [f"Image {i}" for i in range(1, 17)]
     texts += [f"{' ' if k else ''}{k / 10:.1f} " for k in range(1000)]  # video timestamps up to 99.9 s
     for text in texts:
         ids.update(tokenizer.encode(text, allow_special=False))
-    for name in datasets:
+    for name in {name: None for _, (_, names) in mixture.items() for name in names}:
         paths = [os.path.join(data_dir, name, f"{split}.jsonl") for split in ("train", "val", "test")]
         if not any(os.path.exists(p) for p in paths):
             raise FileNotFoundError(f"dataset {name!r}: no train/val/test.jsonl in {os.path.join(data_dir, name)} "

@@ -150,13 +150,14 @@ def ask(model, processor, record, question, n):
     """Answer one question about the record's media, streaming; draw the points. Returns the answer."""
     messages = [{"role": "user", "content": question}]
     example = E.prompt_example(record, messages, style, processor)
-    kept = model.config.token_ids  # a model from scratch with --vocab=data knows its data's tokens only
-    if kept is not None:
-        known = set(kept)
-        unknown = list(dict.fromkeys(i for i in example.input_ids.tolist() if i < 151936 and i not in known))
+    if model.config.token_ids is not None:  # a model from scratch with --vocab=data knows its data's tokens only
+        ids = example.input_ids
+        rows = model.kept_tables(ids.device)[0][ids]  # the model's own id -> row map, -1 = no row
+        unknown = list(dict.fromkeys(ids[rows < 0].tolist()))  # in the question's order
         if unknown:
             words = ", ".join(repr(processor.tokenizer.decode([i])) for i in unknown)
-            raise ValueError(f"this model knows only the {len(kept)} tokens of its training data; not {words}")
+            raise ValueError(f"this model knows only the {len(model.config.token_ids)} tokens of its training "
+                             f"data; not {words}")
     generator = torch.Generator(device=device).manual_seed(seed + n)
     streamer = Streamer(processor.tokenizer)
     t0 = time.time()

@@ -382,8 +382,7 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         config = Molmo2Config.preset(model_preset)
         if vocab == "data":
             import data
-            names = [name for _, (_, names) in mixture.items() for name in names]
-            config = config.keep_tokens(data.record_token_ids(data_dir, names))
+            config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
         model = Molmo2(config)
     elif init_from == "parts":
         if vocab == "data":

@@ -300,7 +300,7 @@ def test_record_token_ids_cover_every_formatted_example(world):
     import training
     out, _ = world
     names = list(data.SYNTHETIC_DATASETS.values())
-    kept = set(data.record_token_ids(out, names))
+    kept = set(data.record_token_ids(out, {"all": (1.0, names)}))
     assert data.IM_END_ID in kept and len(kept) < 1000
     processor = data.Molmo2Processor(max_crops=2, max_frames=4, crop_size=56, patch_size=14, overlap_margins=(1, 1))
     n = 0

@@ -64,10 +64,12 @@ def world(tmp_path_factory):
     return root
 
 
+MIXTURE = {"image": (0.5, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
+           "video": (0.1, ["synth_video"]), "damaged": (0.3, ["damaged"])}
+
+
 def mixture_args(world):
-    mixture = {"image": (0.5, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
-               "video": (0.1, ["synth_video"]), "damaged": (0.3, ["damaged"])}
-    return [f"--data_dir={world}", f"--data_mixture={mixture!r}"]
+    return [f"--data_dir={world}", f"--data_mixture={MIXTURE!r}"]
 
 
 # joint runs with a distinct learning rate and warmup per part, dropout 0.1 (train_joint's default)
@@ -617,8 +619,7 @@ def test_joint_from_scratch_with_kept_tokens_and_bench_learning_export(world, tm
     run_stage_in_process("train_joint.py", [f"--out_dir={out_dir}", *TINY, *mixture_args(world), "--vocab=data",
                                             "--max_steps=2", "--save_every=2", "--lr_llm=1e-3"], monkeypatch)
     final = Molmo2.from_pretrained(str(out_dir / "final"))
-    names = ["synth_image", "synth_multi", "synth_video", "damaged"]
-    assert final.config.token_ids == tuple(data.record_token_ids(world, names))
+    assert final.config.token_ids == tuple(data.record_token_ids(world, MIXTURE))
     assert final.llm.embed_tokens.weight.shape[0] == len(final.config.token_ids) < 1000
     shutil.rmtree(out_dir / "final")
     assert bench_learning.export_checkpoint(str(out_dir)) == 2
