@@ -416,7 +416,8 @@ TRUE_COLOR = (0, 220, 90)  # green: true
 # one colour per track id, distinguishable on photos and on flat synthetic scenes
 TRACK_COLORS = [(255, 110, 0), (0, 200, 255), (255, 0, 200), (255, 230, 0), (120, 80, 255), (0, 220, 90),
                 (255, 60, 60), (160, 255, 120)]
-PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
 MIN_DRAW_SIZE = 320  # images smaller than this on their long side are upscaled before drawing
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import model as model_lib
@@ -622,7 +623,43 @@ def test_joint_from_scratch_with_kept_tokens_and_bench_learning_export(world, tm
     assert final.config.token_ids == tuple(data.record_token_ids(world, MIXTURE))
     assert final.llm.embed_tokens.weight.shape[0] == len(final.config.token_ids) < 1000
     shutil.rmtree(out_dir / "final")
-    assert bench_learning.export_checkpoint(str(out_dir)) == 2
+    assert bench_learning.export_checkpoint(str(out_dir / "ckpt.pt"), str(out_dir / "final")) == 2
     rebuilt = Molmo2.from_pretrained(str(out_dir / "final"))
     assert rebuilt.config.token_ids == final.config.token_ids
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), final.state_dict().values()))
+
+
+def test_bench_learning_keeps_each_saved_checkpoint(tmp_path):
+    """A save writes a new file and renames it over ckpt.pt (save_checkpoint): every replaced checkpoint is kept
+    whole under its own name, and a checkpoint not replaced since the last look is not kept twice."""
+    import bench_learning
+    run_dir, seen = tmp_path / "run", {}
+    run_dir.mkdir()
+    bench_learning.keep_new_checkpoints([str(run_dir)], seen)  # nothing saved yet
+    assert not list(run_dir.glob("kept_*"))
+    for step in (250, 500):
+        (run_dir / "tmp.pt").write_text(f"step {step}")
+        os.replace(run_dir / "tmp.pt", run_dir / "ckpt.pt")
+        bench_learning.keep_new_checkpoints([str(run_dir)], seen)
+        bench_learning.keep_new_checkpoints([str(run_dir)], seen)
+    assert sorted(p.name for p in run_dir.glob("kept_*")) == ["kept_1.pt", "kept_2.pt"]
+    assert (run_dir / "kept_1.pt").read_text() == "step 250" and (run_dir / "kept_2.pt").read_text() == "step 500"
+
+
+def test_bench_learning_spreads_runs_over_gpus(monkeypatch):
+    import bench_learning
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in bench_learning.run_env(3, {"gpus": 1})
+    assert [bench_learning.run_env(i, {"gpus": 4})["CUDA_VISIBLE_DEVICES"] for i in range(6)] == list("012301")
+
+
+def test_bench_learning_curve_files(tmp_path):
+    import bench_learning
+    points = {"a": [(250, 0.2, 0.05), (500, 0.3, 0.1)], "b": [(250, 0.1, 0.02), (500, 0.4, 0.2)]}
+    paths = bench_learning.plot_curve(points, str(tmp_path))
+    with open(tmp_path / "curve.json") as f:
+        assert {k: [tuple(p) for p in v] for k, v in json.load(f).items()} == points
+    assert [os.path.basename(p) for p in paths] == ["curve_counting.png", "curve_pointing.png"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size == (800, 480)
