@@ -28,7 +28,6 @@ init_from = "scratch"  # scratch (model_preset) | a previous stage's out_dir | a
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
-vit_positions = "normal"  # scratch: the ViT's position table starts normal (std 0.02) | sincos (a 2D sin/cos grid)
 data_dir = "data"
 data_mixture = {"image": (0.7, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]), "video": (0.2, ["synth_video"])}
 max_seq_len = 1024  # tokens per packed row
@@ -68,7 +67,7 @@ d = Dist(device)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout,
-                    vocab=vocab, data_dir=data_dir, mixture=data_mixture, vit_positions=vit_positions).to(d.device)
+                    vocab=vocab, data_dir=data_dir, mixture=data_mixture).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}

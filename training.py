@@ -368,13 +368,12 @@ class Progress:
 
 
 def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from=None, vit_from=None,
-                vocab="full", data_dir=None, mixture=None, vit_positions="normal"):
+                vocab="full", data_dir=None, mixture=None):
     """scratch: a fresh Molmo2 of model_preset; parts: a pretrained Qwen3 (llm_from) and SigLIP2 (vit_from) with a
     fresh connector (the align stage's start); a directory holding final/ (a previous stage's out_dir); or any
     Molmo2 checkpoint, native or released layout, local or on the hub.
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
-    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with.
-    vit_positions: how a scratch ViT's position table starts, 'normal' or 'sincos' (SigLIP2.init_weights)."""
+    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with."""
     from model import Molmo2, Molmo2Config, Qwen3
     from vision import SigLIP2
     if vocab not in ("full", "data"):
@@ -385,8 +384,6 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
             import data
             config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
         model = Molmo2(config)
-        if vit_positions != "normal":  # (normal is how Molmo2() drew it: drawing again would change the weights)
-            model.vit.init_positions(vit_positions)
     elif init_from == "parts":
         if vocab == "data":
             raise ValueError("vocab='data' is for models from scratch: a pretrained Qwen3 keeps its whole vocabulary")

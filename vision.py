@@ -107,25 +107,6 @@ class Block(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def grid_sincos(side, dim, rms=0.2):
-    """(side * side, dim) position table of a side x side patch grid, row-major: the first half of the channels
-    encodes the row, the second the column, each as sin and cos pairs at dim // 4 frequencies from pi / 2 (a
-    quarter-turn per patch) down to pi / (2 * side) (a quarter-turn across the grid), so no channel is constant
-    over the grid. Scaled to an rms of `rms`, about what a fresh patch embedding (std 0.02 over 588 pixel values)
-    gives for real crops."""
-    if dim % 4:
-        raise ValueError(f"grid_sincos: dim={dim} must be a multiple of 4")
-    n = dim // 4
-    freqs = math.pi / 2 * side ** (-torch.arange(n, dtype=torch.float64) / max(n - 1, 1))  # (n,)
-    coord = torch.arange(side, dtype=torch.float64)
-    angles = coord[:, None] * freqs[None, :]  # (side, n)
-    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, dim / 2)
-    rows = axis[:, None, :].expand(side, side, dim // 2)  # (row, col, dim / 2)
-    cols = axis[None, :, :].expand(side, side, dim // 2)
-    table = torch.cat([rows, cols], dim=-1).reshape(side * side, dim)
-    return (table * rms / table.pow(2).mean().sqrt()).float()
-
-
 class SigLIP2(nn.Module):
     def __init__(self, config: SigLIP2Config):
         super().__init__()
@@ -145,19 +126,7 @@ class SigLIP2(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        self.init_positions("normal")
-
-    def init_positions(self, kind):
-        """The position table of a fresh ViT: 'normal' (std 0.02, like every other weight) or 'sincos'
-        (grid_sincos: each patch starts knowing where it is, about as loudly as it says what it sees)."""
-        if kind == "normal":
-            nn.init.normal_(self.positional_embedding, std=0.02)
-        elif kind == "sincos":
-            side = self.config.image_size // self.config.patch_size
-            with torch.no_grad():
-                self.positional_embedding.copy_(grid_sincos(side, self.config.hidden_size))
-        else:
-            raise ValueError(f"ViT position init {kind!r}: expected 'normal' or 'sincos'")
+        nn.init.normal_(self.positional_embedding, std=0.02)
 
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (N, P, patch_dim), any dtype (the video processor may hand over uint8) -> (N, P, C)."""

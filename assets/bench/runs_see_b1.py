@@ -3,7 +3,7 @@ _k = "--vocab=data "
 _b = _k + "--batch_size=32 --max_steps=1500 "
 runs = {
     "d16": _k + "--max_steps=2500",
-    "d16_sincos": _k + "--max_steps=2500 --vit_positions=sincos",
+    "d16_sincos": _k + "--max_steps=2500 --vit_positions=sincos",  # (a knob of commit 125ce74 only)
     "b32": _b,
     "b32_seed7": _b + "--seed=7",
     "b32_wd0": _b + "--weight_decay=0.0",
