@@ -513,9 +513,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile: torch 2.11's dynamo fails tracing this Function
 def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=1024):
     """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
-    CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head."""
+    CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are already
+    matmuls and one fused softmax step each, so compiling it would gain little; torch.compile (the stage
+    scripts' compile switch) therefore leaves it out (on torch 2.11 tracing it fails on an assertion)."""
     return LinearCrossEntropy.apply(h, weight, targets, token_weights, z_loss, chunk_size)
 
 
