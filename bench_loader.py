@@ -5,6 +5,7 @@ set against a whole step's time (BENCHMARKS.md, 'Does the model learn to see?').
 
     python bench_loader.py                                             # the small preset's crops, 16 rows a step
     python bench_loader.py --crop_size=378 --max_seq_len=2048 --batch_size=8     # the full preset's
+    python bench_loader.py --workers=8                                 # examples made by 8 worker processes
 
 Needs the synthetic world (python prepare_data.py synthetic --out data). Wall-clock time on one process.
 """
@@ -22,6 +23,7 @@ KNOBS = dict(
     max_crops=4,
     crop_size=112,  # the small preset's; the full preset's is 378
     styles=("point_count", "pointing", "short_answer", "long_caption"),
+    workers=0,  # TrainLoader's worker processes (train_*.py --loader_workers); 0 = formatting in this process
 )
 
 
@@ -31,7 +33,7 @@ def steps_per_second(knobs):
                          batch_size=knobs["batch_size"], max_seq_len=knobs["max_seq_len"], max_crops=knobs["max_crops"],
                          max_row_crops=16, max_video_frames=8, crop_size=crop, patch_size=14,
                          overlap_margins=(2, 2) if crop < 378 else (4, 4), prefix_mode="sft", weighting="sft", seed=0,
-                         styles=knobs["styles"])
+                         styles=knobs["styles"], workers=knobs["workers"])
     for _ in range(3):
         loader.next_step()
     start = time.perf_counter()
@@ -39,6 +41,7 @@ def steps_per_second(knobs):
     for _ in range(knobs["steps"]):
         tokens += int((loader.next_step()[0]["example_ids"] >= 0).sum())
     elapsed = time.perf_counter() - start
+    loader.close()
     return knobs["steps"] / elapsed, tokens / elapsed
 
 
@@ -46,7 +49,7 @@ def main(argv=None):
     knobs = dict(KNOBS)
     configure(knobs, argv)
     print(f"{knobs['batch_size']} rows of {knobs['max_seq_len']} tokens a step, crops of {knobs['crop_size']} px, "
-          f"up to {knobs['max_crops']} crops an image")
+          f"up to {knobs['max_crops']} crops an image, {knobs['workers']} worker process(es)")
     rate, tok_rate = steps_per_second(knobs)
     print(f"{rate:.2f} steps/s ({1000 / rate:.0f} ms a step), {tok_rate:,.0f} real tokens/s")
 

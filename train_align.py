@@ -41,6 +41,7 @@ prefix_mode = "pretrain"  # style prefixes with length hints
 loss_weighting = "none"  # pretraining weighs every answer token alike
 batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
+loader_workers = 0  # processes that make the training examples ahead of the step (Linux); 0 = in this process
 max_steps = 300
 lr_connector, lr_vit, lr_llm = 2e-4, 0.0, 0.0  # 0 = frozen
 warmup_connector, warmup_vit, warmup_llm = 200, 0, 0
@@ -84,7 +85,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed, styles=styles)
-loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum, **loader_args)
+loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
+                     workers=loader_workers, **loader_args)
 start_step = 0
 if resume and os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, train_model, optimizer, d)

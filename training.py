@@ -432,11 +432,14 @@ class TrainLoader:
     rank r packs shard r * grad_accum + m. The examples of a step therefore depend only on the product:
     2 GPUs x 1 micro-batch see exactly what 1 GPU x 2 micro-batches sees (how the FSDP run is checked
     against the single-GPU one). Bad records are skipped and counted in self.report, examples that cannot
-    be packed in the packers; state_dict() / load_state_dict() continue the exact same streams."""
+    be packed in the packers; state_dict() / load_state_dict() continue the exact same streams.
+    workers > 0: worker processes (forked, Linux) read ahead and make the examples while the step runs (see
+    _Prefetch). They are for machines with idle cores (a GPU machine: the formatting is most of a small
+    model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md)."""
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
-                 rank=0, world_size=1, grad_accum=1):
+                 rank=0, world_size=1, grad_accum=1, workers=0):
         import data
         self.data = data
         self.styles = None if styles is None else set(styles)  # train on these annotation styles only
@@ -448,10 +451,29 @@ class TrainLoader:
                                               patch_size=patch_size, overlap_margins=overlap_margins)
         n_shards = world_size * grad_accum
         self.files, self.packers = None, []
+        self.workers, self.pool = workers, None
         for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
             sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
             self.files = self.files or files  # the shards read the same files
-            self.packers.append(data.Packer(_DrawKeys(sampler, shard, n_shards), self._example, max_seq_len, max_row_crops))
+            keys = _DrawKeys(sampler, shard, n_shards)
+            if workers:
+                keys = _Prefetch(keys, self, depth=max(16, 4 * batch_size))
+            self.packers.append(data.Packer(keys, keys.make if workers else self._example, max_seq_len, max_row_crops))
+
+    def start_workers(self):
+        """The worker processes (made on first use): forked from this process, so each has this loader's files,
+        processor and settings without pickling them."""
+        if self.pool is None:
+            import atexit
+            import multiprocessing
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self,))
+            atexit.register(self.close)  # stopped before interpreter teardown, even when a run stops early
+        return self.pool
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
 
     def _example(self, key):
         name, index, draw = key
@@ -495,7 +517,8 @@ class TrainLoader:
     def state_dict(self):
         report = self.report
         return {"packers": [packer.state_dict() for packer in self.packers],  # each holds its sampler's state
-                "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first)}}
+                "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first),
+                            "n_filtered": self.n_filtered}}
 
     def load_state_dict(self, state):
         if len(state["packers"]) != len(self.packers):
@@ -507,6 +530,91 @@ class TrainLoader:
         self.report.n_seen = state["records"]["n_seen"]
         self.report.counts = collections.Counter(state["records"]["counts"])
         self.report.first = dict(state["records"]["first"])
+        self.n_filtered = state["records"].get("n_filtered", 0)  # (absent from checkpoints before it was kept)
+
+
+_WORKER_LOADER = None  # in a worker process: the TrainLoader it was forked from
+
+
+def _init_worker(loader):
+    global _WORKER_LOADER
+    _WORKER_LOADER = loader
+    # one thread: a forked child's first multi-threaded torch op can hang (OpenMP is not fork-safe)
+    torch.set_num_threads(1)
+
+
+def _worker_example(key):
+    """In a worker: the example of a key as numpy arrays (sent back by value through a pipe, much cheaper than
+    one shared-memory handle per tensor), or the ExampleTooLong it raised, and what making it counted."""
+    import data
+    loader = _WORKER_LOADER
+    report = loader.report  # the one its files count into: zeroed, so what follows is this key's alone
+    report.n_seen, report.counts, report.first, loader.n_filtered = 0, collections.Counter(), {}, 0
+    example, too_long = None, None
+    try:
+        example = loader._example(key)
+    except data.ExampleTooLong as e:  # the Packer counts it: raised again where make() is called
+        too_long = e
+    arrays = None if example is None else {name: None if value is None else value.numpy()
+                                           for name, value in vars(example).items()}
+    return arrays, too_long, (report.n_seen, dict(report.counts), dict(report.first), loader.n_filtered)
+
+
+class _Prefetch:
+    """A shard's keys, read ahead `depth` draws, with their examples made by the loader's worker processes in
+    the meantime. To the Packer it is its items iterator and make_example. Examples are pure functions of
+    their keys, and what making one counts (records seen, skipped, filtered) is added to the loader's counts
+    when the Packer takes it, in draw order; state_dict() is the sampler's state before the first key the
+    Packer has not taken, so a checkpoint never includes the read-ahead. Every example of such a run is made
+    in a worker, the ones a resumed Packer remakes too: workers run torch on one thread, and CPU resizing can
+    round a few pixels differently (by 1/255) with another thread count, so a run with workers gives exactly
+    what the serial path gives on one thread, and resumes exactly."""
+
+    def __init__(self, keys, loader, depth):
+        self.keys, self.loader, self.depth = keys, loader, depth
+        self.queue = collections.deque()  # (sampler state before the key, key, pending result)
+        self.taken = None  # the entry __next__ handed out, until make() takes its example
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        pool = self.loader.start_workers()
+        while len(self.queue) < self.depth:
+            state = self.keys.state_dict()
+            key = next(self.keys)  # the sampler is endless
+            self.queue.append((state, key, pool.apply_async(_worker_example, (key,))))
+        self.taken = self.queue.popleft()
+        return self.taken[1]
+
+    def make(self, key):
+        if self.taken is not None and self.taken[1] == key:
+            result, self.taken = self.taken[2], None
+        else:  # a key not read ahead: a resumed Packer remaking its waiting examples
+            result = self.loader.start_workers().apply_async(_worker_example, (key,))
+        arrays, too_long, (n_seen, counts, first, n_filtered) = result.get()
+        report = self.loader.report
+        report.n_seen += n_seen
+        report.counts.update(counts)
+        for reason, message in first.items():
+            report.first.setdefault(reason, message)
+        self.loader.n_filtered += n_filtered
+        if too_long is not None:
+            raise too_long
+        if arrays is None:
+            return None
+        import data
+        return data.Example(**{name: None if a is None else torch.from_numpy(a) for name, a in arrays.items()})
+
+    def state_dict(self):
+        if self.taken is not None:
+            return self.taken[0]
+        return self.queue[0][0] if self.queue else self.keys.state_dict()
+
+    def load_state_dict(self, state):
+        self.queue.clear()  # what was read ahead is dropped (its workers' results are never collected)
+        self.taken = None
+        self.keys.load_state_dict(state)
 
 
 class _DrawKeys:

@@ -349,6 +349,69 @@ def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world
     assert torch.equal(loader.next_step()[0]["input_ids"], seen["input_ids"])
 
 
+def loader_for(world, workers):
+    """Two micro-batches of 2 rows; multi-image records have none of these styles (filtered and counted)."""
+    return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                styles=("short_answer", "pointing", "video_short_answer"), grad_accum=2,
+                                workers=workers)
+
+
+def assert_same_steps(steps_a, steps_b):
+    for step_a, step_b in zip(steps_a, steps_b, strict=True):
+        for batch_a, batch_b in zip(step_a, step_b, strict=True):
+            assert batch_a.keys() == batch_b.keys()
+            for key in batch_a:
+                assert torch.equal(batch_a[key], batch_b[key]), key
+
+
+def test_loader_workers_make_the_serial_examples_and_resume_exactly(world):
+    """TrainLoader(workers=2) reads ahead and formats examples in worker processes (on one torch thread each):
+    the same micro-batches, skip counts and data states as the serial path on one thread, across bad records
+    and a style filter; and a loader resumed from its state continues exactly, with workers or without."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial, workers = loader_for(world, 0), loader_for(world, 2)
+        try:
+            steps_serial = [serial.next_step() for _ in range(3)]
+            steps_workers = [workers.next_step() for _ in range(3)]
+            assert_same_steps(steps_serial, steps_workers)
+            state = workers.state_dict()
+            assert state == serial.state_dict()
+            assert workers.report.n_skipped > 0 and workers.n_filtered > 0
+            assert workers.skip_summary() == serial.skip_summary()
+            later = [workers.next_step() for _ in range(3)]
+            assert_same_steps(later, [serial.next_step() for _ in range(3)])
+        finally:
+            workers.close()
+        for n_workers in (2, 0):
+            resumed = loader_for(world, n_workers)
+            try:
+                resumed.load_state_dict(state)
+                assert_same_steps([resumed.next_step() for _ in range(3)], later)
+                assert resumed.skip_summary() == serial.skip_summary()
+            finally:
+                resumed.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_joint_run_with_loader_workers_has_the_serial_losses(world, tmp_path, monkeypatch):
+    """train_joint.py --loader_workers=2 trains on exactly the serial path's batches: the same losses (one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = {}
+        for workers in (0, 2):
+            out_dir = tmp_path / f"w{workers}"
+            run_stage_in_process("train_joint.py", [f"--out_dir={out_dir}", *TINY, *mixture_args(world), "--max_steps=3",
+                                                    "--save_every=0", f"--loader_workers={workers}"], monkeypatch)
+            losses[workers] = [r["loss"] for r in read_log(out_dir) if "loss" in r]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(losses[0]) == 3 and losses[2] == losses[0]
+
+
 # ---------------------------------------------------------------------------
 # 6. Gradient accumulation and DDP: the gradient of one big batch
 # ---------------------------------------------------------------------------
