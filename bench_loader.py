@@ -6,6 +6,7 @@ set against a whole step's time (BENCHMARKS.md, 'Does the model learn to see?').
     python bench_loader.py                                             # the small preset's crops, 16 rows a step
     python bench_loader.py --crop_size=378 --max_seq_len=2048 --batch_size=8     # the full preset's
     python bench_loader.py --workers=8                                 # examples made by 8 worker processes
+    python bench_loader.py --workers=2 --prefilled=True                # this process's side alone
 
 Needs the synthetic world (python prepare_data.py synthetic --out data). Wall-clock time on one process.
 """
@@ -24,6 +25,8 @@ KNOBS = dict(
     crop_size=112,  # the small preset's; the full preset's is 378
     styles=("point_count", "pointing", "short_answer", "long_caption"),
     workers=0,  # TrainLoader's worker processes (train_*.py --loader_workers); 0 = formatting in this process
+    prefilled=False,  # with workers: let them make every example of the timed steps first, then time this
+    #   process's side alone (packing and collating): what the loader costs when the workers keep up
 )
 
 
@@ -36,6 +39,15 @@ def steps_per_second(knobs):
                          styles=knobs["styles"], workers=knobs["workers"])
     for _ in range(3):
         loader.next_step()
+    if knobs["prefilled"]:
+        if not knobs["workers"]:
+            raise SystemExit("bench_loader: prefilled=True needs workers > 0")
+        prefetch = loader.packers[0].items
+        prefetch.depth = 3 * knobs["batch_size"] * knobs["steps"]  # more examples than the timed steps take
+        loader.next_step()  # tops the read-ahead up to depth
+        while not all(result.ready() for _, _, result in prefetch.queue):
+            time.sleep(0.1)
+        prefetch.depth = 0  # no more read-ahead: the workers stay idle while the steps are timed
     start = time.perf_counter()
     tokens = 0
     for _ in range(knobs["steps"]):
@@ -49,7 +61,8 @@ def main(argv=None):
     knobs = dict(KNOBS)
     configure(knobs, argv)
     print(f"{knobs['batch_size']} rows of {knobs['max_seq_len']} tokens a step, crops of {knobs['crop_size']} px, "
-          f"up to {knobs['max_crops']} crops an image, {knobs['workers']} worker process(es)")
+          f"up to {knobs['max_crops']} crops an image, {knobs['workers']} worker process(es)"
+          + (", examples made beforehand" if knobs["prefilled"] else ""))
     rate, tok_rate = steps_per_second(knobs)
     print(f"{rate:.2f} steps/s ({1000 / rate:.0f} ms a step), {tok_rate:,.0f} real tokens/s")
 
