@@ -567,8 +567,8 @@ class _Prefetch:
     when the Packer takes it, in draw order; state_dict() is the sampler's state before the first key the
     Packer has not taken, so a checkpoint never includes the read-ahead. Every example of such a run is made
     in a worker, the ones a resumed Packer remakes too: workers run torch on one thread, and CPU resizing can
-    round a few pixels differently (by 1/255) with another thread count, so a run with workers gives exactly
-    what the serial path gives on one thread, and resumes exactly."""
+    round a few pixels to the next of the 256 levels with another thread count, so a run with workers gives
+    exactly what the serial path gives on one thread, and resumes exactly."""
 
     def __init__(self, keys, loader, depth):
         self.keys, self.loader, self.depth = keys, loader, depth
@@ -580,7 +580,7 @@ class _Prefetch:
 
     def __next__(self):
         pool = self.loader.start_workers()
-        while len(self.queue) < self.depth:
+        while len(self.queue) < max(self.depth, 1):
             state = self.keys.state_dict()
             key = next(self.keys)  # the sampler is endless
             self.queue.append((state, key, pool.apply_async(_worker_example, (key,))))
