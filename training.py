@@ -471,8 +471,12 @@ class TrainLoader:
         return self.pool
 
     def close(self):
+        """Stop the workers once they have made what was asked of them (a read-ahead: well under a second).
+        Not Pool.terminate(): that can deadlock while a handler thread is still feeding tasks to the workers
+        it kills (seen here in 1 of 25 test runs)."""
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.close()
+            self.pool.join()
             self.pool = None
 
     def _example(self, key):
