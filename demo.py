@@ -68,8 +68,9 @@ def main():
     with open(f"{OUT}/joint/log.jsonl") as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r][-1]
     real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
+    from model import QWEN3_VOCAB_SIZE
     with open(f"{OUT}/joint/final/config.json") as f:
-        n_tokens = len(json.load(f).get("token_ids", [])) or 151936
+        n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
     guess = commonest_count_share(f"{WORLD}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
 
