@@ -78,8 +78,13 @@ def test_bad_index_names_the_input():
 def test_image_windows_padded_to_video_width_pool_the_same():
     # a batch mixing images (2x2 windows) and video frames (3x3) can pass one index tensor: -1 slots are inert
     _, ours = make_pair()
-    features = [torch.randn(2, 16, 32) for _ in range(2)]
-    idx = torch.randint(0, 32, (5, 4))
+    generator = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 16, 32, generator=generator) for _ in range(2)]
+    idx = torch.randint(0, 32, (5, 4), generator=generator)
     padded = torch.cat([idx, torch.full((5, 5), -1)], dim=1)
     with torch.no_grad():
-        assert (ours(features, idx) - ours(features, padded)).abs().max() <= 1e-6
+        narrow, wide = ours(features, idx), ours(features, padded)
+    # The same sums over 4 or 9 slots (5 masked) may be reduced in another order, and the result then passes
+    # through float32 matmuls: a few float32 ulps of the output's magnitude, not exact equality.
+    tolerance = 16 * torch.finfo(torch.float32).eps * narrow.abs().max()
+    assert (narrow - wide).abs().max() <= tolerance
