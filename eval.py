@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -736,21 +737,54 @@ def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(
 # training collates them, then left-aligned for generation.
 
 DEFAULT_INIT_FROM = "out/joint"
+# what `make demo` (demo.py) writes: its model and its world. Where the usual default holds nothing, sample.py
+# and eval.py use these, so they work after `make demo` with no arguments.
+DEMO_INIT_FROM, DEMO_DATA_DIR = "out/demo/joint", "data/demo"
 PLACEHOLDER_ANSWER = "?"
 PER_TOKEN_FIELDS = ("input_ids", "targets", "loss_weights", "position_ids", "branch_ids", "is_vision")
+
+
+def python_command(*args):
+    """A command line to suggest in a message, with the python running now (`.venv/bin/python` after the
+    README's set-up), so that it works as typed."""
+    python = os.path.relpath(sys.executable)
+    return " ".join([sys.executable if python.startswith("..") else python, *args])
+
+
+def local_model_dir(init_from):
+    """init_from/final (a training out_dir) or init_from (a model directory), whichever holds config.json; else None."""
+    return next((path for path in (os.path.join(init_from, "final"), init_from)
+                 if os.path.isfile(os.path.join(path, "config.json"))), None)
+
+
+def or_demo(value, default, demo, holds):
+    """`value`, or make demo's `demo` when value is the usual `default`, that holds nothing and the demo's does
+    (holds(path): truthy when it does)."""
+    if value == default and not holds(default) and holds(demo):
+        print(f"(nothing in {default}; using {demo}, which make demo wrote)")
+        return demo
+    return value
 
 
 def resolve_model_dir(init_from):
     """A training output directory (holding final/), a model directory (holding config.json) or a hub id
     -> a local directory with config.json."""
-    for candidate in (os.path.join(init_from, "final"), init_from):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate
-    if os.path.exists(init_from) or init_from == DEFAULT_INIT_FROM:
+    path = local_model_dir(init_from)
+    if path:
+        return path
+    train = (f"`{python_command('prepare_data.py', 'synthetic')}`, then "
+             f"`{python_command('train_joint.py', f'--out_dir={init_from}')}`")
+    if init_from in (DEFAULT_INIT_FROM, DEMO_INIT_FROM):
+        nor = f", nor in {DEMO_INIT_FROM} (make demo's)" if init_from == DEFAULT_INIT_FROM else ""
+        raise FileNotFoundError(
+            f"init_from '{init_from}': no trained model there{nor}. Run `make demo` (it writes {DEMO_INIT_FROM}, which "
+            f"the default falls back to), or train one: {train}; or pass --init_from=<a training out_dir, a model "
+            "directory, or a hub id such as allenai/Molmo2-4B>")
+    if os.path.exists(init_from):
         raise FileNotFoundError(
             f"init_from '{init_from}': no trained model there (expected {os.path.join(init_from, 'final')}"
-            f"/config.json). Train one first (`make demo`, or `python train_joint.py --out_dir={init_from}`), "
-            "or pass --init_from=<a model directory or a hub id such as allenai/Molmo2-4B>")
+            f"/config.json). Pass a finished run's out_dir (`make demo` writes {DEMO_INIT_FROM}), a model directory "
+            f"or a hub id such as allenai/Molmo2-4B; or train one there: {train}")
     return resolve_checkpoint(init_from)  # a hub id; raises naming it when it cannot be downloaded
 
 
@@ -760,6 +794,15 @@ def load_model(init_from, device="cpu", dtype=torch.float32):
     model = Molmo2.from_pretrained(path, dtype).to(device).eval()
     processor = data.load_processor(path, model.config.vit.image_size, model.config.vit.patch_size)
     return model, processor, path
+
+
+def unknown_tokens(model, input_ids):
+    """The ids of input_ids (in order, once each) that a model with kept tokens (--vocab=data) has no rows for;
+    [] for a full-vocabulary model."""
+    if model.config.token_ids is None:
+        return []
+    rows = model.kept_tables(input_ids.device)[0][input_ids]  # the model's own id -> row map, -1 = no row
+    return list(dict.fromkeys(input_ids[rows < 0].tolist()))
 
 
 def prompt_example(record, messages, style, processor, style_prefixes="sft"):
@@ -959,8 +1002,11 @@ def evaluation_items(datasets, data_dir, split, tasks=(), max_examples=0, report
     for name in datasets:
         path = dataset_path(name, data_dir, split)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset {name!r}: no '{path}' (run prepare_data.py, or check data_dir "
-                                    f"and split)")
+            if name.endswith(".jsonl"):
+                raise FileNotFoundError(f"dataset '{name}': no such file")
+            make = python_command("prepare_data.py", "synthetic" if name.startswith("synth_") else name, "--out",
+                                  data_dir)
+            raise FileNotFoundError(f"dataset {name!r}: no '{path}' (`{make}` makes it; or check data_dir and split)")
         records = data.RecordFile(path, report=report, load_media=False)
         source = os.path.splitext(os.path.relpath(path, data_dir))[0] if not name.endswith(".jsonl") else name
         for i in range(len(records) if max_examples <= 0 else min(max_examples, len(records))):
@@ -1021,6 +1067,27 @@ def evaluate(model, processor, items, batch_size=32, max_new_tokens=0, point_rad
                              "scores": scores, "drawing": drawing})
             log(f"{task}: {min(start + batch_size, len(group))}/{len(group)} answered ({time.time() - t0:.0f}s)")
     return rows
+
+
+def known_items(model, processor, items, style_prefixes, log=print):
+    """The items whose words a model with kept tokens (--vocab=data) has rows for; logs how many were left out,
+    and why. A full-vocabulary model knows them all."""
+    if model.config.token_ids is None:
+        return items
+    known, unknown = [], []
+    for item in items:
+        _, _, record, annotation = item
+        text = prompt_example({"id": record.get("id")}, annotation["messages"][:-1], annotation["style"], processor,
+                              style_prefixes)  # the words alone: vision tokens always have rows
+        missing = unknown_tokens(model, text.input_ids)
+        (unknown if missing else known).append((item, missing))
+    if unknown:
+        (_, _, _, annotation), missing = unknown[0]
+        words = ", ".join(repr(processor.tokenizer.decode([i])) for i in missing)
+        log(f"{len(unknown)} of {len(items)} questions skipped: this model has rows only for the "
+            f"{len(model.config.token_ids)} tokens of its training data (first: "
+            f"{annotation['messages'][-2]['content']!r}: not {words})")
+    return [item for item, _ in known]
 
 
 def summarize(rows):
@@ -1098,9 +1165,11 @@ def summary_table(results):
     return "\n".join(lines)
 
 
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
 EVAL_DEFAULTS = dict(
-    init_from=DEFAULT_INIT_FROM,  # a training out_dir (with final/), a model directory, or a hub id
-    data_dir="data",
+    init_from=DEFAULT_INIT_FROM,  # a training out_dir (with final/), a model directory, or a hub id; where
+    #   out/joint holds none, make demo's out/demo/joint
+    data_dir="data",  # datasets are {data_dir}/{name}/{split}.jsonl; where data/ has none, make demo's data/demo
     split="test",
     datasets=["synth_image", "synth_multi", "synth_video"],  # names under data_dir, or paths to .jsonl files
     tasks=[],  # e.g. ["counting", "pointing"]; empty = every task the records have
@@ -1115,6 +1184,7 @@ EVAL_DEFAULTS = dict(
     device="cpu",
     dtype="float32",
 )
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -1127,15 +1197,22 @@ def main(argv=None):
     unknown = sorted(set(knobs["tasks"]) - set(MAX_NEW_TOKENS))
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; known {sorted(MAX_NEW_TOKENS)}")
-    model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
+    knobs["init_from"] = or_demo(knobs["init_from"], DEFAULT_INIT_FROM, DEMO_INIT_FROM, local_model_dir)
+    knobs["data_dir"] = or_demo(knobs["data_dir"], EVAL_DEFAULTS["data_dir"], DEMO_DATA_DIR, lambda data_dir: any(
+        os.path.isfile(dataset_path(name, data_dir, knobs["split"])) for name in knobs["datasets"]))
+    skipped = data.SkipReport()
+    try:
+        items = evaluation_items(knobs["datasets"], knobs["data_dir"], knobs["split"], knobs["tasks"],
+                                 knobs["max_examples"], skipped)
+        model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
+    except FileNotFoundError as e:  # a dataset or a model that is not there: the message says how to make it
+        raise SystemExit(str(e)) from None
     processor.max_crops = knobs["max_crops"] or processor.max_crops
     out_dir = knobs["out_dir"] or os.path.join(knobs["init_from"] if os.path.isdir(knobs["init_from"]) else "out",
                                                f"eval_{knobs['split']}")
     os.makedirs(out_dir, exist_ok=True)
-    skipped = data.SkipReport()
-    items = evaluation_items(knobs["datasets"], knobs["data_dir"], knobs["split"], knobs["tasks"],
-                             knobs["max_examples"], skipped)
     print(f"model {model_dir} | {len(items)} questions from {', '.join(knobs['datasets'])} ({knobs['split']})")
+    items = known_items(model, processor, items, knobs["style_prefixes"])
     t0 = time.time()
     rows = evaluate(model, processor, items, knobs["batch_size"], knobs["max_new_tokens"], knobs["point_radius"],
                     knobs["style_prefixes"], report=skipped)

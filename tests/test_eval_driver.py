@@ -222,3 +222,48 @@ def test_empty_scene_caption_scores_when_nothing_is_named():
     assert scores == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     scores, _ = E.score_answer("captions", "A red circle on the left.", "", record)
     assert scores["precision"] == 0.0
+
+
+def test_a_kept_token_model_skips_the_questions_it_has_no_words_for(world, processor):
+    """A model trained on the single images (--vocab=data over synth_image) is asked only what it can read: the
+    questions whose every token (by the tokenizer alone) it has rows for; the log says how many were left out."""
+    kept = data.record_token_ids(world, {"image": (1.0, ["synth_image"])})
+    torch.manual_seed(0)
+    model = Molmo2(Molmo2Config.preset("tiny").keep_tokens(kept))
+    items = E.evaluation_items(["synth_image", "synth_multi", "synth_video"], world, "test")
+    readable = [item for item in items
+                if set(processor.tokenizer.encode(item[3]["messages"][-2]["content"])) <= set(kept)]
+    assert 0 < len(readable) < len(items)
+    logged = []
+    assert E.known_items(model, processor, items, "sft", logged.append) == readable
+    assert logged[0].startswith(f"{len(items) - len(readable)} of {len(items)} questions skipped: this model has "
+                                f"rows only for the {len(kept)} tokens of its training data")
+    full = Molmo2(Molmo2Config.preset("tiny"))
+    assert E.known_items(full, processor, items, "sft") == items
+
+
+def test_defaults_fall_back_to_what_make_demo_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / E.DEMO_INIT_FROM / "final"
+    demo.mkdir(parents=True)
+    (demo / "config.json").write_text("{}")
+    assert E.or_demo(E.DEFAULT_INIT_FROM, E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == E.DEMO_INIT_FROM
+    assert "(nothing in out/joint; using out/demo/joint, which make demo wrote)" in capsys.readouterr().out
+    assert E.or_demo("out/mine", E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == "out/mine"  # asked for
+    (tmp_path / "out" / "joint").mkdir()
+    (tmp_path / "out" / "joint" / "config.json").write_text("{}")  # the usual default holds a model again
+    assert E.or_demo(E.DEFAULT_INIT_FROM, E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == E.DEFAULT_INIT_FROM
+
+
+def test_missing_inputs_stop_with_advice_that_names_the_command(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # neither out/joint nor make demo's out/demo/joint
+    python = E.python_command()
+    with pytest.raises(SystemExit, match=f"no trained model there, nor in out/demo/joint .*Run `make demo`.*"
+                                         f"`{python} prepare_data.py synthetic`, then `{python} train_joint.py "
+                                         "--out_dir=out/joint`"):
+        E.main([f"--data_dir={world}"])
+    with pytest.raises(SystemExit, match="dataset 'x.jsonl': no such file"):
+        E.main(["--datasets=['x.jsonl']"])
+    with pytest.raises(SystemExit, match=f"dataset 'synth_video': no '{tmp_path}/synth_video/test.jsonl' "
+                                         f"\\(`{python} prepare_data.py synthetic --out {tmp_path}` makes it"):
+        E.main([f"--data_dir={tmp_path}", "--datasets=['synth_video']"])
