@@ -136,6 +136,17 @@ def test_interactive_keeps_the_model_and_switches_media(checkpoint, scene_image,
     assert "cannot use missing.gif" in capsys.readouterr().out
 
 
+def kept_token_model(processor, record, questions):
+    """A tiny random model with rows only for the tokens of these questions' prompts (and Qwen3's specials), as
+    --vocab=data builds from a world's records."""
+    kept = set(range(151643, 151936))
+    for question in questions:
+        example = E.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
+        kept |= {i for i in example.input_ids.tolist() if i < 151936}
+    torch.manual_seed(0)
+    return Molmo2(Molmo2Config.preset("tiny").keep_tokens(sorted(kept)))
+
+
 def test_a_kept_token_model_names_the_words_it_does_not_know(scene_image, tmp_path, monkeypatch, capsys):
     """A model with rows for some tokens only (--vocab=data): a question with other words gets an error that
     names them (interactive: printed, and the session goes on), not a crash inside the model."""
@@ -143,16 +154,75 @@ def test_a_kept_token_model_names_the_words_it_does_not_know(scene_image, tmp_pa
     processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_crops=2, max_frames=4)
     record = sample.media_record([path], "", processor)
     known = "How many circles?"
-    example = E.prompt_example(record, [{"role": "user", "content": known}], sample.style, processor)
-    kept = sorted({i for i in example.input_ids.tolist() if i < 151936} | set(range(151643, 151936)))
-    torch.manual_seed(0)
-    model = Molmo2(Molmo2Config.preset("tiny").keep_tokens(kept))
+    model = kept_token_model(processor, record, [known])
     monkeypatch.setattr(sample, "max_new_tokens", 2)
     monkeypatch.setattr(sample, "out_dir", str(tmp_path))
     sample.ask(model, processor, record, known, 1)  # every word known: answers
-    with pytest.raises(ValueError, match=r"knows only the \d+ tokens of its training data; not ' gir', 'aff', 'es'$"):
+    with pytest.raises(ValueError, match=r"knows only the \d+ tokens of its training data; not ' gir', 'aff', 'es'\n"):
         sample.ask(model, processor, record, "How many giraffes?", 2)
     lines = iter(["How many giraffes?", known, ":quit"])
     monkeypatch.setattr("builtins.input", lambda _: next(lines))
     sample.interact(model, processor, record)
     assert "not ' gir', 'aff', 'es'" in capsys.readouterr().out
+
+
+def test_a_kept_token_model_shows_questions_and_words_it_knows(scene_image, tmp_path, monkeypatch):
+    """Trained on part of the synthetic world's questions, the model's refusal lists world questions whose every
+    token it has rows for (checked here by the tokenizer alone) and its whole words; its default prompt becomes
+    such a question."""
+    _, path = scene_image
+    processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_crops=2, max_frames=4)
+    record = sample.media_record([path], "", processor)
+    trained_on = ["How many red circles are there?", "Where are the blue squares?", "Is there a green star?"]
+    model = kept_token_model(processor, record, trained_on)
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    with pytest.raises(ValueError) as refused:
+        sample.ask(model, processor, record, "Point to the cat.", 1)
+    lines = str(refused.value).splitlines()
+    assert lines[1] == "questions from the synthetic world that it has every word for:"
+    listed = [line.strip() for line in lines[2:-1]]
+    kept = set(model.config.token_ids)
+    assert listed and all(set(processor.tokenizer.encode(q)) <= kept for q in listed)
+    assert set(listed) <= set(sample.world_questions("image"))
+    # every whole word of the three questions, and no word fragment
+    words = "are, blue, circles, green, How, Is, many, red, squares, star, the, there, Where"
+    assert lines[-1] == f"the 13 words it knows: {words}"
+    assert sample.default_prompt(record, model, processor) == listed[0]  # "Describe this image ..." has no rows
+    full = Molmo2(Molmo2Config.preset("tiny"))
+    assert sample.default_prompt(record, full, processor) == sample.DEFAULT_PROMPTS["image"]
+
+
+def test_pictures_never_overwrite_an_earlier_runs(scene_image, tmp_path, monkeypatch, capsys):
+    _, path = scene_image
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    assert sample.next_picture_stem() == str(tmp_path / "answer1")
+    for name in ("answer2.png", "answer9_image2.png", "answer10.gif", "answers.txt", "other12.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert sample.next_picture_stem() == str(tmp_path / "answer11")
+    record = sample.media_record([path], "", None)
+    answer = data.image_points_tag([(0.5, 0.5)], "dot")
+    (first,) = sample.show_points(answer, record, sample.next_picture_stem())
+    (second,) = sample.show_points(answer, record, sample.next_picture_stem())
+    assert (first, second) == (str(tmp_path / "answer11.png"), str(tmp_path / "answer12.png"))
+
+
+def test_points_that_cannot_be_read_or_placed_are_said(scene_image, tmp_path, monkeypatch, capsys):
+    _, path = scene_image
+    monkeypatch.setattr(sample, "out_dir", str(tmp_path))
+    record = sample.media_record([path], "", None)
+    # the shape of the issue's answer: values past 1000 and a dangling pair
+    assert sample.show_points('<points coords="5 550 8882 8444 12 7">things</points>', record, "x") == []
+    out = capsys.readouterr().out
+    assert "dropped 2 unreadable part(s) of the answer's points:" in out and "no points left to draw" in out
+    pair = sample.media_record([path, path], "", None)
+    pictures = sample.show_points('<points coords="1 1 500 500;3 1 200 200">dots</points>', pair, str(tmp_path / "p"))
+    assert len(pictures) == 2 and "1 point(s) name an image other than 1..2: not drawn" in capsys.readouterr().out
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (40 * i, 80, 120)).save(frames / f"{i:03d}.png")
+    processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_frames=8)
+    clip = sample.media_record([], str(frames), processor)  # frames at 0.0 and 0.5 s
+    (gif,) = sample.show_points('<points coords="0.5 1 500 500;7.0 1 200 200">dots</points>', clip, str(tmp_path / "v"))
+    assert gif.endswith(".gif") and "1 point(s) at times with no frame (the frames are at 0.0, 0.5 s): not drawn" \
+        in capsys.readouterr().out
