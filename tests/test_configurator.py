@@ -1,7 +1,9 @@
 import os
+import sys
 
 import pytest
 
+import configurator
 from configurator import ConfigError, configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,6 @@ def _stage_knobs(script):
 def test_every_shipped_preset_applies_to_a_stage_script():
     """Each config/*.py sets only knobs a stage script has, with the right types (as `--key=value` would be
     checked): a preset with a stale or misspelled key fails here, not an hour into a run."""
-    import configurator
     stages = {script: _stage_knobs(script) for script in ("train_align.py", "train_joint.py")}
     presets = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
     assert {"demo_align.py", "demo_joint.py", "mix_pretrain.py", "mix_sft.py"} <= set(presets)
@@ -74,3 +75,102 @@ def test_every_shipped_preset_applies_to_a_stage_script():
                 errors[script] = str(e)
         assert len(errors) < len(stages), f"config/{preset} fits no stage script: {errors}"
     assert stages["train_joint.py"]["weight_decay"] == 0.0 and stages["train_joint.py"]["vocab"] == "full"
+
+
+# ---------------------------------------------------------------------------
+# --help: the knob block of the calling script, with defaults and comments
+# ---------------------------------------------------------------------------
+
+# A script as the stage scripts are laid out, written line by line so that this test file holds no knob block
+SCRIPT = "\n".join([
+    '"""A toy stage.',
+    "",
+    "    python toy.py --steps=3",
+    "",
+    "Design choices: not printed by --help.",
+    '"""',
+    "from configurator import configure",
+    "HELPER_TABLE = (1, 2)  # a module-level value above the block: not a knob",
+    "# -- knobs (override with --key=value) ----",
+    "out_dir = 'out/toy'",
+    "steps = 10  # optimizer steps",
+    "lr_a, lr_b = 1e-3, 0.0  # 0 = frozen",
+    "#   (the second line of that comment)",
+    "mixture = {'image': (1.0, ['synth_image']),",
+    "           'video': (0.0, [])}  # groups and shares",
+    "config = configure(globals())",
+    "# ----",
+    "print('ran with', steps)",
+])
+
+
+def run_toy(tmp_path, monkeypatch, *args):
+    import runpy
+    path = tmp_path / "toy.py"
+    path.write_text(SCRIPT)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    return runpy.run_path(str(path), run_name="__main__")
+
+
+def test_help_prints_the_knob_block_with_defaults_and_comments(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path, monkeypatch, "--steps=3", "-h")
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    # hand-written: the usage, the docstring before its design notes, and each knob line of the block
+    head, knobs = out.split("a config/*.py file sets the same names):\n")
+    assert head.startswith("usage: toy.py [config/<name>.py ...] [--key=value ...]\n\nA toy stage.\n\n"
+                           "    python toy.py --steps=3\n\nknobs and their defaults")
+    assert knobs.splitlines() == [
+        "  --out_dir='out/toy'",
+        "  --steps=10                      # optimizer steps",
+        "  --lr_a=0.001 --lr_b=0.0         # 0 = frozen (the second line of that comment)",
+        "  --mixture={'image': (1.0, ['synth_image']), 'video': (0.0, [])}",
+        "                                  # groups and shares",
+    ]
+    assert "ran with" not in out  # --help stops before the script's work, even after other arguments
+
+
+def test_only_the_knob_block_is_settable(tmp_path, monkeypatch, capsys):
+    namespace = run_toy(tmp_path, monkeypatch, "--steps=3", "--lr_b=0.5")
+    assert (namespace["steps"], namespace["lr_b"]) == (3, 0.5) and "ran with 3" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="unknown config key 'HELPER_TABLE'.*--help lists the knobs"):
+        run_toy(tmp_path, monkeypatch, "--HELPER_TABLE=(3,)")
+
+
+def help_of(script, monkeypatch, capsys):
+    """`python script --help` in this process: (its exit code, what it printed)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return stop.value.code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(ROOT) if f.startswith("train_") and f.endswith(".py")))
+def test_every_stage_script_lists_each_knob_it_defines(script, monkeypatch, capsys):
+    code, out = help_of(script, monkeypatch, capsys)
+    assert code == 0
+    knobs = {k: v for k, v in _stage_knobs(script).items() if not k.startswith("_") and k != "config"
+             and isinstance(v, configurator.CONFIG_TYPES) and not callable(v)}
+    assert knobs and all(f"--{k}={v!r}" in out for k, v in knobs.items())
+    assert f"usage: {script}" in out
+
+
+def test_help_carries_each_knobs_comment(monkeypatch, capsys):
+    _, out = help_of("train_joint.py", monkeypatch, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("  --max_crops="))
+    assert line.endswith("# crops per image (Molmo2: 8 in training)")
+    vocab = next(line for line in out.splitlines() if line.startswith("  --vocab="))
+    assert "(the 151,936-row head is most of a small model's CPU step); a checkpoint keeps its own" in vocab
+
+
+def test_sample_and_eval_help(monkeypatch, capsys):
+    import eval as E
+    code, out = help_of("sample.py", monkeypatch, capsys)
+    assert code == 0 and "--image" in out and "--max_new_tokens=384" in out and "DEFAULT_PROMPTS=" not in out
+    with pytest.raises(SystemExit) as stop:
+        E.main(["-h"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and all(f"--{k}={v!r}" in out for k, v in E.EVAL_DEFAULTS.items())
+    assert "make demo's data/demo" in out
