@@ -1,0 +1,128 @@
+"""The README's "Using it" commands, read from README.md itself and run in order, as typed, each exiting 0: the
+proof that a newcomer can follow them after `make demo` (issue 13).
+
+- The demo is shortened: demo.py's own steps (its world, its stages, its evaluation) run with a tiny model for two
+  steps, in a scratch folder that stands for the repository root, so data/demo and out/demo/joint are where
+  `make demo` puts them. The README's commands then run there in their order, so the training ones come after
+  sample.py and eval.py have used the demo's outputs, as they would for a newcomer.
+- Every command gets a few knobs appended that make it take seconds on a CPU (SHORTER); a script gets only the
+  knobs it has. Commands that need GPUs or the Hugging Face hub are left out (NEEDS_GPU_OR_HUB).
+- Where a command asks about a shape of a named test image of the demo's world, that image has such a shape: the
+  world is seeded, so the scratch world's test images are the demo's.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+import configurator
+import data
+import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300  # a stuck command fails the test instead of hanging it
+
+# Left out, because this test runs on one CPU with no network: several GPUs (torchrun), a preset sized for a GPU,
+# and the hub's released checkpoints and pretrained parts.
+NEEDS_GPU_OR_HUB = ("torchrun", "config/gpu_", "allenai/", "Qwen/", "google/")
+
+# Appended to every command of a script: a tiny model (56-px crops need 1-patch margins), two steps, a few
+# questions and short answers, a small training split.
+SHORTER = {
+    "train_": ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--max_row_crops=8",
+               "--max_video_frames=4", "--max_seq_len=256", "--batch_size=1", "--device=cpu", "--max_steps=2",
+               "--eval_every=0"],
+    "sample.py": ["--max_new_tokens=12"],
+    "eval.py": ["--max_examples=2", "--max_new_tokens=12", "--n_show=2"],
+    "prepare_data.py": ["--train-images", "16"],
+}
+
+
+def readme_commands():
+    """The commands of the README's "Using it" section, in order, as argument lists (comments dropped, lines
+    continued with a backslash joined)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Using it\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def shorter(script):
+    """SHORTER's knobs for a script, those it has (the names of its knob block; all of them for prepare_data.py)."""
+    extra = next((args for prefix, args in SHORTER.items() if script.startswith(prefix)), [])
+    block = configurator.knob_block(os.path.join(ROOT, script))
+    if block is None:
+        return extra
+    names = {name for names, _ in block for name in names}
+    return [arg for arg in extra if arg.split("=", 1)[0][2:] in names]
+
+
+def run(words, cwd, stdin=subprocess.DEVNULL):
+    """`.venv/bin/python script args` as typed in `cwd`, with this test's python, the script from the repository and
+    SHORTER's knobs appended -> its stdout; fails naming the command unless it exits 0."""
+    program, script, *args = words
+    assert program == ".venv/bin/python", f"README: {' '.join(words)}: this test runs `.venv/bin/python` commands"
+    command = [sys.executable, os.path.join(ROOT, script), *args, *shorter(script)]
+    result = subprocess.run(command, cwd=cwd, stdin=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"`{' '.join(words)}` failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A scratch repository root after a shortened `make demo`: demo.py's steps, run as demo.py runs them."""
+    root = tmp_path_factory.mktemp("clone")
+    os.symlink(os.path.join(ROOT, "config"), root / "config")  # presets are named relative to the root
+    for _, args, done_marker in demo.STEPS:
+        run([".venv/bin/python", *args], root)
+        assert (root / done_marker).exists(), done_marker
+    return root
+
+
+def shapes_of(root, image_path):
+    """The shapes of a test image of the demo's world (by its path), from its record's scene."""
+    folder, split, name = image_path.split("/")[-3:]
+    with open(root / demo.WORLD / folder / f"{split}.jsonl") as f:
+        for record in map(json.loads, f):
+            paths = record.get("image", record.get("video"))
+            paths = paths if isinstance(paths, list) else [paths]
+            if f"{split}/{name}" in paths:
+                scene = record["scene"]
+                return [shape for s in scene.get("images", [scene]) for shape in s["shapes"]]
+    raise AssertionError(f"README: {image_path} is not in the demo's world")
+
+
+def assert_prompt_fits(root, words):
+    """A prompt that names a colour or a kind of shape is asked about media holding such a shape."""
+    prompt = next((w.split("=", 1)[1] for w in words if w.startswith("--prompt=")), "")
+    colour = next((c for c in data.SHAPE_COLOURS if re.search(rf"\b{c}\b", prompt)), None)
+    kind = next((k for k in data.SHAPE_KINDS if re.search(rf"\b{k}s?\b", prompt)), None)
+    media = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--image", "--video")]
+    if (colour or kind) and media and all(m.startswith(demo.WORLD) for m in media):
+        shapes = [s for m in media for s in shapes_of(root, m)]
+        assert any(data.shape_matches(s, {"colour": colour, "kind": kind}) for s in shapes), \
+            f"README: {' '.join(words)}: no {colour or ''} {kind or 'shape'} in {media}"
+
+
+def test_readme_commands_run_in_order_on_the_demo(clone):
+    commands = readme_commands()
+    ran, pictures = [], []
+    for words in commands:
+        if any(marker in " ".join(words) for marker in NEEDS_GPU_OR_HUB):
+            continue
+        assert_prompt_fits(clone, words)
+        out = run(words, clone)  # interactive sample.py: no input, so it ends at once
+        pictures += re.findall(r"points drawn: (\S+)", out)
+        ran.append(words[1])
+    assert {"sample.py", "eval.py", "prepare_data.py", "train_align.py", "train_joint.py"} <= set(ran)
+    assert all((clone / path).is_file() for path in pictures) and len(set(pictures)) == len(pictures)
