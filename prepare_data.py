@@ -11,7 +11,7 @@ Design choices:
   come from a Media store, so converters are tested offline on small fixtures in the real schema.
 - Media: PixMo images are URLs, downloaded once into {out}/media/images/ (sha256-checked when the
   dataset gives one); embedded image bytes are written there too. Videos are looked up as frame folders
-  in {out}/media/videos/ (see --frames-from). A missing file does not stop conversion: the record is
+  in {out}/media/videos/ (extract_frames makes them with ffmpeg). A missing file does not stop conversion: the record is
   written and the reader skips it and counts it (missing_file), so the report says how many are absent.
 - Rows that cannot become a record (no points where points are needed, malformed turns) are dropped and
   counted by reason; the counts are printed.
@@ -433,8 +433,12 @@ def extract_frames(video_file, frames_dir, fps=2.0, start=None, end=None):
                     os.path.join(frames_dir, "%05d.jpg")], check=True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and gives each option's default."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("dataset", choices=["synthetic", *DATASETS])
     parser.add_argument("--out", default="data", help="data folder: datasets go to {out}/{name}/")
     parser.add_argument("--rows", help="convert these local rows (.jsonl, .parquet or a folder) instead of downloading")
@@ -447,6 +451,8 @@ def main():
     parser.add_argument("--train-images", type=int, default=data.SYNTHETIC_SIZES["train"]["image"],
                         help="synthetic world: single-image training records")
     args = parser.parse_args()
+    if not 1 <= args.max_objects <= data.MAX_SHAPES:
+        parser.error(f"--max-objects {args.max_objects}: expected 1..{data.MAX_SHAPES}")
 
     if args.dataset == "synthetic":
         sizes = {split: dict(parts) for split, parts in data.SYNTHETIC_SIZES.items()}

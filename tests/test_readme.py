@@ -126,3 +126,18 @@ def test_readme_commands_run_in_order_on_the_demo(clone):
         ran.append(words[1])
     assert {"sample.py", "eval.py", "prepare_data.py", "train_align.py", "train_joint.py"} <= set(ran)
     assert all((clone / path).is_file() for path in pictures) and len(set(pictures)) == len(pictures)
+
+
+def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):
+    """`--help` prints the script's options with their defaults and exits 0 (the README says each script has one);
+    run in this process, it stops before any work."""
+    import runpy
+    scripts = sorted({words[1] for words in readme_commands() if words[0] == ".venv/bin/python"})
+    assert {"sample.py", "eval.py", "prepare_data.py", "train_align.py", "train_joint.py"} <= set(scripts)
+    for script in scripts:
+        monkeypatch.setattr(sys, "argv", [script, "--help"])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        out = capsys.readouterr().out
+        assert stop.value.code == 0 and out.startswith("usage:"), script
+        assert re.search(r"\n  --\w+=\S|\(default: \d", out), script  # an option with its default
