@@ -14,12 +14,13 @@ default's, stops the script with a message that names it (ConfigError, a SystemE
 The knobs are the names assigned in the calling script's knob block: the lines from a `# -- knobs` comment
 to `configure(` or the closing `# ---` rule (module-level assignments, or the keywords of a dict(...) of
 defaults). `--help` (or `-h`) prints them with their defaults and the comments on their lines, read from
-that block, and exits 0: the help cannot drift from the code. A caller without such a block (a dict built
-in a test) has every public value of a simple type as a knob, and a help without comments.
+that block, and exits 0: the help cannot drift from the code. A caller without such a block (bench_*.py's
+KNOBS dicts, a test's) has every public value of a simple type as a knob, and a help without comments.
 """
 
 import ast
 import io
+import os
 import sys
 import tokenize
 
@@ -103,7 +104,7 @@ def knob_block(path):
 
 def help_text(path, block, known):
     """Usage, the script's docstring up to its design notes, then each knob with its default and comment."""
-    script = path.rsplit("/", 1)[-1] if path else "script"
+    script = os.path.basename(path) if path else "script"
     head = [f"usage: {script} [config/<name>.py ...] [--key=value ...]"]
     if path:
         with open(path) as f:
