@@ -23,12 +23,12 @@ from training import (Dist, Progress, TrainLoader, build_model, build_optimizer,
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
-init_from = "scratch"  # scratch (model_preset) | parts (llm_from + vit_from, pretrained) | a Molmo2 checkpoint
+init_from = "scratch"  # scratch (model_preset; its ViT from vit_from if set) | parts (llm_from + vit_from) | a Molmo2 checkpoint
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
-llm_from = "Qwen/Qwen3-0.6B"  # hub id or local HF directory, for init_from=parts
-vit_from = "google/siglip2-so400m-patch14-384"
+llm_from = ""  # init_from=parts: a Qwen3 hub id or local HF directory (Qwen/Qwen3-0.6B)
+vit_from = ""  # stage 1's out_dir (out/vision) or a SigLIP hub id / dir (google/siglip2-so400m-patch14-384)
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}  # Molmo2 pretrain: config/mix_pretrain.py
 max_seq_len = 1024  # tokens per packed row
@@ -66,6 +66,7 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 d = Dist(device)
+d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from,

@@ -26,6 +26,7 @@ from training import (Dist, Progress, TrainLoader, build_model, build_optimizer,
 out_dir = "out/joint"
 init_from = "scratch"  # scratch (model_preset) | a previous stage's out_dir | a Molmo2 checkpoint dir or hub id
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
+vit_from = ""  # scratch: the ViT from stage 1's out_dir (out/vision) or a SigLIP checkpoint of the preset's shape
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 data_dir = "data"
@@ -65,9 +66,10 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 d = Dist(device)
+d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model = build_model(init_from, model_preset, resid_dropout, response_dropout,
+model = build_model(init_from, model_preset, resid_dropout, response_dropout, vit_from=vit_from,
                     vocab=vocab, data_dir=data_dir, mixture=data_mixture).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing

@@ -41,6 +41,7 @@ class Dist:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes on this machine
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda":
@@ -50,6 +51,16 @@ class Dist:
         self.is_master = self.rank == 0
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def limit_cpu_threads(self, loader_workers=0):
+        """On a GPU, this process only collates batches and launches kernels. Its CPU ops (cat, copies) spread
+        over every core fight the loader workers and the other ranks for them, and a thread team waiting on a
+        busy core stalls: on a shared 16-core H200 machine, steps got 10x slower, and on 2 cores a 64-image
+        torch.cat took 0.5 s instead of 5 ms while two workers ran (BENCHMARKS.md). OMP_NUM_THREADS, when set,
+        wins. CPU runs keep every core: there the arithmetic is this process's."""
+        if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+            share = (os.cpu_count() or 1) // max(1, self.local_world_size * (1 + loader_workers))
+            torch.set_num_threads(max(1, min(4, share)))
 
     def all_reduce_sum(self, x):
         if self.world_size > 1:
@@ -367,11 +378,34 @@ class Progress:
 # ---------------------------------------------------------------------------
 
 
-def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from=None, vit_from=None,
+def vit_checkpoint_dir(name_or_dir):
+    """Where a ViT checkpoint is: a stage-1 out_dir (train_vision.py) holds it in final/; anything else (a
+    SiglipVisionModel / SiglipModel dir or hub id) as is."""
+    final = os.path.join(name_or_dir, "final")
+    return final if os.path.isfile(os.path.join(final, "config.json")) else name_or_dir
+
+
+def load_vit(vit_from, vit_config):
+    """A pretrained ViT (stage 1's out_dir or any SigLIP checkpoint) for a model whose ViT is vit_config: blocks
+    after the ones vit_config keeps are dropped, and any other difference is an error that names both."""
+    from vision import SigLIP2
+    vit = SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from))
+    if vit.config.num_hidden_layers < vit_config.num_hidden_layers:
+        raise ValueError(f"vit_from={vit_from!r}: {vit.config.num_hidden_layers} blocks, the model reads block "
+                         f"{vit_config.num_hidden_layers - 1}")
+    del vit.layers[vit_config.num_hidden_layers:]
+    vit.config.num_hidden_layers = vit_config.num_hidden_layers
+    if vit.config != vit_config:
+        raise ValueError(f"vit_from={vit_from!r}: its ViT {vit.config} is not the model's {vit_config}")
+    return vit
+
+
+def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from="", vit_from="",
                 vocab="full", data_dir=None, mixture=None):
-    """scratch: a fresh Molmo2 of model_preset; parts: a pretrained Qwen3 (llm_from) and SigLIP2 (vit_from) with a
-    fresh connector (the align stage's start); a directory holding final/ (a previous stage's out_dir); or any
-    Molmo2 checkpoint, native or released layout, local or on the hub.
+    """scratch: a fresh Molmo2 of model_preset, whose ViT is loaded from vit_from when it is set (stage 1's
+    out_dir, or any SigLIP checkpoint of the preset's shape); parts: a pretrained Qwen3 (llm_from) and SigLIP2
+    (vit_from) with a fresh connector (the real align stage's start); a directory holding final/ (a previous
+    stage's out_dir); or any Molmo2 checkpoint, native or released layout, local or on the hub.
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
     data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with."""
     from model import Molmo2, Molmo2Config, Qwen3
@@ -383,11 +417,14 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         if vocab == "data":
             import data
             config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
-        model = Molmo2(config)
+        model = Molmo2(config, vit=load_vit(vit_from, config.vit) if vit_from else None)
     elif init_from == "parts":
         if vocab == "data":
             raise ValueError("vocab='data' is for models from scratch: a pretrained Qwen3 keeps its whole vocabulary")
-        model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), SigLIP2.from_pretrained(vit_from))
+        if not (llm_from and vit_from):
+            raise ValueError("init_from='parts' needs llm_from and vit_from (e.g. --llm_from=Qwen/Qwen3-0.6B "
+                             "--vit_from=google/siglip2-so400m-patch14-384)")
+        model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from)))
     elif os.path.isdir(os.path.join(init_from, "final")):
         model = Molmo2.from_pretrained(os.path.join(init_from, "final"))
     else:

@@ -75,12 +75,14 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, inner)
         self.o_proj = nn.Linear(inner, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, P, C); attn_mask (N, 1, 1, P) bool, True = attend (train_vision.py's text tower pads its
+        captions; crops never need one)."""
         N, P, _ = x.shape
         q = self.q_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         k = self.k_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         v = self.v_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, nh, P, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, nh, P, hs)
         return self.o_proj(y.transpose(1, 2).reshape(N, P, -1))  # (N, P, C)
 
 
@@ -102,8 +104,8 @@ class Block(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), attn_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -175,6 +177,18 @@ class SigLIP2(nn.Module):
         model_io.load_state_strict(vit, state, name_or_dir)
         return vit.to(dtype)
 
+    def save_pretrained(self, out_dir: str):
+        """Write this ViT as transformers' `SiglipVisionModel` (config.json + model.safetensors): the layout that
+        `from_pretrained`, `train_align.py --vit_from=` and transformers all read. It has no attention-pooling
+        head, and its post_layernorm is the identity: Molmo2 reads block outputs, which come before it."""
+        import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
+
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(siglip_config_to_hf(self.config), f, indent=2)
+        model_io.save_safetensors(siglip_state_dict_to_hf(self.state_dict(), self.config),
+                                  os.path.join(out_dir, "model.safetensors"))
+
 
 def siglip_config_from_hf(hf: dict) -> SigLIP2Config:
     """HF SiglipVisionConfig dict -> ours. Missing keys take transformers' SiglipVisionConfig defaults
@@ -230,3 +244,37 @@ def siglip_state_dict_from_hf(tensors: dict, config: SigLIP2Config) -> dict:
         raise ValueError(f"SigLIP checkpoint: {ours['positional_embedding'].shape[0]} position embeddings, "
                          f"expected {config.num_patches} ({int(math.sqrt(config.num_patches))}^2)")
     return ours
+
+
+def siglip_config_to_hf(config: SigLIP2Config) -> dict:
+    """Ours -> config.json of a transformers SiglipVisionModel (the inverse of siglip_config_from_hf)."""
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise ValueError(f"SigLIP layout: heads x head_dim ({config.num_attention_heads} x {config.head_dim}) must "
+                         f"equal hidden_size {config.hidden_size}")
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "patch_size": config.patch_size, "image_size": config.image_size, "num_channels": config.num_channels,
+            "layer_norm_eps": config.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh", "attention_dropout": 0.0,
+            "vision_use_head": False}
+
+
+def siglip_state_dict_to_hf(state: dict, config: SigLIP2Config) -> dict:
+    """Our SigLIP2 state dict -> SiglipVisionModel tensors (the inverse of siglip_state_dict_from_hf)."""
+    tensors = {}
+    for key, value in state.items():
+        if key == "patch_embedding.weight":  # Linear over (ph, pw, c) -> Conv2d (C, c, ph, pw)
+            p, c = config.patch_size, config.num_channels
+            value = value.reshape(value.shape[0], p, p, c).permute(0, 3, 1, 2)
+            key = "embeddings.patch_embedding.weight"
+        elif key == "patch_embedding.bias":
+            key = "embeddings.patch_embedding.bias"
+        elif key == "positional_embedding":
+            key = "embeddings.position_embedding.weight"
+        else:
+            key = key.replace("layers.", "encoder.layers.", 1).replace(".self_attn.o_proj.", ".self_attn.out_proj.")
+        tensors["vision_model." + key] = value.detach().contiguous()
+    reference = state["positional_embedding"]
+    tensors["vision_model.post_layernorm.weight"] = torch.ones(config.hidden_size, dtype=reference.dtype)
+    tensors["vision_model.post_layernorm.bias"] = torch.zeros(config.hidden_size, dtype=reference.dtype)
+    return tensors
