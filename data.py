@@ -1270,6 +1270,11 @@ class MixtureSampler:
         self.cursors = {n: list(c) for n, c in state["cursors"].items()}
 
 
+def prepare_command(name):
+    """The prepare_data.py command that makes dataset `name`: the synthetic world's three come from one."""
+    return "synthetic" if name.startswith("synth_") else name
+
+
 def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=True, report=None):
     """Open every dataset of a mixture ({data_dir}/{name}/{split}.jsonl; a missing file is an error) and
     its sampler. Returns (sampler, {name: RecordFile}); the files share one SkipReport."""
@@ -1280,7 +1285,7 @@ def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=Tr
             path = os.path.join(data_dir, name, f"{split}.jsonl")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"mixture group {group!r}: dataset {name!r} has no '{path}' "
-                                        f"(run prepare_data.py {name})")
+                                        f"(`python prepare_data.py {prepare_command(name)} --out {data_dir}` makes it)")
             files[name] = RecordFile(path, report=report, load_media=load_media)
     sampler = MixtureSampler(mixture, {name: len(f) for name, f in files.items()}, seed, rank)
     return sampler, files
@@ -1964,7 +1969,7 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None):
         paths = [os.path.join(data_dir, name, f"{split}.jsonl") for split in ("train", "val", "test")]
         if not any(os.path.exists(p) for p in paths):
             raise FileNotFoundError(f"dataset {name!r}: no train/val/test.jsonl in {os.path.join(data_dir, name)} "
-                                    "(run prepare_data.py)")
+                                    f"(`python prepare_data.py {prepare_command(name)} --out {data_dir}` makes it)")
         for path in filter(os.path.exists, paths):
             for record in RecordFile(path, report, load_media=False):
                 for annotation in record["annotations"]:

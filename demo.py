@@ -3,11 +3,13 @@ The README's main job, on its embedded default: a 2-core CPU, no network, about 
 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images): shapes to
    count and point at, with held-out val and test splits
-2. align: a small nanoMolmo2 from scratch; only the connector and the new token embeddings learn
-   (config/demo_align.py)
-3. joint: every part learns counting, pointing and short questions (config/demo_joint.py)
-4. evaluate on the held-out test images with eval.py: counting accuracy and pointing F1
-5. write out/demo/report.md: the numbers, the loss curves, how alike the image tokens became, and the test
+2. vision (stage 1): the small preset's ViT from scratch learns which of its pooled tokens hold the pointed
+   shapes, and where (config/demo_vision.py)
+3. align: a small nanoMolmo2 around that ViT, LLM at random; only the connector and the new token embeddings
+   learn (config/demo_align.py)
+4. joint: every part learns counting, pointing and short questions (config/demo_joint.py)
+5. evaluate on the held-out test images with eval.py: counting accuracy and pointing F1
+6. write out/demo/report.md: the numbers, the loss curves, how alike the image tokens became, and the test
    images with predicted and true points
 
 Each step is the project's own command line, run as a subprocess and printed first, so it can be rerun or
@@ -26,6 +28,7 @@ WORLD = "data/demo"  # the demo's world: up to 5 shapes an image (counts 0-5), 1
 STEPS = [
     ("demo world", ["prepare_data.py", "synthetic", "--out", WORLD, "--max-objects", "5", "--train-images", "10000"],
      f"{WORLD}/synth_image/test.jsonl"),
+    ("vision", ["train_vision.py", "config/demo_vision.py"], f"{OUT}/vision/final/config.json"),
     ("align", ["train_align.py", "config/demo_align.py"], f"{OUT}/align/final/config.json"),
     ("joint", ["train_joint.py", "config/demo_joint.py"], f"{OUT}/joint/final/config.json"),
     ("evaluate", ["eval.py", f"--init_from={OUT}/joint", "--split=test", f"--data_dir={WORLD}",
@@ -47,6 +50,9 @@ def commonest_count_share(test_jsonl):
 
 
 def main():
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(__doc__.strip())
+        return
     t0 = time.time()
     for name, args, done_marker in STEPS:
         if os.path.exists(done_marker):
@@ -61,8 +67,9 @@ def main():
 
     with open(f"{OUT}/eval/metrics.json") as f:
         metrics = json.load(f)
-    for stage in ("align", "joint"):
+    for stage in ("vision", "align", "joint"):
         shutil.copy(f"{OUT}/{stage}/loss.png", f"{OUT}/{stage}_loss.png")
+    shutil.copy(f"{OUT}/vision/readout.png", f"{OUT}/vision_readout.png")
     shutil.copy(f"{OUT}/joint/image_features.png", f"{OUT}/joint_image_features.png")
     counting, pointing = metrics["counting_accuracy"], metrics["pointing_f1"]
     with open(f"{OUT}/joint/log.jsonl") as f:
@@ -76,8 +83,8 @@ def main():
 
 A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
 128 wide x 4 blocks with rows for the {n_tokens:,} Qwen3 tokens the world uses) trained from scratch on the
-demo's synthetic world (up to 5 shapes an image), on this machine's CPU, then asked to count and point on the
-held-out test images.
+demo's synthetic world (up to 5 shapes an image), on this machine's CPU, in three stages (vision pretraining,
+connector alignment, joint training), then asked to count and point on the held-out test images.
 
 | held-out test images | value |
 |---|---|
@@ -93,6 +100,12 @@ Total time {(time.time() - t0) / 60:.1f} min (steps already done earlier not cou
 predictions: [eval/report.md](eval/report.md).
 
 ## Loss curves
+
+![stage 1: vision pretraining](vision_loss.png)
+
+Stage 1 alone, no LLM: the counts and points read straight off its localisation head on validation images.
+
+![stage 1 read-out](vision_readout.png)
 
 ![align stage](align_loss.png)
 
@@ -113,7 +126,7 @@ picture carries little information. Training from scratch drifts there within te
 
 ![pointing](eval/pointing_synth_image_test.png)
 
-Ask the model yourself: `python sample.py --init_from={OUT}/joint --image={WORLD}/synth_image/test/000000.png
+Ask the model yourself: `.venv/bin/python sample.py --init_from={OUT}/joint --image={WORLD}/synth_image/test/000001.png
 --prompt="Point to the red shapes."`
 """
     with open(f"{OUT}/report.md", "w") as f:

@@ -18,7 +18,7 @@ import torch
 
 from configurator import configure
 from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
-                      load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
+                      lineage, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
                       wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -120,7 +120,8 @@ for step in range(start_step, max_steps):
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
 final_dir = os.path.join(out_dir, "final")
-export_final(train_model, model, optimizer, d, final_dir, loader.processor)
+export_final(train_model, model, optimizer, d, final_dir, loader.processor,
+             lineage(init_from, model_preset, vit_from, llm_from))
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))
 d.close()

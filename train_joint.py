@@ -5,8 +5,9 @@ Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM)
     python train_joint.py config/mix_sft.py --init_from=out/align --batch_size=4
     torchrun --nproc_per_node=4 train_joint.py --batch_size=16 --parallel=fsdp
 
-Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak; AdamW
-(0.9, 0.95, eps 1e-6, weight decay 0 as in Molmo2 unless weight_decay is set); gradient clipping at 1.0;
+Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak, chosen by
+where the run starts unless set (Molmo2's SFT recipe from a checkpoint, a scratch recipe from scratch); AdamW
+(0.9, 0.95, eps 1e-6); gradient clipping at 1.0;
 z-loss 1e-4; residual dropout; the loss of a step is divided by the sum of token weights over all its
 micro-batches on all ranks. Runs resume from
 out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
@@ -18,9 +19,9 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
-                      load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
-                      wrap_model)
+from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, default_recipe, evaluate_loss,
+                      export_final, fill_recipe, lineage, load_checkpoint, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, train_step, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -43,10 +44,13 @@ batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
 loader_workers = 0  # processes that make the training examples ahead of the step (Linux); 0 = in this process
 max_steps = 500
-lr_connector, lr_vit, lr_llm = 5e-6, 5e-6, 1e-5  # Molmo2 SFT, for pretrained parts; from scratch see config/demo_joint.py
-warmup_connector, warmup_vit, warmup_llm = 200, 200, 200
+# None: chosen by where the run starts (training.default_recipe, printed): from a checkpoint Molmo2's SFT recipe
+#   (5e-6, 5e-6, 1e-5, warmup 200, no weight decay) for a pretrained LLM; for one from scratch (also through an
+#   align stage) 1e-3, the ViT 10x lower after stage 1
+lr_connector, lr_vit, lr_llm = None, None, None
+warmup_connector, warmup_vit, warmup_llm = None, None, None
 grad_clip = 1.0
-weight_decay = 0.0  # AdamW's decoupled decay on every trained weight (Molmo2: 0)
+weight_decay = None  # AdamW's decoupled decay on matrices (Molmo2: 0; from scratch 0.1)
 z_loss = 1e-4
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
@@ -67,6 +71,8 @@ config = configure(globals())
 
 d = Dist(device)
 d.limit_cpu_threads(loader_workers)
+start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
+fill_recipe(globals(), config, *default_recipe(start), print_fn=d.print)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, vit_from=vit_from,
@@ -120,7 +126,7 @@ for step in range(start_step, max_steps):
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
 final_dir = os.path.join(out_dir, "final")
-export_final(train_model, model, optimizer, d, final_dir, loader.processor)
+export_final(train_model, model, optimizer, d, final_dir, loader.processor, start)
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))
 d.close()

@@ -16,9 +16,10 @@ Design choices (after SigLIP2, which combines a sigmoid image-text loss with the
   the features the connector will read (blocks config.connector.vit_layers, concatenated), mean-pooled over
   the same 2x2 windows as the connector's pooling. A small head maps each pooled token to an embedding.
 - Sigmoid image-text loss (SigLIP): the mean of an image's tokens, projected, against a caption encoded by a
-  small text tower (the ViT's own blocks, bidirectional, over Qwen3's token ids); every (image, caption) pair of
-  the micro-batch is a binary problem, logit = exp(t) * cos + b with a learned temperature t (from log 10) and
-  bias b (from -10), as in the paper. Two images with the same caption text are both positives.
+  small text tower (the ViT's own blocks, bidirectional, over Qwen3's token ids hashed into a small table);
+  every (image, caption) pair of the micro-batch is a binary problem, logit = exp(t) * cos + b with a learned
+  temperature t (from log 10) and bias b (from -10), as in the paper. Two images with the same caption text are
+  both positives.
 - Localisation loss (in the spirit of LocCa): for every pointed object label of an image ("red circles"), each
   pooled token says whether a point of that label lies in its cell, as a sigmoid of the cosine between the
   token's embedding and the label's text embedding (learned scale and bias); and where one does, the token
@@ -57,6 +58,8 @@ sigmoid_weight = 1.0  # SigLIP's image-caption loss; 0 = off
 loc_weight = 1.0  # the localisation loss (which token holds a point of which label, and where); 0 = off
 text_layers = 2  # blocks of the text tower (as wide as the ViT)
 text_max_len = 96  # caption tokens kept
+text_vocab_rows = 16384  # the text tower's token table: Qwen3 id % rows (a small table; 151,936 rows and their
+#   AdamW state were most of a CPU step's optimizer time and of the checkpoint, for ~500 tokens in use)
 embed_dim = 128  # width of the token, image and text embeddings the losses compare
 batch_size = 32  # images per micro-batch per process
 grad_accum = 1
@@ -96,11 +99,12 @@ class TextTower(nn.Module):
     """Qwen3 token ids -> one embedding per text: token + position embeddings, bidirectional ViT-style blocks over
     the real tokens, a final LayerNorm, the mean over the real tokens, a Linear."""
 
-    def __init__(self, vit_config, n_layers, max_len, embed_dim, vocab_size):
+    def __init__(self, vit_config, n_layers, max_len, embed_dim, vocab_rows):
         super().__init__()
         from vision import Block
         width = vit_config.hidden_size
-        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.vocab_rows = vocab_rows
+        self.token_embedding = nn.Embedding(vocab_rows, width)  # id % rows: hashed, a few ids share a row
         self.position_embedding = nn.Parameter(torch.zeros(max_len, width))
         self.layers = nn.ModuleList([Block(vit_config) for _ in range(n_layers)])
         self.final_layer_norm = nn.LayerNorm(width, eps=vit_config.layer_norm_eps)
@@ -110,7 +114,7 @@ class TextTower(nn.Module):
         """ids (T, L) long, padded; lengths (T,) -> (T, E) unit vectors."""
         T, L = ids.shape
         real = torch.arange(L, device=ids.device)[None, :] < lengths[:, None]  # (T, L)
-        x = self.token_embedding(ids) + self.position_embedding[:L]  # (T, L, C)
+        x = self.token_embedding(ids % self.vocab_rows) + self.position_embedding[:L]  # (T, L, C)
         for block in self.layers:
             x = block(x, real[:, None, None, :])  # (T, L, C): padding is never attended to
         x = self.final_layer_norm(x)
@@ -121,14 +125,13 @@ class TextTower(nn.Module):
 class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
-    def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc):
+    def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc, text_vocab_rows=16384):
         super().__init__()
-        from model import QWEN3_VOCAB_SIZE
         self.vit, self.vit_layers = vit, tuple(vit_layers)
         width = vit.config.hidden_size * len(self.vit_layers)
         self.token_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim * 2), nn.GELU(),
                                         nn.Linear(embed_dim * 2, embed_dim))
-        self.text = TextTower(vit.config, text_layers, text_max_len, embed_dim, QWEN3_VOCAB_SIZE)
+        self.text = TextTower(vit.config, text_layers, text_max_len, embed_dim, text_vocab_rows)
         self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
         if use_sigmoid:  # SigLIP's start: t = log 10, b = -10 (the paper's, for its many negatives per positive)
             self.image_proj = nn.Linear(embed_dim, embed_dim)
@@ -389,7 +392,10 @@ class VisionLoader:
         self.not_used = {"not a single image": 0, "no caption or points": 0}
         self.shards = []
         for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
-            sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            try:
+                sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            except FileNotFoundError as e:  # no data yet: the message says how to make it
+                raise SystemExit(str(e)) from None
             self.shards.append(_DrawKeys(sampler, shard, world_size * grad_accum))
         self.workers, self.pool, self.ahead = workers, None, None  # ahead: (states before, [(keys, result)])
 
@@ -611,7 +617,7 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     vit, vit_layers = build_vit(init_from, model_preset)
     pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
-                                  sigmoid_weight > 0, loc_weight > 0).to(d.device)
+                                  sigmoid_weight > 0, loc_weight > 0, text_vocab_rows).to(d.device)
     if d.world_size == 1:
         train_model = pretrainer
     elif parallel == "fsdp":

@@ -123,15 +123,26 @@ PARTS = ("connector", "vit", "llm")
 
 def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None):
     """AdamW with a group per part that trains. lr / warmup: {part: value}; a part with lr 0 is frozen.
-    Molmo2 counts the 128 new token embeddings as part of the connector."""
+    Molmo2 counts the 128 new token embeddings as part of the connector. With weight_decay > 0 (from-scratch
+    recipes; Molmo2 uses 0) each part's norm gains, biases and embedding tables go into a second group without
+    decay: pulling them toward 0 shrinks every token's scale for no gain (issue 15: decay on everything slowed
+    the demo's learning after step 750)."""
+    plain = {id(p) for p in (model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding)}
     groups = []
     for part, params in model.param_parts().items():
         trainable = lr.get(part, 0.0) > 0
         for p in params:
             p.requires_grad_(trainable)
-        if trainable:
-            groups.append({"name": part, "params": params, "lr": lr[part], "peak_lr": lr[part],
-                           "warmup": warmup.get(part, 0)})
+        if not trainable:
+            continue
+        split = {"decay": params, "no_decay": []}
+        if weight_decay > 0:
+            split = {"decay": [p for p in params if p.dim() >= 2 and id(p) not in plain],
+                     "no_decay": [p for p in params if p.dim() < 2 or id(p) in plain]}
+        for kind, members in split.items():
+            if members:
+                groups.append({"name": part, "params": members, "lr": lr[part], "peak_lr": lr[part],
+                               "warmup": warmup.get(part, 0), "weight_decay": weight_decay if kind == "decay" else 0.0})
     if not groups:
         raise ValueError(f"no part has a learning rate > 0: {lr}")
     if fused is None:
@@ -243,6 +254,7 @@ class Progress:
         self.model = model
         self.curves = {"train": [], "val": []}
         self.image_cos = []  # (step, mean cosine between image tokens): image_features.png
+        self.step_times = []  # seconds, this run's steps
         self.t_start = self.t_last = time.time()
         self.tb = None
         self.peak = None
@@ -292,7 +304,7 @@ class Progress:
         image_stats = image_feature_stats(features) if features is not None else None
         tokens = sum(int((mb["example_ids"] >= 0).sum()) for mb in micro_batches) * self.d.world_size  # no padding
         tok_s = tokens / max(dt, 1e-9)
-        lrs = " ".join(f"{g['name']} {g['lr']:.2e}" for g in optimizer.param_groups)
+        lrs = " ".join(f"{name} {lr:.2e}" for name, lr in {g["name"]: g["lr"] for g in optimizer.param_groups}.items())
         line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f} | lr {lrs} | {tok_s:,.0f} tok/s"
         if grad_norm is not None:
             line += f" | grad {grad_norm:.2f}"
@@ -303,7 +315,10 @@ class Progress:
             line += f" | image std {image_stats[0]:.3g} cos {image_stats[1]:.3f}"
             self.image_cos.append((step, image_stats[1]))
         done = step + 1
-        eta = (now - self.t_start) / done * (self.max_steps - done)
+        self.step_times.append(dt)
+        # the recent steps of this run: the first pays for start-up, and a resumed run did not take the earlier ones
+        recent = self.step_times[1:][-20:] or self.step_times
+        eta = sum(recent) / len(recent) * (self.max_steps - done)
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
@@ -313,8 +328,8 @@ class Progress:
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/tokens_per_s", tok_s, step)
-            for g in optimizer.param_groups:
-                self.tb.add_scalar(f"lr/{g['name']}", g["lr"], step)
+            for name, lr in {g["name"]: g["lr"] for g in optimizer.param_groups}.items():
+                self.tb.add_scalar(f"lr/{name}", lr, step)
             if image_stats:
                 self.tb.add_scalar("image_features/std", image_stats[0], step)
                 self.tb.add_scalar("image_features/mean_cos", image_stats[1], step)
@@ -344,9 +359,9 @@ class Progress:
         """The loss curves as a PNG, and beside it image_features.png: the mean cosine between the image tokens the
         LLM received, step by step (near 1: they all look alike). None when this run took no step (e.g. it resumed
         a finished run)."""
-        curves = {k: v for k, v in self.curves.items() if v}
-        if not self.d.is_master or not curves:
+        if not self.d.is_master or not any(self.curves.values()):
             return None
+        curves, self.image_cos = self.logged_curves()
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
         plot_curves(curves, path)
@@ -355,6 +370,21 @@ class Progress:
                         os.path.join(self.out_dir, "image_features.png"), title="image features (1 = all alike)",
                         ylabel="mean cosine")
         return path
+
+    def logged_curves(self):
+        """({'train': [(step, loss)], 'val': [...]}, [(step, image cosine)]) from the whole of log.jsonl: the steps
+        before a resume too, and a step logged twice (redone after a resume) by its last line."""
+        train, val, cos = {}, {}, {}
+        with open(self.log_path) as f:
+            for record in map(json.loads, filter(str.strip, f)):
+                if "loss" in record:
+                    train[record["step"]] = record["loss"]
+                    if "image_feature_cos" in record:
+                        cos[record["step"]] = record["image_feature_cos"]
+                if "val_loss" in record:
+                    val[record["step"]] = record["val_loss"]
+        curves = {name: sorted(points.items()) for name, points in (("train", train), ("val", val)) if points}
+        return curves, sorted(cos.items())
 
     def summary(self, loader, final_dir, ckpt_path):
         """The end-of-run report: steps, time, losses, peak GPU memory, skipped data, where things are."""
@@ -376,6 +406,61 @@ class Progress:
 # ---------------------------------------------------------------------------
 # The model to train
 # ---------------------------------------------------------------------------
+
+
+# Molmo2's SFT settings: for parts that are already trained (a Molmo2 checkpoint, or a pretrained Qwen3 + SigLIP2).
+MOLMO2_SFT_RECIPE = dict(lr_connector=5e-6, lr_vit=5e-6, lr_llm=1e-5, warmup_connector=200, warmup_vit=200,
+                         warmup_llm=200, weight_decay=0.0)
+
+
+def lineage(init_from, model_preset="small", vit_from="", llm_from=""):
+    """Where a run's LLM and ViT started: {'llm': 'scratch' or a checkpoint, 'vit': ..., 'preset': ...}. Written
+    beside the exported model (final/lineage.json), so a later stage knows that a model it continues has an LLM
+    trained from scratch, whatever stages came between."""
+    if init_from == "scratch":
+        return {"llm": "scratch", "vit": vit_from or "scratch", "preset": model_preset}
+    if init_from == "parts":
+        return {"llm": llm_from, "vit": vit_from, "preset": None}
+    path = os.path.join(init_from, "final", LINEAGE_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"llm": init_from, "vit": init_from, "preset": None}  # a released or converted checkpoint
+
+
+LINEAGE_FILE = "lineage.json"
+
+
+def default_recipe(start):
+    """The joint stage's learning rates, warmups and weight decay for a run's lineage (where its LLM and ViT
+    started) -> (why, {knob: value}). A pretrained LLM: Molmo2's SFT recipe. An LLM from scratch: rates 100-200x
+    higher, weight decay 0.1 on matrices; with a trained ViT (stage 1's) the ViT learns 10x more gently than the
+    rest, which keeps what stage 1 taught it (BENCHMARKS.md, 'Stage 1': counting 0.47 after 1,600 steps of the
+    small preset, where a random ViT never looked). The full preset's from-scratch rates are the ones its first
+    GPU runs used: not yet measured with a stage-1 ViT."""
+    if start["llm"] != "scratch":
+        return f"for a pretrained LLM ({start['llm']}): Molmo2's SFT recipe", dict(MOLMO2_SFT_RECIPE)
+    full = start.get("preset") == "nanomolmo2"
+    llm = 3e-4 if full else 1e-3
+    trained_vit = start["vit"] != "scratch"
+    vit = (3e-5 if trained_vit else 3e-4) if full else (llm / 10 if trained_vit else llm)
+    recipe = dict(lr_connector=1e-3, lr_vit=vit, lr_llm=llm, warmup_connector=100, warmup_vit=100, warmup_llm=100,
+                  weight_decay=0.1)
+    if trained_vit:
+        return f"for an LLM from scratch around the trained ViT of {start['vit']}: the scratch recipe, the ViT gently", recipe
+    return ("for an LLM and a ViT from scratch: the scratch recipe. Such runs have not learned to look at their "
+            "images (BENCHMARKS.md): run train_vision.py first and pass --vit_from=out/vision"), recipe
+
+
+def fill_recipe(knobs, config, why, recipe, print_fn=print):
+    """Set each knob of the recipe that the user left at None, in the script's namespace and in its logged config,
+    and say what was chosen and why."""
+    chosen = {k: v for k, v in recipe.items() if knobs[k] is None}
+    knobs.update(chosen)
+    config.update(chosen)
+    if chosen:
+        print_fn(f"recipe {why}: " + ", ".join(f"{k}={v:g}" for k, v in chosen.items())
+                 + " (set any of them to override)")
 
 
 def vit_checkpoint_dir(name_or_dir):
@@ -416,7 +501,10 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         config = Molmo2Config.preset(model_preset)
         if vocab == "data":
             import data
-            config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
+            try:
+                config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
+            except FileNotFoundError as e:  # no data yet: the message says how to make it
+                raise SystemExit(str(e)) from None
         model = Molmo2(config, vit=load_vit(vit_from, config.vit) if vit_from else None)
     elif init_from == "parts":
         if vocab == "data":
@@ -490,7 +578,10 @@ class TrainLoader:
         self.files, self.packers = None, []
         self.workers, self.pool = workers, None
         for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
-            sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            try:
+                sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            except FileNotFoundError as e:  # no data yet: the message says how to make it
+                raise SystemExit(str(e)) from None
             self.files = self.files or files  # the shards read the same files
             keys = _DrawKeys(sampler, shard, n_shards)
             if workers:
@@ -738,7 +829,7 @@ def train_step(train_model, model, optimizer, micro_batches, d, parallel, autoca
     return train_loss, grad_norm.item()
 
 
-def export_final(train_model, model, optimizer, d, final_dir, processor):
+def export_final(train_model, model, optimizer, d, final_dir, processor, start=None):
     """Write the trained model with save_pretrained (transformers' Molmo2 layout) and the processor settings
     it was trained with (processor.json, read by sample.py and eval.py). Under DDP/FSDP the full weights are
     gathered and rank 0 writes them from a plain copy of the model."""
@@ -755,3 +846,6 @@ def export_final(train_model, model, optimizer, d, final_dir, processor):
     if d.is_master:
         import data
         data.save_processor_config(final_dir, processor)
+        if start is not None:  # where its LLM and ViT started (see lineage)
+            with open(os.path.join(final_dir, LINEAGE_FILE), "w") as f:
+                json.dump(start, f, indent=2)

@@ -1,8 +1,9 @@
-# The README demo's align stage: a small nanoMolmo2 from scratch, only the connector and the 128 new token
-# embeddings train (the ViT and LLM stay at their random init), on the demo world's counting and pointing;
-# a short stage that shows the mechanics on a CPU (see demo.py).
+# The README demo's align stage: a small nanoMolmo2 whose ViT comes from stage 1 (out/demo/vision) and whose LLM
+# starts at random; only the connector and the 128 new token embeddings train, on the demo world's counting and
+# pointing: a short stage that shows the mechanics on a CPU (see demo.py).
 out_dir = "out/demo/align"
 init_from = "scratch"
+vit_from = "out/demo/vision"
 model_preset = "small"
 vocab = "data"  # LLM rows only for the world's ~500 tokens: the full 151,936-row head is ~3/4 of a CPU step
 data_dir = "data/demo"  # demo.py's world: up to 5 shapes per image, 10,000 training images

@@ -1,0 +1,19 @@
+# The README demo's stage 1: the small preset's ViT from scratch learns where the demo world's pointed shapes are
+# (the localisation loss alone: on one H200 it read out the best counts and points and gave the joint stage its
+# widest validation gap, BENCHMARKS.md "Stage 1: vision pretraining"), on a 2-core CPU in float32 (see demo.py).
+out_dir = "out/demo/vision"
+model_preset = "small"
+data_dir = "data/demo"
+data_mixture = {"image": (1.0, ["synth_image"])}
+max_crops = 4
+overlap_margins = (2, 2)
+sigmoid_weight = 0.0
+loc_weight = 1.0
+batch_size = 32
+max_steps = 300
+lr = 1e-3
+warmup = 30
+eval_every = 150
+eval_batches = 2
+save_every = 150
+log_every = 25
