@@ -728,6 +728,72 @@ def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(
 
 
 
+# Heat maps (sample.py --explain, docs/figures.py): a colour ramp from black through purple and orange to pale
+# yellow (after matplotlib's "inferno"), so brightness alone orders the values and the ramp survives greyscale.
+HEAT_RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                      (250, 193, 39), (252, 255, 164)], dtype=np.float32)
+
+
+def heat_colors(values):
+    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3) along HEAT_RAMP; values outside are clipped."""
+    position = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(HEAT_RAMP) - 1)
+    low = np.minimum(position.astype(np.int64), len(HEAT_RAMP) - 2)
+    t = (position - low)[..., None]
+    return np.round(HEAT_RAMP[low] * (1 - t) + HEAT_RAMP[low + 1] * t).astype(np.uint8)
+
+
+def overlay_heat(image, heat, alpha=0.7):
+    """A PIL image with a heat map (H, W) of values in [0, 1] laid over its greyscale copy (the heat map is
+    resized to the image, nearest, so each cell keeps its edges): alpha of the colour, 1 - alpha of the photo."""
+    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
+    cells = Image.fromarray(heat_colors(heat)).resize(image.size, Image.NEAREST)
+    blended = (1 - alpha) * grey + alpha * np.asarray(cells, dtype=np.float32)
+    return Image.fromarray(np.round(blended).astype(np.uint8))
+
+
+def upscale(image, min_size=MIN_DRAW_SIZE, max_size=1600):
+    """`image` enlarged (nearest) by the integer factor that brings its long side to at least min_size, without
+    passing max_size; returns (image, factor)."""
+    factor = max(1, min(math.ceil(min_size / max(image.size)), max_size // max(image.size)))
+    if factor == 1:
+        return image.convert("RGB"), 1
+    return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST), factor
+
+
+def save_panels(path, panels, columns=4, title=None, note=None, background=(255, 255, 255)):
+    """A figure of panels [(PIL image, caption)] in a grid, row-major, each caption above its panel, with an
+    optional title line on top and a note line at the bottom. Panels keep their own sizes (a row is as tall as
+    its tallest). Saves a PNG at `path` and returns it."""
+    if not panels:
+        raise ValueError("panels: expected at least one (image, caption)")
+    font, title_font = _font(13), _font(16)
+    caption_h, gap = 20, 10
+    columns = min(columns, len(panels))
+    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    widths = [max(image.width for image, _ in (row[c] for row in rows if c < len(row))) for c in range(columns)]
+    heights = [max(image.height for image, _ in row) + caption_h for row in rows]
+    top = 30 if title else gap
+    bottom = 24 if note else gap
+    figure = Image.new("RGB", (sum(widths) + gap * (columns + 1), top + sum(heights) + gap * len(rows) + bottom),
+                       background)
+    draw = ImageDraw.Draw(figure)
+    if title:
+        draw.text((gap, 8), title, fill=(0, 0, 0), font=title_font)
+    y = top
+    for row, height in zip(rows, heights):
+        x = gap
+        for (image, caption), width in zip(row, widths):
+            draw.text((x, y + 3), _fit_text(draw, caption, font, width), fill=(0, 0, 0), font=font)
+            figure.paste(image.convert("RGB"), (x, y + caption_h))
+            x += width + gap
+        y += height + gap
+    if note:
+        draw.text((gap, figure.height - 20), _fit_text(draw, note, font, figure.width - 2 * gap), fill=(90, 90, 90),
+                  font=font)
+    figure.save(path)
+    return path
+
+
 # ---------------------------------------------------------------------------
 # 5. Answers: a checkpoint, prompts laid out as in training, batched generation
 # ---------------------------------------------------------------------------

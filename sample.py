@@ -20,6 +20,8 @@ Design choices:
   and drawn: a PNG per image, an animated GIF for a video (eval.draw_points / eval.save_video_gif), named
   answer<k> with k one past the highest already in out_dir, so a run never overwrites an earlier one's. What
   could not be read, or names a frame or image the media do not have, is said, never silently left out.
+- --explain=True also draws what the model saw and where it looked, from the tensors of this very prompt, into
+  out_dir/explain/answer<k>_*.png (the section "See inside" below says how each picture is made).
 - A model from scratch with kept tokens (--vocab=data) has rows only for its training data's words. A question
   with other words is refused naming them, with questions of the synthetic world it does have every word
   for (data.py section 3d, drawn here) and the words it knows; a default prompt it lacks words for is
@@ -28,18 +30,22 @@ Design choices:
 - A video file (mp4, webm, ...) needs PyAV (`pip install av`); GIFs and frame folders do not.
 """
 
+import math
 import os
 import random
 import re
 import sys
 import time
+from contextlib import nullcontext
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 import eval as E
 from configurator import configure
+from model import apply_rope
 
 # -- knobs (override with --key=value) ---------------------------------------------------------------------------
 init_from = E.DEFAULT_INIT_FROM  # a training out_dir (holding final/), a model directory, or a hub id; where
@@ -55,6 +61,8 @@ top_p = 1.0  # 1.0 = off
 seed = 1337
 interactive = False  # ask several questions about the same media (":image x.jpg" / ":video y.gif" switches)
 out_dir = "out/sample"  # where pictures of the points go (answer<k>.png, k counting on from earlier runs)
+explain = False  # also draw what the model saw and where it looked, into out_dir/explain/answer<k>_*.png
+explain_layers = ()  # the LLM layers whose attention "where it looked" averages, e.g. (2, 3) or (-1,); () = all
 device = "cpu"
 dtype = "float32"
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +126,9 @@ class Streamer:
 
 
 def next_picture_stem():
-    """out_dir/answer<k>, k one past the highest k of the pictures already there."""
-    taken = [int(m.group(1)) for name in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+    """out_dir/answer<k>, k one past the highest k of the pictures already there or in out_dir/explain."""
+    folders = [folder for folder in (out_dir, os.path.join(out_dir, "explain")) if os.path.isdir(folder)]
+    taken = [int(m.group(1)) for folder in folders for name in os.listdir(folder)
              if (m := re.match(r"answer(\d+)[._]", name))]
     return os.path.join(out_dir, f"answer{max(taken, default=0) + 1}")
 
@@ -180,6 +189,495 @@ def show_video_points(parsed, record, stem):
     return E.save_video_gif(f"{stem}.gif", record["video_frames"], record["video_times"], pred)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# See inside (--explain=True): pictures drawn from the tensors the model used for this prompt
+# ----------------------------------------------------------------------------------------------------------------
+# - Crops, patches and pooling windows come from the prompt's own tensors: pixel_values turned back into pixels
+#   (crop_pixels), the pooling indices turned into boxes (vision_layout), image_num_crops and the processor's own
+#   tiling rule (data.crop_geometry) for where each crop lies on the image.
+# - The token strip is the prompt's input_ids; the attention mask is the (B, 1, T, T) mask the model built at
+#   prefill, caught by AttentionRecorder as it went past.
+# - "Where it looked": F.scaled_dot_product_attention returns no weights, so AttentionRecorder's forward hooks
+#   recompute softmax(q k^T / sqrt(hd) + mask) for the one query that writes each new token, from the layer's own
+#   projections and the keys already in the KV cache. The hooks only read: the answer is the same with or
+#   without them (tests/test_explain.py checks the weights against transformers' eager attention).
+# - The k-th pooled token is added to the k-th <im_patch> (model.Molmo2.add_vision_features), so the attention
+#   paid to the k-th <im_patch> is spread over the pixels of the k-th pooling window: per pixel, the token's
+#   attention over its window's area, summed over the global crop's and the crops' tokens that cover the pixel.
+
+TOKEN_KINDS = {  # kind -> (colour, legend) of the token strip and the mask's edges
+    "bos": ((70, 70, 70), "BOS (<|im_end|>)"), "chat": ((160, 160, 160), "chat template: <|im_start|>, <|im_end|>"),
+    "text": ((238, 238, 238), "text"), "label": ((255, 205, 140), "text before an image or frame: 'Image i', times"),
+    "low_start": ((130, 40, 170), "<low_res_im_start>"), "start": ((40, 90, 210), "<im_start>, <frame_start>"),
+    "global": ((190, 130, 240), "<im_patch> of the global crop"), "patch": ((120, 175, 250), "<im_patch> of the crops or frames"),
+    "col": ((250, 120, 40), "<im_col> (end of a row)"), "end": ((20, 25, 110), "<im_end>, <frame_end>"),
+}
+_SPECIAL_KINDS = {data.IMAGE_LOW_RES_START_ID: "low_start", data.IMAGE_START_ID: "start", data.FRAME_START_ID: "start",
+                  data.IMAGE_END_ID: "end", data.FRAME_END_ID: "end", data.IMAGE_COL_ID: "col"}
+
+
+def token_kinds(input_ids):
+    """The kind (a key of TOKEN_KINDS) of each token of a prompt, read from the ids as data.image_token_ids and
+    data.video_token_ids lay them out."""
+    ids = [int(i) for i in input_ids]
+    kinds, in_global = [], False
+    for i in ids:
+        if i == data.IMAGE_PATCH_ID:
+            kinds.append("global" if in_global else "patch")
+        else:
+            kinds.append(_SPECIAL_KINDS.get(i, "text" if i < data.ENDOFTEXT_ID else "chat"))
+        in_global = i == data.IMAGE_LOW_RES_START_ID or (in_global and i != data.IMAGE_END_ID)
+    if ids and ids[0] == data.IM_END_ID:
+        kinds[0] = "bos"
+    for t, i in enumerate(ids):  # the text just before an image or a frame: its label or its time
+        j = t - 1
+        while i in (data.IMAGE_LOW_RES_START_ID, data.FRAME_START_ID) and j >= 0 and kinds[j] == "text":
+            kinds[j], j = "label", j - 1
+    return kinds
+
+
+def frame_times(input_ids, tokenizer):
+    """The time (s) of each video frame of a prompt, read from the text before each <frame_start>."""
+    ids, kinds = [int(i) for i in input_ids], token_kinds(input_ids)
+    times, label = [], []
+    for i, kind in zip(ids, kinds):
+        if kind == "label":
+            label.append(i)
+        elif i == data.FRAME_START_ID:
+            times.append(float(tokenizer.decode(label)))
+        if kind != "label":
+            label = []
+    return times
+
+
+def crop_pixels(patches, patch_size):
+    """One crop as the ViT received it, (P, patch_size**2 * 3) patches in [-1, 1] flattened (ph, pw, c) -> an
+    (S, S, 3) uint8 image."""
+    n = math.isqrt(patches.shape[0])
+    crop = patches.reshape(n, n, patch_size, patch_size, 3).permute(0, 2, 1, 3, 4).reshape(n * patch_size, -1, 3)
+    return (crop.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def vision_layout(example, sizes, processor):
+    """Where each ViT crop and each pooled token of a prompt come from, worked out from its own tensors.
+    sizes: (width, height) of each image, or of each video frame. Returns (crops, tokens, views):
+      crops[c]:  {media, view, origin: (x, y) of the crop on its view, read: the patches some token reads} for
+                 each row of pixel_values (pixel_values_videos);
+      tokens[k]: {media, view, box: (x0, y0, x1, y1) of its window's patches on the view} for the k-th pooled
+                 token, which the model adds at the k-th <im_patch>;
+      views[(media, view)]: (width, height) in pixels.
+    media is the image's index (the frame's, for a video); view is 'global' (the whole image squeezed into one
+    crop), 'crops' (the canvas the overlapping crops are cut from) or 'frame'."""
+    video = example.pixel_values_videos is not None
+    pixels = example.pixel_values_videos if video else example.pixel_values
+    pooling = example.video_token_pooling if video else example.image_token_pooling
+    size, ps = processor.crop_size, processor.patch_size
+    n = size // ps
+    crops, views = [], {}
+    if video:
+        for f in range(len(pixels)):
+            crops.append({"media": f, "view": "frame", "origin": (0, 0), "read": set()})
+            views[(f, "frame")] = (size, size)
+    else:
+        stride = (n - sum(processor.overlap_margins)) * ps
+        for m, (n_crops, (width, height)) in enumerate(zip(example.image_num_crops.tolist(), sizes)):
+            rows, cols, canvas_h, canvas_w = data.crop_geometry(height, width, processor.max_crops, size, ps,
+                                                                processor.overlap_margins)
+            if rows * cols + 1 != n_crops:
+                raise ValueError(f"image {m + 1}: {n_crops} crops in the prompt, but the processor tiles a "
+                                 f"{width}x{height} image into {rows * cols} + 1")
+            crops.append({"media": m, "view": "global", "origin": (0, 0), "read": set()})
+            crops += [{"media": m, "view": "crops", "origin": (c * stride, r * stride), "read": set()}
+                      for r in range(rows) for c in range(cols)]
+            views[(m, "global")], views[(m, "crops")] = (size, size), (canvas_w, canvas_h)
+    tokens = []
+    for window in pooling.tolist():
+        corners = []
+        for index in window:
+            if index >= 0:  # -1: a padding slot
+                crop, patch = divmod(index, n * n)
+                crops[crop]["read"].add(patch)
+                (ox, oy), (py, px) = crops[crop]["origin"], divmod(patch, n)
+                corners.append((ox + px * ps, oy + py * ps))
+        if corners:  # an all-padding window gives no token
+            xs, ys = zip(*corners)
+            tokens.append({"media": crops[crop]["media"], "view": crops[crop]["view"],
+                           "box": (min(xs), min(ys), max(xs) + ps, max(ys) + ps)})
+    return crops, tokens, views
+
+
+def image_box(token, views, sizes):
+    """A token's window (vision_layout) in pixels of its image (frame): (x0, y0, x1, y1), floats."""
+    (view_w, view_h), (width, height) = views[(token["media"], token["view"])], sizes[token["media"]]
+    x0, y0, x1, y1 = token["box"]
+    return x0 * width / view_w, y0 * height / view_h, x1 * width / view_w, y1 * height / view_h
+
+
+def view_pixels(crops, pixels, media, view, views, patch_size):
+    """The picture of one view as the ViT received it: its crops turned back into pixels and put at their places
+    (the overlapping crops are cut from one canvas, so they agree where they overlap) -> PIL image."""
+    width, height = views[(media, view)]
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    for crop, patches in zip(crops, pixels):
+        if (crop["media"], crop["view"]) == (media, view):
+            x, y = crop["origin"]
+            piece = crop_pixels(patches, patch_size)
+            canvas[y:y + piece.shape[0], x:x + piece.shape[1]] = piece
+    return Image.fromarray(canvas)
+
+
+def heat_maps(tokens, views, sizes, weights, scales=1.0):
+    """Attention to each pooled token (n_tokens,) -> a map (H, W) per image (frame) at scales[m] (or one scale) of
+    its size: each token's weight spread evenly over its window's pixels, summed where windows overlap (a global
+    crop's token covers what four crop tokens do)."""
+    scales = [scales] * len(sizes) if isinstance(scales, (int, float)) else scales
+    maps = [np.zeros((max(1, round(h * s)), max(1, round(w * s)))) for (w, h), s in zip(sizes, scales)]
+    for token, weight in zip(tokens, np.asarray(weights, dtype=np.float64)):
+        scale = scales[token["media"]]
+        x0, y0, x1, y1 = (round(v * scale) for v in image_box(token, views, sizes))
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        maps[token["media"]][y0:y1, x0:x1] += weight / ((x1 - x0) * (y1 - y0))
+    return maps
+
+
+def attention_on_shapes(tokens, views, sizes, weights, counted, others=(), media=0):
+    """The mean attention per pooled token of one image (frame) on the tokens whose window overlaps a counted
+    shape, and on those whose window overlaps no shape at all (the background). Shapes are (x, y, radius) as the
+    synthetic world's scenes give them (normalised, the radius to the width); `others` are the shapes that were
+    not counted (their tokens join neither side). -> (on the counted shapes, on the background); nan when a side
+    has no token."""
+    width, height = sizes[media]
+
+    def overlaps(box, shape):
+        x, y, radius = shape[0] * width, shape[1] * height, shape[2] * width
+        x0, y0, x1, y1 = box
+        return math.hypot(x - min(max(x, x0), x1), y - min(max(y, y0), y1)) < radius
+
+    on_shapes, background = [], []
+    for token, weight in zip(tokens, np.asarray(weights, dtype=np.float64)):
+        if token["media"] != media:
+            continue
+        box = image_box(token, views, sizes)
+        if any(overlaps(box, s) for s in counted):
+            on_shapes.append(weight)
+        elif not any(overlaps(box, s) for s in others):
+            background.append(weight)
+    return tuple(float(np.mean(side)) if side else float("nan") for side in (on_shapes, background))
+
+
+class AttentionRecorder:
+    """Where the model looked: while active, forward hooks on the chosen layers of the LLM recompute, for the last
+    query of each call (the prefill's last prompt token, then each new token), its attention over all keys,
+    softmax(q k^T / sqrt(head_dim) + mask), from the layer's own projections and the keys in the KV cache, and
+    keep it averaged over heads and the chosen layers. Also keeps the prefill's (B, T, T) attention mask.
+
+        with AttentionRecorder(model.llm) as recorder:
+            new_ids = generate(model, input_ids, ...)
+        rows = recorder.rows()  # rows[i] (B, S_i): the attention of the query that wrote new_ids[:, i]
+    """
+
+    def __init__(self, llm, layers=()):
+        n = len(llm.layers)
+        if any(not -n <= i < n for i in layers):
+            raise ValueError(f"explain_layers {tuple(layers)}: the LLM has layers 0..{n - 1} (or -{n}..-1)")
+        self.n_layers, self.layers = n, sorted({i % n for i in layers}) or list(range(n))
+        self.attentions = [llm.layers[i].self_attn for i in self.layers]
+        self.sums, self.prompt_mask, self.handles = {}, None, []
+
+    def __enter__(self):
+        self.sums, self.prompt_mask = {}, None
+        self.handles = [attention.register_forward_hook(self._record) for attention in self.attentions]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @torch.no_grad()
+    def _record(self, attention, args, output):
+        x, cos, sin, attn_mask, kv_cache = args  # as model.Block calls it; x is the normed input
+        B, T, _ = x.shape
+        nh, n_kv, hd = attention.n_head, attention.n_kv_head, attention.head_dim
+        q = attention.q_norm(attention.q_proj(x[:, -1:]).view(B, 1, nh, hd)).transpose(1, 2)  # (B, nh, 1, hd)
+        q = apply_rope(q, cos[:, -1:], sin[:, -1:])
+        past = kv_cache.pos if kv_cache is not None else 0
+        if kv_cache is not None:  # this call's keys are in the cache already (pos moves on after the last layer)
+            k = kv_cache.k[attention.layer_idx][:, :, :past + T]  # (B, n_kv, S, hd)
+        else:
+            k = apply_rope(attention.k_norm(attention.k_proj(x).view(B, T, n_kv, hd)).transpose(1, 2), cos, sin)
+        k = k.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, S, hd): query head h reads kv head h // (nh / n_kv)
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(hd)  # (B, nh, 1, S)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask[:, :, -1:], float("-inf"))
+        elif past == 0 and self.prompt_mask is None:  # plain causal prefill (no vision tokens)
+            attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+        # (no mask: the last query sees every key, causal or after a cache)
+        if past == 0 and self.prompt_mask is None:
+            self.prompt_mask = attn_mask[:, 0].cpu()  # (B, T, T)
+        total, count = self.sums.get(past, (0.0, 0))
+        self.sums[past] = (total + scores.softmax(-1).mean(1)[:, 0], count + 1)  # (B, S): mean over heads
+
+    def rows(self):
+        """[(B, S_i)] in order of the calls (the prefill, then each decoding step), averaged over heads and the
+        recorded layers."""
+        return [(total / count).cpu() for _, (total, count) in sorted(self.sums.items())]
+
+
+def point_token_spans(answer_ids, tokenizer):
+    """The points an answer writes and the answer tokens that write each one (its id and its two coordinates):
+    [(frame, x, y, [token indices])], x and y in 0..1, frame the image index or the time as data.parse_points
+    reads them. Triples that are no 'id x y' of 0..1000 are left out."""
+    ends = [len(tokenizer.decode(answer_ids[:i + 1])) for i in range(len(answer_ids))]
+    text = tokenizer.decode(answer_ids)
+    points = []
+    for coords in re.finditer(r'coords="([^"]*)"', text):
+        for group in re.finditer(r"[^;\t]+", coords.group(1)):
+            words = list(re.finditer(r"\S+", group.group()))
+            if not words or not re.fullmatch(r"\d+(\.\d+)?", words[0].group()):
+                continue
+            frame = (float if "." in words[0].group() else int)(words[0].group())
+            for k in range(1, len(words) - 2, 3):
+                triple = words[k:k + 3]
+                if not all(w.group().isdigit() for w in triple) or max(int(w.group()) for w in triple[1:]) > 1000:
+                    continue
+                start = coords.start(1) + group.start() + triple[0].start()
+                end = coords.start(1) + group.start() + triple[2].end()
+                spans = [i for i in range(len(ends)) if (ends[i - 1] if i else 0) < end and ends[i] > start]
+                points.append((frame, int(triple[1].group()) / 1000, int(triple[2].group()) / 1000, spans))
+    return points
+
+
+def _crop_colour(index):
+    return E.TRACK_COLORS[index % len(E.TRACK_COLORS)]
+
+
+def _outline(draw, box, colour, width):
+    """A rectangle with a black edge around it, visible on light and dark pixels."""
+    x0, y0, x1, y1 = box
+    draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline=(0, 0, 0), width=width + 2)
+    draw.rectangle(box, outline=colour, width=width)
+
+
+def picture_crops(crops, pixels, views, images, patch_size, path, title):
+    """Each image with its crops drawn where they were cut (thin: the whole crop; thick: the part its tokens read,
+    inside the overlap margins), then every crop as the ViT received it, the unread margins darkened."""
+    panels, n = [], math.isqrt(pixels.shape[1])
+    size = n * patch_size
+    for m, image in enumerate(images):
+        mine = [(c, crop) for c, crop in enumerate(crops) if crop["media"] == m]
+        tiles = [(c, crop) for c, crop in mine if crop["view"] in ("crops",)]
+        if tiles:
+            shown, factor = E.upscale(image, 360)
+            draw = ImageDraw.Draw(shown)
+            canvas_w, canvas_h = views[(m, "crops")]
+            sx, sy = image.width / canvas_w * factor, image.height / canvas_h * factor
+            for i, (c, crop) in enumerate(tiles):
+                ox, oy = crop["origin"]
+                rows, cols = zip(*(divmod(p, n) for p in crop["read"]))
+                read = (ox + min(cols) * patch_size, oy + min(rows) * patch_size,
+                        ox + (max(cols) + 1) * patch_size, oy + (max(rows) + 1) * patch_size)
+                _outline(draw, (ox * sx, oy * sy, (ox + size) * sx - 1, (oy + size) * sy - 1), _crop_colour(i), 1)
+                _outline(draw, (read[0] * sx + 3, read[1] * sy + 3, read[2] * sx - 4, read[3] * sy - 4), _crop_colour(i), 3)
+            panels.append((shown, f"image {m + 1} ({image.width}x{image.height}): {len(tiles)} crops of a "
+                                  f"{canvas_w}x{canvas_h} resize"))
+        for i, (c, crop) in enumerate(mine):
+            picture = crop_pixels(pixels[c], patch_size).astype(np.float32)
+            unread = np.ones((n, n), dtype=bool)
+            unread.flat[sorted(crop["read"])] = False
+            picture[np.kron(unread, np.ones((patch_size, patch_size), dtype=bool))] *= 0.35
+            shown, factor = E.upscale(Image.fromarray(picture.astype(np.uint8)), 180)
+            if crop["view"] == "crops":
+                _outline(ImageDraw.Draw(shown), (1, 1, shown.width - 2, shown.height - 2), _crop_colour(i - 1), 3)
+            name = {"global": "global crop", "crops": f"crop {i}",
+                    "frame": f"frame {m + 1}"}[crop["view"]]
+            panels.append((shown, f"{name} ({size}x{size})"))
+    return E.save_panels(path, panels, columns=min(6, len(panels)), title=title,
+                         note="darkened: patches no pooled token reads (a neighbouring crop's copy is read instead)")
+
+
+def picture_pooling(crops, tokens, pixels, views, patch_size, pooling, path, title, max_views=6):
+    """Each view (global crop, the crops stitched, or a frame) with its patch grid (thin lines), its pooling windows
+    (boxes) and each window's token numbered in the order the LLM reads it."""
+    panels = []
+    for (media, view) in list(views)[:max_views]:
+        picture = view_pixels(crops, pixels, media, view, views, patch_size)
+        window = patch_size * max(pooling)
+        shown, factor = E.upscale(picture, max(320, math.ceil(26 / window) * max(picture.size)))
+        layer = Image.new("RGBA", shown.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        step = patch_size * factor
+        for x in range(0, shown.width + 1, step):
+            draw.line((x, 0, x, shown.height), fill=(255, 255, 255, 90))
+        for y in range(0, shown.height + 1, step):
+            draw.line((0, y, shown.width, y), fill=(255, 255, 255, 90))
+        font = E._font(max(9, min(16, window * factor // 3)))
+        mine = [(k, t) for k, t in enumerate(tokens) if (t["media"], t["view"]) == (media, view)]
+        for k, token in mine:
+            x0, y0, x1, y1 = (v * factor for v in token["box"])
+            draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), outline=(255, 40, 40, 255), width=2)
+            draw.text(((x0 + x1) / 2, (y0 + y1) / 2), str(k + 1), fill=(255, 255, 255, 255), font=font, anchor="mm",
+                      stroke_width=2, stroke_fill=(0, 0, 0, 255))
+        shown = Image.alpha_composite(shown.convert("RGBA"), layer).convert("RGB")
+        name = {"global": f"image {media + 1}: global crop", "crops": f"image {media + 1}: crops stitched",
+                "frame": f"frame {media + 1}"}[view]
+        panels.append((shown, f"{name}, tokens {mine[0][0] + 1}-{mine[-1][0] + 1}" if mine else name))
+    note = f"{len(tokens)} pooled tokens of {'x'.join(map(str, pooling))} patches ({patch_size} px each)"
+    if len(views) > max_views:
+        note += f"; the first {max_views} of {len(views)} views shown"
+    return E.save_panels(path, panels, columns=min(3, len(panels)), title=title, note=note)
+
+
+def picture_tokens(input_ids, tokenizer, path, title, width=1100):
+    """The prompt as a strip of tokens in order, wrapped into rows: text with its characters, vision tokens as
+    narrow coloured cells, with a legend of kinds and counts."""
+    kinds, font = token_kinds(input_ids), E._font(11)
+    counts = {kind: kinds.count(kind) for kind in TOKEN_KINDS if kind in kinds}
+    legend_rows = math.ceil(len(counts) / 3)
+    row_h, x, y, cells = 22, 0, 0, []
+    for i, kind in zip((int(i) for i in input_ids), kinds):
+        if kind in ("text", "label"):
+            label = tokenizer.decode([i]).replace("\n", "\\n")
+        elif kind in ("bos", "chat"):
+            label = "BOS" if kind == "bos" else tokenizer.decode([i]).strip("<|>")
+        else:
+            label = ""
+        w = int(font.getlength(label)) + 6 if label else (5 if kind in ("global", "patch") else 8)
+        if x + w > width:
+            x, y = 0, y + row_h
+        cells.append((x, y, w, kind, label))
+        x += w + 1
+    top = 10 + 18 * legend_rows + 10
+    strip = Image.new("RGB", (width + 20, top + y + row_h + 10), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for n, (kind, count) in enumerate(counts.items()):
+        lx, ly = 10 + (n % 3) * (width // 3), 10 + (n // 3) * 18
+        draw.rectangle((lx, ly + 2, lx + 12, ly + 14), fill=TOKEN_KINDS[kind][0], outline=(0, 0, 0))
+        draw.text((lx + 18, ly), f"{TOKEN_KINDS[kind][1]} ({count})", fill=(0, 0, 0), font=font)
+    for x, y, w, kind, label in cells:
+        colour = TOKEN_KINDS[kind][0]
+        draw.rectangle((10 + x, top + y, 10 + x + w - 1, top + y + row_h - 4), fill=colour,
+                       outline=(200, 200, 200) if kind in ("text", "label") else None)
+        if label:
+            ink = (255, 255, 255) if sum(colour) < 300 else (0, 0, 0)
+            draw.text((10 + x + 3, top + y + (row_h - 4) // 2), label, fill=ink, font=font, anchor="lm")
+    return E.save_panels(path, [(strip, f"{len(kinds)} tokens, {sum(k in ('global', 'patch') for k in kinds)} "
+                                        "of them <im_patch>, in the order the LLM reads them")], title=title)
+
+
+def picture_mask(mask, input_ids, path, title, max_side=720):
+    """The prompt's (T, T) attention mask (row: the query, column: the key; white: may attend), the tokens' kinds
+    as coloured edges along both axes."""
+    T = mask.shape[-1]
+    step = max(1, math.ceil(T / max_side))  # a long prompt: every step-th token
+    shown = mask[::step, ::step].numpy()
+    t, scale, edge = len(shown), max(1, max_side // len(shown)), 10
+    colours = np.array([TOKEN_KINDS[k][0] for k in token_kinds(input_ids)[::step]], dtype=np.uint8)  # (t, 3)
+    grid = np.where(shown[..., None], np.uint8(255), np.uint8(35)).repeat(3, -1).repeat(scale, 0).repeat(scale, 1)
+    picture = np.full((t * scale + edge + 2, t * scale + edge + 2, 3), 255, dtype=np.uint8)
+    picture[edge + 2:, edge + 2:] = grid
+    picture[:edge, edge + 2:] = colours.repeat(scale, 0)[None]
+    picture[edge + 2:, :edge] = colours.repeat(scale, 0)[:, None]
+    what = f"{T} x {T}" + (f", every {step}th token" if step > 1 else "")
+    return E.save_panels(path, [(Image.fromarray(picture), f"{what}; row = query, column = key; white = may attend; "
+                                                            "edges: token kinds as in the token strip")], title=title)
+
+
+def picture_looked(entries, tokens, views, sizes, images, path, title, height=240):
+    """'Where it looked': one panel per entry (caption, attention over the pooled tokens (n_tokens,), points
+    [(media, x_px, y_px)]): the images (frames) side by side in grey, with the attention per pixel as a heat map,
+    each panel stretched from its own least (dark) to its most (bright)."""
+    panels = []
+    for caption, weights, points in entries:
+        scales = [height / h for _, h in sizes]
+        maps = heat_maps(tokens, views, sizes, weights, scales)
+        low, high = min(float(h.min()) for h in maps), max(float(h.max()) for h in maps)
+        row = []
+        for m, (image, heat) in enumerate(zip(images, maps)):
+            shown = image.convert("RGB").resize((heat.shape[1], heat.shape[0]), Image.BILINEAR)
+            shown = E.overlay_heat(shown, (heat - low) / max(high - low, 1e-30))
+            draw = ImageDraw.Draw(shown)
+            for media, x, y in points:
+                if media == m:
+                    E._dot(draw, (x * scales[m], y * scales[m]), 5, E.PRED_COLOR)
+            row.append(shown)
+        strip = Image.new("RGB", (sum(r.width for r in row) + 4 * (len(row) - 1), height), (255, 255, 255))
+        x = 0
+        for r in row:
+            strip.paste(r, (x, 0))
+            x += r.width + 4
+        panels.append((strip, caption))
+    columns = max(1, min(4, 1100 // (panels[0][0].width + 10)))
+    return E.save_panels(path, panels, columns=columns, title=title,
+                         note="attention to the image tokens per pixel, each panel from its least (dark) to its most "
+                              "(bright); dots: the points the answer wrote")
+
+
+def explain_answer(processor, record, example, answer_ids, recorder, base):
+    """Draw what the model saw and where it looked for one answer, as <base>_tokens.png, _mask.png, _crops.png,
+    _pooling.png and _looked.png (those the media have), printing one line for each. answer_ids: the answer's
+    tokens (no stop token); recorder: the AttentionRecorder that watched it being generated. Returns the paths."""
+    tokenizer, ids, written = processor.tokenizer, example.input_ids, []
+
+    def said(path, what):
+        print(f"  {path}: {what}")
+        written.append(path)
+
+    print("explain:")
+    said(picture_tokens(ids, tokenizer, f"{base}_tokens.png", "the prompt, token by token"),
+         "the prompt's tokens in order, coloured by kind (text, chat markers, the vision tokens of each crop or frame)")
+    said(picture_mask(recorder.prompt_mask[0], ids, f"{base}_mask.png", "the prompt's attention mask"),
+         "the attention mask the model built for the prompt: causal for text, vision tokens see each other both ways")
+    video = example.pixel_values_videos is not None
+    if example.pixel_values is None and not video:
+        return written
+    pixels, ps = (example.pixel_values_videos if video else example.pixel_values), processor.patch_size
+    pooling = processor.video_pooling if video else processor.image_pooling
+    if video:
+        size = record["video_frames"][0].size
+        images = [Image.fromarray(crop_pixels(crop, ps)).resize(size, Image.BILINEAR) for crop in pixels]
+        sizes, times = [size] * len(images), frame_times(ids, tokenizer)
+    else:
+        images, sizes = record["images"], [image.size for image in record["images"]]
+    crops, tokens, views = vision_layout(example, sizes, processor)
+    said(picture_crops(crops, pixels, views, images, ps, f"{base}_crops.png", "the crops the ViT received"),
+         "the crops: where each was cut from the image (thick: the part its tokens read), and each as the ViT got it")
+    window = "x".join(map(str, pooling))
+    said(picture_pooling(crops, tokens, pixels, views, ps, pooling, f"{base}_pooling.png",
+                         f"{ps}-px patches pooled {window}: one LLM token per window"),
+         f"the patch grid and the {window} pooling windows, each pooled token numbered in the order the LLM reads it")
+    if not answer_ids:
+        return written
+    columns = torch.nonzero(ids == data.IMAGE_PATCH_ID)[:, 0]  # where the pooled tokens sit in the prompt
+    rows = [row[0, columns].numpy() for row in recorder.rows()[:len(answer_ids)]]  # (n_tokens,) per answer token
+
+    def entry(caption, which, points=()):
+        weights = np.mean([rows[i] for i in which], axis=0)
+        return f"{caption} ({weights.sum():.0%} on the image)", weights, list(points)
+
+    entries = [entry(f"whole answer, {len(rows)} tokens", range(len(rows)))]
+    for frame, x, y, spans in point_token_spans(answer_ids, tokenizer):
+        if video:
+            media = min(range(len(times)), key=lambda f: abs(times[f] - frame))
+            media = media if abs(times[media] - frame) < 0.051 else None
+        else:
+            media = int(frame) - 1 if len(images) > 1 else 0
+        if media is not None and 0 <= media < len(images):
+            width, height = sizes[media]
+            where = f"t={frame:.1f}s " if video else f"image {media + 1} " if len(images) > 1 else ""
+            entries.append(entry(f"point {len(entries)}, {where}({x * width:.0f}, {y * height:.0f})", spans,
+                                 [(media, x * width, y * height)]))
+    if len(entries) == 1:  # no points: each answer token on its own
+        entries += [entry(f"{i + 1}: {tokenizer.decode([answer_ids[i]])[:8]!r}", [i]) for i in range(min(15, len(rows)))]
+    n_layers = len(recorder.attentions) if recorder.layers == list(range(recorder.n_layers)) else None
+    layers = f"all {n_layers} layers" if n_layers else f"layers {', '.join(map(str, recorder.layers))}"
+    said(picture_looked(entries, tokens, views, sizes, images, f"{base}_looked.png",
+                        f"where the model looked: attention to the image tokens, mean over heads and {layers}"),
+         "where the model looked: for the whole answer and for each point (or token), its attention to the image "
+         "tokens as a heat map")
+    return written
+
+
 def media_kind(record):
     """'video' | 'images' (several) | 'image' | 'text': the key of DEFAULT_PROMPTS for the record's media."""
     if "video_frames" in record:
@@ -230,12 +728,19 @@ def ask(model, processor, record, question, n):
                                      f"data; not {words}", *what_it_knows(model, processor, media_kind(record))]))
     generator = torch.Generator(device=device).manual_seed(seed + n)
     streamer = Streamer(processor.tokenizer)
+    recorder = AttentionRecorder(model.llm, explain_layers) if explain else nullcontext()
     t0 = time.time()
-    answer = E.generate_answers(model, processor, [example], max_new_tokens, temperature, top_k or None,
-                                top_p if top_p < 1.0 else None, on_token=streamer, generator=generator)[0]
+    with recorder:
+        answer = E.generate_answers(model, processor, [example], max_new_tokens, temperature, top_k or None,
+                                    top_p if top_p < 1.0 else None, on_token=streamer, generator=generator)[0]
     print(f"\n({len(streamer.ids)} tokens in {time.time() - t0:.1f}s)")
-    for path in show_points(answer, record, next_picture_stem()):
+    stem = next_picture_stem()
+    for path in show_points(answer, record, stem):
         print(f"points drawn: {path}")
+    if explain:
+        os.makedirs(os.path.join(out_dir, "explain"), exist_ok=True)
+        explain_answer(processor, record, example, streamer.ids, recorder,
+                       os.path.join(out_dir, "explain", os.path.basename(stem)))
     return answer
 
 
