@@ -17,9 +17,9 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final,
-                      lineage, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_learning_rates, train_step,
-                      wrap_model)
+from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final, lineage,
+                      load_checkpoint, mixture_has_text_only, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, train_step, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
@@ -75,7 +75,8 @@ seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
-train_model = wrap_model(model, d, parallel, getattr(torch, dtype))
+train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
+                         find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
     train_model = torch.compile(train_model)

@@ -93,9 +93,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16):
+def mixture_has_text_only(data_dir, mixture):
+    """Whether a dataset of the mixture holds text-only records (judged by its first record): a micro-batch of them
+    leaves the ViT and the connector without gradients, which DDP must be told to expect."""
+    import data
+    for _, names in mixture.values():
+        for name in names:
+            path = os.path.join(data_dir, name, "train.jsonl")
+            if os.path.isfile(path):
+                records = data.RecordFile(path, load_media=False)
+                if len(records) and not ({"image", "video"} & set(records.read(0))):
+                    return True
+    return False
+
+
+def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16, find_unused=False):
     """DDP or FSDP2 across the processes of `d`; the model unchanged in a single process.
-    `model.blocks()` lists the transformer blocks (ViT and LLM) that FSDP shards one by one."""
+    `model.blocks()` lists the transformer blocks (ViT and LLM) that FSDP shards one by one. find_unused: DDP
+    checks every step for parameters without gradient (text-only batches: mixture_has_text_only); frozen
+    parts need no such check, DDP skips them."""
     if d.world_size == 1:
         return model
     if parallel == "fsdp":
@@ -108,9 +124,8 @@ def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16):
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # frozen parts have no gradients to reduce; unused parameters (no video in a batch) are allowed
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                   find_unused_parameters=True)
+                   find_unused_parameters=find_unused)
     raise ValueError(f"parallel={parallel!r}: expected 'ddp' or 'fsdp'")
 
 

@@ -302,6 +302,35 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
     assert math.isfinite(val["val_loss_crops_shuffled"]) and math.isfinite(val["val_loss"])
 
 
+def test_joint_recipe_follows_where_the_llm_started(world, tmp_path, monkeypatch, capsys):
+    """An LLM from scratch keeps the scratch recipe through an align stage (final/lineage.json); a checkpoint
+    without a lineage (a released Molmo2) gets Molmo2's SFT recipe; a knob the user set is never replaced."""
+    scratch = {"llm": "scratch", "vit": "scratch", "preset": "tiny"}
+    assert training.default_recipe(scratch)[1] == dict(lr_connector=1e-3, lr_vit=1e-3, lr_llm=1e-3, warmup_connector=100,
+                                                       warmup_vit=100, warmup_llm=100, weight_decay=0.1)
+    assert training.default_recipe({**scratch, "vit": "out/vision"})[1]["lr_vit"] == 1e-4  # stage 1's ViT: gently
+    assert training.default_recipe({"llm": "Qwen/Qwen3-0.6B", "vit": "x", "preset": None})[1] == \
+        training.MOLMO2_SFT_RECIPE
+
+    torch.manual_seed(1)
+    training.build_model("scratch", "tiny").save_pretrained(str(tmp_path / "released" / "final"))
+    assert training.lineage(str(tmp_path / "released")) == {"llm": str(tmp_path / "released"),
+                                                            "vit": str(tmp_path / "released"), "preset": None}
+    align_dir = tmp_path / "align"
+    run_stage_in_process("train_align.py", [f"--out_dir={align_dir}", f"--data_dir={world}", *TINY, "--max_steps=1",
+                                            "--eval_every=0", "--save_every=0"], monkeypatch)
+    with open(align_dir / "final" / "lineage.json") as f:
+        assert json.load(f) == {"llm": "scratch", "vit": "scratch", "preset": "tiny"}
+    capsys.readouterr()
+    namespace = run_stage_in_process("train_joint.py", [f"--init_from={align_dir}", f"--out_dir={tmp_path / 'joint'}",
+                                                        f"--data_dir={world}", *TINY, "--max_steps=1",
+                                                        "--save_every=0", "--lr_llm=2e-3"], monkeypatch)
+    assert (namespace["lr_connector"], namespace["lr_vit"], namespace["lr_llm"]) == (1e-3, 1e-3, 2e-3)
+    assert (namespace["warmup_vit"], namespace["weight_decay"]) == (100, 0.1)
+    printed = capsys.readouterr().out
+    assert "recipe for an LLM and a ViT from scratch" in printed and "lr_llm" not in printed.split("recipe")[1].split("\n")[0]
+
+
 # ---------------------------------------------------------------------------
 # 5. A non-finite loss stops the run: the step named, the batch and the state before it saved
 # ---------------------------------------------------------------------------
