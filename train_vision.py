@@ -687,8 +687,9 @@ def main():
         step_times.append(now - t_last)
         t_last = now
         done = step + 1
-        recent = step_times[1:][-20:] or step_times  # the first step pays for start-up: not a fair ETA
-        eta = sum(recent) / len(recent) * (max_steps - done)
+        # the median of recent steps: the first pays for start-up, one that validates or saves is slower
+        recent = sorted(step_times[1:][-21:] or step_times)
+        eta = recent[len(recent) // 2] * (max_steps - done)
         images = batch_size * grad_accum * d.world_size
         if d.is_master:
             with open(log_path, "a") as f:

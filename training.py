@@ -331,9 +331,10 @@ class Progress:
             self.image_cos.append((step, image_stats[1]))
         done = step + 1
         self.step_times.append(dt)
-        # the recent steps of this run: the first pays for start-up, and a resumed run did not take the earlier ones
-        recent = self.step_times[1:][-20:] or self.step_times
-        eta = sum(recent) / len(recent) * (self.max_steps - done)
+        # the median of this run's recent steps: the first pays for start-up, a step that validates or saves is
+        # slower than the rest, and a resumed run did not take the earlier ones
+        recent = sorted(self.step_times[1:][-21:] or self.step_times)
+        eta = recent[len(recent) // 2] * (self.max_steps - done)
         line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
