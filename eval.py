@@ -760,10 +760,17 @@ def upscale(image, min_size=MIN_DRAW_SIZE, max_size=1600):
     return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST), factor
 
 
-def save_panels(path, panels, columns=4, title=None, note=None, background=(255, 255, 255)):
-    """A figure of panels [(PIL image, caption)] in a grid, row-major, each caption above its panel, with an
-    optional title line on top and a note line at the bottom. Panels keep their own sizes (a row is as tall as
-    its tallest). Saves a PNG at `path` and returns it."""
+def fit(image, size):
+    """`image` scaled to `size` pixels on its long side: nearest when enlarging (pixels stay crisp), bilinear when
+    shrinking."""
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.convert("RGB").resize(new, Image.NEAREST if scale > 1 else Image.BILINEAR)
+
+
+def panel_grid(panels, columns=4, title=None, note=None, background=(255, 255, 255)):
+    """Panels [(PIL image, caption)] in a grid, row-major, each caption above its panel, with an optional title line
+    on top and a note line at the bottom -> PIL image. Panels keep their sizes (a row is as tall as its tallest)."""
     if not panels:
         raise ValueError("panels: expected at least one (image, caption)")
     font, title_font = _font(13), _font(16)
@@ -790,7 +797,12 @@ def save_panels(path, panels, columns=4, title=None, note=None, background=(255,
     if note:
         draw.text((gap, figure.height - 20), _fit_text(draw, note, font, figure.width - 2 * gap), fill=(90, 90, 90),
                   font=font)
-    figure.save(path)
+    return figure
+
+
+def save_panels(path, panels, columns=4, title=None, note=None):
+    """panel_grid saved as a PNG at `path`; returns the path."""
+    panel_grid(panels, columns, title, note).save(path)
     return path
 
 

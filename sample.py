@@ -459,40 +459,48 @@ def _outline(draw, box, colour, width):
     draw.rectangle(box, outline=colour, width=width)
 
 
-def picture_crops(crops, pixels, views, images, patch_size, path, title):
+def picture_crops(crops, pixels, views, images, patch_size, path, title, thumb=180):
     """Each image with its crops drawn where they were cut (thin: the whole crop; thick: the part its tokens read,
-    inside the overlap margins), then every crop as the ViT received it, the unread margins darkened."""
+    inside the overlap margins), beside every crop as the ViT received it, the unread margins darkened."""
     panels, n = [], math.isqrt(pixels.shape[1])
     size = n * patch_size
     for m, image in enumerate(images):
         mine = [(c, crop) for c, crop in enumerate(crops) if crop["media"] == m]
-        tiles = [(c, crop) for c, crop in mine if crop["view"] in ("crops",)]
+        tiles = [crop for _, crop in mine if crop["view"] == "crops"]
         if tiles:
-            shown, factor = E.upscale(image, 360)
+            shown = E.fit(image, min(max(360, max(image.size)), 640))
+            factor = shown.width / image.width
             draw = ImageDraw.Draw(shown)
             canvas_w, canvas_h = views[(m, "crops")]
             sx, sy = image.width / canvas_w * factor, image.height / canvas_h * factor
-            for i, (c, crop) in enumerate(tiles):
-                ox, oy = crop["origin"]
+            for i, crop in enumerate(tiles):
+                (ox, oy), colour = crop["origin"], _crop_colour(i)
                 rows, cols = zip(*(divmod(p, n) for p in crop["read"]))
                 read = (ox + min(cols) * patch_size, oy + min(rows) * patch_size,
                         ox + (max(cols) + 1) * patch_size, oy + (max(rows) + 1) * patch_size)
-                _outline(draw, (ox * sx, oy * sy, (ox + size) * sx - 1, (oy + size) * sy - 1), _crop_colour(i), 1)
-                _outline(draw, (read[0] * sx + 3, read[1] * sy + 3, read[2] * sx - 4, read[3] * sy - 4), _crop_colour(i), 3)
-            panels.append((shown, f"image {m + 1} ({image.width}x{image.height}): {len(tiles)} crops of a "
-                                  f"{canvas_w}x{canvas_h} resize"))
+                _outline(draw, (ox * sx, oy * sy, (ox + size) * sx - 1, (oy + size) * sy - 1), colour, 1)
+                _outline(draw, (read[0] * sx + 3, read[1] * sy + 3, read[2] * sx - 4, read[3] * sy - 4), colour, 3)
+            panels.append((shown, f"image {m + 1} ({image.width}x{image.height}): {len(tiles)} crops cut from it "
+                                  f"resized to {canvas_w}x{canvas_h}"))
+        sheet = []
         for i, (c, crop) in enumerate(mine):
             picture = crop_pixels(pixels[c], patch_size).astype(np.float32)
             unread = np.ones((n, n), dtype=bool)
             unread.flat[sorted(crop["read"])] = False
             picture[np.kron(unread, np.ones((patch_size, patch_size), dtype=bool))] *= 0.35
-            shown, factor = E.upscale(Image.fromarray(picture.astype(np.uint8)), 180)
+            shown = E.fit(Image.fromarray(picture.astype(np.uint8)), thumb)
             if crop["view"] == "crops":
                 _outline(ImageDraw.Draw(shown), (1, 1, shown.width - 2, shown.height - 2), _crop_colour(i - 1), 3)
-            name = {"global": "global crop", "crops": f"crop {i}",
-                    "frame": f"frame {m + 1}"}[crop["view"]]
-            panels.append((shown, f"{name} ({size}x{size})"))
-    return E.save_panels(path, panels, columns=min(6, len(panels)), title=title,
+            sheet.append((shown, {"global": "global crop", "crops": f"crop {i}", "frame": f"frame {m + 1}"}[crop["view"]]))
+        if len(images) == 1 or tiles:
+            what = f"the {len(sheet)} crops of {size}x{size} px as the ViT got them" if tiles else f"{size}x{size} px"
+            panels.append((E.panel_grid(sheet, columns=min(5, len(sheet))), what))
+        else:  # video frames: one sheet of them all
+            panels.append((E.panel_grid([(E.fit(Image.fromarray(crop_pixels(pixels[c], patch_size)), thumb), f"frame {c + 1}")
+                                         for c in range(len(crops))], columns=min(8, len(crops))),
+                           f"the {len(crops)} frames of {size}x{size} px as the ViT got them"))
+            break
+    return E.save_panels(path, panels, columns=2 if all(p.width < 700 for p, _ in panels) else 1, title=title,
                          note="darkened: patches no pooled token reads (a neighbouring crop's copy is read instead)")
 
 
@@ -528,14 +536,16 @@ def picture_pooling(crops, tokens, pixels, views, patch_size, pooling, path, tit
     return E.save_panels(path, panels, columns=min(3, len(panels)), title=title, note=note)
 
 
-def picture_tokens(input_ids, tokenizer, path, title, width=1100):
-    """The prompt as a strip of tokens in order, wrapped into rows: text with its characters, vision tokens as
-    narrow coloured cells, with a legend of kinds and counts."""
+def token_strip(input_ids, tokenizer, width=1100, colours=None, legend=None):
+    """A prompt as a strip of tokens in order, wrapped into rows: text with its characters, vision tokens as narrow
+    cells, coloured by kind (TOKEN_KINDS) with a legend of kinds and counts -> PIL image. colours: one RGB per token
+    instead, with legend [(RGB, text)] instead."""
     kinds, font = token_kinds(input_ids), E._font(11)
-    counts = {kind: kinds.count(kind) for kind in TOKEN_KINDS if kind in kinds}
-    legend_rows = math.ceil(len(counts) / 3)
+    if legend is None:
+        legend = [(TOKEN_KINDS[k][0], f"{TOKEN_KINDS[k][1]} ({kinds.count(k)})") for k in TOKEN_KINDS if k in kinds]
+    colours = colours or [TOKEN_KINDS[k][0] for k in kinds]
     row_h, x, y, cells = 22, 0, 0, []
-    for i, kind in zip((int(i) for i in input_ids), kinds):
+    for i, kind, colour in zip((int(i) for i in input_ids), kinds, colours):
         if kind in ("text", "label"):
             label = tokenizer.decode([i]).replace("\n", "\\n")
         elif kind in ("bos", "chat"):
@@ -545,31 +555,39 @@ def picture_tokens(input_ids, tokenizer, path, title, width=1100):
         w = int(font.getlength(label)) + 6 if label else (5 if kind in ("global", "patch") else 8)
         if x + w > width:
             x, y = 0, y + row_h
-        cells.append((x, y, w, kind, label))
+        cells.append((x, y, w, kind, label, tuple(int(c) for c in colour)))
         x += w + 1
-    top = 10 + 18 * legend_rows + 10
+    per_row = 2 if any(len(text) > 45 for _, text in legend) else 3
+    top = 10 + 18 * math.ceil(len(legend) / per_row) + 10
     strip = Image.new("RGB", (width + 20, top + y + row_h + 10), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for n, (kind, count) in enumerate(counts.items()):
-        lx, ly = 10 + (n % 3) * (width // 3), 10 + (n // 3) * 18
-        draw.rectangle((lx, ly + 2, lx + 12, ly + 14), fill=TOKEN_KINDS[kind][0], outline=(0, 0, 0))
-        draw.text((lx + 18, ly), f"{TOKEN_KINDS[kind][1]} ({count})", fill=(0, 0, 0), font=font)
-    for x, y, w, kind, label in cells:
-        colour = TOKEN_KINDS[kind][0]
+    for n, (colour, text) in enumerate(legend):
+        lx, ly = 10 + (n % per_row) * (width // per_row), 10 + (n // per_row) * 18
+        draw.rectangle((lx, ly + 2, lx + 12, ly + 14), fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((lx + 18, ly), text, fill=(0, 0, 0), font=font)
+    for x, y, w, kind, label, colour in cells:
         draw.rectangle((10 + x, top + y, 10 + x + w - 1, top + y + row_h - 4), fill=colour,
                        outline=(200, 200, 200) if kind in ("text", "label") else None)
         if label:
             ink = (255, 255, 255) if sum(colour) < 300 else (0, 0, 0)
             draw.text((10 + x + 3, top + y + (row_h - 4) // 2), label, fill=ink, font=font, anchor="lm")
-    return E.save_panels(path, [(strip, f"{len(kinds)} tokens, {sum(k in ('global', 'patch') for k in kinds)} "
-                                        "of them <im_patch>, in the order the LLM reads them")], title=title)
+    return strip
 
 
-def picture_mask(mask, input_ids, path, title, max_side=720):
-    """The prompt's (T, T) attention mask (row: the query, column: the key; white: may attend), the tokens' kinds
-    as coloured edges along both axes."""
+def picture_tokens(input_ids, tokenizer, path, title):
+    """The prompt's token strip (token_strip), saved with a line that counts its tokens."""
+    kinds = token_kinds(input_ids)
+    n_patches = sum(k in ("global", "patch") for k in kinds)
+    return E.save_panels(path, [(token_strip(input_ids, tokenizer), f"{len(kinds)} tokens, {n_patches} of them "
+                                                                    "<im_patch>, in the order the LLM reads them")],
+                         title=title)
+
+
+def mask_image(mask, input_ids, max_side=720):
+    """A (T, T) attention mask as a picture (row: the query, column: the key; white: may attend), the tokens' kinds
+    as coloured edges along both axes -> (PIL image, step): a long prompt shows every step-th token."""
     T = mask.shape[-1]
-    step = max(1, math.ceil(T / max_side))  # a long prompt: every step-th token
+    step = max(1, math.ceil(T / max_side))
     shown = mask[::step, ::step].numpy()
     t, scale, edge = len(shown), max(1, max_side // len(shown)), 10
     colours = np.array([TOKEN_KINDS[k][0] for k in token_kinds(input_ids)[::step]], dtype=np.uint8)  # (t, 3)
@@ -578,9 +596,16 @@ def picture_mask(mask, input_ids, path, title, max_side=720):
     picture[edge + 2:, edge + 2:] = grid
     picture[:edge, edge + 2:] = colours.repeat(scale, 0)[None]
     picture[edge + 2:, :edge] = colours.repeat(scale, 0)[:, None]
+    return Image.fromarray(picture), step
+
+
+def picture_mask(mask, input_ids, path, title):
+    """The prompt's (T, T) attention mask (mask_image), saved with a line saying how to read it."""
+    image, step = mask_image(mask, input_ids)
+    T = mask.shape[-1]
     what = f"{T} x {T}" + (f", every {step}th token" if step > 1 else "")
-    return E.save_panels(path, [(Image.fromarray(picture), f"{what}; row = query, column = key; white = may attend; "
-                                                            "edges: token kinds as in the token strip")], title=title)
+    return E.save_panels(path, [(image, f"{what}; row = query, column = key; white = may attend; edges: token kinds "
+                                        "as in the token strip")], title=title)
 
 
 def picture_looked(entries, tokens, views, sizes, images, path, title, height=240):
@@ -667,12 +692,14 @@ def explain_answer(processor, record, example, answer_ids, recorder, base):
             where = f"t={frame:.1f}s " if video else f"image {media + 1} " if len(images) > 1 else ""
             entries.append(entry(f"point {len(entries)}, {where}({x * width:.0f}, {y * height:.0f})", spans,
                                  [(media, x * width, y * height)]))
-    if len(entries) == 1:  # no points: each answer token on its own
-        entries += [entry(f"{i + 1}: {tokenizer.decode([answer_ids[i]])[:8]!r}", [i]) for i in range(min(15, len(rows)))]
+    if len(entries) == 1:  # no points: each answer token on its own (a few, for a video's rows of frames)
+        entries += [entry(f"{i + 1}: {tokenizer.decode([answer_ids[i]])[:8]!r}", [i])
+                    for i in range(min(7 if video else 15, len(rows)))]
     n_layers = len(recorder.attentions) if recorder.layers == list(range(recorder.n_layers)) else None
     layers = f"all {n_layers} layers" if n_layers else f"layers {', '.join(map(str, recorder.layers))}"
     said(picture_looked(entries, tokens, views, sizes, images, f"{base}_looked.png",
-                        f"where the model looked: attention to the image tokens, mean over heads and {layers}"),
+                        f"where the model looked: attention to the image tokens, mean over heads and {layers}",
+                        height=240 if len(images) <= 2 else 120),
          "where the model looked: for the whole answer and for each point (or token), its attention to the image "
          "tokens as a heat map")
     return written
