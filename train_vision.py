@@ -722,10 +722,10 @@ def main():
         for r in records:  # a step redone after a resume: its last line counts
             last[("val" if "val_loss" not in r and any(k.startswith("val_") for k in r) else "train", r["step"])] = r
         curves = {"train": [(s, r["loss"]) for (kind, s), r in sorted(last.items()) if kind == "train"]}
-        for key in ("val_count_acc", "val_point_f1"):
+        for key, name in (("val_count_acc", "counting accuracy"), ("val_point_f1", "pointing F1")):
             points = [(s, r[key]) for (kind, s), r in sorted(last.items()) if kind == "val" and key in r]
             if points:
-                curves[key.removeprefix("val_")] = points
+                curves[name] = points
         if curves["train"]:
             plot_curves({"train loss": curves.pop("train")}, os.path.join(out_dir, "loss.png"), title="stage 1 loss")
         if curves:
