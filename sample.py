@@ -209,7 +209,8 @@ TOKEN_KINDS = {  # kind -> (colour, legend) of the token strip and the mask's ed
     "bos": ((70, 70, 70), "BOS (<|im_end|>)"), "chat": ((160, 160, 160), "chat template: <|im_start|>, <|im_end|>"),
     "text": ((238, 238, 238), "text"), "label": ((255, 205, 140), "text before an image or frame: 'Image i', times"),
     "low_start": ((130, 40, 170), "<low_res_im_start>"), "start": ((40, 90, 210), "<im_start>, <frame_start>"),
-    "global": ((190, 130, 240), "<im_patch> of the global crop"), "patch": ((120, 175, 250), "<im_patch> of the crops or frames"),
+    "global": ((190, 130, 240), "<im_patch> of the global crop"),
+    "patch": ((120, 175, 250), "<im_patch> of the crops or frames"),
     "col": ((250, 120, 40), "<im_col> (end of a row)"), "end": ((20, 25, 110), "<im_end>, <frame_end>"),
 }
 _SPECIAL_KINDS = {data.IMAGE_LOW_RES_START_ID: "low_start", data.IMAGE_START_ID: "start", data.FRAME_START_ID: "start",
@@ -491,13 +492,14 @@ def picture_crops(crops, pixels, views, images, patch_size, path, title, thumb=1
             shown = E.fit(Image.fromarray(picture.astype(np.uint8)), thumb)
             if crop["view"] == "crops":
                 _outline(ImageDraw.Draw(shown), (1, 1, shown.width - 2, shown.height - 2), _crop_colour(i - 1), 3)
-            sheet.append((shown, {"global": "global crop", "crops": f"crop {i}", "frame": f"frame {m + 1}"}[crop["view"]]))
+            sheet.append((shown, "global crop" if crop["view"] == "global" else f"crop {i}"))
         if len(images) == 1 or tiles:
             what = f"the {len(sheet)} crops of {size}x{size} px as the ViT got them" if tiles else f"{size}x{size} px"
             panels.append((E.panel_grid(sheet, columns=min(5, len(sheet))), what))
         else:  # video frames: one sheet of them all
-            panels.append((E.panel_grid([(E.fit(Image.fromarray(crop_pixels(pixels[c], patch_size)), thumb), f"frame {c + 1}")
-                                         for c in range(len(crops))], columns=min(8, len(crops))),
+            frames = [(E.fit(Image.fromarray(crop_pixels(pixels[c], patch_size)), thumb), f"frame {c + 1}")
+                      for c in range(len(crops))]
+            panels.append((E.panel_grid(frames, columns=min(8, len(crops))),
                            f"the {len(crops)} frames of {size}x{size} px as the ViT got them"))
             break
     return E.save_panels(path, panels, columns=2 if all(p.width < 700 for p, _ in panels) else 1, title=title,

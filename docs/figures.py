@@ -46,6 +46,7 @@ out_dir = "docs/figures"  # where the figures go
 run = ""  # a demo-shaped run (make demo's out/demo): learning curves from its logs, "where it looked" from its model
 data_dir = "data/demo"  # the world whose held-out test images the run's model is asked about
 check = 0  # with run: measure where it looked on this many held-out counting questions (0 = no measure)
+max_new_tokens = 192  # the longest answer asked of the run's model (eval.py's for counting)
 relink = False  # move every code link of docs/*.md to the line that holds its text, then stop
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -95,10 +96,13 @@ def pca_colours(features):
 
 
 def fig_journey(out):
-    """One image through the ViT and the connector of the small preset at random (seeded): each stage's tensor of
-    the global crop squeezed to colours (its first three principal components), with its shape."""
-    torch.manual_seed(0)
-    model, processor = Molmo2(Molmo2Config.preset("small")).eval(), DEMO_PROCESSOR
+    """One image through the ViT and the connector of the run's model (--run), else of the small preset at random
+    (seeded): each stage's tensor of the global crop squeezed to colours (its first three principal components)."""
+    if run:
+        model, processor, _ = E.load_model(os.path.join(run, "joint"))
+    else:
+        torch.manual_seed(0)
+        model, processor = Molmo2(Molmo2Config.preset("small")).eval(), DEMO_PROCESSOR
     _, image, _ = scene(1)
     example = ask({"id": "x", "images": [image]}, "How many?", processor)
     crops, pooling = example.pixel_values, example.image_token_pooling
@@ -129,8 +133,9 @@ def fig_journey(out):
         tokens = caught[key][:low_h * low_w]
         panels.append((grid(pca_colours(tokens), low_h, low_w).resize((size, size), Image.NEAREST),
                        f"{what}: {tuple(caught[key].shape)}"))
+    whose = f"{os.path.relpath(os.path.abspath(run), ROOT)}/joint" if run else "the small preset at random"
     path = E.save_panels(os.path.join(out, "journey.png"), panels, columns=6,
-                         title="one image on its way to the LLM (the small preset; colours: each tensor's first three "
+                         title=f"one image on its way to the LLM ({whose}; colours: each tensor's first three "
                                "principal components)",
                          note=f"{crops.shape[0]} crops of {n}x{n} patches -> {caught['projected'].shape[0]} tokens, "
                               "added at the prompt's <im_patch> tokens; shown: the global crop")
@@ -161,7 +166,8 @@ def fig_pooling(out):
 def fig_layouts(out):
     tokenizer = DEMO_PROCESSOR.tokenizer
     one, two = scene(1)[1], scene(3)[1]
-    prompts = {"layout_image.png": ("one image", ask({"id": "x", "images": [one]}, "How many red shapes?", DEMO_PROCESSOR)),
+    prompts = {"layout_image.png": ("one image", ask({"id": "x", "images": [one]}, "How many red shapes?",
+                                                     DEMO_PROCESSOR)),
                "layout_images.png": ("two images", ask({"id": "x", "images": [one, two]}, "Which has more?",
                                                        DEMO_PROCESSOR)),
                "layout_video.png": ("a video of 4 frames", ask(video_record(), "Track the shapes.", DEMO_PROCESSOR))}
@@ -220,12 +226,13 @@ def fig_loss_weights(out):
     for k, annotation in enumerate(record["annotations"], 1):
         in_branch = (example.branch_ids == k) & has_loss
         weight = float(example.loss_weights[in_branch][0])
-        legend.append((branch_colours[k - 1], f"{annotation['style']}: {int(in_branch.sum())} loss tokens x {weight:.3f} "
-                                              f"= {weight * int(in_branch.sum()):.2f}"))
+        n = int(in_branch.sum())
+        what = f"{annotation['style']}: {n} loss tokens x {weight:.3f} = {weight * n:.2f}"
+        legend.append((branch_colours[k - 1], what))
     legend.append(((225, 225, 225), "no loss: the image, the prompts, the template"))
     strip = sample.token_strip(shown, tokenizer, width=1000, colours=colours, legend=legend)
     path = E.save_panels(os.path.join(out, "loss_weights.png"), [(strip, "each loss token shown where it is "
-                                                                         "predicted, coloured by its weight")],
+                                                                         "predicted, coloured by its annotation")],
                          title="one image, three annotations (a message tree): the loss weight of every token")
     return said([path], "the loss weight of each token of a three-annotation example (data.format_example, 'sft')")
 
@@ -295,7 +302,7 @@ def fig_stages(out):
     draw = ImageDraw.Draw(image)
     for c, column in enumerate(columns):
         for k, line in enumerate(column.split("\n")):
-            draw.text((label_w + c * cell_w + cell_w / 2, top - 26 + 16 * k), line, fill=(0, 0, 0), font=font, anchor="ms")
+            draw.text((label_w + (c + 0.5) * cell_w, top - 26 + 16 * k), line, fill=(0, 0, 0), font=font, anchor="ms")
     rows = list(rates.items()) + [("heads", [vision["lr"], None, None, None])]
     for r, (part, lrs) in enumerate(rows):
         y = top + r * cell_h
@@ -312,8 +319,8 @@ def fig_stages(out):
                 ((200, 200, 200), "frozen") if lr == 0 else ((120, 200, 130), f"learns, peak lr {lr:g}")
             draw.rectangle(box, fill=fill)
             draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), text, fill=(0, 0, 0), font=font, anchor="mm")
-    draw.text((10, image.height - 24), "learning rates: the scripts' defaults and training.default_recipe (config/demo_*.py "
-                                       "set their own)", fill=(90, 90, 90), font=font)
+    draw.text((10, image.height - 24), "learning rates: the scripts' defaults and training.default_recipe "
+                                       "(config/demo_*.py set their own)", fill=(90, 90, 90), font=font)
     path = os.path.join(out, "stages.png")
     image.save(path)
     return said([path], "which parts learn in each stage, with the peak learning rates the scripts start from")
@@ -581,7 +588,7 @@ def counting_records(n):
     return chosen
 
 
-def look(model, processor, record, question, max_new_tokens=192):
+def look(model, processor, record, question):
     """Ask greedily while recording attention -> dict(answer, weights: the answer's mean attention per pooled token,
     tokens, views, sizes)."""
     example = ask(record, question, processor)
@@ -656,7 +663,8 @@ def relink_docs():
         print(f"docs/{name}: {len(code_links(markdown))} links")
 
 
-RUN_FIGURES = ("curves.png", "looked.png")
+RUN_FIGURES = ("curves.png", "looked.png")  # drawn only from a run
+RUN_DRAWN = ("journey.png",)  # drawn from the run's model when there is one
 FIGURES = [fig_journey, fig_crops, fig_pooling, fig_layouts, fig_masks, fig_loss_weights, fig_weighting, fig_stages,
            fig_curves, fig_world, fig_points_text, fig_mixture, fig_packing, fig_memory, fig_kv_cache, fig_looked]
 
