@@ -41,3 +41,34 @@ def hf_qwen_tokenizer(tmp_path_factory):
     for t, i in specials:
         assert tok.convert_tokens_to_ids(t) == i, (t, i, tok.convert_tokens_to_ids(t))
     return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny synthetic world for the training stages: synth_image (12 train records, 2 val), synth_multi and
+    synth_video (3 train, 1 val each), 56-px images and 4-frame 56-px videos, at most 3 shapes; and 'damaged' (train
+    and val alike), one good image record among a malformed line, a missing image and an image that does not
+    decode. Returns its folder."""
+    import json
+
+    import data
+
+    root = str(tmp_path_factory.mktemp("tiny_world"))
+    sizes = {"train": {"image": 12, "multi": 3, "video": 3}, "val": {"image": 2, "multi": 1, "video": 1}}
+    data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
+                                  max_video_objects=2, n_frames=4)
+    damaged = os.path.join(root, "damaged")
+    os.makedirs(damaged)
+    with open(os.path.join(root, "synth_image", "train.jsonl")) as f:
+        good = json.loads(f.readline())
+    good["image"] = os.path.join(root, "synth_image", good["image"])
+    with open(os.path.join(damaged, "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing decodable
+    lines = ['{"image": "a.png", "annotations": [',  # cut off mid-line
+             json.dumps({**good, "image": "nowhere.png"}),
+             json.dumps({**good, "image": "broken.png"}),
+             json.dumps(good)]
+    for split in ("train", "val"):
+        with open(os.path.join(damaged, f"{split}.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return root

@@ -1,0 +1,625 @@
+"""Stage 1 (train_vision.py) against hand-worked cases and transformers: the sigmoid loss and its bias and
+temperature gradients by hand; the localisation targets (token cells, which cell holds a point, pointed labels,
+per-image targets in a batch) on hand-made images and records, with the cells checked against the processor's own
+pixels; the uint8 crops bit for bit; the loader's workers and resume; the script itself resumed after SIGKILL and
+under 2-process DDP (exact losses); and its export read by transformers.SiglipVisionModel and train_align.py."""
+
+import json
+import math
+import os
+import runpy
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import train_vision as tv
+from model import Molmo2Config, load_safetensors
+from vision import SigLIP2, SigLIP2Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300  # a stuck subprocess fails the test instead of hanging it
+# The runs below use one torch thread each: 2 DDP ranks fit 2 cores, and on a busy machine a team of OpenMP threads
+# waiting on a taken core made a tiny step take seconds instead of 20 ms. Every run computes alike.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny_processor(max_crops=2):
+    """The tiny preset's crops: 56 px of 4x4 patches of 14 px, so overlap margins of 1 patch; 2x2 pooling."""
+    return data.Molmo2Processor(max_crops=max_crops, crop_size=56, patch_size=14, overlap_margins=(1, 1))
+
+
+def answer(style, text, question="?"):
+    return {"style": style, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}]}
+
+
+def black(width, height):
+    return Image.new("RGB", (width, height))
+
+
+# ---------------------------------------------------------------------------
+# 1. The sigmoid loss by hand
+# ---------------------------------------------------------------------------
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sigmoid_loss_and_its_bias_and_temperature_gradients_by_hand():
+    """B = 2: images e1, e2; captions e1, (0.6, 0.8): cosines [[1, 0.6], [0, 0.8]]. t = log 2, b = -1, so
+    logits z = 2 cos - 1 = [[1, 0.2], [-1, 0.6]]. -log sigmoid(s z) = softplus(-s z), s = +1 on the diagonal:
+    loss = (softplus(-1) + softplus(0.2) + softplus(-1) + softplus(-0.6)) / 2 = 0.93107510.
+    d softplus(-s z) / dz = -s sigmoid(-s z) =: g; z = e^t cos + b, so dL/db = sum g / B, dL/dt = sum g e^t cos / B,
+    dL/dI_i = sum_j g_ij e^t T_j / B, dL/dT_j = sum_i g_ij e^t I_i / B. Here dL/db = (-sigmoid(-1) + sigmoid(0.2)
+    + sigmoid(-1) - sigmoid(-0.6)) / 2 = 0.0977452 (a step lowers b: the negative at z = 0.2 outweighs the positive
+    at 0.6) and dL/dt = (-2 sigmoid(-1) + 1.2 sigmoid(0.2) - 1.6 sigmoid(-0.6)) / 2 = -0.222516. In float64 these
+    sums of four terms agree with autograd to a few ulps: rel 1e-12."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64, requires_grad=True)
+    log_t = torch.tensor(math.log(2.0), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    loss = tv.sigmoid_loss(image, text, log_t, bias, torch.eye(2, dtype=torch.bool))
+    loss.backward()
+
+    cos = [[1.0, 0.6], [0.0, 0.8]]
+    sign = [[1, -1], [-1, 1]]
+    z = [[2 * cos[i][j] - 1 for j in range(2)] for i in range(2)]
+    assert sum(z, []) == pytest.approx([1.0, 0.2, -1.0, 0.6])
+    expected = sum(softplus(-sign[i][j] * z[i][j]) for i in range(2) for j in range(2)) / 2
+    assert expected == pytest.approx(0.93107510, abs=1e-8)  # the docstring's sum, worked out once more
+    g = [[-sign[i][j] * sigmoid(-sign[i][j] * z[i][j]) for j in range(2)] for i in range(2)]
+    d_bias = sum(g[i][j] for i in range(2) for j in range(2)) / 2
+    d_log_t = sum(g[i][j] * 2 * cos[i][j] for i in range(2) for j in range(2)) / 2
+    images, texts = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.6, 0.8]]
+    d_image = [[sum(g[i][j] * 2 * texts[j][k] for j in range(2)) / 2 for k in range(2)] for i in range(2)]
+    d_text = [[sum(g[i][j] * 2 * images[i][k] for i in range(2)) / 2 for k in range(2)] for j in range(2)]
+
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert bias.grad.item() == pytest.approx(d_bias, rel=1e-12)
+    assert log_t.grad.item() == pytest.approx(d_log_t, rel=1e-12)
+    torch.testing.assert_close(image.grad, torch.tensor(d_image, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(text.grad, torch.tensor(d_text, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert (d_bias, d_log_t) == pytest.approx((0.0977452, -0.222516), abs=1e-6)  # the docstring's numbers
+
+
+def test_sigmoid_loss_gradients_pass_gradcheck():
+    """Every input's gradient against finite differences, float64 (gradcheck's own tolerances are for float64)."""
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+    log_t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
+    positives = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda *x: tv.sigmoid_loss(*x, positives), (image, text, log_t, bias))
+
+
+def test_images_with_the_same_caption_are_both_positives():
+    """A batch of 4 images: captions 'a red circle', none (points only), 'a blue square', 'a red circle'. Only the
+    captioned ones enter the loss (images 0, 2, 3), and images 0 and 3 are positives for each other's caption.
+    The loss with those positives, by hand (B' = 3): cosines of images e1, e2, (0.8, 0.6) with captions e1, e2,
+    (0.6, 0.8); t = log 3, b = -2; positives are pairs (0,0), (1,1), (2,2), (0,2), (2,0)."""
+    processor = tiny_processor()
+    records = [
+        {"images": [black(56, 56)], "annotations": [answer("long_caption", "a red circle")]},
+        {"images": [black(56, 56)], "annotations": [answer("pointing", '<points coords="1 1 500 500">dots</points>')]},
+        {"images": [black(56, 56)], "annotations": [answer("long_caption", "a blue square")]},
+        {"images": [black(56, 56)], "annotations": [answer("long_caption", "a red circle")]},
+    ]
+    examples = [tv.VisionExample(r, 0, processor, 16, True, True) for r in records]
+    batch = tv.collate_vision(examples)
+    assert batch["caption_image"].tolist() == [0, 2, 3]
+    assert batch["caption_same"].tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+    encode = processor.tokenizer.encode
+    assert batch["caption_lengths"].tolist() == [len(encode("a red circle")), len(encode("a blue square")),
+                                                 len(encode("a red circle"))]
+
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], dtype=torch.float64)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+    log_t, bias = torch.tensor(math.log(3.0), dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    cos = [[1.0, 0.0, 0.6], [0.0, 1.0, 0.8], [0.8, 0.6, 0.96]]
+    torch.testing.assert_close(image @ text.T, torch.tensor(cos, dtype=torch.float64), rtol=0, atol=1e-15)
+
+    def by_hand(positive):
+        return sum(softplus(-(1 if positive[i][j] else -1) * (3 * cos[i][j] - 2))
+                   for i in range(3) for j in range(3)) / 3
+
+    same = [[True, False, True], [False, True, False], [True, False, True]]
+    loss = tv.sigmoid_loss(image, text, log_t, bias, batch["caption_same"])
+    assert loss.item() == pytest.approx(by_hand(same), rel=1e-12)
+    # the diagonal alone would call the pairs (0, 2) and (2, 0) negatives; as softplus(z) - softplus(-z) = z, that
+    # adds their logits, (3 * 0.6 - 2) + (3 * 0.8 - 2) = 0.2, over B' = 3
+    diagonal_only = tv.sigmoid_loss(image, text, log_t, bias, torch.eye(3, dtype=torch.bool)).item()
+    assert diagonal_only == pytest.approx(by_hand([[i == j for j in range(3)] for i in range(3)]), rel=1e-12)
+    assert diagonal_only - loss.item() == pytest.approx(0.2 / 3, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# 2. The localisation targets by hand
+# ---------------------------------------------------------------------------
+
+# A 100x56 image through the tiny preset (max_crops 2): 28-px windows (4 patches less 1 + 1 margin), 28 px of
+# margins. Tilings of the 72x28 px left after margins: 1x1 scales by min(28/28, 28/72) = 0.39, 1x2 by
+# min(1, 56/72) = 0.78, 2x1 by 0.39: none fits, so the one that shrinks least, 1 row x 2 columns, on a canvas of
+# 28 + 28 = 56 x 2 * 28 + 28 = 84 px. Crops every 28 px: crop 0 covers canvas x 0..56, crop 1 x 28..84. The
+# stitched grid keeps crop 0's patch columns 0-2 (x 0..42) and crop 1's 1-3 (x 42..84): 4 x 6 patches of 14 px
+# tiling the canvas, pooled 2x2 into 2 x 3 tokens of 28 x 28 px. The global crop: 4x4 patches, 2x2 tokens.
+WIDE_GRID = (2, 2, 2, 3)
+WIDE_CELLS = [[0, 0, 1 / 2, 1 / 2], [1 / 2, 0, 1, 1 / 2], [0, 1 / 2, 1 / 2, 1], [1 / 2, 1 / 2, 1, 1],  # global
+              [0, 0, 1 / 3, 1 / 2], [1 / 3, 0, 2 / 3, 1 / 2], [2 / 3, 0, 1, 1 / 2],  # high-res, top row
+              [0, 1 / 2, 1 / 3, 1], [1 / 3, 1 / 2, 2 / 3, 1], [2 / 3, 1 / 2, 1, 1]]  # bottom row
+# A 56x56 image: 1x1 scales by exactly 1 (no upscaling needed), so one crop on a 56x56 canvas; 2x2 tokens a view.
+SQUARE_GRID = (2, 2, 2, 2)
+SQUARE_CELLS = [[0, 0, 1 / 2, 1 / 2], [1 / 2, 0, 1, 1 / 2], [0, 1 / 2, 1 / 2, 1], [1 / 2, 1 / 2, 1, 1]] * 2
+
+
+def test_token_cells_of_a_wide_tiny_image_by_hand():
+    processor = tiny_processor()
+    vision = processor.image(np.zeros((56, 100, 3), dtype=np.uint8))
+    assert vision.grid == WIDE_GRID and vision.patches.shape[0] == 3  # the global crop and 1 x 2 crops
+    cells = tv.token_cells(56, 100, vision.grid, processor)
+    np.testing.assert_allclose(cells, WIDE_CELLS, rtol=0, atol=1e-12)  # float64 quotients like 28 / 84
+    # the point (0.8, 0.25): the global view's top-right quadrant (token 1), the high-res view's top row, third
+    # column (token 4 + 2); offsets in the cell ((0.8 - 0.5) / 0.5, 0.25 / 0.5), ((0.8 - 2/3) / (1/3), 0.25 / 0.5)
+    holds, offsets = tv.cell_targets(np.array([[0.8, 0.25]]), cells)
+    assert np.flatnonzero(holds).tolist() == [1, 6]
+    # offsets are stored in float32: within one float32 ulp at 1 (2^-23) of the exact quotients
+    np.testing.assert_allclose(offsets[[1, 6]], [[0.6, 0.5], [0.4, 0.5]], rtol=0, atol=2 ** -23)
+    assert (offsets[~holds] == -1).all()
+
+
+def test_token_cells_of_a_tall_small_preset_image_by_hand():
+    """The small preset's crops: 112 px of 8x8 patches, margins (2, 2), max_crops 4: 56-px windows, 56 px of margins.
+    A 100 wide x 200 high image leaves 44 x 144 px; tilings (rows, cols) scale by min(56 rows / 144, 56 cols / 44):
+    1x1 .39, 1x2 .39, 2x1 .78, 1x3 .39, 3x1 1.17, 1x4 .39, 2x2 .78, 4x1 1.27; the smallest that does not shrink
+    is 3x1, on a 112 x 224 canvas. Stitched rows: crop 0 keeps patch rows 0-5, crop 1 rows 2-5, crop 2 rows 2-7:
+    16 rows of 14 px = 224, 8 columns of 14 px = 112; pooled 2x2: 8 x 4 tokens, each 1/8 high and 1/4 wide. The
+    global crop: 8x8 patches, 4x4 tokens of 1/4 x 1/4."""
+    vit = SigLIP2Config.preset("small")
+    assert (vit.image_size, vit.patch_size) == (112, 14)
+    processor = data.Molmo2Processor(max_crops=4, crop_size=112, patch_size=14, overlap_margins=(2, 2))
+    vision = processor.image(np.zeros((200, 100, 3), dtype=np.uint8))
+    assert vision.grid == (4, 4, 8, 4) and vision.patches.shape[0] == 1 + 3
+    cells = tv.token_cells(200, 100, vision.grid, processor)
+    expected = [[c / 4, r / 4, (c + 1) / 4, (r + 1) / 4] for r in range(4) for c in range(4)]
+    expected += [[c / 4, r / 8, (c + 1) / 4, (r + 1) / 8] for r in range(8) for c in range(4)]
+    np.testing.assert_allclose(cells, expected, rtol=0, atol=1e-12)
+    # (0.3, 0.55): global row 2, column 1 -> token 9; high-res row 4 (0.55 * 8 = 4.4), column 1 -> 16 + 4 * 4 + 1
+    holds, offsets = tv.cell_targets(np.array([[0.3, 0.55]]), cells)
+    assert np.flatnonzero(holds).tolist() == [9, 33]
+    np.testing.assert_allclose(offsets[[9, 33]], [[0.2, 0.2], [0.2, 0.4]], rtol=0, atol=2 ** -23)  # float32
+
+
+def test_token_cells_are_where_the_processor_puts_the_pixels():
+    """The oracle is the crops themselves: a white 6x6 square on black, centred on (80, 14) px = (0.8, 0.25) of the
+    100x56 image, lights up exactly the tokens whose pooled patches the processor filled from it, and those are
+    the tokens cell_targets says hold the point (1 of the global view, 6 of the high-res view)."""
+    image = black(100, 56)
+    ImageDraw.Draw(image).rectangle([77, 11, 82, 16], fill=(255, 255, 255))
+    processor = tiny_processor()
+    vision = processor.image(image)
+    patches = vision.patches.reshape(-1, vision.patches.shape[-1])  # (n_crops * 16, 588) in [-1, 1]
+    pooling = vision.token_pooling.long()  # (M, 4)
+    # a token sees the square where a pixel of its pooled patches is brighter than a quarter of the way from black
+    lit = torch.where(pooling >= 0, (patches[pooling.clamp(min=0)] > -0.5).any(-1), False).any(-1)  # (M,)
+    assert torch.nonzero(lit).flatten().tolist() == [1, 6]
+    holds, _ = tv.cell_targets(np.array([[0.8, 0.25]]), tv.token_cells(56, 100, vision.grid, processor))
+    assert np.flatnonzero(holds).tolist() == [1, 6]
+
+
+def test_cell_targets_edges_and_shared_cells():
+    """Four quadrant cells. A point on the edge two cells share goes to the later one (cells are half-open); on
+    the image's far edge (x or y = 1.0) to the last cell; two points in one cell: it holds, with the first's offset."""
+    quadrants = np.array([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]])
+    cases = [  # (points, holding cells, their offsets)
+        ([[0.5, 0.25]], [1], [[0.0, 0.5]]),  # on the edge of cells 0 and 1
+        ([[0.5, 0.5]], [3], [[0.0, 0.0]]),  # on the corner of all four
+        ([[0.25, 0.5]], [2], [[0.5, 0.0]]),  # on the edge of cells 0 and 2
+        ([[1.0, 0.2]], [1], [[1.0, 0.4]]),  # the right edge of the image
+        ([[1.0, 1.0]], [3], [[1.0, 1.0]]),  # the far corner
+        ([[0.0, 0.0]], [0], [[0.0, 0.0]]),
+        ([[0.1, 0.1], [0.3, 0.4]], [0], [[0.2, 0.2]]),  # two points in cell 0: the first one's offset
+        ([[0.9, 0.9], [0.1, 0.6], [0.2, 0.7]], [2, 3], [[0.2, 0.2], [0.8, 0.8]]),
+    ]
+    for points, cells, offsets in cases:
+        holds, got = tv.cell_targets(np.array(points, dtype=np.float64), quadrants)
+        assert np.flatnonzero(holds).tolist() == cells, points
+        np.testing.assert_allclose(got[holds], offsets, rtol=0, atol=2 ** -23, err_msg=str(points))  # float32
+        assert (got[~holds] == -1).all(), points
+    holds, offsets = tv.cell_targets(np.zeros((0, 2)), quadrants)
+    assert not holds.any() and (offsets == -1).all()
+
+
+def test_pointed_labels_of_a_hand_written_record():
+    """Every <points> tag of every assistant answer: labels in first-seen order, each label's points merged over
+    annotations without repeats; 'There are none.' answers, <tracks>, unlabelled tags and the user's text give none."""
+    record = {"annotations": [
+        answer("long_caption", "Two cats and a dog."),
+        answer("pointing", '<points coords="1 1 100 200 2 300 400">cats</points>'),
+        answer("point_count", 'Counting the <points coords="1 1 100 200 2 500 600">cats</points> shows a total of 2.'),
+        answer("pointing", '<points coords="1 1 900 050">dog</points> and '
+                           '<points coords="1 1 250 750">red ball</points>'),
+        answer("point_count", "There are none.", question="How many birds are there?"),
+        answer("pointing", "There are none.", question='<points coords="1 1 10 10">ghost</points>'),
+        answer("pointing", '<points coords="1 1 600 600"/>'),
+        answer("video_point_track", '<tracks coords="0.5 1 100 100">fish</tracks>'),
+        answer("pointing", '<points coords="1 1 300 400">cats</points>'),  # seen already
+    ]}
+    assert list(tv.pointed_labels(record).items()) == [
+        ("cats", [(0.1, 0.2), (0.3, 0.4), (0.5, 0.6)]), ("dog", [(0.9, 0.05)]), ("red ball", [(0.25, 0.75)])]
+    assert tv.pointed_labels({"annotations": [answer("point_count", "There are none.")]}) == {}
+
+
+def test_collate_vision_marks_only_the_labels_own_image():
+    """Image 0 (100x56, 10 tokens) has 'cats' at (0.8, 0.25); image 1 (56x56, 8 tokens) has 'dogs' at (0.1, 0.9)
+    and 'cats' at (0.8, 0.25) and (0.9, 0.1), both in its top-right cells. By hand (the cells above): label 0 holds
+    tokens 1 and 6 of image 0 and none of image 1, where the same-named label sits in the same place; label 1
+    tokens 2 and 6 of image 1 (rows 12, 16), label 2 tokens 1 and 5 of image 1 (rows 11, 15)."""
+    processor = tiny_processor()
+    wide = {"images": [black(100, 56)],
+            "annotations": [answer("pointing", '<points coords="1 1 800 250">cats</points>')]}
+    square = {"images": [black(56, 56)], "annotations": [answer(
+        "pointing", '<points coords="1 1 100 900">dogs</points> <points coords="1 1 800 250 2 900 100">cats</points>')]}
+    examples = [tv.VisionExample(r, 0, processor, 16, True, True) for r in (wide, square)]
+    assert [ex.grid for ex in examples] == [WIDE_GRID, SQUARE_GRID] and [ex.labels for ex in examples] == [
+        ["cats"], ["dogs", "cats"]]
+    batch = tv.collate_vision(examples)
+
+    loc = torch.zeros(18, 3)
+    loc[[1, 6], 0] = 1
+    loc[[12, 16], 1] = 1
+    loc[[11, 15], 2] = 1
+    assert torch.equal(batch["loc_targets"], loc)
+    offsets = torch.full((18, 2), -1.0)
+    offsets[1] = torch.tensor([0.6, 0.5])  # (0.8, 0.25) in [0.5, 1] x [0, 0.5]
+    offsets[6] = torch.tensor([0.4, 0.5])  # in [2/3, 1] x [0, 0.5]
+    offsets[[12, 16]] = torch.tensor([0.2, 0.8])  # (0.1, 0.9) in [0, 0.5] x [0.5, 1]
+    offsets[[11, 15]] = torch.tensor([0.6, 0.5])  # the first of the two points in [0.5, 1] x [0, 0.5]
+    torch.testing.assert_close(batch["offset_targets"], offsets, rtol=0, atol=2 ** -23)  # float32 roundings
+    assert batch["label_image"].tolist() == [0, 1, 1]
+    assert batch["token_image"].tolist() == [0] * 10 + [1] * 8
+    assert batch["high_res"].tolist() == [False] * 4 + [True] * 6 + [False] * 4 + [True] * 4
+    torch.testing.assert_close(batch["cells"], torch.tensor(WIDE_CELLS + SQUARE_CELLS, dtype=torch.float32),
+                               rtol=0, atol=0)
+    # image 1's pooling indices point past image 0's 3 crops of 16 patches
+    assert batch["patches"].shape[0] == 3 + 2
+    shifted = torch.where(examples[1].pooling >= 0, examples[1].pooling.long() + 48, -1)
+    assert torch.equal(batch["pooling"][10:], shifted)
+    assert [p.tolist() for p in batch["label_points"]] == [[[0.8, 0.25]], [[0.1, 0.9]], [[0.8, 0.25], [0.9, 0.1]]]
+
+
+# ---------------------------------------------------------------------------
+# 3. The uint8 crops
+# ---------------------------------------------------------------------------
+
+
+def test_uint8_round_trip_is_bit_exact(tiny_world):
+    """The processor's values are (k - 127.5) / 127.5 for whole k in 0..255 (it rounds after resizing): to_uint8
+    recovers k, from_uint8 redoes the processor's float32 steps, bit for bit. Every k, and real images: a synthetic
+    world's PNG and seeded noise, at the released crop size (upscaled, so resizing makes in-between values)."""
+    k = torch.arange(256, dtype=torch.float32)
+    levels = (k - 127.5) / 127.5
+    assert torch.equal(tv.to_uint8(levels.clone()), k.to(torch.uint8))
+    assert torch.equal(tv.from_uint8(tv.to_uint8(levels.clone())), levels)
+
+    processor = data.Molmo2Processor(max_crops=4)
+    noise = np.random.default_rng(0).integers(0, 256, size=(90, 130, 3), dtype=np.uint8)
+    png = os.path.join(tiny_world, "synth_image", "train", "000002.png")
+    for image in (png, noise):
+        patches = processor.image(image).patches
+        as_bytes = tv.to_uint8(patches.clone())
+        assert as_bytes.dtype == torch.uint8
+        assert torch.equal(tv.from_uint8(as_bytes), patches)
+    assert tv.to_uint8(processor.image(noise).patches.clone()).unique().numel() == 256
+
+
+# ---------------------------------------------------------------------------
+# 4. The loader: workers and resume
+# ---------------------------------------------------------------------------
+
+# images, and records this stage cannot use: image sets and videos (counted), damaged ones (skipped)
+MIXTURE = {"image": (0.6, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
+           "video": (0.1, ["synth_video"]), "damaged": (0.2, ["damaged"])}
+
+
+def vision_loader(world, workers):
+    return tv.VisionLoader(world, MIXTURE, "train", 2, tiny_processor(), 32, True, True, seed=0, grad_accum=2,
+                           workers=workers)
+
+
+def assert_same_steps(steps_a, steps_b):
+    for step_a, step_b in zip(steps_a, steps_b, strict=True):
+        for batch_a, batch_b in zip(step_a, step_b, strict=True):
+            assert batch_a.keys() == batch_b.keys()
+            for key in batch_a:
+                if key == "label_points":
+                    assert len(batch_a[key]) == len(batch_b[key])
+                    assert all(np.array_equal(a, b) for a, b in zip(batch_a[key], batch_b[key])), key
+                else:
+                    assert batch_a[key].dtype == batch_b[key].dtype, key
+                    assert torch.equal(batch_a[key], batch_b[key]), key
+
+
+def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
+    """VisionLoader(workers=2) makes its examples in forked processes, a step ahead: every tensor of every batch,
+    the skip counts and the state (before the keys read ahead) are the serial loader's; a loader restored from
+    that state, with workers or without, continues with the same batches."""
+    serial, workers = vision_loader(tiny_world, 0), vision_loader(tiny_world, 2)
+    try:
+        steps_serial = [serial.next_step() for _ in range(3)]
+        steps_workers = [workers.next_step() for _ in range(3)]
+        assert all(len(step) == 2 for step in steps_serial)  # grad_accum micro-batches
+        assert_same_steps(steps_workers, steps_serial)
+        state = workers.state_dict()
+        assert state == serial.state_dict()
+        assert workers.summary() == serial.summary()
+        assert workers.report.n_skipped > 0 and serial.not_used["not a single image"] > 0, serial.summary()
+        later = [serial.next_step() for _ in range(3)]
+        assert_same_steps([workers.next_step() for _ in range(3)], later)
+    finally:
+        workers.close()
+    for n_workers in (2, 0):
+        resumed = vision_loader(tiny_world, n_workers)
+        try:
+            resumed.load_state_dict(state)
+            assert_same_steps([resumed.next_step() for _ in range(3)], later)
+            assert resumed.summary() == serial.summary()
+        finally:
+            resumed.close()
+
+
+# ---------------------------------------------------------------------------
+# 5. The script: resume after SIGKILL, and 2 DDP processes equal 1
+# ---------------------------------------------------------------------------
+
+# Every knob that shapes the run is pinned (the defaults are the real recipe's): 6 steps of 2 micro-batches of
+# 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
+STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
+          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--text_layers=1", "--text_max_len=32",
+          "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
+          "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
+
+
+def stage1_args(world, out_dir, *extra):
+    return [f"--out_dir={out_dir}", f"--data_dir={world}", f"--data_mixture={MIXTURE!r}", *STAGE1, *extra]
+
+
+def run_script(command):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def kind(record):
+    return "val" if any(k.startswith("val_") for k in record) else "train"
+
+
+def by_step(records):
+    """{(kind, step): record}, the last line of a step counting (a step redone after a resume writes it again);
+    the step's wall time left out."""
+    return {(kind(r), r["step"]): {k: v for k, v in r.items() if k != "step_s"} for r in records}
+
+
+def end_summary(stdout):
+    """What the run read and skipped: the lines between 'done:' and 'ViT:'."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("done:"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("ViT:"))
+    return lines[start + 1:end]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_world, tmp_path_factory):
+    """One process, grad_accum 2, loader workers 2, uninterrupted: (out_dir, stdout)."""
+    out_dir = str(tmp_path_factory.mktemp("stage1_reference"))
+    args = stage1_args(tiny_world, out_dir, "--grad_accum=2", "--loader_workers=2")
+    return out_dir, run_script([sys.executable, "train_vision.py", *args])
+
+
+# `python -c KILLED <where> <args>`: train_vision.py, SIGKILLed by itself at a chosen point, so the kill lands in
+# the same place on a loaded machine as on an idle one. where = torch.save:n: half-way through writing the n-th
+# checkpoint (part of the file written); clip:n: in the n-th step, after its backward, before its optimizer step.
+KILLED = """
+import os, runpy, signal, sys, torch
+where, n = sys.argv[1].split(":")
+calls = []
+def dying(real):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(n):
+            if where == "torch.save":
+                with open(args[1], "wb") as f:
+                    f.write(b"PK\\x03\\x04 a checkpoint cut off")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+if where == "torch.save":
+    torch.save = dying(torch.save)
+else:
+    torch.nn.utils.clip_grad_norm_ = dying(torch.nn.utils.clip_grad_norm_)
+sys.argv = ["train_vision.py", *sys.argv[2:]]
+runpy.run_path("train_vision.py", run_name="__main__")
+"""
+
+
+def run_killed(where, args):
+    result = subprocess.run([sys.executable, "-c", KILLED, where, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env=ONE_THREAD)
+    assert result.returncode == -9, f"not killed ({where}): rc {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_world, reference_run, tmp_path):
+    """Killed twice: while writing the checkpoint after step 3 (ckpt.pt stays the one after step 1), then in the
+    middle of step 5 (after the checkpoint after step 3). Each resume redoes the steps after its checkpoint; the log's
+    last line of each step, train and val, is the uninterrupted run's to the bit, and so are the exported ViT, the
+    data state and the skip report. (The killed runs read serially, the reference with 2 workers.)"""
+    ref_dir, ref_stdout = reference_run
+    out_dir = str(tmp_path / "killed")
+    args = stage1_args(tiny_world, out_dir, "--grad_accum=2", "--loader_workers=0")
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+
+    run_killed("torch.save:2", args)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    assert os.path.exists(ckpt + ".tmp")  # the cut-off write, never renamed over ckpt.pt
+    first = read_log(out_dir)
+    assert [(kind(r), r["step"]) for r in first] == [("train", 0), ("train", 1), ("train", 2), ("val", 2), ("train", 3)]
+
+    stdout = run_killed("clip:4", args)  # resumed at step 2: its 4th step is step 5
+    assert f"resumed from {ckpt} at step 2" in stdout
+    assert torch.load(ckpt, weights_only=False)["step"] == 4
+    second = read_log(out_dir)[len(first):]
+    assert [(kind(r), r["step"]) for r in second] == [("train", 2), ("val", 2), ("train", 3), ("train", 4)]
+    assert not os.path.exists(os.path.join(out_dir, "final"))
+
+    stdout = run_script([sys.executable, "train_vision.py", *args])
+    assert f"resumed from {ckpt} at step 4" in stdout
+    third = read_log(out_dir)[len(first) + len(second):]
+    assert [(kind(r), r["step"]) for r in third] == [("train", 4), ("train", 5), ("val", 5)]
+
+    reference = read_log(ref_dir)
+    assert len(by_step(reference)) == 8  # 6 train lines, 2 val lines
+    assert by_step(read_log(out_dir)) == by_step(reference)  # exact floats
+    final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
+    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+    ref_ckpt = torch.load(os.path.join(ref_dir, "ckpt.pt"), weights_only=False)
+    assert torch.load(ckpt, weights_only=False)["data"] == ref_ckpt["data"]  # read ahead by workers, or not
+    assert end_summary(stdout) == end_summary(ref_stdout)
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp_path):
+    """A finished run's out_dir (its checkpoint is after the last step) run again: no step is redone, the log and
+    the exported ViT stay as they were."""
+    import shutil
+
+    ref_dir, _ = reference_run
+    out_dir = str(tmp_path / "again")
+    shutil.copytree(ref_dir, out_dir)
+    stdout = run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out_dir, "--grad_accum=2")])
+    assert f"resumed from {out_dir}/ckpt.pt at step 6" in stdout and "done: 0 steps" in stdout
+    assert read_log(out_dir) == read_log(ref_dir)
+    final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
+    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_with_grad_accum_two(tiny_world, reference_run, tmp_path):
+    """2 gloo processes with 1 micro-batch each get the draws that 1 process with grad_accum 2 deals to its two
+    micro-batches, so each micro-batch's forward is the same computation. Gradients: (loss / 2).backward() twice
+    accumulates g0 / 2 + g1 / 2; DDP averages g0 and g1 as (g0 + g1) / 2. Halving is exact in binary floating point
+    and a sum of two float32 numbers is one rounding either way, so the two are equal to the bit, and so are the
+    clipped norms, AdamW's updates and the next steps' losses (the logged loss likewise: float32 v0 / 2 + v1 / 2
+    against (v0 + v1) / 2). No tolerance is needed, and none is given: any difference is a bug."""
+    ref_dir, _ = reference_run
+    out_dir = str(tmp_path / "ddp")
+    args = stage1_args(tiny_world, out_dir, "--grad_accum=1", "--loader_workers=0")
+    port = free_port()
+    ranks = []
+    try:
+        for rank in range(2):
+            env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            ranks.append(subprocess.Popen([sys.executable, "train_vision.py", *args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
+
+    train = {key: r for key, r in by_step(read_log(out_dir)).items() if key[0] == "train"}
+    ref_train = {key: r for key, r in by_step(read_log(ref_dir)).items() if key[0] == "train"}
+    assert len(ref_train) == 6 and train == ref_train  # loss and its parts, lr, grad norm: exact floats
+    final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
+    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+    # rank r's sampler is the reference's r-th micro-batch's
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)
+    assert ckpt["world_size"] == 2
+    rank_states = ckpt["data"]
+    ref_state = torch.load(os.path.join(ref_dir, "ckpt.pt"), weights_only=False)["data"][0]
+    assert [s["samplers"] for s in rank_states] == [[sampler] for sampler in ref_state["samplers"]]
+
+
+# ---------------------------------------------------------------------------
+# 6. The export: transformers reads it, and the next stage starts from it
+# ---------------------------------------------------------------------------
+
+
+def trained_vit(out_dir):
+    """The ViT as the run left it, from its last checkpoint (not from the export under test)."""
+    state = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+    vit = SigLIP2(Molmo2Config.preset("tiny").vit)
+    vit.load_state_dict({k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")})
+    return vit.eval()
+
+
+def test_export_gives_transformers_the_same_hidden_states(tiny_world, reference_run):
+    """final/ loaded by transformers.SiglipVisionModel, fed the processor's crops of a world image as (N, 3, H, W)
+    pixels: hidden_states[0] is our patch + position embedding and hidden_states[i + 1] block i's output. The two
+    differ only in summation order (a Conv2d over (c, ph, pw) against our Linear over (ph, pw, c), and attention
+    kernels on different layouts): float32 rounding of a few ulps of the largest value (measured: 4); allowed 16,
+    i.e. 2^-19 of the state's largest magnitude."""
+    from transformers import SiglipVisionModel
+    from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
+
+    ref_dir, _ = reference_run
+    vit = trained_vit(ref_dir)
+    hf = SiglipVisionModel.from_pretrained(os.path.join(ref_dir, "final")).eval()
+    assert hf.config.num_hidden_layers == len(vit.layers) == 3  # the tiny preset reads blocks 2 and 0
+    patches = tiny_processor().image(os.path.join(tiny_world, "synth_image", "val", "000000.png")).patches
+    N, n, p = patches.shape[0], 4, 14  # (N, 16, 588): 4x4 patches of 14x14x3, each flattened (ph, pw, c)
+    pixels = patches.view(N, n, n, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(N, 3, n * p, n * p)
+    # transformers' own patching (Molmo2's image processor) takes those pixels back to our patches
+    assert torch.equal(batch_pixels_to_patches(pixels.permute(0, 2, 3, 1), p), patches)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, output_hidden_states=True).hidden_states
+        ours = [vit.embed(patches)] + vit(patches, [0, 1, 2])
+    assert len(theirs) == len(ours) == 4
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        scale = a.abs().max().item()
+        assert (a - b).abs().max().item() <= 2 ** -19 * scale, f"hidden_states[{i}]"
+
+
+def test_train_align_vit_from_starts_from_the_exported_vit(tiny_world, reference_run, tmp_path, monkeypatch):
+    """train_align.py --vit_from=<stage-1 out_dir> --model_preset=tiny: a scratch Molmo2 whose ViT is the trained one,
+    bit for bit, and (frozen in this stage) still is in the model it exports."""
+    from model import Molmo2
+
+    ref_dir, _ = reference_run
+    out_dir = tmp_path / "align"
+    args = [f"--out_dir={out_dir}", f"--vit_from={ref_dir}", "--model_preset=tiny", "--overlap_margins=(1, 1)",
+            "--max_crops=2", "--max_row_crops=8", "--max_video_frames=4", "--max_seq_len=256", "--batch_size=1",
+            "--device=cpu", "--max_steps=1", "--save_every=0", "--eval_every=0", f"--data_dir={tiny_world}",
+            "--data_mixture={'image': (1.0, ['synth_image'])}"]
+    monkeypatch.setattr(sys, "argv", ["train_align.py", *args])
+    run = runpy.run_path(os.path.join(ROOT, "train_align.py"), run_name="__main__")
+    trained = trained_vit(ref_dir).state_dict()
+    for vit in (run["model"].vit, Molmo2.from_pretrained(str(out_dir / "final")).vit):
+        state = vit.state_dict()
+        assert state.keys() == trained.keys()
+        assert all(torch.equal(state[k], trained[k]) for k in state)
