@@ -135,12 +135,12 @@ class VisionPretrainer(nn.Module):
         self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
         if use_sigmoid:  # SigLIP's start: t = log 10, b = -10 (the paper's, for its many negatives per positive)
             self.image_proj = nn.Linear(embed_dim, embed_dim)
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.bias = nn.Parameter(torch.tensor(-10.0))
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(10.0)))  # (1,): fully_shard takes no 0-dim parameter
+            self.bias = nn.Parameter(torch.full((1,), -10.0))
         if use_loc:  # a few positive tokens per label among dozens: start near that prior
             self.offset_head = nn.Linear(embed_dim, 2)
-            self.loc_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.loc_bias = nn.Parameter(torch.tensor(-3.0))
+            self.loc_log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.loc_bias = nn.Parameter(torch.full((1,), -3.0))
         self.init_new()
 
     def init_new(self):
@@ -181,12 +181,15 @@ class VisionPretrainer(nn.Module):
         per_image = per_image / torch.bincount(batch["token_image"], minlength=n_images)[:, None].to(tokens.dtype)
         image_emb = F.normalize(self.image_proj(per_image[captioned]).float(), dim=-1)  # (B', E)
         if len(captioned) == 0:  # nothing to compare; keep every weight in the graph (DDP)
-            return 0.0 * (image_emb.sum() + self.log_temperature + self.bias + self.text_params_sum())
+            stand_in = self.text(*self.one_token(tokens))  # the tower runs on every rank (FSDP gathers its blocks)
+            return 0.0 * (image_emb.sum() + self.log_temperature + self.bias + stand_in.sum()).sum()
         text_emb = self.text(batch["caption_ids"], batch["caption_lengths"])  # (B', E)
         return sigmoid_loss(image_emb, text_emb, self.log_temperature, self.bias, batch["caption_same"])
 
-    def text_params_sum(self):
-        return sum(p.sum() for p in self.text.parameters())
+    @staticmethod
+    def one_token(like):
+        """A stand-in text of one token id 0: (ids (1, 1), lengths (1,))."""
+        return torch.zeros(1, 1, dtype=torch.long, device=like.device), torch.ones(1, dtype=torch.long, device=like.device)
 
     def loc_logits(self, tokens, batch):
         """-> (M, n_labels) logits: does token m hold a point of label j (only meaningful where the token's
@@ -196,8 +199,9 @@ class VisionPretrainer(nn.Module):
 
     def loc_loss(self, tokens, batch):
         if batch["label_ids"].shape[0] == 0:  # no pointed labels in this micro-batch; keep the graph whole (DDP)
+            stand_in = self.text(*self.one_token(tokens))  # the tower runs on every rank (FSDP gathers its blocks)
             zero = 0.0 * (tokens.sum() + self.offset_head.weight.sum() + self.offset_head.bias.sum()
-                          + self.loc_log_scale + self.loc_bias + self.text_params_sum())
+                          + self.loc_log_scale + self.loc_bias + stand_in.sum()).sum()
             return zero, zero
         logits = self.loc_logits(tokens, batch)  # (M, n_labels)
         same_image = batch["token_image"][:, None] == batch["label_image"][None, :]  # (M, n_labels)
@@ -522,6 +526,8 @@ def validate(pretrainer, loader, d, n_batches, autocast, point_radius=0.05):
     from eval import point_scores
     was_training = pretrainer.training
     pretrainer.eval()
+    if hasattr(pretrainer, "unshard"):  # FSDP: the root's own weights, gathered as its forward would
+        pretrainer.unshard()
     sums, n, hits, f1s = {}, 0, [], []
     for _ in range(n_batches):
         batch = to_device(loader.next_step()[0], d.device)
@@ -535,6 +541,8 @@ def validate(pretrainer, loader, d, n_batches, autocast, point_radius=0.05):
                 if batch["label_ids"].shape[0]:
                     probs = torch.sigmoid(pretrainer.loc_logits(tokens, batch)).float().cpu().numpy()  # (M, labels)
                     offsets = torch.sigmoid(pretrainer.offset_head(tokens).float()).cpu().numpy()  # (M, 2)
+                else:  # FSDP: the text tower's blocks gather on every rank as often as on the others
+                    pretrainer.text(*pretrainer.one_token(tokens))
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -547,6 +555,8 @@ def validate(pretrainer, loader, d, n_batches, autocast, point_radius=0.05):
                 true = batch["label_points"][j]
                 hits.append(len(pred) == len(true))
                 f1s.append(point_scores(pred, true, radius=point_radius)["f1"])
+    if hasattr(pretrainer, "reshard"):
+        pretrainer.reshard()
     pretrainer.train(was_training)
     out = {k: v / max(n, 1) for k, v in sums.items()}
     if hits:
@@ -565,7 +575,8 @@ def build_optimizer(module, lr, weight_decay, fused=None):
     for no gain."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        plain = p.dim() < 2 or "embedding" in name
+        plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
+                                        "text.position_embedding")  # tables; patch_embedding is a matrix
         (no_decay if plain else decay).append(p)
     if fused is None:
         fused = all(p.is_cuda for p in decay + no_decay)
@@ -716,8 +727,10 @@ def main():
     final_dir = os.path.join(out_dir, "final")
     export_vit(train_model, pretrainer, optimizer, d, final_dir)
     if d.is_master:
-        with open(log_path) as f:  # the whole run's curve, steps before a resume included
-            records = [json.loads(line) for line in f if line.strip()]
+        records = []  # the whole run's curve, steps before a resume included (none at max_steps=0)
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
         last = {}
         for r in records:  # a step redone after a resume: its last line counts
             last[("val" if "val_loss" not in r and any(k.startswith("val_") for k in r) else "train", r["step"])] = r
@@ -726,8 +739,9 @@ def main():
             points = [(s, r[key]) for (kind, s), r in sorted(last.items()) if kind == "val" and key in r]
             if points:
                 curves[name] = points
-        if curves["train"]:
-            plot_curves({"train loss": curves.pop("train")}, os.path.join(out_dir, "loss.png"), title="stage 1 loss")
+        train = curves.pop("train")
+        if train:
+            plot_curves({"train loss": train}, os.path.join(out_dir, "loss.png"), title="stage 1 loss")
         if curves:
             plot_curves(curves, os.path.join(out_dir, "readout.png"), title="read off the localisation head (val)",
                         ylabel="accuracy / F1")

@@ -180,7 +180,8 @@ class SigLIP2(nn.Module):
     def save_pretrained(self, out_dir: str):
         """Write this ViT as transformers' `SiglipVisionModel` (config.json + model.safetensors): the layout that
         `from_pretrained`, `train_align.py --vit_from=` and transformers all read. It has no attention-pooling
-        head, and its post_layernorm is the identity: Molmo2 reads block outputs, which come before it."""
+        head, and its post_layernorm is a fresh one (gain 1, bias 0; ours has none): Molmo2 reads the block outputs,
+        transformers' hidden_states, which come before it, so its last_hidden_state is not one of them."""
         import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
 
         os.makedirs(out_dir, exist_ok=True)
