@@ -75,6 +75,8 @@ def main():
     with open(f"{OUT}/joint/log.jsonl") as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r][-1]
     real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
+    with open(f"{OUT}/vision/log.jsonl") as f:
+        readout = [r for r in map(json.loads, f) if "val_point_f1" in r][-1]
     from model import QWEN3_VOCAB_SIZE
     with open(f"{OUT}/joint/final/config.json") as f:
         n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
@@ -92,9 +94,11 @@ connector alignment, joint training), then asked to count and point on the held-
 | the same, always answering the commonest count | {guess:.3f} |
 | pointing F1 (a point counts inside the shape's radius) | {pointing:.3f} |
 | validation loss with the real crops / with each crop moved to the next image | {real:.4f} / {rotated:.4f} |
+| stage 1 alone, read off its localisation head (validation images): counting / pointing F1 | {readout["val_count_acc"]:.3f} / {readout["val_point_f1"]:.3f} |
 
-The last row is what the images are worth to the model: when the two losses are equal it answers without
-looking.
+The validation losses say what the images are worth to the model: when the two are equal it answers without
+looking. The last row is what stage 1's ViT knows before any LLM reads it: the gap between it and the first
+rows is what the LLM has yet to learn to say.
 
 Total time {(time.time() - t0) / 60:.1f} min (steps already done earlier not counted). Full tables and
 predictions: [eval/report.md](eval/report.md).
