@@ -610,10 +610,10 @@ def picture_mask(mask, input_ids, path, title):
                                         "as in the token strip")], title=title)
 
 
-def picture_looked(entries, tokens, views, sizes, images, path, title, height=240):
+def looked_panels(entries, tokens, views, sizes, images, height=240):
     """'Where it looked': one panel per entry (caption, attention over the pooled tokens (n_tokens,), points
     [(media, x_px, y_px)]): the images (frames) side by side in grey, with the attention per pixel as a heat map,
-    each panel stretched from its own least (dark) to its most (bright)."""
+    each panel stretched from its own least (dark) to its most (bright) -> [(PIL image, caption)]."""
     panels = []
     for caption, weights, points in entries:
         scales = [height / h for _, h in sizes]
@@ -634,6 +634,12 @@ def picture_looked(entries, tokens, views, sizes, images, path, title, height=24
             strip.paste(r, (x, 0))
             x += r.width + 4
         panels.append((strip, caption))
+    return panels
+
+
+def picture_looked(entries, tokens, views, sizes, images, path, title, height=240):
+    """looked_panels saved in a grid with a note on how to read them."""
+    panels = looked_panels(entries, tokens, views, sizes, images, height)
     columns = max(1, min(4, 1100 // (panels[0][0].width + 10)))
     return E.save_panels(path, panels, columns=columns, title=title,
                          note="attention to the image tokens per pixel, each panel from its least (dark) to its most "

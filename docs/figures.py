@@ -2,8 +2,8 @@
 Draws every figure of the chapters in docs/ with the project's own code (the processor, the model, the formatting,
 the packer, sample.py's pictures), so a figure shows what the code does today.
 
-    .venv/bin/python docs/figures.py                              # all figures into docs/figures/
-    .venv/bin/python docs/figures.py --run=out/demo               # also a run's learning curves and where it looked
+    .venv/bin/python docs/figures.py --run=out/demo               # all figures into docs/figures/, as committed
+    .venv/bin/python docs/figures.py                              # without a run: the figures of the code alone
     .venv/bin/python docs/figures.py --run=out/demo --check=200   # and measure where it looked on 200 test images
     .venv/bin/python docs/figures.py --relink=True                # point the docs' code links at today's lines
 
@@ -561,16 +561,15 @@ def fig_looked(out, n_images=4):
     panels = []
     for record, question in records:
         looked = look(model, processor, record, question)
-        title = f"{question} -> {looked['answer'][-28:]}"
-        entry = (title, looked["weights"], [])
-        piece = os.path.join(out, "_looked.png")
-        sample.picture_looked([entry], looked["tokens"], looked["views"], looked["sizes"], record["images"], piece, "",
-                              height=224)
-        panels.append((Image.open(piece).crop((0, 30, 254, 30 + 20 + 224 + 10)).copy(), ""))
-        os.remove(piece)
+        count = data.parse_points(looked["answer"]).count
+        entry = (f"answered {'?' if count is None else count}: {question}", looked["weights"], [])
+        panels += sample.looked_panels([entry], looked["tokens"], looked["views"], looked["sizes"], record["images"],
+                                       height=224)
     path = E.save_panels(os.path.join(out, "looked.png"), panels, columns=4,
                          title=f"where {os.path.relpath(os.path.abspath(run), ROOT)}/joint looked while counting "
-                               "(attention to the image tokens, mean over the answer's tokens, heads and layers)")
+                               "(attention to the image tokens, mean over the answer's tokens, heads and layers)",
+                         note="each panel from its least (dark) to its most (bright); above it, the count the model "
+                              "answered and the question")
     return said([path], "where the run's model looked while answering counting questions about held-out images")
 
 
