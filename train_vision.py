@@ -619,7 +619,7 @@ def main():
     import json
 
     import data
-    from eval import plot_curves
+    from eval import plot_curves, python_command
     if sigmoid_weight <= 0 and loc_weight <= 0:
         raise SystemExit("train_vision: sigmoid_weight and loc_weight are both 0: nothing to train")
     d = Dist(device)
@@ -746,7 +746,8 @@ def main():
             plot_curves(curves, os.path.join(out_dir, "readout.png"), title="read off the localisation head (val)",
                         ylabel="accuracy / F1")
         print(f"done: {max_steps - start_step} steps in {(time.time() - t_start) / 60:.1f} min\n{loader.summary()}\n"
-              f"ViT: {final_dir} (SiglipVisionModel layout; next: python train_align.py --vit_from={out_dir}) | "
+              f"ViT: {final_dir} (SiglipVisionModel layout; next: "
+              f"{python_command('train_align.py', f'--vit_from={out_dir}')}) | "
               f"log: {log_path} | checkpoint: {ckpt_path}", flush=True)
     d.close()
 
