@@ -49,7 +49,7 @@ from training import (Dist, _DrawKeys, full_state_dicts, load_checkpoint, lr_at,
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/vision"
 init_from = "scratch"  # scratch (the ViT of model_preset) | a SigLIP checkpoint dir or hub id | a stage-1 out_dir
-model_preset = "small"  # Molmo2Config preset whose ViT (and connector layers) this stage trains: tiny | small | nanomolmo2
+model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}
 max_crops = 4  # crops per image (Molmo2: 8 in training), as the later stages will see them
@@ -125,7 +125,8 @@ class TextTower(nn.Module):
 class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
-    def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc, text_vocab_rows=16384):
+    def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc,
+                 text_vocab_rows=16384):
         super().__init__()
         self.vit, self.vit_layers = vit, tuple(vit_layers)
         width = vit.config.hidden_size * len(self.vit_layers)
@@ -135,7 +136,8 @@ class VisionPretrainer(nn.Module):
         self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
         if use_sigmoid:  # SigLIP's start: t = log 10, b = -10 (the paper's, for its many negatives per positive)
             self.image_proj = nn.Linear(embed_dim, embed_dim)
-            self.log_temperature = nn.Parameter(torch.full((1,), math.log(10.0)))  # (1,): fully_shard takes no 0-dim parameter
+            # (1,), not 0-dim: fully_shard takes no 0-dim parameter
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(10.0)))
             self.bias = nn.Parameter(torch.full((1,), -10.0))
         if use_loc:  # a few positive tokens per label among dozens: start near that prior
             self.offset_head = nn.Linear(embed_dim, 2)
@@ -189,7 +191,8 @@ class VisionPretrainer(nn.Module):
     @staticmethod
     def one_token(like):
         """A stand-in text of one token id 0: (ids (1, 1), lengths (1,))."""
-        return torch.zeros(1, 1, dtype=torch.long, device=like.device), torch.ones(1, dtype=torch.long, device=like.device)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=like.device)
+        return ids, torch.ones(1, dtype=torch.long, device=like.device)
 
     def loc_logits(self, tokens, batch):
         """-> (M, n_labels) logits: does token m hold a point of label j (only meaningful where the token's
@@ -234,7 +237,8 @@ def token_cells(height, width, grid, processor):
     boxes = [np.stack([c / n, r / n, (c + 1) / n, (r + 1) / n], -1).reshape(-1, 4)]  # the global crop
     for k in range(rows * cols):  # the tiles of the canvas, row-major
         y0, x0 = (k // cols) * stride + r * ps, (k % cols) * stride + c * ps  # (n, n) px on the canvas
-        boxes.append(np.stack([x0 / canvas_w, y0 / canvas_h, (x0 + ps) / canvas_w, (y0 + ps) / canvas_h], -1).reshape(-1, 4))
+        box = [x0 / canvas_w, y0 / canvas_h, (x0 + ps) / canvas_w, (y0 + ps) / canvas_h]
+        boxes.append(np.stack(box, -1).reshape(-1, 4))
     boxes = np.concatenate(boxes)  # (n_crops * n * n, 4): every patch's box
     pooling = data._image_pooling(rows, cols, n, tuple(processor.overlap_margins), tuple(processor.image_pooling))[0]
     assert pooling.shape[0] == grid[0] * grid[1] + grid[2] * grid[3]
@@ -255,7 +259,8 @@ def cell_targets(points, cells):
         inside = ((cells[:, 0] <= x) & ((x < cells[:, 2]) | (cells[:, 2] >= 1.0))
                   & (cells[:, 1] <= y) & ((y < cells[:, 3]) | (cells[:, 3] >= 1.0)))
         for m in np.flatnonzero(inside & ~holds):
-            offsets[m] = ((x - cells[m, 0]) / (cells[m, 2] - cells[m, 0]), (y - cells[m, 1]) / (cells[m, 3] - cells[m, 1]))
+            x0, y0, x1, y1 = cells[m]
+            offsets[m] = ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0))
         holds |= inside
     return holds, offsets
 
@@ -306,7 +311,9 @@ class VisionExample:
         self.patches, self.pooling = to_uint8(vision.patches), vision.token_pooling
         self.grid = vision.grid
         self.caption = caption_of(record, draw) if use_sigmoid else None
-        self.caption_ids = None if self.caption is None else tokenizer.encode(self.caption, allow_special=False)[:text_max_len]
+        self.caption_ids = None
+        if self.caption is not None:
+            self.caption_ids = tokenizer.encode(self.caption, allow_special=False)[:text_max_len]
         self.labels, self.label_ids, self.points = [], [], []
         self.cells = token_cells(image.height, image.width, vision.grid, processor)
         if use_loc:
@@ -342,14 +349,16 @@ def collate_vision(examples):
         offset_targets[rows] = torch.from_numpy(offsets[holds])
     batch = {"patches": torch.cat(patches), "pooling": torch.cat(pooling), "token_image": torch.cat(token_image),
              "caption_image": torch.tensor(captioned, dtype=torch.long),
-             "caption_same": torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.bool).reshape(len(captions), len(captions)),
+             "caption_same": torch.tensor([[a == b for b in captions] for a in captions],
+                                          dtype=torch.bool).reshape(len(captions), len(captions)),
              "label_image": torch.tensor([i for i, _, _ in labels], dtype=torch.long),
              "loc_targets": loc_targets, "offset_targets": offset_targets,
              # for the read-out: every token's cell, whether it is of the high-res view, each label's points
              "cells": torch.from_numpy(np.concatenate([ex.cells for ex in examples])).float(),
              "high_res": torch.cat([torch.arange(ex.pooling.shape[0]) >= ex.grid[0] * ex.grid[1] for ex in examples]),
              "label_points": [pts for _, _, pts in labels]}
-    for name, texts in (("caption", [examples[i].caption_ids for i in captioned]), ("label", [ids for _, ids, _ in labels])):
+    texts_by_name = {"caption": [examples[i].caption_ids for i in captioned], "label": [ids for _, ids, _ in labels]}
+    for name, texts in texts_by_name.items():
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
         ids = torch.zeros(len(texts), max([len(t) for t in texts], default=1), dtype=torch.long)
         for k, t in enumerate(texts):
@@ -580,8 +589,8 @@ def build_optimizer(module, lr, weight_decay, fused=None):
         (no_decay if plain else decay).append(p)
     if fused is None:
         fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
 def export_vit(train_model, pretrainer, optimizer, d, final_dir):
@@ -662,7 +671,8 @@ def main():
     n_vit = sum(p.numel() for p in pretrainer.vit.parameters())
     n_rest = sum(p.numel() for p in pretrainer.parameters()) - n_vit
     d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, blocks {list(vit_layers)} read), heads and text tower "
-            f"{n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, localisation x {loc_weight} "
+            f"{n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
+            f"localisation x {loc_weight} "
             f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step")
 
     t_start = t_last = time.time()
@@ -708,7 +718,8 @@ def main():
                                     "grad_norm": grad_norm.item(), "step_s": step_times[-1]}) + "\n")
             if step % log_every == 0 or done == max_steps:
                 detail = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                print(f"step {step:5d}/{max_steps} | loss {total:.4f} ({detail}) | lr {optimizer.param_groups[0]['lr']:.2e} "
+                print(f"step {step:5d}/{max_steps} | loss {total:.4f} ({detail}) | "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e} "
                       f"| grad {grad_norm.item():.2f} | {images / step_times[-1]:.0f} images/s | "
                       f"{step_times[-1] * 1000:.0f} ms | ETA {eta / 60:.1f} min", flush=True)
         if eval_every and (done % eval_every == 0 or done == max_steps):
