@@ -77,6 +77,7 @@ def main():
     real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
     with open(f"{OUT}/vision/log.jsonl") as f:
         readout = [r for r in map(json.loads, f) if "val_point_f1" in r][-1]
+    stage1 = f"{readout['val_count_acc']:.3f} / {readout['val_point_f1']:.3f}"
     from model import QWEN3_VOCAB_SIZE
     with open(f"{OUT}/joint/final/config.json") as f:
         n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
@@ -94,7 +95,7 @@ connector alignment, joint training), then asked to count and point on the held-
 | the same, always answering the commonest count | {guess:.3f} |
 | pointing F1 (a point counts inside the shape's radius) | {pointing:.3f} |
 | validation loss with the real crops / with each crop moved to the next image | {real:.4f} / {rotated:.4f} |
-| stage 1 alone, read off its localisation head (validation images): counting / pointing F1 | {readout["val_count_acc"]:.3f} / {readout["val_point_f1"]:.3f} |
+| stage 1 alone, read off its localisation head (validation images): counting / pointing F1 | {stage1} |
 
 The validation losses say what the images are worth to the model: when the two are equal it answers without
 looking. The last row is what stage 1's ViT knows before any LLM reads it: the gap between it and the first

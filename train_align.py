@@ -1,9 +1,10 @@
 """
-Stage 1: connector alignment. The ViT and the LLM stay frozen; the connector (multi-layer features, attention
+Stage 2: connector alignment. The ViT and the LLM stay frozen; the connector (multi-layer features, attention
 pooling, SwiGLU projector) and the 128 new token embeddings learn to turn a pretrained SigLIP2 into words a
 pretrained Qwen3 reads, on captions and pointing.
 
     python train_align.py                                   # CPU or one GPU, the synthetic world
+    python train_align.py --vit_from=out/vision             # around stage 1's ViT (train_vision.py), LLM from scratch
     python train_align.py --init_from=parts --llm_from=Qwen/Qwen3-0.6B --vit_from=google/siglip2-so400m-patch14-384
     torchrun --nproc_per_node=4 train_align.py --batch_size=16
 
@@ -23,7 +24,8 @@ from training import (Dist, Progress, TrainLoader, build_model, build_optimizer,
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
-init_from = "scratch"  # scratch (model_preset; its ViT from vit_from if set) | parts (llm_from + vit_from) | a Molmo2 checkpoint
+init_from = "scratch"  # scratch (model_preset; its ViT from vit_from if set) | parts (llm_from + vit_from) | a Molmo2
+#   checkpoint
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own

@@ -1,5 +1,5 @@
 """
-Stage 2: joint multimodal training of every part of Molmo2 (ViT, connector, LLM), with Molmo2's objective.
+Stage 3: joint multimodal training of every part of Molmo2 (ViT, connector, LLM), with Molmo2's objective.
 
     python train_joint.py                                   # CPU or one GPU, the synthetic world
     python train_joint.py config/mix_sft.py --init_from=out/align --batch_size=4

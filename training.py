@@ -463,7 +463,8 @@ def default_recipe(start):
     recipe = dict(lr_connector=1e-3, lr_vit=vit, lr_llm=llm, warmup_connector=100, warmup_vit=100, warmup_llm=100,
                   weight_decay=0.1)
     if trained_vit:
-        return f"for an LLM from scratch around the trained ViT of {start['vit']}: the scratch recipe, the ViT gently", recipe
+        return (f"for an LLM from scratch around the trained ViT of {start['vit']}: the scratch recipe, the ViT "
+                "gently"), recipe
     return ("for an LLM and a ViT from scratch: the scratch recipe. Such runs have not learned to look at their "
             "images (BENCHMARKS.md): run train_vision.py first and pass --vit_from=out/vision"), recipe
 
@@ -528,7 +529,8 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         if not (llm_from and vit_from):
             raise ValueError("init_from='parts' needs llm_from and vit_from (e.g. --llm_from=Qwen/Qwen3-0.6B "
                              "--vit_from=google/siglip2-so400m-patch14-384)")
-        model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from)))
+        vit = SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from))
+        model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), vit)
     elif os.path.isdir(os.path.join(init_from, "final")):
         model = Molmo2.from_pretrained(os.path.join(init_from, "final"))
     else:
