@@ -20,7 +20,7 @@ import torch
 
 from configurator import configure
 from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, default_recipe, evaluate_loss,
-                      export_final, fill_recipe, lineage, load_checkpoint, mixture_has_text_only, rng_state,
+                      export_final, fill_recipe, lineage, mixture_has_text_only, resume_run, rng_state,
                       save_checkpoint, seed_everything, set_learning_rates, train_step, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -95,12 +95,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, **loader_args)
-start_step = 0
-if resume and os.path.exists(ckpt_path):
-    ckpt = load_checkpoint(ckpt_path, train_model, optimizer, d)
-    start_step = ckpt["step"]
-    loader.load_state_dict(ckpt["data"][d.rank])
-    d.print(f"resumed from {ckpt_path} at step {start_step}")
+start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "
         f"llm {model.num_params('llm') / 1e6:.1f}M ({model.config.llm.vocab_size:,} token rows) | "

@@ -43,8 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from training import (Dist, _DrawKeys, full_state_dicts, load_checkpoint, lr_at, save_checkpoint, seed_everything,
-                      vit_checkpoint_dir)
+from training import Dist, _DrawKeys, full_state_dicts, lr_at, resume_run, save_checkpoint, seed_everything
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/vision"
@@ -659,12 +658,7 @@ def main():
                        text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed)
     loader = VisionLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                           workers=loader_workers, **loader_args)
-    start_step = 0
-    if resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, train_model, optimizer, d)
-        start_step = ckpt["step"]
-        loader.load_state_dict(ckpt["data"][d.rank])
-        d.print(f"resumed from {ckpt_path} at step {start_step}")
+    start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
     log_path = os.path.join(out_dir, "log.jsonl")
     if d.is_master:
         os.makedirs(out_dir, exist_ok=True)

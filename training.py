@@ -222,6 +222,17 @@ def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=N
     d.barrier()
 
 
+def resume_run(path, model, optimizer, loader, d):
+    """Continue a run from its checkpoint, if it has one: model, optimizer, this rank's RNG and data-loader state.
+    Returns the step to start at (0 when there is no checkpoint)."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = load_checkpoint(path, model, optimizer, d)
+    loader.load_state_dict(ckpt["data"][d.rank])
+    d.print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
 def load_checkpoint(path, model, optimizer, d):
     """Restore model, optimizer and this rank's RNG; returns the checkpoint dict (step, data states...)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
