@@ -43,26 +43,10 @@ TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--m
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("world"))
-    sizes = {"train": {"image": 12, "multi": 3, "video": 3}, "val": {"image": 2}}
-    data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
-                                  max_video_objects=2, n_frames=4)
-    # "damaged": one good record among a malformed line, a missing image and an image that does not decode
-    damaged = os.path.join(root, "damaged")
-    os.makedirs(damaged)
-    with open(os.path.join(root, "synth_image", "train.jsonl")) as f:
-        good = json.loads(f.readline())
-    good["image"] = os.path.join(root, "synth_image", good["image"])
-    with open(os.path.join(damaged, "broken.png"), "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing decodable
-    lines = ['{"image": "a.png", "annotations": [',  # cut off mid-line
-             json.dumps({**good, "image": "nowhere.png"}),
-             json.dumps({**good, "image": "broken.png"}),
-             json.dumps(good)]
-    with open(os.path.join(damaged, "train.jsonl"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return root
+def world(tiny_world):
+    """conftest's tiny world: 56-px synth_image / synth_multi / synth_video, and 'damaged' (one good record among a
+    malformed line, a missing image and an image that does not decode)."""
+    return tiny_world
 
 
 MIXTURE = {"image": (0.5, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
