@@ -166,7 +166,10 @@ class VisionPretrainer(nn.Module):
         return self.token_head(pooled)  # (M, E)
 
     def forward(self, batch):
-        tokens = self.token_embeddings(batch["patches"], batch["pooling"])  # (M, E)
+        return self.losses(self.token_embeddings(batch["patches"], batch["pooling"]), batch)
+
+    def losses(self, tokens, batch):
+        """tokens (M, E) from token_embeddings -> {loss name: scalar} for the objectives that are on."""
         losses = {}
         if self.use_sigmoid:
             losses["sigmoid"] = self.caption_loss(tokens, batch)
@@ -541,11 +544,8 @@ def validate(pretrainer, loader, d, n_batches, autocast, point_radius=0.05):
         batch = to_device(loader.next_step()[0], d.device)
         with autocast:
             tokens = pretrainer.token_embeddings(batch["patches"], batch["pooling"])
-            losses = {}
-            if pretrainer.use_sigmoid:
-                losses["sigmoid"] = pretrainer.caption_loss(tokens, batch)
+            losses = pretrainer.losses(tokens, batch)
             if pretrainer.use_loc:
-                losses["loc"], losses["offset"] = pretrainer.loc_loss(tokens, batch)
                 if batch["label_ids"].shape[0]:
                     probs = torch.sigmoid(pretrainer.loc_logits(tokens, batch)).float().cpu().numpy()  # (M, labels)
                     offsets = torch.sigmoid(pretrainer.offset_head(tokens).float()).cpu().numpy()  # (M, 2)
