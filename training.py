@@ -279,7 +279,6 @@ class Progress:
         self.d, self.out_dir, self.max_steps, self.log_every = d, out_dir, max_steps, log_every
         self.model = model
         self.curves = {"train": [], "val": []}
-        self.image_cos = []  # (step, mean cosine between image tokens): image_features.png
         self.step_times = []  # seconds, this run's steps
         self.t_start = self.t_last = time.time()
         self.tb = None
@@ -339,7 +338,6 @@ class Progress:
             line += f" | MFU {100 * flops / dt / self.peak:.1f}%"
         if image_stats:
             line += f" | image std {image_stats[0]:.3g} cos {image_stats[1]:.3f}"
-            self.image_cos.append((step, image_stats[1]))
         done = step + 1
         self.step_times.append(dt)
         # the median of this run's recent steps: the first pays for start-up, a step that validates or saves is
@@ -388,12 +386,12 @@ class Progress:
         a finished run)."""
         if not self.d.is_master or not any(self.curves.values()):
             return None
-        curves, self.image_cos = self.logged_curves()
+        curves, image_cos = self.logged_curves()  # image_features.png: from the log, like the loss
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
         plot_curves(curves, path)
-        if self.image_cos:
-            plot_curves({"mean cosine between image tokens": self.image_cos},
+        if image_cos:
+            plot_curves({"mean cosine between image tokens": image_cos},
                         os.path.join(self.out_dir, "image_features.png"), title="image features (1 = all alike)",
                         ylabel="mean cosine")
         return path
