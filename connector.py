@@ -12,6 +12,11 @@ Design choices:
   index c * patches_per_crop + p. A window whose slots are all -1 produces no token (as in transformers).
 - The pooling attention runs in float32 whatever the model dtype (Molmo2's `float32_attention`).
 - Projector: SwiGLU without biases, down(silu(gate(x)) * up(x)), pooled width -> LLM intermediate -> LLM width.
+- `projector_norm` (off in Molmo2, and for every loaded Molmo2 checkpoint): an RMSNorm after the projector, a
+  switch for models trained from scratch. Nothing else bounds the image tokens' scale: through the SwiGLU
+  product it can grow 10^3-10^5 times past the text embeddings' ("norm discrepancy", Li et al. 2025,
+  arXiv 2512.08374). Its gain starts at the text embeddings' init scale, so image and text tokens enter the
+  LLM alike.
 """
 
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ class ConnectorConfig:
     head_dim: int = 72
     intermediate_size: int = 3072  # projector hidden width (Molmo2 uses the LLM's intermediate size)
     llm_hidden_size: int = 1024
+    projector_norm: bool = False  # RMSNorm after the projector (not Molmo2's; a from-scratch switch, see above)
 
 
 class PoolingAttention(nn.Module):
@@ -76,6 +82,7 @@ class Connector(nn.Module):
         self.config = config
         self.pooling = PoolingAttention(config)
         self.projector = SwiGLU(config.hidden_size, config.intermediate_size, config.llm_hidden_size)
+        self.norm = nn.RMSNorm(config.llm_hidden_size, eps=1e-6) if config.projector_norm else None
         # A new connector starts with every layer keeping its input's scale (std 1/sqrt(fan_in)). Molmo2 uses a
         # flat std of 0.02, which works on a pretrained SigLIP2's large features; on a ViT trained from scratch
         # it shrinks the features ~1000x (0.02 * sqrt(fan_in) per layer, squared by the SwiGLU product): the
@@ -85,6 +92,8 @@ class Connector(nn.Module):
                 nn.init.normal_(module.weight, std=module.in_features ** -0.5)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.norm is not None:  # the scale of a fresh LLM's text embeddings (std 0.02): see the notes above
+            nn.init.constant_(self.norm.weight, 0.02)
 
     def forward(self, vit_features: list[torch.Tensor], pooled_patches_idx: torch.Tensor) -> torch.Tensor:
         """vit_features: one (N, P, C) tensor per entry of config.vit_layers, N crops of P patches;
@@ -100,4 +109,5 @@ class Connector(nn.Module):
         pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
         valid = pooled_patches_idx >= 0  # (M', K)
         windows = features[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(features.dtype)  # (M', K, D)
-        return self.projector(self.pooling(windows, valid))  # (M', llm_hidden)
+        tokens = self.projector(self.pooling(windows, valid))  # (M', llm_hidden)
+        return tokens if self.norm is None else self.norm(tokens)

@@ -953,6 +953,7 @@ MOLMO2_NATIVE_PREFIXES = [
     ("vit.", "model.vision_tower."),
     ("connector.pooling.", "model.multi_modal_projector.image_pooling_2d."),
     ("connector.projector.", "model.multi_modal_projector.image_projector."),
+    ("connector.norm.", "model.multi_modal_projector.projector_norm."),  # ours alone (projector_norm)
     ("llm.lm_head.", "lm_head."),
     ("llm.", "model.language_model."),
 ]
@@ -1086,7 +1087,8 @@ def molmo2_config_from_hf(hf: dict, source: str) -> Molmo2Config:
         vit_layers=tuple(adapter.get("vision_feature_layer", adapter.get("vit_layers", [24, 18]))),
         vit_hidden_size=vit.hidden_size, hidden_size=adapter["hidden_size"],
         num_attention_heads=adapter["num_attention_heads"], head_dim=adapter["head_dim"],
-        intermediate_size=adapter["intermediate_size"], llm_hidden_size=adapter["text_hidden_size"])
+        intermediate_size=adapter["intermediate_size"], llm_hidden_size=adapter["text_hidden_size"],
+        projector_norm=bool(adapter.get("projector_norm", False)))  # ours alone writes it (from-scratch switch)
     token_ids = hf.get("token_ids")  # written by save_pretrained for a model with kept tokens
     return Molmo2Config(llm=llm, vit=vit, connector=connector,
                         additional_vocab_size=text.get("additional_vocab_size", 128),
@@ -1131,5 +1133,7 @@ def molmo2_config_to_hf(config: Molmo2Config) -> dict:
             "num_key_value_heads": connector.num_attention_heads, "head_dim": connector.head_dim,
             "intermediate_size": connector.intermediate_size, "text_hidden_size": connector.llm_hidden_size,
             "hidden_act": "silu", "attention_bias": True, "mlp_bias": False,
+            # not Molmo2's: written only when on, so a Molmo2 config stays exactly transformers'
+            **({"projector_norm": True} if connector.projector_norm else {}),
         },
     }

@@ -23,6 +23,7 @@ import random
 import time
 import uuid
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -267,6 +268,9 @@ def image_feature_stats(features):
     return f.std().item(), mean_cos.item()
 
 
+ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval_answers scores (eval.headline)
+
+
 class Progress:
     """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, the image features' std and mean
     cosine, ETA), the same numbers appended to out_dir/log.jsonl (a resumed run appends its steps after the earlier
@@ -359,16 +363,24 @@ class Progress:
                 self.tb.add_scalar("image_features/std", image_stats[0], step)
                 self.tb.add_scalar("image_features/mean_cos", image_stats[1], step)
 
-    def val(self, step, losses):
-        """losses: (val loss, val loss with the batch's crops shuffled)."""
+    def val(self, step, losses, answers=None):
+        """losses: (val loss, val loss with the batch's crops shuffled); answers: {metric: value} scored on
+        generated answers (train_joint's eval_answers), or None."""
         loss, shuffled = losses
         self.curves["val"].append((step, loss))
-        self.d.print(f"step {step:5d} | val loss {loss:.4f} | with the crops shuffled {shuffled:.4f} "
-                     f"(the gap is what the images are worth)")
+        line = (f"step {step:5d} | val loss {loss:.4f} | with the crops shuffled {shuffled:.4f} "
+                f"(the gap is what the images are worth)")
+        answers = {k: v for k, v in (answers or {}).items() if v is not None}
+        if answers:
+            line += " | answers: " + ", ".join(f"{k} {v:.3f}" for k, v in answers.items())
+        self.d.print(line)
         if self.d.is_master:
-            self.log({"step": step, "val_loss": loss, "val_loss_crops_shuffled": shuffled})
+            self.log({"step": step, "val_loss": loss, "val_loss_crops_shuffled": shuffled,
+                      **{f"val_{k}": v for k, v in answers.items()}})
         if self.tb is not None:
             self.tb.add_scalar("val/loss", loss, step)
+            for k, v in answers.items():
+                self.tb.add_scalar(f"val/{k}", v, step)
 
     def log(self, record):
         """Append one JSON line; floats are written exactly (repr), so runs can be compared bit for bit. The same
@@ -386,7 +398,7 @@ class Progress:
         a finished run)."""
         if not self.d.is_master or not any(self.curves.values()):
             return None
-        curves, image_cos = self.logged_curves()  # image_features.png: from the log, like the loss
+        curves, image_cos, answers = self.logged_curves()  # the other pictures: from the log, like the loss
         from eval import plot_curves
         path = os.path.join(self.out_dir, name)
         plot_curves(curves, path)
@@ -394,12 +406,16 @@ class Progress:
             plot_curves({"mean cosine between image tokens": image_cos},
                         os.path.join(self.out_dir, "image_features.png"), title="image features (1 = all alike)",
                         ylabel="mean cosine")
+        if answers:
+            plot_curves(answers, os.path.join(self.out_dir, "answers.png"),
+                        title="answers to validation questions, generated", ylabel="score")
         return path
 
     def logged_curves(self):
-        """({'train': [(step, loss)], 'val': [...]}, [(step, image cosine)]) from the whole of log.jsonl: the steps
-        before a resume too, and a step logged twice (redone after a resume) by its last line."""
-        train, val, cos = {}, {}, {}
+        """({'train': [(step, loss)], 'val': [...]}, [(step, image cosine)], {metric: [(step, score)]}) from the
+        whole of log.jsonl: the steps before a resume too, and a step logged twice (redone after a resume) by its
+        last line."""
+        train, val, cos, answers = {}, {}, {}, {}
         with open(self.log_path) as f:
             for record in map(json.loads, filter(str.strip, f)):
                 if "loss" in record:
@@ -408,8 +424,11 @@ class Progress:
                         cos[record["step"]] = record["image_feature_cos"]
                 if "val_loss" in record:
                     val[record["step"]] = record["val_loss"]
+                    for key in ANSWER_METRICS:
+                        if f"val_{key}" in record:
+                            answers.setdefault(key, {})[record["step"]] = record[f"val_{key}"]
         curves = {name: sorted(points.items()) for name, points in (("train", train), ("val", val)) if points}
-        return curves, sorted(cos.items())
+        return curves, sorted(cos.items()), {k: sorted(v.items()) for k, v in answers.items()}
 
     def summary(self, loader, final_dir, ckpt_path):
         """The end-of-run report: steps, time, losses, peak GPU memory, skipped data, where things are."""
@@ -512,19 +531,22 @@ def load_vit(vit_from, vit_config):
 
 
 def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from="", vit_from="",
-                vocab="full", data_dir=None, mixture=None):
+                vocab="full", data_dir=None, mixture=None, projector_norm=False):
     """scratch: a fresh Molmo2 of model_preset, whose ViT is loaded from vit_from when it is set (stage 1's
     out_dir, or any SigLIP checkpoint of the preset's shape); parts: a pretrained Qwen3 (llm_from) and SigLIP2
     (vit_from) with a fresh connector (the real align stage's start); a directory holding final/ (a previous
     stage's out_dir); or any Molmo2 checkpoint, native or released layout, local or on the hub.
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
-    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with."""
+    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with.
+    projector_norm: a new model's connector ends in an RMSNorm (connector.py; not Molmo2's); a checkpoint keeps
+    its own connector, so asking for it there is an error."""
     from model import Molmo2, Molmo2Config, Qwen3
     from vision import SigLIP2
     if vocab not in ("full", "data"):
         raise ValueError(f"vocab={vocab!r}: expected 'full' or 'data'")
     if init_from == "scratch":
         config = Molmo2Config.preset(model_preset)
+        config = replace(config, connector=replace(config.connector, projector_norm=projector_norm))
         if vocab == "data":
             import data
             try:
@@ -540,10 +562,16 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
                              "--vit_from=google/siglip2-so400m-patch14-384)")
         vit = SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from))
         model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), vit)
+        if projector_norm:
+            raise ValueError("projector_norm is a switch for models from scratch: a pretrained Qwen3 and SigLIP2 "
+                             "train with Molmo2's own connector")
     elif os.path.isdir(os.path.join(init_from, "final")):
         model = Molmo2.from_pretrained(os.path.join(init_from, "final"))
     else:
         model = Molmo2.from_pretrained(init_from)
+    if init_from not in ("scratch", "parts") and projector_norm and not model.config.connector.projector_norm:
+        raise ValueError(f"projector_norm=True: the checkpoint {init_from} has no norm after its projector, and a "
+                         "checkpoint keeps its own connector (the switch is for models from scratch)")
     model.llm.config.resid_dropout = resid_dropout
     model.llm.config.response_dropout = response_dropout
     return model

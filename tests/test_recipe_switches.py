@@ -1,0 +1,105 @@
+"""The from-scratch switches of the joint recipe: the norm after the projector (off for Molmo2, so parity with
+transformers is untouched) and the answers scored during validation (they must be what eval.py scores)."""
+
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import eval as evaluation  # noqa: E402
+import training  # noqa: E402
+from model import Molmo2, Molmo2Config, molmo2_config_to_hf  # noqa: E402
+
+TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--max_row_crops=8",
+        "--max_video_frames=4", "--max_seq_len=256", "--batch_size=2", "--device=cpu"]
+
+
+def tiny_model(projector_norm, seed=0):
+    torch.manual_seed(seed)
+    return training.build_model("scratch", "tiny", projector_norm=projector_norm)
+
+
+def test_molmo2_has_no_projector_norm_and_writes_none():
+    """Molmo2's own connector ends at the projector: every preset is built without the switch and its config.json
+    carries no key transformers would not know."""
+    for preset in ("tiny", "small", "nanomolmo2"):
+        config = Molmo2Config.preset(preset)
+        assert config.connector.projector_norm is False
+        assert "projector_norm" not in molmo2_config_to_hf(config)["adapter_config"]
+    assert tiny_model(False).connector.norm is None
+
+
+def test_projector_norm_gives_every_image_token_the_gains_scale():
+    """RMSNorm with gain g maps each token x to g * x / rms(x): at init g = 0.02 everywhere, so every token's root
+    mean square is 0.02 * sqrt(ms / (ms + eps)), 0.02 up to float32 rounding (ms >> eps = 1e-6 here), whatever
+    scale the projector's output has."""
+    model = tiny_model(True)
+    torch.manual_seed(1)
+    features = [10.0 * torch.randn(2, 16, model.config.vit.hidden_size) for _ in model.config.connector.vit_layers]
+    pooling = torch.arange(32).view(8, 4)
+    with torch.no_grad():
+        raw = model.connector.projector(model.connector.pooling(
+            torch.cat(features, -1).reshape(32, -1)[pooling], torch.ones(8, 4, dtype=torch.bool)))
+        tokens = model.connector(features, pooling)
+    assert raw.pow(2).mean(-1).min() > 1e-3  # far from eps: the rms below is the gain's
+    rms = tokens.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.02), rtol=1e-5, atol=0)  # float32: ~1e-7 relative
+
+
+def test_projector_norm_survives_save_and_load(tmp_path):
+    """A model with the norm saved and loaded back gives the same logits bit for bit, and a trained gain comes back."""
+    model = tiny_model(True)
+    with torch.no_grad():
+        model.connector.norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["adapter_config"]["projector_norm"] is True
+    loaded = Molmo2.from_pretrained(str(tmp_path))
+    assert loaded.config.connector.projector_norm
+    torch.testing.assert_close(loaded.connector.norm.weight, model.connector.norm.weight, rtol=0, atol=0)
+    torch.manual_seed(2)
+    features = [torch.randn(1, 16, model.config.vit.hidden_size) for _ in model.config.connector.vit_layers]
+    pooling = torch.arange(16).view(4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.connector(features, pooling), model.connector(features, pooling),
+                                   rtol=0, atol=0)
+
+
+def test_projector_norm_asked_of_a_checkpoint_without_it_is_an_error(tmp_path):
+    """A checkpoint keeps its own connector: asking for the switch there names the checkpoint."""
+    tiny_model(False).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no norm after its projector"):
+        training.build_model(str(tmp_path), projector_norm=True)
+    assert training.build_model(str(tmp_path)).connector.norm is None
+
+
+def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_world, tmp_path, monkeypatch):
+    """train_joint's eval_answers scores greedy answers at each validation. Its last validation runs after the last
+    update, on the weights it exports: eval.py's own evaluate() on the exported model, over the same questions,
+    gives the same numbers; and they are logged and drawn (answers.png)."""
+    out_dir = str(tmp_path / "joint")
+    args = ["train_joint.py", f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}",
+            "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=3", "--eval_batches=1",
+            "--eval_answers=4", "--save_every=0", "--resid_dropout=0.0", "--vocab=data"]
+    monkeypatch.setattr(sys, "argv", args)
+    run = runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+    items = run["answer_items"]
+    assert 0 < len(items) <= 4 and {task for _, task, _, _ in items} <= {"counting", "pointing"}
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        logged = [r for r in map(json.loads, f) if "val_loss" in r][-1]
+    model, processor, _ = evaluation.load_model(out_dir)
+    with torch.no_grad():
+        expected = evaluation.headline(evaluation.evaluate(model, processor, items, log=lambda *_: None))
+    for metric, value in expected.items():
+        if value is None:
+            assert f"val_{metric}" not in logged
+        else:
+            assert logged[f"val_{metric}"] == value
+    assert any(value is not None for value in expected.values())
+    assert os.path.isfile(os.path.join(out_dir, "answers.png"))
