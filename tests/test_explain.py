@@ -53,6 +53,7 @@ def test_recorded_attention_is_transformers_eager_attention(hf_model, ours, proc
     assert len(rows) == 4
     for i, row in enumerate(rows):
         assert row.shape == (1, T + i)
+        # float32 softmax weights in [0, 1], recomputed from cached keys vs transformers' eager attention
         torch.testing.assert_close(row, expected[:, T - 1 + i, :T + i], atol=2e-6, rtol=1e-4)
     assert torch.equal(prompt_mask, ours.vision_attention_mask(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                                inputs["attention_mask"])[:, 0])

@@ -23,6 +23,8 @@ TINY_HF_CONFIG = dict(
     text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
                      intermediate_size=96, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
 )
+# float32 logits (magnitudes below 10) after a ViT, a connector and an LLM that sum in another order than
+# transformers: tens of ulps (1e-6 each at 10); a mis-mapped weight moves them by orders of magnitude more
 MAX_DIFF = 1e-4
 
 
@@ -238,7 +240,7 @@ def test_logits_positions_and_explicit_mask(ours, processor):
         full = ours(**inputs)
         where = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         where[0, -3:] = True
-        # (a smaller matmul may round differently in the last bit)
+        # float32 logits below 10: a smaller matmul may round differently in the last bit (1e-6 at 8)
         assert torch.allclose(ours(**inputs, logits_positions=where), full[where], rtol=0, atol=1e-6)
         mask = ours.vision_attention_mask(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["attention_mask"])
         assert torch.equal(ours(**inputs, attn_mask=mask), full)
@@ -354,6 +356,7 @@ def test_kept_tokens_are_the_full_models_rows(ours, processor, tmp_path):
     with torch.no_grad():
         full_logits, small_logits = ours(**inputs), small(**inputs)
         assert small_logits.shape == full_logits.shape
+        # float32: a head of fewer rows is another matmul shape, rounded differently by a few ulps
         torch.testing.assert_close(small_logits[..., rows], full_logits[..., rows], rtol=0, atol=1e-5)
         others = torch.ones(full_logits.shape[-1], dtype=torch.bool)
         others[rows] = False
@@ -368,6 +371,7 @@ def test_kept_tokens_are_the_full_models_rows(ours, processor, tmp_path):
         has = targets >= 0
         log_probs = torch.log_softmax(full_logits[has][:, rows].double(), -1)
         hand = -log_probs.gather(1, torch.searchsorted(rows, targets[has])[:, None]).sum()
+        # float32 logits against a float64 oracle: under 1e-3 per token (logits of a few units, float32 log-softmax)
         assert has.sum() > 10 and abs(ce_sum.item() - hand.item()) < 1e-3 * has.sum().item()
 
     # greedy generation: each new token is the full model's best among the kept ids (full recompute)
@@ -422,5 +426,5 @@ def test_compiled_training_loss_and_gradients_match_eager(ours, processor):
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(ce_c, ce_e)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) > 20
-    for name in grads_e:
+    for name in grads_e:  # float32: compiled kernels may fuse and reorder sums (rtol 1e-4 = ~800 ulps)
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -75,6 +75,7 @@ def test_packing_invariance_text_qwen3():
     ce_packed = per_token_ce_qwen3(qwen, packed)
     ce_apart = torch.cat([per_token_ce_qwen3(qwen, batch) for batch in apart])
     assert ce_packed.shape == ce_apart.shape
+    # float32 CE of a few units: rows of other lengths run other matmul shapes and attention sums (a few ulps)
     torch.testing.assert_close(ce_packed, ce_apart, atol=1e-5, rtol=1e-5)
     # weights: the same per token, except that each tree branch carries 1/sqrt(2) of its separate weight,
     # so the weighted CE sums of the branches are the separate sums / sqrt(2)
@@ -147,6 +148,7 @@ def test_packing_invariance_images_molmo2(make_model):
     ce_packed = per_token_ce(packed, own_mask=True)
     ce_apart = torch.cat([per_token_ce(data.collate([[ex]]), own_mask=False) for ex in (one, text, *branches)])
     assert ce_packed.shape == ce_apart.shape
+    # float32, as above: other row lengths, other summation orders
     torch.testing.assert_close(ce_packed, ce_apart, atol=1e-5, rtol=1e-5)
 
 

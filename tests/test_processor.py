@@ -61,6 +61,8 @@ def assert_same(ours_out, hf_out):
         assert mine.shape == theirs.shape, (key, mine.shape, theirs.shape)
         assert mine.dtype == theirs.dtype, (key, mine.dtype, theirs.dtype)
         if theirs.dtype.is_floating_point:
+            # float32 pixels in [-1, 1] (an ulp is at most 1.2e-7): the same resize and normalisation in another
+            # order differ by a few ulps; one pixel rounded to the next 0..255 level would differ by 2/255
             assert (mine - theirs).abs().max().item() <= 1e-5, key
         else:
             assert torch.equal(mine, theirs), key

@@ -37,7 +37,8 @@ def test_logits_match(pair):
         ref = hf(ids).logits
         got = ours(ids)
     assert got.shape == ref.shape == (2, 37, 300)
-    assert (got - ref).abs().max().item() <= 1e-4
+    # float32 logits of magnitude ~0.7, sums ordered differently from transformers' (measured: 4 ulps)
+    assert (got - ref).abs().max() <= 16 * torch.finfo(torch.float32).eps * ref.abs().max()
 
 
 def test_greedy_generation_matches(pair):
@@ -67,7 +68,8 @@ def test_kv_cache_matches_full_forward(pair):
         cache = ours.make_kv_cache(2, 32)
         pieces = [ours(ids[:, :7], kv_cache=cache), ours(ids[:, 7:12], kv_cache=cache)]  # prefill + chunk
         pieces += [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # token by token
-    assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
+    # float32: attention over a cache and over the whole sequence sum in other orders (measured: 4 ulps)
+    assert (torch.cat(pieces, 1) - full).abs().max() <= 16 * torch.finfo(torch.float32).eps * full.abs().max()
 
 
 def test_save_pretrained_round_trip(pair, tmp_path):
@@ -96,7 +98,9 @@ def test_unknown_directory_or_hub_id():
 
 
 def test_safetensors_dtypes_round_trip(tmp_path):
-    tensors = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.randn(2).half(),
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, generator=generator).bfloat16(), "b": torch.arange(5),
+               "c": torch.randn(2, generator=generator).half(),
                "d": torch.tensor([True, False]), "e": torch.zeros(0)}
     save_safetensors(tensors, str(tmp_path / "x.safetensors"))
     back = load_safetensors(str(tmp_path / "x.safetensors"))

@@ -483,6 +483,8 @@ def gradients_of_one_step(model, micro_batches, d=None, train_model=None):
 def assert_same_step(a, b):
     loss_a, norm_a, grads_a, params_a = a
     loss_b, norm_b, grads_b, params_b = b
+    # float32: the two ways sum the same micro-batch gradients in another order (an ulp is 1.2e-7 relative); the
+    # norm adds up every parameter's squares, so its rounding grows with their count
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert norm_a == pytest.approx(norm_b, rel=1e-4)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
@@ -595,11 +597,13 @@ def test_fused_head_equals_plain_logits_on_a_real_vocabulary():
     ref_grads = torch.autograd.grad(ref, (h, head))
     loss, _ = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=10)
     grads = torch.autograd.grad(loss * 1.0, (h, head))
+    # float32: chunks of 10 rows sum the loss of 37 rows and the head's gradient in another order
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_bf16, _ = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=10)
+    # bfloat16 logits carry 8 significant bits (eps 7.8e-3): the loss within a few of their ulps
     assert abs(loss_bf16.item() - ref.item()) / ref.item() < 2e-2
 
 

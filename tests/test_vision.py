@@ -19,9 +19,15 @@ def random_siglip(seed=0):
     return hf
 
 
-def pixels(n):
+def pixels(n, seed=0):
     """Normalised pixels as the processor produces them, in [-1, 1]."""
-    return torch.rand(n, 3, 56, 56) * 2 - 1
+    return torch.rand(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def float32_ulps(n, reference):
+    """n float32 ulps of the largest value of reference: transformers and we order the sums of LayerNorm,
+    attention and the MLP differently (measured: 3 to 5 per hidden state of magnitude 3 to 7)."""
+    return n * torch.finfo(torch.float32).eps * reference.abs().max()
 
 
 def hf_and_our_hidden_states(hf, vit, images):
@@ -41,7 +47,7 @@ def test_every_layer_matches_transformers():
     expected, ours = hf_and_our_hidden_states(hf, vit, pixels(2))
     assert len(expected) == len(ours) == 4
     for i, (e, o) in enumerate(zip(expected, ours)):
-        assert (e - o).abs().max() <= 1e-5, f"hidden state {i}"
+        assert (e - o).abs().max() <= float32_ulps(16, e), f"hidden state {i}"
 
 
 def test_stops_after_deepest_layer_asked():
@@ -51,7 +57,7 @@ def test_stops_after_deepest_layer_asked():
     ran = []
     for i, block in enumerate(vit.layers):
         block.register_forward_hook(lambda *_, i=i: ran.append(i))
-    out = vit(torch.randn(1, 16, 588), [1, 0])
+    out = vit(torch.zeros(1, 16, 588), [1, 0])
     assert ran == [0, 1] and len(out) == 2
 
 
@@ -61,7 +67,7 @@ def test_from_pretrained_vision_model_layout(tmp_path):
     vit = SigLIP2.from_pretrained(str(tmp_path))
     assert vit.config.num_hidden_layers == 3 and vit.config.image_size == 56
     expected, ours = hf_and_our_hidden_states(hf, vit, pixels(1))
-    assert max((e - o).abs().max().item() for e, o in zip(expected, ours)) <= 1e-5
+    assert all((e - o).abs().max() <= float32_ulps(16, e) for e, o in zip(expected, ours))
 
 
 def test_from_pretrained_full_siglip_layout_keeps_first_layers(tmp_path):
@@ -73,13 +79,13 @@ def test_from_pretrained_full_siglip_layout_keeps_first_layers(tmp_path):
     vit = SigLIP2.from_pretrained(str(tmp_path), num_layers=2)
     assert len(vit.layers) == 2
     expected, ours = hf_and_our_hidden_states(full.vision_model.eval(), vit, pixels(1))
-    assert max((e - o).abs().max().item() for e, o in zip(expected[:3], ours)) <= 1e-5
+    assert all((e - o).abs().max() <= float32_ulps(16, e) for e, o in zip(expected[:3], ours))
 
 
 def test_bad_input_shape_names_the_input():
     vit = SigLIP2(siglip_config_from_hf(SiglipVisionConfig(**TINY_SIGLIP).to_dict()))
     try:
-        vit(torch.randn(1, 9, 588), [0])
+        vit(torch.zeros(1, 9, 588), [0])
     except ValueError as e:
         assert "vision input" in str(e)
     else:
