@@ -41,10 +41,10 @@ def commonest_count_share(test_jsonl):
     """How often the commonest true count occurs among the test images: what a model that never looks scores."""
     import collections
 
-    import data
+    import prepare_data
     with open(test_jsonl) as f:
         scenes = [json.loads(line)["scene"] for line in f if line.strip()]
-    counts = collections.Counter(sum(data.shape_matches(shape, scene["query"]) for shape in scene["shapes"])
+    counts = collections.Counter(sum(prepare_data.shape_matches(shape, scene["query"]) for shape in scene["shapes"])
                                  for scene in scenes)
     return counts.most_common(1)[0][1] / len(scenes)
 

@@ -63,6 +63,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import prepare_data
 from model import Molmo2, generate, resolve_checkpoint
 
 # ---------------------------------------------------------------------------
@@ -973,7 +974,7 @@ TASK_OF_STYLE = {
 MAX_NEW_TOKENS = {"counting": 192, "multi-image counting": 320, "video counting": 128, "pointing": 160,
                   "multi-image pointing": 320, "video pointing": 128, "tracking": 448, "captions": 192, "vqa": 16}
 HEADLINE_METRICS = {"counting_accuracy": ("counting", "correct"), "pointing_f1": ("pointing", "f1")}
-SCENE_NAMES = [f"{colour} {kind}" for colour in data.SHAPE_COLOURS for kind in data.SHAPE_KINDS]
+SCENE_NAMES = [f"{colour} {kind}" for colour in prepare_data.SHAPE_COLOURS for kind in prepare_data.SHAPE_KINDS]
 
 
 def _frame_sizes(record):

@@ -642,11 +642,9 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
 from dataclasses import replace  # noqa: E402  (the Molmo2 section's imports stay with it)
 
 from connector import Connector, ConnectorConfig  # noqa: E402
+from data import VISION_TOKEN_IDS  # noqa: E402  (the tokens the processor marks as vision tokens)
 from vision import SigLIP2, SigLIP2Config  # noqa: E402
 
-# the tokens transformers' Molmo2Processor marks as image tokens (mm_token_type_ids == 1):
-# <im_start> <im_end> <im_patch> <im_col> <low_res_im_start> <im_low> <frame_start> <frame_end>
-MOLMO2_VISION_TOKEN_IDS = (151936, 151937, 151938, 151939, 151940, 151942, 151943, 151944)
 QWEN3_VOCAB_SIZE = 151936  # the base vocabulary; Molmo2's extra tokens follow it
 
 
@@ -657,7 +655,7 @@ class Molmo2Config:
     connector: ConnectorConfig
     additional_vocab_size: int = 128
     image_patch_id: int = 151938  # <im_patch>: where pooled features are added
-    vision_token_ids: tuple = MOLMO2_VISION_TOKEN_IDS
+    vision_token_ids: tuple = VISION_TOKEN_IDS
     token_ids: tuple | None = None  # the Qwen3 ids the LLM keeps rows for (increasing); None = all 151,936
 
     def __post_init__(self):

@@ -24,11 +24,16 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
 import urllib.request
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 import data
 
@@ -99,8 +104,7 @@ def fetch_url(url, path, sha256=None, timeout=20):
     return True
 
 
-def image_size(path):
-    from PIL import Image
+def pixel_size(path):
     with Image.open(path) as im:
         return im.size
 
@@ -190,7 +194,7 @@ def convert_pixmo_count(rows, media, dropped):
         if len(points) != row["count"]:
             dropped["no points (eval split) or count mismatch"] += 1
             continue
-        width, height = image_size(path)
+        width, height = pixel_size(path)
         yield {"id": f"pixmo_count/{row['image_url']}/{row['label']}", "image": path,
                "annotations": _pointing_annotations(row["label"], _points_xy(points, width, height))}
 
@@ -433,6 +437,417 @@ def extract_frames(video_file, frames_dir, fps=2.0, start=None, end=None):
                     os.path.join(frames_dir, "%05d.jpg")], check=True)
 
 
+# --- the synthetic world: shapes to learn from, generated here ---------------------------------------
+# Images of 0..max_objects shapes (4 kinds, 4 colours, 2 sizes, 3 textures) on 4 backgrounds x 3 patterns,
+# with a dense caption, short QA, counting with points and pointing; pairs of images to compare and count
+# across; and short videos (frame folders at 2 fps) of shapes that appear and move, with counting, video
+# pointing and tracking. Design choices:
+# - Deterministic: every example has its own random.Random seeded by sha256(seed/split/part/index), and
+#   PNG bytes depend only on pixels, so the same seed writes the same bytes. Splits use different seeds;
+#   the background colour is jittered so no two images coincide (the tests check both).
+# - Answers need the image: each scene is built around a query ("red circles", "red shapes", "circles")
+#   whose count is drawn uniformly from 0..max_objects before the scene, the other shapes never match it,
+#   and yes/no questions ask about a present or an absent shape half the time each.
+# - Every record carries its scene (shapes with centres, sizes, tracks), from which a checker recomputes
+#   every answer. Sizes are equal-area radii (fractions of the width); a point is a shape's centre.
+
+SHAPE_KINDS = ("circle", "square", "triangle", "star")
+SHAPE_COLOURS = {"red": (220, 45, 45), "green": (40, 165, 70), "blue": (45, 85, 225), "yellow": (240, 200, 30)}
+SHAPE_TEXTURES = ("solid", "striped", "outline")
+SHAPE_SIZES = {"small": (0.035, 0.05), "large": (0.065, 0.085)}
+BACKGROUNDS = {"light grey": (214, 214, 214), "beige": (226, 212, 184), "pale blue": (194, 208, 228),
+               "dark grey": (68, 70, 76)}
+BACKGROUND_PATTERNS = ("plain", "gradient", "grid")
+# bounding radius / equal-area radius, so shapes of one size cover about the same area
+_EXTENT = {"circle": 1.0, "square": math.sqrt(math.pi) / 2 * math.sqrt(2), "triangle": 1.555, "star": 1.46}
+SYNTHETIC_FPS = 2.0
+
+_POSITION_NAMES = [["at the top left", "at the top", "at the top right"],
+                   ["on the left", "in the center", "on the right"],
+                   ["at the bottom left", "at the bottom", "at the bottom right"]]
+_CAPTION_PROMPTS = ["Describe this image in detail.", "Write a detailed description of the picture.",
+                    "What does this image show? Describe everything."]
+_COUNT_PROMPTS = ["How many {label} are there?", "Count the {label}.", "How many {label} can you see?"]
+_POINT_PROMPTS = ["Point to the {label}.", "Point to all the {label}.", "Where are the {label}?"]
+_VIDEO_COUNT_PROMPTS = ["How many {label} appear in the video?", "Count the {label} in this video."]
+_VIDEO_POINT_PROMPTS = ["Point to the {label} when they first appear.", "Point to each of the {label}."]
+_TRACK_PROMPTS = ["Track the {label}.", "Track every one of the {label} through the video."]
+
+
+def _example_rng(seed, split, part, index):
+    digest = hashlib.sha256(f"{seed}/{split}/{part}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _plural(kind):
+    return kind + "s"
+
+
+def query_label(query):
+    """{"colour": "red"|None, "kind": "circle"|None} -> 'red circles' / 'red shapes' / 'circles'."""
+    noun = _plural(query["kind"]) if query["kind"] else "shapes"
+    return f"{query['colour']} {noun}" if query["colour"] else noun
+
+
+def shape_matches(shape, query):
+    return (query["colour"] in (None, shape["colour"])) and (query["kind"] in (None, shape["kind"]))
+
+
+def _random_query(rng):
+    form = rng.randrange(3)
+    return {"colour": rng.choice(list(SHAPE_COLOURS)) if form != 1 else None,
+            "kind": rng.choice(SHAPE_KINDS) if form != 0 else None}
+
+
+def _shape_specs(rng, query, n_matching, n_other):
+    """Colours, kinds, sizes and textures of the shapes: n_matching match the query, n_other do not."""
+    specs = []
+    for matching in [True] * n_matching + [False] * n_other:
+        while True:
+            shape = {"kind": rng.choice(SHAPE_KINDS), "colour": rng.choice(list(SHAPE_COLOURS))}
+            if matching:
+                shape["kind"] = query["kind"] or shape["kind"]
+                shape["colour"] = query["colour"] or shape["colour"]
+            if shape_matches(shape, query) == matching:
+                break
+        shape["size"] = "large" if rng.random() < 0.4 else "small"
+        shape["radius"] = round(rng.uniform(*SHAPE_SIZES[shape["size"]]), 4)
+        shape["texture"] = rng.choice(SHAPE_TEXTURES)
+        specs.append(shape)
+    rng.shuffle(specs)
+    return specs
+
+
+def _place(rng, shapes):
+    """Give each shape a centre (x, y) in [0, 1] so it lies inside the image and overlaps its neighbours at
+    most a little; large shapes first, drawn first, so small ones stay on top."""
+    shapes.sort(key=lambda s: -s["radius"])
+    placed = []
+    for shape in shapes:
+        for attempt in range(400):
+            if attempt == 200:  # crowded: shrink to a small shape and try again
+                shape["size"], shape["radius"] = "small", SHAPE_SIZES["small"][0]
+            e = shape["radius"] * _EXTENT[shape["kind"]]
+            x, y = rng.uniform(e, 1 - e), rng.uniform(e, 1 - e)
+            if all(math.hypot(x - p["x"], y - p["y"]) >= 0.7 * (e + p["radius"] * _EXTENT[p["kind"]])
+                   for p in placed):
+                break
+        else:
+            raise RuntimeError("synthetic scene: could not place the shapes")  # not reached for <= 12 shapes
+        shape["x"], shape["y"] = round(x, 4), round(y, 4)
+        placed.append(shape)
+    return placed
+
+
+def _background(rng):
+    name = rng.choice(list(BACKGROUNDS))
+    colour = [min(255, max(0, c + rng.randint(-12, 12))) for c in BACKGROUNDS[name]]
+    return {"name": name, "colour": colour, "pattern": rng.choice(BACKGROUND_PATTERNS)}
+
+
+def make_image_scene(rng, max_objects=12, query=None, n_matching=None):
+    """A scene: background, query and shapes; the query's count is uniform over 0..max_objects unless given."""
+    query = query or _random_query(rng)
+    n_matching = rng.randint(0, max_objects) if n_matching is None else n_matching
+    n_other = rng.randint(0, max_objects - n_matching)
+    shapes = _place(rng, _shape_specs(rng, query, n_matching, n_other))
+    return {"background": _background(rng), "query": query, "shapes": shapes}
+
+
+def _shape_polygon(kind, cx, cy, r):
+    """Outline of a shape of equal-area radius r (pixels) centred at (cx, cy), as a list of points."""
+    if kind == "square":
+        h = r * math.sqrt(math.pi) / 2
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "triangle":
+        R = r * _EXTENT["triangle"]
+        return [(cx + R * math.sin(a), cy - R * math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    R = r * _EXTENT["star"]  # five-pointed star, inner radius R / 2
+    return [(cx + (R if i % 2 == 0 else R / 2) * math.sin(i * math.pi / 5),
+             cy - (R if i % 2 == 0 else R / 2) * math.cos(i * math.pi / 5)) for i in range(10)]
+
+
+def _draw_shape(canvas, shape, x, y, width):
+    r = shape["radius"] * width
+    colour = tuple(SHAPE_COLOURS[shape["colour"]])
+    border = max(2, round(r * 0.3))
+    # draw into a mask, then paint the texture through it
+    e = math.ceil(r * _EXTENT[shape["kind"]]) + 2
+    x0, y0 = round(x) - e, round(y) - e
+    mask = Image.new("L", (2 * e, 2 * e), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = x - x0, y - y0
+    if shape["kind"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(_shape_polygon(shape["kind"], cx, cy, r), fill=255)
+    if shape["texture"] == "outline":  # keep only a rim: erase an eroded copy
+        inner = Image.new("L", mask.size, 0)
+        draw_inner = ImageDraw.Draw(inner)
+        ri = max(r - border, 1)
+        if shape["kind"] == "circle":
+            draw_inner.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=255)
+        else:
+            draw_inner.polygon(_shape_polygon(shape["kind"], cx, cy, ri * 0.92), fill=255)
+        mask.paste(0, (0, 0), inner)
+        canvas.paste(colour, (x0, y0), mask)
+    elif shape["texture"] == "striped":
+        light = tuple(int(c * 0.45 + 255 * 0.55) for c in colour)
+        stripes = Image.new("RGB", mask.size, light)
+        stripe_draw = ImageDraw.Draw(stripes)
+        step = max(4, round(r * 0.5))
+        for k in range(-2 * e, 2 * e, step):
+            stripe_draw.line([(k, 0), (k + 2 * e, 2 * e)], fill=colour, width=max(2, step // 2))
+        canvas.paste(stripes, (x0, y0), mask)
+    else:
+        canvas.paste(colour, (x0, y0), mask)
+
+
+def _draw_background(background, width, height):
+    import numpy as np
+    colour = np.array(background["colour"], dtype=np.float32)
+    if background["pattern"] == "gradient":  # darker towards the bottom
+        shade = np.linspace(1.0, 0.8, height, dtype=np.float32)[:, None, None]  # (H, 1, 1)
+        pixels = np.broadcast_to(colour * shade, (height, width, 3))  # (H, W, 3)
+        return Image.fromarray(np.ascontiguousarray(pixels.round().astype(np.uint8)))
+    canvas = Image.new("RGB", (width, height), tuple(int(c) for c in colour))
+    if background["pattern"] == "grid":
+        draw = ImageDraw.Draw(canvas)
+        line = tuple(int(c * 0.85) for c in colour)
+        for k in range(0, max(width, height), max(8, width // 8)):
+            draw.line([(k, 0), (k, height)], fill=line)
+            draw.line([(0, k), (width, k)], fill=line)
+    return canvas
+
+
+def render_scene(scene, width, height=None, positions=None):
+    """Scene -> RGB PIL image. `positions` overrides the shapes' centres (video frames), None = hidden."""
+    height = height or width
+    canvas = _draw_background(scene["background"], width, height)
+    for k, shape in enumerate(scene["shapes"]):
+        x, y = (shape["x"], shape["y"]) if positions is None else (positions[k] or (None, None))
+        if x is not None:
+            _draw_shape(canvas, shape, x * width, y * height, width)
+    return canvas
+
+
+def _position_name(x, y):
+    return _POSITION_NAMES[min(2, int(y * 3))][min(2, int(x * 3))]
+
+
+def _count_phrase(n, noun):
+    return f"{n} {noun if n != 1 else noun[:-1]}"
+
+
+def describe_scene(scene):
+    """The dense caption: background, counts by colour, then every shape in reading order."""
+    shapes, background = scene["shapes"], scene["background"]
+    pattern = {"plain": "", "gradient": " that darkens towards the bottom", "grid": " with a faint grid"}
+    setting = f"a {background['name']} background{pattern[background['pattern']]}"
+    if not shapes:
+        return f"An empty image: {setting}, with no shapes on it."
+    sentences = [f"The image shows {_count_phrase(len(shapes), 'shapes')} on {setting}."]
+    by_colour = collections.Counter(s["colour"] for s in shapes)
+    parts = [_count_phrase(by_colour[c], f"{c} shapes") for c in SHAPE_COLOURS if by_colour[c]]
+    sentences.append("There " + ("is " if len(shapes) == 1 else "are ") + _join_words(parts) + ".")
+    for s in sorted(shapes, key=lambda s: (min(2, int(s["y"] * 3)), s["x"])):
+        texture = {"solid": "", "striped": " striped", "outline": " outlined"}[s["texture"]]
+        sentences.append(f"A {s['size']}{texture} {s['colour']} {s['kind']} {_position_name(s['x'], s['y'])}.")
+    return " ".join(sentences)
+
+
+def _join_words(parts):
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _qa(style, question, answer):
+    return {"style": style, "messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}]}
+
+
+def _area(shape):
+    return shape["radius"] ** 2
+
+
+def _short_questions(rng, scene):
+    """Short questions whose answers are balanced over scenes: (question, answer) pairs."""
+    shapes = scene["shapes"]
+    questions = [("How many shapes are there?", str(len(shapes)))]
+    present = {(s["colour"], s["kind"]) for s in shapes}
+    absent = sorted({(c, k) for c in SHAPE_COLOURS for k in SHAPE_KINDS} - present)
+    if present and rng.random() < 0.5:
+        colour, kind = rng.choice(sorted(present))
+    else:
+        colour, kind = rng.choice(absent)
+    questions.append((f"Is there a {colour} {kind}?", "yes" if (colour, kind) in present else "no"))
+    if shapes:
+        questions.append(("What shape is furthest to the left?", min(shapes, key=lambda s: s["x"])["kind"]))
+        by_area = sorted(shapes, key=_area, reverse=True)
+        if len(by_area) == 1 or _area(by_area[0]) > 1.3 * _area(by_area[1]):
+            questions.append(("What colour is the largest shape?", by_area[0]["colour"]))
+    return questions
+
+
+def image_annotations(rng, scene):
+    """A caption, counting with points and pointing for the scene's query, and two short questions."""
+    query, shapes = scene["query"], scene["shapes"]
+    label = query_label(query)
+    points = [(s["x"], s["y"]) for s in shapes if shape_matches(s, query)]
+    tag = data.image_points_tag(points, label) if points else ""
+    annotations = [
+        _qa("long_caption", rng.choice(_CAPTION_PROMPTS), describe_scene(scene)),
+        _qa("point_count", rng.choice(_COUNT_PROMPTS).format(label=label),
+            data.pointing_answer(tag, len(points), with_count=True)),
+        _qa("pointing", rng.choice(_POINT_PROMPTS).format(label=label), data.pointing_answer(tag, len(points))),
+    ]
+    for question, answer in rng.sample(_short_questions(rng, scene), 2):
+        annotations.append(_qa("short_answer", question, answer))
+    return annotations
+
+
+def multi_image_scenes(rng, max_objects=12):
+    """Two scenes sharing a query; which has more of it (or neither) is drawn uniformly first."""
+    query = _random_query(rng)
+    relation = rng.randrange(3)  # 0: image 1 has more, 1: image 2 has more, 2: same
+    if relation == 2:
+        counts = [rng.randint(0, max_objects)] * 2
+    else:
+        low, high = sorted(rng.sample(range(max_objects + 1), 2))
+        counts = [high, low] if relation == 0 else [low, high]
+    return [make_image_scene(rng, max_objects, query, n) for n in counts]
+
+
+def multi_image_annotations(rng, scenes):
+    query = scenes[0]["query"]
+    label = query_label(query)
+    counts = [sum(shape_matches(s, query) for s in scene["shapes"]) for scene in scenes]
+    more = ("Image 1" if counts[0] > counts[1] else "Image 2" if counts[1] > counts[0]
+            else "They have the same number.")
+    per_image = [[(s["x"], s["y"]) for s in scene["shapes"] if shape_matches(s, query)] for scene in scenes]
+    tag = data.multi_image_points_tag(per_image, label) if sum(counts) else ""
+    return [
+        _qa("multi_image_short_answer", f"Which image has more {label}?", more),
+        _qa("multi_image_point_then_count", f"How many {label} are there in the two images?",
+            data.pointing_answer(tag, sum(counts), with_count=True)),
+    ]
+
+
+def make_video_scene(rng, n_frames=8, max_objects=6):
+    """Shapes that appear at some frame, move in straight lines bouncing off the edges, and some leave
+    before the end. Each shape's track holds its centre per frame, None while it is not in the video."""
+    scene = make_image_scene(rng, max_objects)
+    for shape in scene["shapes"]:
+        e = shape["radius"] * _EXTENT[shape["kind"]]
+        appear = rng.randrange(n_frames - 2)
+        leave = rng.randint(appear + 2, n_frames - 1) if rng.random() < 0.4 else n_frames
+        x, y = shape.pop("x"), shape.pop("y")
+        speed, angle = rng.uniform(0.03, 0.08), rng.uniform(0, 2 * math.pi)
+        vx, vy = speed * math.cos(angle), speed * math.sin(angle)
+        track = []
+        for f in range(n_frames):
+            track.append([round(x, 4), round(y, 4)] if appear <= f < leave else None)
+            if f >= appear:
+                x, y = x + vx, y + vy
+                if not e <= x <= 1 - e:
+                    vx, x = -vx, min(max(x, e), 1 - e)
+                if not e <= y <= 1 - e:
+                    vy, y = -vy, min(max(y, e), 1 - e)
+        shape["appear"], shape["leave"], shape["track"] = appear, leave, track
+    scene["frame_times"] = [f / SYNTHETIC_FPS for f in range(n_frames)]
+    return scene
+
+
+def video_annotations(rng, scene):
+    """Counting with points at each shape's first frame, the same points alone, tracks, and a count of the
+    shapes in the last frame."""
+    query, times = scene["query"], scene["frame_times"]
+    label = query_label(query)
+    matching = [k for k, s in enumerate(scene["shapes"]) if shape_matches(s, query)]
+    first_points = [[tuple(scene["shapes"][k]["track"][f]) for k in matching if scene["shapes"][k]["appear"] == f]
+                    for f in range(len(times))]
+    tag = data.video_points_tag(times, first_points, label) if matching else ""
+    frames = [(t, {k: tuple(scene["shapes"][k]["track"][f]) for k in matching if scene["shapes"][k]["track"][f]})
+              for f, t in enumerate(times)]
+    tracks = data.video_tracks_tag(frames, label) if matching else ""
+    n_last = sum(s["track"][-1] is not None for s in scene["shapes"])
+    return [
+        _qa("video_point_count", rng.choice(_VIDEO_COUNT_PROMPTS).format(label=label),
+            data.pointing_answer(tag, len(matching), with_count=True)),
+        _qa("video_point", rng.choice(_VIDEO_POINT_PROMPTS).format(label=label),
+            data.pointing_answer(tag, len(matching))),
+        _qa("video_point_track_per_frame", rng.choice(_TRACK_PROMPTS).format(label=label),
+            data.pointing_answer(tracks, len(matching))),
+        _qa("video_short_answer", "How many shapes are there at the end of the video?", str(n_last)),
+    ]
+
+
+def _save_png(image, path):
+    image.save(path, format="PNG", compress_level=1)
+
+
+SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "synth_video"}
+
+
+SYNTHETIC_SIZES = {"train": {"image": 2000, "multi": 300, "video": 200},
+                   "val": {"image": 200, "multi": 50, "video": 50},
+                   "test": {"image": 200, "multi": 50, "video": 50}}
+MAX_SHAPES = 12  # the most shapes _place can always fit into one image
+
+
+def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
+                             max_video_objects=6, n_frames=8):
+    """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
+    {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
+    sizes: {split: {"image"|"multi"|"video": n_records}} (default SYNTHETIC_SIZES). max_objects bounds every
+    image's shapes, and so the counts (1..12; fewer makes an easier world). Returns {split: {part: jsonl path}}."""
+    for name, value in (("max_objects", max_objects), ("max_video_objects", max_video_objects)):
+        if not 1 <= value <= MAX_SHAPES:
+            raise ValueError(f"synthetic world: {name}={value}, expected 1..{MAX_SHAPES}")
+    sizes = sizes or SYNTHETIC_SIZES
+    paths = {}
+    for split, parts in sizes.items():
+        paths[split] = {}
+        for part, n in parts.items():
+            if part not in SYNTHETIC_DATASETS:
+                raise ValueError(f"synthetic world part {part!r}: expected one of {list(SYNTHETIC_DATASETS)}")
+            dataset_dir = os.path.join(data_dir, SYNTHETIC_DATASETS[part])
+            os.makedirs(os.path.join(dataset_dir, split), exist_ok=True)
+            path = os.path.join(dataset_dir, f"{split}.jsonl")
+            with open(path, "w") as f:
+                for index in range(n):
+                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size,
+                                                         video_size, max_objects, max_video_objects, n_frames)) + "\n")
+            paths[split][part] = path
+    return paths
+
+
+def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size, max_objects,
+                      max_video_objects, n_frames):
+    """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
+    rng = _example_rng(seed, split, part, index)
+    name = f"{split}/{index:06d}"
+    if part == "image":
+        scene = make_image_scene(rng, max_objects)
+        _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, name + ".png"))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": name + ".png",
+                "annotations": image_annotations(rng, scene), "scene": scene}
+    if part == "multi":
+        scenes = multi_image_scenes(rng, max_objects)
+        files = [f"{name}_{k}.png" for k in range(1, len(scenes) + 1)]
+        for scene, file in zip(scenes, files):
+            _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, file))
+        return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": files,
+                "annotations": multi_image_annotations(rng, scenes), "scene": {"images": scenes}}
+    scene = make_video_scene(rng, n_frames, max_video_objects)
+    os.makedirs(os.path.join(dataset_dir, name), exist_ok=True)
+    for frame in range(n_frames):
+        positions = [s["track"][frame] for s in scene["shapes"]]
+        _save_png(render_scene(scene, video_size, positions=positions),
+                  os.path.join(dataset_dir, name, f"{frame:04d}.png"))
+    return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "video": name, "video_fps": SYNTHETIC_FPS,
+            "annotations": video_annotations(rng, scene), "scene": scene}
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's layout and gives each option's default."""
 
@@ -448,16 +863,16 @@ def main():
     parser.add_argument("--image-size", type=int, default=224, help="synthetic world image size")
     parser.add_argument("--max-objects", type=int, default=12,
                         help="synthetic world: at most this many shapes per image, so counts of 0..N (1-12)")
-    parser.add_argument("--train-images", type=int, default=data.SYNTHETIC_SIZES["train"]["image"],
+    parser.add_argument("--train-images", type=int, default=SYNTHETIC_SIZES["train"]["image"],
                         help="synthetic world: single-image training records")
     args = parser.parse_args()
-    if not 1 <= args.max_objects <= data.MAX_SHAPES:
-        parser.error(f"--max-objects {args.max_objects}: expected 1..{data.MAX_SHAPES}")
+    if not 1 <= args.max_objects <= MAX_SHAPES:
+        parser.error(f"--max-objects {args.max_objects}: expected 1..{MAX_SHAPES}")
 
     if args.dataset == "synthetic":
-        sizes = {split: dict(parts) for split, parts in data.SYNTHETIC_SIZES.items()}
+        sizes = {split: dict(parts) for split, parts in SYNTHETIC_SIZES.items()}
         sizes["train"]["image"] = args.train_images
-        paths = data.generate_synthetic_world(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
+        paths = generate_synthetic_world(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
                                               max_objects=args.max_objects)
         for split, parts in paths.items():
             print(split, {part: sum(1 for _ in open(p)) for part, p in parts.items()})

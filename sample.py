@@ -24,7 +24,7 @@ Design choices:
   out_dir/explain/answer<k>_*.png (the section "See inside" below says how each picture is made).
 - A model from scratch with kept tokens (--vocab=data) has rows only for its training data's words. A question
   with other words is refused naming them, with questions of the synthetic world it does have every word
-  for (data.py section 3d, drawn here) and the words it knows; a default prompt it lacks words for is
+  for (prepare_data.py, drawn here) and the words it knows; a default prompt it lacks words for is
   replaced by such a question.
 - With no --init_from, the model is out/joint, or make demo's out/demo/joint where out/joint has none.
 - A video file (mp4, webm, ...) needs PyAV (`pip install av`); GIFs and frame folders do not.
@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 import data
 import eval as E
+import prepare_data
 from configurator import configure
 from model import apply_rope
 
@@ -722,12 +723,13 @@ def media_kind(record):
 
 
 def world_questions(kind, n_scenes=4):
-    """Questions of the synthetic world (data.py section 3d) about a few scenes drawn with a fixed seed: for
-    `kind` media first, then the other kinds'."""
+    """Questions of the synthetic world (prepare_data.py) about a few scenes drawn with a fixed seed: for `kind`
+    media first, then the other kinds'."""
     rng = random.Random(0)
-    draw = {"image": lambda: data.image_annotations(rng, data.make_image_scene(rng, max_objects=5)),
-            "images": lambda: data.multi_image_annotations(rng, data.multi_image_scenes(rng, max_objects=5)),
-            "video": lambda: data.video_annotations(rng, data.make_video_scene(rng))}
+    draw = {"image": lambda: prepare_data.image_annotations(rng, prepare_data.make_image_scene(rng, max_objects=5)),
+            "images": lambda: prepare_data.multi_image_annotations(
+                rng, prepare_data.multi_image_scenes(rng, max_objects=5)),
+            "video": lambda: prepare_data.video_annotations(rng, prepare_data.make_video_scene(rng))}
     order = [kind] * (kind in draw) + [k for k in draw if k != kind]
     questions = [a["messages"][-2]["content"] for k in order for _ in range(n_scenes) for a in draw[k]()]
     return list(dict.fromkeys(questions))

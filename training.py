@@ -589,18 +589,16 @@ def merge_media_streams(batch, rows):
     """A batch holding images and videos -> one stream of crops and frames, in token order, image windows
     padded to the 9 slots of video windows (-1 = padding): the model reads <im_patch> tokens in order, and
     images and videos share the ViT and connector (pooling with padding slots is the same computation)."""
-    parts, poolings, offset = [], [], 0
+    import data
+    parts, poolings = [], []
     for ex in (ex for row in rows for ex in row):
         for pixels, pooling in ((ex.pixel_values, ex.image_token_pooling), (ex.pixel_values_videos, ex.video_token_pooling)):
-            if pixels is None:
-                continue
-            pooling = torch.where(pooling >= 0, pooling + offset, -1).long()
-            poolings.append(F.pad(pooling, (0, 9 - pooling.shape[1]), value=-1))  # (n_tokens, 9)
-            parts.append(pixels)
-            offset += pixels.shape[0] * pixels.shape[1]
+            if pixels is not None:
+                parts.append(pixels)
+                poolings.append(F.pad(pooling.long(), (0, 9 - pooling.shape[1]), value=-1))  # (n_tokens, 9)
     for key in ("pixel_values_videos", "video_token_pooling", "video_grids", "image_grids", "image_num_crops"):
         batch.pop(key, None)
-    batch["pixel_values"], batch["image_token_pooling"] = torch.cat(parts), torch.cat(poolings)
+    batch["pixel_values"], batch["image_token_pooling"] = data.concat_pooled(parts, poolings)
     return batch
 
 

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 import data  # noqa: E402
 import eval as E  # noqa: E402
+import prepare_data  # noqa: E402
 import sample  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import Molmo2, Molmo2Config, causal_padding_mask  # noqa: E402
@@ -59,15 +60,16 @@ TINY_PROCESSOR = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_
 
 def scene(index, size=224, height=None, n_matching=3):
     """A scene of the demo world (up to 5 shapes) drawn at size x height -> (scene, PIL image, its annotations)."""
-    rng = data._example_rng(0, "docs", "image", index)
-    drawn = data.make_image_scene(rng, max_objects=5, n_matching=n_matching)
-    return drawn, data.render_scene(drawn, size, height), data.image_annotations(rng, drawn)
+    rng = prepare_data._example_rng(0, "docs", "image", index)
+    drawn = prepare_data.make_image_scene(rng, max_objects=5, n_matching=n_matching)
+    return drawn, prepare_data.render_scene(drawn, size, height), prepare_data.image_annotations(rng, drawn)
 
 
 def video_record(index=0, size=128):
-    rng = data._example_rng(0, "docs", "video", index)
-    drawn = data.make_video_scene(rng, n_frames=4)
-    frames = [data.render_scene(drawn, size, positions=[s["track"][f] for s in drawn["shapes"]]) for f in range(4)]
+    rng = prepare_data._example_rng(0, "docs", "video", index)
+    drawn = prepare_data.make_video_scene(rng, n_frames=4)
+    frames = [prepare_data.render_scene(drawn, size, positions=[s["track"][f] for s in drawn["shapes"]])
+              for f in range(4)]
     return {"id": "video", "video": "video", "video_frames": frames, "video_times": drawn["frame_times"]}
 
 
@@ -610,8 +612,9 @@ def looked_at_shapes(model, processor, n):
     on, off, higher = [], [], 0
     for record, question in counting_records(n):
         scene_ = record["scene"]
-        counted = [(s["x"], s["y"], s["radius"]) for s in scene_["shapes"] if data.shape_matches(s, scene_["query"])]
-        others = [(s["x"], s["y"], s["radius"]) for s in scene_["shapes"] if not data.shape_matches(s, scene_["query"])]
+        matches = [prepare_data.shape_matches(s, scene_["query"]) for s in scene_["shapes"]]
+        counted = [(s["x"], s["y"], s["radius"]) for s, match in zip(scene_["shapes"], matches) if match]
+        others = [(s["x"], s["y"], s["radius"]) for s, match in zip(scene_["shapes"], matches) if not match]
         if not counted:
             continue
         looked = look(model, processor, record, question)

@@ -51,12 +51,12 @@ def tiny_world(tmp_path_factory):
     decode. Returns its folder."""
     import json
 
-    import data
+    import prepare_data
 
     root = str(tmp_path_factory.mktemp("tiny_world"))
     sizes = {"train": {"image": 12, "multi": 3, "video": 3}, "val": {"image": 2, "multi": 1, "video": 1}}
-    data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
-                                  max_video_objects=2, n_frames=4)
+    prepare_data.generate_synthetic_world(root, seed=0, sizes=sizes, image_size=56, video_size=56, max_objects=3,
+                                          max_video_objects=2, n_frames=4)
     damaged = os.path.join(root, "damaged")
     os.makedirs(damaged)
     with open(os.path.join(root, "synth_image", "train.jsonl")) as f:

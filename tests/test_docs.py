@@ -128,8 +128,9 @@ def test_with_a_run_it_draws_where_the_model_looked_and_measures_it(checkpoint, 
     checked: whether a trained model looks is what the measure is for, and no test-sized model learns to look)."""
     import shutil
 
-    import data
-    data.generate_synthetic_world(str(tmp_path / "world"), sizes={"test": {"image": 4}}, image_size=96, max_objects=5)
+    import prepare_data
+    prepare_data.generate_synthetic_world(str(tmp_path / "world"), sizes={"test": {"image": 4}}, image_size=96,
+                                          max_objects=5)
     shutil.copytree(os.path.join(checkpoint, "final"), tmp_path / "run" / "joint" / "final")
     result = subprocess.run([sys.executable, "docs/figures.py", f"--out_dir={tmp_path / 'figures'}",
                              f"--run={tmp_path / 'run'}", f"--data_dir={tmp_path / 'world'}", "--check=4",

@@ -11,14 +11,15 @@ from PIL import Image
 
 import data
 import eval as E
+import prepare_data
 from model import Molmo2, Molmo2Config
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    data.generate_synthetic_world(str(root), seed=3, sizes={"test": {"image": 3, "multi": 2, "video": 2}},
-                                  image_size=112, video_size=64, max_objects=4, max_video_objects=3)
+    prepare_data.generate_synthetic_world(str(root), seed=3, sizes={"test": {"image": 3, "multi": 2, "video": 2}},
+                                          image_size=112, video_size=64, max_objects=4, max_video_objects=3)
     return str(root)
 
 

@@ -137,7 +137,7 @@ def test_every_dataset_has_a_fixture_and_presets_name_known_datasets():
     names = set(prepare_data.DATASETS)
     fixtures = {f[:-len(".jsonl")] for f in os.listdir(FIXTURES) if f.endswith(".jsonl")}
     assert {n for n in names if not n.startswith("pixmo_docs_")} | {"pixmo_docs_charts"} == fixtures
-    known = names | set(data.SYNTHETIC_DATASETS.values())
+    known = names | set(prepare_data.SYNTHETIC_DATASETS.values())
     config_dir = os.path.join(os.path.dirname(FIXTURES), "..", "config")
     presets = [f for f in os.listdir(config_dir) if f.startswith("mix_")]
     assert len(presets) == 4

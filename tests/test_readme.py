@@ -21,7 +21,7 @@ import sys
 import pytest
 
 import configurator
-import data
+import prepare_data
 import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,12 +105,12 @@ def shapes_of(root, image_path):
 def assert_prompt_fits(root, words):
     """A prompt that names a colour or a kind of shape is asked about media holding such a shape."""
     prompt = next((w.split("=", 1)[1] for w in words if w.startswith("--prompt=")), "")
-    colour = next((c for c in data.SHAPE_COLOURS if re.search(rf"\b{c}\b", prompt)), None)
-    kind = next((k for k in data.SHAPE_KINDS if re.search(rf"\b{k}s?\b", prompt)), None)
+    colour = next((c for c in prepare_data.SHAPE_COLOURS if re.search(rf"\b{c}\b", prompt)), None)
+    kind = next((k for k in prepare_data.SHAPE_KINDS if re.search(rf"\b{k}s?\b", prompt)), None)
     media = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--image", "--video")]
     if (colour or kind) and media and all(m.startswith(demo.WORLD) for m in media):
         shapes = [s for m in media for s in shapes_of(root, m)]
-        assert any(data.shape_matches(s, {"colour": colour, "kind": kind}) for s in shapes), \
+        assert any(prepare_data.shape_matches(s, {"colour": colour, "kind": kind}) for s in shapes), \
             f"README: {' '.join(words)}: no {colour or ''} {kind or 'shape'} in {media}"
 
 

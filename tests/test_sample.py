@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import eval as E
+import prepare_data
 import sample
 from model import Molmo2, Molmo2Config
 
@@ -32,17 +33,17 @@ def test_media_arguments_both_forms_and_repeats():
 @pytest.fixture
 def scene_image(tmp_path):
     """A rendered synthetic scene (the oracle for where each shape is) saved as a PNG."""
-    rng = data._example_rng(0, "test", "image", 5)
-    scene = data.make_image_scene(rng, max_objects=5, n_matching=3)
+    rng = prepare_data._example_rng(0, "test", "image", 5)
+    scene = prepare_data.make_image_scene(rng, max_objects=5, n_matching=3)
     path = tmp_path / "scene.png"
-    data.render_scene(scene, 160, 120).save(path)
+    prepare_data.render_scene(scene, 160, 120).save(path)
     return scene, str(path)
 
 
 def test_points_drawn_where_the_shapes_are(scene_image, tmp_path, monkeypatch, capsys):
     scene, path = scene_image
     monkeypatch.setattr(sample, "out_dir", str(tmp_path / "out"))
-    centres = [(s["x"], s["y"]) for s in scene["shapes"] if data.shape_matches(s, scene["query"])]
+    centres = [(s["x"], s["y"]) for s in scene["shapes"] if prepare_data.shape_matches(s, scene["query"])]
     answer = data.pointing_answer(data.image_points_tag(centres, "things"), len(centres), with_count=True)
     record = sample.media_record([path], "", None)
     (png,) = sample.show_points(answer, record, str(tmp_path / "out" / "answer1"))

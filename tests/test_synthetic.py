@@ -11,6 +11,7 @@ import re
 import pytest
 
 import data
+import prepare_data
 
 SIZES = {"train": {"image": 60, "multi": 16, "video": 8},
          "val": {"image": 20, "multi": 6, "video": 4},
@@ -20,7 +21,7 @@ SIZES = {"train": {"image": 60, "multi": 16, "video": 8},
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("world"))
-    return out, data.generate_synthetic_world(out, seed=7, sizes=SIZES)
+    return out, prepare_data.generate_synthetic_world(out, seed=7, sizes=SIZES)
 
 
 def _file_hashes(root):
@@ -43,8 +44,8 @@ def _records(path):
 def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
     out, _ = world
     small = {"train": {"image": 5, "multi": 2, "video": 2}}
-    data.generate_synthetic_world(str(tmp_path / "a"), seed=7, sizes=SIZES)
-    data.generate_synthetic_world(str(tmp_path / "b"), seed=8, sizes=small)
+    prepare_data.generate_synthetic_world(str(tmp_path / "a"), seed=7, sizes=SIZES)
+    prepare_data.generate_synthetic_world(str(tmp_path / "b"), seed=8, sizes=small)
     same, other = _file_hashes(str(tmp_path / "a")), _file_hashes(str(tmp_path / "b"))
     assert same == _file_hashes(out)
     assert len(same) == 9 + 100 + 2 * 28 + 8 * 16  # jsonl files, stills, image pairs, video frames
@@ -57,7 +58,7 @@ def test_splits_share_no_image(world):
     image_hashes = {}
     for split in SIZES:
         hashes = {}
-        for dataset in data.SYNTHETIC_DATASETS.values():
+        for dataset in prepare_data.SYNTHETIC_DATASETS.values():
             hashes.update(_file_hashes(os.path.join(out, dataset, split)))
         assert len(hashes) == sum(n * {"image": 1, "multi": 2, "video": 8}[part] for part, n in SIZES[split].items())
         image_hashes[split] = set(hashes.values())
@@ -220,7 +221,7 @@ def test_pixels_show_the_scene(world):
             covered = any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:])
             if s["texture"] == "solid" and not covered:
                 pixel = image.getpixel((int(s["x"] * 224), int(s["y"] * 224)))
-                assert pixel == data.SHAPE_COLOURS[s["colour"]], (record["id"], s)
+                assert pixel == prepare_data.SHAPE_COLOURS[s["colour"]], (record["id"], s)
                 n_checked += 1
     assert n_checked > 100
 
@@ -241,13 +242,13 @@ def test_answers_cannot_be_guessed_from_the_question():
     by_question = collections.defaultdict(collections.Counter)
     for index in range(1500):
         for part in ("image", "multi", "video"):
-            rng = data._example_rng(3, "train", part, index)
+            rng = prepare_data._example_rng(3, "train", part, index)
             if part == "image":
-                annotations = data.image_annotations(rng, data.make_image_scene(rng))
+                annotations = prepare_data.image_annotations(rng, prepare_data.make_image_scene(rng))
             elif part == "multi":
-                annotations = data.multi_image_annotations(rng, data.multi_image_scenes(rng))
+                annotations = prepare_data.multi_image_annotations(rng, prepare_data.multi_image_scenes(rng))
             else:
-                annotations = data.video_annotations(rng, data.make_video_scene(rng))
+                annotations = prepare_data.video_annotations(rng, prepare_data.make_video_scene(rng))
             for a in annotations:
                 question, answer = (m["content"] for m in a["messages"])
                 assert not re.search(r"\d", question), question  # no number in any question
@@ -276,8 +277,7 @@ def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
     shapes (so every count is 0, 1 or 2), and there are 30 of them; the other parts keep their default sizes."""
     import sys
 
-    import prepare_data
-    monkeypatch.setattr(data, "SYNTHETIC_SIZES", {"train": {"image": 999, "multi": 2, "video": 1},
+    monkeypatch.setattr(prepare_data, "SYNTHETIC_SIZES", {"train": {"image": 999, "multi": 2, "video": 1},
                                                   "val": {"image": 3}})
     monkeypatch.setattr(sys, "argv", ["prepare_data.py", "synthetic", "--out", str(tmp_path), "--max-objects", "2",
                                       "--train-images", "30", "--image-size", "56"])
@@ -289,7 +289,7 @@ def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
     assert max(shapes) <= 2 and 2 in shapes  # bounded, and the bound is reached
     for bad in (0, 13):
         with pytest.raises(ValueError, match=f"max_objects={bad}, expected 1..12"):
-            data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
+            prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
 
 
 def test_record_token_ids_cover_every_formatted_example(world):
@@ -299,7 +299,7 @@ def test_record_token_ids_cover_every_formatted_example(world):
 
     import training
     out, _ = world
-    names = list(data.SYNTHETIC_DATASETS.values())
+    names = list(prepare_data.SYNTHETIC_DATASETS.values())
     kept = set(data.record_token_ids(out, {"all": (1.0, names)}))
     assert data.IM_END_ID in kept and len(kept) < 1000
     processor = data.Molmo2Processor(max_crops=2, max_frames=4, crop_size=56, patch_size=14, overlap_margins=(1, 1))
