@@ -704,7 +704,7 @@ def test_joint_from_scratch_with_kept_tokens_and_bench_learning_export(world, tm
     bench_learning rebuilds a run cut off by its time limit from the checkpoint, with the same rows."""
     import shutil
 
-    import bench_learning
+    from tools import bench_learning
     out_dir = tmp_path / "kept"
     run_stage_in_process("train_joint.py", [f"--out_dir={out_dir}", *TINY, *mixture_args(world), "--vocab=data",
                                             "--max_steps=2", "--save_every=2", "--lr_llm=1e-3"], monkeypatch)
@@ -721,7 +721,7 @@ def test_joint_from_scratch_with_kept_tokens_and_bench_learning_export(world, tm
 def test_bench_learning_keeps_each_saved_checkpoint(tmp_path):
     """A save writes a new file and renames it over ckpt.pt (save_checkpoint): every replaced checkpoint is kept
     whole under its own name, and a checkpoint not replaced since the last look is not kept twice."""
-    import bench_learning
+    from tools import bench_learning
     run_dir, seen = tmp_path / "run", {}
     run_dir.mkdir()
     bench_learning.keep_new_checkpoints([str(run_dir)], seen)  # nothing saved yet
@@ -736,14 +736,14 @@ def test_bench_learning_keeps_each_saved_checkpoint(tmp_path):
 
 
 def test_bench_learning_spreads_runs_over_gpus(monkeypatch):
-    import bench_learning
+    from tools import bench_learning
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert "CUDA_VISIBLE_DEVICES" not in bench_learning.run_env(3, {"gpus": 1})
     assert [bench_learning.run_env(i, {"gpus": 4})["CUDA_VISIBLE_DEVICES"] for i in range(6)] == list("012301")
 
 
 def test_bench_learning_curve_files(tmp_path):
-    import bench_learning
+    from tools import bench_learning
     points = {"a": [(250, 0.2, 0.05), (500, 0.3, 0.1)], "b": [(250, 0.1, 0.02), (500, 0.4, 0.2)]}
     paths = bench_learning.plot_curve(points, str(tmp_path))
     with open(tmp_path / "curve.json") as f:

@@ -3,18 +3,23 @@ How fast TrainLoader makes training steps in the training process (reading recor
 images into crops, formatting, packing, collating). Nothing trains: this is the data side of a step alone, to
 set against a whole step's time (BENCHMARKS.md, 'Does the model learn to see?').
 
-    python bench_loader.py                                             # the small preset's crops, 16 rows a step
-    python bench_loader.py --crop_size=378 --max_seq_len=2048 --batch_size=8     # the full preset's
-    python bench_loader.py --workers=8                                 # examples made by 8 worker processes
-    python bench_loader.py --workers=2 --prefilled=True                # this process's side alone
+    python tools/bench_loader.py                                       # the small preset's crops, 16 rows a step
+    python tools/bench_loader.py --crop_size=378 --max_seq_len=2048 --batch_size=8     # the full preset's
+    python tools/bench_loader.py --workers=8                           # examples made by 8 worker processes
+    python tools/bench_loader.py --workers=2 --prefilled=True          # this process's side alone
 
 Needs the synthetic world (python prepare_data.py synthetic --out data). Wall-clock time on one process.
 """
 
+import os
+import sys
 import time
 
-from configurator import configure
-from training import TrainLoader
+# run as python tools/bench_loader.py: the project's modules are in the folder above
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configurator import configure  # noqa: E402
+from training import TrainLoader  # noqa: E402
 
 KNOBS = dict(
     steps=30,  # timed steps, after 3 warm-up steps

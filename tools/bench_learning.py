@@ -1,9 +1,9 @@
 """
 Does the model learn to see? Several from-scratch joint runs side by side, each evaluated on held-out images.
 
-    python bench_learning.py                                            # the default runs, on the GPU
-    python bench_learning.py --runs="{'b16': '--batch_size=16 --max_steps=3000'}" --train_seconds=400
-    python bench_learning.py assets/bench/runs_see_b3.py --gpus=4 --data_dir=data/demo   # a run list from a file
+    python tools/bench_learning.py                                            # the default runs, on the GPU
+    python tools/bench_learning.py --runs="{'b16': '--batch_size=16 --max_steps=3000'}" --train_seconds=400
+    python tools/bench_learning.py assets/bench/runs_see_b3.py --gpus=4 --data_dir=data/demo   # a run list from a file
 
 Every run is `train_joint.py config/demo_joint.py --init_from=scratch <its arguments>` in its own process, all at
 once (small models leave a GPU mostly idle, so several share it; with gpus=N the runs are dealt over N GPUs).
@@ -22,7 +22,10 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
+# run as python tools/bench_learning.py: the project's modules are in the folder above
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configurator import configure  # noqa: E402
 
 KNOBS = dict(
     runs={  # name -> extra train_joint.py arguments

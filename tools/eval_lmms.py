@@ -2,7 +2,7 @@
 nanoMolmo2 under lmms-eval's standard benchmarks: an optional extra (`pip install lmms-eval`), needed by
 this file alone.
 
-    python eval_lmms.py --model nanomolmo2 --model_args init_from=out/joint,batch_size=8 --tasks mme --limit 50
+    python tools/eval_lmms.py --model nanomolmo2 --model_args init_from=out/joint,batch_size=8 --tasks mme --limit 50
 
 This file registers the model as "nanomolmo2" and hands the command line to lmms-eval's own CLI. The model
 answers `generate_until` requests (the generative benchmarks): each request's images (or a video path) and
@@ -11,17 +11,23 @@ eval.generate_answers); an `<image>` placeholder in the question is dropped, sin
 first in Molmo2's layout. Likelihood requests (multiple choice by log-probability) are not supported.
 """
 
+import os
+import sys
+
 import torch
 from PIL import Image
 
-import data
-import eval as E
+# run as python tools/eval_lmms.py: the project's modules are in the folder above
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import eval as E  # noqa: E402
 
 try:
     from lmms_eval.api.model import lmms
     from lmms_eval.api.registry import register_model
 except ImportError:
-    raise ImportError("eval_lmms.py needs lmms-eval, an optional extra: pip install lmms-eval") from None
+    raise ImportError("tools/eval_lmms.py needs lmms-eval, an optional extra: pip install lmms-eval") from None
 
 
 @register_model("nanomolmo2")

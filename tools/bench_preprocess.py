@@ -1,7 +1,7 @@
 """
 Preprocessing speed: data.Molmo2Processor next to transformers' Molmo2Processor on the same inputs, same run.
 
-  python bench_preprocess.py            # needs transformers==5.23.0, torchvision and PyAV (requirements-test.txt)
+  python tools/bench_preprocess.py            # needs transformers==5.23.0, torchvision and PyAV (requirements-test.txt)
 
 - images: the full processor call (text + one 640x480 photo, 8-crop budget -> 2x2 crops + global crop), from a
   PIL image and from a JPEG file (transformers decodes files with torchvision, we with pillow).
@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
+# run as python tools/bench_preprocess.py: the project's modules are in the folder above
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
 
 repeats = 5
 video_seconds, video_fps, video_size = 60, 30, (480, 640)
@@ -55,7 +58,7 @@ def hf_processor():
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from test_processor import hf_processor as build
 
     vocab, merges = TikTokenConverter().extract_vocab_merges_from_model(data.QWEN_RANKS_PATH)
