@@ -14,8 +14,8 @@ default's, stops the script with a message that names it (ConfigError, a SystemE
 The knobs are the names assigned in the calling script's knob block: the lines from a `# -- knobs` comment
 to `configure(` or the closing `# ---` rule (module-level assignments, or the keywords of a dict(...) of
 defaults). `--help` (or `-h`) prints them with their defaults and the comments on their lines, read from
-that block, and exits 0: the help cannot drift from the code. A caller without such a block (bench_*.py's
-KNOBS dicts, a test's) has every public value of a simple type as a knob, and a help without comments.
+that block, and exits 0: the help cannot drift from the code. A caller without such a block (a test's dict)
+has every public value of a simple type as a knob, and a help without comments.
 """
 
 import ast
@@ -125,7 +125,7 @@ def help_text(path, block, known):
 
 def configure(namespace, argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    path = sys._getframe(1).f_globals.get("__file__")  # the calling script (or eval.py, whose main calls this)
+    path = sys._getframe(1).f_globals.get("__file__")  # the calling script, whose knob block says what a knob is
     block = knob_block(path) if path and path.endswith(".py") else None
     known = config_keys(namespace)
     if block is not None:  # the block says what a knob is; other module-level values are not settable

@@ -1273,9 +1273,10 @@ class MixtureSampler:
         self.cursors = {n: list(c) for n, c in state["cursors"].items()}
 
 
-def prepare_command(name):
-    """The prepare_data.py command that makes dataset `name`: the synthetic world's three come from one."""
-    return "synthetic" if name.startswith("synth_") else name
+def prepare_command(name, data_dir):
+    """The arguments of the prepare_data.py command that makes dataset `name` in data_dir: the synthetic world's
+    three come from one."""
+    return ["prepare_data.py", f"--dataset={'synthetic' if name.startswith('synth_') else name}", f"--out={data_dir}"]
 
 
 def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=True, report=None):
@@ -1288,7 +1289,7 @@ def open_mixture(mixture, data_dir, split="train", seed=0, rank=0, load_media=Tr
             path = os.path.join(data_dir, name, f"{split}.jsonl")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"mixture group {group!r}: dataset {name!r} has no '{path}' "
-                                        f"(`python prepare_data.py {prepare_command(name)} --out {data_dir}` makes it)")
+                                        f"(`python {' '.join(prepare_command(name, data_dir))}` makes it)")
             files[name] = RecordFile(path, report=report, load_media=load_media)
     sampler = MixtureSampler(mixture, {name: len(f) for name, f in files.items()}, seed, rank)
     return sampler, files
@@ -1558,7 +1559,7 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None):
         paths = [os.path.join(data_dir, name, f"{split}.jsonl") for split in ("train", "val", "test")]
         if not any(os.path.exists(p) for p in paths):
             raise FileNotFoundError(f"dataset {name!r}: no train/val/test.jsonl in {os.path.join(data_dir, name)} "
-                                    f"(`python prepare_data.py {prepare_command(name)} --out {data_dir}` makes it)")
+                                    f"(`python {' '.join(prepare_command(name, data_dir))}` makes it)")
         for path in filter(os.path.exists, paths):
             for record in RecordFile(path, report, load_media=False):
                 for annotation in record["annotations"]:

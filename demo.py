@@ -26,7 +26,7 @@ import time
 OUT = "out/demo"
 WORLD = "data/demo"  # the demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
 STEPS = [
-    ("demo world", ["prepare_data.py", "synthetic", "--out", WORLD, "--max-objects", "5", "--train-images", "10000"],
+    ("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={WORLD}", "--max_objects=5", "--train_images=10000"],
      f"{WORLD}/synth_image/test.jsonl"),
     ("vision", ["train_vision.py", "config/demo_vision.py"], f"{OUT}/vision/final/config.json"),
     ("align", ["train_align.py", "config/demo_align.py"], f"{OUT}/align/final/config.json"),

@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import prepare_data
+from configurator import configure
 from model import Molmo2, generate, resolve_checkpoint
 
 # ---------------------------------------------------------------------------
@@ -851,7 +852,7 @@ def resolve_model_dir(init_from):
     path = local_model_dir(init_from)
     if path:
         return path
-    train = (f"`{python_command('prepare_data.py', 'synthetic')}`, then "
+    train = (f"`{python_command('prepare_data.py', '--dataset=synthetic')}`, then "
              f"`{python_command('train_joint.py', f'--out_dir={init_from}')}`")
     if init_from in (DEFAULT_INIT_FROM, DEMO_INIT_FROM):
         nor = f", nor in {DEMO_INIT_FROM} (make demo's)" if init_from == DEFAULT_INIT_FROM else ""
@@ -1083,8 +1084,7 @@ def evaluation_items(datasets, data_dir, split, tasks=(), max_examples=0, report
         if not os.path.isfile(path):
             if name.endswith(".jsonl"):
                 raise FileNotFoundError(f"dataset '{name}': no such file")
-            make = python_command("prepare_data.py", "synthetic" if name.startswith("synth_") else name, "--out",
-                                  data_dir)
+            make = python_command(*data.prepare_command(name, data_dir))
             raise FileNotFoundError(f"dataset {name!r}: no '{path}' (`{make}` makes it; or check data_dir and split)")
         records = data.RecordFile(path, report=report, load_media=False)
         source = os.path.splitext(os.path.relpath(path, data_dir))[0] if not name.endswith(".jsonl") else name
@@ -1245,66 +1245,60 @@ def summary_table(results):
 
 
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
-EVAL_DEFAULTS = dict(
-    init_from=DEFAULT_INIT_FROM,  # a training out_dir (with final/), a model directory, or a hub id; where
-    #   out/joint holds none, make demo's out/demo/joint
-    data_dir="data",  # datasets are {data_dir}/{name}/{split}.jsonl; where data/ has none, make demo's data/demo
-    split="test",
-    datasets=["synth_image", "synth_multi", "synth_video"],  # names under data_dir, or paths to .jsonl files
-    tasks=[],  # e.g. ["counting", "pointing"]; empty = every task the records have
-    max_examples=0,  # records per dataset, 0 = all
-    batch_size=32,
-    max_new_tokens=0,  # 0 = the task's default (MAX_NEW_TOKENS)
-    point_radius=0.05,  # matching radius without a scene: a fraction of the image's longer side
-    style_prefixes="sft",  # as the model was trained: sft | none
-    max_crops=0,  # crops per image; 0 = as the checkpoint was trained (Molmo2 evaluates its 8-crop models with 24)
-    n_show=8,  # examples drawn per task
-    out_dir="",  # default: {init_from}/eval_{split} (out/eval_{split} for a hub id)
-    device="cpu",
-    dtype="float32",
-)
+init_from = DEFAULT_INIT_FROM  # a training out_dir (with final/), a model directory, or a hub id; where
+#   out/joint holds none, make demo's out/demo/joint
+data_dir = "data"  # datasets are {data_dir}/{name}/{split}.jsonl; where data/ has none, make demo's data/demo
+split = "test"
+datasets = ["synth_image", "synth_multi", "synth_video"]  # names under data_dir, or paths to .jsonl files
+tasks = []  # e.g. ["counting", "pointing"]; empty = every task the records have
+max_examples = 0  # records per dataset, 0 = all
+batch_size = 32
+max_new_tokens = 0  # 0 = the task's default (MAX_NEW_TOKENS)
+point_radius = 0.05  # matching radius without a scene: a fraction of the image's longer side
+style_prefixes = "sft"  # as the model was trained: sft | none
+max_crops = 0  # crops per image; 0 = as the checkpoint was trained (Molmo2 evaluates its 8-crop models with 24)
+n_show = 8  # examples drawn per task
+out_dir = ""  # default: {init_from}/eval_{split} (out/eval_{split} for a hub id)
+device = "cpu"
+dtype = "float32"
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def main(argv=None):
+def main(config):
     """python eval.py --init_from=out/joint --split=test [--tasks="['counting','pointing']"] [--max_examples=50]
-    Writes report.md, metrics.json, predictions.jsonl and example pictures into out_dir; returns the headline."""
-    from configurator import configure
-    knobs = dict(EVAL_DEFAULTS)
-    configure(knobs, argv)
-    unknown = sorted(set(knobs["tasks"]) - set(MAX_NEW_TOKENS))
+    Writes report.md, metrics.json, predictions.jsonl and example pictures into out_dir; returns the headline.
+    The knobs are this module's values; config (configure's dict of them) is recorded in metrics.json."""
+    global init_from, data_dir
+    unknown = sorted(set(tasks) - set(MAX_NEW_TOKENS))
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; known {sorted(MAX_NEW_TOKENS)}")
-    knobs["init_from"] = or_demo(knobs["init_from"], DEFAULT_INIT_FROM, DEMO_INIT_FROM, local_model_dir)
-    knobs["data_dir"] = or_demo(knobs["data_dir"], EVAL_DEFAULTS["data_dir"], DEMO_DATA_DIR, lambda data_dir: any(
-        os.path.isfile(dataset_path(name, data_dir, knobs["split"])) for name in knobs["datasets"]))
+    init_from = config["init_from"] = or_demo(init_from, DEFAULT_INIT_FROM, DEMO_INIT_FROM, local_model_dir)
+    data_dir = config["data_dir"] = or_demo(data_dir, "data", DEMO_DATA_DIR, lambda folder: any(
+        os.path.isfile(dataset_path(name, folder, split)) for name in datasets))
     skipped = data.SkipReport()
     try:
-        items = evaluation_items(knobs["datasets"], knobs["data_dir"], knobs["split"], knobs["tasks"],
-                                 knobs["max_examples"], skipped)
-        model, processor, model_dir = load_model(knobs["init_from"], knobs["device"], getattr(torch, knobs["dtype"]))
+        items = evaluation_items(datasets, data_dir, split, tasks, max_examples, skipped)
+        model, processor, model_dir = load_model(init_from, device, getattr(torch, dtype))
     except FileNotFoundError as e:  # a dataset or a model that is not there: the message says how to make it
         raise SystemExit(str(e)) from None
-    processor.max_crops = knobs["max_crops"] or processor.max_crops
-    out_dir = knobs["out_dir"] or os.path.join(knobs["init_from"] if os.path.isdir(knobs["init_from"]) else "out",
-                                               f"eval_{knobs['split']}")
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"model {model_dir} | {len(items)} questions from {', '.join(knobs['datasets'])} ({knobs['split']})")
-    items = known_items(model, processor, items, knobs["style_prefixes"])
+    processor.max_crops = max_crops or processor.max_crops
+    report_dir = out_dir or os.path.join(init_from if os.path.isdir(init_from) else "out", f"eval_{split}")
+    os.makedirs(report_dir, exist_ok=True)
+    print(f"model {model_dir} | {len(items)} questions from {', '.join(datasets)} ({split})")
+    items = known_items(model, processor, items, style_prefixes)
     t0 = time.time()
-    rows = evaluate(model, processor, items, knobs["batch_size"], knobs["max_new_tokens"], knobs["point_radius"],
-                    knobs["style_prefixes"], report=skipped)
+    rows = evaluate(model, processor, items, batch_size, max_new_tokens, point_radius, style_prefixes, report=skipped)
     seconds = time.time() - t0
     results = summarize(rows)
-    figures = save_figures(rows, out_dir, knobs["n_show"])
-    report = write_report(os.path.join(out_dir, "report.md"), results, figures,
-                          title=f"nanoMolmo2 evaluation: {model_dir}, {knobs['split']} split")
+    figures = save_figures(rows, report_dir, n_show)
+    report = write_report(os.path.join(report_dir, "report.md"), results, figures,
+                          title=f"nanoMolmo2 evaluation: {model_dir}, {split} split")
     numbers = headline(rows)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(report_dir, "metrics.json"), "w") as f:
         json.dump({**numbers, "results": results, "n_questions": len(rows), "seconds": round(seconds, 1),
-                   "model": model_dir, "config": knobs}, f, indent=2)
-    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+                   "model": model_dir, "config": config}, f, indent=2)
+    with open(os.path.join(report_dir, "predictions.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps({k: row[k] for k in ("source", "task", "id", "prompt", "answer", "truth", "scores")})
                     + "\n")
@@ -1317,4 +1311,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(globals()))

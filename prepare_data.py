@@ -1,9 +1,9 @@
 """
 Turn datasets into nanoMolmo2's record format (data.py section 3b): {out}/{name}/{train,val}.jsonl.
 
-    python prepare_data.py synthetic                          # the synthetic world, offline (the default data)
-    python prepare_data.py pixmo_points --limit 1000          # download from the Hugging Face hub, convert
-    python prepare_data.py pixmo_points --rows rows.parquet   # convert rows you already have (.parquet/.jsonl)
+    python prepare_data.py --dataset=synthetic                          # the synthetic world, offline (the default)
+    python prepare_data.py --dataset=pixmo_points --limit=1000          # download from the Hugging Face hub, convert
+    python prepare_data.py --dataset=pixmo_points --rows=rows.parquet   # convert rows you have (.parquet/.jsonl)
 
 Design choices:
 - One converter per dataset, a plain function rows -> records, following the dataset's published schema
@@ -19,7 +19,6 @@ Design choices:
 - The hub gives only a train split for most of these sets: 1 record in 128 (by a hash of its id) goes to val.
 """
 
-import argparse
 import collections
 import concurrent.futures
 import hashlib
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data
+from configurator import configure
 
 VAL_FRACTION_BITS = 7  # 1 / 2**7 of the records go to val
 MAX_POINTS_PER_LABEL = 60  # as Molmo2's pretraining (max_points=60)
@@ -848,50 +848,47 @@ def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_s
             "annotations": video_annotations(rng, scene), "scene": scene}
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and gives each option's default."""
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+dataset = "synthetic"  # the synthetic world, or one of DATASETS (converted from the hub, or from rows)
+out = "data"  # data folder: datasets go to {out}/{name}/
+rows = ""  # convert these local rows (.jsonl, .parquet or a folder) instead of downloading
+limit = 0  # convert at most this many rows; 0 = all
+download_images = True  # download the rows' image URLs
+seed = 0  # synthetic world seed
+image_size = 224  # synthetic world image size
+max_objects = 12  # synthetic world: at most this many shapes per image, so counts of 0..N (1-12)
+train_images = SYNTHETIC_SIZES["train"]["image"]  # synthetic world: single-image training records
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("dataset", choices=["synthetic", *DATASETS])
-    parser.add_argument("--out", default="data", help="data folder: datasets go to {out}/{name}/")
-    parser.add_argument("--rows", help="convert these local rows (.jsonl, .parquet or a folder) instead of downloading")
-    parser.add_argument("--limit", type=int, help="convert at most this many rows")
-    parser.add_argument("--no-images", action="store_true", help="do not download image URLs")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic world seed")
-    parser.add_argument("--image-size", type=int, default=224, help="synthetic world image size")
-    parser.add_argument("--max-objects", type=int, default=12,
-                        help="synthetic world: at most this many shapes per image, so counts of 0..N (1-12)")
-    parser.add_argument("--train-images", type=int, default=SYNTHETIC_SIZES["train"]["image"],
-                        help="synthetic world: single-image training records")
-    args = parser.parse_args()
-    if not 1 <= args.max_objects <= MAX_SHAPES:
-        parser.error(f"--max-objects {args.max_objects}: expected 1..{MAX_SHAPES}")
-
-    if args.dataset == "synthetic":
+    if dataset != "synthetic" and dataset not in DATASETS:
+        raise SystemExit(f"--dataset={dataset}: expected synthetic or one of {sorted(DATASETS)}")
+    if not 1 <= max_objects <= MAX_SHAPES:
+        raise SystemExit(f"--max_objects={max_objects}: expected 1..{MAX_SHAPES}")
+    if dataset == "synthetic":
         sizes = {split: dict(parts) for split, parts in SYNTHETIC_SIZES.items()}
-        sizes["train"]["image"] = args.train_images
-        paths = generate_synthetic_world(args.out, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                                              max_objects=args.max_objects)
+        sizes["train"]["image"] = train_images
+        paths = generate_synthetic_world(out, seed=seed, sizes=sizes, image_size=image_size, max_objects=max_objects)
         for split, parts in paths.items():
             print(split, {part: sum(1 for _ in open(p)) for part, p in parts.items()})
         return
-    repo, folder, convert = DATASETS[args.dataset]
-    rows = read_rows(args.rows or download_rows(repo, folder, args.out), args.limit)
-    media = Media(args.out)
-    if not args.no_images and any("image_url" in row for row in rows[:1]):
-        prefetch_images(rows, media)
+    repo, folder, convert = DATASETS[dataset]
+    dataset_rows = read_rows(rows or download_rows(repo, folder, out), limit)
+    media = Media(out)
+    if download_images and any("image_url" in row for row in dataset_rows[:1]):
+        prefetch_images(dataset_rows, media)
     dropped = collections.Counter()
-    counts = write_dataset(convert(rows, media, dropped), os.path.join(args.out, args.dataset))
-    print(f"{args.dataset}: {len(rows)} rows -> {counts['train']} train, {counts['val']} val records")
+    counts = write_dataset(convert(dataset_rows, media, dropped), os.path.join(out, dataset))
+    print(f"{dataset}: {len(dataset_rows)} rows -> {counts['train']} train, {counts['val']} val records")
     for reason, n in dropped.most_common():
         print(f"  dropped {n} rows: {reason}")
     report = data.SkipReport()
     for split in ("train", "val"):
-        list(data.RecordFile(os.path.join(args.out, args.dataset, f"{split}.jsonl"), report, load_media=False))
+        list(data.RecordFile(os.path.join(out, dataset, f"{split}.jsonl"), report, load_media=False))
     print(report.summary())
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -1,4 +1,4 @@
-# The synthetic world (prepare_data.generate_synthetic_world; python prepare_data.py synthetic): shapes with captions,
+# The synthetic world (python prepare_data.py --dataset=synthetic): shapes with captions,
 # QA, counting and pointing; image pairs; videos with counting, pointing and tracking. Offline, the default.
 data_dir = "data"
 data_mixture = {

@@ -39,7 +39,7 @@ SHORTER = {
                "--eval_every=0"],
     "sample.py": ["--max_new_tokens=12"],
     "eval.py": ["--max_examples=2", "--max_new_tokens=12", "--n_show=2"],
-    "prepare_data.py": ["--train-images", "16"],
+    "prepare_data.py": ["--train_images=16"],
 }
 
 
@@ -58,7 +58,7 @@ def readme_commands():
 
 
 def shorter(script):
-    """SHORTER's knobs for a script, those it has (the names of its knob block; all of them for prepare_data.py)."""
+    """SHORTER's knobs for a script, those it has (the names of its knob block)."""
     extra = next((args for prefix, args in SHORTER.items() if script.startswith(prefix)), [])
     block = configurator.knob_block(os.path.join(ROOT, script))
     if block is None:

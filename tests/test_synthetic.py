@@ -12,6 +12,7 @@ import pytest
 
 import data
 import prepare_data
+from configurator import configure
 
 SIZES = {"train": {"image": 60, "multi": 16, "video": 8},
          "val": {"image": 20, "multi": 6, "video": 4},
@@ -273,14 +274,15 @@ def test_answers_cannot_be_guessed_from_the_question():
 
 
 def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
-    """`prepare_data.py synthetic --max-objects 2 --train-images 30`: every training image holds at most 2
-    shapes (so every count is 0, 1 or 2), and there are 30 of them; the other parts keep their default sizes."""
-    import sys
-
+    """`prepare_data.py --max_objects=2 --train_images=30`: every training image holds at most 2 shapes (so every
+    count is 0, 1 or 2), and there are 30 of them; the other parts keep their default sizes."""
     monkeypatch.setattr(prepare_data, "SYNTHETIC_SIZES", {"train": {"image": 999, "multi": 2, "video": 1},
-                                                  "val": {"image": 3}})
-    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "synthetic", "--out", str(tmp_path), "--max-objects", "2",
-                                      "--train-images", "30", "--image-size", "56"])
+                                                          "val": {"image": 3}})
+    knobs = {k: getattr(prepare_data, k) for k in ("dataset", "out", "max_objects", "train_images", "image_size")}
+    configure(knobs, ["--dataset=synthetic", f"--out={tmp_path}", "--max_objects=2", "--train_images=30",
+                      "--image_size=56"])  # the command line, read as prepare_data.py reads it
+    for name, value in knobs.items():
+        monkeypatch.setattr(prepare_data, name, value)
     prepare_data.main()
     train = _records(str(tmp_path / "synth_image" / "train.jsonl"))
     assert len(train) == 30 and len(_records(str(tmp_path / "synth_image" / "val.jsonl"))) == 3

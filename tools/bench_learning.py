@@ -27,22 +27,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configurator import configure  # noqa: E402
 
-KNOBS = dict(
-    runs={  # name -> extra train_joint.py arguments
-        "batch4": "--max_steps=2000 --lr_vit=5e-4 --lr_connector=1e-3",
-        "batch16_all_styles": "--max_steps=3000 --batch_size=16 --lr_vit=5e-4 --lr_connector=1e-3 "
-                              "--styles=('point_count','pointing','short_answer','long_caption')",
-        "batch16_short_answers": "--max_steps=3000 --batch_size=16 --lr_vit=5e-4 --lr_connector=1e-3 "
-                                 "--styles=('short_answer',)",
-    },
-    train_seconds=400,  # each run's wall-clock budget
-    n_eval=100,  # held-out test images per task
-    curve=False,  # also keep every checkpoint a run saves and evaluate each: held-out accuracy against steps
-    device="cuda",
-    gpus=1,  # spread the runs over this many GPUs of the machine, round robin (each run on one)
-    out_dir="out/bench_learning",
-    data_dir="data",
-)
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+runs = {  # name -> extra train_joint.py arguments
+    "batch4": "--max_steps=2000 --lr_vit=5e-4 --lr_connector=1e-3",
+    "batch16_all_styles": "--max_steps=3000 --batch_size=16 --lr_vit=5e-4 --lr_connector=1e-3 "
+                          "--styles=('point_count','pointing','short_answer','long_caption')",
+    "batch16_short_answers": "--max_steps=3000 --batch_size=16 --lr_vit=5e-4 --lr_connector=1e-3 "
+                             "--styles=('short_answer',)",
+}
+train_seconds = 400  # each run's wall-clock budget
+n_eval = 100  # held-out test images per task
+curve = False  # also keep every checkpoint a run saves and evaluate each: held-out accuracy against steps
+device = "cuda"
+gpus = 1  # spread the runs over this many GPUs of the machine, round robin (each run on one)
+out_dir = "out/bench_learning"
+data_dir = "data"
+# ----------------------------------------------------------------------------------------------------------------
 
 
 KEPT_TOKENS = {}  # (data_dir, mixture) -> the token ids its records use
@@ -145,12 +145,11 @@ def plot_curve(points, out_dir):
     return paths
 
 
-def main(argv=None):
-    knobs = dict(KNOBS)
-    configure(knobs, argv)
+def main(knobs):
+    """knobs: configure's dict of this module's knobs after the command line."""
     os.makedirs(knobs["out_dir"], exist_ok=True)
     if not os.path.exists(os.path.join(knobs["data_dir"], "synth_image", "test.jsonl")):
-        subprocess.run([sys.executable, "prepare_data.py", "synthetic", "--out", knobs["data_dir"]], check=True)
+        subprocess.run([sys.executable, "prepare_data.py", "--dataset=synthetic", f"--out={knobs['data_dir']}"], check=True)
     t0 = time.time()
     procs = {name: run_one(i, name, args, knobs) for i, (name, args) in enumerate(knobs["runs"].items())}
     run_dirs = [os.path.join(knobs["out_dir"], name) for name in procs]
@@ -209,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(globals()))

@@ -8,7 +8,7 @@ set against a whole step's time (BENCHMARKS.md, 'Does the model learn to see?').
     python tools/bench_loader.py --workers=8                           # examples made by 8 worker processes
     python tools/bench_loader.py --workers=2 --prefilled=True          # this process's side alone
 
-Needs the synthetic world (python prepare_data.py synthetic --out data). Wall-clock time on one process.
+Needs the synthetic world (python prepare_data.py --dataset=synthetic --out=data). Wall-clock time, one process.
 """
 
 import os
@@ -21,18 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
 from training import TrainLoader  # noqa: E402
 
-KNOBS = dict(
-    steps=30,  # timed steps, after 3 warm-up steps
-    data_dir="data",
-    batch_size=16,
-    max_seq_len=512,
-    max_crops=4,
-    crop_size=112,  # the small preset's; the full preset's is 378
-    styles=("point_count", "pointing", "short_answer", "long_caption"),
-    workers=0,  # TrainLoader's worker processes (train_*.py --loader_workers); 0 = formatting in this process
-    prefilled=False,  # with workers: let them make every example of the timed steps first, then time this
-    #   process's side alone (packing and collating): what the loader costs when the workers keep up
-)
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+steps = 30  # timed steps, after 3 warm-up steps
+data_dir = "data"
+batch_size = 16
+max_seq_len = 512
+max_crops = 4
+crop_size = 112  # the small preset's; the full preset's is 378
+styles = ("point_count", "pointing", "short_answer", "long_caption")
+workers = 0  # TrainLoader's worker processes (train_*.py --loader_workers); 0 = formatting in this process
+prefilled = False  # with workers: let them make every example of the timed steps first, then time this
+#   process's side alone (packing and collating): what the loader costs when the workers keep up
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def steps_per_second(knobs):
@@ -62,9 +62,8 @@ def steps_per_second(knobs):
     return knobs["steps"] / elapsed, tokens / elapsed
 
 
-def main(argv=None):
-    knobs = dict(KNOBS)
-    configure(knobs, argv)
+def main(knobs):
+    """knobs: configure's dict of this module's knobs after the command line."""
     print(f"{knobs['batch_size']} rows of {knobs['max_seq_len']} tokens a step, crops of {knobs['crop_size']} px, "
           f"up to {knobs['max_crops']} crops an image, {knobs['workers']} worker process(es)"
           + (", examples made beforehand" if knobs["prefilled"] else ""))
@@ -73,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(globals()))

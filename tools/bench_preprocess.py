@@ -27,9 +27,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+from configurator import configure  # noqa: E402
 
-repeats = 5
-video_seconds, video_fps, video_size = 60, 30, (480, 640)
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+repeats = 5  # each timing is the best of this many calls
+video_seconds, video_fps, video_size = 60, 30, (480, 640)  # the clip decoded and preprocessed
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def cpu_seconds(fn, repeats):
@@ -145,4 +148,5 @@ def main():
 
 
 if __name__ == "__main__":
+    configure(globals())
     main()

@@ -11,7 +11,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/times.txt"; }
-[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py synthetic --out data/demo --max-objects 5 --train-images 10000 > /dev/null
+[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 --train_images=10000 > /dev/null
 stamp "world ready"
 $PY train_vision.py config/demo_vision.py --out_dir=out/variants/vision --save_every=0 --log_every=100 \
     $VISION_ARGS > "$OUT/vision.log" 2>&1 || { stamp "vision failed"; exit 1; }

@@ -7,7 +7,7 @@ set -u
 OUT=${1:?out dir}; shift
 PY=${PY:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # several chains share the CPUs: one thread each besides their loader workers
-[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py synthetic --out data/demo --max-objects 5 --train-images 10000 > /dev/null
+[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 --train_images=10000 > /dev/null
 run_chain() {
   local name=$1 vision_args=$2 joint_args=$3 dir=out/chains/$1 log=$OUT/$1.log
   mkdir -p "$dir"
