@@ -1,5 +1,6 @@
 """
-The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes.
+The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes
+(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages, in about 10 minutes).
 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images): shapes to
    count and point at, with held-out val and test splits
@@ -23,18 +24,44 @@ import subprocess
 import sys
 import time
 
-OUT = "out/demo"
+from configurator import configure
+
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~10 min: longer stages on
+#   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu
+# ----------------------------------------------------------------------------------------------------------------
+
 WORLD = "data/demo"  # the demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
-STEPS = [
-    ("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={WORLD}", "--max_objects=5", "--train_images=10000"],
-     f"{WORLD}/synth_image/test.jsonl"),
-    ("vision", ["train_vision.py", "config/demo_vision.py"], f"{OUT}/vision/final/config.json"),
-    ("align", ["train_align.py", "config/demo_align.py"], f"{OUT}/align/final/config.json"),
-    ("joint", ["train_joint.py", "config/demo_joint.py"], f"{OUT}/joint/final/config.json"),
-    ("evaluate", ["eval.py", f"--init_from={OUT}/joint", "--split=test", f"--data_dir={WORLD}",
-                  "--datasets=['synth_image']", "--tasks=['counting', 'pointing']", f"--out_dir={OUT}/eval"],
-     f"{OUT}/eval/metrics.json"),
-]
+# each recipe: its out_dir and, per stage, the config files applied in order (a GPU file overrides a few knobs of
+# the CPU one: more and bigger steps, loader workers)
+RECIPES = {
+    "cpu": ("out/demo", {stage: [f"config/demo_{stage}.py"] for stage in ("vision", "align", "joint")}),
+    "gpu": ("out/demo_gpu", {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"]
+                             for stage in ("vision", "align", "joint")}),
+}
+
+
+def demo_steps(recipe="cpu"):
+    """[(name, command line after `python`, the file that shows it is done)] of a recipe."""
+    if recipe not in RECIPES:
+        raise SystemExit(f"demo: recipe={recipe!r}: expected one of {sorted(RECIPES)}")
+    out, configs = RECIPES[recipe]
+    return [
+        ("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={WORLD}", "--max_objects=5",
+                        "--train_images=10000"], f"{WORLD}/synth_image/test.jsonl"),
+        ("vision", ["train_vision.py", *configs["vision"], f"--out_dir={out}/vision"], f"{out}/vision/final/config.json"),
+        ("align", ["train_align.py", *configs["align"], f"--out_dir={out}/align", f"--vit_from={out}/vision"],
+         f"{out}/align/final/config.json"),
+        ("joint", ["train_joint.py", *configs["joint"], f"--out_dir={out}/joint", f"--init_from={out}/align"],
+         f"{out}/joint/final/config.json"),
+        ("evaluate", ["eval.py", f"--init_from={out}/joint", "--split=test", f"--data_dir={WORLD}",
+                      "--datasets=['synth_image']", "--tasks=['counting', 'pointing']", f"--out_dir={out}/eval"],
+         f"{out}/eval/metrics.json"),
+    ]
+
+
+OUT = RECIPES["cpu"][0]
+STEPS = demo_steps("cpu")
 
 
 def commonest_count_share(test_jsonl):
@@ -49,12 +76,10 @@ def commonest_count_share(test_jsonl):
     return counts.most_common(1)[0][1] / len(scenes)
 
 
-def main():
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        print(__doc__.strip())
-        return
+def main(recipe="cpu"):
+    OUT = RECIPES[recipe][0]
     t0 = time.time()
-    for name, args, done_marker in STEPS:
+    for name, args, done_marker in demo_steps(recipe):
         if os.path.exists(done_marker):
             print(f"== {name}: already done ({done_marker})", flush=True)
             continue
@@ -71,6 +96,8 @@ def main():
         shutil.copy(f"{OUT}/{stage}/loss.png", f"{OUT}/{stage}_loss.png")
     shutil.copy(f"{OUT}/vision/readout.png", f"{OUT}/vision_readout.png")
     shutil.copy(f"{OUT}/joint/image_features.png", f"{OUT}/joint_image_features.png")
+    if os.path.isfile(f"{OUT}/joint/answers.png"):  # drawn when the joint stage answered questions as it went
+        shutil.copy(f"{OUT}/joint/answers.png", f"{OUT}/joint_answers.png")
     counting, pointing = metrics["counting_accuracy"], metrics["pointing_f1"]
     with open(f"{OUT}/joint/log.jsonl") as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r][-1]
@@ -86,8 +113,8 @@ def main():
 
 A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
 128 wide x 4 blocks with rows for the {n_tokens:,} Qwen3 tokens the world uses) trained from scratch on the
-demo's synthetic world (up to 5 shapes an image), on this machine's CPU, in three stages (vision pretraining,
-connector alignment, joint training), then asked to count and point on the held-out test images.
+demo's synthetic world (up to 5 shapes an image), on {"this machine's CPU" if recipe == "cpu" else "one GPU"}, in three
+stages (vision pretraining, connector alignment, joint training), then asked to count and point on the held-out test images.
 
 | held-out test images | value |
 |---|---|
@@ -116,6 +143,11 @@ Stage 1 alone, no LLM: the counts and points read straight off its localisation 
 
 ![joint stage](joint_loss.png)
 
+At each validation the joint stage also answers validation questions (counting and pointing; its `eval_answers`),
+greedily, scored as eval.py scores the test images: the model learning to answer, step by step.
+
+![answers during training](joint_answers.png)
+
 ## What the LLM receives from the images
 
 The mean cosine between the image tokens of each training batch, as the connector hands them to the LLM.
@@ -143,4 +175,5 @@ Ask the model yourself: `.venv/bin/python sample.py --init_from={OUT}/joint --im
 
 
 if __name__ == "__main__":
-    main()
+    configure(globals())
+    main(recipe)
