@@ -13,15 +13,16 @@ micro-batches on all ranks. Runs resume from
 out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
 """
 
+import math
 import os
 from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, default_recipe, evaluate_loss,
-                      export_final, fill_recipe, lineage, mixture_has_text_only, resume_run, rng_state,
-                      save_checkpoint, seed_everything, set_learning_rates, train_step, wrap_model)
+from training import (MODEL_INPUTS, Dist, Progress, TrainLoader, build_model, build_optimizer, default_recipe,
+                      evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, resume_run, rng_state,
+                      save_checkpoint, seed_everything, set_learning_rates, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -141,12 +142,30 @@ for step in range(start_step, max_steps):
     # the state before this step's batches and dropout draws, in case the step must be redone
     data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = loader.next_step()
-    try:
-        loss, grad_norm = train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip,
-                                     z_loss, os.path.join(out_dir, f"nonfinite_step{step}_rank{d.rank}.pt"))
-    except FloatingPointError as e:
-        save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config, rng=rng_before)
-        raise SystemExit(f"step {step}: {e}; the state before this step is in {ckpt_path}")
+    # the divisor of this step's loss: every loss token's weight, on every rank
+    weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
+    weighted_ce = torch.zeros((), device=d.device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP: gradients are averaged over the ranks once, in the step's last backward
+        no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
+        with no_sync, autocast:
+            mb = {k: v.to(d.device) for k, v in mb.items()}
+            # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
+            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
+                                        loss_weights=mb["loss_weights"], z_loss=z_loss,
+                                        response_mask=mb["targets"] >= 0)
+            # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
+            (loss_sum / weight_total * d.world_size).backward()
+        weighted_ce += wce
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
+    loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        stop_nonfinite(step, loss, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,
+                       rng_before)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
     if eval_every and (done % eval_every == 0 or done == max_steps):

@@ -1,6 +1,8 @@
 """
-The pieces both training stages share (train_align.py, train_joint.py): devices and torchrun, DDP / FSDP2
-wrapping, per-part optimizer groups and schedules, Molmo2's loss, atomic checkpoints, progress output.
+What the stage scripts (train_vision.py, train_align.py, train_joint.py) share, so that each of them reads as
+its loop: devices and torchrun, DDP / FSDP2 wrapping, per-part optimizer groups and schedules, atomic
+checkpoints and the dump of a non-finite step, the progress line and its extras (log.jsonl, TensorBoard, W&B,
+PNGs), the model to start from, and the loaders (the mixture -> micro-batches, with forked worker processes).
 
 Design choices:
 - One process per GPU under torchrun (RANK / LOCAL_RANK / WORLD_SIZE), or a single process on CPU / one GPU.
@@ -223,6 +225,19 @@ def save_checkpoint(path, model, optimizer, step, d, data_state, config, extra=N
     d.barrier()
 
 
+def stop_nonfinite(step, loss, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,
+                   rng):
+    """A step whose loss or gradient norm is not finite applies no update: this rank's micro-batches go to
+    nonfinite_step<step>_rank<rank>.pt beside the checkpoint, the state before the step (data_state, rng: taken
+    before its batches and random draws) to the checkpoint, so a resumed run redoes the step; then the run stops."""
+    optimizer.zero_grad(set_to_none=True)
+    batch_path = os.path.join(os.path.dirname(ckpt_path), f"nonfinite_step{step}_rank{d.rank}.pt")
+    torch.save(micro_batches, batch_path)
+    save_checkpoint(ckpt_path, train_model, optimizer, step, d, data_state, config, rng=rng)
+    raise SystemExit(f"step {step}: loss {loss}, grad norm {grad_norm}: not finite; the batch is in {batch_path}; "
+                     f"the state before this step is in {ckpt_path}")
+
+
 def resume_run(path, model, optimizer, loader, d):
     """Continue a run from its checkpoint, if it has one: model, optimizer, this rank's RNG and data-loader state.
     Returns the step to start at (0 when there is no checkpoint)."""
@@ -266,6 +281,28 @@ def image_feature_stats(features):
     total = unit.sum(0)
     mean_cos = (total @ total - n) / (n * (n - 1))  # |sum u|^2 = n + sum of cos over ordered pairs i != j
     return f.std().item(), mean_cos.item()
+
+
+def eta_seconds(step_times, steps_left):
+    """The median of this run's recent step times (seconds) x the steps left: the first step pays for start-up, a
+    step that validates or saves is slower than the rest, and a resumed run did not take the earlier ones."""
+    recent = sorted(step_times[1:][-21:] or step_times)
+    return recent[len(recent) // 2] * steps_left
+
+
+def logged_steps(log_path):
+    """out_dir/log.jsonl -> ({step: train record}, {step: validation record}) in step order, over the whole log
+    (the steps before a resume too); a step logged twice (redone after a resume) counts by its last line. A
+    train record has a 'loss', a validation record 'val_...' keys only."""
+    train, val = {}, {}
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for record in map(json.loads, filter(str.strip, f)):
+                if "loss" in record:
+                    train[record["step"]] = record
+                elif any(k.startswith("val_") for k in record):
+                    val[record["step"]] = record
+    return dict(sorted(train.items())), dict(sorted(val.items()))
 
 
 ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval_answers scores (eval.headline)
@@ -344,11 +381,7 @@ class Progress:
             line += f" | image std {image_stats[0]:.3g} cos {image_stats[1]:.3f}"
         done = step + 1
         self.step_times.append(dt)
-        # the median of this run's recent steps: the first pays for start-up, a step that validates or saves is
-        # slower than the rest, and a resumed run did not take the earlier ones
-        recent = sorted(self.step_times[1:][-21:] or self.step_times)
-        eta = recent[len(recent) // 2] * (self.max_steps - done)
-        line += f" | {dt * 1000:.0f} ms | ETA {eta / 60:.1f} min"
+        line += f" | {dt * 1000:.0f} ms | ETA {eta_seconds(self.step_times, self.max_steps - done) / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
         self.log({"step": step, "loss": loss, "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
@@ -415,20 +448,13 @@ class Progress:
         """({'train': [(step, loss)], 'val': [...]}, [(step, image cosine)], {metric: [(step, score)]}) from the
         whole of log.jsonl: the steps before a resume too, and a step logged twice (redone after a resume) by its
         last line."""
-        train, val, cos, answers = {}, {}, {}, {}
-        with open(self.log_path) as f:
-            for record in map(json.loads, filter(str.strip, f)):
-                if "loss" in record:
-                    train[record["step"]] = record["loss"]
-                    if "image_feature_cos" in record:
-                        cos[record["step"]] = record["image_feature_cos"]
-                if "val_loss" in record:
-                    val[record["step"]] = record["val_loss"]
-                    for key in ANSWER_METRICS:
-                        if f"val_{key}" in record:
-                            answers.setdefault(key, {})[record["step"]] = record[f"val_{key}"]
-        curves = {name: sorted(points.items()) for name, points in (("train", train), ("val", val)) if points}
-        return curves, sorted(cos.items()), {k: sorted(v.items()) for k, v in answers.items()}
+        train, val = logged_steps(self.log_path)
+        curves = {name: [(step, r[key]) for step, r in records.items()]
+                  for name, records, key in (("train", train, "loss"), ("val", val, "val_loss")) if records}
+        cos = [(step, r["image_feature_cos"]) for step, r in train.items() if "image_feature_cos" in r]
+        answers = {key: [(step, r[f"val_{key}"]) for step, r in val.items() if f"val_{key}" in r]
+                   for key in ANSWER_METRICS}
+        return curves, cos, {k: v for k, v in answers.items() if v}
 
     def summary(self, loader, final_dir, ckpt_path):
         """The end-of-run report: steps, time, losses, peak GPU memory, skipped data, where things are."""
@@ -445,6 +471,21 @@ class Progress:
             self.wandb.finish()
         return "\n".join([line, loader.skip_summary(),
                           f"model: {final_dir} | loss curve: {curve} | log: {self.log_path} | checkpoint: {ckpt_path}"])
+
+
+def plot_vision_run(out_dir):
+    """Stage 1's pictures from its whole log (train_vision.py): loss.png, and readout.png, counting and pointing
+    read off the localisation head at each validation."""
+    from eval import plot_curves
+    train, val = logged_steps(os.path.join(out_dir, "log.jsonl"))  # none at max_steps=0
+    readout = {name: [(step, r[key]) for step, r in val.items() if key in r]
+               for key, name in (("val_count_acc", "counting accuracy"), ("val_point_f1", "pointing F1"))}
+    if train:
+        plot_curves({"train loss": [(step, r["loss"]) for step, r in train.items()]},
+                    os.path.join(out_dir, "loss.png"), title="stage 1 loss")
+    if any(readout.values()):
+        plot_curves({name: points for name, points in readout.items() if points}, os.path.join(out_dir, "readout.png"),
+                    title="read off the localisation head (val)", ylabel="accuracy / F1")
 
 
 # ---------------------------------------------------------------------------
@@ -602,7 +643,49 @@ def merge_media_streams(batch, rows):
     return batch
 
 
-class TrainLoader:
+class ForkedWorkers:
+    """A loader's worker processes (self.workers of them; Linux), made on first use: forked from this process,
+    so each has the loader's files, processor and settings without pickling them."""
+
+    workers, pool = 0, None
+
+    def start_workers(self):
+        if self.pool is None:
+            import atexit
+            import multiprocessing
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self,))
+            atexit.register(self.close)  # stopped before interpreter teardown, even when a run stops early
+        return self.pool
+
+    def close(self):
+        """Stop the workers once they have made what was asked of them (a read-ahead: well under a second).
+        Not Pool.terminate(): that can deadlock while a handler thread is still feeding tasks to the workers
+        it kills."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+
+_WORKER_LOADER = None  # in a worker process: the loader it was forked from
+
+
+def _init_worker(loader):
+    global _WORKER_LOADER
+    _WORKER_LOADER = loader
+    # one thread: a forked child's first multi-threaded torch op can hang (OpenMP is not fork-safe)
+    torch.set_num_threads(1)
+
+
+def _add_counts(report, n_seen, counts, first):
+    """What a worker counted while making an example (data.SkipReport's numbers) -> added to this process's."""
+    report.n_seen += n_seen
+    report.counts.update(counts)
+    for reason, message in first.items():
+        report.first.setdefault(reason, message)
+
+
+class TrainLoader(ForkedWorkers):
     """The micro-batches of one rank: records drawn from the mixture (data.MixtureSampler), formatted
     (data.format_example, deterministic per draw), packed (data.Packer) and collated.
 
@@ -640,25 +723,6 @@ class TrainLoader:
             if workers:
                 keys = _Prefetch(keys, self, depth=max(16, 4 * batch_size))
             self.packers.append(data.Packer(keys, keys.make if workers else self._example, max_seq_len, max_row_crops))
-
-    def start_workers(self):
-        """The worker processes (made on first use): forked from this process, so each has this loader's files,
-        processor and settings without pickling them."""
-        if self.pool is None:
-            import atexit
-            import multiprocessing
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self,))
-            atexit.register(self.close)  # stopped before interpreter teardown, even when a run stops early
-        return self.pool
-
-    def close(self):
-        """Stop the workers once they have made what was asked of them (a read-ahead: well under a second).
-        Not Pool.terminate(): that can deadlock while a handler thread is still feeding tasks to the workers
-        it kills (seen here in 1 of 25 test runs)."""
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
-            self.pool = None
 
     def _example(self, key):
         name, index, draw = key
@@ -715,17 +779,7 @@ class TrainLoader:
         self.report.n_seen = state["records"]["n_seen"]
         self.report.counts = collections.Counter(state["records"]["counts"])
         self.report.first = dict(state["records"]["first"])
-        self.n_filtered = state["records"].get("n_filtered", 0)  # (absent from checkpoints before it was kept)
-
-
-_WORKER_LOADER = None  # in a worker process: the TrainLoader it was forked from
-
-
-def _init_worker(loader):
-    global _WORKER_LOADER
-    _WORKER_LOADER = loader
-    # one thread: a forked child's first multi-threaded torch op can hang (OpenMP is not fork-safe)
-    torch.set_num_threads(1)
+        self.n_filtered = state["records"].get("n_filtered", 0)
 
 
 def _worker_example(key):
@@ -778,11 +832,7 @@ class _Prefetch:
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
             result = self.loader.start_workers().apply_async(_worker_example, (key,))
         arrays, too_long, (n_seen, counts, first, n_filtered) = result.get()
-        report = self.loader.report
-        report.n_seen += n_seen
-        report.counts.update(counts)
-        for reason, message in first.items():
-            report.first.setdefault(reason, message)
+        _add_counts(self.loader.report, n_seen, counts, first)
         self.loader.n_filtered += n_filtered
         if too_long is not None:
             raise too_long
@@ -827,6 +877,281 @@ class _DrawKeys:
         self.sampler.load_state_dict(state)
 
 
+# ---------------------------------------------------------------------------
+# Stage 1's data (train_vision.py): records -> crops, pooling windows, captions, pointed labels and their
+# per-token targets
+# ---------------------------------------------------------------------------
+
+CAPTION_STYLES = ("long_caption", "short_caption", "transcript")
+
+
+def token_cells(height, width, grid, processor):
+    """The cell of every pooled token of one image, as (M, 4) [x0, y0, x1, y1] in [0, 1] of the image, in the
+    processor's token order: the global view's tokens, then the stitched high-res grid's. Each view's cells
+    tile the image, so a point lies in exactly one cell of each view."""
+    import data
+    rows, cols, canvas_h, canvas_w = data.crop_geometry(height, width, processor.max_crops, processor.crop_size,
+                                                        processor.patch_size, processor.overlap_margins)
+    n, ps = processor.crop_size // processor.patch_size, processor.patch_size
+    stride = (n - sum(processor.overlap_margins)) * ps
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (n, n) patch row, column
+    boxes = [np.stack([c / n, r / n, (c + 1) / n, (r + 1) / n], -1).reshape(-1, 4)]  # the global crop
+    for k in range(rows * cols):  # the tiles of the canvas, row-major
+        y0, x0 = (k // cols) * stride + r * ps, (k % cols) * stride + c * ps  # (n, n) px on the canvas
+        box = [x0 / canvas_w, y0 / canvas_h, (x0 + ps) / canvas_w, (y0 + ps) / canvas_h]
+        boxes.append(np.stack(box, -1).reshape(-1, 4))
+    boxes = np.concatenate(boxes)  # (n_crops * n * n, 4): every patch's box
+    pooling = data._image_pooling(rows, cols, n, tuple(processor.overlap_margins), tuple(processor.image_pooling))[0]
+    assert pooling.shape[0] == grid[0] * grid[1] + grid[2] * grid[3]
+    slots = boxes[np.maximum(pooling, 0)]  # (M, K, 4)
+    valid = (pooling >= 0)[..., None]
+    lo = np.where(valid, slots[..., :2], np.inf).min(1)  # (M, 2)
+    hi = np.where(valid, slots[..., 2:], -np.inf).max(1)  # (M, 2)
+    return np.concatenate([lo, hi], -1)  # (M, 4)
+
+
+def cell_targets(points, cells):
+    """points (n, 2) in [0, 1], cells (M, 4) -> (holds (M,) bool, offsets (M, 2) in [0, 1] of the cell, -1 where
+    no point). A point on a shared edge belongs to the cell after it (half-open cells), one on the image's far
+    edge to the last cell; two points in one cell give the first one's offset."""
+    holds = np.zeros(len(cells), dtype=bool)
+    offsets = np.full((len(cells), 2), -1.0, dtype=np.float32)
+    for x, y in points:
+        inside = ((cells[:, 0] <= x) & ((x < cells[:, 2]) | (cells[:, 2] >= 1.0))
+                  & (cells[:, 1] <= y) & ((y < cells[:, 3]) | (cells[:, 3] >= 1.0)))
+        for m in np.flatnonzero(inside & ~holds):
+            x0, y0, x1, y1 = cells[m]
+            offsets[m] = ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0))
+        holds |= inside
+    return holds, offsets
+
+
+def pointed_labels(record):
+    """{label: [(x, y), ...]} from every <points> tag in the record's answers (image 1, normalised coordinates),
+    the points of a label merged over annotations without repeats, in first-seen order."""
+    import data
+    labels = {}
+    for annotation in record["annotations"]:
+        for message in annotation["messages"]:
+            if message["role"] != "assistant":
+                continue
+            for tag in data.parse_points(message["content"]).tags:
+                if tag.kind != "points" or not tag.label:
+                    continue
+                seen = labels.setdefault(tag.label, [])
+                for p in tag.points:
+                    if (p.x, p.y) not in seen:
+                        seen.append((p.x, p.y))
+    return {label: points for label, points in labels.items() if points}
+
+
+def caption_of(record, draw):
+    """One caption of the record (an answer of a caption style), chosen by the draw number, or None."""
+    captions = [a["messages"][-1]["content"] for a in record["annotations"] if a["style"] in CAPTION_STYLES]
+    return captions[draw % len(captions)] if captions else None
+
+
+def to_uint8(patches):
+    """Crops in [-1, 1] -> the whole 0..255 values they were made from (the processor rounds after resizing), a
+    quarter of the bytes to send from a worker, keep in a batch and copy to the GPU; from_uint8 undoes it exactly."""
+    return patches.mul(127.5).add_(127.5).round_().to(torch.uint8)
+
+
+def from_uint8(patches):
+    """The inverse of to_uint8, with the processor's own float32 steps (x - 127.5) / 127.5: bit for bit its output."""
+    return patches.float().sub_(127.5).div_(127.5)
+
+
+class VisionExample:
+    """One image's crops and targets (everything a batch needs, on CPU)."""
+
+    def __init__(self, record, draw, processor, text_max_len, use_sigmoid, use_loc):
+        tokenizer = processor.tokenizer
+        image = record["images"][0]
+        vision = processor.image(image)
+        self.patches, self.pooling = to_uint8(vision.patches), vision.token_pooling
+        self.grid = vision.grid
+        self.caption = caption_of(record, draw) if use_sigmoid else None
+        self.caption_ids = None
+        if self.caption is not None:
+            self.caption_ids = tokenizer.encode(self.caption, allow_special=False)[:text_max_len]
+        self.labels, self.label_ids, self.points = [], [], []
+        self.cells = token_cells(image.height, image.width, vision.grid, processor)
+        if use_loc:
+            for label, points in pointed_labels(record).items():
+                self.labels.append(label)
+                self.label_ids.append(tokenizer.encode(label, allow_special=False)[:text_max_len])
+                self.points.append(np.array(points, dtype=np.float64))
+
+    @property
+    def trains(self):
+        return self.caption is not None or bool(self.labels)
+
+
+def collate_vision(examples):
+    """VisionExamples -> the batch dict VisionPretrainer.forward reads (CPU tensors)."""
+    patches, pooling, token_image, offset = [], [], [], 0
+    for i, ex in enumerate(examples):
+        patches.append(ex.patches)
+        pooling.append(torch.where(ex.pooling >= 0, ex.pooling.long() + offset, -1))
+        token_image.append(torch.full((ex.pooling.shape[0],), i))
+        offset += ex.patches.shape[0] * ex.patches.shape[1]
+    M = sum(p.shape[0] for p in pooling)
+    token_start = np.cumsum([0] + [ex.pooling.shape[0] for ex in examples])
+    captioned = [i for i, ex in enumerate(examples) if ex.caption is not None]
+    captions = [examples[i].caption for i in captioned]
+    labels = [(i, ids, pts) for i, ex in enumerate(examples) for ids, pts in zip(ex.label_ids, ex.points)]
+    loc_targets = torch.zeros(M, len(labels))
+    offset_targets = torch.full((M, 2), -1.0)
+    for j, (i, _, pts) in enumerate(labels):
+        holds, offsets = cell_targets(pts, examples[i].cells)
+        rows = token_start[i] + np.flatnonzero(holds)
+        loc_targets[rows, j] = 1.0
+        offset_targets[rows] = torch.from_numpy(offsets[holds])
+    batch = {"patches": torch.cat(patches), "pooling": torch.cat(pooling), "token_image": torch.cat(token_image),
+             "caption_image": torch.tensor(captioned, dtype=torch.long),
+             "caption_same": torch.tensor([[a == b for b in captions] for a in captions],
+                                          dtype=torch.bool).reshape(len(captions), len(captions)),
+             "label_image": torch.tensor([i for i, _, _ in labels], dtype=torch.long),
+             "loc_targets": loc_targets, "offset_targets": offset_targets,
+             # for the read-out: every token's cell, whether it is of the high-res view, each label's points
+             "cells": torch.from_numpy(np.concatenate([ex.cells for ex in examples])).float(),
+             "high_res": torch.cat([torch.arange(ex.pooling.shape[0]) >= ex.grid[0] * ex.grid[1] for ex in examples]),
+             "label_points": [pts for _, _, pts in labels]}
+    texts_by_name = {"caption": [examples[i].caption_ids for i in captioned], "label": [ids for _, ids, _ in labels]}
+    for name, texts in texts_by_name.items():
+        lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+        ids = torch.zeros(len(texts), max([len(t) for t in texts], default=1), dtype=torch.long)
+        for k, t in enumerate(texts):
+            ids[k, :len(t)] = torch.tensor(t, dtype=torch.long)
+        batch[f"{name}_ids"], batch[f"{name}_lengths"] = ids, lengths
+    return batch
+
+
+def vision_batch_to(batch, device):
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["patches"] = from_uint8(batch["patches"])  # on the device: a quarter of the bytes cross
+    return batch
+
+
+def _vision_worker_example(key):
+    """In a worker: (the example of a key or None, what making it counted)."""
+    loader = _WORKER_LOADER
+    report = loader.report
+    report.n_seen, report.counts, report.first = 0, collections.Counter(), {}
+    loader.not_used = dict.fromkeys(loader.not_used, 0)
+    example = loader.example(key)
+    if example is not None:  # numpy goes back by value through the pipe; tensors would each need shared memory
+        example.patches, example.pooling = example.patches.numpy(), example.pooling.numpy()
+    return example, (report.n_seen, dict(report.counts), dict(report.first), dict(loader.not_used))
+
+
+class VisionLoader(ForkedWorkers):
+    """Micro-batches of images for one rank, drawn from the mixture like the other stages' (one stream of draws
+    dealt over world_size * grad_accum shards, so the examples of a step depend only on their product) and
+    resumable through the sampler states. Records that cannot train here are skipped and counted.
+    workers > 0: forked worker processes (Linux) make the next step's examples while this step trains. An
+    example is a pure function of its key and keys are drawn here in order, so the batches are the serial
+    loader's; state_dict() is the state before the keys read ahead."""
+
+    def __init__(self, data_dir, mixture, split, batch_size, processor, text_max_len, use_sigmoid, use_loc, seed,
+                 rank=0, world_size=1, grad_accum=1, workers=0):
+        import data
+        self.batch_size, self.processor, self.text_max_len = batch_size, processor, text_max_len
+        self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
+        self.report = data.SkipReport()
+        self.not_used = {"not a single image": 0, "no caption or points": 0}
+        self.shards = []
+        for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
+            try:
+                sampler, self.files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
+            except FileNotFoundError as e:  # no data yet: the message says how to make it
+                raise SystemExit(str(e)) from None
+            self.shards.append(_DrawKeys(sampler, shard, world_size * grad_accum))
+        self.workers, self.ahead = workers, None  # ahead: (states before, [(keys, result)])
+
+    def example(self, key):
+        import data
+        name, index, draw = key
+        record = self.files[name].get(index)
+        if record is None:
+            return None  # counted in self.report
+        if len(record.get("images", [])) != 1:
+            self.not_used["not a single image"] += 1
+            return None
+        try:
+            ex = VisionExample(record, draw, self.processor, self.text_max_len, self.use_sigmoid, self.use_loc)
+        except data.MediaError as e:
+            self.report.skip(data.BadRecord("undecodable_image", str(e)))
+            return None
+        if not ex.trains:
+            self.not_used["no caption or points"] += 1
+            return None
+        return ex
+
+    def _count(self, counted):
+        n_seen, counts, first, not_used = counted
+        _add_counts(self.report, n_seen, counts, first)
+        for why, n in not_used.items():
+            self.not_used[why] += n
+
+    def _read_ahead(self):
+        states = [keys.state_dict() for keys in self.shards]
+        started = []
+        for keys in self.shards:
+            drawn = [next(keys) for _ in range(self.batch_size)]
+            started.append((drawn, self.start_workers().map_async(_vision_worker_example, drawn)))
+        self.ahead = (states, started)
+
+    def next_step(self):
+        """-> [micro-batch] (grad_accum of them), each collated from batch_size images."""
+        if self.workers and self.ahead is None:
+            self._read_ahead()
+        batches = []
+        for s, keys in enumerate(self.shards):
+            examples = []
+            if self.ahead is not None:
+                for ex, counted in self.ahead[1][s][1].get():
+                    self._count(counted)
+                    if ex is not None:
+                        ex.patches, ex.pooling = torch.from_numpy(ex.patches), torch.from_numpy(ex.pooling)
+                        examples.append(ex)
+            misses = 0
+            while len(examples) < self.batch_size:  # serially, or to replace the read-ahead's unusable records
+                ex = self.example(next(keys))
+                if ex is not None:
+                    examples.append(ex)
+                    misses = 0
+                elif (misses := misses + 1) >= 1000:
+                    raise RuntimeError(f"stage 1: 1000 records in a row unusable\n{self.summary()}")
+            batches.append(collate_vision(examples))
+        self.ahead = None
+        if self.workers:
+            self._read_ahead()  # the next step's examples, made while this one trains
+        return batches
+
+    def summary(self):
+        lines = [self.report.summary()]
+        lines += [f"records not used by this stage ({why}): {n}" for why, n in self.not_used.items() if n]
+        return "\n".join(lines)
+
+    def state_dict(self):
+        samplers = self.ahead[0] if self.ahead is not None else [keys.state_dict() for keys in self.shards]
+        return {"samplers": samplers, "n_seen": self.report.n_seen, "counts": dict(self.report.counts),
+                "first": dict(self.report.first), "not_used": dict(self.not_used)}
+
+    def load_state_dict(self, state):
+        if len(state["samplers"]) != len(self.shards):
+            raise ValueError(f"data state for {len(state['samplers'])} micro-batches per step, this run has "
+                             f"{len(self.shards)} (resume with the same grad_accum)")
+        self.ahead = None  # what was read ahead is dropped
+        for keys, sampler_state in zip(self.shards, state["samplers"]):
+            keys.load_state_dict(sampler_state)
+        self.report.n_seen, self.report.first = state["n_seen"], dict(state["first"])
+        self.report.counts = collections.Counter(state["counts"])
+        self.not_used = dict(state["not_used"])
+
+
 @torch.no_grad()
 def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_args):
     """Mean weighted cross-entropy on the first n_batches batches of a split (the same ones every time), and the
@@ -849,37 +1174,6 @@ def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_ar
     model.train(was_training)
     weight = d.all_reduce_sum(weight)
     return (d.all_reduce_sum(total) / weight).item(), (d.all_reduce_sum(shuffled) / weight).item()
-
-
-def train_step(train_model, model, optimizer, micro_batches, d, parallel, autocast, grad_clip, z_loss, bad_batch_path):
-    """One optimizer step over micro-batches (gradient accumulation). Returns (train loss, grad norm).
-    A non-finite loss or gradient applies no update, saves the batch to bad_batch_path and raises
-    FloatingPointError naming the step's batch."""
-    # the divisor of this step's loss: every loss token's weight, on every rank
-    weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
-    weighted_ce = torch.zeros((), device=d.device)
-    for i, mb in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
-        with no_sync, autocast:
-            mb = {k: v.to(d.device) for k, v in mb.items()}
-            # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
-            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
-                                        loss_weights=mb["loss_weights"], z_loss=z_loss, response_mask=mb["targets"] >= 0)
-            # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
-            (loss_sum / weight_total * d.world_size).backward()
-        weighted_ce += wce
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    train_loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
-    if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-        optimizer.zero_grad(set_to_none=True)
-        torch.save(micro_batches, bad_batch_path)
-        raise FloatingPointError(f"loss {train_loss}, grad norm {grad_norm.item()}: not finite; the batch is in "
-                                 f"{bad_batch_path}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return train_loss, grad_norm.item()
 
 
 def export_final(train_model, model, optimizer, d, final_dir, processor, start=None):

@@ -14,6 +14,9 @@ Design choices:
   the deepest one asked for. Molmo2 reads blocks 24 and 18 of the 27 and keeps only 25 (see model.py).
 - Parameter names follow transformers' Molmo2 vision tower, so that checkpoint layout maps by prefix;
   `from_pretrained` reads the HF `SiglipVisionModel` / `SiglipModel` layout.
+- Stage 1 (train_vision.py) trains the ViT alone through `VisionPretrainer`: a head on its pooled tokens, a
+  small text tower of the ViT's own blocks, SigLIP's sigmoid loss and a localisation loss (train_vision.py's
+  docstring says why). Only the ViT is kept.
 """
 
 import json
@@ -189,6 +192,161 @@ class SigLIP2(nn.Module):
             json.dump(siglip_config_to_hf(self.config), f, indent=2)
         model_io.save_safetensors(siglip_state_dict_to_hf(self.state_dict(), self.config),
                                   os.path.join(out_dir, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------
+# Stage 1 (train_vision.py): a head on the ViT's pooled tokens, a small text tower, and the two losses
+# ---------------------------------------------------------------------------
+
+
+def sigmoid_loss(image_emb, text_emb, log_temperature, bias, positives):
+    """SigLIP's loss. image_emb (B, E), text_emb (B, E) unit vectors; positives (B, B) bool (the diagonal, and
+    any pair whose captions are the same text). -> sum over all B x B pairs of -log sigmoid(+-logit), / B."""
+    logits = image_emb @ text_emb.T * log_temperature.exp() + bias  # (B, B)
+    signs = positives.to(logits.dtype) * 2 - 1  # +1 for a matching pair, -1 otherwise
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+class TextTower(nn.Module):
+    """Qwen3 token ids -> one embedding per text: token + position embeddings, bidirectional ViT-style blocks over
+    the real tokens, a final LayerNorm, the mean over the real tokens, a Linear."""
+
+    def __init__(self, vit_config, n_layers, max_len, embed_dim, vocab_rows):
+        super().__init__()
+        width = vit_config.hidden_size
+        self.vocab_rows = vocab_rows
+        self.token_embedding = nn.Embedding(vocab_rows, width)  # id % rows: hashed, a few ids share a row
+        self.position_embedding = nn.Parameter(torch.zeros(max_len, width))
+        self.layers = nn.ModuleList([Block(vit_config) for _ in range(n_layers)])
+        self.final_layer_norm = nn.LayerNorm(width, eps=vit_config.layer_norm_eps)
+        self.head = nn.Linear(width, embed_dim)
+
+    def forward(self, ids, lengths):
+        """ids (T, L) long, padded; lengths (T,) -> (T, E) unit vectors."""
+        T, L = ids.shape
+        real = torch.arange(L, device=ids.device)[None, :] < lengths[:, None]  # (T, L)
+        x = self.token_embedding(ids % self.vocab_rows) + self.position_embedding[:L]  # (T, L, C)
+        for block in self.layers:
+            x = block(x, real[:, None, None, :])  # (T, L, C): padding is never attended to
+        x = self.final_layer_norm(x)
+        pooled = (x * real[..., None]).sum(1) / lengths[:, None].clamp(min=1)  # (T, C)
+        return F.normalize(self.head(pooled).float(), dim=-1)  # (T, E)
+
+
+class VisionPretrainer(nn.Module):
+    """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
+
+    def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc,
+                 text_vocab_rows=16384, use_position=False):
+        super().__init__()
+        self.vit, self.vit_layers = vit, tuple(vit_layers)
+        width = vit.config.hidden_size * len(self.vit_layers)
+        self.token_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim * 2), nn.GELU(),
+                                        nn.Linear(embed_dim * 2, embed_dim))
+        self.text = TextTower(vit.config, text_layers, text_max_len, embed_dim, text_vocab_rows)
+        self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
+        if use_sigmoid:  # SigLIP's start: t = log 10, b = -10 (the paper's, for its many negatives per positive)
+            self.image_proj = nn.Linear(embed_dim, embed_dim)
+            # (1,), not 0-dim: fully_shard takes no 0-dim parameter
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.bias = nn.Parameter(torch.full((1,), -10.0))
+        if use_loc:  # a few positive tokens per label among dozens: start near that prior
+            self.offset_head = nn.Linear(embed_dim, 2)
+            self.loc_log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.loc_bias = nn.Parameter(torch.full((1,), -3.0))
+        self.position_head = nn.Linear(embed_dim, 2) if use_loc and use_position else None
+        self.init_new()
+
+    def init_new(self):
+        """Everything but the ViT (which keeps its own init or pretrained weights)."""
+        for module in [self.token_head, self.text] + ([self.image_proj] if self.use_sigmoid else []) + \
+                ([self.offset_head] if self.use_loc else []) + \
+                ([self.position_head] if self.position_head is not None else []):
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.Embedding):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.text.position_embedding, std=0.02)
+
+    def token_embeddings(self, patches, pooling):
+        """patches (N, P, patch_dim), pooling (M, K) indices into the N * P patches (-1 = none) -> (M, E)."""
+        features = torch.cat(self.vit(patches, list(self.vit_layers)), dim=-1)  # (N, P, D)
+        features = features.reshape(-1, features.shape[-1])  # (N * P, D)
+        valid = (pooling >= 0)[..., None].to(features.dtype)  # (M, K, 1)
+        windows = features[pooling.clamp(min=0)] * valid  # (M, K, D)
+        pooled = windows.sum(1) / valid.sum(1).clamp(min=1)  # (M, D): the mean of the window
+        return self.token_head(pooled)  # (M, E)
+
+    def blocks(self):
+        """The transformer blocks that FSDP shards one by one (training.wrap_model): the ViT's and the text tower's."""
+        return list(self.vit.layers) + list(self.text.layers)
+
+    def forward(self, batch):
+        return self.losses(self.token_embeddings(batch["patches"], batch["pooling"]), batch)
+
+    def losses(self, tokens, batch):
+        """tokens (M, E) from token_embeddings -> {loss name: scalar} for the objectives that are on."""
+        losses = {}
+        if self.use_sigmoid:
+            losses["sigmoid"] = self.caption_loss(tokens, batch)
+        if self.use_loc:
+            losses["loc"], losses["offset"] = self.loc_loss(tokens, batch)
+            if self.position_head is not None:
+                losses["position"] = self.position_loss(tokens, batch)
+        return losses
+
+    def caption_loss(self, tokens, batch):
+        captioned = batch["caption_image"]  # (B',) the images that have a caption
+        n_images = int(batch["token_image"].max()) + 1
+        per_image = torch.zeros(n_images, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
+        per_image.index_add_(0, batch["token_image"], tokens)  # (n_images, E)
+        per_image = per_image / torch.bincount(batch["token_image"], minlength=n_images)[:, None].to(tokens.dtype)
+        image_emb = F.normalize(self.image_proj(per_image[captioned]).float(), dim=-1)  # (B', E)
+        if len(captioned) == 0:  # nothing to compare; keep every weight in the graph (DDP)
+            stand_in = self.text(*self.one_token(tokens))  # the tower runs on every rank (FSDP gathers its blocks)
+            return 0.0 * (image_emb.sum() + self.log_temperature + self.bias + stand_in.sum()).sum()
+        text_emb = self.text(batch["caption_ids"], batch["caption_lengths"])  # (B', E)
+        return sigmoid_loss(image_emb, text_emb, self.log_temperature, self.bias, batch["caption_same"])
+
+    @staticmethod
+    def one_token(like):
+        """A stand-in text of one token id 0: (ids (1, 1), lengths (1,))."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=like.device)
+        return ids, torch.ones(1, dtype=torch.long, device=like.device)
+
+    def loc_logits(self, tokens, batch):
+        """-> (M, n_labels) logits: does token m hold a point of label j (only meaningful where the token's
+        image is the label's)."""
+        label_emb = self.text(batch["label_ids"], batch["label_lengths"])  # (n_labels, E)
+        return F.normalize(tokens.float(), dim=-1) @ label_emb.T * self.loc_log_scale.exp() + self.loc_bias
+
+    def loc_loss(self, tokens, batch):
+        if batch["label_ids"].shape[0] == 0:  # no pointed labels in this micro-batch; keep the graph whole (DDP)
+            stand_in = self.text(*self.one_token(tokens))  # the tower runs on every rank (FSDP gathers its blocks)
+            zero = 0.0 * (tokens.sum() + self.offset_head.weight.sum() + self.offset_head.bias.sum()
+                          + self.loc_log_scale + self.loc_bias + stand_in.sum()).sum()
+            return zero, zero
+        logits = self.loc_logits(tokens, batch)  # (M, n_labels)
+        same_image = batch["token_image"][:, None] == batch["label_image"][None, :]  # (M, n_labels)
+        bce = F.binary_cross_entropy_with_logits(logits, batch["loc_targets"], reduction="none")
+        loc = (bce * same_image).sum() / same_image.sum()
+        # where a token holds a point: its position in the token's cell, each coordinate in [0, 1]
+        holds = batch["offset_targets"][:, 0] >= 0  # (M,)
+        predicted = torch.sigmoid(self.offset_head(tokens).float())  # (M, 2)
+        offset = F.l1_loss(predicted[holds], batch["offset_targets"][holds], reduction="sum") / holds.sum().clamp(min=1)
+        return loc, offset
+
+    def position_loss(self, tokens, batch):
+        """The global view's tokens that hold a point say where it is in the whole image (x, y in [0, 1]): the
+        global crop is the whole image, so its tokens can know this from the ViT's position embeddings, and it is
+        what the LLM will have to write as coordinates. (The offset loss asks only for the place in the cell.)"""
+        holds = (batch["offset_targets"][:, 0] >= 0) & ~batch["high_res"]  # (M,)
+        cells = batch["cells"]  # (M, 4) each token's cell in the image
+        target = cells[:, :2] + batch["offset_targets"].clamp(min=0) * (cells[:, 2:] - cells[:, :2])  # (M, 2)
+        predicted = torch.sigmoid(self.position_head(tokens).float())  # (M, 2)
+        return F.l1_loss(predicted[holds], target[holds], reduction="sum") / holds.sum().clamp(min=1)
 
 
 def siglip_config_from_hf(hf: dict) -> SigLIP2Config:

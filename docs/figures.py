@@ -660,8 +660,9 @@ def relink_docs():
                 raise SystemExit(f"docs/{name}: no line of {m.group(2)} holds {m.group(1)!r}")
             return f"[`{m.group(1)}`](../{m.group(2)}#L{line})"
 
+        relinked = CODE_LINK.sub(moved, markdown)  # before the file is opened for writing: a missing text stops here
         with open(path, "w") as f:
-            f.write(CODE_LINK.sub(moved, markdown))
+            f.write(relinked)
         print(f"docs/{name}: {len(code_links(markdown))} links")
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-import train_vision as tv
+import training
 from model import Molmo2Config, load_safetensors
-from vision import SigLIP2, SigLIP2Config
+from vision import SigLIP2, SigLIP2Config, sigmoid_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300  # a stuck subprocess fails the test instead of hanging it
@@ -69,7 +69,7 @@ def test_sigmoid_loss_and_its_bias_and_temperature_gradients_by_hand():
     text = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64, requires_grad=True)
     log_t = torch.tensor(math.log(2.0), dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    loss = tv.sigmoid_loss(image, text, log_t, bias, torch.eye(2, dtype=torch.bool))
+    loss = sigmoid_loss(image, text, log_t, bias, torch.eye(2, dtype=torch.bool))
     loss.backward()
 
     cos = [[1.0, 0.6], [0.0, 0.8]]
@@ -101,7 +101,7 @@ def test_sigmoid_loss_gradients_pass_gradcheck():
     log_t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-0.5, dtype=torch.float64, requires_grad=True)
     positives = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda *x: tv.sigmoid_loss(*x, positives), (image, text, log_t, bias))
+    assert torch.autograd.gradcheck(lambda *x: sigmoid_loss(*x, positives), (image, text, log_t, bias))
 
 
 def test_images_with_the_same_caption_are_both_positives():
@@ -116,8 +116,8 @@ def test_images_with_the_same_caption_are_both_positives():
         {"images": [black(56, 56)], "annotations": [answer("long_caption", "a blue square")]},
         {"images": [black(56, 56)], "annotations": [answer("long_caption", "a red circle")]},
     ]
-    examples = [tv.VisionExample(r, 0, processor, 16, True, True) for r in records]
-    batch = tv.collate_vision(examples)
+    examples = [training.VisionExample(r, 0, processor, 16, True, True) for r in records]
+    batch = training.collate_vision(examples)
     assert batch["caption_image"].tolist() == [0, 2, 3]
     assert batch["caption_same"].tolist() == [[True, False, True], [False, True, False], [True, False, True]]
     encode = processor.tokenizer.encode
@@ -135,11 +135,11 @@ def test_images_with_the_same_caption_are_both_positives():
                    for i in range(3) for j in range(3)) / 3
 
     same = [[True, False, True], [False, True, False], [True, False, True]]
-    loss = tv.sigmoid_loss(image, text, log_t, bias, batch["caption_same"])
+    loss = sigmoid_loss(image, text, log_t, bias, batch["caption_same"])
     assert loss.item() == pytest.approx(by_hand(same), rel=1e-12)
     # the diagonal alone would call the pairs (0, 2) and (2, 0) negatives; as softplus(z) - softplus(-z) = z, that
     # adds their logits, (3 * 0.6 - 2) + (3 * 0.8 - 2) = 0.2, over B' = 3
-    diagonal_only = tv.sigmoid_loss(image, text, log_t, bias, torch.eye(3, dtype=torch.bool)).item()
+    diagonal_only = sigmoid_loss(image, text, log_t, bias, torch.eye(3, dtype=torch.bool)).item()
     assert diagonal_only == pytest.approx(by_hand([[i == j for j in range(3)] for i in range(3)]), rel=1e-12)
     assert diagonal_only - loss.item() == pytest.approx(0.2 / 3, rel=1e-12)
 
@@ -167,11 +167,11 @@ def test_token_cells_of_a_wide_tiny_image_by_hand():
     processor = tiny_processor()
     vision = processor.image(np.zeros((56, 100, 3), dtype=np.uint8))
     assert vision.grid == WIDE_GRID and vision.patches.shape[0] == 3  # the global crop and 1 x 2 crops
-    cells = tv.token_cells(56, 100, vision.grid, processor)
+    cells = training.token_cells(56, 100, vision.grid, processor)
     np.testing.assert_allclose(cells, WIDE_CELLS, rtol=0, atol=1e-12)  # float64 quotients like 28 / 84
     # the point (0.8, 0.25): the global view's top-right quadrant (token 1), the high-res view's top row, third
     # column (token 4 + 2); offsets in the cell ((0.8 - 0.5) / 0.5, 0.25 / 0.5), ((0.8 - 2/3) / (1/3), 0.25 / 0.5)
-    holds, offsets = tv.cell_targets(np.array([[0.8, 0.25]]), cells)
+    holds, offsets = training.cell_targets(np.array([[0.8, 0.25]]), cells)
     assert np.flatnonzero(holds).tolist() == [1, 6]
     # offsets are stored in float32: within one float32 ulp at 1 (2^-23) of the exact quotients
     np.testing.assert_allclose(offsets[[1, 6]], [[0.6, 0.5], [0.4, 0.5]], rtol=0, atol=2 ** -23)
@@ -190,12 +190,12 @@ def test_token_cells_of_a_tall_small_preset_image_by_hand():
     processor = data.Molmo2Processor(max_crops=4, crop_size=112, patch_size=14, overlap_margins=(2, 2))
     vision = processor.image(np.zeros((200, 100, 3), dtype=np.uint8))
     assert vision.grid == (4, 4, 8, 4) and vision.patches.shape[0] == 1 + 3
-    cells = tv.token_cells(200, 100, vision.grid, processor)
+    cells = training.token_cells(200, 100, vision.grid, processor)
     expected = [[c / 4, r / 4, (c + 1) / 4, (r + 1) / 4] for r in range(4) for c in range(4)]
     expected += [[c / 4, r / 8, (c + 1) / 4, (r + 1) / 8] for r in range(8) for c in range(4)]
     np.testing.assert_allclose(cells, expected, rtol=0, atol=1e-12)
     # (0.3, 0.55): global row 2, column 1 -> token 9; high-res row 4 (0.55 * 8 = 4.4), column 1 -> 16 + 4 * 4 + 1
-    holds, offsets = tv.cell_targets(np.array([[0.3, 0.55]]), cells)
+    holds, offsets = training.cell_targets(np.array([[0.3, 0.55]]), cells)
     assert np.flatnonzero(holds).tolist() == [9, 33]
     np.testing.assert_allclose(offsets[[9, 33]], [[0.2, 0.2], [0.2, 0.4]], rtol=0, atol=2 ** -23)  # float32
 
@@ -213,7 +213,7 @@ def test_token_cells_are_where_the_processor_puts_the_pixels():
     # a token sees the square where a pixel of its pooled patches is brighter than a quarter of the way from black
     lit = torch.where(pooling >= 0, (patches[pooling.clamp(min=0)] > -0.5).any(-1), False).any(-1)  # (M,)
     assert torch.nonzero(lit).flatten().tolist() == [1, 6]
-    holds, _ = tv.cell_targets(np.array([[0.8, 0.25]]), tv.token_cells(56, 100, vision.grid, processor))
+    holds, _ = training.cell_targets(np.array([[0.8, 0.25]]), training.token_cells(56, 100, vision.grid, processor))
     assert np.flatnonzero(holds).tolist() == [1, 6]
 
 
@@ -232,11 +232,11 @@ def test_cell_targets_edges_and_shared_cells():
         ([[0.9, 0.9], [0.1, 0.6], [0.2, 0.7]], [2, 3], [[0.2, 0.2], [0.8, 0.8]]),
     ]
     for points, cells, offsets in cases:
-        holds, got = tv.cell_targets(np.array(points, dtype=np.float64), quadrants)
+        holds, got = training.cell_targets(np.array(points, dtype=np.float64), quadrants)
         assert np.flatnonzero(holds).tolist() == cells, points
         np.testing.assert_allclose(got[holds], offsets, rtol=0, atol=2 ** -23, err_msg=str(points))  # float32
         assert (got[~holds] == -1).all(), points
-    holds, offsets = tv.cell_targets(np.zeros((0, 2)), quadrants)
+    holds, offsets = training.cell_targets(np.zeros((0, 2)), quadrants)
     assert not holds.any() and (offsets == -1).all()
 
 
@@ -255,9 +255,9 @@ def test_pointed_labels_of_a_hand_written_record():
         answer("video_point_track", '<tracks coords="0.5 1 100 100">fish</tracks>'),
         answer("pointing", '<points coords="1 1 300 400">cats</points>'),  # seen already
     ]}
-    assert list(tv.pointed_labels(record).items()) == [
+    assert list(training.pointed_labels(record).items()) == [
         ("cats", [(0.1, 0.2), (0.3, 0.4), (0.5, 0.6)]), ("dog", [(0.9, 0.05)]), ("red ball", [(0.25, 0.75)])]
-    assert tv.pointed_labels({"annotations": [answer("point_count", "There are none.")]}) == {}
+    assert training.pointed_labels({"annotations": [answer("point_count", "There are none.")]}) == {}
 
 
 def test_collate_vision_marks_only_the_labels_own_image():
@@ -270,10 +270,10 @@ def test_collate_vision_marks_only_the_labels_own_image():
             "annotations": [answer("pointing", '<points coords="1 1 800 250">cats</points>')]}
     square = {"images": [black(56, 56)], "annotations": [answer(
         "pointing", '<points coords="1 1 100 900">dogs</points> <points coords="1 1 800 250 2 900 100">cats</points>')]}
-    examples = [tv.VisionExample(r, 0, processor, 16, True, True) for r in (wide, square)]
+    examples = [training.VisionExample(r, 0, processor, 16, True, True) for r in (wide, square)]
     assert [ex.grid for ex in examples] == [WIDE_GRID, SQUARE_GRID] and [ex.labels for ex in examples] == [
         ["cats"], ["dogs", "cats"]]
-    batch = tv.collate_vision(examples)
+    batch = training.collate_vision(examples)
 
     loc = torch.zeros(18, 3)
     loc[[1, 6], 0] = 1
@@ -309,18 +309,18 @@ def test_uint8_round_trip_is_bit_exact(tiny_world):
     world's PNG and seeded noise, at the released crop size (upscaled, so resizing makes in-between values)."""
     k = torch.arange(256, dtype=torch.float32)
     levels = (k - 127.5) / 127.5
-    assert torch.equal(tv.to_uint8(levels.clone()), k.to(torch.uint8))
-    assert torch.equal(tv.from_uint8(tv.to_uint8(levels.clone())), levels)
+    assert torch.equal(training.to_uint8(levels.clone()), k.to(torch.uint8))
+    assert torch.equal(training.from_uint8(training.to_uint8(levels.clone())), levels)
 
     processor = data.Molmo2Processor(max_crops=4)
     noise = np.random.default_rng(0).integers(0, 256, size=(90, 130, 3), dtype=np.uint8)
     png = os.path.join(tiny_world, "synth_image", "train", "000002.png")
     for image in (png, noise):
         patches = processor.image(image).patches
-        as_bytes = tv.to_uint8(patches.clone())
+        as_bytes = training.to_uint8(patches.clone())
         assert as_bytes.dtype == torch.uint8
-        assert torch.equal(tv.from_uint8(as_bytes), patches)
-    assert tv.to_uint8(processor.image(noise).patches.clone()).unique().numel() == 256
+        assert torch.equal(training.from_uint8(as_bytes), patches)
+    assert training.to_uint8(processor.image(noise).patches.clone()).unique().numel() == 256
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +333,7 @@ MIXTURE = {"image": (0.6, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]
 
 
 def vision_loader(world, workers):
-    return tv.VisionLoader(world, MIXTURE, "train", 2, tiny_processor(), 32, True, True, seed=0, grad_accum=2,
+    return training.VisionLoader(world, MIXTURE, "train", 2, tiny_processor(), 32, True, True, seed=0, grad_accum=2,
                            workers=workers)
 
 

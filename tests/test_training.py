@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -322,20 +321,27 @@ def test_joint_recipe_follows_where_the_llm_started(world, tmp_path, monkeypatch
 
 def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world, tmp_path, monkeypatch):
     out_dir = str(tmp_path / "nonfinite")
-    real_train_step = training.train_step
+    real_next_step, real_progress_step = training.TrainLoader.next_step, training.Progress.step
     seen = {}
 
-    def train_step_with_a_corrupt_image_at_step_2(train_model, model, optimizer, micro_batches, *args):
+    def next_step_with_a_corrupt_image_at_step_2(loader):
         step = seen.setdefault("calls", 0)
         seen["calls"] += 1
         if step == 2:
-            seen["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
             seen["rng"] = torch.get_rng_state()
+        micro_batches = real_next_step(loader)
+        if step == 2:
             seen["input_ids"] = micro_batches[0]["input_ids"].clone()
             micro_batches[0]["pixel_values"][0] = float("inf")  # one crop's pixels
-        return real_train_step(train_model, model, optimizer, micro_batches, *args)
+        return micro_batches
 
-    monkeypatch.setattr(training, "train_step", train_step_with_a_corrupt_image_at_step_2)
+    def progress_step_keeping_the_weights_after_step_1(progress, step, *args):
+        if step == 1:  # the weights before step 2
+            seen["weights"] = {k: v.clone() for k, v in progress.model.state_dict().items()}
+        return real_progress_step(progress, step, *args)
+
+    monkeypatch.setattr(training.TrainLoader, "next_step", next_step_with_a_corrupt_image_at_step_2)
+    monkeypatch.setattr(training.Progress, "step", progress_step_keeping_the_weights_after_step_1)
     images_only = {"image": (1.0, ["synth_image"])}
     args = [f"--out_dir={out_dir}", f"--data_dir={world}", f"--data_mixture={images_only!r}", *TINY, "--max_steps=5",
             "--save_every=100", "--warmup_connector=0", "--warmup_vit=0", "--warmup_llm=0"]  # dropout 0.1
@@ -463,21 +469,35 @@ def to_batch(rows, pad_to):
     return batch
 
 
-def gradients_of_one_step(model, micro_batches, d=None, train_model=None):
-    """train_step with AdamW as in training; returns (loss, grad norm, {name: clipped gradient}, new params)."""
-    d = d or training.Dist("cpu")
-    optimizer = training.build_optimizer(model, {"connector": 1e-3, "vit": 1e-3, "llm": 1e-3}, {})
-    grads = {}
-    step = optimizer.step
+# one step of train_joint.py on the micro-batches given, every part at lr 1e-3 from the first step, dropout 0
+ONE_STEP = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--device=cpu", "--max_steps=1",
+            "--eval_every=0", "--save_every=0", "--resid_dropout=0.0", "--response_dropout=0.0", "--lr_connector=1e-3",
+            "--lr_vit=1e-3", "--lr_llm=1e-3", "--warmup_connector=0", "--warmup_vit=0", "--warmup_llm=0",
+            "--weight_decay=0.0", "--seed=2", "--data_mixture={'image': (1.0, ['synth_image'])}"]
 
-    def recording_step():
-        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        step()
 
-    optimizer.step = recording_step
-    loss, grad_norm = training.train_step(train_model or model, model, optimizer, micro_batches, d, "ddp",
-                                          nullcontext(), 1.0, 1e-4, "unused.pt")
-    return loss, grad_norm, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+def gradients_of_one_step(world, out_dir, micro_batches):
+    """train_joint.py's first step, in this process, on these micro-batches (the loader's are replaced) ->
+    (loss, grad norm, {name: clipped gradient}, new params) of this rank (its log's numbers: rank 0's)."""
+    grads, params = {}, {}
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        tensors = [p for group in optimizer.param_groups for p in group["params"]]
+        grads.update({id(p): p.grad.clone() for p in tensors if p.grad is not None})
+        result = real_step(optimizer, *args, **kwargs)
+        params.update({id(p): p.detach().clone() for p in tensors})
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.TrainLoader, "next_step", lambda loader: copy.deepcopy(micro_batches))
+        patch.setattr(torch.optim.AdamW, "step", recording_step)
+        patch.setattr(sys, "argv", ["train_joint.py", f"--out_dir={out_dir}", f"--data_dir={world}", *ONE_STEP])
+        namespace = runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+    names = {id(p): n for n, p in namespace["model"].named_parameters()}
+    logged = [r for r in read_log(out_dir) if "loss" in r] if os.path.exists(os.path.join(out_dir, "log.jsonl")) else []
+    loss, grad_norm = (logged[0]["loss"], logged[0]["grad_norm"]) if logged else (None, None)
+    return (loss, grad_norm, {names[i]: g for i, g in grads.items()}, {names[i]: p for i, p in params.items()})
 
 
 def assert_same_step(a, b):
@@ -500,60 +520,57 @@ def assert_same_step(a, b):
 
 
 @pytest.fixture(scope="module")
-def big_batch_step(world):
-    """The reference: one micro-batch of 8 rows, dropout off. Returns (start model, rows, pad_to, result)."""
-    torch.manual_seed(2)
-    start = training.build_model("scratch", "tiny")  # dropout 0
+def big_batch_step(world, tmp_path_factory):
+    """The reference: train_joint.py's first step on one micro-batch of 8 rows. Returns (rows, pad_to, result)."""
     rows, pad_to = short_answer_rows(world)
     first, second = (sum(float(ex.loss_weights.sum()) for row in half for ex in row) for half in (rows[:4], rows[4:]))
     assert abs(first - second) > 0.5, "micro-batches of equal weight would not test the normalisation"
-    result = gradients_of_one_step(copy.deepcopy(start), [to_batch(rows, pad_to)])
-    return start, rows, pad_to, result
+    result = gradients_of_one_step(world, str(tmp_path_factory.mktemp("big")), [to_batch(rows, pad_to)])
+    return rows, pad_to, result
 
 
-def test_gradient_accumulation_equals_one_big_batch(big_batch_step):
-    start, rows, pad_to, big = big_batch_step
-    accumulated = gradients_of_one_step(copy.deepcopy(start), [to_batch(rows[:4], pad_to), to_batch(rows[4:], pad_to)])
+def test_gradient_accumulation_equals_one_big_batch(world, big_batch_step, tmp_path):
+    rows, pad_to, big = big_batch_step
+    accumulated = gradients_of_one_step(world, str(tmp_path), [to_batch(rows[:4], pad_to), to_batch(rows[4:], pad_to)])
     assert_same_step(accumulated, big)
 
 
-def ddp_rank(rank, port, start_path, rows_path, out_path):
-    """One of 2 CPU processes (gloo), with 4 of the 8 rows each: as one micro-batch of 4, then (a fresh
-    copy of the model) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes both results."""
+def ddp_rank(rank, port, world, rows_path, split, out_dir, out_path):
+    """One of 2 CPU processes (gloo) running train_joint.py's step on 4 of the 8 rows: as one micro-batch of 4, or
+    (split) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes its result."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = training.Dist("cpu")
-    start = torch.load(start_path, weights_only=False)
     rows, pad_to = torch.load(rows_path, weights_only=False)
     mine = rows[4 * rank:4 * rank + 4]
-    results = []
-    for micro_batches in ([mine], [mine[:2], mine[2:]]):
-        model = copy.deepcopy(start)
-        train_model = training.wrap_model(model, d, "ddp")
-        results.append(gradients_of_one_step(model, [to_batch(mb, pad_to) for mb in micro_batches], d, train_model))
-    if d.is_master:
-        torch.save(results, out_path)
-    d.close()
+    micro_batches = [mine[:2], mine[2:]] if split else [mine]
+    result = gradients_of_one_step(world, out_dir, [to_batch(mb, pad_to) for mb in micro_batches])
+    if rank == 0:
+        torch.save(result, out_path)
 
 
-def test_ddp_two_processes_equal_one_big_batch(big_batch_step, tmp_path):
-    start, rows, pad_to, big = big_batch_step
-    torch.save(start, tmp_path / "start.pt")
-    torch.save((rows, pad_to), tmp_path / "rows.pt")
+def ddp_step(world, rows_path, split, out_dir):
+    """ddp_rank on 2 processes -> rank 0's result."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.dirname(__file__)!r}]; import test_training; "
-            f"test_training.ddp_rank(int(sys.argv[1]), {port}, {str(tmp_path / 'start.pt')!r}, "
-            f"{str(tmp_path / 'rows.pt')!r}, {str(tmp_path / 'rank0.pt')!r})")
+            f"test_training.ddp_rank(int(sys.argv[1]), {port}, {world!r}, {str(rows_path)!r}, {split}, "
+            f"{str(out_dir)!r}, {str(out_dir / 'rank0.pt')!r})")
     ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
-    one_micro_batch, two_micro_batches = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    assert_same_step(one_micro_batch, big)
-    assert_same_step(two_micro_batches, big)
+    return torch.load(out_dir / "rank0.pt", weights_only=False)
+
+
+def test_ddp_two_processes_equal_one_big_batch(world, big_batch_step, tmp_path):
+    rows, pad_to, big = big_batch_step
+    torch.save((rows, pad_to), tmp_path / "rows.pt")
+    for split in (False, True):
+        out_dir = tmp_path / f"split{split}"
+        out_dir.mkdir()
+        assert_same_step(ddp_step(world, tmp_path / "rows.pt", split, out_dir), big)
 
 
 # ---------------------------------------------------------------------------
