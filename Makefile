@@ -16,7 +16,12 @@ PY := .venv/bin/python
 demo: .venv/.runtime
 	$(PY) demo.py
 
-test: .venv/.test
+# tests/test_serve.py drives the web page in a real headless browser: Debian's chromium, as root or through sudo
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: .venv/.test chromium
 	$(PY) -m pytest -q tests
 
-.PHONY: demo test
+.PHONY: demo test chromium

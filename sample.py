@@ -7,6 +7,7 @@ Ask nanoMolmo2 about images or a video; see its points.
     python sample.py --video=clip.mp4 --prompt="Track the ball."       # or an animated GIF, or a frame folder
     python sample.py --init_from=allenai/Molmo2-4B --image cat.jpg     # a hub id, a model dir, or a training out_dir
     python sample.py --image cat.jpg --interactive=True                # keep the model loaded, ask again and again
+    python sample.py --serve=True                                      # a web page to ask it in (serve.py)
 
 Design choices:
 - nanoGPT-style knobs below, overridden by configurator (--key=value). --image and --video also take the
@@ -64,6 +65,10 @@ interactive = False  # ask several questions about the same media (":image x.jpg
 out_dir = "out/sample"  # where pictures of the points go (answer<k>.png, k counting on from earlier runs)
 explain = False  # also draw what the model saw and where it looked, into out_dir/explain/answer<k>_*.png
 explain_layers = ()  # the LLM layers whose attention "where it looked" averages, e.g. (2, 3) or (-1,); () = all
+serve = False  # a web page instead of one question (serve.py): drop pictures or a video, ask, see the points
+host = "127.0.0.1"  # where the page listens (serve=True); 0.0.0.0 lets other machines ask
+port = 8000  # 0 = any free port
+max_upload_mb = 50  # the largest request the page may send (serve=True)
 device = "cpu"
 dtype = "float32"
 # ----------------------------------------------------------------------------------------------------------------
@@ -826,6 +831,10 @@ if __name__ == "__main__":
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     processor.max_crops = max_crops or processor.max_crops
+    if serve:  # the page answers every request with this model, and these knobs as its defaults
+        import serve as web
+        web.serve(sys.modules[__name__], model, processor, model_dir)
+        raise SystemExit
     try:
         record = media_record(images, videos[0] if videos else "", processor)
     except (data.MediaError, ImportError) as e:  # ImportError: a video file without PyAV installed
