@@ -202,8 +202,7 @@ def read_settings(fields, sample):
 def picture_url(image, side=PREVIEW_SIDE):
     """A PIL image -> a JPEG data: URL, shrunk to `side` on its long side."""
     image = image.convert("RGB")
-    if max(image.size) > side:
-        image = E.fit(image, side)
+    image.thumbnail((side, side), Image.BILINEAR)  # shrinks only
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
