@@ -250,9 +250,16 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.pos = 0  # tokens written so far
         self.max_len = max_len
+        self.write_index = None  # (1,) long on the device: fixed-shape writes (DecodeStep); None = at pos
 
     def update(self, layer, k, v):
-        """Write k, v (B, n_kv, T, hd) at pos; return all keys/values so far (B, n_kv, pos+T, hd)."""
+        """Write k, v (B, n_kv, T, hd) at pos; return all keys/values so far (B, n_kv, pos+T, hd). With a
+        write_index: write one token there and return every slot (B, n_kv, max_len, hd), the same shapes at
+        every step (a CUDA graph replays them); the caller masks the slots not written yet."""
+        if self.write_index is not None:
+            self.k[layer].index_copy_(2, self.write_index, k)
+            self.v[layer].index_copy_(2, self.write_index, v)
+            return self.k[layer], self.v[layer]
         T = k.size(2)
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
@@ -289,7 +296,14 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
-        if attn_mask is not None:
+        if kv_cache is not None and kv_cache.write_index is not None:
+            # one token against every cache slot, attn_mask (B, 1, 1, max_len) marking the real keys: the query
+            # heads sharing a key/value head become that head's queries, so no kernel copies the cache per group
+            groups = self.n_head // self.n_kv_head
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, groups, self.head_dim), k, v,
+                                               attn_mask=attn_mask)  # (B, nkv, groups, hd)
+            y = y.reshape(B, self.n_head, T, self.head_dim)  # (B, nh, 1, hd)
+        elif attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         elif past == 0 or T == 1:
             # no cache (or an empty one): causal; one new token after a cache: it may see everything cached
@@ -415,6 +429,11 @@ class Qwen3(nn.Module):
         w = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len, device or w.device, dtype or w.dtype)
 
+    def decode_step(self, ids, position_ids, attn_mask, kv_cache):
+        """One generated token per row, ids (B, 1) -> logits (B, vocab); no host sync (see DecodeStep)."""
+        h = self.run_layers(self.embed_tokens(ids), position_ids, attn_mask, kv_cache)  # (B, 1, C)
+        return self.lm_logits(h[:, -1])
+
     # -- bookkeeping ----------------------------------------------------------------------------------
 
     def num_params(self, exclude_embedding=False):
@@ -529,8 +548,9 @@ def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_si
 #   tokens; Qwen3: causal), positions count real tokens only, so a left-padded prompt gets exactly the
 #   positions and attention it would get alone.
 # - Each new token is text: it attends to every real cached token and itself.
-# - A row that has stopped leaves the batch and the KV cache, so short answers cost nothing while long
-#   ones finish.
+# - On CUDA each one-token step runs at fixed shapes, replayed as a CUDA graph (DecodeStep): a 0.6B model's
+#   step is otherwise launch-bound. Eagerly (CPU, or static=False) a row that has stopped leaves the batch and
+#   the KV cache, so short answers cost nothing while long ones finish.
 # - Logits are computed for the last position only (at 152k entries per position they would dominate).
 # ---------------------------------------------------------------------------
 
@@ -559,17 +579,72 @@ def padded_position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class DecodeStep:
+    """The one-token step of generation at fixed shapes, so that a CUDA graph can replay it. Every row stays in
+    the batch to the end (finished ones are ignored), the new tokens go into preallocated buffers, the KV cache
+    is written at a device-side index (KVCache.write_index) and read whole under a key mask (B, 1, 1, max_len).
+    On CUDA the step is captured once as a graph (after one eager warm-up run, where lazy initialisations
+    happen) and replayed: one launch a token instead of ~1,000 kernel launches (a 0.6B model's decode step is
+    launch-bound: 55 ms a token on an H200 eagerly, against a 0.3 ms memory-bandwidth floor). compile: the step
+    goes through torch.compile first, which fuses its ~1,400 small kernels (norms, RoPE, casts) into a few
+    hundred; it compiles again for each new batch size and cache length."""
+
+    def __init__(self, model, kv_cache, attention_mask, cuda_graph, compile=False):
+        B, T = attention_mask.shape
+        device = attention_mask.device
+        self.kv_cache, self.cuda_graph, self.graph = kv_cache, cuda_graph, None
+        self.step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile else model.decode_step
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        # (B, 1, 1, max_len): the prompt's real tokens; each new token's slot is opened as it is written
+        self.key_mask = F.pad(attention_mask.bool(), (0, kv_cache.max_len - T))[:, None, None]
+        kv_cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
+
+    def run(self):
+        pos = self.kv_cache.pos
+        logits = self.step(self.ids, self.position_ids, self.key_mask, self.kv_cache)  # (B, V)
+        self.kv_cache.pos = pos  # (run_layers moved it on) every run sees the same pos: no recompile
+        return logits
+
+    def __call__(self, ids, position_ids):
+        """ids, position_ids (B,) of the newest tokens -> logits (B, V) for the next ones."""
+        slot = self.kv_cache.pos
+        self.ids.copy_(ids[:, None])
+        self.position_ids.copy_(position_ids[:, None])
+        self.key_mask[..., slot] = True
+        self.kv_cache.write_index.fill_(slot)
+        if not self.cuda_graph:
+            logits = self.run()
+        else:
+            if self.graph is None:
+                side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.run()  # writes this step's keys and values: the replay writes the same ones
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self.run()  # (B, V), a buffer each replay overwrites
+            self.graph.replay()
+            logits = self.logits
+        self.kv_cache.pos = slot + 1
+        return logits
+
+
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
-             stop_ids=(151645, 151643), on_token=None, generator=None, **prefill_inputs):
+             stop_ids=(151645, 151643), on_token=None, generator=None, static=None, compile=False, **prefill_inputs):
     """Generate up to max_new_tokens after the left-padded prompts input_ids (B, T).
 
     `model(input_ids, position_ids=, attention_mask=, kv_cache=, logits_positions=, **prefill_inputs)` must
     return logits at logits_positions; extra inputs (pixels, mm_token_type_ids for Molmo2) go to the prefill
     only. attention_mask (B, T): 1 = token, 0 = left padding (default all ones). A row that produced a stop
-    id is finished: it leaves the batch (and the KV cache), and its output is padded with stop_ids[0].
-    `on_token(step, ids (B,))` is called as tokens come (streaming). Returns the new tokens (B, n),
-    n <= max_new_tokens (fewer when every row stopped)."""
+    id is finished, and its output is padded with stop_ids[0]. `on_token(step, ids (B,))` is called as tokens
+    come (streaming). Returns the new tokens (B, n), n <= max_new_tokens (fewer when every row stopped).
+    static: decode through DecodeStep (fixed shapes, replayed as a CUDA graph on CUDA outside autocast;
+    default on CUDA): finished rows stay in the batch; else finished rows leave the batch and the KV cache,
+    and each step runs eagerly at its own shapes. Greedy tokens are the same either way; sampled ones draw
+    the random numbers in another order. compile: the static step through torch.compile (see DecodeStep)."""
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -586,28 +661,44 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     last[:, -1] = True
     logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
                    logits_positions=last, **prefill_inputs)  # (B, V)
-    next_pos = position_ids[:, -1:] + 1  # (B, 1)
+    next_pos = position_ids[:, -1] + 1  # (B,)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    out = torch.full((B, max_new_tokens), stop_ids[0] if len(stop_ids) else 0, dtype=torch.long, device=device)
+    pad = stop_ids[0] if len(stop_ids) else 0
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    if static is None:
+        static = device.type == "cuda"
+    if static:  # a CUDA graph captured under autocast would read weight casts that autocast frees afterwards
+        graph = device.type == "cuda" and not torch.is_autocast_enabled("cuda")
+        decode = DecodeStep(model, kv_cache, attention_mask, graph, compile)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.arange(B, device=device)  # the rows still generating, in the order the cache holds them
     n_steps = 0
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (A,)
-        out[active, step] = next_ids
         n_steps = step + 1
+        if static:
+            out[:, step] = next_ids.masked_fill(finished, pad)
+            finished |= torch.isin(next_ids, stop)
+            all_done = bool(finished.all())
+        else:
+            out[active, step] = next_ids
+            running = ~torch.isin(next_ids, stop)  # (A,)
+            if not running.all():  # finished rows leave the batch
+                active, next_ids, next_pos = active[running], next_ids[running], next_pos[running]
+                attention_mask = attention_mask[running]
+                kv_cache.keep_rows(running)
+            all_done = len(active) == 0
         if on_token is not None:
             on_token(step, out[:, step])
-        running = ~torch.isin(next_ids, stop)  # (A,)
-        if not running.all():  # finished rows leave the batch
-            active, next_ids, next_pos = active[running], next_ids[running], next_pos[running]
-            attention_mask = attention_mask[running]
-            kv_cache.keep_rows(running)
-        if len(active) == 0 or step == max_new_tokens - 1:
+        if all_done or step == max_new_tokens - 1:
             break
-        one = torch.ones(len(active), 1, dtype=torch.long, device=device)
-        attention_mask = torch.cat([attention_mask, one], dim=1)  # (A, S): the new token is real
-        logits = model(next_ids[:, None], position_ids=next_pos, attention_mask=attention_mask, kv_cache=kv_cache,
-                       logits_positions=one.bool())  # (A, V)
+        if static:
+            logits = decode(next_ids, next_pos)  # (B, V)
+        else:
+            one = torch.ones(len(active), 1, dtype=torch.long, device=device)
+            attention_mask = torch.cat([attention_mask, one], dim=1)  # (A, S): the new token is real
+            logits = model(next_ids[:, None], position_ids=next_pos[:, None], attention_mask=attention_mask,
+                           kv_cache=kv_cache, logits_positions=one.bool())  # (A, V)
         next_pos = next_pos + 1
     return out[:, :n_steps]
 
@@ -757,7 +848,8 @@ class Molmo2(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
         base = self.config.base_vocab_size
-        if input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size:
+        if not torch.compiler.is_compiling() and (
+                input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size):
             raise ValueError(f"input_ids: ids must lie in [0, {base + self.config.additional_vocab_size}), "
                              f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
         if self.config.token_ids is not None:
@@ -797,7 +889,9 @@ class Molmo2(nn.Module):
                       image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                       attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
                       response_mask=None):
-        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward."""
+        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward. Under torch.compile the
+        checks that read counts back to the host are skipped: each would break the graph."""
+        compiling = torch.compiler.is_compiling()
         x = self.embed(input_ids)  # (B, T, C)
         if pixel_values is not None and pixel_values_videos is not None:
             raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
@@ -807,12 +901,12 @@ class Molmo2(nn.Module):
             crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
             if image_token_pooling is None:
                 raise ValueError("pixel_values given without image_token_pooling")
-            if image_num_crops is not None and int(image_num_crops.sum()) != crops.shape[0]:
+            if image_num_crops is not None and not compiling and int(image_num_crops.sum()) != crops.shape[0]:
                 raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
                                  f"holds {crops.shape[0]}")
             # per image: low-res rows x cols + high-res rows x cols tokens
             num_tokens = None
-            if image_grids is not None:
+            if image_grids is not None and not compiling:
                 num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
             features = self.vision_features(crops, image_token_pooling)  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
@@ -820,7 +914,7 @@ class Molmo2(nn.Module):
             if video_token_pooling is None:
                 raise ValueError("pixel_values_videos given without video_token_pooling")
             # per video: frames x rows x cols tokens
-            num_tokens = None if video_grids is None else int(video_grids.prod(-1).sum())
+            num_tokens = None if video_grids is None or compiling else int(video_grids.prod(-1).sum())
             features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
         if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
@@ -833,12 +927,18 @@ class Molmo2(nn.Module):
         """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
         num_tokens is M as the grids count it (None: not given)."""
         is_patch = input_ids == self.config.image_patch_id  # (B, T)
-        num_patches = int(is_patch.sum())
-        if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
-            raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
-                             + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
-                             + f" for {num_patches} <im_patch> tokens in input_ids")
-        return x.index_put(torch.nonzero(is_patch, as_tuple=True), features.to(x.dtype), accumulate=True)
+        if not torch.compiler.is_compiling():
+            num_patches = int(is_patch.sum())
+            if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
+                raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
+                                 + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
+                                 + f" for {num_patches} <im_patch> tokens in input_ids")
+        if features.shape[0] == 0:
+            return x
+        # the k-th <im_patch> of the batch (row-major) takes features[k]: a gather of static shape, where
+        # indexing by torch.nonzero(is_patch) would have a data-dependent one (a torch.compile graph break)
+        k = (is_patch.flatten().cumsum(0) - 1).clamp(min=0).view_as(is_patch)  # (B, T)
+        return torch.where(is_patch[..., None], x + features.to(x.dtype)[k], x)  # (B, T, C)
 
     def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
@@ -863,22 +963,36 @@ class Molmo2(nn.Module):
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
         if targets is not None:
-            has_target = targets >= 0  # (B, T)
-            targets = targets[has_target]
-            if self.config.token_ids is not None:
-                targets = self.kept_rows(targets, "targets")
-            return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets,
-                                        loss_weights[has_target], z_loss)
+            return self.loss_at_targets(h, targets, loss_weights, z_loss)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
-        logits = self.llm.lm_logits(h)
+        return self.full_vocab(self.llm.lm_logits(h))
+
+    @torch.compiler.disable  # eager under torch.compile: selecting the loss positions has a data-dependent shape
+    def loss_at_targets(self, h, targets, loss_weights, z_loss):
+        """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target."""
+        has_target = targets >= 0  # (B, T)
+        targets = targets[has_target]
+        if self.config.token_ids is not None:
+            targets = self.kept_rows(targets, "targets")
+        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
+
+    def full_vocab(self, logits):
+        """Logits over the LLM's rows (..., vocab) -> over all Qwen3 ids (..., 151936): -inf where no row is kept."""
         if self.config.token_ids is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], QWEN3_VOCAB_SIZE), float("-inf"))
-        return full.index_copy_(-1, self.kept_tables(h.device)[1], logits)  # (..., 151936): -inf where no row
+        return full.index_copy_(-1, self.kept_tables(logits.device)[1], logits)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
+
+    def decode_step(self, ids, position_ids, attn_mask, kv_cache):
+        """One generated token per row, ids (B, 1) -> logits (B, 151936); no host sync (see DecodeStep).
+        Generated ids are base-vocabulary text (logits never cover the extra tokens): no range check."""
+        rows = ids if self.config.token_ids is None else self.kept_tables(ids.device)[0][ids]
+        h = self.llm.run_layers(self.llm.embed_tokens(rows), position_ids, attn_mask, kv_cache)  # (B, 1, C)
+        return self.full_vocab(self.llm.lm_logits(h[:, -1]))
 
     # -- training hooks ------------------------------------------------------------------------------
 

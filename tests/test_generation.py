@@ -35,12 +35,14 @@ def our_greedy(model, inputs, n_new=N_NEW, **kwargs):
     return nano.generate(model, input_ids, n_new, attention_mask=attention_mask, stop_ids=(), **inputs, **kwargs)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("case", ["one image", "three images", "video of 12 frames", "two examples, padded"])
-def test_greedy_matches_transformers(hf_model, ours, processor, case):
+def test_greedy_matches_transformers(hf_model, ours, processor, case, static):
+    # static: the fixed-shape decode step that CUDA replays as a graph (DecodeStep), run eagerly here
     hf, _ = hf_model
     inputs = prompt_inputs(processor, case)
     expected = hf_greedy(hf, inputs)
-    got = our_greedy(ours, inputs)
+    got = our_greedy(ours, inputs, static=static)
     assert got.shape == expected.shape == (inputs["input_ids"].shape[0], N_NEW)
     assert got.tolist() == expected.tolist()
     assert len(set(got[0].tolist())) > 3, "a degenerate model would hide mask and position bugs"
@@ -79,7 +81,8 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(ours):
         assert our_greedy(ours, proc(text=text, images=[image]), n_new=12)[0].tolist() == row.tolist()
 
 
-def test_qwen3_batched_greedy_matches_transformers(tmp_path):
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     # the text-only path through the same generate: left-padded batch vs transformers' batch
     from test_qwen3 import hf_tiny
     hf = hf_tiny(tied=False)
@@ -91,7 +94,7 @@ def test_qwen3_batched_greedy_matches_transformers(tmp_path):
     ids[1, :4], mask[1, :4] = 0, 0
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, 10:]
-    got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=())
+    got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=(), static=static)
     assert got.tolist() == expected.tolist()
 
 
@@ -114,6 +117,23 @@ def test_stop_tokens_streaming_and_padding(ours, processor):
         assert got.shape[1] == max(first, row1.index(stop_id)) + 1
     else:
         assert got.shape[1] == 12 and got[1].tolist() == row1
+
+
+def test_static_decode_equals_eager_with_stops(ours):
+    # rows that stop early leave the eager batch but stay in the static one: the same tokens and padding
+    proc = OurProcessor(crop_size=56, max_crops=4, overlap_margins=(1, 1))
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(60, 200, 3), (56, 56, 3)]]
+    texts = ["<|image|><|im_start|>user\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+             "<|image|><|im_start|>user\nA longer question about the picture?<|im_end|>\n<|im_start|>assistant\n"]
+    batch = dict(proc(text=texts, images=images))
+    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    free = nano.generate(ours, input_ids, 16, attention_mask=attention_mask, stop_ids=(), **batch)
+    stops = (int(free[0, 2]), int(free[1, 9]))  # row 0 stops early, row 1 later (or as soon as it meets one)
+    runs = [nano.generate(ours, input_ids, 16, attention_mask=attention_mask, stop_ids=stops, static=static, **batch)
+            for static in (False, True)]
+    assert runs[0].tolist() == runs[1].tolist()
+    assert runs[0].shape[1] < 16 or not set(stops) & set(free[1].tolist())
 
 
 def test_right_padding_is_refused(ours):

@@ -1,0 +1,46 @@
+"""tools/bench.py end to end on CPU with the tiny preset: every section prints every row of its table, with
+sane numbers, and transformers' side of the comparison runs on the same weights. No timing is asserted."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tiny_cpu_prints_every_row(tmp_path):
+    # started from the repository root as a user would; few tokens, small batches, one timed step each
+    args = ["--model_preset=tiny", "--device=cpu", "--steps=1", "--warmup=0", "--caption_tokens=12",
+            "--batch_images=2", "--new_tokens=3", "--decode_batches=(1, 2)", "--scaling_crops=(1, 3)",
+            "--scaling_frames=(2,)", "--scaling_rows=(256,)", "--profile=True", f"--out_dir={tmp_path}",
+            "--decode_paths=('eager', 'static')"]  # compiling the decode step takes minutes on a CPU
+    result = subprocess.run([sys.executable, "tools/bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    lines = out.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line, below in zip(lines, lines[1:] + [""]) if line.startswith("| ") and not below.startswith("|---")}
+    expected = ["transformers Molmo2, train mode", "nanoMolmo2 model alone", "nanoMolmo2 trainer step",
+                "prefill, batch 1", "decode, batch 1, ms/token", "decode, batch 1, new tokens/s", "prefill, batch 2",
+                "decode, batch 2, ms/token", "decode, batch 2, new tokens/s", "image of 1 crops", "image of 3 crops",
+                "video of 2 frames", "packed row of 256 tokens"]
+    for name in expected:
+        assert any(key.startswith(name) for key in rows), f"no row {name!r} in:\n{out}"
+
+    def number(cell):
+        return float(re.sub(r"[,x%]", "", cell))
+
+    for key, cells in rows.items():
+        if key.startswith(("transformers", "nanoMolmo2")):  # ms, tokens/s, images/s, MFU, peak (-), ratio
+            assert number(cells[0]) > 0 and number(cells[1]) > 0 and number(cells[5]) > 0, (key, cells)
+        elif key.startswith(("prefill", "decode")):  # transformers, eager, static, compiled (not run: -), ratio
+            assert cells[3] == "-" and all(number(c) > 0 for c in cells[:3] + cells[4:]), (key, cells)
+        else:  # tokens, crops, ms/step, tokens/s, MFU, peak (-)
+            assert number(cells[0]) > 0 and int(cells[1]) >= 1 and number(cells[2]) > 0, (key, cells)
+    # the train batch counts what the trainer counts: 2 photos, 5 crops each
+    assert "2 photos 640x480 (10 crops)" in out
+    assert (tmp_path / "bench.md").read_text().count("### ") == 3
+    assert (tmp_path / "profile_train.txt").exists() and (tmp_path / "profile_generate_static.txt").exists()
+    assert not (tmp_path / "profile_generate_compiled.txt").exists()

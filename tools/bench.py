@@ -1,0 +1,471 @@
+"""
+How fast nanoMolmo2 trains and generates on one GPU, side by side with transformers' Molmo2 on the same
+weights and inputs, in one process; prints markdown tables with the ratios (BENCHMARKS.md, issue 16).
+
+    python tools/bench.py                                          # the full preset on one GPU, every section
+    python tools/bench.py --sections="generate" --hf=False         # our generation alone
+    python tools/bench.py --model_preset=tiny --device=cpu --steps=1 --warmup=0 --caption_tokens=20   # seconds
+    python tools/bench.py --profile=True                           # + torch.profiler tables in out_dir
+    torchrun --nproc_per_node=4 tools/bench.py --sections="train" --parallel=fsdp --activation_checkpointing=True
+
+Sections (--sections, comma-separated):
+- train: one optimizer step (bf16 autocast, fused AdamW) on the issue's batch: `batch_images` photos of
+  640x480 (5 crops each at max_crops=4) with a long caption each, one example per row. Rows: transformers'
+  Molmo2 in train mode (its loss over logits at every position), our model alone (Molmo2's loss through the
+  fused head), and our trainer's step (train_joint.py's loop body: the batch moved to the GPU, gradient
+  clipping, the loss read back; no data loading), all from the same weights (our save_pretrained -> transformers' from_pretrained).
+- generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
+  transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
+  (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the model dtype, no autocast. Prefill = until
+  the first new token; decode = from there to the last, per token (timed at each token, after a device sync).
+- scaling: our training step on one row of one image of 1, 9 or 25 crops, one video of 16, 64 or 128
+  frames, or a packed row of 2k, 8k or 16k tokens (photo examples), with --activation_checkpointing.
+Under torchrun (several processes) only `train` runs, without transformers: each GPU trains its own batch
+through training.wrap_model (--parallel, --activation_checkpointing); rank 0 prints per-GPU throughput.
+
+FLOPs (Molmo2.training_flops, matmuls only, forward + backward = 3 x forward): per LLM token 6 x the LLM's
+matmul weights (the output head only at loss positions) + 12 x layers x heads x head_dim x row length
+(attention); per ViT patch 6 x the ViT's matmul weights + 12 x layers x heads x head_dim x patches per crop;
+per pooled token 6 x the connector's weights. MFU = FLOPs / step time / PEAK_FLOPS, the dense bf16 peak of an
+H100/H200 (989 TFLOP/s). transformers' step is credited with the same FLOPs (it does more: logits everywhere).
+"""
+
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+# tools/ sits one level below the repository root, where model.py, data.py and training.py live: make them
+# importable however this script is started (python tools/bench.py, torchrun tools/bench.py)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import model as nano  # noqa: E402
+from configurator import configure  # noqa: E402
+from training import MODEL_INPUTS, Dist, build_optimizer, set_learning_rates, wrap_model  # noqa: E402
+
+PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
+PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
+
+# -- knobs (override with --key=value) ------------------------------------------------------------------------
+sections = "train,generate,scaling"  # comma-separated: train, generate, scaling
+model_preset = "nanomolmo2"  # nanomolmo2 (Qwen3-0.6B + SigLIP2 so400m) | small | tiny; random weights
+device = "auto"  # auto | cuda | cpu
+dtype = "bfloat16"  # autocast dtype for training, weight dtype for generation (float32 on CPU)
+hf = True  # side by side with transformers' Molmo2 (transformers >= 5.23)
+steps = 10  # timed steps per measurement
+warmup = 3  # untimed steps first
+batch_images = 4  # train: photos, one per row
+caption_tokens = 360  # about this many caption tokens per photo (train) and per scaling example
+new_tokens = 128  # generate: tokens forced per prompt
+decode_batches = (1, 16)
+decode_paths = ("eager", "static", "compiled")  # generate: ours step by step; DecodeStep's CUDA graph; the same
+#   after torch.compile (compiles once per batch size and cache length: ~0.5-1 min each, untimed)
+compile = False  # train: also time torch.compile(model) alone
+scaling_crops = (1, 9, 25)  # crops of the one image of a row
+scaling_frames = (16, 64, 128)  # frames of the one video of a row
+scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
+activation_checkpointing = False  # scaling and several GPUs: recompute each block in backward
+parallel = "ddp"  # several GPUs (torchrun): ddp | fsdp
+profile = False  # also write torch.profiler tables of the top kernels (a train step, decode steps) to out_dir
+out_dir = "out/bench"
+seed = 0
+config = configure(globals())
+# ------------------------------------------------------------------------------------------------------------
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure(fn, dev, n_steps=None, n_warmup=None):
+    """fn() timed over n_steps after n_warmup untimed calls -> (seconds per call, peak GiB or None)."""
+    for _ in range(warmup if n_warmup is None else n_warmup):
+        fn()
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    n = steps if n_steps is None else n_steps
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(dev)
+    seconds = (time.perf_counter() - start) / n
+    return seconds, (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
+
+
+def guarded(what, fn, dev):
+    """fn() or None when it runs out of memory (or fails): one row of the table says so, the rest run on."""
+    try:
+        return fn()
+    except Exception as e:  # an OOM at 128 frames must not cost the other rows
+        print(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def table(title, header, rows):
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+
+
+def photo(rng, width=640, height=480):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def caption(rng, n_words):
+    words = "the a red blue green small large cube ball cone sits left right of near above below and".split()
+    return " ".join(rng.choice(words, n_words))
+
+
+def processor_for(cfg, max_crops=4):
+    crop = cfg.vit.image_size
+    return data.Molmo2Processor(crop_size=crop, max_crops=max_crops, patch_size=cfg.vit.patch_size,
+                                overlap_margins=(4, 4) if crop >= 378 else (1, 1))
+
+
+def photo_examples(cfg, n, rng):
+    """n examples of one 640x480 photo and a long caption each (data.format_example: what the trainer packs)."""
+    processor = processor_for(cfg)
+    examples = []
+    for _ in range(n):
+        record = {"images": [photo(rng)], "annotations": [{"style": "long_caption", "messages": [
+            {"role": "user", "content": "Describe this image in detail."},
+            {"role": "assistant", "content": caption(rng, caption_tokens)}]}]}
+        examples.append(data.format_example(record, processor))
+    return examples
+
+
+def synthetic_example(cfg, n_crops, video, rng):
+    """One example of n_crops crops (or video frames) of random pixels, pooled as Molmo2 pools them (2x2 for
+    images, 3x3 for frames), then caption_tokens random text tokens with loss."""
+    n = cfg.vit.image_size // cfg.vit.patch_size
+    n_patches = n * n
+    windows, tokens_h, tokens_w = data.pool_windows(np.arange(n_patches).reshape(n, n), *((3, 3) if video else (2, 2)))
+    windows = torch.from_numpy(windows).long()
+    pooling = torch.cat([torch.where(windows >= 0, windows + c * n_patches, -1) for c in range(n_crops)])
+    per_crop = [data.FRAME_START_ID] + [data.IMAGE_PATCH_ID] * (tokens_h * tokens_w) + [data.FRAME_END_ID]
+    vision_ids = per_crop * n_crops
+    text = torch.from_numpy(rng.integers(0, 150_000, caption_tokens + 1))
+    input_ids = torch.cat([torch.tensor(vision_ids), text[:-1]])
+    T, V = len(input_ids), len(vision_ids)
+    targets = torch.cat([torch.full((V,), -1), text[1:]])
+    pixels = torch.randn(n_crops, n_patches, cfg.vit.patch_dim)
+    media = ({"pixel_values_videos": pixels, "video_token_pooling": pooling,
+              "video_grids": torch.tensor([[n_crops, tokens_h, tokens_w]])} if video else
+             {"pixel_values": pixels, "image_token_pooling": pooling, "image_num_crops": torch.tensor([n_crops]),
+              # (low rows, low cols, high rows, high cols): one crop's tokens, then the other crops' side by side
+              "image_grids": torch.tensor([[tokens_h, tokens_w, tokens_h, tokens_w * (n_crops - 1)]])})
+    return data.Example(input_ids=input_ids, targets=targets, loss_weights=(targets >= 0).float() / caption_tokens,
+                        position_ids=torch.arange(T), branch_ids=(torch.arange(T) >= V).long(),
+                        is_vision=torch.isin(input_ids, torch.tensor(data.VISION_TOKEN_IDS)), **media)
+
+
+def to_device(batch, dev):
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def hf_inputs(batch):
+    """Our collated batch -> transformers' Molmo2 inputs: the 2-D padding mask (its own mask rules: causal,
+    vision tokens bidirectional), labels at the input positions (it shifts them itself)."""
+    inputs = {k: batch[k] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_token_pooling",
+                                    "image_grids", "image_num_crops") if k in batch}
+    inputs["attention_mask"] = (batch["example_ids"] >= 0).long()
+    inputs["labels"] = torch.where(batch["targets"] >= 0, batch["input_ids"], -100)
+    return inputs
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+
+def build_ours(dev):
+    torch.manual_seed(seed)
+    return nano.Molmo2(nano.Molmo2Config.preset(model_preset)).to(dev)
+
+
+def load_hf(path, dev, weight_dtype):
+    from transformers import Molmo2ForConditionalGeneration
+    return Molmo2ForConditionalGeneration.from_pretrained(path, dtype=weight_dtype, attn_implementation="sdpa").to(dev)
+
+
+def optimizer_for(params, dev):
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-6, fused=dev.type == "cuda")
+
+
+def ours_step(train_model, optimizer, batch, autocast):
+    with autocast:
+        loss, _ = train_model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, targets=batch["targets"],
+                              loss_weights=batch["loss_weights"], z_loss=1e-4, response_mask=batch["targets"] >= 0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainer_step(train_model, model, optimizer, micro_batches, d, autocast, grad_clip=1.0, z_loss=1e-4):
+    """The body of train_joint.py's loop, its data loader and logging left out: CPU micro-batches moved to the
+    device, the loss divided by the step's weight on all ranks, clipping, the loss and grad norm read back."""
+    set_learning_rates(optimizer, 100, 1000)
+    weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
+    weighted_ce = torch.zeros((), device=d.device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
+        with no_sync, autocast:
+            mb = {k: v.to(d.device) for k, v in mb.items()}
+            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
+                                        loss_weights=mb["loss_weights"], z_loss=z_loss, response_mask=mb["targets"] >= 0)
+            (loss_sum / weight_total * d.world_size).backward()
+        weighted_ce += wce
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def hf_step(hf_model, optimizer, inputs, autocast):
+    with autocast:
+        loss = hf_model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def write_profile(fn, dev, name):
+    """A torch.profiler table of the top kernels over 3 calls of fn -> out_dir/profile_<name>.txt."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        sync(dev)
+    sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    path = os.path.join(out_dir, f"profile_{name}.txt")
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    print(f"profile: {path}", flush=True)
+
+
+# -- sections --------------------------------------------------------------------------------------------------
+
+
+def train_row(what, seconds_peak, batch, flops, n_images, baseline=None):
+    if seconds_peak is None:
+        return [what, "failed", "-", "-", "-", "-", "-"]
+    seconds, peak = seconds_peak
+    tokens = int((batch["example_ids"] >= 0).sum())
+    ratio = f"{baseline / seconds:.2f}x" if baseline else "-"
+    return [what, f"{seconds * 1e3:.1f}", f"{tokens / seconds:,.0f}", f"{n_images / seconds:.1f}",
+            f"{flops / seconds / PEAK_FLOPS:.1%}", fmt(peak, ".1f"), ratio]
+
+
+def section_train(d, autocast):
+    dev = d.device
+    cfg = nano.Molmo2Config.preset(model_preset)
+    rng = np.random.default_rng(seed + d.rank)
+    cpu_batch = data.collate([[ex] for ex in photo_examples(cfg, batch_images, rng)])
+    batch = to_device(cpu_batch, dev)
+    model = build_ours(dev)
+    flops = model.training_flops(batch)
+    rows, hf_seconds = [], None
+    if hf and d.world_size == 1:
+        with tempfile.TemporaryDirectory() as path:
+            model.save_pretrained(path)
+            model.cpu()  # one model on the GPU at a time: the peaks are each model's own
+            hf_model = load_hf(path, dev, torch.float32).train()
+        opt = optimizer_for(hf_model.parameters(), dev)
+        inputs = hf_inputs(batch)
+        result = guarded("transformers train step", lambda: measure(lambda: hf_step(hf_model, opt, inputs, autocast), dev), dev)
+        hf_seconds = result[0] if result else None
+        rows.append(train_row("transformers Molmo2, train mode", result, batch, flops, batch_images, hf_seconds))
+        del hf_model, opt, inputs
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        model.to(dev)
+    model.train()
+    if d.world_size > 1:
+        model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
+    train_model = wrap_model(model, d, parallel)
+    optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
+    where = f", {parallel} x {d.world_size}" if d.world_size > 1 else ""
+    result = guarded("model alone", lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast), dev), dev)
+    rows.append(train_row(f"nanoMolmo2 model alone{where}", result, batch, flops, batch_images, hf_seconds))
+    if compile:
+        compiled = torch.compile(train_model)
+        result = guarded("compiled", lambda: measure(lambda: ours_step(compiled, optimizer, batch, autocast), dev,
+                                                     n_warmup=max(warmup, 2)), dev)
+        rows.append(train_row(f"nanoMolmo2 model alone, torch.compile{where}", result, batch, flops, batch_images,
+                              hf_seconds))
+    result = guarded("trainer step", lambda: measure(
+        lambda: trainer_step(train_model, model, optimizer, [cpu_batch], d, autocast), dev), dev)
+    rows.append(train_row(f"nanoMolmo2 trainer step (train_joint.py's){where}", result, batch, flops,
+                          batch_images, hf_seconds))
+    if profile and d.is_master:
+        write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train")
+    tokens = int((cpu_batch["example_ids"] >= 0).sum())
+    title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
+             f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}")
+    header = ["step", "ms", "tokens/s" + (" per GPU" if d.world_size > 1 else ""), "images/s", "MFU", "peak GiB",
+              "vs transformers"]
+    return table(title, header, rows)
+
+
+class Clock:
+    """The time each new token comes (after a device sync): our generate's on_token(step, ids), and
+    transformers' streamer, whose put() first receives the prompt (skipped) and then each new token."""
+
+    def __init__(self, dev, skip_first=False):
+        self.dev, self.skip, self.times = dev, skip_first, []
+
+    def __call__(self, *args):
+        sync(self.dev)
+        if self.skip:
+            self.skip = False
+        else:
+            self.times.append(time.perf_counter())
+
+    put = __call__
+
+    def end(self):
+        pass
+
+
+def time_generate(run, dev, streamer=False, warm_tokens=2):
+    """run(n, clock) generates n tokens, reporting each to clock -> (prefill seconds, decode seconds per token):
+    prefill until the first new token, decode the rest, of one call after a warm-up of warm_tokens."""
+    run(warm_tokens, Clock(dev, streamer))
+    sync(dev)
+    clock, start = Clock(dev, streamer), time.perf_counter()
+    run(new_tokens, clock)
+    if len(clock.times) != new_tokens:
+        raise RuntimeError(f"{len(clock.times)} tokens timed, expected {new_tokens}")
+    return clock.times[0] - start, (clock.times[-1] - clock.times[0]) / (new_tokens - 1)
+
+
+def section_generate(dev, weight_dtype):
+    cfg = nano.Molmo2Config.preset(model_preset)
+    model = build_ours(dev).to(weight_dtype).eval()
+    processor = processor_for(cfg)
+    image = photo(np.random.default_rng(seed))
+    prompt = "<|image|><|im_start|>user\nDescribe this image.<|im_end|>\n<|im_start|>assistant\n"
+    hf_model = None
+    if hf:
+        with tempfile.TemporaryDirectory() as path:
+            model.save_pretrained(path)
+            hf_model = load_hf(path, dev, weight_dtype).eval()
+    rows = []
+    for B in decode_batches:
+        inputs = {k: v.to(dev, weight_dtype) if v.is_floating_point() else v.to(dev)
+                  for k, v in processor(text=[prompt] * B, images=[image] * B).items()}
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+
+        def ours(path):
+            return lambda n, clock: nano.generate(model, ids, n, attention_mask=mask, stop_ids=(), on_token=clock,
+                                                  static=path != "eager", compile=path == "compiled", **inputs)
+
+        # the compiled step is warmed up at the timed length: a new cache length compiles again
+        results = {path: guarded(f"ours {path}", lambda: time_generate(
+            ours(path), dev, warm_tokens=new_tokens if path == "compiled" else 2), dev) for path in decode_paths}
+        if hf_model is not None:
+            def theirs(n, clock):
+                return hf_model.generate(input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=n,
+                                         min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=151643,
+                                         streamer=clock)
+            results["hf"] = guarded("transformers generate", lambda: time_generate(theirs, dev, streamer=True), dev)
+        if profile and B == decode_batches[0]:
+            for path in decode_paths:
+                write_profile(lambda: ours(path)(new_tokens if path == "compiled" else 16, None), dev,
+                              f"generate_{path}")
+        prefill = {k: None if v is None else v[0] * 1e3 for k, v in results.items()}
+        per_token = {k: None if v is None else v[1] * 1e3 for k, v in results.items()}
+        tok_s = {k: None if v is None else B / v[1] for k, v in results.items()}
+        best = min((p for p in decode_paths if per_token[p] is not None), key=per_token.get, default=None)
+
+        def row(what, values, spec, higher_is_better):
+            a, b = values.get(best), values.get("hf")
+            ratio = "-" if a is None or b is None else f"{(a / b if higher_is_better else b / a):.2f}x"
+            return [what, fmt(values.get("hf"), spec)] + [fmt(values.get(p), spec) for p in PATHS] + [ratio]
+
+        T = ids.shape[1]
+        rows.append(row(f"prefill, batch {B} ({T} tokens), ms", prefill, ".1f", False))
+        rows.append(row(f"decode, batch {B}, ms/token", per_token, ".2f", False))
+        rows.append(row(f"decode, batch {B}, new tokens/s", tok_s, ",.0f", True))
+    header = ["generation", "transformers"] + [f"nanoMolmo2 {p}" for p in PATHS] + ["fastest vs transformers"]
+    title = f"Generation: one photo 640x480 per prompt, {new_tokens} tokens forced, {weight_dtype}, {model_preset}"
+    return table(title, header, rows)
+
+
+def section_scaling(dev, autocast):
+    cfg = nano.Molmo2Config.preset(model_preset)
+    rng = np.random.default_rng(seed)
+    model = build_ours(dev).train()
+    model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
+    optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
+    # (what, a function making the row's examples, pad_to)
+    cases = [(f"image of {n} crops", lambda n=n: [synthetic_example(cfg, n, False, rng)], None) for n in scaling_crops]
+    cases += [(f"video of {n} frames", lambda n=n: [synthetic_example(cfg, n, True, rng)], None) for n in scaling_frames]
+    example = photo_examples(cfg, 1, rng)[0]
+    cases += [(f"packed row of {L:,} tokens", lambda L=L: [example] * max(1, L // len(example)), L) for L in scaling_rows]
+    rows = []
+    for what, make_row, pad_to in cases:
+        batch = to_device(data.collate([make_row()], pad_to=pad_to), dev)
+        tokens = int((batch["example_ids"] >= 0).sum())
+        crops = sum(batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in batch)
+        result = guarded(what, lambda: measure(lambda: ours_step(model, optimizer, batch, autocast), dev,
+                                               n_steps=max(1, steps // 3), n_warmup=min(warmup, 1)), dev)
+        if result is None:
+            rows.append([what, f"{tokens:,}", crops, "out of memory / failed", "-", "-", "-"])
+        else:
+            seconds, peak = result
+            rows.append([what, f"{tokens:,}", crops, f"{seconds * 1e3:.0f}", f"{tokens / seconds:,.0f}",
+                         f"{model.training_flops(batch) / seconds / PEAK_FLOPS:.1%}", fmt(peak, ".1f")])
+    header = ["one row of", "tokens", "crops", "ms/step", "tokens/s", "MFU", "peak GiB"]
+    title = f"Scaling on one device: one row a step, {model_preset}, activation checkpointing {activation_checkpointing}"
+    return table(title, header, rows)
+
+
+def main():
+    d = Dist(device)
+    os.makedirs(out_dir, exist_ok=True)
+    dev = d.device
+    weight_dtype = getattr(torch, dtype) if dev.type == "cuda" else torch.float32
+    autocast = torch.autocast("cuda", dtype=weight_dtype) if dev.type == "cuda" else nullcontext()
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    unknown = set(chosen) - {"train", "generate", "scaling"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; expected train, generate, scaling")
+    if set(decode_paths) - set(PATHS):
+        raise SystemExit(f"--decode_paths: unknown {sorted(set(decode_paths) - set(PATHS))}; expected some of {PATHS}")
+    if d.world_size > 1:
+        chosen = [s for s in chosen if s == "train"]  # the other sections measure one device
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    d.print(f"# tools/bench.py on {card} x {d.world_size}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    report = []
+    for name in chosen:
+        part = {"train": lambda: section_train(d, autocast), "generate": lambda: section_generate(dev, weight_dtype),
+                "scaling": lambda: section_scaling(dev, autocast)}[name]()
+        d.print(part)
+        report.append(part)
+        if d.is_master:  # after each section: a run cut short keeps what it measured
+            with open(os.path.join(out_dir, "bench.md"), "w") as f:
+                f.write("\n".join(report))
+    d.close()
+
+
+if __name__ == "__main__":
+    main()
