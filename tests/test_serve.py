@@ -159,7 +159,8 @@ class DevTools:
         while True:
             first, second = self._read(2)
             n = second & 0x7F
-            n = struct.unpack(">H", self._read(2))[0] if n == 126 else struct.unpack(">Q", self._read(8))[0] if n == 127 else n
+            if n >= 126:  # the length follows in 2 or 8 bytes
+                n = struct.unpack(">H" if n == 126 else ">Q", self._read(2 if n == 126 else 8))[0]
             payload += self._read(n)
             if first & 0x80:  # FIN
                 return json.loads(payload)
@@ -311,8 +312,9 @@ def post(url, question, files=(), frames_fps=None, **settings):
     connection.close()
     if response.status != 200:
         return response.status, json.loads(text)
-    events = [(re.search(r"^event: (.*)$", block, re.M).group(1), json.loads(re.search(r"^data: (.*)$", block, re.M).group(1)))
-              for block in text.split("\n\n") if block.strip()]
+    blocks = [block for block in text.split("\n\n") if block.strip()]
+    events = [(re.search(r"^event: (.*)$", b, re.M).group(1), json.loads(re.search(r"^data: (.*)$", b, re.M).group(1)))
+              for b in blocks]
     return 200, events
 
 
@@ -377,7 +379,8 @@ def test_a_video_as_a_gif_as_frames_and_as_mp4(trained, server, tmp_path):
         assert media["video"] and len(media["pictures"]) == 4  # the processor's max_frames, sampled
         assert [p["label"] for p in media["pictures"]][:1] == ["t = 0.0 s"] and answer_of(events)
     status, refused = post(server["url"], QUESTION, [tmp_path / "clip.gif", trained["photo"]])
-    assert status == 400 and "'clip.gif' is a video: ask about one video, or about several still images" in refused["error"]
+    assert status == 400
+    assert "'clip.gif' is a video: ask about one video, or about several still images" in refused["error"]
 
 
 def test_a_question_with_words_the_model_lacks_names_them(server, trained):
