@@ -7,10 +7,11 @@ Stage 3: joint multimodal training of every part of Molmo2 (ViT, connector, LLM)
 
 Each part has its own learning rate and warmup (linear from 0), then cosine to 10% of the peak, chosen by
 where the run starts unless set (Molmo2's SFT recipe from a checkpoint, a scratch recipe from scratch); AdamW
-(0.9, 0.95, eps 1e-6); gradient clipping at 1.0;
-z-loss 1e-4; residual dropout; the loss of a step is divided by the sum of token weights over all its
-micro-batches on all ranks. Runs resume from
-out_dir/ckpt.pt on the same trajectory. See training.py for the shared pieces.
+(0.9, 0.95, eps 1e-6); gradient clipping at 1.0; z-loss 1e-4; residual dropout. Molmo2's loss: the sum over loss
+tokens of weight * (cross-entropy + z-loss * logsumexp^2) (model.linear_cross_entropy), divided by the sum of the
+weights of the whole step, over its micro-batches on all ranks, so gradient accumulation and any number of ranks
+give the gradient of one big batch. Runs resume from out_dir/ckpt.pt on the same trajectory. training.py holds the
+plumbing the loop calls.
 """
 
 import math

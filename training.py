@@ -7,12 +7,9 @@ PNGs), the model to start from, and the loaders (the mixture -> micro-batches, w
 Design choices:
 - One process per GPU under torchrun (RANK / LOCAL_RANK / WORLD_SIZE), or a single process on CPU / one GPU.
   NCCL on GPUs, gloo on CPU, so multi-process runs can be tested on a laptop.
-- FSDP2 (`fully_shard`) per transformer block of the ViT and the LLM, then the root, with bf16 parameters
-  and float32 gradient reduction; DDP otherwise. On CPU everything is float32.
-- Loss normalisation as Molmo2: sum over tokens of weight * (cross-entropy + 1e-4 * logsumexp^2) (computed by
-  the model's fused head, model.linear_cross_entropy), divided by the sum of weights over the whole optimizer
-  step on all ranks (gathered before the first micro-batch).
-  Gradient accumulation and any number of ranks then give the same gradient as one big batch.
+- FSDP2 (`fully_shard`) per transformer block (the model's blocks(): the ViT's and the LLM's, in stage 1 the
+  ViT's and the text tower's), then the root, with bf16 parameters and float32 gradient reduction; DDP
+  otherwise. On CPU everything is float32.
 - Checkpoints hold everything a resumed run needs to continue the same trajectory (model, optimizer,
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
 """
