@@ -1,6 +1,7 @@
 """
 The language model, written out by hand: Qwen3, and (further down) Molmo2, which joins vision.py's ViT and
-connector.py's adapter to it.
+connector.py's adapter to it. In this order: Qwen3, the training loss at the output head, Molmo2, generation,
+and at the end checkpoint I/O (safetensors files, the hub, SigLIP2's files, the name maps of both layouts).
 
 Qwen3 design choices (all as in the released Qwen3 checkpoints):
 - pre-norm decoder blocks, RMSNorm computed in float32, no biases anywhere
@@ -23,130 +24,17 @@ import json
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# ---------------------------------------------------------------------------
-# Checkpoint files: safetensors by hand (8-byte header length, JSON header, raw little-endian bytes),
-# so the runtime needs no extra package.
-# ---------------------------------------------------------------------------
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def load_safetensors(path):
-    """Read a .safetensors file -> {name: tensor} (CPU tensors viewing one buffer)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"checkpoint '{path}': too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"checkpoint '{path}': unreadable safetensors header ({e})") from None
-        buf = bytearray(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"checkpoint '{path}': tensor {name} has unsupported dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        if end > len(buf):
-            raise ValueError(f"checkpoint '{path}': tensor {name} runs past the end of the file (truncated?)")
-        if end == begin:
-            t = torch.empty(0, dtype=dtype)
-        else:
-            t = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=begin).view(dtype)
-        tensors[name] = t.reshape(info["shape"])
-    return tensors
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as .safetensors, atomically (a crash never leaves a half-written file)."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    header["__metadata__"] = metadata or {"format": "pt"}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
-
-def resolve_checkpoint(name_or_dir):
-    """A local directory as is; otherwise a hub id (e.g. 'Qwen/Qwen3-0.6B') downloaded via huggingface_hub."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
-    if os.path.exists(name_or_dir):
-        raise ValueError(f"checkpoint '{name_or_dir}': expected a directory with config.json, got a file")
-    if name_or_dir.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint '{name_or_dir}': no such directory, and not a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.py"])
-    except Exception as e:
-        raise RuntimeError(f"checkpoint '{name_or_dir}': not a local directory and could not be downloaded "
-                           f"from the Hugging Face Hub ({type(e).__name__}: {e})") from None
-
-
-def load_checkpoint_tensors(ckpt_dir):
-    """All tensors of an HF checkpoint directory: model.safetensors or a sharded index."""
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return load_safetensors(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_safetensors(os.path.join(ckpt_dir, shard)))
-        return tensors
-    raise FileNotFoundError(f"checkpoint '{ckpt_dir}': no model.safetensors or model.safetensors.index.json")
-
-
-def load_state_strict(module, state, source):
-    """Copy `state` into `module`, naming every missing or unexpected tensor and every shape mismatch."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if wrong_shape:
-        problems.append(f"wrong shapes {wrong_shape}")
-    if problems:
-        raise ValueError(f"checkpoint '{source}': " + "; ".join(problems))
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(state[k])
-
+from connector import Connector, ConnectorConfig
+from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision tokens
+from vision import (SigLIP2, SigLIP2Config, siglip_config_from_hf, siglip_config_to_hf, siglip_state_dict_from_hf,
+                    siglip_state_dict_to_hf)
 
 # ---------------------------------------------------------------------------
 # Qwen3
@@ -542,6 +430,362 @@ def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_si
 
 
 # ---------------------------------------------------------------------------
+# Molmo2: SigLIP2 -> connector -> Qwen3
+# ---------------------------------------------------------------------------
+# Design choices:
+# - The three parts are `model.vit` (vision.SigLIP2), `model.connector` (connector.Connector) and
+#   `model.llm` (Qwen3); Molmo2's 128 extra token embeddings (ids 151936..152063) are `model.new_embedding`,
+#   kept apart from Qwen3's table so each part can get its own learning rate or be frozen. Logits cover
+#   only the base vocabulary: the extra tokens are never predicted.
+# - Kept tokens (`config.token_ids`, for small models trained from scratch): the LLM's table holds rows for
+#   these Qwen3 ids only, in order. Inputs and targets stay Qwen3 ids and are mapped to rows inside `embed`
+#   and the loss; logits come back over all 151,936 ids, -inf where no row is kept, so generation and
+#   decoding never see the rows. The softmax runs over the kept rows: at 128 wide, the full head is 39 MFLOP
+#   per loss token, about three quarters of a CPU step of the demo. transformers cannot run such a
+#   checkpoint (it does not know the row map); every full-vocabulary model is unaffected.
+# - Pooled vision features are *added* to the embeddings of the `<im_patch>` tokens, in order: the k-th
+#   pooled window of the batch goes to the k-th `<im_patch>` of the batch (row-major).
+# - Attention mask rules (`vision_attention_mask`): causal, except that every vision token of an example
+#   attends to every other vision token of that example, later ones included; a text token never sees a
+#   later token. Vision tokens are those with mm_token_type_ids == 1 (the processor marks `<im_patch>`,
+#   `<im_col>`, the image/frame start and end tokens), or, without mm_token_type_ids, tokens whose id is
+#   one of those (transformers is purely causal then). Padding keys (attention_mask == 0) are masked.
+#   An explicit `attn_mask` (B, 1, T, S) replaces all of this: packing and message trees build their own.
+#   With a KV cache that already holds tokens (decoding) the new tokens are text: causal, padding keys
+#   masked by attention_mask (B, cached + T) when given.
+# - Checkpoints: `from_pretrained` reads transformers' native Molmo2 layout and the released hub layout
+#   (allenai/Molmo2-4B, -8B: Molmo2's own names, fused qkv and up/gate, split embedding tables);
+#   `save_pretrained` writes the native layout, which `Molmo2ForConditionalGeneration` loads.
+
+QWEN3_VOCAB_SIZE = 151936  # the base vocabulary; Molmo2's extra tokens follow it
+
+
+@dataclass
+class Molmo2Config:
+    llm: Qwen3Config
+    vit: SigLIP2Config
+    connector: ConnectorConfig
+    additional_vocab_size: int = 128
+    image_patch_id: int = 151938  # <im_patch>: where pooled features are added
+    vision_token_ids: tuple = VISION_TOKEN_IDS
+    token_ids: tuple | None = None  # the Qwen3 ids the LLM keeps rows for (increasing); None = all 151,936
+
+    def __post_init__(self):
+        if self.token_ids is not None:
+            ids = tuple(int(i) for i in self.token_ids)
+            if not ids or ids[0] < 0 or ids[-1] >= QWEN3_VOCAB_SIZE or any(a >= b for a, b in zip(ids, ids[1:])):
+                raise ValueError("token_ids: expected increasing Qwen3 ids in [0, 151936)")
+            if len(ids) != self.llm.vocab_size:
+                raise ValueError(f"token_ids: {len(ids)} kept tokens, but the LLM has {self.llm.vocab_size} rows "
+                                 "(use Molmo2Config.keep_tokens)")
+            self.token_ids = ids
+        # vit_layers may count from the end of the ViT as pretrained (Molmo2: -3, -9 of SigLIP2's 27); resolve
+        # them to block indices and drop the blocks after the deepest one read (Molmo2 keeps 25 of 27)
+        depth = self.vit.num_hidden_layers
+        if not all(-depth <= i < depth for i in self.connector.vit_layers):
+            raise ValueError(f"vit_layers {self.connector.vit_layers}: not blocks of a {depth}-layer ViT")
+        layers = tuple(i % depth for i in self.connector.vit_layers)
+        self.connector = replace(self.connector, vit_layers=layers)
+        self.vit = replace(self.vit, num_hidden_layers=max(layers) + 1)
+        widths = (self.connector.vit_hidden_size, self.connector.llm_hidden_size)
+        if widths != (self.vit.hidden_size, self.llm.hidden_size):
+            raise ValueError(f"connector widths {self.connector.vit_hidden_size} -> {self.connector.llm_hidden_size} "
+                             f"do not join a ViT of {self.vit.hidden_size} and an LLM of {self.llm.hidden_size}")
+
+    def keep_tokens(self, token_ids) -> "Molmo2Config":
+        """This config with an LLM table of rows for these Qwen3 ids only (see the design notes above)."""
+        ids = tuple(sorted(set(int(i) for i in token_ids)))
+        return replace(self, llm=replace(self.llm, vocab_size=len(ids)), token_ids=ids)
+
+    @property
+    def base_vocab_size(self) -> int:
+        """Where Molmo2's extra token ids start: after the full Qwen3 vocabulary, kept rows or not."""
+        return self.llm.vocab_size if self.token_ids is None else QWEN3_VOCAB_SIZE
+
+    @classmethod
+    def join(cls, llm: Qwen3Config, vit: SigLIP2Config, vit_layers=(-3, -9)) -> "Molmo2Config":
+        """Molmo2's connector for this LLM and ViT: pooling attention shaped like the ViT's, a projector as
+        wide as the LLM's MLP."""
+        connector = ConnectorConfig(vit_layers=tuple(vit_layers), vit_hidden_size=vit.hidden_size,
+                                    hidden_size=vit.hidden_size, num_attention_heads=vit.num_attention_heads,
+                                    head_dim=vit.head_dim, intermediate_size=llm.intermediate_size,
+                                    llm_hidden_size=llm.hidden_size)
+        return cls(llm=replace(llm), vit=replace(vit), connector=connector)
+
+    @classmethod
+    def preset(cls, name: str) -> "Molmo2Config":
+        if name == "nanomolmo2":  # Qwen3-0.6B + SigLIP2 so400m/14 at 378 px, blocks 24 and 18 (25 kept)
+            return cls.join(Qwen3Config.preset("qwen3-0.6b"), SigLIP2Config.preset("siglip2-so400m-14-378"))
+        if name == "tiny":  # tests: 56 px crops, blocks 2 and 0 of a 4-block ViT (3 kept)
+            return cls.join(Qwen3Config.preset("tiny"), SigLIP2Config.preset("tiny"), vit_layers=(-2, -4))
+        if name == "small":  # CPU runs: 112 px crops, blocks 4 and 2 of a 6-block ViT (5 kept)
+            return cls.join(Qwen3Config.preset("small"), SigLIP2Config.preset("small"), vit_layers=(-2, -4))
+        raise ValueError(f"unknown Molmo2 preset {name!r}; known: ['nanomolmo2', 'small', 'tiny']")
+
+
+class Molmo2(nn.Module):
+    def __init__(self, config: Molmo2Config, llm: Qwen3 | None = None, vit: SigLIP2 | None = None):
+        """A fresh Molmo2, or one around an already built (pretrained) LLM and ViT (see from_parts)."""
+        super().__init__()
+        self.config = config
+        self.vit = vit if vit is not None else SigLIP2(config.vit)
+        self.connector = Connector(config.connector)
+        self.llm = llm if llm is not None else Qwen3(config.llm)
+        self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
+        self._kept = {}  # kept-token lookup tables by device (config.token_ids; not part of the state)
+
+    @classmethod
+    def from_parts(cls, llm: Qwen3, vit: SigLIP2, vit_layers=(-3, -9)) -> "Molmo2":
+        """A pretrained Qwen3 and SigLIP2 joined by a fresh connector: the start of the align stage.
+        The ViT loses the blocks after the deepest one in vit_layers."""
+        config = Molmo2Config.join(llm.config, vit.config, vit_layers)
+        del vit.layers[config.vit.num_hidden_layers:]
+        vit.config = config.vit
+        return cls(config, llm=llm, vit=vit)
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
+        base = self.config.base_vocab_size
+        if not torch.compiler.is_compiling() and (
+                input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size):
+            raise ValueError(f"input_ids: ids must lie in [0, {base + self.config.additional_vocab_size}), "
+                             f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
+        if self.config.token_ids is not None:
+            input_ids = self.kept_rows(input_ids)
+        vocab = self.config.llm.vocab_size
+        is_new = input_ids >= vocab  # (B, T)
+        base = self.llm.embed_tokens(input_ids.clamp(max=vocab - 1))  # (B, T, C)
+        new = F.embedding((input_ids - vocab).clamp(min=0), self.new_embedding)  # (B, T, C)
+        return torch.where(is_new[..., None], new, base)
+
+    # -- kept tokens: a small model from scratch holds LLM rows for some Qwen3 ids only (config.token_ids; not
+    # Molmo2's, see the design notes above). embed, the loss and full_vocab map through these ---------------
+
+    def kept_tables(self, device):
+        """(row of every id, -1 = none; the kept Qwen3 ids) for config.token_ids, built once per device."""
+        if device not in self._kept:
+            kept = torch.tensor(self.config.token_ids, dtype=torch.long, device=device)
+            extra = self.config.additional_vocab_size
+            table = torch.full((QWEN3_VOCAB_SIZE + extra,), -1, dtype=torch.long, device=device)
+            table[kept] = torch.arange(len(kept), device=device)
+            table[QWEN3_VOCAB_SIZE:] = len(kept) + torch.arange(extra, device=device)  # the extra tokens follow
+            self._kept[device] = (table, kept)
+        return self._kept[device]
+
+    def kept_rows(self, ids: torch.Tensor, what="input_ids") -> torch.Tensor:
+        """Qwen3 ids (and the extra ids after them) -> rows of this model's kept-token table; an id with no
+        row raises, naming it."""
+        rows = self.kept_tables(ids.device)[0][ids]
+        if bool((rows < 0).any()):
+            missing = ids[rows < 0].unique()[:8].tolist()
+            raise ValueError(f"{what}: token ids {missing} are not among this model's {len(self.config.token_ids)} "
+                             "kept tokens (config.token_ids: the tokens of the data it was built for)")
+        return rows
+
+    def full_vocab(self, logits):
+        """Logits over the LLM's rows (..., vocab) -> over all Qwen3 ids (..., 151936): -inf where no row is kept."""
+        if self.config.token_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], QWEN3_VOCAB_SIZE), float("-inf"))
+        return full.index_copy_(-1, self.kept_tables(logits.device)[1], logits)
+
+    # -- vision ---------------------------------------------------------------------------------------
+
+    def vision_features(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """crops (N, P, patch_dim) (or (B, N, P, patch_dim)) and pooling windows (M, K) -> (M', C), one
+        LLM-width vector per window that has a patch."""
+        crops = crops.reshape(-1, *crops.shape[-2:])  # (N, P, patch_dim)
+        return self.connector(self.vit(crops, self.config.connector.vit_layers), pooled_patches_idx)
+
+    def vision_attention_mask(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, 1, T, T) bool, True = may attend: causal, vision tokens bidirectional among
+        themselves, padding keys masked. See the rules at the top of this section."""
+        B, T = input_ids.shape
+        if mm_token_type_ids is not None:
+            is_vision = mm_token_type_ids == 1  # (B, T)
+        else:
+            is_vision = torch.isin(input_ids, torch.tensor(self.config.vision_token_ids, device=input_ids.device))
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        mask = causal | (is_vision[:, :, None] & is_vision[:, None, :])  # (B, T, T)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]  # (B, T, T): padding keys
+            # a left-padded query would see no key at all (NaN softmax): let every token see itself
+            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        return mask[:, None]  # (B, 1, T, T)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
+                      image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
+                      attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
+                      response_mask=None):
+        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward. Under torch.compile the
+        checks that read counts back to the host are skipped: each would break the graph."""
+        compiling = torch.compiler.is_compiling()
+        x = self.embed(input_ids)  # (B, T, C)
+        if pixel_values is not None and pixel_values_videos is not None:
+            raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
+                             "as pixel_values, with 2x2 windows padded to 9 slots with -1 (as transformers, "
+                             "the two streams are not merged)")
+        if pixel_values is not None:
+            crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
+            if image_token_pooling is None:
+                raise ValueError("pixel_values given without image_token_pooling")
+            if image_num_crops is not None and not compiling and int(image_num_crops.sum()) != crops.shape[0]:
+                raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
+                                 f"holds {crops.shape[0]}")
+            # per image: low-res rows x cols + high-res rows x cols tokens
+            num_tokens = None
+            if image_grids is not None and not compiling:
+                num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
+            features = self.vision_features(crops, image_token_pooling)  # (M, C)
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
+        if pixel_values_videos is not None:
+            if video_token_pooling is None:
+                raise ValueError("pixel_values_videos given without video_token_pooling")
+            # per video: frames x rows x cols tokens
+            num_tokens = None if video_grids is None or compiling else int(video_grids.prod(-1).sum())
+            features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
+            x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
+        if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
+            attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
+        # after cached tokens (decoding) the new tokens are text: causal over the keys attention_mask keeps
+        return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
+                                   response_mask=response_mask, attention_mask=attention_mask)
+
+    def add_vision_features(self, x, input_ids, features, num_tokens, kind):
+        """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
+        num_tokens is M as the grids count it (None: not given)."""
+        is_patch = input_ids == self.config.image_patch_id  # (B, T)
+        if not torch.compiler.is_compiling():
+            num_patches = int(is_patch.sum())
+            if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
+                raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
+                                 + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
+                                 + f" for {num_patches} <im_patch> tokens in input_ids")
+        if features.shape[0] == 0:
+            return x
+        # the k-th <im_patch> of the batch (row-major) takes features[k]: a gather of static shape, where
+        # indexing by torch.nonzero(is_patch) would have a data-dependent one (a torch.compile graph break)
+        k = (is_patch.flatten().cumsum(0) - 1).clamp(min=0).view_as(is_patch)  # (B, T)
+        return torch.where(is_patch[..., None], x + features.to(x.dtype)[k], x)  # (B, T, C)
+
+    def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
+                image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
+                attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
+                logits_positions=None, kv_cache=None, response_mask=None, targets=None, loss_weights=None,
+                z_loss=0.0):
+        """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
+        logits_positions (B, T) bool (full-vocabulary logits everywhere dominate the cost of a step).
+        With targets (B, T) (-1 = no loss) and loss_weights (B, T): Molmo2's training loss instead, as
+        (sum of weight * (CE + z_loss * logsumexp^2), sum of weight * CE) over the positions with a target,
+        through the fused head (linear_cross_entropy): no logits are kept.
+
+        Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
+        (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
+        their N * P patches (-1 = padding); image_grids (I, 4) and image_num_crops (I,) per image, used to
+        check the rest; the same for a video (pixel_values_videos, video_token_pooling (M, 9), video_grids
+        (V, 3)); attention_mask (B, T) 1 = token, 0 = padding ((B, cached + T) when decoding);
+        mm_token_type_ids (B, T) 1 = vision token. position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S)
+        bool replaces the built mask; response_mask (B, T) bool: the tokens that get Qwen3's response_dropout
+        (training)."""
+        h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
+                               pixel_values_videos, video_token_pooling, video_grids, attention_mask,
+                               mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
+        if targets is not None:
+            return self.loss_at_targets(h, targets, loss_weights, z_loss)
+        if logits_positions is not None:
+            h = h[logits_positions]  # (N, C)
+        return self.full_vocab(self.llm.lm_logits(h))
+
+    @torch.compiler.disable  # eager under torch.compile: selecting the loss positions has a data-dependent shape
+    def loss_at_targets(self, h, targets, loss_weights, z_loss):
+        """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target."""
+        has_target = targets >= 0  # (B, T)
+        targets = targets[has_target]
+        if self.config.token_ids is not None:
+            targets = self.kept_rows(targets, "targets")
+        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
+
+    def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
+        return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
+
+    def decode_step(self, ids, position_ids, attn_mask, kv_cache):
+        """One generated token per row, ids (B, 1) -> logits (B, 151936); no host sync (see DecodeStep).
+        Generated ids are base-vocabulary text (logits never cover the extra tokens): no range check."""
+        rows = ids if self.config.token_ids is None else self.kept_tables(ids.device)[0][ids]
+        h = self.llm.run_layers(self.llm.embed_tokens(rows), position_ids, attn_mask, kv_cache)  # (B, 1, C)
+        return self.full_vocab(self.llm.lm_logits(h[:, -1]))
+
+    # -- training hooks ------------------------------------------------------------------------------
+
+    def param_parts(self) -> dict:
+        """{part: parameters} for per-part learning rates and freezing; the 128 new token embeddings train
+        with the connector (both are new in Molmo2)."""
+        return {"connector": list(self.connector.parameters()) + [self.new_embedding],
+                "vit": list(self.vit.parameters()), "llm": list(self.llm.parameters())}
+
+    def blocks(self) -> list:
+        """The transformer blocks, ViT then LLM: FSDP shards them one by one."""
+        return list(self.vit.layers) + list(self.llm.layers)
+
+    def num_params(self, part=None) -> int:
+        parts = self.param_parts()
+        return sum(p.numel() for name in ([part] if part else parts) for p in parts[name])
+
+    def training_flops(self, batch) -> float:
+        """Matmul FLOPs of one training step (forward + backward = 3 x forward) on a collated batch: the LLM
+        on every token (logits only at the loss positions), the ViT on every crop, the connector on every
+        pooled token. Frozen parts are counted too: their backward still runs for the activations."""
+        c = self.config
+        B, T = batch["input_ids"].shape
+        head = 6 * c.llm.hidden_size * c.llm.vocab_size  # per token: paid only at the loss positions
+        flops = (self.llm.flops_per_token(T) - head) * B * T + head * int((batch["targets"] >= 0).sum())
+        pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
+        if pixels:
+            n_crops = sum(p.shape[0] for p in pixels)
+            v = c.vit
+            vit_block = 4 * v.hidden_size * v.num_attention_heads * v.head_dim + 2 * v.hidden_size * v.intermediate_size
+            per_patch = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block) \
+                + 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
+            n_pooled = sum(batch[k].shape[0] for k in ("image_token_pooling", "video_token_pooling") if k in batch)
+            flops += per_patch * n_crops * v.num_patches + 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
+        return flops
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dtype=torch.float32) -> "Molmo2":
+        """A Molmo2 checkpoint (hub id or local dir) in transformers' native layout or the released one
+        (allenai/Molmo2-4B, -8B), with a Qwen3 LLM of any size."""
+        path = resolve_checkpoint(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        config = molmo2_config_from_hf(hf_config, name_or_dir)
+        tensors = load_checkpoint_tensors(path)
+        if any(k.startswith("model.transformer.") for k in tensors):
+            tensors = molmo2_released_to_native(tensors, config)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        load_state_strict(model, molmo2_native_to_ours(tensors, config), name_or_dir)
+        return model.to(dtype)
+
+    def save_pretrained(self, out_dir: str):
+        """Write transformers' native Molmo2 layout (config.json + model.safetensors)."""
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            config = molmo2_config_to_hf(self.config)
+            config["dtype"] = str(self.new_embedding.dtype).removeprefix("torch.")
+            json.dump(config, f, indent=2)
+        tensors = molmo2_ours_to_native(self.state_dict(), self.config)
+        save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------
 # Generation: batched prompts of different lengths (left-padded), a preallocated KV cache, greedy or
 # temperature / top-k / top-p sampling, stop tokens, streaming through a callback.
 # - The model builds its own prefill mask from the 2-D attention_mask (Molmo2: bidirectional among vision
@@ -703,360 +947,152 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     return out[:, :n_steps]
 
 # ---------------------------------------------------------------------------
-# Molmo2: SigLIP2 -> connector -> Qwen3
+# Checkpoint I/O: safetensors by hand (8-byte header length, JSON header, raw little-endian bytes),
+# so the runtime needs no extra package; the hub; SigLIP2's files; then the name maps
 # ---------------------------------------------------------------------------
-# Design choices:
-# - The three parts are `model.vit` (vision.SigLIP2), `model.connector` (connector.Connector) and
-#   `model.llm` (Qwen3); Molmo2's 128 extra token embeddings (ids 151936..152063) are `model.new_embedding`,
-#   kept apart from Qwen3's table so each part can get its own learning rate or be frozen. Logits cover
-#   only the base vocabulary: the extra tokens are never predicted.
-# - Kept tokens (`config.token_ids`, for small models trained from scratch): the LLM's table holds rows for
-#   these Qwen3 ids only, in order. Inputs and targets stay Qwen3 ids and are mapped to rows inside `embed`
-#   and the loss; logits come back over all 151,936 ids, -inf where no row is kept, so generation and
-#   decoding never see the rows. The softmax runs over the kept rows: at 128 wide, the full head is 39 MFLOP
-#   per loss token, about three quarters of a CPU step of the demo. transformers cannot run such a
-#   checkpoint (it does not know the row map); every full-vocabulary model is unaffected.
-# - Pooled vision features are *added* to the embeddings of the `<im_patch>` tokens, in order: the k-th
-#   pooled window of the batch goes to the k-th `<im_patch>` of the batch (row-major).
-# - Attention mask rules (`vision_attention_mask`): causal, except that every vision token of an example
-#   attends to every other vision token of that example, later ones included; a text token never sees a
-#   later token. Vision tokens are those with mm_token_type_ids == 1 (the processor marks `<im_patch>`,
-#   `<im_col>`, the image/frame start and end tokens), or, without mm_token_type_ids, tokens whose id is
-#   one of those (transformers is purely causal then). Padding keys (attention_mask == 0) are masked.
-#   An explicit `attn_mask` (B, 1, T, S) replaces all of this: packing and message trees build their own.
-#   With a KV cache that already holds tokens (decoding) the new tokens are text: causal, padding keys
-#   masked by attention_mask (B, cached + T) when given.
-# - Checkpoints: `from_pretrained` reads transformers' native Molmo2 layout and the released hub layout
-#   (allenai/Molmo2-4B, -8B: Molmo2's own names, fused qkv and up/gate, split embedding tables);
-#   `save_pretrained` writes the native layout, which `Molmo2ForConditionalGeneration` loads.
 
-from dataclasses import replace  # noqa: E402  (the Molmo2 section's imports stay with it)
-
-from connector import Connector, ConnectorConfig  # noqa: E402
-from data import VISION_TOKEN_IDS  # noqa: E402  (the tokens the processor marks as vision tokens)
-from vision import SigLIP2, SigLIP2Config  # noqa: E402
-
-QWEN3_VOCAB_SIZE = 151936  # the base vocabulary; Molmo2's extra tokens follow it
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-@dataclass
-class Molmo2Config:
-    llm: Qwen3Config
-    vit: SigLIP2Config
-    connector: ConnectorConfig
-    additional_vocab_size: int = 128
-    image_patch_id: int = 151938  # <im_patch>: where pooled features are added
-    vision_token_ids: tuple = VISION_TOKEN_IDS
-    token_ids: tuple | None = None  # the Qwen3 ids the LLM keeps rows for (increasing); None = all 151,936
-
-    def __post_init__(self):
-        if self.token_ids is not None:
-            ids = tuple(int(i) for i in self.token_ids)
-            if not ids or ids[0] < 0 or ids[-1] >= QWEN3_VOCAB_SIZE or any(a >= b for a, b in zip(ids, ids[1:])):
-                raise ValueError("token_ids: expected increasing Qwen3 ids in [0, 151936)")
-            if len(ids) != self.llm.vocab_size:
-                raise ValueError(f"token_ids: {len(ids)} kept tokens, but the LLM has {self.llm.vocab_size} rows "
-                                 "(use Molmo2Config.keep_tokens)")
-            self.token_ids = ids
-        # vit_layers may count from the end of the ViT as pretrained (Molmo2: -3, -9 of SigLIP2's 27); resolve
-        # them to block indices and drop the blocks after the deepest one read (Molmo2 keeps 25 of 27)
-        depth = self.vit.num_hidden_layers
-        if not all(-depth <= i < depth for i in self.connector.vit_layers):
-            raise ValueError(f"vit_layers {self.connector.vit_layers}: not blocks of a {depth}-layer ViT")
-        layers = tuple(i % depth for i in self.connector.vit_layers)
-        self.connector = replace(self.connector, vit_layers=layers)
-        self.vit = replace(self.vit, num_hidden_layers=max(layers) + 1)
-        widths = (self.connector.vit_hidden_size, self.connector.llm_hidden_size)
-        if widths != (self.vit.hidden_size, self.llm.hidden_size):
-            raise ValueError(f"connector widths {self.connector.vit_hidden_size} -> {self.connector.llm_hidden_size} "
-                             f"do not join a ViT of {self.vit.hidden_size} and an LLM of {self.llm.hidden_size}")
-
-    def keep_tokens(self, token_ids) -> "Molmo2Config":
-        """This config with an LLM table of rows for these Qwen3 ids only (see the design notes above)."""
-        ids = tuple(sorted(set(int(i) for i in token_ids)))
-        return replace(self, llm=replace(self.llm, vocab_size=len(ids)), token_ids=ids)
-
-    @property
-    def base_vocab_size(self) -> int:
-        """Where Molmo2's extra token ids start: after the full Qwen3 vocabulary, kept rows or not."""
-        return self.llm.vocab_size if self.token_ids is None else QWEN3_VOCAB_SIZE
-
-    @classmethod
-    def join(cls, llm: Qwen3Config, vit: SigLIP2Config, vit_layers=(-3, -9)) -> "Molmo2Config":
-        """Molmo2's connector for this LLM and ViT: pooling attention shaped like the ViT's, a projector as
-        wide as the LLM's MLP."""
-        connector = ConnectorConfig(vit_layers=tuple(vit_layers), vit_hidden_size=vit.hidden_size,
-                                    hidden_size=vit.hidden_size, num_attention_heads=vit.num_attention_heads,
-                                    head_dim=vit.head_dim, intermediate_size=llm.intermediate_size,
-                                    llm_hidden_size=llm.hidden_size)
-        return cls(llm=replace(llm), vit=replace(vit), connector=connector)
-
-    @classmethod
-    def preset(cls, name: str) -> "Molmo2Config":
-        if name == "nanomolmo2":  # Qwen3-0.6B + SigLIP2 so400m/14 at 378 px, blocks 24 and 18 (25 kept)
-            return cls.join(Qwen3Config.preset("qwen3-0.6b"), SigLIP2Config.preset("siglip2-so400m-14-378"))
-        if name == "tiny":  # tests: 56 px crops, blocks 2 and 0 of a 4-block ViT (3 kept)
-            return cls.join(Qwen3Config.preset("tiny"), SigLIP2Config.preset("tiny"), vit_layers=(-2, -4))
-        if name == "small":  # CPU runs: 112 px crops, blocks 4 and 2 of a 6-block ViT (5 kept)
-            return cls.join(Qwen3Config.preset("small"), SigLIP2Config.preset("small"), vit_layers=(-2, -4))
-        raise ValueError(f"unknown Molmo2 preset {name!r}; known: ['nanomolmo2', 'small', 'tiny']")
-
-
-class Molmo2(nn.Module):
-    def __init__(self, config: Molmo2Config, llm: Qwen3 | None = None, vit: SigLIP2 | None = None):
-        """A fresh Molmo2, or one around an already built (pretrained) LLM and ViT (see from_parts)."""
-        super().__init__()
-        self.config = config
-        self.vit = vit if vit is not None else SigLIP2(config.vit)
-        self.connector = Connector(config.connector)
-        self.llm = llm if llm is not None else Qwen3(config.llm)
-        self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
-        self._kept = {}  # kept-token lookup tables by device (config.token_ids; not part of the state)
-
-    @classmethod
-    def from_parts(cls, llm: Qwen3, vit: SigLIP2, vit_layers=(-3, -9)) -> "Molmo2":
-        """A pretrained Qwen3 and SigLIP2 joined by a fresh connector: the start of the align stage.
-        The ViT loses the blocks after the deepest one in vit_layers."""
-        config = Molmo2Config.join(llm.config, vit.config, vit_layers)
-        del vit.layers[config.vit.num_hidden_layers:]
-        vit.config = config.vit
-        return cls(config, llm=llm, vit=vit)
-
-    # -- inputs --------------------------------------------------------------------------------------
-
-    def kept_tables(self, device):
-        """(row of every id, -1 = none; the kept Qwen3 ids) for config.token_ids, built once per device."""
-        if device not in self._kept:
-            kept = torch.tensor(self.config.token_ids, dtype=torch.long, device=device)
-            extra = self.config.additional_vocab_size
-            table = torch.full((QWEN3_VOCAB_SIZE + extra,), -1, dtype=torch.long, device=device)
-            table[kept] = torch.arange(len(kept), device=device)
-            table[QWEN3_VOCAB_SIZE:] = len(kept) + torch.arange(extra, device=device)  # the extra tokens follow
-            self._kept[device] = (table, kept)
-        return self._kept[device]
-
-    def kept_rows(self, ids: torch.Tensor, what="input_ids") -> torch.Tensor:
-        """Qwen3 ids (and the extra ids after them) -> rows of this model's kept-token table; an id with no
-        row raises, naming it."""
-        rows = self.kept_tables(ids.device)[0][ids]
-        if bool((rows < 0).any()):
-            missing = ids[rows < 0].unique()[:8].tolist()
-            raise ValueError(f"{what}: token ids {missing} are not among this model's {len(self.config.token_ids)} "
-                             "kept tokens (config.token_ids: the tokens of the data it was built for)")
-        return rows
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
-        base = self.config.base_vocab_size
-        if not torch.compiler.is_compiling() and (
-                input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size):
-            raise ValueError(f"input_ids: ids must lie in [0, {base + self.config.additional_vocab_size}), "
-                             f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
-        if self.config.token_ids is not None:
-            input_ids = self.kept_rows(input_ids)
-        vocab = self.config.llm.vocab_size
-        is_new = input_ids >= vocab  # (B, T)
-        base = self.llm.embed_tokens(input_ids.clamp(max=vocab - 1))  # (B, T, C)
-        new = F.embedding((input_ids - vocab).clamp(min=0), self.new_embedding)  # (B, T, C)
-        return torch.where(is_new[..., None], new, base)
-
-    def vision_features(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
-        """crops (N, P, patch_dim) (or (B, N, P, patch_dim)) and pooling windows (M, K) -> (M', C), one
-        LLM-width vector per window that has a patch."""
-        crops = crops.reshape(-1, *crops.shape[-2:])  # (N, P, patch_dim)
-        return self.connector(self.vit(crops, self.config.connector.vit_layers), pooled_patches_idx)
-
-    def vision_attention_mask(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
-                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) -> (B, 1, T, T) bool, True = may attend: causal, vision tokens bidirectional among
-        themselves, padding keys masked. See the rules at the top of this section."""
-        B, T = input_ids.shape
-        if mm_token_type_ids is not None:
-            is_vision = mm_token_type_ids == 1  # (B, T)
+def load_safetensors(path):
+    """Read a .safetensors file -> {name: tensor} (CPU tensors viewing one buffer)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"checkpoint '{path}': too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"checkpoint '{path}': unreadable safetensors header ({e})") from None
+        buf = bytearray(f.read())
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"checkpoint '{path}': tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if end > len(buf):
+            raise ValueError(f"checkpoint '{path}': tensor {name} runs past the end of the file (truncated?)")
+        if end == begin:
+            t = torch.empty(0, dtype=dtype)
         else:
-            is_vision = torch.isin(input_ids, torch.tensor(self.config.vision_token_ids, device=input_ids.device))
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
-        mask = causal | (is_vision[:, :, None] & is_vision[:, None, :])  # (B, T, T)
-        if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, :]  # (B, T, T): padding keys
-            # a left-padded query would see no key at all (NaN softmax): let every token see itself
-            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        return mask[:, None]  # (B, 1, T, T)
+            t = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=begin).view(dtype)
+        tensors[name] = t.reshape(info["shape"])
+    return tensors
 
-    # -- forward -------------------------------------------------------------------------------------
 
-    def hidden_states(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
-                      image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
-                      attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
-                      response_mask=None):
-        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward. Under torch.compile the
-        checks that read counts back to the host are skipped: each would break the graph."""
-        compiling = torch.compiler.is_compiling()
-        x = self.embed(input_ids)  # (B, T, C)
-        if pixel_values is not None and pixel_values_videos is not None:
-            raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
-                             "as pixel_values, with 2x2 windows padded to 9 slots with -1 (as transformers, "
-                             "the two streams are not merged)")
-        if pixel_values is not None:
-            crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
-            if image_token_pooling is None:
-                raise ValueError("pixel_values given without image_token_pooling")
-            if image_num_crops is not None and not compiling and int(image_num_crops.sum()) != crops.shape[0]:
-                raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
-                                 f"holds {crops.shape[0]}")
-            # per image: low-res rows x cols + high-res rows x cols tokens
-            num_tokens = None
-            if image_grids is not None and not compiling:
-                num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
-            features = self.vision_features(crops, image_token_pooling)  # (M, C)
-            x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
-        if pixel_values_videos is not None:
-            if video_token_pooling is None:
-                raise ValueError("pixel_values_videos given without video_token_pooling")
-            # per video: frames x rows x cols tokens
-            num_tokens = None if video_grids is None or compiling else int(video_grids.prod(-1).sum())
-            features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
-            x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
-        if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
-            attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
-        # after cached tokens (decoding) the new tokens are text: causal over the keys attention_mask keeps
-        return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
-                                   response_mask=response_mask, attention_mask=attention_mask)
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as .safetensors, atomically (a crash never leaves a half-written file)."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    header["__metadata__"] = metadata or {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+    os.replace(tmp, path)
 
-    def add_vision_features(self, x, input_ids, features, num_tokens, kind):
-        """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
-        num_tokens is M as the grids count it (None: not given)."""
-        is_patch = input_ids == self.config.image_patch_id  # (B, T)
-        if not torch.compiler.is_compiling():
-            num_patches = int(is_patch.sum())
-            if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
-                raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
-                                 + ("" if num_tokens is None else f" ({kind}_grids: {num_tokens})")
-                                 + f" for {num_patches} <im_patch> tokens in input_ids")
-        if features.shape[0] == 0:
-            return x
-        # the k-th <im_patch> of the batch (row-major) takes features[k]: a gather of static shape, where
-        # indexing by torch.nonzero(is_patch) would have a data-dependent one (a torch.compile graph break)
-        k = (is_patch.flatten().cumsum(0) - 1).clamp(min=0).view_as(is_patch)  # (B, T)
-        return torch.where(is_patch[..., None], x + features.to(x.dtype)[k], x)  # (B, T, C)
 
-    def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
-                image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
-                attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
-                logits_positions=None, kv_cache=None, response_mask=None, targets=None, loss_weights=None,
-                z_loss=0.0):
-        """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
-        logits_positions (B, T) bool (full-vocabulary logits everywhere dominate the cost of a step).
-        With targets (B, T) (-1 = no loss) and loss_weights (B, T): Molmo2's training loss instead, as
-        (sum of weight * (CE + z_loss * logsumexp^2), sum of weight * CE) over the positions with a target,
-        through the fused head (linear_cross_entropy): no logits are kept.
+def resolve_checkpoint(name_or_dir):
+    """A local directory as is; otherwise a hub id (e.g. 'Qwen/Qwen3-0.6B') downloaded via huggingface_hub."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if os.path.exists(name_or_dir):
+        raise ValueError(f"checkpoint '{name_or_dir}': expected a directory with config.json, got a file")
+    if name_or_dir.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint '{name_or_dir}': no such directory, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.py"])
+    except Exception as e:
+        raise RuntimeError(f"checkpoint '{name_or_dir}': not a local directory and could not be downloaded "
+                           f"from the Hugging Face Hub ({type(e).__name__}: {e})") from None
 
-        Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
-        (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
-        their N * P patches (-1 = padding); image_grids (I, 4) and image_num_crops (I,) per image, used to
-        check the rest; the same for a video (pixel_values_videos, video_token_pooling (M, 9), video_grids
-        (V, 3)); attention_mask (B, T) 1 = token, 0 = padding ((B, cached + T) when decoding);
-        mm_token_type_ids (B, T) 1 = vision token. position_ids (B, T) default 0..T-1; attn_mask (B, 1, T, S)
-        bool replaces the built mask; response_mask (B, T) bool: the tokens that get Qwen3's response_dropout
-        (training)."""
-        h = self.hidden_states(input_ids, pixel_values, image_token_pooling, image_grids, image_num_crops,
-                               pixel_values_videos, video_token_pooling, video_grids, attention_mask,
-                               mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
-        if targets is not None:
-            return self.loss_at_targets(h, targets, loss_weights, z_loss)
-        if logits_positions is not None:
-            h = h[logits_positions]  # (N, C)
-        return self.full_vocab(self.llm.lm_logits(h))
 
-    @torch.compiler.disable  # eager under torch.compile: selecting the loss positions has a data-dependent shape
-    def loss_at_targets(self, h, targets, loss_weights, z_loss):
-        """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target."""
-        has_target = targets >= 0  # (B, T)
-        targets = targets[has_target]
-        if self.config.token_ids is not None:
-            targets = self.kept_rows(targets, "targets")
-        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
+def load_checkpoint_tensors(ckpt_dir):
+    """All tensors of an HF checkpoint directory: model.safetensors or a sharded index."""
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_safetensors(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_safetensors(os.path.join(ckpt_dir, shard)))
+        return tensors
+    raise FileNotFoundError(f"checkpoint '{ckpt_dir}': no model.safetensors or model.safetensors.index.json")
 
-    def full_vocab(self, logits):
-        """Logits over the LLM's rows (..., vocab) -> over all Qwen3 ids (..., 151936): -inf where no row is kept."""
-        if self.config.token_ids is None:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], QWEN3_VOCAB_SIZE), float("-inf"))
-        return full.index_copy_(-1, self.kept_tables(logits.device)[1], logits)
 
-    def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
-        return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
+def load_state_strict(module, state, source):
+    """Copy `state` into `module`, naming every missing or unexpected tensor and every shape mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if wrong_shape:
+        problems.append(f"wrong shapes {wrong_shape}")
+    if problems:
+        raise ValueError(f"checkpoint '{source}': " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
 
-    def decode_step(self, ids, position_ids, attn_mask, kv_cache):
-        """One generated token per row, ids (B, 1) -> logits (B, 151936); no host sync (see DecodeStep).
-        Generated ids are base-vocabulary text (logits never cover the extra tokens): no range check."""
-        rows = ids if self.config.token_ids is None else self.kept_tables(ids.device)[0][ids]
-        h = self.llm.run_layers(self.llm.embed_tokens(rows), position_ids, attn_mask, kv_cache)  # (B, 1, C)
-        return self.full_vocab(self.llm.lm_logits(h[:, -1]))
 
-    # -- training hooks ------------------------------------------------------------------------------
+def load_siglip(name_or_dir: str, num_layers: int | None = None, dtype=torch.float32) -> SigLIP2:
+    """SigLIP2 from a hub id or a local dir in HF `SiglipVisionModel` or `SiglipModel` layout
+    (e.g. google/siglip2-so400m-patch14-384). `num_layers` keeps only the first blocks."""
+    path = resolve_checkpoint(name_or_dir)
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    hf = hf.get("vision_config", hf)  # SiglipModel nests the vision tower's config
+    config = siglip_config_from_hf(hf)
+    if num_layers is not None:
+        if not 0 < num_layers <= config.num_hidden_layers:
+            raise ValueError(f"{name_or_dir}: num_layers={num_layers}, the checkpoint has {config.num_hidden_layers}")
+        config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        vit = SigLIP2(config)
+    vit.to_empty(device="cpu")
+    state = siglip_state_dict_from_hf(load_checkpoint_tensors(path), config)
+    load_state_strict(vit, state, name_or_dir)
+    return vit.to(dtype)
 
-    def param_parts(self) -> dict:
-        """{part: parameters} for per-part learning rates and freezing; the 128 new token embeddings train
-        with the connector (both are new in Molmo2)."""
-        return {"connector": list(self.connector.parameters()) + [self.new_embedding],
-                "vit": list(self.vit.parameters()), "llm": list(self.llm.parameters())}
 
-    def blocks(self) -> list:
-        """The transformer blocks, ViT then LLM: FSDP shards them one by one."""
-        return list(self.vit.layers) + list(self.llm.layers)
-
-    def num_params(self, part=None) -> int:
-        parts = self.param_parts()
-        return sum(p.numel() for name in ([part] if part else parts) for p in parts[name])
-
-    def training_flops(self, batch) -> float:
-        """Matmul FLOPs of one training step (forward + backward = 3 x forward) on a collated batch: the LLM
-        on every token (logits only at the loss positions), the ViT on every crop, the connector on every
-        pooled token. Frozen parts are counted too: their backward still runs for the activations."""
-        c = self.config
-        B, T = batch["input_ids"].shape
-        head = 6 * c.llm.hidden_size * c.llm.vocab_size  # per token: paid only at the loss positions
-        flops = (self.llm.flops_per_token(T) - head) * B * T + head * int((batch["targets"] >= 0).sum())
-        pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
-        if pixels:
-            n_crops = sum(p.shape[0] for p in pixels)
-            v = c.vit
-            vit_block = 4 * v.hidden_size * v.num_attention_heads * v.head_dim + 2 * v.hidden_size * v.intermediate_size
-            per_patch = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block) \
-                + 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
-            n_pooled = sum(batch[k].shape[0] for k in ("image_token_pooling", "video_token_pooling") if k in batch)
-            flops += per_patch * n_crops * v.num_patches + 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
-        return flops
-
-    # -- checkpoints ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, dtype=torch.float32) -> "Molmo2":
-        """A Molmo2 checkpoint (hub id or local dir) in transformers' native layout or the released one
-        (allenai/Molmo2-4B, -8B), with a Qwen3 LLM of any size."""
-        path = resolve_checkpoint(name_or_dir)
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
-        config = molmo2_config_from_hf(hf_config, name_or_dir)
-        tensors = load_checkpoint_tensors(path)
-        if any(k.startswith("model.transformer.") for k in tensors):
-            tensors = molmo2_released_to_native(tensors, config)
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device="cpu")
-        load_state_strict(model, molmo2_native_to_ours(tensors, config), name_or_dir)
-        return model.to(dtype)
-
-    def save_pretrained(self, out_dir: str):
-        """Write transformers' native Molmo2 layout (config.json + model.safetensors)."""
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            config = molmo2_config_to_hf(self.config)
-            config["dtype"] = str(self.new_embedding.dtype).removeprefix("torch.")
-            json.dump(config, f, indent=2)
-        tensors = molmo2_ours_to_native(self.state_dict(), self.config)
-        save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"))
+def save_siglip(vit: SigLIP2, out_dir: str):
+    """Write a ViT as transformers' `SiglipVisionModel` (config.json + model.safetensors): the layout that
+    `load_siglip`, `train_align.py --vit_from=` and transformers all read. It has no attention-pooling
+    head, and its post_layernorm is a fresh one (gain 1, bias 0; ours has none): Molmo2 reads the block outputs,
+    transformers' hidden_states, which come before it, so its last_hidden_state is not one of them."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(siglip_config_to_hf(vit.config), f, indent=2)
+    save_safetensors(siglip_state_dict_to_hf(vit.state_dict(), vit.config), os.path.join(out_dir, "model.safetensors"))
 
 
 # Our parameter names -> transformers' native Molmo2 names, by prefix. The Qwen3 and ViT blocks already

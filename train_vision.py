@@ -45,7 +45,7 @@ import torch
 import data
 from configurator import configure
 from eval import point_scores, python_command
-from model import Molmo2Config
+from model import Molmo2Config, save_siglip
 from training import (Dist, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
                       resume_run, rng_state, save_checkpoint, seed_everything, stop_nonfinite, vision_batch_to,
                       wrap_model)
@@ -250,10 +250,10 @@ if d.world_size > 1:
     if d.is_master:
         vit = SigLIP2(pretrainer.vit.config)
         vit.load_state_dict({k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")})
-        vit.save_pretrained(final_dir)
+        save_siglip(vit, final_dir)
     d.barrier()
 elif d.is_master:
-    pretrainer.vit.save_pretrained(final_dir)
+    save_siglip(pretrainer.vit, final_dir)
 if d.is_master:
     plot_vision_run(out_dir)
     print(f"done: {max_steps - start_step} steps in {(time.time() - t_start) / 60:.1f} min\n{loader.summary()}\n"

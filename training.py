@@ -556,8 +556,8 @@ def vit_checkpoint_dir(name_or_dir):
 def load_vit(vit_from, vit_config):
     """A pretrained ViT (stage 1's out_dir or any SigLIP checkpoint) for a model whose ViT is vit_config: blocks
     after the ones vit_config keeps are dropped, and any other difference is an error that names both."""
-    from vision import SigLIP2
-    vit = SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from))
+    from model import load_siglip
+    vit = load_siglip(vit_checkpoint_dir(vit_from))
     if vit.config.num_hidden_layers < vit_config.num_hidden_layers:
         raise ValueError(f"vit_from={vit_from!r}: {vit.config.num_hidden_layers} blocks, the model reads block "
                          f"{vit_config.num_hidden_layers - 1}")
@@ -578,8 +578,7 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
     data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with.
     projector_norm: a new model's connector ends in an RMSNorm (connector.py; not Molmo2's); a checkpoint keeps
     its own connector, so asking for it there is an error."""
-    from model import Molmo2, Molmo2Config, Qwen3
-    from vision import SigLIP2
+    from model import Molmo2, Molmo2Config, Qwen3, load_siglip
     if vocab not in ("full", "data"):
         raise ValueError(f"vocab={vocab!r}: expected 'full' or 'data'")
     if init_from == "scratch":
@@ -598,7 +597,7 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         if not (llm_from and vit_from):
             raise ValueError("init_from='parts' needs llm_from and vit_from (e.g. --llm_from=Qwen/Qwen3-0.6B "
                              "--vit_from=google/siglip2-so400m-patch14-384)")
-        vit = SigLIP2.from_pretrained(vit_checkpoint_dir(vit_from))
+        vit = load_siglip(vit_checkpoint_dir(vit_from))
         model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), vit)
         if projector_norm:
             raise ValueError("projector_norm is a switch for models from scratch: a pretrained Qwen3 and SigLIP2 "

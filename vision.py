@@ -12,16 +12,15 @@ Design choices:
 - Only the encoder: SigLIP2's post_layernorm and attention-pooling head are never used by Molmo2.
 - `forward(patches, layers)` returns the outputs of the requested blocks and never runs the blocks after
   the deepest one asked for. Molmo2 reads blocks 24 and 18 of the 27 and keeps only 25 (see model.py).
-- Parameter names follow transformers' Molmo2 vision tower, so that checkpoint layout maps by prefix;
-  `from_pretrained` reads the HF `SiglipVisionModel` / `SiglipModel` layout.
+- Parameter names follow transformers' Molmo2 vision tower, so that checkpoint layout maps by prefix (the
+  name maps at the end of this file); model.py's checkpoint section reads and writes the files (`load_siglip`:
+  the HF `SiglipVisionModel` / `SiglipModel` layout). This file imports nothing of the project's.
 - Stage 1 (train_vision.py) trains the ViT alone through `VisionPretrainer`: a head on its pooled tokens, a
   small text tower of the ViT's own blocks, SigLIP's sigmoid loss and a localisation loss (train_vision.py's
   docstring says why). Only the ViT is kept.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -157,41 +156,6 @@ class SigLIP2(nn.Module):
             if i in layers:
                 wanted[i] = x
         return [wanted[i] for i in layers]
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, num_layers: int | None = None, dtype=torch.float32) -> "SigLIP2":
-        """SigLIP2 from a hub id or a local dir in HF `SiglipVisionModel` or `SiglipModel` layout
-        (e.g. google/siglip2-so400m-patch14-384). `num_layers` keeps only the first blocks."""
-        import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
-
-        path = model_io.resolve_checkpoint(name_or_dir)
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        hf = hf.get("vision_config", hf)  # SiglipModel nests the vision tower's config
-        config = siglip_config_from_hf(hf)
-        if num_layers is not None:
-            if not 0 < num_layers <= config.num_hidden_layers:
-                raise ValueError(f"{name_or_dir}: num_layers={num_layers}, the checkpoint has {config.num_hidden_layers}")
-            config.num_hidden_layers = num_layers
-        with torch.device("meta"):
-            vit = cls(config)
-        vit.to_empty(device="cpu")
-        state = siglip_state_dict_from_hf(model_io.load_checkpoint_tensors(path), config)
-        model_io.load_state_strict(vit, state, name_or_dir)
-        return vit.to(dtype)
-
-    def save_pretrained(self, out_dir: str):
-        """Write this ViT as transformers' `SiglipVisionModel` (config.json + model.safetensors): the layout that
-        `from_pretrained`, `train_align.py --vit_from=` and transformers all read. It has no attention-pooling
-        head, and its post_layernorm is a fresh one (gain 1, bias 0; ours has none): Molmo2 reads the block outputs,
-        transformers' hidden_states, which come before it, so its last_hidden_state is not one of them."""
-        import model as model_io  # checkpoint I/O lives in model.py, which itself imports this file
-
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(siglip_config_to_hf(self.config), f, indent=2)
-        model_io.save_safetensors(siglip_state_dict_to_hf(self.state_dict(), self.config),
-                                  os.path.join(out_dir, "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------
