@@ -975,6 +975,21 @@ def parse_points(text):
     return ParsedPoints(tags, count, dropped)
 
 
+def frame_key(t):
+    """The frame a timestamp (seconds) or image index belongs to: equal at 0.1 s."""
+    return round(float(t), 1)
+
+
+def points_by_frame(points, name):
+    """Video points [(t, x, y), ...] -> {frame_key(t): [(x, y), ...]}; `name` says which points, in errors."""
+    frames = {}
+    for p in points:
+        if len(p) != 3:
+            raise ValueError(f"{name}: expected (t, x, y) points, got {p!r}")
+        frames.setdefault(frame_key(p[0]), []).append((p[1], p[2]))
+    return frames
+
+
 # --- 3b. Records: one JSON line per image / image set / video / text example ---------------------------
 # The record format, shared by every dataset (real ones after prepare_data.py, and the synthetic world):
 #

@@ -1,14 +1,15 @@
 """
-Measuring nanoMolmo2: metrics on plain Python data, a markdown report, pictures drawn with pillow, and the
-driver that asks a checkpoint every question of a record file and scores the answers.
+Measuring nanoMolmo2: metrics on plain Python data, a markdown report, and the driver that asks a checkpoint
+every question of a record file and scores the answers (the prompts, the generation and the pictures are
+sample.py's).
 
     python eval.py --init_from=out/joint --split=test                  # the synthetic world's test split
     python eval.py --init_from=out/joint --tasks="['counting','pointing']" --max_examples=100
     python eval.py --init_from=allenai/Molmo2-4B --datasets="['bench/pixmo_count/test.jsonl']"
 
 writes report.md (a table per task, example pictures), metrics.json (with the headline counting_accuracy
-and pointing_f1), predictions.jsonl and the pictures into out_dir. Sections 5 and 6 (answers, the driver)
-say how prompts are built and how each style is scored.
+and pointing_f1), predictions.jsonl and the pictures into out_dir. Section 4 (the driver) says how each
+style is scored; sample.py's "Loading a model" section says how prompts are built.
 
 Design choices
 - Every metric works on plain data (lists of points, ints, strings), one example at a time, and returns a
@@ -45,27 +46,22 @@ Design choices
   and apostrophes removed; periods removed unless inside a number; other punctuation becomes space;
   number words zero..ten and "none" become digits; articles a/an/the dropped; whitespace collapsed.
   (VQA v2 also expands contractions and gives min(#matching annotators / 3, 1); neither is done here.)
-- Pictures use pillow only. Small images are upscaled (nearest) so markers stay readable. Predicted
-  points: filled orange dots with a white ring and black edge; true points: green rings with black edges;
-  a legend names both.
 """
 
-import dataclasses
 import json
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import data
 import prepare_data
 from configurator import configure
-from model import Molmo2, generate, resolve_checkpoint
+from sample import (DEFAULT_INIT_FROM, DEMO_DATA_DIR, DEMO_INIT_FROM, generate_answers, load_model, local_model_dir,
+                    or_demo, prompt_example, python_command, save_example_grid, save_video_gif, unknown_tokens)
 
 # ---------------------------------------------------------------------------
 # 1. One-to-one assignment
@@ -198,20 +194,6 @@ def point_scores(pred, true, radius=None, masks=None):
     return _precision_recall_f1(hits, len(pred), len(true))
 
 
-def frame_key(t):
-    """The frame a timestamp (seconds) or image index belongs to: equal at 0.1 s."""
-    return round(float(t), 1)
-
-
-def _by_frame(points, name):
-    frames = {}
-    for p in points:
-        if len(p) != 3:
-            raise ValueError(f"{name}: expected (t, x, y) points, got {p!r}")
-        frames.setdefault(frame_key(p[0]), []).append((p[1], p[2]))
-    return frames
-
-
 def video_point_scores(pred, true, radius):
     """Video pointing, one video: (t, x, y) predictions against (t, x, y) truths. A prediction pairs only
     with truths of its own frame; within a frame, as `point_scores`. radius: a number, or one per true
@@ -221,9 +203,9 @@ def video_point_scores(pred, true, radius):
     for p, r in zip(true, radii):
         if len(p) != 3:
             raise ValueError(f"true: expected (t, x, y) points, got {p!r}")
-        true_by_frame.setdefault(frame_key(p[0]), []).append((p[1], p[2]))
-        radii_by_frame.setdefault(frame_key(p[0]), []).append(r)
-    pred_by_frame = _by_frame(pred, "pred")
+        true_by_frame.setdefault(data.frame_key(p[0]), []).append((p[1], p[2]))
+        radii_by_frame.setdefault(data.frame_key(p[0]), []).append(r)
+    pred_by_frame = data.points_by_frame(pred, "pred")
     hits = sum(count_hits(points, true_by_frame[f], radii_by_frame[f])
                for f, points in pred_by_frame.items() if f in true_by_frame)
     return _precision_recall_f1(hits, len(pred), len(true))
@@ -237,7 +219,7 @@ def _track_frames(tracks, name):
     out = {}
     for track_id, points in tracks.items():
         frames = {}
-        for f, xys in _by_frame(points, f"{name}[{track_id!r}]").items():
+        for f, xys in data.points_by_frame(points, f"{name}[{track_id!r}]").items():
             frames[f] = xys[0]
         out[track_id] = frames
     return out
@@ -411,545 +393,7 @@ def write_report(path, results, images=None, title="nanoMolmo2 evaluation"):
 
 
 # ---------------------------------------------------------------------------
-# 4. Pictures
-# ---------------------------------------------------------------------------
-
-PRED_COLOR = (255, 110, 0)  # orange: predicted
-TRUE_COLOR = (0, 220, 90)  # green: true
-# one colour per track id, distinguishable on photos and on flat synthetic scenes
-TRACK_COLORS = [(255, 110, 0), (0, 200, 255), (255, 0, 200), (255, 230, 0), (120, 80, 255), (0, 220, 90),
-                (255, 60, 60), (160, 255, 120)]
-PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
-MIN_DRAW_SIZE = 320  # images smaller than this on their long side are upscaled before drawing
-
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _prepare(image, min_size=MIN_DRAW_SIZE):
-    """An RGB copy to draw on, upscaled by an integer factor when small; returns (copy, factor)."""
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
-    factor = max(1, math.ceil(min_size / max(image.size)))
-    canvas = image.convert("RGB")
-    if factor > 1:
-        canvas = canvas.resize((image.width * factor, image.height * factor), Image.NEAREST)
-    return canvas, factor
-
-
-def _marker_radius(canvas):
-    return max(4, round(0.012 * max(canvas.size)))
-
-
-def _dot(draw, xy, r, color):
-    """A predicted point: filled dot, white ring, black edge (visible on light and dark backgrounds)."""
-    x, y = xy
-    draw.ellipse((x - r - 2, y - r - 2, x + r + 2, y + r + 2), fill=(0, 0, 0))
-    draw.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), fill=(255, 255, 255))
-    draw.ellipse((x - r + 1, y - r + 1, x + r - 1, y + r - 1), fill=color)
-
-
-def _ring(draw, xy, r, color):
-    """A true point: a thick hollow ring of inner radius r with black edges, wide enough that a predicted
-    dot of radius r on the same spot shows inside it."""
-    x, y = xy
-    width = max(2, round(r * 0.6))
-    inner = r + 2
-    outer = inner + width
-    draw.ellipse((x - outer - 1, y - outer - 1, x + outer + 1, y + outer + 1), outline=(0, 0, 0), width=1)
-    draw.ellipse((x - outer, y - outer, x + outer, y + outer), outline=color, width=width)
-    draw.ellipse((x - inner, y - inner, x + inner, y + inner), outline=(0, 0, 0), width=1)
-
-
-def _legend(draw, entries, font, corner=(6, 6)):
-    """A dark box with a marker and a name per entry: entries = [(kind 'dot'|'ring'|'line', color, text)]."""
-    size = font.size if hasattr(font, "size") else 11
-    r = max(4, size // 3)
-    row = size + 6
-    width = max(draw.textlength(text, font=font) for _, _, text in entries) + 3 * r + 18
-    x0, y0 = corner
-    draw.rectangle((x0, y0, x0 + width, y0 + row * len(entries) + 6), fill=(20, 20, 20), outline=(230, 230, 230))
-    for i, (kind, color, text) in enumerate(entries):
-        cy = y0 + 6 + i * row + row // 2 - 2
-        cx = x0 + 6 + r + 2
-        if kind == "dot":
-            _dot(draw, (cx, cy), r, color)
-        elif kind == "ring":
-            _ring(draw, (cx, cy), max(2, r - 3), color)
-        else:
-            draw.line((cx - r - 2, cy, cx + r + 2, cy), fill=color, width=3)
-        draw.text((cx + r + 8, cy), text, fill=(255, 255, 255), font=font, anchor="lm")
-
-
-def _draw_points_on(draw, pred, true, factor, r):
-    for x, y in true or ():
-        _ring(draw, (x * factor, y * factor), r, TRUE_COLOR)
-    for x, y in pred or ():
-        _dot(draw, (x * factor, y * factor), r, PRED_COLOR)
-
-
-def _points_entries(pred, true):
-    entries = [("dot", PRED_COLOR, f"predicted ({len(pred or ())})")]
-    if true is not None:
-        entries.append(("ring", TRUE_COLOR, f"true ({len(true)})"))
-    return entries
-
-
-def draw_points(image, pred, true=None, path=None, legend=True):
-    """Draws (x, y) pixel points on a copy of `image`: predicted as orange dots, true (optional) as green
-    rings, with a legend. Saves a PNG when `path` is given. Returns the drawn image (upscaled when the
-    input is under MIN_DRAW_SIZE px on its long side)."""
-    canvas, factor = _prepare(image)
-    draw = ImageDraw.Draw(canvas)
-    _draw_points_on(draw, pred, true, factor, _marker_radius(canvas))
-    if legend:
-        _legend(draw, _points_entries(pred, true), _font(max(11, canvas.height // 32)))
-    if path is not None:
-        canvas.save(path)
-    return canvas
-
-
-def _track_color(index):
-    return TRACK_COLORS[index % len(TRACK_COLORS)]
-
-
-def _draw_tracks_on(draw, tracks, factor, r, predicted, until=None):
-    """Polylines of {track_id: [(t, x, y)]}, one colour per track (in id order); `until` (a frame key)
-    draws each track up to that frame, with its point at that frame marked."""
-    for index, track_id in enumerate(sorted(tracks, key=str)):
-        color = _track_color(index)
-        points = sorted(tracks[track_id], key=lambda p: p[0])
-        if until is not None:
-            points = [p for p in points if frame_key(p[0]) <= until]
-        xys = [(x * factor, y * factor) for _, x, y in points]
-        if len(xys) > 1:
-            draw.line(xys, fill=(0, 0, 0), width=5 if predicted else 3, joint="curve")
-            draw.line(xys, fill=color, width=3 if predicted else 1, joint="curve")
-        marked = [xy for p, xy in zip(points, xys) if until is None or frame_key(p[0]) == until]
-        for xy in marked:
-            (_dot if predicted else _ring)(draw, xy, r, color)
-
-
-def draw_tracks(image, pred_tracks, true_tracks=None, path=None):
-    """Draws tracks {track_id: [(t, x, y), ...]} (pixels) on a copy of `image` as one polyline per track
-    with a marker at every point: predicted thick lines and dots, true thin lines and rings; colours
-    follow the track ids' sorted order. Saves a PNG when `path` is given; returns the image."""
-    canvas, factor = _prepare(image)
-    draw = ImageDraw.Draw(canvas)
-    r = _marker_radius(canvas)
-    if true_tracks:
-        _draw_tracks_on(draw, true_tracks, factor, r, predicted=False)
-    _draw_tracks_on(draw, pred_tracks, factor, r, predicted=True)
-    entries = [("dot", (255, 255, 255), "predicted (thick, dots)")]
-    if true_tracks is not None:
-        entries.append(("ring", (255, 255, 255), "true (thin, rings)"))
-    _legend(draw, entries, _font(max(11, canvas.height // 32)))
-    if path is not None:
-        canvas.save(path)
-    return canvas
-
-
-def save_video_gif(path, frames, timestamps, pred=None, true=None, frame_ms=500):
-    """An animated GIF of `frames` (PIL images) at `timestamps` (seconds) with points drawn on the frame
-    they belong to. pred / true: video points [(t, x, y), ...] or tracks {track_id: [(t, x, y), ...]}
-    (drawn as trails up to the current frame), in pixels."""
-    if len(frames) != len(timestamps) or not frames:
-        raise ValueError(f"frames / timestamps: expected the same non-zero length, "
-                         f"got {len(frames)} / {len(timestamps)}")
-    as_tracks = isinstance(pred, dict) or isinstance(true, dict)
-    pred_by_frame = {} if as_tracks or pred is None else _by_frame(pred, "pred")
-    true_by_frame = {} if as_tracks or true is None else _by_frame(true, "true")
-    drawn = []
-    for frame, t in zip(frames, timestamps):
-        canvas, factor = _prepare(frame)
-        draw = ImageDraw.Draw(canvas)
-        r = _marker_radius(canvas)
-        font = _font(max(11, canvas.height // 32))
-        key = frame_key(t)
-        if as_tracks:
-            if true:
-                _draw_tracks_on(draw, true, factor, r, predicted=False, until=key)
-            if pred:
-                _draw_tracks_on(draw, pred, factor, r, predicted=True, until=key)
-            entries = [("dot", (255, 255, 255), "predicted")] + ([("ring", (255, 255, 255), "true")] if true else [])
-        else:
-            _draw_points_on(draw, pred_by_frame.get(key, []), true_by_frame.get(key, []), factor, r)
-            entries = [("dot", PRED_COLOR, "predicted")] + ([("ring", TRUE_COLOR, "true")] if true is not None else [])
-        _legend(draw, entries, font)
-        label = f"t = {t:.1f} s"
-        x1 = canvas.width - 6
-        box = draw.textbbox((x1, 6), label, font=font, anchor="ra")
-        draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(20, 20, 20))
-        draw.text((x1, 6), label, fill=(255, 255, 255), font=font, anchor="ra")
-        drawn.append(canvas)
-    drawn[0].save(path, save_all=True, append_images=drawn[1:], duration=frame_ms, loop=0)
-    return path
-
-
-def _fit_text(draw, text, font, width):
-    """`text` cut (with an ellipsis) to fit `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def save_example_grid(path, examples, columns=4, cell_size=256):
-    """A report figure: one cell per example, each its image with predicted and true points and up to two
-    caption lines beneath. examples: [{"image": PIL image, "pred": [(x, y)], "true": [(x, y)] or None,
-    "title": str (optional, e.g. the prompt), "subtitle": str (optional, e.g. 'P 1.00 R 0.50')}]."""
-    if not examples:
-        raise ValueError("examples: expected at least one example")
-    font = _font(13)
-    line = 17
-    has_truth = any(example.get("true") is not None for example in examples)
-    header = 16 + line * (2 if has_truth else 1)
-    columns = min(columns, len(examples))
-    rows = math.ceil(len(examples) / columns)
-    cell_h = cell_size + 2 * line + 8
-    grid = Image.new("RGB", (columns * (cell_size + 8) + 8, header + rows * cell_h + 8), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i, example in enumerate(examples):
-        image = example["image"]
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"examples[{i}]['image']: expected a PIL image, got {type(image).__name__}")
-        scale = cell_size / max(image.size)  # fit the cell, then draw, so markers keep their size
-        shown = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                            Image.NEAREST if scale > 1 else Image.BILINEAR)
-        _draw_points_on(ImageDraw.Draw(shown), example.get("pred"), example.get("true"), scale, 5)
-        x0 = 8 + (i % columns) * (cell_size + 8)
-        y0 = header + (i // columns) * cell_h
-        grid.paste(shown, (x0 + (cell_size - shown.width) // 2, y0 + (cell_size - shown.height) // 2))
-        draw.rectangle((x0 - 1, y0 - 1, x0 + cell_size, y0 + cell_size), outline=(180, 180, 180))
-        for k, key in enumerate(("title", "subtitle")):
-            if example.get(key):
-                text = _fit_text(draw, str(example[key]), font, cell_size)
-                draw.text((x0, y0 + cell_size + 4 + k * line), text, fill=(0, 0, 0), font=font)
-    entries = [("dot", PRED_COLOR, "predicted")] + ([("ring", TRUE_COLOR, "true")] if has_truth else [])
-    _legend(draw, entries, font, corner=(8, 4))
-    grid.save(path)
-    return path
-
-
-def _nice_ticks(low, high, target=6):
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
-    if high <= low:  # one value: centre it
-        pad = 0.1 * abs(low) or 1.0
-        low, high = low - pad, high + pad
-    raw_step = (high - low) / target
-    magnitude = 10 ** math.floor(math.log10(raw_step))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(round(value, 12))
-    return ticks
-
-
-def _tick_labels(ticks):
-    """Tick labels with as many digits as the tick spacing needs: plain decimals for ordinary ranges,
-    scientific notation for very small or very large values."""
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    largest = max(abs(t) for t in ticks) or 1.0
-    step_exponent = math.floor(math.log10(step))
-    if 1e-3 <= largest < 1e5:
-        return [f"{t:.{max(0, -step_exponent)}f}" for t in ticks]
-    digits = max(0, math.floor(math.log10(largest)) - step_exponent)
-    return [f"{t:.{digits}e}" if t else "0" for t in ticks]
-
-
-def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(800, 480)):
-    """A line chart PNG of {name: [(step, value), ...]} (e.g. {'train': [...], 'val': [...]}), with axes,
-    round ticks, gridlines, axis labels, a title and a legend. Non-finite values are skipped."""
-    series = {name: sorted((float(s), float(v)) for s, v in points if math.isfinite(float(v)))
-              for name, points in curves.items()}
-    series = {name: points for name, points in series.items() if points}
-    if not series:
-        raise ValueError(f"curves: no finite (step, value) points in {list(curves)}")
-    width, height = size
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font, title_font = _font(13), _font(17)
-    all_points = [p for points in series.values() for p in points]
-    x_ticks = _nice_ticks(min(s for s, _ in all_points), max(s for s, _ in all_points))
-    y_ticks = _nice_ticks(min(v for _, v in all_points), max(v for _, v in all_points))
-    y_labels = _tick_labels(y_ticks)
-    left = 22 + max(draw.textlength(label, font=font) for label in y_labels) + 10
-    right, top, bottom = width - 20, 40, height - 50
-
-    def to_xy(step, value):
-        x = left + (step - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
-        y = bottom - (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
-        return x, y
-
-    for value, label in zip(y_ticks, y_labels):
-        _, y = to_xy(x_ticks[0], value)
-        draw.line((left, y, right, y), fill=(228, 228, 228))
-        draw.line((left - 5, y, left, y), fill=(0, 0, 0))
-        draw.text((left - 8, y), label, fill=(0, 0, 0), font=font, anchor="rm")
-    for value, label in zip(x_ticks, _tick_labels(x_ticks)):
-        x, _ = to_xy(value, y_ticks[0])
-        draw.line((x, top, x, bottom), fill=(228, 228, 228))
-        draw.line((x, bottom, x, bottom + 5), fill=(0, 0, 0))
-        draw.text((x, bottom + 8), label, fill=(0, 0, 0), font=font, anchor="ma")
-    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
-    for index, (name, points) in enumerate(series.items()):
-        color = PLOT_COLORS[index % len(PLOT_COLORS)]
-        xys = [to_xy(s, v) for s, v in points]
-        if len(xys) > 1:
-            draw.line(xys, fill=color, width=2, joint="curve")
-        if len(xys) <= 50:  # few points (a validation curve): mark each one
-            for x, y in xys:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-    draw.text(((left + right) / 2, 12), title, fill=(0, 0, 0), font=title_font, anchor="ma")
-    draw.text(((left + right) / 2, height - 8), xlabel, fill=(0, 0, 0), font=font, anchor="md")
-    label_image = Image.new("RGB", (int(draw.textlength(ylabel, font=font)) + 4, 18), (255, 255, 255))
-    ImageDraw.Draw(label_image).text((2, 2), ylabel, fill=(0, 0, 0), font=font)
-    label_image = label_image.rotate(90, expand=True)
-    image.paste(label_image, (4, int((top + bottom) / 2 - label_image.height / 2)))
-    legend_width = max(draw.textlength(name, font=font) for name in series) + 40
-    lx, ly = right - legend_width - 8, top + 8
-    draw.rectangle((lx, ly, lx + legend_width, ly + 20 * len(series) + 6), fill=(255, 255, 255),
-                   outline=(120, 120, 120))
-    for index, name in enumerate(series):
-        y = ly + 13 + 20 * index
-        draw.line((lx + 8, y, lx + 28, y), fill=PLOT_COLORS[index % len(PLOT_COLORS)], width=3)
-        draw.text((lx + 34, y), name, fill=(0, 0, 0), font=font, anchor="lm")
-    image.save(path)
-    return path
-
-
-
-# Heat maps (sample.py --explain, docs/figures.py): a colour ramp from black through purple and orange to pale
-# yellow (after matplotlib's "inferno"), so brightness alone orders the values and the ramp survives greyscale.
-HEAT_RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-                      (250, 193, 39), (252, 255, 164)], dtype=np.float32)
-
-
-def heat_colors(values):
-    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3) along HEAT_RAMP; values outside are clipped."""
-    position = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(HEAT_RAMP) - 1)
-    low = np.minimum(position.astype(np.int64), len(HEAT_RAMP) - 2)
-    t = (position - low)[..., None]
-    return np.round(HEAT_RAMP[low] * (1 - t) + HEAT_RAMP[low + 1] * t).astype(np.uint8)
-
-
-def overlay_heat(image, heat, alpha=0.7):
-    """A PIL image with a heat map (H, W) of values in [0, 1] laid over its greyscale copy (the heat map is
-    resized to the image, nearest, so each cell keeps its edges): alpha of the colour, 1 - alpha of the photo."""
-    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
-    cells = Image.fromarray(heat_colors(heat)).resize(image.size, Image.NEAREST)
-    blended = (1 - alpha) * grey + alpha * np.asarray(cells, dtype=np.float32)
-    return Image.fromarray(np.round(blended).astype(np.uint8))
-
-
-def upscale(image, min_size=MIN_DRAW_SIZE, max_size=1600):
-    """`image` enlarged (nearest) by the integer factor that brings its long side to at least min_size, without
-    passing max_size; returns (image, factor)."""
-    factor = max(1, min(math.ceil(min_size / max(image.size)), max_size // max(image.size)))
-    if factor == 1:
-        return image.convert("RGB"), 1
-    return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST), factor
-
-
-def fit(image, size):
-    """`image` scaled to `size` pixels on its long side: nearest when enlarging (pixels stay crisp), bilinear when
-    shrinking."""
-    scale = size / max(image.size)
-    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.convert("RGB").resize(new, Image.NEAREST if scale > 1 else Image.BILINEAR)
-
-
-def panel_grid(panels, columns=4, title=None, note=None, background=(255, 255, 255)):
-    """Panels [(PIL image, caption)] in a grid, row-major, each caption above its panel, with an optional title line
-    on top and a note line at the bottom -> PIL image. Panels keep their sizes (a row is as tall as its tallest)."""
-    if not panels:
-        raise ValueError("panels: expected at least one (image, caption)")
-    font, title_font = _font(13), _font(16)
-    caption_h, gap = 20, 10
-    columns = min(columns, len(panels))
-    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
-    widths = [max(image.width for image, _ in (row[c] for row in rows if c < len(row))) for c in range(columns)]
-    heights = [max(image.height for image, _ in row) + caption_h for row in rows]
-    top = 30 if title else gap
-    bottom = 24 if note else gap
-    figure = Image.new("RGB", (sum(widths) + gap * (columns + 1), top + sum(heights) + gap * len(rows) + bottom),
-                       background)
-    draw = ImageDraw.Draw(figure)
-    if title:
-        draw.text((gap, 8), title, fill=(0, 0, 0), font=title_font)
-    y = top
-    for row, height in zip(rows, heights):
-        x = gap
-        for (image, caption), width in zip(row, widths):
-            draw.text((x, y + 3), _fit_text(draw, caption, font, width), fill=(0, 0, 0), font=font)
-            figure.paste(image.convert("RGB"), (x, y + caption_h))
-            x += width + gap
-        y += height + gap
-    if note:
-        draw.text((gap, figure.height - 20), _fit_text(draw, note, font, figure.width - 2 * gap), fill=(90, 90, 90),
-                  font=font)
-    return figure
-
-
-def save_panels(path, panels, columns=4, title=None, note=None):
-    """panel_grid saved as a PNG at `path`; returns the path."""
-    panel_grid(panels, columns, title, note).save(path)
-    return path
-
-
-# ---------------------------------------------------------------------------
-# 5. Answers: a checkpoint, prompts laid out as in training, batched generation
-# ---------------------------------------------------------------------------
-# A prompt is built by data.format_example itself (the training layout, never a second copy of it): the
-# record with the question and a one-token placeholder answer is formatted, and the tokens are cut just
-# before the placeholder, i.e. right after '<|im_start|>assistant\n'. Prompts of a batch are collated as
-# training collates them, then left-aligned for generation.
-
-DEFAULT_INIT_FROM = "out/joint"
-# what `make demo` (demo.py) writes: its model and its world. Where the usual default holds nothing, sample.py
-# and eval.py use these, so they work after `make demo` with no arguments.
-DEMO_INIT_FROM, DEMO_DATA_DIR = "out/demo/joint", "data/demo"
-PLACEHOLDER_ANSWER = "?"
-PER_TOKEN_FIELDS = ("input_ids", "targets", "loss_weights", "position_ids", "branch_ids", "is_vision")
-
-
-def python_command(*args):
-    """A command line to suggest in a message, with the python running now (`.venv/bin/python` after the
-    README's set-up), so that it works as typed."""
-    python = os.path.relpath(sys.executable)
-    return " ".join([sys.executable if python.startswith("..") else python, *args])
-
-
-def local_model_dir(init_from):
-    """init_from/final (a training out_dir) or init_from (a model directory), whichever holds config.json; else None."""
-    return next((path for path in (os.path.join(init_from, "final"), init_from)
-                 if os.path.isfile(os.path.join(path, "config.json"))), None)
-
-
-def or_demo(value, default, demo, holds):
-    """`value`, or make demo's `demo` when value is the usual `default`, that holds nothing and the demo's does
-    (holds(path): truthy when it does)."""
-    if value == default and not holds(default) and holds(demo):
-        print(f"(nothing in {default}; using {demo}, which make demo wrote)")
-        return demo
-    return value
-
-
-def resolve_model_dir(init_from):
-    """A training output directory (holding final/), a model directory (holding config.json) or a hub id
-    -> a local directory with config.json."""
-    path = local_model_dir(init_from)
-    if path:
-        return path
-    train = (f"`{python_command('prepare_data.py', '--dataset=synthetic')}`, then "
-             f"`{python_command('train_joint.py', f'--out_dir={init_from}')}`")
-    if init_from in (DEFAULT_INIT_FROM, DEMO_INIT_FROM):
-        nor = f", nor in {DEMO_INIT_FROM} (make demo's)" if init_from == DEFAULT_INIT_FROM else ""
-        raise FileNotFoundError(
-            f"init_from '{init_from}': no trained model there{nor}. Run `make demo` (it writes {DEMO_INIT_FROM}, which "
-            f"the default falls back to), or train one: {train}; or pass --init_from=<a training out_dir, a model "
-            "directory, or a hub id such as allenai/Molmo2-4B>")
-    if os.path.exists(init_from):
-        raise FileNotFoundError(
-            f"init_from '{init_from}': no trained model there (expected {os.path.join(init_from, 'final')}"
-            f"/config.json). Pass a finished run's out_dir (`make demo` writes {DEMO_INIT_FROM}), a model directory "
-            f"or a hub id such as allenai/Molmo2-4B; or train one there: {train}")
-    return resolve_checkpoint(init_from)  # a hub id; raises naming it when it cannot be downloaded
-
-
-def load_model(init_from, device="cpu", dtype=torch.float32):
-    """-> (Molmo2 in eval mode, the data.Molmo2Processor it was trained with, its directory)."""
-    path = resolve_model_dir(init_from)
-    model = Molmo2.from_pretrained(path, dtype).to(device).eval()
-    processor = data.load_processor(path, model.config.vit.image_size, model.config.vit.patch_size)
-    return model, processor, path
-
-
-def unknown_tokens(model, input_ids):
-    """The ids of input_ids (in order, once each) that a model with kept tokens (--vocab=data) has no rows for;
-    [] for a full-vocabulary model."""
-    if model.config.token_ids is None:
-        return []
-    rows = model.kept_tables(input_ids.device)[0][input_ids]  # the model's own id -> row map, -1 = no row
-    return list(dict.fromkeys(input_ids[rows < 0].tolist()))
-
-
-def prompt_example(record, messages, style, processor, style_prefixes="sft"):
-    """The generation prompt for `messages` (the turns so far, ending with the user's question) about the
-    record's media (section 3's record format, media decoded or as paths) -> data.Example, laid out exactly
-    as data.format_example lays out training: BOS, vision tokens, the style prefix for `style` (per
-    style_prefixes 'sft' | 'none'), the chat turns, '<|im_start|>assistant\\n'."""
-    if style_prefixes not in ("sft", "none"):
-        raise ValueError(f"style_prefixes {style_prefixes!r}: prompts support 'sft' or 'none' ('pretrain' "
-                         "prefixes hint at the answer's length, which is unknown when asking)")
-    conversation = list(messages) + [{"role": "assistant", "content": PLACEHOLDER_ANSWER}]
-    example = data.format_example({**record, "annotations": [{"style": style, "messages": conversation}]},
-                                  processor, style_prefixes=style_prefixes, loss_weighting="none")
-    # inputs end with the placeholder (its <|im_end|> is only a target): the prompt is everything before it
-    placeholder = processor.tokenizer.encode(PLACEHOLDER_ANSWER)
-    if len(placeholder) != 1 or int(example.input_ids[-1]) != placeholder[0]:
-        raise RuntimeError("prompt_example: data.format_example no longer ends with the answer's first token")
-    n = len(example) - 1
-    return dataclasses.replace(example, **{f: getattr(example, f)[:n] for f in PER_TOKEN_FIELDS})
-
-
-def collate_prompts(examples):
-    """Prompts (data.Example) -> the model's inputs for generate: input_ids, attention_mask and
-    mm_token_type_ids (B, L) left-padded with <|endoftext|>, and the vision tensors as data.collate merges
-    them (transformers' batch convention). A batch holds images or videos, not both."""
-    batch = data.collate([[example] for example in examples])  # right-padded, one example per row
-    if "pixel_values" in batch and "pixel_values_videos" in batch:
-        raise ValueError("collate_prompts: a batch mixes images and videos; batch them apart")
-    B, L = batch["input_ids"].shape
-    out = {"input_ids": torch.full((B, L), data.ENDOFTEXT_ID, dtype=torch.long),
-           "attention_mask": torch.zeros(B, L, dtype=torch.long),
-           "mm_token_type_ids": torch.zeros(B, L, dtype=torch.long)}
-    for b, example in enumerate(examples):
-        n = len(example)
-        out["input_ids"][b, L - n:] = batch["input_ids"][b, :n]
-        out["mm_token_type_ids"][b, L - n:] = batch["mm_token_type_ids"][b, :n]
-        out["attention_mask"][b, L - n:] = 1
-    vision_keys = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops", "pixel_values_videos",
-                   "video_token_pooling", "video_grids")
-    out.update({k: batch[k] for k in vision_keys if k in batch})
-    return out
-
-
-def decode_answer(ids, tokenizer):
-    """New token ids -> the answer's text, up to the first <|im_end|> / <|endoftext|>."""
-    ids = [int(i) for i in ids]
-    for stop in (data.IM_END_ID, data.ENDOFTEXT_ID):
-        if stop in ids:
-            ids = ids[:ids.index(stop)]
-    return tokenizer.decode(ids, skip_special=True).strip()
-
-
-def generate_answers(model, processor, examples, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                     on_token=None, generator=None):
-    """Answers (str) to a batch of prompts (prompt_example), generated together; on_token(step, ids (B,))
-    streams the new tokens."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_prompts(examples).items()}
-    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
-    new = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                   top_k=top_k, top_p=top_p, stop_ids=(data.IM_END_ID, data.ENDOFTEXT_ID), on_token=on_token,
-                   generator=generator, **batch)
-    return [decode_answer(row, processor.tokenizer) for row in new.tolist()]
-
-
-# ---------------------------------------------------------------------------
-# 6. Evaluating a checkpoint on records
+# 4. Evaluating a checkpoint on records
 # ---------------------------------------------------------------------------
 # Any JSONL of records (section 3b's format: the synthetic world, or a real benchmark prepared into it) is
 # evaluated the same way: each annotation's last answer is the truth, its style names the task, and the

@@ -13,12 +13,12 @@ Design choices:
 - nanoGPT-style knobs below, overridden by configurator (--key=value). --image and --video also take the
   space-separated form (`--image cat.jpg`), and --image may repeat; those two are read here, before the
   configurator sees the rest of the command line.
-- The prompt is laid out exactly as training lays out a record (eval.prompt_example -> data.format_example),
+- The prompt is laid out exactly as training lays out a record (prompt_example -> data.format_example),
   with the processor settings the checkpoint was trained with (processor.json next to it; see
   data.load_processor). `style` adds the training style prefix ("pointing", "short_answer", ...); the
   default, "demo", has none.
 - The answer is streamed as it is generated. When it holds points or tracks they are printed in pixels
-  and drawn: a PNG per image, an animated GIF for a video (eval.draw_points / eval.save_video_gif), named
+  and drawn: a PNG per image, an animated GIF for a video (draw_points / save_video_gif), named
   answer<k> with k one past the highest already in out_dir, so a run never overwrites an earlier one's. What
   could not be read, or names a frame or image the media do not have, is said, never silently left out.
 - --explain=True also draws what the model saw and where it looked, from the tensors of this very prompt, into
@@ -29,8 +29,12 @@ Design choices:
   replaced by such a question.
 - With no --init_from, the model is out/joint, or make demo's out/demo/joint where out/joint has none.
 - A video file (mp4, webm, ...) needs PyAV (`pip install av`); GIFs and frame folders do not.
+- Pictures use pillow only. Small images are upscaled (nearest) so markers stay readable. Predicted
+  points: filled orange dots with a white ring and black edge; true points: green rings with black edges;
+  a legend names both. eval.py's report draws with the same functions.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -41,16 +45,20 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
-import eval as E
 import prepare_data
 from configurator import configure
-from model import apply_rope
+from model import Molmo2, apply_rope, generate, resolve_checkpoint
+
+DEFAULT_INIT_FROM = "out/joint"
+# what `make demo` (demo.py) writes: its model and its world. Where the usual default holds nothing, sample.py
+# and eval.py use these, so they work after `make demo` with no arguments.
+DEMO_INIT_FROM, DEMO_DATA_DIR = "out/demo/joint", "data/demo"
 
 # -- knobs (override with --key=value) ---------------------------------------------------------------------------
-init_from = E.DEFAULT_INIT_FROM  # a training out_dir (holding final/), a model directory, or a hub id; where
+init_from = DEFAULT_INIT_FROM  # a training out_dir (holding final/), a model directory, or a hub id; where
 #   out/joint holds none, make demo's out/demo/joint
 prompt = ""  # default: DEFAULT_PROMPTS for the media given (for a kept-token model, a question it knows)
 style = "demo"  # the training style whose prefix the prompt gets (e.g. pointing, short_answer); demo = none
@@ -71,6 +79,146 @@ port = 8000  # 0 = any free port
 max_upload_mb = 50  # the largest request the page may send (serve=True)
 device = "cpu"
 dtype = "float32"
+# ----------------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a model, prompts laid out as in training, batched generation
+# ----------------------------------------------------------------------------------------------------------------
+# A prompt is built by data.format_example itself (the training layout, never a second copy of it): the
+# record with the question and a one-token placeholder answer is formatted, and the tokens are cut just
+# before the placeholder, i.e. right after '<|im_start|>assistant\n'. Prompts of a batch are collated as
+# training collates them, then left-aligned for generation.
+
+PLACEHOLDER_ANSWER = "?"
+PER_TOKEN_FIELDS = ("input_ids", "targets", "loss_weights", "position_ids", "branch_ids", "is_vision")
+
+
+def python_command(*args):
+    """A command line to suggest in a message, with the python running now (`.venv/bin/python` after the
+    README's set-up), so that it works as typed."""
+    python = os.path.relpath(sys.executable)
+    return " ".join([sys.executable if python.startswith("..") else python, *args])
+
+
+def local_model_dir(init_from):
+    """init_from/final (a training out_dir) or init_from (a model directory), whichever holds config.json; else None."""
+    return next((path for path in (os.path.join(init_from, "final"), init_from)
+                 if os.path.isfile(os.path.join(path, "config.json"))), None)
+
+
+def or_demo(value, default, demo, holds):
+    """`value`, or make demo's `demo` when value is the usual `default`, that holds nothing and the demo's does
+    (holds(path): truthy when it does)."""
+    if value == default and not holds(default) and holds(demo):
+        print(f"(nothing in {default}; using {demo}, which make demo wrote)")
+        return demo
+    return value
+
+
+def resolve_model_dir(init_from):
+    """A training output directory (holding final/), a model directory (holding config.json) or a hub id
+    -> a local directory with config.json."""
+    path = local_model_dir(init_from)
+    if path:
+        return path
+    train = (f"`{python_command('prepare_data.py', '--dataset=synthetic')}`, then "
+             f"`{python_command('train_joint.py', f'--out_dir={init_from}')}`")
+    if init_from in (DEFAULT_INIT_FROM, DEMO_INIT_FROM):
+        nor = f", nor in {DEMO_INIT_FROM} (make demo's)" if init_from == DEFAULT_INIT_FROM else ""
+        raise FileNotFoundError(
+            f"init_from '{init_from}': no trained model there{nor}. Run `make demo` (it writes {DEMO_INIT_FROM}, which "
+            f"the default falls back to), or train one: {train}; or pass --init_from=<a training out_dir, a model "
+            "directory, or a hub id such as allenai/Molmo2-4B>")
+    if os.path.exists(init_from):
+        raise FileNotFoundError(
+            f"init_from '{init_from}': no trained model there (expected {os.path.join(init_from, 'final')}"
+            f"/config.json). Pass a finished run's out_dir (`make demo` writes {DEMO_INIT_FROM}), a model directory "
+            f"or a hub id such as allenai/Molmo2-4B; or train one there: {train}")
+    return resolve_checkpoint(init_from)  # a hub id; raises naming it when it cannot be downloaded
+
+
+def load_model(init_from, device="cpu", dtype=torch.float32):
+    """-> (Molmo2 in eval mode, the data.Molmo2Processor it was trained with, its directory)."""
+    path = resolve_model_dir(init_from)
+    model = Molmo2.from_pretrained(path, dtype).to(device).eval()
+    processor = data.load_processor(path, model.config.vit.image_size, model.config.vit.patch_size)
+    return model, processor, path
+
+
+def unknown_tokens(model, input_ids):
+    """The ids of input_ids (in order, once each) that a model with kept tokens (--vocab=data) has no rows for;
+    [] for a full-vocabulary model."""
+    if model.config.token_ids is None:
+        return []
+    rows = model.kept_tables(input_ids.device)[0][input_ids]  # the model's own id -> row map, -1 = no row
+    return list(dict.fromkeys(input_ids[rows < 0].tolist()))
+
+
+def prompt_example(record, messages, style, processor, style_prefixes="sft"):
+    """The generation prompt for `messages` (the turns so far, ending with the user's question) about the
+    record's media (section 3's record format, media decoded or as paths) -> data.Example, laid out exactly
+    as data.format_example lays out training: BOS, vision tokens, the style prefix for `style` (per
+    style_prefixes 'sft' | 'none'), the chat turns, '<|im_start|>assistant\\n'."""
+    if style_prefixes not in ("sft", "none"):
+        raise ValueError(f"style_prefixes {style_prefixes!r}: prompts support 'sft' or 'none' ('pretrain' "
+                         "prefixes hint at the answer's length, which is unknown when asking)")
+    conversation = list(messages) + [{"role": "assistant", "content": PLACEHOLDER_ANSWER}]
+    example = data.format_example({**record, "annotations": [{"style": style, "messages": conversation}]},
+                                  processor, style_prefixes=style_prefixes, loss_weighting="none")
+    # inputs end with the placeholder (its <|im_end|> is only a target): the prompt is everything before it
+    placeholder = processor.tokenizer.encode(PLACEHOLDER_ANSWER)
+    if len(placeholder) != 1 or int(example.input_ids[-1]) != placeholder[0]:
+        raise RuntimeError("prompt_example: data.format_example no longer ends with the answer's first token")
+    n = len(example) - 1
+    return dataclasses.replace(example, **{f: getattr(example, f)[:n] for f in PER_TOKEN_FIELDS})
+
+
+def collate_prompts(examples):
+    """Prompts (data.Example) -> the model's inputs for generate: input_ids, attention_mask and
+    mm_token_type_ids (B, L) left-padded with <|endoftext|>, and the vision tensors as data.collate merges
+    them (transformers' batch convention). A batch holds images or videos, not both."""
+    batch = data.collate([[example] for example in examples])  # right-padded, one example per row
+    if "pixel_values" in batch and "pixel_values_videos" in batch:
+        raise ValueError("collate_prompts: a batch mixes images and videos; batch them apart")
+    B, L = batch["input_ids"].shape
+    out = {"input_ids": torch.full((B, L), data.ENDOFTEXT_ID, dtype=torch.long),
+           "attention_mask": torch.zeros(B, L, dtype=torch.long),
+           "mm_token_type_ids": torch.zeros(B, L, dtype=torch.long)}
+    for b, example in enumerate(examples):
+        n = len(example)
+        out["input_ids"][b, L - n:] = batch["input_ids"][b, :n]
+        out["mm_token_type_ids"][b, L - n:] = batch["mm_token_type_ids"][b, :n]
+        out["attention_mask"][b, L - n:] = 1
+    vision_keys = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops", "pixel_values_videos",
+                   "video_token_pooling", "video_grids")
+    out.update({k: batch[k] for k in vision_keys if k in batch})
+    return out
+
+
+def decode_answer(ids, tokenizer):
+    """New token ids -> the answer's text, up to the first <|im_end|> / <|endoftext|>."""
+    ids = [int(i) for i in ids]
+    for stop in (data.IM_END_ID, data.ENDOFTEXT_ID):
+        if stop in ids:
+            ids = ids[:ids.index(stop)]
+    return tokenizer.decode(ids, skip_special=True).strip()
+
+
+def generate_answers(model, processor, examples, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                     on_token=None, generator=None):
+    """Answers (str) to a batch of prompts (prompt_example), generated together; on_token(step, ids (B,))
+    streams the new tokens."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(examples).items()}
+    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    new = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                   top_k=top_k, top_p=top_p, stop_ids=(data.IM_END_ID, data.ENDOFTEXT_ID), on_token=on_token,
+                   generator=generator, **batch)
+    return [decode_answer(row, processor.tokenizer) for row in new.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: media from paths, the answer streamed as it comes, its points printed and drawn
 # ----------------------------------------------------------------------------------------------------------------
 
 DEFAULT_PROMPTS = {"image": "Describe this image in detail.", "images": "Describe these images.",
@@ -169,7 +317,7 @@ def show_points(answer, record, stem):
     for k, image in enumerate(images, 1):
         mine = [p for p in parsed.points if len(images) == 1 or int(p.frame) == k]
         path = f"{stem}.png" if len(images) == 1 else f"{stem}_image{k}.png"
-        E.draw_points(image, [(p.x * image.width, p.y * image.height) for p in mine], path=path)
+        draw_points(image, [(p.x * image.width, p.y * image.height) for p in mine], path=path)
         paths.append(path)
     return paths
 
@@ -181,8 +329,8 @@ def show_video_points(parsed, record, stem):
         print(f"{tag.kind} '{tag.label}':")
         for p in tag.points:
             print(f"  t={float(p.frame):.1f}s  id {p.id}  x={p.x * width:.1f}  y={p.y * height:.1f}")
-    times = {E.frame_key(t) for t in record["video_times"]}
-    elsewhere = [p for p in parsed.points if E.frame_key(p.frame) not in times]
+    times = {data.frame_key(t) for t in record["video_times"]}
+    elsewhere = [p for p in parsed.points if data.frame_key(p.frame) not in times]
     if elsewhere:
         print(f"{len(elsewhere)} point(s) at times with no frame (the frames are at "
               f"{', '.join(f'{t:.1f}' for t in record['video_times'])} s): not drawn")
@@ -192,7 +340,310 @@ def show_video_points(parsed, record, stem):
         for p, (t, x, y) in zip(parsed.points, pred):
             tracks.setdefault(p.id, []).append((t, x, y))
         pred = tracks
-    return E.save_video_gif(f"{stem}.gif", record["video_frames"], record["video_times"], pred)
+    return save_video_gif(f"{stem}.gif", record["video_frames"], record["video_times"], pred)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: points and tracks drawn on the media, heat maps, panels of pictures
+# ----------------------------------------------------------------------------------------------------------------
+
+PRED_COLOR = (255, 110, 0)  # orange: predicted
+TRUE_COLOR = (0, 220, 90)  # green: true
+# one colour per track id, distinguishable on photos and on flat synthetic scenes
+TRACK_COLORS = [(255, 110, 0), (0, 200, 255), (255, 0, 200), (255, 230, 0), (120, 80, 255), (0, 220, 90),
+                (255, 60, 60), (160, 255, 120)]
+MIN_DRAW_SIZE = 320  # images smaller than this on their long side are upscaled before drawing
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _prepare(image, min_size=MIN_DRAW_SIZE):
+    """An RGB copy to draw on, upscaled by an integer factor when small; returns (copy, factor)."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image: expected a PIL image, got {type(image).__name__}")
+    factor = max(1, math.ceil(min_size / max(image.size)))
+    canvas = image.convert("RGB")
+    if factor > 1:
+        canvas = canvas.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    return canvas, factor
+
+
+def _marker_radius(canvas):
+    return max(4, round(0.012 * max(canvas.size)))
+
+
+def _dot(draw, xy, r, color):
+    """A predicted point: filled dot, white ring, black edge (visible on light and dark backgrounds)."""
+    x, y = xy
+    draw.ellipse((x - r - 2, y - r - 2, x + r + 2, y + r + 2), fill=(0, 0, 0))
+    draw.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), fill=(255, 255, 255))
+    draw.ellipse((x - r + 1, y - r + 1, x + r - 1, y + r - 1), fill=color)
+
+
+def _ring(draw, xy, r, color):
+    """A true point: a thick hollow ring of inner radius r with black edges, wide enough that a predicted
+    dot of radius r on the same spot shows inside it."""
+    x, y = xy
+    width = max(2, round(r * 0.6))
+    inner = r + 2
+    outer = inner + width
+    draw.ellipse((x - outer - 1, y - outer - 1, x + outer + 1, y + outer + 1), outline=(0, 0, 0), width=1)
+    draw.ellipse((x - outer, y - outer, x + outer, y + outer), outline=color, width=width)
+    draw.ellipse((x - inner, y - inner, x + inner, y + inner), outline=(0, 0, 0), width=1)
+
+
+def _legend(draw, entries, font, corner=(6, 6)):
+    """A dark box with a marker and a name per entry: entries = [(kind 'dot'|'ring'|'line', color, text)]."""
+    size = font.size if hasattr(font, "size") else 11
+    r = max(4, size // 3)
+    row = size + 6
+    width = max(draw.textlength(text, font=font) for _, _, text in entries) + 3 * r + 18
+    x0, y0 = corner
+    draw.rectangle((x0, y0, x0 + width, y0 + row * len(entries) + 6), fill=(20, 20, 20), outline=(230, 230, 230))
+    for i, (kind, color, text) in enumerate(entries):
+        cy = y0 + 6 + i * row + row // 2 - 2
+        cx = x0 + 6 + r + 2
+        if kind == "dot":
+            _dot(draw, (cx, cy), r, color)
+        elif kind == "ring":
+            _ring(draw, (cx, cy), max(2, r - 3), color)
+        else:
+            draw.line((cx - r - 2, cy, cx + r + 2, cy), fill=color, width=3)
+        draw.text((cx + r + 8, cy), text, fill=(255, 255, 255), font=font, anchor="lm")
+
+
+def _draw_points_on(draw, pred, true, factor, r):
+    for x, y in true or ():
+        _ring(draw, (x * factor, y * factor), r, TRUE_COLOR)
+    for x, y in pred or ():
+        _dot(draw, (x * factor, y * factor), r, PRED_COLOR)
+
+
+def _points_entries(pred, true):
+    entries = [("dot", PRED_COLOR, f"predicted ({len(pred or ())})")]
+    if true is not None:
+        entries.append(("ring", TRUE_COLOR, f"true ({len(true)})"))
+    return entries
+
+
+def draw_points(image, pred, true=None, path=None, legend=True):
+    """Draws (x, y) pixel points on a copy of `image`: predicted as orange dots, true (optional) as green
+    rings, with a legend. Saves a PNG when `path` is given. Returns the drawn image (upscaled when the
+    input is under MIN_DRAW_SIZE px on its long side)."""
+    canvas, factor = _prepare(image)
+    draw = ImageDraw.Draw(canvas)
+    _draw_points_on(draw, pred, true, factor, _marker_radius(canvas))
+    if legend:
+        _legend(draw, _points_entries(pred, true), _font(max(11, canvas.height // 32)))
+    if path is not None:
+        canvas.save(path)
+    return canvas
+
+
+def _track_color(index):
+    return TRACK_COLORS[index % len(TRACK_COLORS)]
+
+
+def _draw_tracks_on(draw, tracks, factor, r, predicted, until=None):
+    """Polylines of {track_id: [(t, x, y)]}, one colour per track (in id order); `until` (a frame key)
+    draws each track up to that frame, with its point at that frame marked."""
+    for index, track_id in enumerate(sorted(tracks, key=str)):
+        color = _track_color(index)
+        points = sorted(tracks[track_id], key=lambda p: p[0])
+        if until is not None:
+            points = [p for p in points if data.frame_key(p[0]) <= until]
+        xys = [(x * factor, y * factor) for _, x, y in points]
+        if len(xys) > 1:
+            draw.line(xys, fill=(0, 0, 0), width=5 if predicted else 3, joint="curve")
+            draw.line(xys, fill=color, width=3 if predicted else 1, joint="curve")
+        marked = [xy for p, xy in zip(points, xys) if until is None or data.frame_key(p[0]) == until]
+        for xy in marked:
+            (_dot if predicted else _ring)(draw, xy, r, color)
+
+
+def draw_tracks(image, pred_tracks, true_tracks=None, path=None):
+    """Draws tracks {track_id: [(t, x, y), ...]} (pixels) on a copy of `image` as one polyline per track
+    with a marker at every point: predicted thick lines and dots, true thin lines and rings; colours
+    follow the track ids' sorted order. Saves a PNG when `path` is given; returns the image."""
+    canvas, factor = _prepare(image)
+    draw = ImageDraw.Draw(canvas)
+    r = _marker_radius(canvas)
+    if true_tracks:
+        _draw_tracks_on(draw, true_tracks, factor, r, predicted=False)
+    _draw_tracks_on(draw, pred_tracks, factor, r, predicted=True)
+    entries = [("dot", (255, 255, 255), "predicted (thick, dots)")]
+    if true_tracks is not None:
+        entries.append(("ring", (255, 255, 255), "true (thin, rings)"))
+    _legend(draw, entries, _font(max(11, canvas.height // 32)))
+    if path is not None:
+        canvas.save(path)
+    return canvas
+
+
+def save_video_gif(path, frames, timestamps, pred=None, true=None, frame_ms=500):
+    """An animated GIF of `frames` (PIL images) at `timestamps` (seconds) with points drawn on the frame
+    they belong to. pred / true: video points [(t, x, y), ...] or tracks {track_id: [(t, x, y), ...]}
+    (drawn as trails up to the current frame), in pixels."""
+    if len(frames) != len(timestamps) or not frames:
+        raise ValueError(f"frames / timestamps: expected the same non-zero length, "
+                         f"got {len(frames)} / {len(timestamps)}")
+    as_tracks = isinstance(pred, dict) or isinstance(true, dict)
+    pred_by_frame = {} if as_tracks or pred is None else data.points_by_frame(pred, "pred")
+    true_by_frame = {} if as_tracks or true is None else data.points_by_frame(true, "true")
+    drawn = []
+    for frame, t in zip(frames, timestamps):
+        canvas, factor = _prepare(frame)
+        draw = ImageDraw.Draw(canvas)
+        r = _marker_radius(canvas)
+        font = _font(max(11, canvas.height // 32))
+        key = data.frame_key(t)
+        if as_tracks:
+            if true:
+                _draw_tracks_on(draw, true, factor, r, predicted=False, until=key)
+            if pred:
+                _draw_tracks_on(draw, pred, factor, r, predicted=True, until=key)
+            entries = [("dot", (255, 255, 255), "predicted")] + ([("ring", (255, 255, 255), "true")] if true else [])
+        else:
+            _draw_points_on(draw, pred_by_frame.get(key, []), true_by_frame.get(key, []), factor, r)
+            entries = [("dot", PRED_COLOR, "predicted")] + ([("ring", TRUE_COLOR, "true")] if true is not None else [])
+        _legend(draw, entries, font)
+        label = f"t = {t:.1f} s"
+        x1 = canvas.width - 6
+        box = draw.textbbox((x1, 6), label, font=font, anchor="ra")
+        draw.rectangle((box[0] - 4, box[1] - 3, box[2] + 4, box[3] + 3), fill=(20, 20, 20))
+        draw.text((x1, 6), label, fill=(255, 255, 255), font=font, anchor="ra")
+        drawn.append(canvas)
+    drawn[0].save(path, save_all=True, append_images=drawn[1:], duration=frame_ms, loop=0)
+    return path
+
+
+def _fit_text(draw, text, font, width):
+    """`text` cut (with an ellipsis) to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def save_example_grid(path, examples, columns=4, cell_size=256):
+    """A report figure: one cell per example, each its image with predicted and true points and up to two
+    caption lines beneath. examples: [{"image": PIL image, "pred": [(x, y)], "true": [(x, y)] or None,
+    "title": str (optional, e.g. the prompt), "subtitle": str (optional, e.g. 'P 1.00 R 0.50')}]."""
+    if not examples:
+        raise ValueError("examples: expected at least one example")
+    font = _font(13)
+    line = 17
+    has_truth = any(example.get("true") is not None for example in examples)
+    header = 16 + line * (2 if has_truth else 1)
+    columns = min(columns, len(examples))
+    rows = math.ceil(len(examples) / columns)
+    cell_h = cell_size + 2 * line + 8
+    grid = Image.new("RGB", (columns * (cell_size + 8) + 8, header + rows * cell_h + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, example in enumerate(examples):
+        image = example["image"]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"examples[{i}]['image']: expected a PIL image, got {type(image).__name__}")
+        scale = cell_size / max(image.size)  # fit the cell, then draw, so markers keep their size
+        shown = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                            Image.NEAREST if scale > 1 else Image.BILINEAR)
+        _draw_points_on(ImageDraw.Draw(shown), example.get("pred"), example.get("true"), scale, 5)
+        x0 = 8 + (i % columns) * (cell_size + 8)
+        y0 = header + (i // columns) * cell_h
+        grid.paste(shown, (x0 + (cell_size - shown.width) // 2, y0 + (cell_size - shown.height) // 2))
+        draw.rectangle((x0 - 1, y0 - 1, x0 + cell_size, y0 + cell_size), outline=(180, 180, 180))
+        for k, key in enumerate(("title", "subtitle")):
+            if example.get(key):
+                text = _fit_text(draw, str(example[key]), font, cell_size)
+                draw.text((x0, y0 + cell_size + 4 + k * line), text, fill=(0, 0, 0), font=font)
+    entries = [("dot", PRED_COLOR, "predicted")] + ([("ring", TRUE_COLOR, "true")] if has_truth else [])
+    _legend(draw, entries, font, corner=(8, 4))
+    grid.save(path)
+    return path
+
+
+# Heat maps (sample.py --explain, docs/figures.py): a colour ramp from black through purple and orange to pale
+# yellow (after matplotlib's "inferno"), so brightness alone orders the values and the ramp survives greyscale.
+HEAT_RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                      (250, 193, 39), (252, 255, 164)], dtype=np.float32)
+
+
+def heat_colors(values):
+    """Values in [0, 1] (any shape) -> uint8 RGB (..., 3) along HEAT_RAMP; values outside are clipped."""
+    position = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(HEAT_RAMP) - 1)
+    low = np.minimum(position.astype(np.int64), len(HEAT_RAMP) - 2)
+    t = (position - low)[..., None]
+    return np.round(HEAT_RAMP[low] * (1 - t) + HEAT_RAMP[low + 1] * t).astype(np.uint8)
+
+
+def overlay_heat(image, heat, alpha=0.7):
+    """A PIL image with a heat map (H, W) of values in [0, 1] laid over its greyscale copy (the heat map is
+    resized to the image, nearest, so each cell keeps its edges): alpha of the colour, 1 - alpha of the photo."""
+    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
+    cells = Image.fromarray(heat_colors(heat)).resize(image.size, Image.NEAREST)
+    blended = (1 - alpha) * grey + alpha * np.asarray(cells, dtype=np.float32)
+    return Image.fromarray(np.round(blended).astype(np.uint8))
+
+
+def upscale(image, min_size=MIN_DRAW_SIZE, max_size=1600):
+    """`image` enlarged (nearest) by the integer factor that brings its long side to at least min_size, without
+    passing max_size; returns (image, factor)."""
+    factor = max(1, min(math.ceil(min_size / max(image.size)), max_size // max(image.size)))
+    if factor == 1:
+        return image.convert("RGB"), 1
+    return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST), factor
+
+
+def fit(image, size):
+    """`image` scaled to `size` pixels on its long side: nearest when enlarging (pixels stay crisp), bilinear when
+    shrinking."""
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.convert("RGB").resize(new, Image.NEAREST if scale > 1 else Image.BILINEAR)
+
+
+def panel_grid(panels, columns=4, title=None, note=None, background=(255, 255, 255)):
+    """Panels [(PIL image, caption)] in a grid, row-major, each caption above its panel, with an optional title line
+    on top and a note line at the bottom -> PIL image. Panels keep their sizes (a row is as tall as its tallest)."""
+    if not panels:
+        raise ValueError("panels: expected at least one (image, caption)")
+    font, title_font = _font(13), _font(16)
+    caption_h, gap = 20, 10
+    columns = min(columns, len(panels))
+    rows = [panels[i:i + columns] for i in range(0, len(panels), columns)]
+    widths = [max(image.width for image, _ in (row[c] for row in rows if c < len(row))) for c in range(columns)]
+    heights = [max(image.height for image, _ in row) + caption_h for row in rows]
+    top = 30 if title else gap
+    bottom = 24 if note else gap
+    figure = Image.new("RGB", (sum(widths) + gap * (columns + 1), top + sum(heights) + gap * len(rows) + bottom),
+                       background)
+    draw = ImageDraw.Draw(figure)
+    if title:
+        draw.text((gap, 8), title, fill=(0, 0, 0), font=title_font)
+    y = top
+    for row, height in zip(rows, heights):
+        x = gap
+        for (image, caption), width in zip(row, widths):
+            draw.text((x, y + 3), _fit_text(draw, caption, font, width), fill=(0, 0, 0), font=font)
+            figure.paste(image.convert("RGB"), (x, y + caption_h))
+            x += width + gap
+        y += height + gap
+    if note:
+        draw.text((gap, figure.height - 20), _fit_text(draw, note, font, figure.width - 2 * gap), fill=(90, 90, 90),
+                  font=font)
+    return figure
+
+
+def save_panels(path, panels, columns=4, title=None, note=None):
+    """panel_grid saved as a PNG at `path`; returns the path."""
+    panel_grid(panels, columns, title, note).save(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,7 +907,7 @@ def point_token_spans(answer_ids, tokenizer):
 
 
 def _crop_colour(index):
-    return E.TRACK_COLORS[index % len(E.TRACK_COLORS)]
+    return TRACK_COLORS[index % len(TRACK_COLORS)]
 
 
 def _outline(draw, box, colour, width):
@@ -475,7 +926,7 @@ def picture_crops(crops, pixels, views, images, patch_size, path, title, thumb=1
         mine = [(c, crop) for c, crop in enumerate(crops) if crop["media"] == m]
         tiles = [crop for _, crop in mine if crop["view"] == "crops"]
         if tiles:
-            shown = E.fit(image, min(max(360, max(image.size)), 640))
+            shown = fit(image, min(max(360, max(image.size)), 640))
             factor = shown.width / image.width
             draw = ImageDraw.Draw(shown)
             canvas_w, canvas_h = views[(m, "crops")]
@@ -495,20 +946,20 @@ def picture_crops(crops, pixels, views, images, patch_size, path, title, thumb=1
             unread = np.ones((n, n), dtype=bool)
             unread.flat[sorted(crop["read"])] = False
             picture[np.kron(unread, np.ones((patch_size, patch_size), dtype=bool))] *= 0.35
-            shown = E.fit(Image.fromarray(picture.astype(np.uint8)), thumb)
+            shown = fit(Image.fromarray(picture.astype(np.uint8)), thumb)
             if crop["view"] == "crops":
                 _outline(ImageDraw.Draw(shown), (1, 1, shown.width - 2, shown.height - 2), _crop_colour(i - 1), 3)
             sheet.append((shown, "global crop" if crop["view"] == "global" else f"crop {i}"))
         if len(images) == 1 or tiles:
             what = f"the {len(sheet)} crops of {size}x{size} px as the ViT got them" if tiles else f"{size}x{size} px"
-            panels.append((E.panel_grid(sheet, columns=min(5, len(sheet))), what))
+            panels.append((panel_grid(sheet, columns=min(5, len(sheet))), what))
         else:  # video frames: one sheet of them all
-            frames = [(E.fit(Image.fromarray(crop_pixels(pixels[c], patch_size)), thumb), f"frame {c + 1}")
+            frames = [(fit(Image.fromarray(crop_pixels(pixels[c], patch_size)), thumb), f"frame {c + 1}")
                       for c in range(len(crops))]
-            panels.append((E.panel_grid(frames, columns=min(8, len(crops))),
+            panels.append((panel_grid(frames, columns=min(8, len(crops))),
                            f"the {len(crops)} frames of {size}x{size} px as the ViT got them"))
             break
-    return E.save_panels(path, panels, columns=2 if all(p.width < 700 for p, _ in panels) else 1, title=title,
+    return save_panels(path, panels, columns=2 if all(p.width < 700 for p, _ in panels) else 1, title=title,
                          note="darkened: patches no pooled token reads (a neighbouring crop's copy is read instead)")
 
 
@@ -519,7 +970,7 @@ def picture_pooling(crops, tokens, pixels, views, patch_size, pooling, path, tit
     for (media, view) in list(views)[:max_views]:
         picture = view_pixels(crops, pixels, media, view, views, patch_size)
         window = patch_size * max(pooling)
-        shown, factor = E.upscale(picture, max(320, math.ceil(26 / window) * max(picture.size)))
+        shown, factor = upscale(picture, max(320, math.ceil(26 / window) * max(picture.size)))
         layer = Image.new("RGBA", shown.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(layer)
         step = patch_size * factor
@@ -527,7 +978,7 @@ def picture_pooling(crops, tokens, pixels, views, patch_size, pooling, path, tit
             draw.line((x, 0, x, shown.height), fill=(255, 255, 255, 90))
         for y in range(0, shown.height + 1, step):
             draw.line((0, y, shown.width, y), fill=(255, 255, 255, 90))
-        font = E._font(max(9, min(16, window * factor // 3)))
+        font = _font(max(9, min(16, window * factor // 3)))
         mine = [(k, t) for k, t in enumerate(tokens) if (t["media"], t["view"]) == (media, view)]
         for k, token in mine:
             x0, y0, x1, y1 = (v * factor for v in token["box"])
@@ -541,14 +992,14 @@ def picture_pooling(crops, tokens, pixels, views, patch_size, pooling, path, tit
     note = f"{len(tokens)} pooled tokens of {'x'.join(map(str, pooling))} patches ({patch_size} px each)"
     if len(views) > max_views:
         note += f"; the first {max_views} of {len(views)} views shown"
-    return E.save_panels(path, panels, columns=min(3, len(panels)), title=title, note=note)
+    return save_panels(path, panels, columns=min(3, len(panels)), title=title, note=note)
 
 
 def token_strip(input_ids, tokenizer, width=1100, colours=None, legend=None):
     """A prompt as a strip of tokens in order, wrapped into rows: text with its characters, vision tokens as narrow
     cells, coloured by kind (TOKEN_KINDS) with a legend of kinds and counts -> PIL image. colours: one RGB per token
     instead, with legend [(RGB, text)] instead."""
-    kinds, font = token_kinds(input_ids), E._font(11)
+    kinds, font = token_kinds(input_ids), _font(11)
     if legend is None:
         legend = [(TOKEN_KINDS[k][0], f"{TOKEN_KINDS[k][1]} ({kinds.count(k)})") for k in TOKEN_KINDS if k in kinds]
     colours = colours or [TOKEN_KINDS[k][0] for k in kinds]
@@ -586,7 +1037,7 @@ def picture_tokens(input_ids, tokenizer, path, title):
     """The prompt's token strip (token_strip), saved with a line that counts its tokens."""
     kinds = token_kinds(input_ids)
     n_patches = sum(k in ("global", "patch") for k in kinds)
-    return E.save_panels(path, [(token_strip(input_ids, tokenizer), f"{len(kinds)} tokens, {n_patches} of them "
+    return save_panels(path, [(token_strip(input_ids, tokenizer), f"{len(kinds)} tokens, {n_patches} of them "
                                                                     "<im_patch>, in the order the LLM reads them")],
                          title=title)
 
@@ -612,7 +1063,7 @@ def picture_mask(mask, input_ids, path, title):
     image, step = mask_image(mask, input_ids)
     T = mask.shape[-1]
     what = f"{T} x {T}" + (f", every {step}th token" if step > 1 else "")
-    return E.save_panels(path, [(image, f"{what}; row = query, column = key; white = may attend; edges: token kinds "
+    return save_panels(path, [(image, f"{what}; row = query, column = key; white = may attend; edges: token kinds "
                                         "as in the token strip")], title=title)
 
 
@@ -628,11 +1079,11 @@ def looked_panels(entries, tokens, views, sizes, images, height=240):
         row = []
         for m, (image, heat) in enumerate(zip(images, maps)):
             shown = image.convert("RGB").resize((heat.shape[1], heat.shape[0]), Image.BILINEAR)
-            shown = E.overlay_heat(shown, (heat - low) / max(high - low, 1e-30))
+            shown = overlay_heat(shown, (heat - low) / max(high - low, 1e-30))
             draw = ImageDraw.Draw(shown)
             for media, x, y in points:
                 if media == m:
-                    E._dot(draw, (x * scales[m], y * scales[m]), 5, E.PRED_COLOR)
+                    _dot(draw, (x * scales[m], y * scales[m]), 5, PRED_COLOR)
             row.append(shown)
         strip = Image.new("RGB", (sum(r.width for r in row) + 4 * (len(row) - 1), height), (255, 255, 255))
         x = 0
@@ -647,7 +1098,7 @@ def picture_looked(entries, tokens, views, sizes, images, path, title, height=24
     """looked_panels saved in a grid with a note on how to read them."""
     panels = looked_panels(entries, tokens, views, sizes, images, height)
     columns = max(1, min(4, 1100 // (panels[0][0].width + 10)))
-    return E.save_panels(path, panels, columns=columns, title=title,
+    return save_panels(path, panels, columns=columns, title=title,
                          note="attention to the image tokens per pixel, each panel from its least (dark) to its most "
                               "(bright); dots: the points the answer wrote")
 
@@ -742,8 +1193,8 @@ def world_questions(kind, n_scenes=4):
 
 def unknown_words(model, processor, question):
     """The tokens of `question` (decoded, in order) that the model has no rows for; [] when it has them all."""
-    example = E.prompt_example({"id": "text"}, [{"role": "user", "content": question}], style, processor)
-    return [processor.tokenizer.decode([i]) for i in E.unknown_tokens(model, example.input_ids)]
+    example = prompt_example({"id": "text"}, [{"role": "user", "content": question}], style, processor)
+    return [processor.tokenizer.decode([i]) for i in unknown_tokens(model, example.input_ids)]
 
 
 def what_it_knows(model, processor, kind, n_questions=6, n_words=150):
@@ -762,8 +1213,8 @@ def what_it_knows(model, processor, kind, n_questions=6, n_words=150):
 def ask(model, processor, record, question, n):
     """Answer one question about the record's media, streaming; draw the points. Returns the answer."""
     messages = [{"role": "user", "content": question}]
-    example = E.prompt_example(record, messages, style, processor)
-    unknown = E.unknown_tokens(model, example.input_ids)  # --vocab=data: the model has rows for its data's tokens only
+    example = prompt_example(record, messages, style, processor)
+    unknown = unknown_tokens(model, example.input_ids)  # --vocab=data: the model has rows for its data's tokens only
     if unknown:
         words = ", ".join(repr(processor.tokenizer.decode([i])) for i in unknown)
         raise ValueError("\n".join([f"this model knows only the {len(model.config.token_ids)} tokens of its training "
@@ -773,7 +1224,7 @@ def ask(model, processor, record, question, n):
     recorder = AttentionRecorder(model.llm, explain_layers) if explain else nullcontext()
     t0 = time.time()
     with recorder:
-        answer = E.generate_answers(model, processor, [example], max_new_tokens, temperature, top_k or None,
+        answer = generate_answers(model, processor, [example], max_new_tokens, temperature, top_k or None,
                                     top_p if top_p < 1.0 else None, on_token=streamer, generator=generator)[0]
     print(f"\n({len(streamer.ids)} tokens in {time.time() - t0:.1f}s)")
     stem = next_picture_stem()
@@ -825,9 +1276,9 @@ if __name__ == "__main__":
     images, videos, rest = split_media_args(sys.argv[1:])
     configure(globals(), rest)
     torch.set_grad_enabled(False)
-    init_from = E.or_demo(init_from, E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir)
+    init_from = or_demo(init_from, DEFAULT_INIT_FROM, DEMO_INIT_FROM, local_model_dir)
     try:
-        model, processor, model_dir = E.load_model(init_from, device, getattr(torch, dtype))
+        model, processor, model_dir = load_model(init_from, device, getattr(torch, dtype))
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
     processor.max_crops = max_crops or processor.max_crops

@@ -42,7 +42,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import data
-import eval as E
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "serve.html")
 MAX_IMAGE_PIXELS = 6000 * 6000  # per image or frame, checked from the header before decoding (a 36 MP photo)
@@ -234,13 +233,13 @@ def readable_so_far(text):
 def points_for_page(parsed, record):
     """data.parse_points' points -> [{media, tag, kind, label, id, x, y}]: media is the index of the image (or the
     video frame, by its time) the point is on, None when the media have no such image or frame; x, y in 0..1."""
-    times = {E.frame_key(t): m for m, t in enumerate(record.get("video_times", []))}
+    times = {data.frame_key(t): m for m, t in enumerate(record.get("video_times", []))}
     n_images = len(record.get("images", []))
     points = []
     for t, tag in enumerate(parsed.tags):
         for p in tag.points:
             if "video_frames" in record:
-                media = times.get(E.frame_key(p.frame))
+                media = times.get(data.frame_key(p.frame))
             else:
                 media = 0 if n_images == 1 else int(p.frame) - 1 if 1 <= int(p.frame) <= n_images else None
             points.append({"media": media, "tag": t, "kind": tag.kind, "label": tag.label, "id": p.id,
@@ -261,7 +260,7 @@ def looked_for_page(sample, processor, record, example, answer_ids, recorder):
     scales = [min(1.0, PREVIEW_SIDE / max(size)) for size in sizes]
     maps = sample.heat_maps(tokens, views, sizes, weights, scales)
     low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
-    return [picture_url(E.overlay_heat(E.fit(image, max(heat.shape)), (heat - low) / max(high - low, 1e-30)))
+    return [picture_url(sample.overlay_heat(sample.fit(image, max(heat.shape)), (heat - low) / max(high - low, 1e-30)))
             for image, heat in zip(images, maps)]
 
 
@@ -319,16 +318,16 @@ class Asker:
         asked = time.time()
         with self.turns.turn(lambda ahead: send("queued", {"ahead": ahead})), torch.no_grad():
             started = time.time()
-            example = E.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
+            example = sample.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
             self.check_words(example, record)
             streamer = PageStreamer(processor.tokenizer, record, send)
             recorder = sample.AttentionRecorder(model.llm, sample.explain_layers) if settings["explain"] else None
             generator = torch.Generator(device=sample.device).manual_seed(settings["seed"])
             with recorder or nullcontext():
-                answer = E.generate_answers(model, processor, [example], settings["max_new_tokens"],
-                                            settings["temperature"], settings["top_k"] or None,
-                                            settings["top_p"] if settings["top_p"] < 1 else None,
-                                            on_token=streamer, generator=generator)[0]
+                answer = sample.generate_answers(model, processor, [example], settings["max_new_tokens"],
+                                                 settings["temperature"], settings["top_k"] or None,
+                                                 settings["top_p"] if settings["top_p"] < 1 else None,
+                                                 on_token=streamer, generator=generator)[0]
             finished = time.time()
             print(f"[{number}] {len(streamer.ids)} tokens in {finished - started:.1f}s (waited "
                   f"{started - asked:.1f}s)", flush=True)
@@ -344,7 +343,7 @@ class Asker:
         """Refuse a prompt with tokens a kept-token model (--vocab=data) has no rows for, as sample.ask does: naming
         them, with the questions and words it does know."""
         model, processor = self.model, self.processor
-        unknown = E.unknown_tokens(model, example.input_ids)
+        unknown = self.sample.unknown_tokens(model, example.input_ids)
         if unknown:
             words = ", ".join(repr(processor.tokenizer.decode([i])) for i in unknown)
             raise Refused("\n".join([f"this model knows only the {len(model.config.token_ids)} tokens of its training "

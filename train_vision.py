@@ -44,8 +44,9 @@ import torch
 
 import data
 from configurator import configure
-from eval import point_scores, python_command
+from eval import point_scores
 from model import Molmo2Config, save_siglip
+from sample import python_command
 from training import (Dist, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
                       resume_run, rng_state, save_checkpoint, seed_everything, stop_nonfinite, vision_batch_to,
                       wrap_model)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 # ---------------------------------------------------------------------------
 # Devices and processes
@@ -429,7 +430,6 @@ class Progress:
         if not self.d.is_master or not any(self.curves.values()):
             return None
         curves, image_cos, answers = self.logged_curves()  # the other pictures: from the log, like the loss
-        from eval import plot_curves
         path = os.path.join(self.out_dir, name)
         plot_curves(curves, path)
         if image_cos:
@@ -473,7 +473,6 @@ class Progress:
 def plot_vision_run(out_dir):
     """Stage 1's pictures from its whole log (train_vision.py): loss.png, and readout.png, counting and pointing
     read off the localisation head at each validation."""
-    from eval import plot_curves
     train, val = logged_steps(os.path.join(out_dir, "log.jsonl"))  # none at max_steps=0
     readout = {name: [(step, r[key]) for step, r in val.items() if key in r]
                for key, name in (("val_count_acc", "counting accuracy"), ("val_point_f1", "pointing F1"))}
@@ -483,6 +482,103 @@ def plot_vision_run(out_dir):
     if any(readout.values()):
         plot_curves({name: points for name, points in readout.items() if points}, os.path.join(out_dir, "readout.png"),
                     title="read off the localisation head (val)", ylabel="accuracy / F1")
+
+
+PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
+
+
+def _nice_ticks(low, high, target=6):
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    if high <= low:  # one value: centre it
+        pad = 0.1 * abs(low) or 1.0
+        low, high = low - pad, high + pad
+    raw_step = (high - low) / target
+    magnitude = 10 ** math.floor(math.log10(raw_step))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
+    first = math.floor(low / step) * step
+    ticks = []
+    value = first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(value, 12))
+    return ticks
+
+
+def _tick_labels(ticks):
+    """Tick labels with as many digits as the tick spacing needs: plain decimals for ordinary ranges,
+    scientific notation for very small or very large values."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    largest = max(abs(t) for t in ticks) or 1.0
+    step_exponent = math.floor(math.log10(step))
+    if 1e-3 <= largest < 1e5:
+        return [f"{t:.{max(0, -step_exponent)}f}" for t in ticks]
+    digits = max(0, math.floor(math.log10(largest)) - step_exponent)
+    return [f"{t:.{digits}e}" if t else "0" for t in ticks]
+
+
+def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(800, 480)):
+    """A line chart PNG of {name: [(step, value), ...]} (e.g. {'train': [...], 'val': [...]}), with axes,
+    round ticks, gridlines, axis labels, a title and a legend. Non-finite values are skipped."""
+    series = {name: sorted((float(s), float(v)) for s, v in points if math.isfinite(float(v)))
+              for name, points in curves.items()}
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        raise ValueError(f"curves: no finite (step, value) points in {list(curves)}")
+    width, height = size
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    from sample import _font  # the drawing helpers' font; sample.py is not needed until a picture is drawn
+    font, title_font = _font(13), _font(17)
+    all_points = [p for points in series.values() for p in points]
+    x_ticks = _nice_ticks(min(s for s, _ in all_points), max(s for s, _ in all_points))
+    y_ticks = _nice_ticks(min(v for _, v in all_points), max(v for _, v in all_points))
+    y_labels = _tick_labels(y_ticks)
+    left = 22 + max(draw.textlength(label, font=font) for label in y_labels) + 10
+    right, top, bottom = width - 20, 40, height - 50
+
+    def to_xy(step, value):
+        x = left + (step - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
+        y = bottom - (value - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
+        return x, y
+
+    for value, label in zip(y_ticks, y_labels):
+        _, y = to_xy(x_ticks[0], value)
+        draw.line((left, y, right, y), fill=(228, 228, 228))
+        draw.line((left - 5, y, left, y), fill=(0, 0, 0))
+        draw.text((left - 8, y), label, fill=(0, 0, 0), font=font, anchor="rm")
+    for value, label in zip(x_ticks, _tick_labels(x_ticks)):
+        x, _ = to_xy(value, y_ticks[0])
+        draw.line((x, top, x, bottom), fill=(228, 228, 228))
+        draw.line((x, bottom, x, bottom + 5), fill=(0, 0, 0))
+        draw.text((x, bottom + 8), label, fill=(0, 0, 0), font=font, anchor="ma")
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    for index, (name, points) in enumerate(series.items()):
+        color = PLOT_COLORS[index % len(PLOT_COLORS)]
+        xys = [to_xy(s, v) for s, v in points]
+        if len(xys) > 1:
+            draw.line(xys, fill=color, width=2, joint="curve")
+        if len(xys) <= 50:  # few points (a validation curve): mark each one
+            for x, y in xys:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+    draw.text(((left + right) / 2, 12), title, fill=(0, 0, 0), font=title_font, anchor="ma")
+    draw.text(((left + right) / 2, height - 8), xlabel, fill=(0, 0, 0), font=font, anchor="md")
+    label_image = Image.new("RGB", (int(draw.textlength(ylabel, font=font)) + 4, 18), (255, 255, 255))
+    ImageDraw.Draw(label_image).text((2, 2), ylabel, fill=(0, 0, 0), font=font)
+    label_image = label_image.rotate(90, expand=True)
+    image.paste(label_image, (4, int((top + bottom) / 2 - label_image.height / 2)))
+    legend_width = max(draw.textlength(name, font=font) for name in series) + 40
+    lx, ly = right - legend_width - 8, top + 8
+    draw.rectangle((lx, ly, lx + legend_width, ly + 20 * len(series) + 6), fill=(255, 255, 255),
+                   outline=(120, 120, 120))
+    for index, name in enumerate(series):
+        y = ly + 13 + 20 * index
+        draw.line((lx + 8, y, lx + 28, y), fill=PLOT_COLORS[index % len(PLOT_COLORS)], width=3)
+        draw.text((lx + 34, y), name, fill=(0, 0, 0), font=font, anchor="lm")
+    image.save(path)
+    return path
 
 
 # ---------------------------------------------------------------------------

@@ -36,9 +36,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import data  # noqa: E402
-import eval as E  # noqa: E402
 import prepare_data  # noqa: E402
 import sample  # noqa: E402
+import training  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import Molmo2, Molmo2Config, causal_padding_mask  # noqa: E402
 
@@ -74,7 +74,7 @@ def video_record(index=0, size=128):
 
 
 def ask(record, question, processor):
-    return E.prompt_example(record, [{"role": "user", "content": question}], "demo", processor)
+    return sample.prompt_example(record, [{"role": "user", "content": question}], "demo", processor)
 
 
 def said(paths, what):
@@ -101,7 +101,7 @@ def fig_journey(out):
     """One image through the ViT and the connector of the run's model (--run), else of the small preset at random
     (seeded): each stage's tensor of the global crop squeezed to colours (its first three principal components)."""
     if run:
-        model, processor, _ = E.load_model(os.path.join(run, "joint"))
+        model, processor, _ = sample.load_model(os.path.join(run, "joint"))
     else:
         torch.manual_seed(0)
         model, processor = Molmo2(Molmo2Config.preset("small")).eval(), DEMO_PROCESSOR
@@ -136,7 +136,7 @@ def fig_journey(out):
         panels.append((grid(pca_colours(tokens), low_h, low_w).resize((size, size), Image.NEAREST),
                        f"{what}: {tuple(caught[key].shape)}"))
     whose = f"{os.path.relpath(os.path.abspath(run), ROOT)}/joint" if run else "the small preset at random"
-    path = E.save_panels(os.path.join(out, "journey.png"), panels, columns=6,
+    path = sample.save_panels(os.path.join(out, "journey.png"), panels, columns=6,
                          title=f"one image on its way to the LLM ({whose}; colours: each tensor's first three "
                                "principal components)",
                          note=f"{crops.shape[0]} crops of {n}x{n} patches -> {caught['projected'].shape[0]} tokens, "
@@ -203,7 +203,7 @@ def fig_masks(out):
                 "tree": "a message tree: two answers share the image, not each other"}
     panels = [(sample.mask_image(masks[k], ids[k], max_side=300)[0], f"{captions[k]} ({len(ids[k])} tokens)")
               for k in masks]
-    path = E.save_panels(os.path.join(out, "masks.png"), panels, columns=2,
+    path = sample.save_panels(os.path.join(out, "masks.png"), panels, columns=2,
                          title="who may attend to whom (row: query, column: key; white: may attend)",
                          note="edges: token kinds (purple/blue: vision tokens, grey: chat template, white: text)")
     return said([path], "the four attention masks: causal text, bidirectional vision, packing, message trees")
@@ -233,7 +233,7 @@ def fig_loss_weights(out):
         legend.append((branch_colours[k - 1], what))
     legend.append(((225, 225, 225), "no loss: the image, the prompts, the template"))
     strip = sample.token_strip(shown, tokenizer, width=1000, colours=colours, legend=legend)
-    path = E.save_panels(os.path.join(out, "loss_weights.png"), [(strip, "each loss token shown where it is "
+    path = sample.save_panels(os.path.join(out, "loss_weights.png"), [(strip, "each loss token shown where it is "
                                                                          "predicted, coloured by its annotation")],
                          title="one image, three annotations (a message tree): the loss weight of every token")
     return said([path], "the loss weight of each token of a three-annotation example (data.format_example, 'sft')")
@@ -253,7 +253,7 @@ def fig_weighting(out):
                 {"role": "user", "content": "Say a."}, {"role": "assistant", "content": answer or "a"}]}]}
             example = data.format_example(record, loss_weighting=weighting)
             points.append((n, float(example.loss_weights.sum())))
-    path = E.plot_curves(curves, os.path.join(out, "weighting.png"), title="what one conversation weighs in the loss",
+    path = training.plot_curves(curves, os.path.join(out, "weighting.png"), title="what one conversation weighs in the loss",
                          xlabel="answer tokens n", ylabel="sum of its loss weights")
     return said([path], "a conversation's total loss weight against its length under the three weighting rules")
 
@@ -298,7 +298,7 @@ def fig_stages(out):
              "connector": [None, align["lr_connector"], scratch["lr_connector"], MOLMO2_SFT_RECIPE["lr_connector"]],
              "llm": [None, align["lr_llm"], scratch["lr_llm"], MOLMO2_SFT_RECIPE["lr_llm"]]}
     names = {"vit": "ViT", "connector": "connector + 128 new embeddings", "llm": "LLM (Qwen3)"}
-    font, bold = E._font(13), E._font(14)
+    font, bold = sample._font(13), sample._font(14)
     label_w, cell_w, cell_h, top = 300, 190, 46, 50
     image = Image.new("RGB", (label_w + cell_w * len(columns) + 20, top + cell_h * 4 + 40), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -353,11 +353,11 @@ def fig_curves(out):
     panels = []
     for k, (curves, title) in enumerate(parts):
         piece = os.path.join(out, f"_curve{k}.png")
-        E.plot_curves({name: points for name, points in curves.items() if points}, piece, title=title,
+        training.plot_curves({name: points for name, points in curves.items() if points}, piece, title=title,
                       size=(520, 360))
         panels.append((Image.open(piece).copy(), ""))
         os.remove(piece)
-    path = E.save_panels(os.path.join(out, "curves.png"), panels, columns=3,
+    path = sample.save_panels(os.path.join(out, "curves.png"), panels, columns=3,
                          title=f"the learning curves of {os.path.relpath(os.path.abspath(run), ROOT)}")
     return said([path], "the run's three stages: stage 1's losses, align and joint training loss, and the joint "
                         "validation loss with the real crops and with the crops moved")
@@ -374,12 +374,12 @@ def fig_world(out):
         drawn, image, annotations = scene(10 + index, n_matching=None)
         question, answer = (m["content"] for m in annotations[1]["messages"])
         parsed = data.parse_points(answer)
-        shown = E.fit(image, 224)
+        shown = sample.fit(image, 224)
         draw = ImageDraw.Draw(shown)
         for p in parsed.points:
-            E._ring(draw, (p.x * shown.width, p.y * shown.height), 5, E.TRUE_COLOR)
+            sample._ring(draw, (p.x * shown.width, p.y * shown.height), 5, sample.TRUE_COLOR)
         panels.append((shown, f"{question} {parsed.count}"))
-    path = E.save_panels(os.path.join(out, "world.png"), panels, columns=4,
+    path = sample.save_panels(os.path.join(out, "world.png"), panels, columns=4,
                          title="the demo world: counting questions, their answers and true points (rings)")
     return said([path], "four scenes of the demo world with their counting questions and true points")
 
@@ -394,15 +394,15 @@ def fig_points_text(out):
     dots = []
     for k, (_, x, y, span) in enumerate(spans):
         for i in span:
-            colours[i] = E.TRACK_COLORS[k % len(E.TRACK_COLORS)]
+            colours[i] = sample.TRACK_COLORS[k % len(sample.TRACK_COLORS)]
         dots.append((x * image.width, y * image.height))
-    shown, factor = E.upscale(image, 320)
+    shown, factor = sample.upscale(image, 320)
     draw = ImageDraw.Draw(shown)
     for k, (x, y) in enumerate(dots):
-        E._dot(draw, (x * factor, y * factor), 7, E.TRACK_COLORS[k % len(E.TRACK_COLORS)])
-    legend = [(E.TRACK_COLORS[k % len(E.TRACK_COLORS)], f"point {k + 1}: id x y on 0..1000") for k in range(len(spans))]
+        sample._dot(draw, (x * factor, y * factor), 7, sample.TRACK_COLORS[k % len(sample.TRACK_COLORS)])
+    legend = [(sample.TRACK_COLORS[k % len(sample.TRACK_COLORS)], f"point {k + 1}: id x y on 0..1000") for k in range(len(spans))]
     strip = sample.token_strip(torch.tensor(ids), tokenizer, width=700, colours=colours, legend=legend)
-    path = E.save_panels(os.path.join(out, "points_text.png"), [(shown, "the image"), (strip, answer[:90])],
+    path = sample.save_panels(os.path.join(out, "points_text.png"), [(shown, "the image"), (strip, answer[:90])],
                          columns=2, title="points as text: each point is written as digit tokens")
     return said([path], "a counting answer's points, drawn and as the tokens that write them")
 
@@ -413,17 +413,17 @@ def fig_mixture(out):
         mixture = runpy.run_path(os.path.join(ROOT, "config", f"{name}.py"))["data_mixture"]
         used = {group: share for group, (share, datasets) in mixture.items() if datasets}
         total = sum(used.values())
-        font = E._font(13)
+        font = sample._font(13)
         image = Image.new("RGB", (700, 30 + 26 * len(used)), (255, 255, 255))
         draw = ImageDraw.Draw(image)
         for k, (group, share) in enumerate(sorted(used.items(), key=lambda kv: -kv[1])):
             y = 10 + 26 * k
             draw.text((10, y + 10), group, fill=(0, 0, 0), font=font, anchor="lm")
-            draw.rectangle((150, y + 2, 150 + 330 * share / total, y + 20), fill=E.PLOT_COLORS[k % len(E.PLOT_COLORS)])
+            draw.rectangle((150, y + 2, 150 + 330 * share / total, y + 20), fill=training.PLOT_COLORS[k % len(training.PLOT_COLORS)])
             draw.text((156 + 330 * share / total, y + 10), f"{share / total:.0%}  ({', '.join(mixture[group][1][:2])}"
                       f"{', ...' if len(mixture[group][1]) > 2 else ''})", fill=(0, 0, 0), font=font, anchor="lm")
         panels.append((image, f"config/{name}.py"))
-    path = E.save_panels(os.path.join(out, "mixture.png"), panels, columns=1,
+    path = sample.save_panels(os.path.join(out, "mixture.png"), panels, columns=1,
                          title="the data mixtures: share of draws per group",
                          note="groups with no dataset prepare_data.py can build are left out, the rest scaled up")
     return said([path], "the pretraining and SFT mixtures' groups and shares, read from config/mix_*.py")
@@ -460,11 +460,11 @@ def fig_packing(out, max_seq_len=512):
             draw.rectangle((x, y, x + width * scale, y + row_h), fill=(225, 225, 225))
             for example in row:
                 k = next(i for i, e in enumerate(examples) if e is example)
-                draw.rectangle((x, y, x + len(example) * scale - 1, y + row_h), fill=E.PLOT_COLORS[k % 10])
+                draw.rectangle((x, y, x + len(example) * scale - 1, y + row_h), fill=training.PLOT_COLORS[k % 10])
                 x += len(example) * scale
         padding = 1 - sum(len(e) for e in examples) / (len(rows) * width)
         panels.append((image, f"{what}: {len(rows)} rows, {padding:.0%} padding"))
-    path = E.save_panels(os.path.join(out, "packing.png"), panels, columns=2,
+    path = sample.save_panels(os.path.join(out, "packing.png"), panels, columns=2,
                          title=f"{len(examples)} training examples of the demo world (colour: example, grey: padding)")
     return said([path], "the same examples padded one a row against packed by data.Packer")
 
@@ -484,9 +484,9 @@ def fig_memory(out):
     width, height, left, bottom = 720, 380, 70, 50
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    font = E._font(13)
+    font = sample._font(13)
     top_gib = 16 * n / 2 ** 30 * 1.1
-    colours = {"weights": E.PLOT_COLORS[0], "gradients": E.PLOT_COLORS[1], "AdamW moments": E.PLOT_COLORS[2]}
+    colours = {"weights": training.PLOT_COLORS[0], "gradients": training.PLOT_COLORS[1], "AdamW moments": training.PLOT_COLORS[2]}
     bar = (width - left - 160) / len(setups)
     for gib in range(0, int(top_gib) + 1, 4):
         y = height - bottom - gib / top_gib * (height - bottom - 30)
@@ -507,7 +507,7 @@ def fig_memory(out):
     for k, (part, colour) in enumerate(colours.items()):
         draw.rectangle((width - 150, 40 + 20 * k, width - 138, 52 + 20 * k), fill=colour)
         draw.text((width - 132, 46 + 20 * k), part, fill=(0, 0, 0), font=font, anchor="lm")
-    path = E.save_panels(os.path.join(out, "memory.png"), [(image, f"nanomolmo2: {n / 1e6:.1f}M parameters, "
+    path = sample.save_panels(os.path.join(out, "memory.png"), [(image, f"nanomolmo2: {n / 1e6:.1f}M parameters, "
                                                                    "float32 weights, gradients and AdamW moments")],
                          title="model state per GPU (activations come on top, and shrink with checkpointing)")
     return said([path], "the model state per GPU of the full preset under DDP and FSDP on 1, 2 and 4 GPUs")
@@ -525,7 +525,7 @@ def fig_kv_cache(out, n_new=10):
     model = Molmo2(Molmo2Config.preset("tiny")).eval()
     _, image, _ = scene(4, 120, 90)
     example = ask({"id": "x", "images": [image]}, "How many?", TINY_PROCESSOR)
-    batch = E.collate_prompts([example])
+    batch = sample.collate_prompts([example])
     input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
     with sample.AttentionRecorder(model.llm) as recorder:
         from model import generate
@@ -546,7 +546,7 @@ def fig_kv_cache(out, n_new=10):
     a, b = int(block[0]) * scale, (int(block[-1]) + 1) * scale
     draw.rectangle((a, a, b - 1, b - 1), outline=(255, 60, 60), width=2)
     draw.line((0, T * scale, S * scale, T * scale), fill=(255, 160, 0), width=2)
-    path = E.save_panels(os.path.join(out, "kv_cache.png"), [(image, f"{T} prompt tokens, then {n_new - 1} new ones "
+    path = sample.save_panels(os.path.join(out, "kv_cache.png"), [(image, f"{T} prompt tokens, then {n_new - 1} new ones "
                                                                      "fed back")],
                          title="generation: the prefill (white) and one row per new token (blue)",
                          note="red: the vision tokens, both ways, all in the prompt; orange: decoding starts")
@@ -558,7 +558,7 @@ def fig_looked(out, n_images=4):
     if not run or not os.path.isfile(os.path.join(run, "joint", "final", "config.json")):
         print("(looked: skipped; --run=<a demo-shaped out_dir with joint/final/> draws where its model looked)")
         return []
-    model, processor, _ = E.load_model(os.path.join(run, "joint"))
+    model, processor, _ = sample.load_model(os.path.join(run, "joint"))
     records = counting_records(n_images)
     panels = []
     for record, question in records:
@@ -567,7 +567,7 @@ def fig_looked(out, n_images=4):
         entry = (f"answered {'?' if count is None else count}: {question}", looked["weights"], [])
         panels += sample.looked_panels([entry], looked["tokens"], looked["views"], looked["sizes"], record["images"],
                                        height=224)
-    path = E.save_panels(os.path.join(out, "looked.png"), panels, columns=4,
+    path = sample.save_panels(os.path.join(out, "looked.png"), panels, columns=4,
                          title=f"where {os.path.relpath(os.path.abspath(run), ROOT)}/joint looked while counting "
                                "(attention to the image tokens, mean over the answer's tokens, heads and layers)",
                          note="each panel from its least (dark) to its most (bright); above it, the count the model "
@@ -594,7 +594,7 @@ def look(model, processor, record, question):
     tokens, views, sizes)."""
     example = ask(record, question, processor)
     with sample.AttentionRecorder(model.llm) as recorder:
-        answer = E.generate_answers(model, processor, [example], max_new_tokens)[0]
+        answer = sample.generate_answers(model, processor, [example], max_new_tokens)[0]
     rows = recorder.rows()
     n_answer = len(processor.tokenizer.encode(answer)) if answer else 1
     columns = torch.nonzero(example.input_ids == data.IMAGE_PATCH_ID)[:, 0]
@@ -683,7 +683,7 @@ def main():
     if check:
         if not run:
             raise SystemExit("--check needs --run=<a demo-shaped out_dir with joint/final/>")
-        model, processor, _ = E.load_model(os.path.join(run, "joint"))
+        model, processor, _ = sample.load_model(os.path.join(run, "joint"))
         measured = looked_at_shapes(model, processor, check)
         print(f"where it looked, over {measured['n']} held-out counting questions with counted shapes: mean attention "
               f"per token {measured['shapes']:.5f} on the counted shapes, {measured['background']:.5f} on the "

@@ -1,4 +1,4 @@
-"""eval.py's driver: prompts laid out as training lays them out, scoring against hand-worked cases and
+"""eval.py's driver: prompts laid out as training lays them out (sample.py's), scoring against hand-worked cases and
 against the truth itself, and a whole run on a tiny random checkpoint over a tiny synthetic world."""
 
 import json
@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import eval as E
 import prepare_data
+import sample
 from model import Molmo2, Molmo2Config
 
 
@@ -53,7 +54,7 @@ def test_prompt_is_the_training_layout_cut_before_the_answer(world, processor):
     assert {task for _, task, _, _ in items} == set(E.MAX_NEW_TOKENS) - {"multi-image pointing"}
     for _, _, record, annotation in items:
         training = data.format_example({**record, "annotations": [annotation]}, processor)  # what was trained on
-        prompt = E.prompt_example(record, annotation["messages"][:-1], annotation["style"], processor)
+        prompt = sample.prompt_example(record, annotation["messages"][:-1], annotation["style"], processor)
         n = len(prompt)
         assert torch.equal(prompt.input_ids, training.input_ids[:n])
         assert torch.equal(prompt.position_ids, training.position_ids[:n])
@@ -69,8 +70,8 @@ def test_prompt_is_the_training_layout_cut_before_the_answer(world, processor):
 
 def test_collate_prompts_left_pads_and_keeps_vision_in_order(world, processor):
     items = [item for item in all_items(world) if "images" in item[2]][:3]
-    examples = [E.prompt_example(r, a["messages"][:-1], a["style"], processor) for _, _, r, a in items]
-    batch = E.collate_prompts(examples)
+    examples = [sample.prompt_example(r, a["messages"][:-1], a["style"], processor) for _, _, r, a in items]
+    batch = sample.collate_prompts(examples)
     L = max(len(e) for e in examples)
     for b, example in enumerate(examples):
         n = len(example)
@@ -83,12 +84,12 @@ def test_collate_prompts_left_pads_and_keeps_vision_in_order(world, processor):
 
 
 def test_batched_answers_equal_answers_alone(world, processor, checkpoint):
-    model, _, _ = E.load_model(checkpoint)
+    model, _, _ = sample.load_model(checkpoint)
     items = [item for item in all_items(world) if item[1] in ("counting", "multi-image counting")]
-    examples = [E.prompt_example(r, a["messages"][:-1], a["style"], processor) for _, _, r, a in items]
+    examples = [sample.prompt_example(r, a["messages"][:-1], a["style"], processor) for _, _, r, a in items]
     assert len({len(e) for e in examples}) > 1
-    together = E.generate_answers(model, processor, examples, 6)
-    assert together == [E.generate_answers(model, processor, [e], 6)[0] for e in examples]
+    together = sample.generate_answers(model, processor, examples, 6)
+    assert together == [sample.generate_answers(model, processor, [e], 6)[0] for e in examples]
 
 
 def hand_record(scene=True):
@@ -132,7 +133,7 @@ def test_the_truth_scores_perfectly_on_every_task(world, processor, monkeypatch)
 
     truth_of = {}
     for _, _, record, annotation in items:
-        prompt = E.prompt_example(record, annotation["messages"][:-1], annotation["style"], processor)
+        prompt = sample.prompt_example(record, annotation["messages"][:-1], annotation["style"], processor)
         truth_of[key(prompt)] = annotation["messages"][-1]["content"]
     assert len(truth_of) == len(items)
 
@@ -176,7 +177,7 @@ def test_main_writes_report_metrics_and_pictures(world, checkpoint, tmp_path, ca
 
 def test_missing_checkpoint_says_how_to_get_one(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="make demo"):
-        E.resolve_model_dir(str(tmp_path))
+        sample.resolve_model_dir(str(tmp_path))
     with pytest.raises(SystemExit, match="unknown"):
         run_eval(monkeypatch, "--tasks=['countin']")
 
@@ -217,7 +218,7 @@ def test_undecodable_media_skip_their_questions(tmp_path, processor, checkpoint)
             f.write(json.dumps({"image": name, "annotations": qa}) + "\n")
     items = E.evaluation_items([str(tmp_path / "bench.jsonl")], str(tmp_path), "test")
     assert len(items) == 2
-    model, _, _ = E.load_model(checkpoint)
+    model, _, _ = sample.load_model(checkpoint)
     report = data.SkipReport()
     rows = E.evaluate(model, processor, items, max_new_tokens=2, log=lambda *a: None, report=report)
     assert [row["record"]["image"][0].endswith("good.png") for row in rows] == [True]
@@ -252,20 +253,21 @@ def test_a_kept_token_model_skips_the_questions_it_has_no_words_for(world, proce
 
 def test_defaults_fall_back_to_what_make_demo_wrote(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    demo = tmp_path / E.DEMO_INIT_FROM / "final"
+    default, demo_dir = sample.DEFAULT_INIT_FROM, sample.DEMO_INIT_FROM
+    demo = tmp_path / demo_dir / "final"
     demo.mkdir(parents=True)
     (demo / "config.json").write_text("{}")
-    assert E.or_demo(E.DEFAULT_INIT_FROM, E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == E.DEMO_INIT_FROM
+    assert sample.or_demo(default, default, demo_dir, sample.local_model_dir) == demo_dir
     assert "(nothing in out/joint; using out/demo/joint, which make demo wrote)" in capsys.readouterr().out
-    assert E.or_demo("out/mine", E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == "out/mine"  # asked for
+    assert sample.or_demo("out/mine", default, demo_dir, sample.local_model_dir) == "out/mine"  # asked for
     (tmp_path / "out" / "joint").mkdir()
     (tmp_path / "out" / "joint" / "config.json").write_text("{}")  # the usual default holds a model again
-    assert E.or_demo(E.DEFAULT_INIT_FROM, E.DEFAULT_INIT_FROM, E.DEMO_INIT_FROM, E.local_model_dir) == E.DEFAULT_INIT_FROM
+    assert sample.or_demo(default, default, demo_dir, sample.local_model_dir) == default
 
 
 def test_missing_inputs_stop_with_advice_that_names_the_command(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # neither out/joint nor make demo's out/demo/joint
-    python = E.python_command()
+    python = sample.python_command()
     with pytest.raises(SystemExit, match=f"no trained model there, nor in out/demo/joint .*Run `make demo`.*"
                                          f"`{python} prepare_data.py --dataset=synthetic`, then "
                                          f"`{python} train_joint.py --out_dir=out/joint`"):

@@ -1,6 +1,6 @@
-"""eval.py's metrics on hand-worked cases, the assignment against brute force, and the pictures by their
-pixels (a predicted dot's colour at its point, a true ring hollow around its point, a GIF dot only on its
-own frame)."""
+"""eval.py's metrics on hand-worked cases, the assignment against brute force, and the pictures (sample.py's,
+training.py's curves) by their pixels (a predicted dot's colour at its point, a true ring hollow around its
+point, a GIF dot only on its own frame)."""
 
 import itertools
 import math
@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 import eval as E
+import sample
+import training
 
 # ---------------------------------------------------------------------------
 # assignment
@@ -277,53 +279,53 @@ GREY = (128, 128, 128)
 
 def test_draw_points_pixels():
     image = Image.new("RGB", (640, 480), GREY)
-    drawn = E.draw_points(image, pred=[(320, 240)], true=[(100, 300)])
+    drawn = sample.draw_points(image, pred=[(320, 240)], true=[(100, 300)])
     assert drawn.size == (640, 480) and image.getpixel((320, 240)) == GREY  # input untouched
-    assert drawn.getpixel((320, 240)) == E.PRED_COLOR
+    assert drawn.getpixel((320, 240)) == sample.PRED_COLOR
     assert drawn.getpixel((100, 300)) == GREY  # the true ring is hollow
-    r = E._marker_radius(drawn)
-    assert drawn.getpixel((100 + r + 2 + max(2, round(0.6 * r)) // 2 + 1, 300)) == E.TRUE_COLOR
+    r = sample._marker_radius(drawn)
+    assert drawn.getpixel((100 + r + 2 + max(2, round(0.6 * r)) // 2 + 1, 300)) == sample.TRUE_COLOR
     assert drawn.getpixel((10, 10)) != GREY  # legend
     # small images are upscaled by a whole factor, points with them
-    small = E.draw_points(Image.new("RGB", (64, 48), GREY), pred=[(10, 10)], legend=False)
-    assert small.size == (320, 240) and small.getpixel((50, 50)) == E.PRED_COLOR
+    small = sample.draw_points(Image.new("RGB", (64, 48), GREY), pred=[(10, 10)], legend=False)
+    assert small.size == (320, 240) and small.getpixel((50, 50)) == sample.PRED_COLOR
 
 
 def test_draw_tracks_and_gif(tmp_path):
     image = Image.new("RGB", (400, 300), GREY)
     tracks = {7: [(0.0, 100, 150), (0.5, 200, 150), (1.0, 300, 150)]}
-    drawn = E.draw_tracks(image, tracks, true_tracks=tracks, path=tmp_path / "tracks.png")
-    assert drawn.getpixel((200, 150)) == E.TRACK_COLORS[0]
+    drawn = sample.draw_tracks(image, tracks, true_tracks=tracks, path=tmp_path / "tracks.png")
+    assert drawn.getpixel((200, 150)) == sample.TRACK_COLORS[0]
     assert Image.open(tmp_path / "tracks.png").size == (400, 300)
 
     frames = [image] * 3
-    path = E.save_video_gif(tmp_path / "points.gif", frames, [0.0, 0.5, 1.0], pred=[(0.5, 200, 150)])
+    path = sample.save_video_gif(tmp_path / "points.gif", frames, [0.0, 0.5, 1.0], pred=[(0.5, 200, 150)])
     gif = Image.open(path)
     assert gif.n_frames == 3
     colors = []
     for index in range(3):
         gif.seek(index)
         colors.append(gif.convert("RGB").getpixel((200, 150)))
-    near = [sum(abs(a - b) for a, b in zip(c, E.PRED_COLOR)) < 60 for c in colors]
+    near = [sum(abs(a - b) for a, b in zip(c, sample.PRED_COLOR)) < 60 for c in colors]
     assert near == [False, True, False]
-    E.save_video_gif(tmp_path / "tracks.gif", frames, [0.0, 0.5, 1.0], pred=tracks, true=tracks)
+    sample.save_video_gif(tmp_path / "tracks.gif", frames, [0.0, 0.5, 1.0], pred=tracks, true=tracks)
     with pytest.raises(ValueError, match="same non-zero length"):
-        E.save_video_gif(tmp_path / "x.gif", frames, [0.0])
+        sample.save_video_gif(tmp_path / "x.gif", frames, [0.0])
 
 
 def test_example_grid_and_curves(tmp_path):
     examples = [{"image": Image.new("RGB", (640, 480), GREY), "pred": [(320, 240)], "true": [(100, 100)],
                  "title": "Point to the red circle", "subtitle": "P 1.00 R 1.00"} for _ in range(5)]
-    grid = Image.open(E.save_example_grid(tmp_path / "grid.png", examples, columns=3, cell_size=128))
+    grid = Image.open(sample.save_example_grid(tmp_path / "grid.png", examples, columns=3, cell_size=128))
     assert grid.width == 3 * (128 + 8) + 8
     # the first cell's image is 128 x 96, centred in its 128 x 128 cell; its point (320, 240) -> (64, 48)
     header = 16 + 2 * 17
-    assert grid.getpixel((8 + 64, header + 16 + 48)) == E.PRED_COLOR
+    assert grid.getpixel((8 + 64, header + 16 + 48)) == sample.PRED_COLOR
 
-    path = E.plot_curves({"train": [(0, 3.0), (10, 2.0), (20, float("nan")), (30, 1.0)], "val": [(30, 1.5)]},
-                         tmp_path / "curve.png")
+    path = training.plot_curves({"train": [(0, 3.0), (10, 2.0), (20, float("nan")), (30, 1.0)], "val": [(30, 1.5)]},
+                                tmp_path / "curve.png")
     curve = Image.open(path).convert("RGB")
     assert curve.size == (800, 480)
-    assert E.PLOT_COLORS[0] in {c for _, c in curve.getcolors(1 << 20)}
+    assert training.PLOT_COLORS[0] in {c for _, c in curve.getcolors(1 << 20)}
     with pytest.raises(ValueError, match="curves"):
-        E.plot_curves({"train": []}, tmp_path / "empty.png")
+        training.plot_curves({"train": []}, tmp_path / "empty.png")

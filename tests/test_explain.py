@@ -72,7 +72,7 @@ PROCESSOR = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_crops
 
 def example_for(images, processor=PROCESSOR, question="How many?"):
     record = {"id": "x", "images": images}
-    return sample.E.prompt_example(record, [{"role": "user", "content": question}], "demo", processor)
+    return sample.prompt_example(record, [{"role": "user", "content": question}], "demo", processor)
 
 
 def test_layout_worked_by_hand():
@@ -182,7 +182,7 @@ def test_token_kinds_of_two_images_and_a_video():
     frames = [Image.new("RGB", (64, 48), (40 * i, 80, 120)) for i in range(3)]
     processor = data.Molmo2Processor(crop_size=56, overlap_margins=(1, 1), max_frames=8)
     record = {"id": "v", "video": "v", "video_frames": frames, "video_times": [0.0, 0.5, 1.0]}
-    video = sample.E.prompt_example(record, [{"role": "user", "content": "What moves?"}], "demo", processor)
+    video = sample.prompt_example(record, [{"role": "user", "content": "What moves?"}], "demo", processor)
     assert sample.frame_times(video.input_ids, tokenizer) == [0.0, 0.5, 1.0]
     assert sample.token_kinds(video.input_ids).count("patch") == 3 * 4  # 4 x 4 patches pooled 3 x 3: 2 x 2
 
@@ -198,7 +198,7 @@ def forced(answer_ids, monkeypatch):
 
 def test_explain_run_writes_and_names_each_picture(checkpoint, scene_image, tmp_path, monkeypatch, capsys):
     scene, path = scene_image
-    model, processor, _ = sample.E.load_model(checkpoint)
+    model, processor, _ = sample.load_model(checkpoint)
     record = sample.media_record([path], "", processor)
     monkeypatch.setattr(sample, "out_dir", str(tmp_path))
     monkeypatch.setattr(sample, "explain", True)

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval as evaluation  # noqa: E402
+import sample  # noqa: E402
 import training  # noqa: E402
 from model import Molmo2, Molmo2Config, molmo2_config_to_hf  # noqa: E402
 
@@ -93,7 +94,7 @@ def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_worl
     assert 0 < len(items) <= 4 and {task for _, task, _, _ in items} <= {"counting", "pointing"}
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         logged = [r for r in map(json.loads, f) if "val_loss" in r][-1]
-    model, processor, _ = evaluation.load_model(out_dir)
+    model, processor, _ = sample.load_model(out_dir)
     with torch.no_grad():
         expected = evaluation.headline(evaluation.evaluate(model, processor, items, log=lambda *_: None))
     for metric, value in expected.items():

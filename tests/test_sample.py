@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import data
-import eval as E
 import prepare_data
 import sample
 from model import Molmo2, Molmo2Config
@@ -54,7 +53,7 @@ def test_points_drawn_where_the_shapes_are(scene_image, tmp_path, monkeypatch, c
     for x, y in centres:
         # the answer's 0..1000 integers, back in pixels of the 160 x 120 image
         px, py = round(x * 1000) / 1000 * 160, round(y * 1000) / 1000 * 120
-        assert tuple(drawn[round(py * factor), round(px * factor)]) == E.PRED_COLOR
+        assert tuple(drawn[round(py * factor), round(px * factor)]) == sample.PRED_COLOR
         assert f"x={px:.1f}  y={py:.1f}" in printed
 
 
@@ -67,7 +66,7 @@ def test_several_images_get_a_picture_each(scene_image, tmp_path, monkeypatch):
     for png, (x, y) in ((first, (0.25, 0.5)), (second, (0.75, 0.25))):
         drawn = np.asarray(Image.open(png).convert("RGB"))
         factor = drawn.shape[1] // 160
-        assert tuple(drawn[round(y * 120 * factor), round(x * 160 * factor)]) == E.PRED_COLOR
+        assert tuple(drawn[round(y * 120 * factor), round(x * 160 * factor)]) == sample.PRED_COLOR
     assert (first, second) == (str(tmp_path / "a_image1.png"), str(tmp_path / "a_image2.png"))
 
 
@@ -123,7 +122,7 @@ def test_command_line_end_to_end(checkpoint, scene_image, tmp_path):
 
 def test_interactive_keeps_the_model_and_switches_media(checkpoint, scene_image, tmp_path, monkeypatch, capsys):
     _, path = scene_image
-    model, processor, _ = E.load_model(checkpoint)
+    model, processor, _ = sample.load_model(checkpoint)
     monkeypatch.setattr(sample, "max_new_tokens", 2)
     monkeypatch.setattr(sample, "out_dir", str(tmp_path))
     lines = iter(["How many?", f":image {path} {path}", "Which has more?", ":video missing.gif", ":quit"])
@@ -142,7 +141,7 @@ def kept_token_model(processor, record, questions):
     --vocab=data builds from a world's records."""
     kept = set(range(151643, 151936))
     for question in questions:
-        example = E.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
+        example = sample.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
         kept |= {i for i in example.input_ids.tolist() if i < 151936}
     torch.manual_seed(0)
     return Molmo2(Molmo2Config.preset("tiny").keep_tokens(sorted(kept)))

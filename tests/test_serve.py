@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
-import eval as E
+import sample
 import serve
 from model import Molmo2, Molmo2Config
 from training import MODEL_INPUTS
@@ -68,7 +68,7 @@ def trained(tmp_path_factory):
     example = data.format_example({**record, "annotations": [{"style": "demo", "messages": conversation}]},
                                   processor, style_prefixes="sft", loss_weighting="none")
     clip = {"id": "clip", "video": "clip", "video_frames": record["images"] * 4, "video_times": [0.0, 0.5, 1.0, 1.5]}
-    prompts = [E.prompt_example(r, conversation[:1], "demo", processor)  # the words of 2-image and video prompts too
+    prompts = [sample.prompt_example(r, conversation[:1], "demo", processor)  # 2-image and video prompts' words too
                for r in ({**record, "images": record["images"] * 2, "image": ["a", "b"]}, clip)]
     kept = set(range(151643, 151936)) | {i for x in (example, *prompts) for i in x.input_ids.tolist() if i < 151936}
     torch.manual_seed(0)
@@ -88,9 +88,9 @@ def trained(tmp_path_factory):
     run = folder / "run"
     model.save_pretrained(str(run / "final"))
     data.save_processor_config(str(run / "final"), processor)
-    prompt = E.prompt_example(record, [{"role": "user", "content": QUESTION}], "demo", processor)
+    prompt = sample.prompt_example(record, [{"role": "user", "content": QUESTION}], "demo", processor)
     with torch.no_grad():
-        assert E.generate_answers(model, processor, [prompt], 64)[0] == answer, "the tiny model did not learn it"
+        assert sample.generate_answers(model, processor, [prompt], 64)[0] == answer, "the tiny model did not learn it"
     return {"run": str(run), "photo": path, "other_photo": other, "answer": answer, "folder": folder}
 
 
@@ -247,11 +247,11 @@ def test_the_page_streams_the_answer_and_draws_its_points_on_the_photo(trained, 
     left, top, width, height = box
     for p in points:  # the centre of each dot is the page's orange, where the photo has a disc and no orange
         drawn = np.asarray(shot.getpixel((round(left + p.x * width), round(top + p.y * height))), dtype=int)
-        assert np.abs(drawn - E.PRED_COLOR).max() <= 6, (p, drawn)
+        assert np.abs(drawn - sample.PRED_COLOR).max() <= 6, (p, drawn)
         under = original[min(round(p.y * 240), 239), min(round(p.x * 320), 319)]
-        assert np.abs(under - E.PRED_COLOR).max() > 60
+        assert np.abs(under - sample.PRED_COLOR).max() > 60
     corner = np.asarray(shot.getpixel((round(left + 3), round(top + 3))), dtype=int)
-    assert np.abs(corner - E.PRED_COLOR).max() > 60  # no dot where the answer puts none
+    assert np.abs(corner - sample.PRED_COLOR).max() > 60  # no dot where the answer puts none
     listed = page.evaluate("document.getElementById('pointlist').textContent")
     assert f"x={points[0].x * 320:.1f} y={points[0].y * 240:.1f}" in listed  # in pixels of the 320 x 240 photo
 

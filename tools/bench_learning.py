@@ -133,7 +133,7 @@ def table_row(name, knobs, step):
 def plot_curve(points, out_dir):
     """{run: [(step, counting accuracy, pointing F1), ...]} -> out_dir/curve.json and one chart per metric;
     returns the chart paths."""
-    from eval import plot_curves
+    from training import plot_curves
     with open(os.path.join(out_dir, "curve.json"), "w") as f:
         json.dump(points, f, indent=1)
     paths = []

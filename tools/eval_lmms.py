@@ -6,8 +6,8 @@ this file alone.
 
 This file registers the model as "nanomolmo2" and hands the command line to lmms-eval's own CLI. The model
 answers `generate_until` requests (the generative benchmarks): each request's images (or a video path) and
-question go through the same prompt layout and batched generation as eval.py (eval.prompt_example,
-eval.generate_answers); an `<image>` placeholder in the question is dropped, since the vision tokens come
+question go through the same prompt layout and batched generation as eval.py (sample.prompt_example,
+sample.generate_answers); an `<image>` placeholder in the question is dropped, since the vision tokens come
 first in Molmo2's layout. Likelihood requests (multiple choice by log-probability) are not supported.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-import eval as E  # noqa: E402
+import sample  # noqa: E402
 
 try:
     from lmms_eval.api.model import lmms
@@ -32,11 +32,11 @@ except ImportError:
 
 @register_model("nanomolmo2")
 class NanoMolmo2(lmms):
-    def __init__(self, init_from=E.DEFAULT_INIT_FROM, device=None, dtype="float32", batch_size=1,
+    def __init__(self, init_from=sample.DEFAULT_INIT_FROM, device=None, dtype="float32", batch_size=1,
                  max_new_tokens=256, **other_args):  # lmms-eval may pass settings we have no use for
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.processor, _ = E.load_model(init_from, device, getattr(torch, dtype))
+        self.model, self.processor, _ = sample.load_model(init_from, device, getattr(torch, dtype))
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -55,7 +55,7 @@ class NanoMolmo2(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             record = self._record(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
             question = context.replace("<image>", "").strip()
-            prompt = E.prompt_example(record, [{"role": "user", "content": question}], "demo", self.processor)
+            prompt = sample.prompt_example(record, [{"role": "user", "content": question}], "demo", self.processor)
             prepared.append((i, prompt, gen_kwargs, "video_frames" in record))
         # a batch shares its generation settings and holds images or a video, not both
         groups = {}
@@ -66,7 +66,7 @@ class NanoMolmo2(lmms):
             gen_kwargs = group[0][2]
             for start in range(0, len(group), self.batch_size_per_gpu):
                 chunk = group[start:start + self.batch_size_per_gpu]
-                texts = E.generate_answers(self.model, self.processor, [p for _, p, _, _ in chunk],
+                texts = sample.generate_answers(self.model, self.processor, [p for _, p, _, _ in chunk],
                                            int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                                            temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0))
                 for (i, _, _, _), text in zip(chunk, texts):
