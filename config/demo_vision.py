@@ -9,6 +9,7 @@ max_crops = 4
 overlap_margins = (2, 2)
 sigmoid_weight = 0.0
 loc_weight = 1.0
+position_loss = True  # the global view's tokens also say where their point is in the image: what the LLM must write
 batch_size = 32
 max_steps = 300
 lr = 1e-3

@@ -104,3 +104,27 @@ def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_worl
             assert logged[f"val_{metric}"] == value
     assert any(value is not None for value in expected.values())
     assert os.path.isfile(os.path.join(out_dir, "answers.png"))
+
+
+def test_position_loss_is_the_l1_to_the_points_place_in_the_image_on_global_tokens_alone():
+    """Stage 1's position loss, worked by hand: tokens 0-2 are the global view's, 3 the high-res view's. Token 0's
+    cell is [0.25, 0.5] x [0, 0.25] and holds a point at offset (0.5, 0.2) of it: the point is at
+    (0.25 + 0.5 * 0.25, 0 + 0.2 * 0.25) = (0.375, 0.05). Token 1 holds no point, token 2 holds one at offset
+    (0, 1) of cell [0, 0.5] x [0.5, 1]: (0, 1). Token 3 holds a point but is high-res (its crop is not the
+    image): left out. The head predicts sigmoid(0) = 0.5 everywhere: the loss is the mean over the two tokens of
+    the summed absolute errors, (|0.5 - 0.375| + |0.5 - 0.05| + |0.5 - 0| + |0.5 - 1|) / 2 = 0.7875."""
+    from vision import SigLIP2, SigLIP2Config, VisionPretrainer
+    torch.manual_seed(0)
+    vit = SigLIP2(SigLIP2Config.preset("tiny"))
+    pretrainer = VisionPretrainer(vit, (1, 0), 1, 8, 16, use_sigmoid=False, use_loc=True, text_vocab_rows=64,
+                                  use_position=True)
+    with torch.no_grad():
+        pretrainer.position_head.weight.zero_()
+        pretrainer.position_head.bias.zero_()
+    batch = {"offset_targets": torch.tensor([[0.5, 0.2], [-1.0, -1.0], [0.0, 1.0], [0.3, 0.3]]),
+             "high_res": torch.tensor([False, False, False, True]),
+             "cells": torch.tensor([[0.25, 0.0, 0.5, 0.25], [0.5, 0.0, 0.75, 0.25], [0.0, 0.5, 0.5, 1.0],
+                                    [0.0, 0.0, 0.1, 0.1]])}
+    loss = pretrainer.position_loss(torch.randn(4, 16), batch)
+    assert loss.item() == pytest.approx(0.7875, rel=1e-6)  # float32 arithmetic on numbers of order 1
+    assert VisionPretrainer(vit, (1, 0), 1, 8, 16, False, True, 64).position_head is None  # off by default
