@@ -319,7 +319,8 @@ def section_train(d, autocast):
         write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
-             f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}")
+             f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
+             + (f", activation checkpointing {activation_checkpointing}" if d.world_size > 1 else ""))
     header = ["step", "ms", "tokens/s" + (" per GPU" if d.world_size > 1 else ""), "images/s", "MFU", "peak GiB",
               "vs transformers"]
     return table(title, header, rows)
