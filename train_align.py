@@ -19,9 +19,9 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (MODEL_INPUTS, Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss,
-                      export_final, lineage, mixture_has_text_only, resume_run, rng_state, save_checkpoint,
-                      seed_everything, set_learning_rates, stop_nonfinite, wrap_model)
+from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, evaluate_loss, export_final, lineage,
+                      mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
@@ -115,9 +115,8 @@ for step in range(start_step, max_steps):
         with no_sync, autocast:
             mb = {k: v.to(d.device) for k, v in mb.items()}
             # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
-            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
-                                        loss_weights=mb["loss_weights"], z_loss=z_loss,
-                                        response_mask=mb["targets"] >= 0)
+            loss_sum, wce = train_model(**model_inputs(mb), targets=mb["targets"], loss_weights=mb["loss_weights"],
+                                        z_loss=z_loss, response_mask=mb["targets"] >= 0)
             # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce

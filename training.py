@@ -718,6 +718,11 @@ MODEL_INPUTS = ("input_ids", "position_ids", "attn_mask", "mm_token_type_ids", "
                 "image_grids", "image_num_crops", "pixel_values_videos", "video_token_pooling", "video_grids")
 
 
+def model_inputs(batch):
+    """The entries of a collated batch that Molmo2's forward takes (not its targets, weights or example ids)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
 def merge_media_streams(batch, rows):
     """A batch holding images and videos -> one stream of crops and frames, in token order, image windows
     padded to the 9 slots of video windows (-1 = padding): the model reads <im_patch> tokens in order, and
@@ -1255,7 +1260,7 @@ def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_ar
     total, shuffled, weight = (torch.zeros((), device=d.device) for _ in range(3))
     for _ in range(n_batches):
         batch = {k: v.to(d.device) for k, v in loader.next_step()[0].items()}
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        inputs = model_inputs(batch)
         with autocast or nullcontext():
             total += model(**inputs, targets=batch["targets"], loss_weights=batch["loss_weights"])[1]
             for key in ("pixel_values", "pixel_values_videos"):
