@@ -102,9 +102,10 @@ class Connector(nn.Module):
         features = torch.cat(vit_features, dim=-1)  # (N, P, D)
         features = features.reshape(-1, features.shape[-1])  # (N * P, D)
         pooled_patches_idx = pooled_patches_idx.to(device=features.device, dtype=torch.long)
-        if pooled_patches_idx.numel() and pooled_patches_idx.max() >= features.shape[0]:
-            raise ValueError(f"pooled_patches_idx: index {int(pooled_patches_idx.max())} out of range for "
-                             f"{features.shape[0]} patches")
+        if not torch.compiler.is_compiling():  # a check read back to the host: left out of a compiled graph
+            if pooled_patches_idx.numel() and pooled_patches_idx.max() >= features.shape[0]:
+                raise ValueError(f"pooled_patches_idx: index {int(pooled_patches_idx.max())} out of range for "
+                                 f"{features.shape[0]} patches")
         # drop all-padding windows up front: they produce no token and would make a fully masked softmax
         pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
         valid = pooled_patches_idx >= 0  # (M', K)

@@ -36,6 +36,10 @@ from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision to
 from vision import (SigLIP2, SigLIP2Config, siglip_config_from_hf, siglip_config_to_hf, siglip_state_dict_from_hf,
                     siglip_state_dict_to_hf)
 
+# The connector keeps the pooling windows that hold a patch, a count read from the data: torch.compile traces it
+# as a size known only at run time instead of breaking the graph there
+torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
 # ---------------------------------------------------------------------------
 # Qwen3
 # ---------------------------------------------------------------------------

@@ -13,11 +13,13 @@ Sections (--sections, comma-separated):
   640x480 (5 crops each at max_crops=4) with a long caption each, one example per row. Rows: transformers'
   Molmo2 in train mode (its loss over logits at every position), our model alone (Molmo2's loss through the
   fused head), and our trainer's step (train_joint.py's loop body: the batch moved to the GPU, gradient
-  clipping, the loss read back; no data loading), all from the same weights (our save_pretrained -> transformers' from_pretrained).
+  clipping, the loss read back; no data loading), all from the same weights (our save_pretrained ->
+  transformers' from_pretrained).
 - generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
-  (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the model dtype, no autocast. Prefill = until
-  the first new token; decode = from there to the last, per token (timed at each token, after a device sync).
+  (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the
+  model dtype, no autocast. Prefill = until the first new token; decode = from there to the last, per token
+  (timed at each token, after a device sync).
 - scaling: our training step on one row of one image of 1, 9 or 25 crops, one video of 16, 64 or 128
   frames, or a packed row of 2k, 8k or 16k tokens (photo examples), with --activation_checkpointing.
 Under torchrun (several processes) only `train` runs, without transformers: each GPU trains its own batch
@@ -227,7 +229,8 @@ def trainer_step(train_model, model, optimizer, micro_batches, d, autocast, grad
         with no_sync, autocast:
             mb = {k: v.to(d.device) for k, v in mb.items()}
             loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
-                                        loss_weights=mb["loss_weights"], z_loss=z_loss, response_mask=mb["targets"] >= 0)
+                                        loss_weights=mb["loss_weights"], z_loss=z_loss,
+                                        response_mask=mb["targets"] >= 0)
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -290,7 +293,8 @@ def section_train(d, autocast):
             hf_model = load_hf(path, dev, torch.float32).train()
         opt = optimizer_for(hf_model.parameters(), dev)
         inputs = hf_inputs(batch)
-        result = guarded("transformers train step", lambda: measure(lambda: hf_step(hf_model, opt, inputs, autocast), dev), dev)
+        result = guarded("transformers train step",
+                         lambda: measure(lambda: hf_step(hf_model, opt, inputs, autocast), dev), dev)
         hf_seconds = result[0] if result else None
         rows.append(train_row("transformers Molmo2, train mode", result, batch, flops, batch_images, hf_seconds))
         del hf_model, opt, inputs
@@ -303,7 +307,8 @@ def section_train(d, autocast):
     train_model = wrap_model(model, d, parallel)
     optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
     where = f", {parallel} x {d.world_size}" if d.world_size > 1 else ""
-    result = guarded("model alone", lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast), dev), dev)
+    result = guarded("model alone",
+                     lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast), dev), dev)
     rows.append(train_row(f"nanoMolmo2 model alone{where}", result, batch, flops, batch_images, hf_seconds))
     if compile:
         compiled = torch.compile(train_model)
@@ -419,9 +424,11 @@ def section_scaling(dev, autocast):
     optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
     # (what, a function making the row's examples, pad_to)
     cases = [(f"image of {n} crops", lambda n=n: [synthetic_example(cfg, n, False, rng)], None) for n in scaling_crops]
-    cases += [(f"video of {n} frames", lambda n=n: [synthetic_example(cfg, n, True, rng)], None) for n in scaling_frames]
+    cases += [(f"video of {n} frames", lambda n=n: [synthetic_example(cfg, n, True, rng)], None)
+              for n in scaling_frames]
     example = photo_examples(cfg, 1, rng)[0]
-    cases += [(f"packed row of {L:,} tokens", lambda L=L: [example] * max(1, L // len(example)), L) for L in scaling_rows]
+    cases += [(f"packed row of {L:,} tokens", lambda L=L: [example] * max(1, L // len(example)), L)
+              for L in scaling_rows]
     rows = []
     for what, make_row, pad_to in cases:
         batch = to_device(data.collate([make_row()], pad_to=pad_to), dev)
@@ -436,7 +443,8 @@ def section_scaling(dev, autocast):
             rows.append([what, f"{tokens:,}", crops, f"{seconds * 1e3:.0f}", f"{tokens / seconds:,.0f}",
                          f"{model.training_flops(batch) / seconds / PEAK_FLOPS:.1%}", fmt(peak, ".1f")])
     header = ["one row of", "tokens", "crops", "ms/step", "tokens/s", "MFU", "peak GiB"]
-    title = f"Scaling on one device: one row a step, {model_preset}, activation checkpointing {activation_checkpointing}"
+    title = (f"Scaling on one device: one row a step, {model_preset}, "
+             f"activation checkpointing {activation_checkpointing}")
     return table(title, header, rows)
 
 
