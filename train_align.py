@@ -45,7 +45,8 @@ prefix_mode = "pretrain"  # style prefixes with length hints
 loss_weighting = "none"  # pretraining weighs every answer token alike
 batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
-loader_workers = 0  # processes that make the training examples ahead of the step (Linux); 0 = in this process
+loader_workers = -1  # processes that make the training examples ahead of the step (Linux); 0 = in this
+#   process; -1 = auto: up to 4 on a GPU, 0 on a CPU
 max_steps = 300
 lr_connector, lr_vit, lr_llm = 2e-4, 0.0, 0.0  # 0 = frozen
 warmup_connector, warmup_vit, warmup_llm = 200, 0, 0
@@ -70,6 +71,7 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 d = Dist(device)
+loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")

@@ -45,7 +45,8 @@ prefix_mode = "sft"  # style prefixes: pretrain | sft | none
 loss_weighting = "sft"  # sft (2/sqrt(n), grounding 0.2, video captions 0.1) | sqrt | none
 batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
-loader_workers = 0  # processes that make the training examples ahead of the step (Linux); 0 = in this process
+loader_workers = -1  # processes that make the training examples ahead of the step (Linux); 0 = in this
+#   process; -1 = auto: up to 4 on a GPU, 0 on a CPU
 max_steps = 500
 # None: chosen by where the run starts (training.default_recipe, printed): from a checkpoint Molmo2's SFT recipe
 #   (5e-6, 5e-6, 1e-5, warmup 200, no weight decay) for a pretrained LLM; for one from scratch (also through an
@@ -106,6 +107,7 @@ def answer_scores(model, processor, items):
 
 
 d = Dist(device)
+loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
 start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
 fill_recipe(globals(), config, *default_recipe(start), print_fn=d.print)

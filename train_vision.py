@@ -70,7 +70,8 @@ text_vocab_rows = 16384  # the text tower's token table: Qwen3 id % rows (a smal
 embed_dim = 128  # width of the token, image and text embeddings the losses compare
 batch_size = 32  # images per micro-batch per process
 grad_accum = 1
-loader_workers = 0  # processes that make the next step's images while this one trains (Linux); 0 = in this process
+loader_workers = -1  # processes that make the next step's images while this one trains (Linux);
+#   0 = in this process; -1 = auto: up to 4 on a GPU, 0 on a CPU
 max_steps = 600
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 warmup = 50
@@ -157,6 +158,7 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
 if sigmoid_weight <= 0 and loc_weight <= 0:
     raise SystemExit("train_vision: sigmoid_weight and loc_weight are both 0: nothing to train")
 d = Dist(device)
+loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank
 ckpt_path = os.path.join(out_dir, "ckpt.pt")

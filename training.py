@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -62,6 +63,17 @@ class Dist:
         if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
             share = (os.cpu_count() or 1) // max(1, self.local_world_size * (1 + loader_workers))
             torch.set_num_threads(max(1, min(4, share)))
+
+    def resolve_loader_workers(self, requested):
+        """A stage's loader_workers knob -> the number of worker processes: -1 (auto) is 4 on a GPU, fewer when the
+        machine has fewer than 5 cores per GPU process, so the GPU never waits on the CPU work of making examples
+        (in this process it stalled steps 2-10x, BENCHMARKS.md); 0 on a CPU run, where the workers would take
+        cores from the arithmetic, and off Linux (workers are forked)."""
+        if requested >= 0:
+            return requested
+        if self.device.type != "cuda" or not sys.platform.startswith("linux"):
+            return 0
+        return max(1, min(4, (os.cpu_count() or 1) // self.local_world_size - 1))
 
     def all_reduce_sum(self, x):
         if self.world_size > 1:
