@@ -262,7 +262,7 @@ def media_record(images, video, processor):
 
 
 class Streamer:
-    """Prints the answer as tokens come: decodes all tokens so far and prints what is new (a character split
+    """Prints the answer as tokens come: decodes all tokens so far and shows what is new (a character split
     over several byte-level tokens shows once it is whole)."""
 
     def __init__(self, tokenizer):
@@ -275,8 +275,12 @@ class Streamer:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special=True)
         if not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
+            self.show(text[len(self.shown):], text)
             self.shown = text
+
+    def show(self, new, text):
+        """The answer's new text (new) and the whole answer so far (text); serve.py sends them to the page instead."""
+        print(new, end="", flush=True)
 
 
 def next_picture_stem():

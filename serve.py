@@ -320,7 +320,8 @@ class Asker:
             started = time.time()
             example = sample.prompt_example(record, [{"role": "user", "content": question}], sample.style, processor)
             self.check_words(example, record)
-            streamer = PageStreamer(processor.tokenizer, record, send)
+            streamer = sample.Streamer(processor.tokenizer)
+            streamer.show = PageShow(record, send)  # to the page, not printed
             recorder = sample.AttentionRecorder(model.llm, sample.explain_layers) if settings["explain"] else None
             generator = torch.Generator(device=sample.device).manual_seed(settings["seed"])
             with recorder or nullcontext():
@@ -351,24 +352,15 @@ class Asker:
                                      *self.sample.what_it_knows(model, processor, self.sample.media_kind(record))]))
 
 
-class PageStreamer:
-    """on_token for generate: sends the answer's new text as tokens come (a character split over several byte-level
-    tokens once it is whole, as sample.Streamer prints it), and the points read so far whenever they change."""
+class PageShow:
+    """sample.Streamer's show for the page: sends the answer's new text as it comes, and the points read so far
+    whenever they change."""
 
-    def __init__(self, tokenizer, record, send):
-        self.tokenizer, self.record, self.send = tokenizer, record, send
-        self.ids, self.shown, self.points = [], "", []
+    def __init__(self, record, send):
+        self.record, self.send, self.points = record, send, []
 
-    def __call__(self, step, new_ids):
-        token = int(new_ids[0])
-        if token in (data.IM_END_ID, data.ENDOFTEXT_ID):
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special=True)
-        if text.endswith("\ufffd"):
-            return
-        self.send("token", {"text": text[len(self.shown):]})
-        self.shown = text
+    def __call__(self, new, text):
+        self.send("token", {"text": new})
         points = points_for_page(data.parse_points(readable_so_far(text)), self.record)
         if points != self.points:
             self.points = points
