@@ -11,10 +11,14 @@ weights and inputs, in one process; prints markdown tables with the ratios (BENC
 Sections (--sections, comma-separated):
 - train: one optimizer step (bf16 autocast, fused AdamW) on the issue's batch: `batch_images` photos of
   640x480 (5 crops each at max_crops=4) with a long caption each, one example per row. Rows: transformers'
-  Molmo2 in train mode (its loss over logits at every position), our model alone (Molmo2's loss through the
-  fused head), and our trainer's step (train_joint.py's loop body: the batch moved to the GPU, gradient
-  clipping, the loss read back; no data loading), all from the same weights (our save_pretrained ->
-  transformers' from_pretrained).
+  Molmo2 in train mode (its loss over logits at every position) and our model alone (Molmo2's loss through the
+  fused head), from the same weights (our save_pretrained -> transformers' from_pretrained). Then the real
+  trainer, in a second table: train_joint.py itself, run as a subprocess for warmup + steps steps on a synthetic
+  world that prepare_data.py writes to a temporary folder (`trainer_images` records; `trainer_batch_size` rows of
+  `trainer_seq_len` tokens a step; no dropout, nothing saved on the way), its step times and tokens read from its
+  log.jsonl (data loading, the host-to-device copy, clipping, logging all included), against our model alone on
+  the same batches (training.TrainLoader with train_joint.py's arguments and seed, already on the device).
+  Medians over the timed steps. One process only.
 - generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
   (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the
@@ -32,7 +36,9 @@ per pooled token 6 x the connector's weights. MFU = FLOPs / step time / PEAK_FLO
 H100/H200 (989 TFLOP/s). transformers' step is credited with the same FLOPs (it does more: logits everywhere).
 """
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +46,8 @@ from contextlib import nullcontext
 
 # tools/ sits one level below the repository root, where model.py, data.py and training.py live: make them
 # importable however this script is started (python tools/bench.py, torchrun tools/bench.py)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,10 +55,12 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model as nano  # noqa: E402
 from configurator import configure  # noqa: E402
-from training import MODEL_INPUTS, Dist, build_optimizer, set_learning_rates, wrap_model  # noqa: E402
+from training import MODEL_INPUTS, Dist, TrainLoader, build_optimizer, wrap_model  # noqa: E402
 
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
 PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
+TRAINER_MIXTURE = {"image": (0.7, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]),
+                   "video": (0.2, ["synth_video"])}  # train_joint.py's run: the synthetic world
 
 # -- knobs (override with --key=value) ------------------------------------------------------------------------
 sections = "train,generate,scaling"  # comma-separated: train, generate, scaling
@@ -63,6 +72,9 @@ steps = 10  # timed steps per measurement
 warmup = 3  # untimed steps first
 batch_images = 4  # train: photos, one per row
 caption_tokens = 360  # about this many caption tokens per photo (train) and per scaling example
+trainer_images = 256  # train: single-image records of the synthetic world that train_joint.py trains on
+trainer_batch_size = 8  # train: train_joint.py's rows a step
+trainer_seq_len = 1024  # train: train_joint.py's tokens a row
 new_tokens = 128  # generate: tokens forced per prompt
 decode_batches = (1, 16)
 decode_paths = ("eager", "static", "compiled")  # generate: ours step by step; DecodeStep's CUDA graph; the same
@@ -134,10 +146,13 @@ def caption(rng, n_words):
     return " ".join(rng.choice(words, n_words))
 
 
+def overlap_margins(cfg):
+    return (4, 4) if cfg.vit.image_size >= 378 else (1, 1)
+
+
 def processor_for(cfg, max_crops=4):
-    crop = cfg.vit.image_size
-    return data.Molmo2Processor(crop_size=crop, max_crops=max_crops, patch_size=cfg.vit.patch_size,
-                                overlap_margins=(4, 4) if crop >= 378 else (1, 1))
+    return data.Molmo2Processor(crop_size=cfg.vit.image_size, max_crops=max_crops, patch_size=cfg.vit.patch_size,
+                                overlap_margins=overlap_margins(cfg))
 
 
 def photo_examples(cfg, n, rng):
@@ -217,30 +232,6 @@ def ours_step(train_model, optimizer, batch, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def trainer_step(train_model, model, optimizer, micro_batches, d, autocast, grad_clip=1.0, z_loss=1e-4):
-    """The body of train_joint.py's loop, its data loader and logging left out: CPU micro-batches moved to the
-    device, the loss divided by the step's weight on all ranks, clipping, the loss and grad norm read back."""
-    set_learning_rates(optimizer, 100, 1000)
-    weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
-    weighted_ce = torch.zeros((), device=d.device)
-    for i, mb in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
-        with no_sync, autocast:
-            mb = {k: v.to(d.device) for k, v in mb.items()}
-            loss_sum, wce = train_model(**{k: mb[k] for k in MODEL_INPUTS if k in mb}, targets=mb["targets"],
-                                        loss_weights=mb["loss_weights"], z_loss=z_loss,
-                                        response_mask=mb["targets"] >= 0)
-            (loss_sum / weight_total * d.world_size).backward()
-        weighted_ce += wce
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
-
-
 def hf_step(hf_model, optimizer, inputs, autocast):
     with autocast:
         loss = hf_model(**inputs).loss
@@ -316,10 +307,6 @@ def section_train(d, autocast):
                                                      n_warmup=max(warmup, 2)), dev)
         rows.append(train_row(f"nanoMolmo2 model alone, torch.compile{where}", result, batch, flops, batch_images,
                               hf_seconds))
-    result = guarded("trainer step", lambda: measure(
-        lambda: trainer_step(train_model, model, optimizer, [cpu_batch], d, autocast), dev), dev)
-    rows.append(train_row(f"nanoMolmo2 trainer step (train_joint.py's){where}", result, batch, flops,
-                          batch_images, hf_seconds))
     if profile and d.is_master:
         write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
@@ -328,7 +315,81 @@ def section_train(d, autocast):
              + (f", activation checkpointing {activation_checkpointing}" if d.world_size > 1 else ""))
     header = ["step", "ms", "tokens/s" + (" per GPU" if d.world_size > 1 else ""), "images/s", "MFU", "peak GiB",
               "vs transformers"]
-    return table(title, header, rows)
+    report = table(title, header, rows)
+    if d.world_size == 1:
+        trainer = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev, autocast),
+                          dev)
+        report += "\n" + (trainer or "")
+    return report
+
+
+def trainer_knobs(cfg, data_dir):
+    """train_joint.py's knobs for the bench's run, which are also TrainLoader's arguments below (as train_joint.py
+    passes them): the same values make the same batches."""
+    return dict(data_dir=data_dir, data_mixture=TRAINER_MIXTURE, batch_size=trainer_batch_size,
+                max_seq_len=trainer_seq_len, max_crops=4, max_row_crops=16, max_video_frames=8,
+                overlap_margins=overlap_margins(cfg), prefix_mode="sft", loss_weighting="sft", seed=seed, styles=None)
+
+
+def run_trainer(knobs, dev, out):
+    """Run train_joint.py (warmup + steps steps, nothing saved on the way, no dropout) -> [(step seconds, tokens)]
+    of its timed steps, from its log.jsonl."""
+    args = [f"--{k}={v!r}" for k, v in knobs.items()] + [
+        f"--model_preset={model_preset}", f"--device={dev.type}", f"--dtype={dtype}", f"--out_dir={out}",
+        f"--max_steps={warmup + steps}", "--eval_every=0", "--save_every=0", "--log_every=1", "--resid_dropout=0.0",
+        "--resume=False"]
+    result = subprocess.run([sys.executable, "train_joint.py", *args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"train_joint.py {' '.join(args)}: exit {result.returncode}\n{result.stderr[-2000:]}")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step_s"], round(r["tokens_per_s"] * r["step_s"])) for r in records
+            if "step_s" in r and r["step"] >= warmup]
+
+
+def trainer_table(cfg, model, train_model, optimizer, dev, autocast):
+    """The real trainer against our model alone: train_joint.py run as a user runs it (its data loader, logging and
+    all) on a small synthetic world, and our model's step alone on the same batches (TrainLoader with
+    train_joint.py's arguments), each already on the device; medians over the timed steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = os.path.join(tmp, "data")
+        subprocess.run([sys.executable, "prepare_data.py", "--dataset=synthetic", f"--out={data_dir}",
+                        f"--train_images={trainer_images}"], cwd=ROOT, check=True, capture_output=True)
+        knobs = trainer_knobs(cfg, data_dir)
+        trainer = run_trainer(knobs, dev, os.path.join(tmp, "run"))
+        loader = TrainLoader(data_dir=data_dir, mixture=knobs["data_mixture"], split="train",
+                             batch_size=knobs["batch_size"], max_seq_len=knobs["max_seq_len"],
+                             max_crops=knobs["max_crops"], max_row_crops=knobs["max_row_crops"],
+                             max_video_frames=knobs["max_video_frames"], crop_size=cfg.vit.image_size,
+                             patch_size=cfg.vit.patch_size, overlap_margins=knobs["overlap_margins"],
+                             prefix_mode=knobs["prefix_mode"], weighting=knobs["loss_weighting"], seed=knobs["seed"],
+                             styles=knobs["styles"], rank=0, world_size=1, grad_accum=1, workers=0)
+        batches = [to_device(loader.next_step()[0], dev) for _ in range(warmup + steps)]
+    alone = []
+    for i, batch in enumerate(batches):
+        sync(dev)
+        start = time.perf_counter()
+        ours_step(train_model, optimizer, batch, autocast)
+        sync(dev)
+        if i >= warmup:
+            alone.append((time.perf_counter() - start, int((batch["example_ids"] >= 0).sum())))
+    flops = [model.training_flops(batch) for batch in batches[warmup:]]
+    if [n for _, n in alone] != [n for _, n in trainer]:
+        raise RuntimeError(f"the batches differ from train_joint.py's: tokens {[n for _, n in alone]} here, "
+                           f"{[n for _, n in trainer]} there")
+
+    def row(what, timed, baseline=None):
+        seconds = float(np.median([t for t, _ in timed]))
+        tok_s = float(np.median([n / t for t, n in timed]))
+        mfu = float(np.median([f / t for (t, _), f in zip(timed, flops)])) / PEAK_FLOPS
+        return [what, f"{seconds * 1e3:.1f}", f"{tok_s:,.0f}", f"{mfu:.1%}",
+                f"{tok_s / baseline:.2f}x" if baseline else "1.00x"], tok_s
+
+    alone_row, alone_tok_s = row("model alone, the same batches on the device", alone)
+    trainer_row, _ = row("train_joint.py, data included", trainer, alone_tok_s)
+    title = (f"The trainer: train_joint.py on the synthetic world, {trainer_batch_size} rows of {trainer_seq_len} "
+             f"tokens a step, {model_preset}, medians of {len(alone)} steps after {warmup}")
+    return table(title, ["step", "median ms", "tokens/s", "MFU", "vs model alone"], [alone_row, trainer_row])
 
 
 class Clock:
