@@ -478,7 +478,7 @@ class Progress:
         curve = self.plot()
         if self.wandb is not None:
             self.wandb.finish()
-        return "\n".join([line, loader.skip_summary(),
+        return "\n".join([line, loader.summary(),
                           f"model: {final_dir} | loss curve: {curve} | log: {self.log_path} | checkpoint: {ckpt_path}"])
 
 
@@ -861,7 +861,7 @@ class TrainLoader(ForkedWorkers):
             batch = merge_media_streams(batch, rows)
         return batch
 
-    def skip_summary(self):
+    def summary(self):
         lines = [self.report.summary()]
         if self.n_filtered:
             lines.append(f"records without an annotation of the styles {sorted(self.styles)}: {self.n_filtered}")

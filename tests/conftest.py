@@ -72,3 +72,46 @@ def tiny_world(tmp_path_factory):
         with open(os.path.join(damaged, f"{split}.jsonl"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return root
+
+
+def assert_same_steps(steps_a, steps_b):
+    """Two lists of steps (each a list of micro-batch dicts) hold the same batches: equal keys, tensors equal in dtype
+    and value, lists of arrays (stage 1's label points) equal element by element."""
+    import numpy as np
+    for step_a, step_b in zip(steps_a, steps_b, strict=True):
+        for batch_a, batch_b in zip(step_a, step_b, strict=True):
+            assert batch_a.keys() == batch_b.keys()
+            for key in batch_a:
+                a, b = batch_a[key], batch_b[key]
+                if torch.is_tensor(a):
+                    assert a.dtype == b.dtype and torch.equal(a, b), key
+                else:
+                    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), key
+
+
+def assert_workers_match_serial(make_loader, micro_batches, check_counts):
+    """A loader with 2 forked workers (make_loader(2)) against the serial one (make_loader(0)): the same first 3 steps
+    of micro_batches micro-batches each, state and summary (check_counts(serial) also asks that the bad records were
+    met); 3 more steps alike; and a loader restored from that state, with workers or without, continues with the same
+    3 steps."""
+    serial, workers = make_loader(0), make_loader(2)
+    try:
+        steps = [serial.next_step() for _ in range(3)]
+        assert all(len(step) == micro_batches for step in steps)
+        assert_same_steps([workers.next_step() for _ in range(3)], steps)
+        state = workers.state_dict()
+        assert state == serial.state_dict()
+        assert workers.summary() == serial.summary()
+        check_counts(serial)
+        later = [serial.next_step() for _ in range(3)]
+        assert_same_steps([workers.next_step() for _ in range(3)], later)
+    finally:
+        workers.close()
+    for n_workers in (2, 0):
+        resumed = make_loader(n_workers)
+        try:
+            resumed.load_state_dict(state)
+            assert_same_steps([resumed.next_step() for _ in range(3)], later)
+            assert resumed.summary() == serial.summary()
+        finally:
+            resumed.close()

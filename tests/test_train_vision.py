@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 import data
 import training
+from conftest import assert_workers_match_serial
 from model import Molmo2Config, load_safetensors
 from vision import SigLIP2, SigLIP2Config, sigmoid_loss
 
@@ -337,45 +338,14 @@ def vision_loader(world, workers):
                            workers=workers)
 
 
-def assert_same_steps(steps_a, steps_b):
-    for step_a, step_b in zip(steps_a, steps_b, strict=True):
-        for batch_a, batch_b in zip(step_a, step_b, strict=True):
-            assert batch_a.keys() == batch_b.keys()
-            for key in batch_a:
-                if key == "label_points":
-                    assert len(batch_a[key]) == len(batch_b[key])
-                    assert all(np.array_equal(a, b) for a, b in zip(batch_a[key], batch_b[key])), key
-                else:
-                    assert batch_a[key].dtype == batch_b[key].dtype, key
-                    assert torch.equal(batch_a[key], batch_b[key]), key
-
-
 def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
     """VisionLoader(workers=2) makes its examples in forked processes, a step ahead: every tensor of every batch,
     the skip counts and the state (before the keys read ahead) are the serial loader's; a loader restored from
     that state, with workers or without, continues with the same batches."""
-    serial, workers = vision_loader(tiny_world, 0), vision_loader(tiny_world, 2)
-    try:
-        steps_serial = [serial.next_step() for _ in range(3)]
-        steps_workers = [workers.next_step() for _ in range(3)]
-        assert all(len(step) == 2 for step in steps_serial)  # grad_accum micro-batches
-        assert_same_steps(steps_workers, steps_serial)
-        state = workers.state_dict()
-        assert state == serial.state_dict()
-        assert workers.summary() == serial.summary()
-        assert workers.report.n_skipped > 0 and serial.not_used["not a single image"] > 0, serial.summary()
-        later = [serial.next_step() for _ in range(3)]
-        assert_same_steps([workers.next_step() for _ in range(3)], later)
-    finally:
-        workers.close()
-    for n_workers in (2, 0):
-        resumed = vision_loader(tiny_world, n_workers)
-        try:
-            resumed.load_state_dict(state)
-            assert_same_steps([resumed.next_step() for _ in range(3)], later)
-            assert resumed.summary() == serial.summary()
-        finally:
-            resumed.close()
+    def met_bad_records(serial):
+        assert serial.report.n_skipped > 0 and serial.not_used["not a single image"] > 0, serial.summary()
+
+    assert_workers_match_serial(lambda workers: vision_loader(tiny_world, workers), 2, met_bad_records)
 
 
 # ---------------------------------------------------------------------------
