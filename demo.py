@@ -60,8 +60,7 @@ def demo_steps(recipe="cpu"):
     ]
 
 
-OUT = RECIPES["cpu"][0]
-STEPS = demo_steps("cpu")
+STEPS = demo_steps("cpu")  # the CPU demo's steps (tests/test_readme.py runs them shortened)
 
 
 def commonest_count_share(test_jsonl):
@@ -77,7 +76,7 @@ def commonest_count_share(test_jsonl):
 
 
 def main(recipe="cpu"):
-    OUT = RECIPES[recipe][0]
+    out = RECIPES[recipe][0]
     t0 = time.time()
     for name, args, done_marker in demo_steps(recipe):
         if os.path.exists(done_marker):
@@ -90,23 +89,23 @@ def main(recipe="cpu"):
             raise SystemExit(f"demo: step '{name}' failed (command: {' '.join(args)})")
         print(f"== {name}: {time.time() - t:.0f} s", flush=True)
 
-    with open(f"{OUT}/eval/metrics.json") as f:
+    with open(f"{out}/eval/metrics.json") as f:
         metrics = json.load(f)
     for stage in ("vision", "align", "joint"):
-        shutil.copy(f"{OUT}/{stage}/loss.png", f"{OUT}/{stage}_loss.png")
-    shutil.copy(f"{OUT}/vision/readout.png", f"{OUT}/vision_readout.png")
-    shutil.copy(f"{OUT}/joint/image_features.png", f"{OUT}/joint_image_features.png")
-    if os.path.isfile(f"{OUT}/joint/answers.png"):  # drawn when the joint stage answered questions as it went
-        shutil.copy(f"{OUT}/joint/answers.png", f"{OUT}/joint_answers.png")
+        shutil.copy(f"{out}/{stage}/loss.png", f"{out}/{stage}_loss.png")
+    shutil.copy(f"{out}/vision/readout.png", f"{out}/vision_readout.png")
+    shutil.copy(f"{out}/joint/image_features.png", f"{out}/joint_image_features.png")
+    if os.path.isfile(f"{out}/joint/answers.png"):  # drawn when the joint stage answered questions as it went
+        shutil.copy(f"{out}/joint/answers.png", f"{out}/joint_answers.png")
     counting, pointing = metrics["counting_accuracy"], metrics["pointing_f1"]
-    with open(f"{OUT}/joint/log.jsonl") as f:
+    with open(f"{out}/joint/log.jsonl") as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r][-1]
     real, rotated = val["val_loss"], val["val_loss_crops_shuffled"]
-    with open(f"{OUT}/vision/log.jsonl") as f:
+    with open(f"{out}/vision/log.jsonl") as f:
         readout = [r for r in map(json.loads, f) if "val_point_f1" in r][-1]
     stage1 = f"{readout['val_count_acc']:.3f} / {readout['val_point_f1']:.3f}"
     from model import QWEN3_VOCAB_SIZE
-    with open(f"{OUT}/joint/final/config.json") as f:
+    with open(f"{out}/joint/final/config.json") as f:
         n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
     guess = commonest_count_share(f"{WORLD}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
@@ -163,15 +162,15 @@ picture carries little information. Training from scratch drifts there within te
 
 ![pointing](eval/pointing_synth_image_test.png)
 
-Ask the model yourself: `.venv/bin/python sample.py --init_from={OUT}/joint --image={WORLD}/synth_image/test/000001.png
+Ask the model yourself: `.venv/bin/python sample.py --init_from={out}/joint --image={WORLD}/synth_image/test/000001.png
 --prompt="Point to the red shapes."`
 """
-    with open(f"{OUT}/report.md", "w") as f:
+    with open(f"{out}/report.md", "w") as f:
         f.write(report)
     print(f"\ncounting accuracy {counting:.3f} (commonest count: {guess:.3f}) | pointing F1 {pointing:.3f} on "
           "held-out test images | "
           f"validation loss {real:.4f} with the real crops, {rotated:.4f} with them moved to the next image")
-    print(f"report: {OUT}/report.md | {(time.time() - t0) / 60:.1f} min")
+    print(f"report: {out}/report.md | {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
