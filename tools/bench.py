@@ -72,6 +72,7 @@ steps = 10  # timed steps per measurement
 warmup = 3  # untimed steps first
 batch_images = 4  # train: photos, one per row
 caption_tokens = 360  # about this many caption tokens per photo (train) and per scaling example
+trainer = True  # train, one process: also time the real trainer (train_joint.py) against the model alone
 trainer_images = 256  # train: single-image records of the synthetic world that train_joint.py trains on
 trainer_batch_size = 8  # train: train_joint.py's rows a step
 trainer_seq_len = 1024  # train: train_joint.py's tokens a row
@@ -83,8 +84,10 @@ compile = False  # train: also time torch.compile(model) alone
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
-activation_checkpointing = False  # scaling and several GPUs: recompute each block in backward
+activation_checkpointing = False  # scaling and train's model-alone step: recompute each block in backward
 parallel = "ddp"  # several GPUs (torchrun): ddp | fsdp
+max_memory_gib = 0.0  # > 0: each process may allocate at most this much of its GPU (37.3 = a 40 GB card's 40e9 bytes):
+#   torch.cuda.set_per_process_memory_fraction, so a run on a bigger card shows what fits the smaller one
 profile = False  # also write torch.profiler tables of the top kernels (a train step, decode steps) to out_dir
 out_dir = "out/bench"
 seed = 0
@@ -293,8 +296,7 @@ def section_train(d, autocast):
             torch.cuda.empty_cache()
         model.to(dev)
     model.train()
-    if d.world_size > 1:
-        model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
+    model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
     train_model = wrap_model(model, d, parallel)
     optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
     where = f", {parallel} x {d.world_size}" if d.world_size > 1 else ""
@@ -312,14 +314,14 @@ def section_train(d, autocast):
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
-             + (f", activation checkpointing {activation_checkpointing}" if d.world_size > 1 else ""))
+             + (", activation checkpointing" if activation_checkpointing else ""))
     header = ["step", "ms", "tokens/s" + (" per GPU" if d.world_size > 1 else ""), "images/s", "MFU", "peak GiB",
               "vs transformers"]
     report = table(title, header, rows)
-    if d.world_size == 1:
-        trainer = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev, autocast),
-                          dev)
-        report += "\n" + (trainer or "")
+    if d.world_size == 1 and trainer:
+        trainer_report = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev,
+                                                                         autocast), dev)
+        report += "\n" + (trainer_report or "")
     return report
 
 
@@ -524,6 +526,10 @@ def main():
     if d.world_size > 1:
         chosen = [s for s in chosen if s == "train"]  # the other sections measure one device
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    if max_memory_gib > 0 and dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), dev)
+        card += f" (capped at {max_memory_gib:g} GiB a process)"
     d.print(f"# tools/bench.py on {card} x {d.world_size}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     report = []
     for name in chosen:
