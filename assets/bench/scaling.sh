@@ -3,7 +3,8 @@
 # batch (tools/bench.py's train section: 4 photos a GPU, one per row), DDP and FSDP2, activation checkpointing off
 # and on; then the full preset on N GPUs under a 40 GB card's memory (37.3 GiB a process). Usage, on a GPU machine:
 #   bash assets/bench/scaling.sh OUT_DIR [N=2]
-# Each run's table goes to OUT_DIR/scaling.md as it is printed; EXTRA adds bench.py knobs to every run.
+# Each run's table goes to OUT_DIR/scaling.md as it is printed; EXTRA adds bench.py knobs to every run. About 40 s a
+# run on 2 x H200 (5-6 min for all eight): give it a command of its own.
 set -u
 OUT=${1:?out dir}; N=${2:-2}
 PY=${PY:-python3}
