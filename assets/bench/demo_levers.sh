@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Issue 15: which levers buy the CPU demo's joint stage more counting and pointing for its budget. The CPU demo's
-# chain (config/demo_vision.py, then config/demo_joint.py: 550 steps of 16 rows) replayed on GPUs, one seed per GPU,
-# with the joint stage's variants side by side (assets/bench/joint_variants.sh); the variants named *_cpu_time
-# get as many steps as fit the demo's CPU minutes (frozen ViT and 256-token rows make a CPU step 1.6x cheaper).
-# Usage, on a machine with GPUS GPUs: bash assets/bench/demo_levers.sh OUT_DIR [GPUS=2] [SECONDS=320]
+# chain as it stood on 2026-11-29 (config/demo_vision.py, then config/demo_joint.py with BASE below: 550 steps of 16
+# rows of 512, the ViT at lr 1e-4) replayed on GPUs, one seed per GPU, with the joint stage's variants side by side
+# (assets/bench/joint_variants.sh); the variants named *_cpu_time get as many steps as fit that demo's CPU minutes
+# (frozen ViT and 256-token rows make a CPU step 1.6x cheaper). BENCHMARKS.md "The CPU demo's levers" holds the
+# results. Usage, on a machine with GPUS GPUs: bash assets/bench/demo_levers.sh OUT_DIR [GPUS=2] [SECONDS=320]
 set -u
 OUT=${1:?out dir}; GPUS=${2:-2}; LIMIT=${3:-320}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 [ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 \
     --train_images=10000 > /dev/null
+# config/demo_joint.py has changed since (it took these levers); BASE pins what the variants were measured against
+BASE="--max_seq_len=512 --batch_size=16 --max_steps=550 --lr_vit=1e-4 --eval_every=138"
 VARIANTS=(
   "base|"
   "frozen_vit|--lr_vit=0"
@@ -22,7 +25,7 @@ VARIANTS=(
 )
 for ((g = 0; g < GPUS; g++)); do
   seed=$((1337 + g))
-  CUDA_VISIBLE_DEVICES=$g RUNS=out/levers$g JOINT_ARGS="--loader_workers=2 --seed=$seed" PY=$PY \
+  CUDA_VISIBLE_DEVICES=$g RUNS=out/levers$g JOINT_ARGS="--loader_workers=2 --seed=$seed $BASE" PY=$PY \
       timeout "$LIMIT" bash assets/bench/joint_variants.sh "$OUT/seed$seed" "--seed=$seed" "${VARIANTS[@]}" &
 done
 wait
