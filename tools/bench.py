@@ -339,7 +339,7 @@ def run_trainer(knobs, dev, out):
     args = [f"--{k}={v!r}" for k, v in knobs.items()] + [
         f"--model_preset={model_preset}", f"--device={dev.type}", f"--dtype={dtype}", f"--out_dir={out}",
         f"--max_steps={warmup + steps}", "--eval_every=0", "--save_every=0", "--log_every=1", "--resid_dropout=0.0",
-        "--resume=False"]
+        "--resume=False", f"--activation_checkpointing={activation_checkpointing}"]  # as the model-alone rows
     result = subprocess.run([sys.executable, "train_joint.py", *args], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"train_joint.py {' '.join(args)}: exit {result.returncode}\n{result.stderr[-2000:]}")

@@ -30,4 +30,4 @@ for ((g = 0; g < GPUS; g++)); do
 done
 wait
 pkill -f "train_joint.py config/demo_joint.py" ; pkill -f "eval.py --init_from=out/levers"  # cut off at LIMIT
-grep -H "counting_accuracy\|val_answers\|answers\|trained\|evaluated\|Error" "$OUT"/seed*/*.log "$OUT"/seed*/times.txt 2>/dev/null | tail -n 80
+grep -H "counting_accuracy\|trained\|evaluated\|Error" "$OUT"/seed*/*.log "$OUT"/seed*/times.txt 2>/dev/null | tail -n 80

@@ -28,7 +28,8 @@ def read_logs(folder):
     """{variant: {seed: [(step, counting, f1), ...]}} from every seed*/variant.log of folder."""
     found = {}
     for path in sorted(glob.glob(os.path.join(folder, "seed*", "*.log"))):
-        rows = [(int(m[1]) + 1, float(m[2]), float(m[3])) for m in map(LINE.search, open(path)) if m]
+        with open(path) as f:
+            rows = [(int(m[1]) + 1, float(m[2]), float(m[3])) for m in map(LINE.search, f) if m]
         if rows:
             seed = os.path.basename(os.path.dirname(path))
             found.setdefault(os.path.splitext(os.path.basename(path))[0], {})[seed] = rows
@@ -49,13 +50,17 @@ def mean_over_seeds(runs, column):
 if __name__ == "__main__":
     if bool(logs) == bool(curves):
         raise SystemExit("give --logs=<demo_levers.sh OUT> or --curves=<levers_curves.json>")
-    data = read_logs(logs) if logs else json.load(open(curves))
+    if logs:
+        data = read_logs(logs)
+    else:
+        with open(curves) as f:
+            data = json.load(f)
     os.makedirs(out, exist_ok=True)
     if logs:
         with open(os.path.join(out, "levers_curves.json"), "w") as f:
             json.dump(data, f, indent=1)
-    for column, metric in ((2, "pointing F1"), (1, "counting accuracy")):
-        name = os.path.join(out, f"levers_{'f1' if column == 2 else 'counting'}.png")
+    for column, metric, stem in ((2, "pointing F1", "levers_f1"), (1, "counting accuracy", "levers_counting")):
+        name = os.path.join(out, f"{stem}.png")
         plot_curves({variant: mean_over_seeds(runs, column) for variant, runs in data.items()}, name,
                     title=f"the CPU demo's joint stage: validation {metric} (mean of seeds)", xlabel="optimizer step",
                     ylabel=metric)
