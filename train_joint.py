@@ -21,9 +21,10 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, TrainLoader, build_model, build_optimizer, default_recipe, evaluate_loss,
-                      export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
-                      save_checkpoint, seed_everything, set_learning_rates, stop_nonfinite, wrap_model)
+from training import (Dist, Progress, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer, default_recipe,
+                      evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs,
+                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, stop_nonfinite,
+                      wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -133,6 +134,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, **loader_args)
+if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
+    loader = StepsAhead(loader)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
@@ -154,7 +157,7 @@ for step in range(start_step, max_steps):
         # DDP: gradients are averaged over the ranks once, in the step's last backward
         no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
         with no_sync, autocast:
-            mb = {k: v.to(d.device) for k, v in mb.items()}
+            mb = batch_to(mb, d.device)  # uint8 pixels to floats, the attention mask made there
             # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
             loss_sum, wce = train_model(**model_inputs(mb), targets=mb["targets"], loss_weights=mb["loss_weights"],
                                         z_loss=z_loss, response_mask=mb["targets"] >= 0)

@@ -47,7 +47,7 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
-from training import (Dist, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
+from training import (Dist, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
                       resume_run, rng_state, save_checkpoint, seed_everything, stop_nonfinite, vision_batch_to,
                       wrap_model)
 from vision import SigLIP2, VisionPretrainer
@@ -177,6 +177,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed)
 loader = VisionLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                       workers=loader_workers, **loader_args)
+if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
+    loader = StepsAhead(loader)
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 log_path = os.path.join(out_dir, "log.jsonl")
 if d.is_master:

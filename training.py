@@ -730,6 +730,20 @@ MODEL_INPUTS = ("input_ids", "position_ids", "attn_mask", "mm_token_type_ids", "
                 "image_grids", "image_num_crops", "pixel_values_videos", "video_token_pooling", "video_grids")
 
 
+def batch_to(batch, device):
+    """A TrainLoader batch -> the model's, on the device: tensors copied without waiting, uint8 pixels back to the
+    processor's floats and the attention mask made from the ids there (both cheaper on a GPU than on the host)."""
+    import data
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for name in ("pixel_values", "pixel_values_videos"):
+        if name in batch and batch[name].dtype == torch.uint8:
+            batch[name] = from_uint8(batch[name])
+    if "attn_mask" not in batch:
+        batch["attn_mask"] = data.batch_attention_mask(batch["example_ids"], batch["branch_ids"],
+                                                       batch["mm_token_type_ids"])
+    return batch
+
+
 def model_inputs(batch):
     """The entries of a collated batch that Molmo2's forward takes (not its targets, weights or example ids)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -845,10 +859,17 @@ class TrainLoader(ForkedWorkers):
                 return None
         rng = np.random.default_rng([self.seed, draw])
         try:
-            return self.data.format_example(record, self.processor, rng, self.prefix_mode, self.weighting, self.max_seq_len)
+            example = self.data.format_example(record, self.processor, rng, self.prefix_mode, self.weighting,
+                                               self.max_seq_len)
         except self.data.MediaError as e:
             self.report.skip(self.data.BadRecord("undecodable_image", str(e)))
             return None
+        # pixels travel as their 0..255 levels: a quarter of the bytes to send from a worker, concatenate and copy
+        # to the GPU (batch_to restores the processor's floats exactly)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if getattr(example, name) is not None:
+                setattr(example, name, to_uint8(getattr(example, name)))
+        return example
 
     def next_step(self):
         """-> [micro-batch] (grad_accum of them), each a collated batch of batch_size rows."""
@@ -856,7 +877,7 @@ class TrainLoader(ForkedWorkers):
 
     def _batch(self, packer):
         rows = [next(packer) for _ in range(self.batch_size)]
-        batch = self.data.collate(rows, pad_to=self.max_seq_len)
+        batch = self.data.collate(rows, pad_to=self.max_seq_len, mask=False)  # batch_to makes the mask on the device
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
         return batch
@@ -889,6 +910,75 @@ class TrainLoader(ForkedWorkers):
         self.report.counts = collections.Counter(state["records"]["counts"])
         self.report.first = dict(state["records"]["first"])
         self.n_filtered = state["records"].get("n_filtered", 0)
+
+
+class StepsAhead:
+    """A loader whose next steps' batches a background thread makes while this step trains (on a GPU: there the
+    host's share of a small model's step, receiving examples from the workers and concatenating them, was most
+    of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer"). Same batches in the same order as the
+    loader's own next_step(); state_dict() is the state before the next batch this run takes, so a checkpoint
+    resumes exactly. What the thread read ahead is counted in summary() when it was made, not when taken."""
+
+    def __init__(self, loader, depth=2):
+        import queue
+        self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
+        self.stopping = False
+
+    def _run(self):
+        while not self.stopping:
+            state = self.loader.state_dict()
+            try:
+                item = (state, self.loader.next_step(), None)
+            except BaseException as e:  # raised again in the training thread, where next_step() was asked
+                item = (state, None, e)
+            self.queue.put(item)
+            if item[2] is not None:
+                return
+
+    def _peek(self):
+        if self.head is None:
+            if self.thread is None:
+                import threading
+                self.thread = threading.Thread(target=self._run, name="steps-ahead", daemon=True)
+                self.thread.start()
+            self.head = self.queue.get()
+        return self.head
+
+    def next_step(self):
+        _, batches, error = self._peek()
+        if error is not None:
+            raise error
+        self.head = None
+        return batches
+
+    def state_dict(self):
+        return self._peek()[0]
+
+    def load_state_dict(self, state):
+        if self.thread is not None:
+            raise RuntimeError("StepsAhead: load_state_dict before the first step, not after the thread started")
+        self.loader.load_state_dict(state)
+
+    def summary(self):
+        return self.loader.summary()
+
+    def close(self):
+        """Stop the thread (after the step it is making) and the loader's workers."""
+        self.stopping = True
+        if self.thread is not None:
+            while self.thread.is_alive():
+                try:
+                    self.queue.get(timeout=0.1)  # unblocks a full queue's put
+                except Exception:
+                    pass
+            self.thread = None
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+
+    def __getattr__(self, name):  # processor, report, ...: the loader's
+        if name == "loader":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 def _worker_example(key):
@@ -1271,7 +1361,7 @@ def evaluate_loss(model, d, split="val", n_batches=4, autocast=None, **loader_ar
     model.eval()
     total, shuffled, weight = (torch.zeros((), device=d.device) for _ in range(3))
     for _ in range(n_batches):
-        batch = {k: v.to(d.device) for k, v in loader.next_step()[0].items()}
+        batch = batch_to(loader.next_step()[0], d.device)
         inputs = model_inputs(batch)
         with autocast or nullcontext():
             total += model(**inputs, targets=batch["targets"], loss_weights=batch["loss_weights"])[1]

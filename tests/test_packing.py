@@ -55,6 +55,28 @@ def test_attention_mask_hand_drawn():
     assert batch["example_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, -1]]
 
 
+def test_batch_attention_mask_is_collates_mask():
+    """The mask the GPU trainers build from the (B, L) ids equals collate's, example by example (checked above by
+    hand): rows of several examples with message trees, vision tokens and padding, and a row of padding only."""
+    g = torch.Generator().manual_seed(0)
+
+    def random_example():
+        n_branches = int(torch.randint(1, 4, (1,), generator=g))
+        branch_ids = [0] * int(torch.randint(1, 6, (1,), generator=g))
+        for k in range(1, n_branches + 1):
+            branch_ids += [k] * int(torch.randint(1, 4, (1,), generator=g))
+        is_vision = (torch.rand(len(branch_ids), generator=g) < 0.4) & (torch.tensor(branch_ids) == 0)
+        return example_with(branch_ids, is_vision.tolist())
+
+    rows = [[random_example() for _ in range(n)] for n in (3, 1, 2, 0)]
+    L = max(sum(len(ex) for ex in row) for row in rows) + 2
+    batch = data.collate(rows, pad_to=L)
+    without = data.collate(rows, pad_to=L, mask=False)
+    assert "attn_mask" not in without
+    made = data.batch_attention_mask(without["example_ids"], without["branch_ids"], without["mm_token_type_ids"])
+    assert made.shape == (len(rows), 1, L, L) and torch.equal(made, batch["attn_mask"])
+
+
 def per_token_ce_qwen3(qwen, batch):
     """Cross-entropy at every loss target, in row-major order."""
     h = qwen.run_layers(qwen.embed_tokens(batch["input_ids"]), batch["position_ids"], batch["attn_mask"])

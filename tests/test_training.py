@@ -26,7 +26,7 @@ from PIL import Image
 import data
 import model as model_lib
 import training
-from conftest import assert_workers_match_serial
+from conftest import assert_same_steps, assert_workers_match_serial
 from model import Molmo2, load_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,7 +333,7 @@ def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world
         micro_batches = real_next_step(loader)
         if step == 2:
             seen["input_ids"] = micro_batches[0]["input_ids"].clone()
-            micro_batches[0]["pixel_values"][0] = float("inf")  # one crop's pixels
+            micro_batches[0]["loss_weights"][0, -1] = float("nan")  # one weight: the step's loss is not finite
         return micro_batches
 
     def progress_step_keeping_the_weights_after_step_1(progress, step, *args):
@@ -355,7 +355,7 @@ def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world
 
     bad_batch = torch.load(batch_path, weights_only=False)
     assert len(bad_batch) == 1 and torch.equal(bad_batch[0]["input_ids"], seen["input_ids"])
-    assert not bad_batch[0]["pixel_values"].isfinite().all()
+    assert not bad_batch[0]["loss_weights"].isfinite().all()
 
     # the checkpoint is the state before step 2: weights (no update applied), RNG before its dropout draws,
     # and a data state that redoes its batch
@@ -383,6 +383,62 @@ def loader_for(world, workers):
     return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
                                 styles=("short_answer", "pointing", "video_short_answer"), grad_accum=2,
                                 workers=workers)
+
+
+def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world):
+    """StepsAhead (the GPU trainers' background thread) against the loader itself: the same micro-batches and
+    data states step by step; a run resumed from such a state through a fresh StepsAhead continues exactly; and
+    an error the loader raises reaches the training thread."""
+    serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0))
+    try:
+        for _ in range(3):
+            assert ahead.state_dict() == serial.state_dict()
+            assert_same_steps([ahead.next_step()], [serial.next_step()])
+        state = ahead.state_dict()
+        resumed = training.StepsAhead(loader_for(world, 0))
+        resumed.load_state_dict(state)
+        assert_same_steps([resumed.next_step() for _ in range(2)], [serial.next_step() for _ in range(2)])
+        resumed.close()
+        with pytest.raises(RuntimeError, match="before the first step"):
+            ahead.load_state_dict(state)
+    finally:
+        ahead.close()
+
+    class Failing:
+        def state_dict(self):
+            return {}
+
+        def next_step(self):
+            raise ValueError("record 7 is malformed")
+
+    with pytest.raises(ValueError, match="record 7 is malformed"):
+        training.StepsAhead(Failing()).next_step()
+
+
+def test_loader_pixels_are_uint8_and_batch_to_restores_the_processors_floats(world):
+    """The loader sends pixels as 0..255 levels; batch_to gives back, bit for bit, the float pixels and the attention
+    mask that collating the processor's own examples gives (images and video frames)."""
+    loader = loader_for(world, 0)
+    draws = iter(training._DrawKeys(data.open_mixture(MIXTURE, world, "train", 0, rank=0)[0]))
+    kinds = set()
+    for _ in range(40):
+        key = next(draws)
+        record = loader.files[key[0]].get(key[1])
+        if record is None or key[0] not in ("synth_image", "synth_video"):
+            continue
+        ours = loader._example(key)
+        if ours is None:
+            continue
+        record["annotations"] = [a for a in record["annotations"] if a["style"] in loader.styles]
+        reference = data.format_example(record, loader.processor, np.random.default_rng([0, key[2]]), "sft", "sft", 256)
+        pixels = "pixel_values" if ours.pixel_values is not None else "pixel_values_videos"
+        assert getattr(ours, pixels).dtype == torch.uint8
+        moved = training.batch_to(data.collate([[ours]], pad_to=300, mask=False), "cpu")
+        expected = data.collate([[reference]], pad_to=300)
+        assert moved[pixels].dtype == torch.float32 and torch.equal(moved[pixels], expected[pixels])
+        assert torch.equal(moved["attn_mask"], expected["attn_mask"])
+        kinds.add(pixels)
+    assert kinds == {"pixel_values", "pixel_values_videos"}, kinds
 
 
 def test_loader_workers_make_the_serial_examples_and_resume_exactly(world):

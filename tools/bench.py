@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model as nano  # noqa: E402
 from configurator import configure  # noqa: E402
-from training import MODEL_INPUTS, Dist, TrainLoader, build_optimizer, wrap_model  # noqa: E402
+from training import MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, wrap_model  # noqa: E402
 
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
 PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
@@ -366,7 +366,7 @@ def trainer_table(cfg, model, train_model, optimizer, dev, autocast):
                              patch_size=cfg.vit.patch_size, overlap_margins=knobs["overlap_margins"],
                              prefix_mode=knobs["prefix_mode"], weighting=knobs["loss_weighting"], seed=knobs["seed"],
                              styles=knobs["styles"], rank=0, world_size=1, grad_accum=1, workers=0)
-        batches = [to_device(loader.next_step()[0], dev) for _ in range(warmup + steps)]
+        batches = [batch_to(loader.next_step()[0], dev) for _ in range(warmup + steps)]
     alone = []
     for i, batch in enumerate(batches):
         sync(dev)
