@@ -65,15 +65,16 @@ class Dist:
             torch.set_num_threads(max(1, min(4, share)))
 
     def resolve_loader_workers(self, requested):
-        """A stage's loader_workers knob -> the number of worker processes: -1 (auto) is 4 on a GPU, fewer when the
-        machine has fewer than 5 cores per GPU process, so the GPU never waits on the CPU work of making examples
-        (in this process it stalled steps 2-10x, BENCHMARKS.md); 0 on a CPU run, where the workers would take
-        cores from the arithmetic, and off Linux (workers are forked)."""
+        """A stage's loader_workers knob -> the number of worker processes: -1 (auto) on a GPU is every core of this
+        process's share but two (the training thread and the one collating the next batches), so the GPU never
+        waits on the CPU work of making examples (in this process it stalled steps 2-10x; a small model's step
+        of 128 examples needs ~0.5 s of it, BENCHMARKS.md); 0 on a CPU run, where the workers would take cores
+        from the arithmetic, and off Linux (workers are forked)."""
         if requested >= 0:
             return requested
         if self.device.type != "cuda" or not sys.platform.startswith("linux"):
             return 0
-        return max(1, min(4, (os.cpu_count() or 1) // self.local_world_size - 1))
+        return max(1, (os.cpu_count() or 1) // self.local_world_size - 2)
 
     def all_reduce_sum(self, x):
         if self.world_size > 1:
@@ -768,7 +769,11 @@ def merge_media_streams(batch, rows):
 
 class ForkedWorkers:
     """A loader's worker processes (self.workers of them; Linux), made on first use: forked from this process,
-    so each has the loader's files, processor and settings without pickling them."""
+    so each has the loader's files, processor and settings without pickling them. A ProcessPoolExecutor, not a
+    multiprocessing.Pool: the Pool's worker-handler thread wakes whenever a result waits in its pipe, and with
+    examples of megabytes it spun ~30,000 times a second on this 2-core machine, holding the GIL the training and
+    batch threads need (BENCHMARKS.md "The GPU trainer: batches made off the training thread"); the executor's
+    thread sleeps until it can read a result."""
 
     workers, pool = 0, None
 
@@ -776,17 +781,16 @@ class ForkedWorkers:
         if self.pool is None:
             import atexit
             import multiprocessing
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self,))
+            from concurrent.futures import ProcessPoolExecutor
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_init_worker, initargs=(self,))
             atexit.register(self.close)  # stopped before interpreter teardown, even when a run stops early
         return self.pool
 
     def close(self):
-        """Stop the workers once they have made what was asked of them (a read-ahead: well under a second).
-        Not Pool.terminate(): that can deadlock while a handler thread is still feeding tasks to the workers
-        it kills."""
+        """Stop the workers: what they were asked to read ahead and have not started is dropped."""
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
 
@@ -915,9 +919,9 @@ class TrainLoader(ForkedWorkers):
 class StepsAhead:
     """A loader whose next steps' batches a background thread makes while this step trains (on a GPU: there the
     host's share of a small model's step, receiving examples from the workers and concatenating them, was most
-    of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer"). Same batches in the same order as the
-    loader's own next_step(); state_dict() is the state before the next batch this run takes, so a checkpoint
-    resumes exactly. What the thread read ahead is counted in summary() when it was made, not when taken."""
+    of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer: batches made off the training thread").
+    Same batches in the same order as the loader's own next_step(); state_dict() is the state before the next
+    batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary() when it was made, not when taken."""
 
     def __init__(self, loader, depth=2):
         import queue
@@ -1021,7 +1025,7 @@ class _Prefetch:
         while len(self.queue) < max(self.depth, 1):
             state = self.keys.state_dict()
             key = next(self.keys)  # the sampler is endless
-            self.queue.append((state, key, pool.apply_async(_worker_example, (key,))))
+            self.queue.append((state, key, pool.submit(_worker_example, key)))
         self.taken = self.queue.popleft()
         return self.taken[1]
 
@@ -1029,8 +1033,8 @@ class _Prefetch:
         if self.taken is not None and self.taken[1] == key:
             result, self.taken = self.taken[2], None
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
-            result = self.loader.start_workers().apply_async(_worker_example, (key,))
-        arrays, too_long, (n_seen, counts, first, n_filtered) = result.get()
+            result = self.loader.start_workers().submit(_worker_example, key)
+        arrays, too_long, (n_seen, counts, first, n_filtered) = result.result()
         _add_counts(self.loader.report, n_seen, counts, first)
         self.loader.n_filtered += n_filtered
         if too_long is not None:
@@ -1299,7 +1303,7 @@ class VisionLoader(ForkedWorkers):
         started = []
         for keys in self.shards:
             drawn = [next(keys) for _ in range(self.batch_size)]
-            started.append((drawn, self.start_workers().map_async(_vision_worker_example, drawn)))
+            started.append((drawn, [self.start_workers().submit(_vision_worker_example, key) for key in drawn]))
         self.ahead = (states, started)
 
     def next_step(self):
@@ -1310,7 +1314,7 @@ class VisionLoader(ForkedWorkers):
         for s, keys in enumerate(self.shards):
             examples = []
             if self.ahead is not None:
-                for ex, counted in self.ahead[1][s][1].get():
+                for ex, counted in (future.result() for future in self.ahead[1][s][1]):
                     self._count(counted)
                     if ex is not None:
                         ex.patches, ex.pooling = torch.from_numpy(ex.patches), torch.from_numpy(ex.pooling)

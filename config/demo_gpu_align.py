@@ -1,3 +1,2 @@
-# The GPU demo's align stage (python demo.py --recipe=gpu), on top of config/demo_align.py: the same short stage,
-# with workers making the examples ahead.
-loader_workers = 4
+# The GPU demo's align stage (python demo.py --recipe=gpu): config/demo_align.py's short stage as it is. On a GPU
+# the loader's workers and the batch thread come on by themselves (loader_workers=-1: every core but two).

@@ -130,15 +130,16 @@ def test_position_loss_is_the_l1_to_the_points_place_in_the_image_on_global_toke
     assert VisionPretrainer(vit, (1, 0), 1, 8, 16, False, True, 64).position_head is None  # off by default
 
 
-def test_loader_workers_auto_is_four_per_gpu_process_at_most_and_none_on_cpu(monkeypatch):
+def test_loader_workers_auto_is_every_core_but_two_per_gpu_process_and_none_on_cpu(monkeypatch):
     """loader_workers=-1 (the stages' default): on a CPU run no workers (they would take the arithmetic's cores);
-    on a GPU one core per process stays for it and the rest make examples, at most 4 (16 cores, 1 GPU: 4; 4 GPUs:
-    16 // 4 - 1 = 3; 2 cores: 1); a number asked for is kept."""
+    on a GPU each process keeps two cores of its share (training, collating) and the rest make examples, at least
+    one (16 cores, 1 GPU: 14; 4 GPUs: 16 // 4 - 2 = 2; 2 cores: 1; 128 cores, 8 GPUs: 14); a number asked for
+    is kept."""
     from types import SimpleNamespace
     assert training.Dist("cpu").resolve_loader_workers(-1) == 0
     assert training.Dist("cpu").resolve_loader_workers(3) == 3
     monkeypatch.setattr(sys, "platform", "linux")
-    for cores, processes, expected in [(16, 1, 4), (16, 4, 3), (2, 1, 1), (128, 8, 4)]:
+    for cores, processes, expected in [(16, 1, 14), (16, 4, 2), (2, 1, 1), (128, 8, 14)]:
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         gpu = SimpleNamespace(device=torch.device("cuda", 0), local_world_size=processes)
         assert training.Dist.resolve_loader_workers(gpu, -1) == expected, (cores, processes)
