@@ -1577,12 +1577,27 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None):
                                     f"(`python {' '.join(prepare_command(name, data_dir))}` makes it)")
         for path in filter(os.path.exists, paths):
             for record in RecordFile(path, report, load_media=False):
+                memo = _MemoTokenizer(tokenizer)  # one record's texts: its answers recur under each prefix
                 for annotation in record["annotations"]:
                     style, messages = annotation["style"], annotation["messages"]
                     # sft, none, and pretrain's length hints (negative for short answers)
                     for prefix in {style_prefix(style, "", "sft"), "", f"{style} 0:", f"{style} -1:", f"{style}:"}:
-                        ids.update(_conversation_tokens(messages, prefix, tokenizer)[0])
+                        ids.update(_conversation_tokens(messages, prefix, memo)[0])
     return sorted(ids)
+
+
+class _MemoTokenizer:
+    """A tokenizer that encodes each distinct text once (record_token_ids encodes every answer under five style
+    prefixes; a fresh one per record keeps the memory to one record's texts)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, {}
+
+    def encode(self, text, allow_special=True):
+        key = (text, allow_special)
+        if key not in self.seen:
+            self.seen[key] = self.tokenizer.encode(text, allow_special=allow_special)
+        return self.seen[key]
 
 
 # --- packing ------------------------------------------------------------------------------------------------
