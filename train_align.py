@@ -46,7 +46,7 @@ loss_weighting = "none"  # pretraining weighs every answer token alike
 batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
 loader_workers = -1  # processes that make the training examples ahead of the step (Linux); 0 = in this
-#   process; -1 = auto: up to 4 on a GPU, 0 on a CPU
+#   process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
 max_steps = 300
 lr_connector, lr_vit, lr_llm = 2e-4, 0.0, 0.0  # 0 = frozen
 warmup_connector, warmup_vit, warmup_llm = 200, 0, 0

@@ -71,7 +71,7 @@ embed_dim = 128  # width of the token, image and text embeddings the losses comp
 batch_size = 32  # images per micro-batch per process
 grad_accum = 1
 loader_workers = -1  # processes that make the next step's images while this one trains (Linux);
-#   0 = in this process; -1 = auto: up to 4 on a GPU, 0 on a CPU
+#   0 = in this process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
 max_steps = 600
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 warmup = 50
