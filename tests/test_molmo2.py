@@ -76,6 +76,10 @@ def processor_inputs(processor, case: str) -> dict:
         images = [random_image(rng, 90, 130), random_image(rng, 200, 60), random_image(rng, 56, 56)]
         text = chat("Image 1<|image|>Image 2<|image|>Image 3<|image|>Compare them.")
         return processor(images=images, text=text, return_tensors="pt")
+    if case == "two images":
+        images = [random_image(rng, 150, 80), random_image(rng, 64, 100)]
+        return processor(images=images, text=chat("Image 1<|image|>Image 2<|image|>Which is larger?"),
+                         return_tensors="pt")
     if case == "two examples, padded":
         images = [random_image(rng, 70, 100), random_image(rng, 120, 90), random_image(rng, 60, 60)]
         texts = [chat("<|image|>Describe."), chat("Image 1<|image|>Image 2<|image|>Which one is brighter, and why?")]
@@ -441,3 +445,24 @@ def test_compile_traces_the_forward_in_one_graph(ours, processor):
         explained = torch._dynamo.explain(model)(**inputs, targets=targets, loss_weights=(targets >= 0).float())
         assert explained.graph_count == 1, [str(r.reason)[:200] for r in explained.break_reasons]
         assert all("loss_at_targets" in str(r.reason) for r in explained.break_reasons)
+
+
+def test_compile_does_not_recompile_for_another_image_count(ours, processor, monkeypatch):
+    """torch.compile of the training forward (issue 16): one image compiles a graph, three images a second one
+    with dynamic sizes (as dynamo does when a size changes), and then two images, other crops and another
+    length reuse it: with error_on_recompile set, a further compile would raise. Dynamo's own eager backend: what
+    recompiles is decided in tracing, before any backend runs."""
+    torch._dynamo.reset()  # no graphs from the other tests
+    model = copy.deepcopy(ours).train()
+    compiled = torch.compile(model, backend="eager")
+
+    def run(case):
+        inputs = processor_inputs(processor, case)
+        targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
+        return compiled(**inputs, targets=targets, loss_weights=(targets >= 0).float())[0]
+
+    run("one image")
+    run("three images")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    loss = run("two images")
+    assert torch.isfinite(loss)
