@@ -8,8 +8,8 @@ The README's main job, on its embedded default: a 2-core CPU, no network, about 
    shapes, and where (config/demo_vision.py)
 3. align: a small nanoMolmo2 around that ViT, LLM at random; only the connector and the new token embeddings
    learn (config/demo_align.py)
-4. joint: the connector and LLM learn counting, pointing and short questions, the ViT frozen on the CPU and
-   learning gently on a GPU (config/demo_joint.py, config/demo_gpu_joint.py)
+4. joint: the connector and LLM learn counting, pointing, short questions and (on the CPU) captions, the ViT
+   frozen on the CPU and learning gently on a GPU (config/demo_joint.py, config/demo_gpu_joint.py)
 5. evaluate on the held-out test images with eval.py: counting accuracy and pointing F1
 6. write out/demo/report.md: the numbers, the loss curves, how alike the image tokens became, and the test
    images with predicted and true points

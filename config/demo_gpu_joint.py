@@ -5,6 +5,7 @@
 # the test images counted 0.510 and pointed at F1 0.573; 2,000 steps overfit the 10,000 training images (the
 # validation loss rose from step 1,500; counting 0.345, F1 0.582) and 750 stopped early (0.330 / 0.336):
 # BENCHMARKS.md "The GPU demo".
+styles = ("point_count", "pointing", "short_answer")  # as measured; the CPU demo's captions are untried here
 batch_size = 64
 max_seq_len = 512
 max_steps = 1400
