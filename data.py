@@ -1781,7 +1781,8 @@ def collate(rows, pad_to=None, mask=True):
         if not having:
             continue
         if len({getattr(ex, pixels).dtype for ex in having}) > 1:  # torch.cat would promote uint8 to float
-            raise ValueError(f"collate: {pixels} of mixed dtypes {sorted(str(getattr(ex, pixels).dtype) for ex in having)}")
+            dtypes = sorted(str(getattr(ex, pixels).dtype) for ex in having)
+            raise ValueError(f"collate: {pixels} of mixed dtypes {dtypes}")
         batch[pixels], batch[pooling] = concat_pooled([getattr(ex, pixels) for ex in having],
                                                       [getattr(ex, pooling) for ex in having])
         for key in extra:

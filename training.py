@@ -921,7 +921,8 @@ class StepsAhead:
     host's share of a small model's step, receiving examples from the workers and concatenating them, was most
     of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer: batches made off the training thread").
     Same batches in the same order as the loader's own next_step(); state_dict() is the state before the next
-    batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary() when it was made, not when taken."""
+    batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary()
+    when it was made, not when taken."""
 
     def __init__(self, loader, depth=2):
         import queue
@@ -970,10 +971,11 @@ class StepsAhead:
         """Stop the thread (after the step it is making) and the loader's workers."""
         self.stopping = True
         if self.thread is not None:
+            import queue
             while self.thread.is_alive():
                 try:
                     self.queue.get(timeout=0.1)  # unblocks a full queue's put
-                except Exception:
+                except queue.Empty:
                     pass
             self.thread = None
         if hasattr(self.loader, "close"):
