@@ -17,6 +17,13 @@ Design choices:
   product it can grow 10^3-10^5 times past the text embeddings' ("norm discrepancy", Li et al. 2025,
   arXiv 2512.08374). Its gain starts at the text embeddings' init scale, so image and text tokens enter the
   LLM alike.
+- `position_bins` (0 in Molmo2, and for every loaded Molmo2 checkpoint): a learned embedding of where each pooled
+  token sits in its image (its centre's x and y, each cut into position_bins bins; two tables, added after the
+  projector), a switch for models trained from scratch. In Molmo2 the LLM finds a token's place from the token
+  layout alone (rows of the high-res view end in <im_col>, the low-res view has none), which a pretrained LLM
+  learns from millions of pointing examples; a small LLM from scratch did not within the demo's minutes: most
+  of its wrong points landed far from every shape (BENCHMARKS.md "Where the points land"). The tables start
+  at 0, so a fresh model's image tokens are the connector's alone.
 """
 
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ class ConnectorConfig:
     intermediate_size: int = 3072  # projector hidden width (Molmo2 uses the LLM's intermediate size)
     llm_hidden_size: int = 1024
     projector_norm: bool = False  # RMSNorm after the projector (not Molmo2's; a from-scratch switch, see above)
+    position_bins: int = 0  # learned x and y embeddings of a token's place in its image (not Molmo2's; see above)
 
 
 class PoolingAttention(nn.Module):
@@ -94,6 +102,12 @@ class Connector(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.norm is not None:  # the scale of a fresh LLM's text embeddings (std 0.02): see the notes above
             nn.init.constant_(self.norm.weight, 0.02)
+        self.position_x = self.position_y = None
+        if config.position_bins:
+            self.position_x = nn.Embedding(config.position_bins, config.llm_hidden_size)
+            self.position_y = nn.Embedding(config.position_bins, config.llm_hidden_size)
+            nn.init.zeros_(self.position_x.weight)
+            nn.init.zeros_(self.position_y.weight)
 
     def forward(self, vit_features: list[torch.Tensor], pooled_patches_idx: torch.Tensor) -> torch.Tensor:
         """vit_features: one (N, P, C) tensor per entry of config.vit_layers, N crops of P patches;
@@ -112,3 +126,28 @@ class Connector(nn.Module):
         windows = features[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(features.dtype)  # (M', K, D)
         tokens = self.projector(self.pooling(windows, valid))  # (M', llm_hidden)
         return tokens if self.norm is None else self.norm(tokens)
+
+    def positions(self, xy: torch.Tensor) -> torch.Tensor:
+        """xy (M, 2) token centres in [0, 1] (token_centres) -> (M, llm_hidden), the embedding of their bins."""
+        bins = (xy * self.config.position_bins).long().clamp(0, self.config.position_bins - 1)  # (M, 2)
+        return self.position_x(bins[:, 0]) + self.position_y(bins[:, 1])
+
+
+def token_centres(grids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Where each pooled token of a batch sits in its image, in the order the features come: grids (I, 4) of images
+    (low_h, low_w, high_h, high_w: the low-res view's tokens, then the high-res view's, each row-major) or (V, 3) of
+    videos (frames, h, w: every frame row-major) -> (n_tokens, 2) centres (x, y) in [0, 1]. Each view's pooled
+    grid is taken to cover its whole image, as the processor resizes the image onto it. n_tokens, the number of
+    features, sizes the result, so nothing is read back to the host."""
+    grids = grids.to(torch.long)
+    if grids.shape[-1] == 4:  # two views an image, one frame each
+        h, w = grids[:, 0::2].reshape(-1), grids[:, 1::2].reshape(-1)  # (2I,)
+        frames = torch.ones_like(h)
+    else:  # one view a video, all its frames alike
+        frames, h, w = grids.unbind(-1)
+    counts = frames * h * w  # tokens per view
+    view = torch.repeat_interleave(torch.arange(len(counts), device=grids.device), counts, output_size=n_tokens)
+    starts = counts.cumsum(0) - counts
+    k = (torch.arange(n_tokens, device=grids.device) - starts[view]) % (h * w)[view]  # place within its frame
+    row, col = k // w[view], k % w[view]
+    return torch.stack([(col + 0.5) / w[view], (row + 0.5) / h[view]], -1)  # (n_tokens, 2)

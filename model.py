@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from connector import Connector, ConnectorConfig
+from connector import Connector, ConnectorConfig, token_centres
 from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision tokens
 from vision import (SigLIP2, SigLIP2Config, siglip_config_from_hf, siglip_config_to_hf, siglip_state_dict_from_hf,
                     siglip_state_dict_to_hf)
@@ -645,20 +645,31 @@ class Molmo2(nn.Module):
             num_tokens = None
             if image_grids is not None and not compiling:
                 num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
-            features = self.vision_features(crops, image_token_pooling)  # (M, C)
+            features = self.place(self.vision_features(crops, image_token_pooling), image_grids, "image")  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
         if pixel_values_videos is not None:
             if video_token_pooling is None:
                 raise ValueError("pixel_values_videos given without video_token_pooling")
             # per video: frames x rows x cols tokens
             num_tokens = None if video_grids is None or compiling else int(video_grids.prod(-1).sum())
-            features = self.vision_features(pixel_values_videos, video_token_pooling)  # (M, C)
+            features = self.place(self.vision_features(pixel_values_videos, video_token_pooling), video_grids,
+                                  "video")  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
         if attn_mask is None and (kv_cache is None or kv_cache.pos == 0):
             attn_mask = self.vision_attention_mask(input_ids, mm_token_type_ids, attention_mask)
         # after cached tokens (decoding) the new tokens are text: causal over the keys attention_mask keeps
         return self.llm.run_layers(x, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
                                    response_mask=response_mask, attention_mask=attention_mask)
+
+    def place(self, features, grids, kind):
+        """With the connector's position_bins (a from-scratch switch; connector.py): add each token's place in its
+        image, which the grids give. Without it, the features as they are."""
+        if not self.config.connector.position_bins:
+            return features
+        if grids is None:
+            raise ValueError(f"{kind}_grids: this model embeds where each {kind} token sits (position_bins), "
+                             "which the grids give")
+        return features + self.connector.positions(token_centres(grids, features.shape[0])).to(features.dtype)
 
     def add_vision_features(self, x, input_ids, features, num_tokens, kind):
         """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
@@ -1106,6 +1117,7 @@ MOLMO2_NATIVE_PREFIXES = [
     ("connector.pooling.", "model.multi_modal_projector.image_pooling_2d."),
     ("connector.projector.", "model.multi_modal_projector.image_projector."),
     ("connector.norm.", "model.multi_modal_projector.projector_norm."),  # ours alone (projector_norm)
+    ("connector.position_", "model.multi_modal_projector.position_"),  # ours alone (position_bins)
     ("llm.lm_head.", "lm_head."),
     ("llm.", "model.language_model."),
 ]
@@ -1240,7 +1252,8 @@ def molmo2_config_from_hf(hf: dict, source: str) -> Molmo2Config:
         vit_hidden_size=vit.hidden_size, hidden_size=adapter["hidden_size"],
         num_attention_heads=adapter["num_attention_heads"], head_dim=adapter["head_dim"],
         intermediate_size=adapter["intermediate_size"], llm_hidden_size=adapter["text_hidden_size"],
-        projector_norm=bool(adapter.get("projector_norm", False)))  # ours alone writes it (from-scratch switch)
+        projector_norm=bool(adapter.get("projector_norm", False)),  # ours alone writes these two (from-scratch
+        position_bins=int(adapter.get("position_bins", 0)))  # switches)
     token_ids = hf.get("token_ids")  # written by save_pretrained for a model with kept tokens
     return Molmo2Config(llm=llm, vit=vit, connector=connector,
                         additional_vocab_size=text.get("additional_vocab_size", 128),
@@ -1287,5 +1300,6 @@ def molmo2_config_to_hf(config: Molmo2Config) -> dict:
             "hidden_act": "silu", "attention_bias": True, "mlp_bias": False,
             # not Molmo2's: written only when on, so a Molmo2 config stays exactly transformers'
             **({"projector_norm": True} if connector.projector_norm else {}),
+            **({"position_bins": connector.position_bins} if connector.position_bins else {}),
         },
     }

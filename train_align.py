@@ -29,6 +29,8 @@ init_from = "scratch"  # scratch (model_preset; its ViT from vit_from if set) | 
 #   checkpoint
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
 projector_norm = False  # scratch: an RMSNorm after the connector's projector (not Molmo2's; connector.py says why)
+position_bins = 0  # scratch: > 0 embeds where each image token sits, x and y in this many bins (not Molmo2's;
+#   connector.py says why); a checkpoint keeps its own
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 llm_from = ""  # init_from=parts: a Qwen3 hub id or local HF directory (Qwen/Qwen3-0.6B)
@@ -76,7 +78,8 @@ d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from,
-                    vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm).to(d.device)
+                    vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm,
+                    position_bins=position_bins).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}

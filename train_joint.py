@@ -32,6 +32,8 @@ init_from = "scratch"  # scratch (model_preset) | a previous stage's out_dir | a
 model_preset = "small"  # Molmo2Config preset for scratch: tiny | small | nanomolmo2
 vit_from = ""  # scratch: the ViT from stage 1's out_dir (out/vision) or a SigLIP checkpoint of the preset's shape
 projector_norm = False  # scratch: an RMSNorm after the connector's projector (not Molmo2's; connector.py says why)
+position_bins = 0  # scratch: > 0 embeds where each image token sits, x and y in this many bins (not Molmo2's;
+#   connector.py says why); a checkpoint keeps its own
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 data_dir = "data"
@@ -115,7 +117,8 @@ fill_recipe(globals(), config, *default_recipe(start), print_fn=d.print)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, vit_from=vit_from,
-                    vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm).to(d.device)
+                    vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm,
+                    position_bins=position_bins).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}

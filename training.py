@@ -156,7 +156,9 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
     recipes; Molmo2 uses 0) each part's norm gains, biases and embedding tables go into a second group without
     decay: pulling them toward 0 shrinks every token's scale for no gain (issue 15: decay on everything slowed
     the demo's learning after step 750)."""
-    plain = {id(p) for p in (model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding)}
+    tables = [model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding]
+    tables += [t.weight for t in (model.connector.position_x, model.connector.position_y) if t is not None]
+    plain = {id(p) for p in tables}
     groups = []
     for part, params in model.param_parts().items():
         trainable = lr.get(part, 0.0) > 0
@@ -678,7 +680,7 @@ def load_vit(vit_from, vit_config):
 
 
 def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from="", vit_from="",
-                vocab="full", data_dir=None, mixture=None, projector_norm=False):
+                vocab="full", data_dir=None, mixture=None, projector_norm=False, position_bins=0):
     """scratch: a fresh Molmo2 of model_preset, whose ViT is loaded from vit_from when it is set (stage 1's
     out_dir, or any SigLIP checkpoint of the preset's shape); parts: a pretrained Qwen3 (llm_from) and SigLIP2
     (vit_from) with a fresh connector (the real align stage's start); a directory holding final/ (a previous
@@ -686,13 +688,15 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
     data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with.
     projector_norm: a new model's connector ends in an RMSNorm (connector.py; not Molmo2's); a checkpoint keeps
-    its own connector, so asking for it there is an error."""
+    its own connector, so asking for it there is an error. position_bins: likewise, a new model's connector embeds
+    where each image token sits (connector.py; not Molmo2's)."""
     from model import Molmo2, Molmo2Config, Qwen3, load_siglip
     if vocab not in ("full", "data"):
         raise ValueError(f"vocab={vocab!r}: expected 'full' or 'data'")
     if init_from == "scratch":
         config = Molmo2Config.preset(model_preset)
-        config = replace(config, connector=replace(config.connector, projector_norm=projector_norm))
+        config = replace(config, connector=replace(config.connector, projector_norm=projector_norm,
+                                                   position_bins=position_bins))
         if vocab == "data":
             import data
             try:
@@ -706,11 +710,11 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         if not (llm_from and vit_from):
             raise ValueError("init_from='parts' needs llm_from and vit_from (e.g. --llm_from=Qwen/Qwen3-0.6B "
                              "--vit_from=google/siglip2-so400m-patch14-384)")
+        if projector_norm or position_bins:
+            raise ValueError("projector_norm and position_bins are switches for models from scratch: a pretrained "
+                             "Qwen3 and SigLIP2 train with Molmo2's own connector")
         vit = load_siglip(vit_checkpoint_dir(vit_from))
         model = Molmo2.from_parts(Qwen3.from_pretrained(llm_from), vit)
-        if projector_norm:
-            raise ValueError("projector_norm is a switch for models from scratch: a pretrained Qwen3 and SigLIP2 "
-                             "train with Molmo2's own connector")
     elif os.path.isdir(os.path.join(init_from, "final")):
         model = Molmo2.from_pretrained(os.path.join(init_from, "final"))
     else:
@@ -718,6 +722,10 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
     if init_from not in ("scratch", "parts") and projector_norm and not model.config.connector.projector_norm:
         raise ValueError(f"projector_norm=True: the checkpoint {init_from} has no norm after its projector, and a "
                          "checkpoint keeps its own connector (the switch is for models from scratch)")
+    if init_from not in ("scratch", "parts") and position_bins and position_bins != model.config.connector.position_bins:
+        raise ValueError(f"position_bins={position_bins}: the checkpoint {init_from} has "
+                         f"{model.config.connector.position_bins}, and a checkpoint keeps its own connector (the "
+                         "switch is for models from scratch; leave it at 0 to keep the checkpoint's)")
     model.llm.config.resid_dropout = resid_dropout
     model.llm.config.response_dropout = response_dropout
     return model

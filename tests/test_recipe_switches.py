@@ -1,5 +1,6 @@
-"""The from-scratch switches of the joint recipe: the norm after the projector (off for Molmo2, so parity with
-transformers is untouched) and the answers scored during validation (they must be what eval.py scores)."""
+"""The from-scratch switches of the joint recipe: the norm after the projector and the embedding of each image
+token's place (both off for Molmo2, so parity with transformers is untouched), and the answers scored during
+validation (they must be what eval.py scores)."""
 
 import json
 import os
@@ -15,15 +16,16 @@ sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402
 import sample  # noqa: E402
 import training  # noqa: E402
+from connector import token_centres  # noqa: E402
 from model import Molmo2, Molmo2Config, molmo2_config_to_hf  # noqa: E402
 
 TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--max_row_crops=8",
         "--max_video_frames=4", "--max_seq_len=256", "--batch_size=2", "--device=cpu"]
 
 
-def tiny_model(projector_norm, seed=0):
+def tiny_model(projector_norm, seed=0, position_bins=0):
     torch.manual_seed(seed)
-    return training.build_model("scratch", "tiny", projector_norm=projector_norm)
+    return training.build_model("scratch", "tiny", projector_norm=projector_norm, position_bins=position_bins)
 
 
 def test_molmo2_has_no_projector_norm_and_writes_none():
@@ -31,9 +33,11 @@ def test_molmo2_has_no_projector_norm_and_writes_none():
     carries no key transformers would not know."""
     for preset in ("tiny", "small", "nanomolmo2"):
         config = Molmo2Config.preset(preset)
-        assert config.connector.projector_norm is False
-        assert "projector_norm" not in molmo2_config_to_hf(config)["adapter_config"]
-    assert tiny_model(False).connector.norm is None
+        assert config.connector.projector_norm is False and config.connector.position_bins == 0
+        assert not {"projector_norm", "position_bins"} & set(molmo2_config_to_hf(config)["adapter_config"])
+    model = tiny_model(False)
+    assert model.connector.norm is None and model.connector.position_x is None
+    assert not any("position_" in name for name in model.state_dict())
 
 
 def test_projector_norm_gives_every_image_token_the_gains_scale():
@@ -78,6 +82,88 @@ def test_projector_norm_asked_of_a_checkpoint_without_it_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no norm after its projector"):
         training.build_model(str(tmp_path), projector_norm=True)
     assert training.build_model(str(tmp_path)).connector.norm is None
+
+
+def test_token_centres_by_hand():
+    """An image of a 2 x 2 low-res view and a 2 x 3 high-res view, then a video of 2 frames of 1 x 2 and one of 1 frame
+    of 2 x 1: each token's centre is ((col + 0.5) / cols, (row + 0.5) / rows) of its own view, row-major, frame after
+    frame (halves, quarters and sixths: exact in float32 up to rounding of 1/6)."""
+    images = token_centres(torch.tensor([[2, 2, 2, 3]]), 10)
+    expected = [[1 / 4, 1 / 4], [3 / 4, 1 / 4], [1 / 4, 3 / 4], [3 / 4, 3 / 4],
+                [1 / 6, 1 / 4], [3 / 6, 1 / 4], [5 / 6, 1 / 4], [1 / 6, 3 / 4], [3 / 6, 3 / 4], [5 / 6, 3 / 4]]
+    torch.testing.assert_close(images, torch.tensor(expected), rtol=0, atol=1e-7)
+    videos = token_centres(torch.tensor([[2, 1, 2], [1, 2, 1]]), 6)
+    expected = [[1 / 4, 1 / 2], [3 / 4, 1 / 2], [1 / 4, 1 / 2], [3 / 4, 1 / 2], [1 / 2, 1 / 4], [1 / 2, 3 / 4]]
+    torch.testing.assert_close(videos, torch.tensor(expected), rtol=0, atol=1e-7)
+
+
+def tiny_image_batch(seed=0):
+    """The processor's inputs for one random 80 x 60 image and a question, as the model takes them."""
+    import numpy as np
+
+    import data
+    rng = np.random.default_rng(seed)
+    processor = data.Molmo2Processor(max_crops=2, crop_size=56, overlap_margins=(1, 1))
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    return processor(text="<|image|>How many?", images=[image])
+
+
+def test_position_bins_add_each_tokens_bin_embeddings_and_nothing_at_init():
+    """The switch adds position_x[bin(x)] + position_y[bin(y)] to each image token, the bins those of token_centres.
+    Its tables start at 0: the logits equal those of the same weights without the switch, bit for bit."""
+    plain, placed = tiny_model(False), tiny_model(False, position_bins=8)
+    missing = placed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["connector.position_x.weight", "connector.position_y.weight"]
+    batch = tiny_image_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(placed(**batch), plain(**batch), rtol=0, atol=0)
+        torch.manual_seed(3)
+        placed.connector.position_x.weight.normal_()
+        placed.connector.position_y.weight.normal_()
+        features = plain.vision_features(batch["pixel_values"], batch["image_token_pooling"])
+        moved = placed.place(features, batch["image_grids"], "image")
+    xy = token_centres(batch["image_grids"], features.shape[0])
+    assert features.shape[0] == int(batch["image_grids"][:, :2].prod(-1).sum() + batch["image_grids"][:, 2:].prod(-1).sum())
+    for k, (x, y) in enumerate(xy.tolist()):
+        bx, by = min(int(x * 8), 7), min(int(y * 8), 7)
+        added = placed.connector.position_x.weight[bx] + placed.connector.position_y.weight[by]
+        torch.testing.assert_close(moved[k], features[k] + added, rtol=1e-6, atol=1e-6)  # float32 sums
+    with pytest.raises(ValueError, match="image_grids"):
+        placed.place(features, None, "image")
+
+
+def test_position_bins_survive_save_and_load_and_stay_out_of_weight_decay(tmp_path):
+    """A model with the switch saved and loaded back has its bins and tables and gives the same logits bit for bit.
+    The tables are embeddings: AdamW's weight decay leaves them alone."""
+    model = tiny_model(False, position_bins=8)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        model.connector.position_x.weight.normal_()
+        model.connector.position_y.weight.normal_()
+    model.save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["adapter_config"]["position_bins"] == 8
+    loaded = Molmo2.from_pretrained(str(tmp_path))
+    assert loaded.config.connector.position_bins == 8
+    batch = tiny_image_batch(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), model(**batch), rtol=0, atol=0)
+    optimizer = training.build_optimizer(model, {"connector": 0.1, "vit": 0.0, "llm": 0.0}, {}, weight_decay=0.5)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.connector.position_x.weight) not in decayed and id(model.connector.position_y.weight) not in decayed
+    assert id(model.connector.projector.up_proj.weight) in decayed
+
+
+def test_position_bins_asked_of_a_checkpoint_or_pretrained_parts_is_an_error(tmp_path):
+    """A checkpoint keeps its own connector: asking it for other bins names the checkpoint; leaving the switch at 0
+    keeps the checkpoint's bins."""
+    tiny_model(False, position_bins=8).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="keeps its own connector"):
+        training.build_model(str(tmp_path), position_bins=16)
+    assert training.build_model(str(tmp_path)).config.connector.position_bins == 8
+    assert training.build_model(str(tmp_path), position_bins=8).config.connector.position_bins == 8
+    with pytest.raises(ValueError, match="switches for models from scratch"):
+        training.build_model("parts", llm_from="x", vit_from="y", position_bins=8)
 
 
 def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_world, tmp_path, monkeypatch):
