@@ -1,14 +1,14 @@
 """
 The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes
-(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages, in about 6 minutes).
+(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 3x larger world, in about 9 minutes).
 
-1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images): shapes to
-   count and point at, with held-out val and test splits
+1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
+   recipe's data/demo_gpu/ has 30,000): shapes to count and point at, with held-out val and test splits
 2. vision (stage 1): the small preset's ViT from scratch learns which of its pooled tokens hold the pointed
    shapes, and where (config/demo_vision.py)
 3. align: a small nanoMolmo2 around that ViT, LLM at random; only the connector and the new token embeddings
    learn (config/demo_align.py)
-4. joint: the connector and LLM learn counting, pointing, short questions and (on the CPU) captions, the ViT
+4. joint: the connector and LLM learn counting, pointing, short questions and captions, the ViT
    frozen on the CPU and learning gently on a GPU (config/demo_joint.py, config/demo_gpu_joint.py)
 5. evaluate on the held-out test images with eval.py: counting accuracy and pointing F1
 6. write out/demo/report.md: the numbers, the loss curves, how alike the image tokens became, and the test
@@ -32,13 +32,15 @@ recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu
 # ----------------------------------------------------------------------------------------------------------------
 
-WORLD = "data/demo"  # the demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
-# each recipe: its out_dir and, per stage, the config files applied in order (a GPU file overrides a few knobs of
-# the CPU one: more and bigger steps, loader workers)
+WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
+# each recipe: its out_dir, its world (folder, training images) and, per stage, the config files applied in order
+# (a GPU file overrides a few knobs of the CPU one: more and bigger steps). The GPU recipe's joint stage sees each of
+# 10,000 images ~28 times and overfits them by step 1,500 (BENCHMARKS.md "The GPU demo"): its world is 3x larger,
+# with the same val and test images (each split is drawn from its own seeds).
 RECIPES = {
-    "cpu": ("out/demo", {stage: [f"config/demo_{stage}.py"] for stage in ("vision", "align", "joint")}),
-    "gpu": ("out/demo_gpu", {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"]
-                             for stage in ("vision", "align", "joint")}),
+    "cpu": ("out/demo", (WORLD, 10_000), {stage: [f"config/demo_{stage}.py"] for stage in ("vision", "align", "joint")}),
+    "gpu": ("out/demo_gpu", ("data/demo_gpu", 30_000),
+            {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in ("vision", "align", "joint")}),
 }
 
 
@@ -46,16 +48,17 @@ def demo_steps(recipe="cpu"):
     """[(name, command line after `python`, the file that shows it is done)] of a recipe."""
     if recipe not in RECIPES:
         raise SystemExit(f"demo: recipe={recipe!r}: expected one of {sorted(RECIPES)}")
-    out, configs = RECIPES[recipe]
+    out, (world, n_train), configs = RECIPES[recipe]
+    configs = {stage: [*files, f"--data_dir={world}"] for stage, files in configs.items()}
     return [
-        ("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={WORLD}", "--max_objects=5",
-                        "--train_images=10000"], f"{WORLD}/synth_image/test.jsonl"),
+        ("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={world}", "--max_objects=5",
+                        f"--train_images={n_train}"], f"{world}/synth_image/test.jsonl"),
         ("vision", ["train_vision.py", *configs["vision"], f"--out_dir={out}/vision"], f"{out}/vision/final/config.json"),
         ("align", ["train_align.py", *configs["align"], f"--out_dir={out}/align", f"--vit_from={out}/vision"],
          f"{out}/align/final/config.json"),
         ("joint", ["train_joint.py", *configs["joint"], f"--out_dir={out}/joint", f"--init_from={out}/align"],
          f"{out}/joint/final/config.json"),
-        ("evaluate", ["eval.py", f"--init_from={out}/joint", "--split=test", f"--data_dir={WORLD}",
+        ("evaluate", ["eval.py", f"--init_from={out}/joint", "--split=test", f"--data_dir={world}",
                       "--datasets=['synth_image']", "--tasks=['counting', 'pointing']", f"--out_dir={out}/eval"],
          f"{out}/eval/metrics.json"),
     ]
@@ -77,7 +80,7 @@ def commonest_count_share(test_jsonl):
 
 
 def main(recipe="cpu"):
-    out = RECIPES[recipe][0]
+    out, (world, _), _ = RECIPES[recipe]
     t0 = time.time()
     for name, args, done_marker in demo_steps(recipe):
         if os.path.exists(done_marker):
@@ -108,7 +111,7 @@ def main(recipe="cpu"):
     from model import QWEN3_VOCAB_SIZE
     with open(f"{out}/joint/final/config.json") as f:
         n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
-    guess = commonest_count_share(f"{WORLD}/synth_image/test.jsonl")
+    guess = commonest_count_share(f"{world}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
 
 A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
@@ -163,7 +166,7 @@ picture carries little information. Training from scratch drifts there within te
 
 ![pointing](eval/pointing_synth_image_test.png)
 
-Ask the model yourself: `.venv/bin/python sample.py --init_from={out}/joint --image={WORLD}/synth_image/test/000001.png
+Ask the model yourself: `.venv/bin/python sample.py --init_from={out}/joint --image={world}/synth_image/test/000001.png
 --prompt="Point to the red shapes."`
 """
     with open(f"{out}/report.md", "w") as f:
