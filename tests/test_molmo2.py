@@ -2,6 +2,7 @@
 checkpoint layouts, the save round trip, the attention mask rules and the full preset's size."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -437,14 +438,19 @@ def test_compiled_training_loss_and_gradients_match_eager(ours, processor):
 def test_compile_traces_the_forward_in_one_graph(ours, processor):
     """torch.compile sees the whole training forward as one graph for any image count (issue 16): host-side
     checks are skipped while compiling, the features are added by a gather of fixed shape, and the connector's
-    count of windows is traced; only the fused loss head is left out, by design (@torch.compiler.disable)."""
+    count of windows is traced; only the fused loss head is left out, by design (@torch.compiler.disable). The same
+    with the from-scratch switch position_bins on: each token's place is computed from the grids with static shapes."""
     model = copy.deepcopy(ours).train()
-    for case in ("one image", "three images"):
-        inputs = processor_inputs(processor, case)
-        targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
-        explained = torch._dynamo.explain(model)(**inputs, targets=targets, loss_weights=(targets >= 0).float())
-        assert explained.graph_count == 1, [str(r.reason)[:200] for r in explained.break_reasons]
-        assert all("loss_at_targets" in str(r.reason) for r in explained.break_reasons)
+    config = ours.config
+    placed = Molmo2(dataclasses.replace(config, connector=dataclasses.replace(config.connector, position_bins=8)))
+    placed.load_state_dict(ours.state_dict(), strict=False)
+    for run in (model, placed.train()):
+        for case in ("one image", "three images"):
+            inputs = processor_inputs(processor, case)
+            targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
+            explained = torch._dynamo.explain(run)(**inputs, targets=targets, loss_weights=(targets >= 0).float())
+            assert explained.graph_count == 1, [str(r.reason)[:200] for r in explained.break_reasons]
+            assert all("loss_at_targets" in str(r.reason) for r in explained.break_reasons)
 
 
 def test_compile_does_not_recompile_for_another_image_count(ours, processor, monkeypatch):
