@@ -1,0 +1,109 @@
+"""What a model gets wrong when it counts, from eval.py's predictions.jsonl on the demo world's test split: accuracy by
+what the question asks about (a colour, a kind of shape, or both), in scenes with and without shapes that do not
+match, and how the wrong counts miss (too high, too low, or the number of all the shapes in the image).
+
+    python assets/bench/count_errors.py out/demo/eval/predictions.jsonl [data/demo]
+
+With --readout, stage 1's own read-out instead (no LLM): a stage-1 out_dir's checkpoint (ckpt.pt, with its heads)
+reads counts off its localisation head on the first batches of the val split, as train_vision.py's validation
+does, split by what the label names:
+
+    python assets/bench/count_errors.py --readout out/demo/vision [data/demo] [batches]
+"""
+
+import collections
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import prepare_data  # noqa: E402
+from eval import extract_count  # noqa: E402
+
+
+def asks_about(query):
+    """{"colour": ..., "kind": ...} -> 'colour', 'kind' or 'colour and kind'."""
+    return " and ".join(k for k in ("colour", "kind") if query[k])
+
+
+def table(groups):
+    for name, rows in groups.items():
+        print(f"  {name:<36} n {len(rows):>4}  accuracy {sum(rows) / max(len(rows), 1):.2f}")
+
+
+def main(predictions, world="data/demo"):
+    with open(os.path.join(world, "synth_image", "test.jsonl")) as f:
+        scenes = {r["id"]: r["scene"] for r in map(json.loads, filter(str.strip, f))}
+    groups, misses = collections.defaultdict(list), collections.Counter()
+    with open(predictions) as f:
+        for p in map(json.loads, filter(str.strip, f)):
+            if p["task"] != "counting":
+                continue
+            scene = scenes[p["id"]]
+            true = sum(prepare_data.shape_matches(s, scene["query"]) for s in scene["shapes"])
+            said = extract_count(p["answer"])
+            right = said == true
+            groups[f"asks about {asks_about(scene['query'])}"].append(right)
+            distractors = true < len(scene["shapes"])
+            groups["shapes that do not match" if distractors else "every shape matches"].append(right)
+            if not right:
+                misses["no count" if said is None else "all the shapes" if distractors and said == len(scene["shapes"])
+                       else "too high" if said > true else "too low"] += 1
+    n = sum(len(v) for k, v in groups.items() if k.startswith("asks"))
+    print(f"{n} counting answers, accuracy {sum(sum(v) for k, v in groups.items() if k.startswith('asks')) / max(n, 1):.3f}")
+    table(dict(sorted(groups.items())))
+    print("  wrong counts: " + ", ".join(f"{k} {v}" for k, v in misses.most_common())
+          + " ('all the shapes': the number of every shape in the image, where some do not match)")
+
+
+def readout(run, world="data/demo", batches=6):
+    """Stage 1's read-out split by what the label names ('green shapes', 'circles', 'red circles')."""
+    import numpy as np
+    import torch
+
+    import data
+    from eval import point_scores
+    from model import Molmo2Config
+    from training import VisionLoader, vision_batch_to
+    from vision import SigLIP2, VisionPretrainer
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+    cfg = ckpt["config"]
+    preset = Molmo2Config.preset(cfg["model_preset"])
+    pretrainer = VisionPretrainer(SigLIP2(preset.vit), preset.connector.vit_layers, cfg["text_layers"], cfg["text_max_len"],
+                                  cfg["embed_dim"], cfg["sigmoid_weight"] > 0, True, cfg["text_vocab_rows"],
+                                  cfg["position_loss"])
+    pretrainer.load_state_dict(ckpt["model"])
+    pretrainer.eval()
+    processor = data.Molmo2Processor(max_crops=cfg["max_crops"], crop_size=preset.vit.image_size,
+                                     patch_size=preset.vit.patch_size, overlap_margins=cfg["overlap_margins"])
+    loader = VisionLoader(data_dir=world, mixture=cfg["data_mixture"], split="val", batch_size=32, processor=processor,
+                          text_max_len=cfg["text_max_len"], use_sigmoid=cfg["sigmoid_weight"] > 0, use_loc=True, seed=0,
+                          rank=0, world_size=1, grad_accum=1, workers=0)
+    tokenizer = data.get_tokenizer()
+    groups = collections.defaultdict(list)
+    with torch.no_grad():
+        for _ in range(int(batches)):
+            batch = vision_batch_to(loader.next_step()[0], torch.device("cpu"))
+            tokens = pretrainer.token_embeddings(batch["patches"], batch["pooling"])
+            probs = torch.sigmoid(pretrainer.loc_logits(tokens, batch)).numpy()
+            offsets = torch.sigmoid(pretrainer.offset_head(tokens)).numpy()
+            token_image, high_res, cells = (batch[k].numpy() for k in ("token_image", "high_res", "cells"))
+            for j, i in enumerate(batch["label_image"].numpy()):
+                label = tokenizer.decode([int(t) for t in batch["label_ids"][j] if int(t) >= 0]).strip()
+                about = "colour" if label.endswith(" shapes") else "kind" if " " not in label else "colour and kind"
+                rows = np.flatnonzero((token_image == i) & high_res)
+                keep = rows[probs[rows, j] > 0.5]  # the tokens that say yes; each a point (train_vision.py's read-out)
+                pred = cells[keep, :2] + offsets[keep] * (cells[keep, 2:] - cells[keep, :2])
+                true = batch["label_points"][j]
+                groups[about].append((len(pred) == len(true), len(pred) - len(true),
+                                      point_scores(pred, true, radius=0.05)["f1"]))
+    for about, rows in sorted(groups.items()):
+        right, diff, f1 = np.array(rows).mean(0)
+        print(f"  asks about {about:<16} n {len(rows):>4}  counting {right:.2f}  mean (said - true) {diff:+.2f}  F1 {f1:.2f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--readout"]:
+        readout(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
