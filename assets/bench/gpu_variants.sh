@@ -4,7 +4,7 @@
 # (python train_vision.py with the GPU demo's configs) unless out/demo_gpu/vision/final already exists. Each variant is
 # "name|args for both stages|args for the joint stage alone" (extra --key=value words; a stage ignores none), e.g.
 #   bash assets/bench/gpu_variants.sh OUT 570 "base|" "bins32|--position_bins=32" "long|--position_bins=32|--max_steps=2000"
-# Variants run in order while the budget (seconds, the whole script's) leaves room for one more, from the step time
+# VISION_ARGS adds stage-1 arguments. Variants run in order while the budget (seconds, the whole script's) leaves room for one more, from the step time
 # the previous one took; each variant's logs and scores are copied to OUT as soon as it ends. PARALLEL=1 runs them all
 # at once instead (the small model leaves the GPU mostly idle; the CPU cores that make the batches are shared out).
 set -u
@@ -22,8 +22,11 @@ if [ ! -f data/demo/synth_image/test.jsonl ]; then  # the demo's world; TRAIN_IM
   stamp "world of ${TRAIN_IMAGES:-10000} training images made ($?)"
 fi
 if [ ! -f out/demo_gpu/vision/final/config.json ]; then
-  $PY train_vision.py config/demo_vision.py config/demo_gpu_vision.py --out_dir=out/demo_gpu/vision > "$OUT/vision.log" 2>&1
-  stamp "stage 1 trained ($?)"
+  # shellcheck disable=SC2086  # VISION_ARGS: extra --key=value words for stage 1, e.g. "--max_steps=1600"
+  $PY train_vision.py config/demo_vision.py config/demo_gpu_vision.py --out_dir=out/demo_gpu/vision ${VISION_ARGS:-} \
+      > "$OUT/vision.log" 2>&1
+  stamp "stage 1 (${VISION_ARGS:-}) trained ($?)"
+  cp out/demo_gpu/vision/log.jsonl "$OUT/vision_log.jsonl" 2>/dev/null
 fi
 END=$(( T0 + BUDGET - 5 ))
 left() { echo $(( END - $(date +%s) )); }
