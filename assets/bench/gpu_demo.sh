@@ -6,13 +6,8 @@
 #   bash assets/bench/gpu_demo.sh OUT_DIR [SECONDS]     # SECONDS: the whole script's budget (default 570)
 set -u
 OUT=${1:?out dir}; BUDGET=${2:-570}
-PY=${PY:-python3}
-mkdir -p "$OUT"
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-stamp() { echo "[$(elapsed) s] $*" | tee -a "$OUT/times.txt"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-$PY -c "import torch; print('torch', torch.__version__)" >> "$OUT/gpu.txt" 2>&1
+# shellcheck source=assets/bench/bench_start.sh
+. "$(dirname "$0")/bench_start.sh"
 timeout $(( BUDGET - 60 )) $PY demo.py --recipe=gpu > "$OUT/demo.log" 2>&1
 stamp "demo.py --recipe=gpu exited with $?"
 for stage in vision align joint; do
@@ -30,10 +25,11 @@ PY
 stamp "longer joint stage: $STEPS steps"
 [ "$STEPS" -ge 200 ] || exit 0
 $PY train_joint.py config/demo_joint.py config/demo_gpu_joint.py --init_from=out/demo_gpu/align \
-    --out_dir=out/demo_gpu_long --max_steps="$STEPS" --eval_every=$(( STEPS / 4 )) --save_every=0 \
+    --data_dir=data/demo_gpu --out_dir=out/demo_gpu_long --max_steps="$STEPS" --eval_every=$(( STEPS / 4 )) \
+    --save_every=0 \
     > "$OUT/long.log" 2>&1
 stamp "longer joint trained ($?)"
-$PY eval.py --init_from=out/demo_gpu_long --split=test --data_dir=data/demo "--datasets=['synth_image']" \
+$PY eval.py --init_from=out/demo_gpu_long --split=test --data_dir=data/demo_gpu "--datasets=['synth_image']" \
     "--tasks=['counting', 'pointing']" --out_dir=out/demo_gpu_long/eval > "$OUT/long_eval.log" 2>&1
 stamp "longer joint evaluated ($?)"
 cp out/demo_gpu_long/log.jsonl "$OUT/long_log.jsonl" 2>/dev/null

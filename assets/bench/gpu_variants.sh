@@ -3,19 +3,16 @@
 # held-out test images: a same-run comparison of recipe switches (BENCHMARKS.md, "The GPU demo"). Stage 1 runs first
 # (python train_vision.py with the GPU demo's configs) unless out/demo_gpu/vision/final already exists. Each variant is
 # "name|args for both stages|args for the joint stage alone" (extra --key=value words; a stage ignores none), e.g.
-#   bash assets/bench/gpu_variants.sh OUT 570 "base|" "bins32|--position_bins=32" "long|--position_bins=32|--max_steps=2000"
-# VISION_ARGS adds stage-1 arguments. Variants run in order while the budget (seconds, the whole script's) leaves room for one more, from the step time
-# the previous one took; each variant's logs and scores are copied to OUT as soon as it ends. PARALLEL=1 runs them all
-# at once instead (the small model leaves the GPU mostly idle; the CPU cores that make the batches are shared out).
+#   bash assets/bench/gpu_variants.sh OUT 570 "base|" "bins32|--position_bins=32" \
+#       "long|--position_bins=32|--max_steps=2000"
+# VISION_ARGS adds stage-1 arguments. Variants run in order while the budget (seconds, the whole script's) leaves room
+# for one more, from the time the previous one took; each variant's logs and scores are copied to OUT as soon as it
+# ends. PARALLEL=1 runs them all at once instead (the small model leaves the GPU mostly idle; the CPU cores that make
+# the batches are shared out: two 64-row runs at once took 0.21-0.54 s a step each, BENCHMARKS.md "The GPU demo").
 set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
-PY=${PY:-python3}
-mkdir -p "$OUT"
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-stamp() { echo "[$(elapsed) s] $*" | tee -a "$OUT/times.txt"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/times.txt" 2>&1
-$PY -c "import torch; print('torch', torch.__version__)" >> "$OUT/times.txt" 2>&1
+# shellcheck source=assets/bench/bench_start.sh
+. "$(dirname "$0")/bench_start.sh"
 if [ ! -f data/demo/synth_image/test.jsonl ]; then  # the demo's world; TRAIN_IMAGES=n makes a bigger one
   $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 --train_images="${TRAIN_IMAGES:-10000}" \
       > "$OUT/world.log" 2>&1
@@ -30,14 +27,16 @@ if [ ! -f out/demo_gpu/vision/final/config.json ]; then
 fi
 END=$(( T0 + BUDGET - 5 ))
 left() { echo $(( END - $(date +%s) )); }
-run_variant() {  # name, args, joint args: align, joint and eval of one variant; logs and scores copied to OUT at its end
+# name, args, joint args: align, joint and eval of one variant; its logs and scores copied to OUT at its end
+run_variant() {
   local name=$1 args=$2 joint_args=$3
   # args are split into words unquoted (no word may hold a space): --styles=('pointing','short_answer') is one word
   # shellcheck disable=SC2086
-  timeout "$(left)" $PY train_align.py config/demo_align.py config/demo_gpu_align.py --out_dir="out/var_$name/align" \
-      --vit_from=out/demo_gpu/vision $args > "$OUT/${name}_align.log" 2>&1 &&
-  timeout "$(left)" $PY train_joint.py config/demo_joint.py config/demo_gpu_joint.py --out_dir="out/var_$name/joint" \
-      --init_from="out/var_$name/align" $args $joint_args > "$OUT/${name}_joint.log" 2>&1 &&
+  timeout "$(left)" $PY train_align.py config/demo_align.py config/demo_gpu_align.py \
+      --out_dir="out/var_$name/align" --vit_from=out/demo_gpu/vision $args > "$OUT/${name}_align.log" 2>&1 &&
+  timeout "$(left)" $PY train_joint.py config/demo_joint.py config/demo_gpu_joint.py \
+      --out_dir="out/var_$name/joint" --init_from="out/var_$name/align" $args $joint_args \
+      > "$OUT/${name}_joint.log" 2>&1 &&
   timeout "$(left)" $PY eval.py --init_from="out/var_$name/joint" --split=test --data_dir=data/demo \
       "--datasets=['synth_image']" "--tasks=['counting', 'pointing']" --out_dir="out/var_$name/eval" \
       > "$OUT/${name}_eval.log" 2>&1
