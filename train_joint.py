@@ -23,8 +23,8 @@ import torch
 from configurator import configure
 from training import (Dist, Progress, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer, default_recipe,
                       evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs,
-                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, stop_nonfinite,
-                      wrap_model)
+                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast,
+                      stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -62,7 +62,9 @@ z_loss = 1e-4
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
 device = "auto"  # auto | cpu | cuda
-dtype = "bfloat16"  # autocast dtype on GPU; CPU runs are float32
+dtype = "bfloat16"  # autocast dtype on GPU, and on a CPU with cpu_autocast
+cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the CPU has bf16 matrix instructions, whose
+#   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
 activation_checkpointing = False
@@ -128,7 +130,7 @@ train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
     train_model = torch.compile(train_model)
-autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type == "cuda" else nullcontext()
+autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, max_seq_len=max_seq_len,
                    max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,

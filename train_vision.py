@@ -48,8 +48,8 @@ from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
 from training import (Dist, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
-                      resume_run, rng_state, save_checkpoint, seed_everything, stop_nonfinite, vision_batch_to,
-                      wrap_model)
+                      resume_run, rng_state, save_checkpoint, seed_everything, step_autocast, stop_nonfinite,
+                      vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -78,7 +78,9 @@ warmup = 50
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
 device = "auto"  # auto | cpu | cuda
-dtype = "bfloat16"  # autocast dtype on GPU; CPU runs are float32
+dtype = "bfloat16"  # autocast dtype on GPU, and on a CPU with cpu_autocast
+cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the CPU has bf16 matrix instructions, whose
+#   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
@@ -170,7 +172,7 @@ pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss).to(d.device)
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 optimizer = build_optimizer(pretrainer, lr, weight_decay)
-autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if d.device.type == "cuda" else nullcontext()
+autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, processor=processor,
