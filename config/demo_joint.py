@@ -1,10 +1,13 @@
 # The README demo's joint stage: the small nanoMolmo2 learns counting, pointing, short answers and the world's long
-# captions on its single images, on a 2-core CPU in float32 (see demo.py). The ViT arrives from stage 1 already
+# captions on its single images, on a 2-core CPU (see demo.py). The ViT arrives from stage 1 already
 # pointing and stays frozen here: a CPU step then skips the ViT's backward, and with one image a row an image costs
 # 20-30 ms. The captions say how many shapes of each colour there are and where each one is, in words: with them
 # (rows of 368, 1,200 steps in the same minutes) the test images counted 0.440 and 0.460 over two seeds against
 # 0.365 and 0.320 without (rows of 256, 1,760 steps), at about the same pointing F1 (0.177 and 0.217 against 0.216
-# and 0.207; BENCHMARKS.md "The CPU demo").
+# and 0.207; BENCHMARKS.md "The CPU demo"). Its matmuls run in bf16 where the CPU has bf16 matrix instructions
+# (cpu_autocast): on this project's 2-core machine a step then takes 0.34-0.37 s instead of 0.44-0.48 s, so 1,650
+# steps fit the minutes of 1,200 in float32; they counted 0.475 and pointed at F1 0.256 against 0.435 / 0.188 (one
+# seed each). On a CPU without them the steps run in float32, about 40% longer.
 out_dir = "out/demo/joint"
 init_from = "out/demo/align"  # keeps the align stage's ViT and kept-token vocabulary
 model_preset = "small"
@@ -15,15 +18,16 @@ max_crops = 4
 overlap_margins = (2, 2)
 max_seq_len = 368  # the longest example with its caption is 361 tokens
 batch_size = 16
-max_steps = 1200
+max_steps = 1650
+cpu_autocast = "auto"
 lr_connector, lr_vit, lr_llm = 1e-3, 0.0, 1e-3  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
 warmup_connector, warmup_vit, warmup_llm = 50, 50, 50
 weight_decay = 0.1
 loss_weighting = "none"  # every answer token weighs 1: long point lists are the lesson here (Molmo2's sft weighting
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
-eval_every = 400
+eval_every = 550
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report
 eval_batches = 2
-save_every = 1200
+save_every = 1650
 log_every = 50
