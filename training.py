@@ -104,7 +104,7 @@ class Dist:
 def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), from the kernel's flags (Linux; False
     elsewhere). With them a bf16 matmul runs several times faster than a float32 one (this project's 2-core CI
-    machine: 960 against 200 GFLOP/s for the demo LLM's MLP shapes); without them bf16 is emulated and slower."""
+    machine: 850-960 against 190-210 GFLOP/s at the demo LLM's MLP shapes); without them bf16 is emulated and slower."""
     try:
         with open(cpuinfo) as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
