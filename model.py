@@ -21,7 +21,6 @@ real tokens (`causal_padding_mask`); S counts the cached keys too.
 """
 
 import json
-import math
 import os
 import struct
 from dataclasses import asdict, dataclass, fields, replace

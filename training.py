@@ -748,10 +748,11 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
     if init_from not in ("scratch", "parts") and projector_norm and not model.config.connector.projector_norm:
         raise ValueError(f"projector_norm=True: the checkpoint {init_from} has no norm after its projector, and a "
                          "checkpoint keeps its own connector (the switch is for models from scratch)")
-    if init_from not in ("scratch", "parts") and position_bins and position_bins != model.config.connector.position_bins:
-        raise ValueError(f"position_bins={position_bins}: the checkpoint {init_from} has "
-                         f"{model.config.connector.position_bins}, and a checkpoint keeps its own connector (the "
-                         "switch is for models from scratch; leave it at 0 to keep the checkpoint's)")
+    bins = model.config.connector.position_bins
+    if init_from not in ("scratch", "parts") and position_bins and position_bins != bins:
+        raise ValueError(f"position_bins={position_bins}: the checkpoint {init_from} has {bins}, and a checkpoint "
+                         "keeps its own connector (the switch is for models from scratch; leave it at 0 to keep the "
+                         "checkpoint's)")
     model.llm.config.resid_dropout = resid_dropout
     model.llm.config.response_dropout = response_dropout
     return model

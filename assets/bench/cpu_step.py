@@ -34,12 +34,14 @@ def main(align="out/demo/align"):
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(rows, width, dtype=dtype), torch.randn(width, hidden, dtype=dtype)
         seconds = timed(lambda: a @ b, 50)
-        print(f"matmul {rows} x {width} by {width} x {hidden}, {dtype}: {2 * rows * width * hidden / seconds / 1e9:.0f} GFLOP/s")
+        gflops = 2 * rows * width * hidden / seconds / 1e9
+        print(f"matmul {rows} x {width} by {width} x {hidden}, {dtype}: {gflops:.0f} GFLOP/s")
     B, H, L, D = 16, 4, 368, 32  # the demo's rows: 16 of 368 tokens, the small LLM's 4 heads of 32
     mask = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).contiguous()
     for dtype in (torch.float32, torch.bfloat16):
-        for backend, kwargs in ((SDPBackend.FLASH_ATTENTION, {"attn_mask": mask}), (SDPBackend.MATH, {"attn_mask": mask}),
-                                (SDPBackend.FLASH_ATTENTION, {"is_causal": True})):
+        cases = ((SDPBackend.FLASH_ATTENTION, {"attn_mask": mask}), (SDPBackend.MATH, {"attn_mask": mask}),
+                 (SDPBackend.FLASH_ATTENTION, {"is_causal": True}))
+        for backend, kwargs in cases:
             q, k, v = (torch.randn(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
 
             def step():
