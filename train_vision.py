@@ -107,13 +107,6 @@ def build_optimizer(module, lr, weight_decay, fused=None):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
-def read_out_points(probs, offsets, cells, threshold=0.5):
-    """One label of one image: the high-res view's tokens whose probability passes the threshold -> (n, 2)
-    points in [0, 1], each its cell's corner plus the predicted offset."""
-    keep = probs > threshold
-    return cells[keep, :2] + offsets[keep] * (cells[keep, 2:] - cells[keep, :2])
-
-
 @torch.no_grad()
 def validate(pretrainer, loader, n_batches, point_radius=0.05):
     """-> {loss name: mean}, plus, where the localisation loss is on, 'count_acc' (the high-res tokens that pass
@@ -132,20 +125,14 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
             losses = pretrainer.losses(tokens, batch)
             if pretrainer.use_loc:
                 if batch["label_ids"].shape[0]:
-                    probs = torch.sigmoid(pretrainer.loc_logits(tokens, batch)).float().cpu().numpy()  # (M, labels)
-                    offsets = torch.sigmoid(pretrainer.offset_head(tokens).float()).cpu().numpy()  # (M, 2)
+                    predicted = pretrainer.read_out(tokens, batch)  # one (n, 2) array of points per label
                 else:  # FSDP: the text tower's blocks gather on every rank as often as on the others
                     pretrainer.text(*pretrainer.one_token(tokens))
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
         if pretrainer.use_loc and batch["label_ids"].shape[0]:
-            token_image, high_res = batch["token_image"].cpu().numpy(), batch["high_res"].cpu().numpy()
-            cells = batch["cells"].cpu().numpy()
-            for j, i in enumerate(batch["label_image"].cpu().numpy()):
-                rows = np.flatnonzero((token_image == i) & high_res)
-                pred = read_out_points(probs[rows, j], offsets[rows], cells[rows])
-                true = batch["label_points"][j]
+            for pred, true in zip(predicted, batch["label_points"]):
                 hits.append(len(pred) == len(true))
                 f1s.append(point_scores(pred, true, radius=point_radius)["f1"])
     if hasattr(pretrainer, "reshard"):

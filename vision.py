@@ -286,6 +286,19 @@ class VisionPretrainer(nn.Module):
         label_emb = self.text(batch["label_ids"], batch["label_lengths"])  # (n_labels, E)
         return F.normalize(tokens.float(), dim=-1) @ label_emb.T * self.loc_log_scale.exp() + self.loc_bias
 
+    def read_out(self, tokens, batch, threshold=0.5):
+        """Counts and points straight off the localisation head, no LLM: for each label of the batch (in
+        batch["label_image"] order), the high-res view's tokens of its image whose probability passes the threshold,
+        each one point, its cell's corner plus the predicted offset -> [(n, 2) numpy array in [0, 1]] per label."""
+        probs = torch.sigmoid(self.loc_logits(tokens, batch)).float().cpu()  # (M, n_labels)
+        offsets = torch.sigmoid(self.offset_head(tokens).float()).cpu()  # (M, 2)
+        token_image, high_res, cells = (batch[k].cpu() for k in ("token_image", "high_res", "cells"))
+        points = []
+        for j, i in enumerate(batch["label_image"].tolist()):
+            keep = (token_image == i) & high_res & (probs[:, j] > threshold)  # (M,)
+            points.append((cells[keep, :2] + offsets[keep] * (cells[keep, 2:] - cells[keep, :2])).numpy())
+        return points
+
     def loc_loss(self, tokens, batch):
         if batch["label_ids"].shape[0] == 0:  # no pointed labels in this micro-batch; keep the graph whole (DDP)
             stand_in = self.text(*self.one_token(tokens))  # the tower runs on every rank (FSDP gathers its blocks)

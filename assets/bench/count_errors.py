@@ -85,16 +85,10 @@ def readout(run, world="data/demo", batches=6):
         for _ in range(int(batches)):
             batch = vision_batch_to(loader.next_step()[0], torch.device("cpu"))
             tokens = pretrainer.token_embeddings(batch["patches"], batch["pooling"])
-            probs = torch.sigmoid(pretrainer.loc_logits(tokens, batch)).numpy()
-            offsets = torch.sigmoid(pretrainer.offset_head(tokens)).numpy()
-            token_image, high_res, cells = (batch[k].numpy() for k in ("token_image", "high_res", "cells"))
-            for j, i in enumerate(batch["label_image"].numpy()):
+            predicted = pretrainer.read_out(tokens, batch)  # as train_vision.py's validation reads it
+            for j, (pred, true) in enumerate(zip(predicted, batch["label_points"])):
                 label = tokenizer.decode([int(t) for t in batch["label_ids"][j] if int(t) >= 0]).strip()
                 about = "colour" if label.endswith(" shapes") else "kind" if " " not in label else "colour and kind"
-                rows = np.flatnonzero((token_image == i) & high_res)
-                keep = rows[probs[rows, j] > 0.5]  # the tokens that say yes; each a point (train_vision.py's read-out)
-                pred = cells[keep, :2] + offsets[keep] * (cells[keep, 2:] - cells[keep, :2])
-                true = batch["label_points"][j]
                 groups[about].append((len(pred) == len(true), len(pred) - len(true),
                                       point_scores(pred, true, radius=0.05)["f1"]))
     for about, rows in sorted(groups.items()):
