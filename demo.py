@@ -37,10 +37,11 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # (a GPU file overrides a few knobs of the CPU one: more and bigger steps). The GPU recipe's joint stage sees each of
 # 10,000 images ~28 times and overfits them by step 1,500 (BENCHMARKS.md "The GPU demo"): its world is 3x larger,
 # with the same val and test images (each split is drawn from its own seeds).
+STAGES = ("vision", "align", "joint")
 RECIPES = {
-    "cpu": ("out/demo", (WORLD, 10_000), {stage: [f"config/demo_{stage}.py"] for stage in ("vision", "align", "joint")}),
+    "cpu": ("out/demo", (WORLD, 10_000), {stage: [f"config/demo_{stage}.py"] for stage in STAGES}),
     "gpu": ("out/demo_gpu", ("data/demo_gpu", 30_000),
-            {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in ("vision", "align", "joint")}),
+            {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in STAGES}),
 }
 
 

@@ -123,7 +123,8 @@ def test_position_bins_add_each_tokens_bin_embeddings_and_nothing_at_init():
         features = plain.vision_features(batch["pixel_values"], batch["image_token_pooling"])
         moved = placed.place(features, batch["image_grids"], "image")
     xy = token_centres(batch["image_grids"], features.shape[0])
-    assert features.shape[0] == int(batch["image_grids"][:, :2].prod(-1).sum() + batch["image_grids"][:, 2:].prod(-1).sum())
+    grids = batch["image_grids"]
+    assert features.shape[0] == int(grids[:, :2].prod(-1).sum() + grids[:, 2:].prod(-1).sum())
     for k, (x, y) in enumerate(xy.tolist()):
         bx, by = min(int(x * 8), 7), min(int(y * 8), 7)
         added = placed.connector.position_x.weight[bx] + placed.connector.position_y.weight[by]

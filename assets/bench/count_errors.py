@@ -50,7 +50,8 @@ def main(predictions, world="data/demo"):
                 misses["no count" if said is None else "all the shapes" if distractors and said == len(scene["shapes"])
                        else "too high" if said > true else "too low"] += 1
     n = sum(len(v) for k, v in groups.items() if k.startswith("asks"))
-    print(f"{n} counting answers, accuracy {sum(sum(v) for k, v in groups.items() if k.startswith('asks')) / max(n, 1):.3f}")
+    right = sum(sum(v) for k, v in groups.items() if k.startswith("asks"))
+    print(f"{n} counting answers, accuracy {right / max(n, 1):.3f}")
     table(dict(sorted(groups.items())))
     print("  wrong counts: " + ", ".join(f"{k} {v}" for k, v in misses.most_common())
           + " ('all the shapes': the number of every shape in the image, where some do not match)")
@@ -69,9 +70,9 @@ def readout(run, world="data/demo", batches=6):
     ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
     cfg = ckpt["config"]
     preset = Molmo2Config.preset(cfg["model_preset"])
-    pretrainer = VisionPretrainer(SigLIP2(preset.vit), preset.connector.vit_layers, cfg["text_layers"], cfg["text_max_len"],
-                                  cfg["embed_dim"], cfg["sigmoid_weight"] > 0, True, cfg["text_vocab_rows"],
-                                  cfg["position_loss"])
+    pretrainer = VisionPretrainer(SigLIP2(preset.vit), preset.connector.vit_layers, cfg["text_layers"],
+                                  cfg["text_max_len"], cfg["embed_dim"], cfg["sigmoid_weight"] > 0, True,
+                                  cfg["text_vocab_rows"], cfg["position_loss"])
     pretrainer.load_state_dict(ckpt["model"])
     pretrainer.eval()
     processor = data.Molmo2Processor(max_crops=cfg["max_crops"], crop_size=preset.vit.image_size,
@@ -93,7 +94,8 @@ def readout(run, world="data/demo", batches=6):
                                       point_scores(pred, true, radius=0.05)["f1"]))
     for about, rows in sorted(groups.items()):
         right, diff, f1 = np.array(rows).mean(0)
-        print(f"  asks about {about:<16} n {len(rows):>4}  counting {right:.2f}  mean (said - true) {diff:+.2f}  F1 {f1:.2f}")
+        print(f"  asks about {about:<16} n {len(rows):>4}  counting {right:.2f}  mean (said - true) {diff:+.2f}  "
+              f"F1 {f1:.2f}")
 
 
 if __name__ == "__main__":
