@@ -33,6 +33,7 @@ The heads and losses are vision.py's VisionPretrainer; the examples and their ta
 VisionLoader.
 """
 
+import collections
 import json
 import math
 import os
@@ -48,8 +49,8 @@ from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
 from training import (Dist, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
-                      resume_run, rng_state, save_checkpoint, seed_everything, step_autocast, stop_nonfinite,
-                      vision_batch_to, wrap_model)
+                      resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes, seed_everything,
+                      step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -62,6 +63,8 @@ max_crops = 4  # crops per image (Molmo2: 8 in training), as the later stages wi
 overlap_margins = (2, 2)
 sigmoid_weight = 1.0  # SigLIP's image-caption loss; 0 = off
 loc_weight = 1.0  # the localisation loss (which token holds a point of which label, and where); 0 = off
+scene_weight = 0.0  # the synthetic world's attribute loss: each pooled token names the kind and the colour of the
+#   shape whose centre is in its cell, or none, from the record's scene (records without one add nothing); 0 = off
 position_loss = False  # with it: the global view's tokens holding a point also say where it is in the whole image
 text_layers = 2  # blocks of the text tower (as wide as the ViT)
 text_max_len = 96  # caption tokens kept
@@ -111,13 +114,14 @@ def build_optimizer(module, lr, weight_decay, fused=None):
 def validate(pretrainer, loader, n_batches, point_radius=0.05):
     """-> {loss name: mean}, plus, where the localisation loss is on, 'count_acc' (the high-res tokens that pass
     0.5 count the label's points exactly) and 'point_f1' (those tokens' points against the true ones, a hit
-    within point_radius of the image side), over every pointed label of the first n_batches batches of val.
+    within point_radius of the image side), over every pointed label of the first n_batches batches of val;
+    where the scene loss is on, '<attribute>_acc' (the scene head's class, on the tokens that hold a centre).
     The loader should be a fresh one, so every validation sees the same images."""
     was_training = pretrainer.training
     pretrainer.eval()
     if hasattr(pretrainer, "unshard"):  # FSDP: the root's own weights, gathered as its forward would
         pretrainer.unshard()
-    sums, n, hits, f1s = {}, 0, [], []
+    sums, n, hits, f1s, right = {}, 0, [], [], collections.defaultdict(list)
     for _ in range(n_batches):
         batch = vision_batch_to(loader.next_step()[0], d.device)
         with autocast:
@@ -128,6 +132,11 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
                     predicted = pretrainer.read_out(tokens, batch)  # one (n, 2) array of points per label
                 else:  # FSDP: the text tower's blocks gather on every rank as often as on the others
                     pretrainer.text(*pretrainer.one_token(tokens))
+            if pretrainer.scene_head is not None:
+                holds = batch["scene_targets"][:, 0] > 0  # tokens that hold a shape's centre
+                for a, name in enumerate(scene_attributes()):
+                    said = pretrainer.scene_logits(tokens[holds])[a].argmax(-1)
+                    right[name].extend((said == batch["scene_targets"][holds, a]).tolist())
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -141,11 +150,14 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
     out = {k: v / max(n, 1) for k, v in sums.items()}
     if hits:
         out["count_acc"], out["point_f1"] = float(np.mean(hits)), float(np.mean(f1s))
+    out.update({f"{name}_acc": float(np.mean(r)) for name, r in right.items() if r})
     return out
 
 
-if sigmoid_weight <= 0 and loc_weight <= 0:
-    raise SystemExit("train_vision: sigmoid_weight and loc_weight are both 0: nothing to train")
+if sigmoid_weight <= 0 and loc_weight <= 0 and scene_weight <= 0:
+    raise SystemExit("train_vision: sigmoid_weight, loc_weight and scene_weight are all 0: nothing to train")
+# each loss's weight in the step's total; the localisation loss's parts (loc, offset, position) share loc_weight
+weight_of = collections.defaultdict(lambda: loc_weight, sigmoid=sigmoid_weight, scene=scene_weight)
 d = Dist(device)
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
@@ -156,14 +168,16 @@ preset = Molmo2Config.preset(model_preset)
 vit_layers = preset.connector.vit_layers
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
-                              sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss).to(d.device)
+                              sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
+                              scene_classes() if scene_weight > 0 else ()).to(d.device)
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 optimizer = build_optimizer(pretrainer, lr, weight_decay)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, processor=processor,
-                   text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed)
+                   text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed,
+                   use_scene=scene_weight > 0)
 loader = VisionLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                       workers=loader_workers, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
@@ -176,7 +190,7 @@ n_vit = sum(p.numel() for p in pretrainer.vit.parameters())
 n_rest = sum(p.numel() for p in pretrainer.parameters()) - n_vit
 d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, blocks {list(vit_layers)} read), heads and text tower "
         f"{n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
-        f"localisation x {loc_weight} "
+        f"localisation x {loc_weight}, scene x {scene_weight} "
         f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step")
 
 t_start = t_last = time.time()
@@ -194,14 +208,14 @@ for step in range(start_step, max_steps):
         no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
         with no_sync, autocast:
             losses = train_model(vision_batch_to(mb, d.device))
-            loss = sum(losses[k] * (sigmoid_weight if k == "sigmoid" else loc_weight) for k in losses)
+            loss = sum(losses[k] * weight_of[k] for k in losses)
             (loss / len(micro_batches)).backward()  # DDP and FSDP average over ranks
         for k, v in losses.items():
             parts[k] = parts.get(k, 0.0) + v.detach() / len(micro_batches)
     grad_norm = torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
     parts = {k: d.all_reduce_sum(v.reshape(1).float()).item() / d.world_size for k, v in parts.items()}
-    total = sum(v * (sigmoid_weight if k == "sigmoid" else loc_weight) for k, v in parts.items())
+    total = sum(v * weight_of[k] for k, v in parts.items())
     if not (math.isfinite(total) and math.isfinite(grad_norm)):
         stop_nonfinite(step, total, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,
                        rng_before)

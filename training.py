@@ -36,6 +36,11 @@ from PIL import Image, ImageDraw
 # ---------------------------------------------------------------------------
 
 
+def usable_cores():
+    """The cores this process may run on (its affinity: taskset, a container's cpuset), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class Dist:
     """Where this process runs: rank, world size, device, and whether it is the one that prints."""
 
@@ -74,7 +79,7 @@ class Dist:
             return requested
         if self.device.type != "cuda" or not sys.platform.startswith("linux"):
             return 0
-        return max(1, (os.cpu_count() or 1) // self.local_world_size - 2)
+        return max(1, usable_cores() // self.local_world_size - 2)
 
     def all_reduce_sum(self, x):
         if self.world_size > 1:
@@ -1166,6 +1171,29 @@ def cell_targets(points, cells):
     return holds, offsets
 
 
+def scene_attributes():
+    """The synthetic world's attributes that stage 1's scene loss names for each token: {name: its values}."""
+    import prepare_data
+    return {"kind": prepare_data.SHAPE_KINDS, "colour": tuple(prepare_data.SHAPE_COLOURS)}
+
+
+def scene_classes():
+    """Stage 1's scene head: per attribute, its number of values plus one (no shape's centre in the cell)."""
+    return tuple(len(values) + 1 for values in scene_attributes().values())
+
+
+def scene_targets(scene, cells):
+    """scene (a synthetic record's), cells (M, 4) -> (M, n_attributes) int64: for each token, each attribute's class
+    (1-based, scene_attributes' order) of the shape whose centre lies in its cell, 0 where no centre does. Where two
+    centres share a cell, the shape drawn last names it: it lies on top."""
+    attributes = scene_attributes()
+    targets = np.zeros((len(cells), len(attributes)), dtype=np.int64)
+    for shape in scene["shapes"]:
+        holds, _ = cell_targets(np.array([[shape["x"], shape["y"]]]), cells)
+        targets[holds] = [values.index(shape[name]) + 1 for name, values in attributes.items()]
+    return targets
+
+
 def pointed_labels(record):
     """{label: [(x, y), ...]} from every <points> tag in the record's answers (image 1, normalised coordinates),
     the points of a label merged over annotations without repeats, in first-seen order."""
@@ -1205,7 +1233,7 @@ def from_uint8(patches):
 class VisionExample:
     """One image's crops and targets (everything a batch needs, on CPU)."""
 
-    def __init__(self, record, draw, processor, text_max_len, use_sigmoid, use_loc):
+    def __init__(self, record, draw, processor, text_max_len, use_sigmoid, use_loc, use_scene=False):
         tokenizer = processor.tokenizer
         image = record["images"][0]
         vision = processor.image(image)
@@ -1222,10 +1250,14 @@ class VisionExample:
                 self.labels.append(label)
                 self.label_ids.append(tokenizer.encode(label, allow_special=False)[:text_max_len])
                 self.points.append(np.array(points, dtype=np.float64))
+        scene = record.get("scene") or {}
+        self.scene_targets = None  # (M, n_attributes): with use_scene, for a record of a synthetic image
+        if use_scene and "shapes" in scene:
+            self.scene_targets = scene_targets(scene, self.cells)  # numpy: crosses a worker's pipe by value
 
     @property
     def trains(self):
-        return self.caption is not None or bool(self.labels)
+        return self.caption is not None or bool(self.labels) or self.scene_targets is not None
 
 
 def collate_vision(examples):
@@ -1257,7 +1289,11 @@ def collate_vision(examples):
              # for the read-out: every token's cell, whether it is of the high-res view, each label's points
              "cells": torch.from_numpy(np.concatenate([ex.cells for ex in examples])).float(),
              "high_res": torch.cat([torch.arange(ex.pooling.shape[0]) >= ex.grid[0] * ex.grid[1] for ex in examples]),
-             "label_points": [pts for _, _, pts in labels]}
+             "label_points": [pts for _, _, pts in labels],
+             # -1: the token's image has no scene (its attributes are unknown, not absent)
+             "scene_targets": torch.from_numpy(np.concatenate([
+                 ex.scene_targets if ex.scene_targets is not None else
+                 np.full((ex.pooling.shape[0], len(scene_attributes())), -1) for ex in examples]))}
     texts_by_name = {"caption": [examples[i].caption_ids for i in captioned], "label": [ids for _, ids, _ in labels]}
     for name, texts in texts_by_name.items():
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
@@ -1295,12 +1331,12 @@ class VisionLoader(ForkedWorkers):
     loader's; state_dict() is the state before the keys read ahead."""
 
     def __init__(self, data_dir, mixture, split, batch_size, processor, text_max_len, use_sigmoid, use_loc, seed,
-                 rank=0, world_size=1, grad_accum=1, workers=0):
+                 rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False):
         import data
         self.batch_size, self.processor, self.text_max_len = batch_size, processor, text_max_len
-        self.use_sigmoid, self.use_loc = use_sigmoid, use_loc
+        self.use_sigmoid, self.use_loc, self.use_scene = use_sigmoid, use_loc, use_scene
         self.report = data.SkipReport()
-        self.not_used = {"not a single image": 0, "no caption or points": 0}
+        self.not_used = {"not a single image": 0, "nothing to learn (no caption, points or scene)": 0}
         self.shards = []
         for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
             try:
@@ -1320,12 +1356,13 @@ class VisionLoader(ForkedWorkers):
             self.not_used["not a single image"] += 1
             return None
         try:
-            ex = VisionExample(record, draw, self.processor, self.text_max_len, self.use_sigmoid, self.use_loc)
+            ex = VisionExample(record, draw, self.processor, self.text_max_len, self.use_sigmoid, self.use_loc,
+                               self.use_scene)
         except data.MediaError as e:
             self.report.skip(data.BadRecord("undecodable_image", str(e)))
             return None
         if not ex.trains:
-            self.not_used["no caption or points"] += 1
+            self.not_used["nothing to learn (no caption, points or scene)"] += 1
             return None
         return ex
 

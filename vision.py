@@ -201,7 +201,7 @@ class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
     def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc,
-                 text_vocab_rows=16384, use_position=False):
+                 text_vocab_rows=16384, use_position=False, scene_classes=()):
         super().__init__()
         self.vit, self.vit_layers = vit, tuple(vit_layers)
         width = vit.config.hidden_size * len(self.vit_layers)
@@ -219,13 +219,19 @@ class VisionPretrainer(nn.Module):
             self.loc_log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
             self.loc_bias = nn.Parameter(torch.full((1,), -3.0))
         self.position_head = nn.Linear(embed_dim, 2) if use_loc and use_position else None
+        # scene_classes: per attribute of the synthetic world (kind, colour), its number of values plus one for
+        # "no shape's centre here"; () = off. One softmax per attribute: a token must say *which* kind it holds,
+        # where the label loss lets it sit near "circles" and "squares" alike
+        self.scene_classes = tuple(scene_classes)
+        self.scene_head = nn.Linear(embed_dim, sum(self.scene_classes)) if self.scene_classes else None
         self.init_new()
 
     def init_new(self):
         """Everything but the ViT (which keeps its own init or pretrained weights)."""
         for module in [self.token_head, self.text] + ([self.image_proj] if self.use_sigmoid else []) + \
                 ([self.offset_head] if self.use_loc else []) + \
-                ([self.position_head] if self.position_head is not None else []):
+                ([self.position_head] if self.position_head is not None else []) + \
+                ([self.scene_head] if self.scene_head is not None else []):
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=m.in_features ** -0.5)
@@ -259,7 +265,21 @@ class VisionPretrainer(nn.Module):
             losses["loc"], losses["offset"] = self.loc_loss(tokens, batch)
             if self.position_head is not None:
                 losses["position"] = self.position_loss(tokens, batch)
+        if self.scene_head is not None:
+            losses["scene"] = self.scene_loss(tokens, batch)
         return losses
+
+    def scene_logits(self, tokens):
+        """tokens (M, E) -> one (M, n_values + 1) logit tensor per attribute (class 0: no shape's centre here)."""
+        return torch.split(self.scene_head(tokens).float(), self.scene_classes, dim=-1)
+
+    def scene_loss(self, tokens, batch):
+        """Cross-entropy of each attribute's class per token (batch["scene_targets"] (M, n_attributes), -1 where the
+        image has no scene), summed over attributes, averaged over the tokens whose image has one."""
+        targets = batch["scene_targets"]
+        known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
+        return sum(F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
+                   for a, logits in enumerate(self.scene_logits(tokens))) / known
 
     def caption_loss(self, tokens, batch):
         captioned = batch["caption_image"]  # (B',) the images that have a caption

@@ -5,6 +5,7 @@ validation (they must be what eval.py scores)."""
 import json
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -227,10 +228,16 @@ def test_loader_workers_auto_is_every_core_but_two_per_gpu_process_and_none_on_c
     assert training.Dist("cpu").resolve_loader_workers(3) == 3
     monkeypatch.setattr(sys, "platform", "linux")
     for cores, processes, expected in [(16, 1, 14), (16, 4, 2), (2, 1, 1), (128, 8, 14)]:
-        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(training, "usable_cores", lambda: cores)
         gpu = SimpleNamespace(device=torch.device("cuda", 0), local_world_size=processes)
         assert training.Dist.resolve_loader_workers(gpu, -1) == expected, (cores, processes)
         assert training.Dist.resolve_loader_workers(gpu, 0) == 0
+    monkeypatch.undo()
+    # a process pinned to one core (taskset, a container's cpuset) counts one, whatever the machine has
+    code = ("import os, training; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "print(training.usable_cores())")
+    pinned = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert pinned.stdout.strip() == "1"
 
 
 def test_cpu_has_bf16_matmul_reads_the_kernels_flags(tmp_path):

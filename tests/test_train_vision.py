@@ -593,3 +593,75 @@ def test_train_align_vit_from_starts_from_the_exported_vit(tiny_world, reference
         state = vit.state_dict()
         assert state.keys() == trained.keys()
         assert all(torch.equal(state[k], trained[k]) for k in state)
+
+
+# ---------------------------------------------------------------------------
+# The scene loss: each token names the kind and colour of the shape whose centre it holds
+# ---------------------------------------------------------------------------
+
+def test_scene_targets_name_the_shape_whose_centre_lies_in_each_cell_by_hand():
+    """Two cells, the image's left and right halves. A red circle's centre is in the left one; a blue star's and
+    then a green square's (drawn later, so on top) in the right one. Classes are 1-based in the world's orders
+    (kinds circle, square, triangle, star; colours red, green, blue, yellow), 0 where no centre lies."""
+    assert training.scene_attributes() == {"kind": ("circle", "square", "triangle", "star"),
+                                           "colour": ("red", "green", "blue", "yellow")}
+    assert training.scene_classes() == (5, 5)
+    cells = np.array([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.1]])
+    scene = {"shapes": [{"kind": "circle", "colour": "red", "x": 0.25, "y": 0.5},
+                        {"kind": "star", "colour": "blue", "x": 0.75, "y": 0.5},
+                        {"kind": "square", "colour": "green", "x": 0.7, "y": 0.2}]}
+    assert training.scene_targets(scene, cells).tolist() == [[1, 1], [2, 2], [0, 0]]
+
+
+def test_scene_loss_is_each_attributes_cross_entropy_over_the_tokens_with_a_scene_by_hand():
+    """Three tokens, of which the last is of an image without a scene (-1: left out). With the head at 0 every
+    class of each attribute has probability 1/5, so each known token adds ln 5 per attribute: the loss is
+    (2 tokens x 2 attributes x ln 5) / 2 tokens = 2 ln 5. With a head that says kind class 1 with logit 3 (the
+    rest 0), the first token, whose kind is 1, adds ln(e^3 + 4) - 3 for its kind instead."""
+    from vision import SigLIP2, SigLIP2Config, VisionPretrainer
+    torch.manual_seed(0)
+    vit = SigLIP2(SigLIP2Config.preset("tiny"))
+    pretrainer = VisionPretrainer(vit, (1, 0), 1, 8, 16, use_sigmoid=False, use_loc=False, text_vocab_rows=64,
+                                  scene_classes=(5, 5))
+    batch = {"scene_targets": torch.tensor([[1, 3], [0, 0], [-1, -1]])}
+    with torch.no_grad():
+        pretrainer.scene_head.weight.zero_()
+        pretrainer.scene_head.bias.zero_()
+    tokens = torch.randn(3, 16)
+    # float32 log-sum-exp of numbers of order 1: a few ulps of the result
+    assert pretrainer.scene_loss(tokens, batch).item() == pytest.approx(2 * math.log(5), rel=1e-6)
+    with torch.no_grad():
+        pretrainer.scene_head.bias[1] = 3.0  # the kind's class 1, for every token
+    by_hand = (math.log(math.exp(3) + 4) - 3 + math.log(5)  # token 0: kind 1 (said), colour 3
+               + math.log(math.exp(3) + 4) + math.log(5)) / 2  # token 1: kind 0 (nothing), colour 0
+    assert pretrainer.scene_loss(tokens, batch).item() == pytest.approx(by_hand, rel=1e-6)
+    assert VisionPretrainer(vit, (1, 0), 1, 8, 16, False, True, 64).scene_head is None  # off by default
+
+
+def test_scene_loss_without_scenes_is_zero_and_keeps_the_head_in_the_graph():
+    """A micro-batch of real images (no scene) adds 0 but still reaches the head: DDP needs every weight used."""
+    from vision import SigLIP2, SigLIP2Config, VisionPretrainer
+    torch.manual_seed(0)
+    pretrainer = VisionPretrainer(SigLIP2(SigLIP2Config.preset("tiny")), (1, 0), 1, 8, 16, False, False, 64,
+                                  scene_classes=(5, 5))
+    loss = pretrainer.scene_loss(torch.randn(2, 16), {"scene_targets": torch.full((2, 2), -1)})
+    loss.backward()
+    assert loss.item() == 0.0 and pretrainer.scene_head.weight.grad is not None
+
+
+def test_scene_targets_reach_the_batch_only_for_records_with_a_scene():
+    """collate_vision: a synthetic record's tokens carry its scene's classes, a record without a scene -1 (unknown,
+    not 'no shape'); without use_scene no example has targets."""
+    processor = tiny_processor()
+    point = answer("pointing", '<points coords="1 1 250 500">red circles</points>')
+    synthetic = {"images": [black(56, 56)], "annotations": [point],
+                 "scene": {"shapes": [{"kind": "circle", "colour": "red", "x": 0.25, "y": 0.5}]}}
+    real = {"images": [black(56, 56)], "annotations": [point]}
+    examples = [training.VisionExample(r, 0, processor, 16, False, True, use_scene=True) for r in (synthetic, real)]
+    batch = training.collate_vision(examples)
+    m = examples[0].pooling.shape[0]
+    expected = training.scene_targets(synthetic["scene"], examples[0].cells)
+    assert (expected[:, 0] == 1).sum() == 2  # the centre lies in one cell of each view: global and high-res
+    assert batch["scene_targets"][:m].tolist() == expected.tolist()
+    assert (batch["scene_targets"][m:] == -1).all()
+    assert training.VisionExample(synthetic, 0, processor, 16, False, True).scene_targets is None

@@ -72,7 +72,7 @@ def readout(run, world="data/demo", batches=6):
     preset = Molmo2Config.preset(cfg["model_preset"])
     pretrainer = VisionPretrainer(SigLIP2(preset.vit), preset.connector.vit_layers, cfg["text_layers"],
                                   cfg["text_max_len"], cfg["embed_dim"], cfg["sigmoid_weight"] > 0, True,
-                                  cfg["text_vocab_rows"], cfg["position_loss"])
+                                  cfg["text_vocab_rows"], cfg.get("position_loss", False))
     pretrainer.load_state_dict(ckpt["model"])
     pretrainer.eval()
     processor = data.Molmo2Processor(max_crops=cfg["max_crops"], crop_size=preset.vit.image_size,
