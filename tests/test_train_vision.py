@@ -355,8 +355,8 @@ def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
 # Every knob that shapes the run is pinned (the defaults are the real recipe's): 6 steps of 2 micro-batches of
 # 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
 STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
-          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--text_layers=1", "--text_max_len=32",
-          "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
+          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--text_layers=1",
+          "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
           "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
 
 
@@ -484,6 +484,10 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp
     stdout = run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out_dir, "--grad_accum=2")])
     assert f"resumed from {out_dir}/ckpt.pt at step 6" in stdout and "done: 0 steps" in stdout
     assert read_log(out_dir) == read_log(ref_dir)
+    # every loss of the run is logged, and validation scores the scene head on the tokens that hold a shape
+    val = [r for r in read_log(ref_dir) if kind(r) == "val"][-1]
+    assert {"val_sigmoid", "val_loc", "val_offset", "val_scene", "val_kind_acc", "val_colour_acc"} <= set(val)
+    assert 0.0 <= val["val_kind_acc"] <= 1.0 and val["val_scene"] > 0
     final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
     ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
     assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
