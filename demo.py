@@ -28,7 +28,7 @@ import time
 from configurator import configure
 
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
-recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~10 min: longer stages on
+recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~7 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu
 # ----------------------------------------------------------------------------------------------------------------
 
