@@ -518,16 +518,18 @@ class Progress:
 
 def plot_vision_run(out_dir):
     """Stage 1's pictures from its whole log (train_vision.py): loss.png, and readout.png, counting and pointing
-    read off the localisation head at each validation."""
+    read off the localisation head at each validation (and, with the scene loss, how often its head names the kind
+    and the colour of a held shape)."""
     train, val = logged_steps(os.path.join(out_dir, "log.jsonl"))  # none at max_steps=0
     readout = {name: [(step, r[key]) for step, r in val.items() if key in r]
-               for key, name in (("val_count_acc", "counting accuracy"), ("val_point_f1", "pointing F1"))}
+               for key, name in (("val_count_acc", "counting accuracy"), ("val_point_f1", "pointing F1"),
+                                 ("val_kind_acc", "scene head: kind"), ("val_colour_acc", "scene head: colour"))}
     if train:
         plot_curves({"train loss": [(step, r["loss"]) for step, r in train.items()]},
                     os.path.join(out_dir, "loss.png"), title="stage 1 loss")
     if any(readout.values()):
         plot_curves({name: points for name, points in readout.items() if points}, os.path.join(out_dir, "readout.png"),
-                    title="read off the localisation head (val)", ylabel="accuracy / F1")
+                    title="stage 1 read-out on val images", ylabel="accuracy / F1")
 
 
 PLOT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
