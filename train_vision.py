@@ -56,6 +56,10 @@ from vision import SigLIP2, VisionPretrainer
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/vision"
 init_from = "scratch"  # scratch (the ViT of model_preset) | a SigLIP checkpoint dir or hub id | a stage-1 out_dir
+vit_init = "gpt"  # a ViT from scratch: gpt (every matrix at std 0.02, vision.py's default) | big_vision (SigLIP's own
+#   code's: SigLIP2.init_big_vision). Alone, the small ViT learns a 15-px shape's kind in 500 steps with big_vision at
+#   lr 3e-4 (0.81) and not with gpt (0.54; 0.34 at lr 1e-3); on this CPU's 300 demo steps it did not help yet
+#   (read-out 0.328 / 0.580 against 0.328 / 0.656). BENCHMARKS.md "Stage 1 names each token's shape"
 model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}
@@ -166,7 +170,14 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # model_preset's ViT (trimmed after the deepest block the connector reads), fresh or of a checkpoint of that shape
 preset = Molmo2Config.preset(model_preset)
 vit_layers = preset.connector.vit_layers
+if vit_init not in ("gpt", "big_vision"):
+    raise SystemExit(f"train_vision: vit_init={vit_init!r}: expected 'gpt' or 'big_vision'")
+if vit_init != "gpt" and init_from != "scratch":
+    raise SystemExit(f"train_vision: vit_init={vit_init!r} draws a ViT from scratch, but init_from={init_from!r} "
+                     "loads one: leave vit_init at 'gpt'")
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
+if vit_init == "big_vision":
+    vit.init_big_vision()
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
                               scene_classes() if scene_weight > 0 else ()).to(d.device)

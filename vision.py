@@ -132,6 +132,22 @@ class SigLIP2(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.positional_embedding, std=0.02)
 
+    def init_big_vision(self):
+        """Redraw the weights as big_vision's ViT (SigLIP's own code) draws them: Xavier-uniform matrices in the
+        blocks, a LeCun-normal patch embedding (a normal truncated at 2 std, rescaled to variance 1 / fan_in, as flax
+        draws it), position embeddings of std 1 / sqrt(width). Its queries and keys start ~4x larger than at
+        init_weights' std 0.02 (width 128), so attention is less uniform at the start: alone, the small preset's ViT
+        then told a 15-px shape's kind in 500 steps where ours had not (assets/bench/kind_sanity.py)."""
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        std = self.config.patch_dim ** -0.5 / 0.87962566103423978  # the std of a unit normal truncated at +-2
+        nn.init.trunc_normal_(self.patch_embedding.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.patch_embedding.bias)
+        nn.init.normal_(self.positional_embedding, std=self.config.hidden_size ** -0.5)
+        return self
+
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (N, P, patch_dim), any dtype (the video processor may hand over uint8) -> (N, P, C)."""
         if patches.dim() != 3 or patches.shape[1:] != (self.config.num_patches, self.config.patch_dim):

@@ -355,8 +355,8 @@ def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
 # Every knob that shapes the run is pinned (the defaults are the real recipe's): 6 steps of 2 micro-batches of
 # 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
 STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
-          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--text_layers=1",
-          "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
+          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--vit_init=big_vision",
+          "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
           "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
 
 
@@ -669,3 +669,15 @@ def test_scene_targets_reach_the_batch_only_for_records_with_a_scene():
     assert batch["scene_targets"][:m].tolist() == expected.tolist()
     assert (batch["scene_targets"][m:] == -1).all()
     assert training.VisionExample(synthetic, 0, processor, 16, False, True).scene_targets is None
+
+
+def test_vit_init_is_checked_before_any_work(tmp_path):
+    """vit_init names one of two initialisations, and only a ViT from scratch can take one: a ViT loaded from
+    init_from would overwrite it, so asking for both is an error that says so."""
+    base = [sys.executable, "train_vision.py", "--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
+    for extra, message in [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
+                           (["--vit_init=big_vision", "--init_from=out/some_vit"],
+                            "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one")]:
+        result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                                env=ONE_THREAD)
+        assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -91,3 +91,28 @@ def test_bad_input_shape_names_the_input():
         assert "vision input" in str(e)
     else:
         raise AssertionError("wrong patch count accepted")
+
+
+def test_big_vision_init_draws_siglips_scales():
+    """init_big_vision, the small preset's ViT (width 128, patches of 14 x 14 x 3 = 588 values): block matrices
+    Xavier-uniform, inside +-sqrt(6 / (fan_in + fan_out)) with std that bound / sqrt(3); the patch embedding a normal
+    truncated at +-2 std with variance 1 / 588; position embeddings of std 1 / sqrt(128); biases 0, LayerNorms 1 and 0.
+    Tolerances: the std of n draws is off by about 1 / sqrt(2n) (0.6% for a 128 x 128 matrix): 3% is 5 such errors."""
+    from vision import SigLIP2Config
+    torch.manual_seed(0)
+    vit = SigLIP2(SigLIP2Config.preset("small")).init_big_vision()
+    for name, w in [("q_proj", vit.layers[0].self_attn.q_proj.weight), ("fc1", vit.layers[1].mlp.fc1.weight),
+                    ("fc2", vit.layers[2].mlp.fc2.weight)]:
+        bound = (6 / sum(w.shape)) ** 0.5
+        assert w.abs().max() <= bound, name
+        assert abs(w.std().item() / (bound / 3 ** 0.5) - 1) < 0.03, name
+    w = vit.patch_embedding.weight
+    assert w.shape == (128, 588)
+    std = 588 ** -0.5 / 0.87962566103423978
+    assert w.abs().max() <= 2 * std
+    assert abs(w.var().item() * 588 - 1) < 0.03  # 75,264 draws
+    assert abs(vit.positional_embedding.std().item() * 128 ** 0.5 - 1) < 0.04  # 8,192 draws
+    assert all(not b.any() for n, b in vit.named_parameters() if n.endswith("bias") and "layer_norm" not in n)
+    assert all(p.eq(1).all() for n, p in vit.named_parameters() if n.endswith("layer_norm1.weight"))
+    # the default init is GPT's std 0.02: the two differ where it matters, in the queries and keys
+    assert abs(SigLIP2(SigLIP2Config.preset("small")).layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.001

@@ -24,8 +24,8 @@ radius = 0.12  # the shape's equal-area radius, a fraction of the 224-px image (
 lr = 3e-4
 steps = 300
 seed = 0
-init = "ours"  # ours: vision.py's (std 0.02, as GPT) | big_vision: SigLIP's own code's (Xavier-uniform matrices, a
-#   LeCun-normal patch embedding, position embeddings of std 1 / sqrt(width)), redrawn here over ours
+init = "ours"  # ours: SigLIP2.init_weights (std 0.02, as GPT) | big_vision: SigLIP2.init_big_vision (SigLIP's own
+#   code's: Xavier-uniform matrices, a LeCun-normal patch embedding, position embeddings of std 1 / sqrt(width))
 configure(globals())
 if init not in ("ours", "big_vision"):
     raise SystemExit(f"kind_sanity: init={init!r}: expected 'ours' or 'big_vision'")
@@ -52,12 +52,7 @@ train_rng, held_out = random.Random(seed), images(random.Random(seed + 1), 256)
 vit, head = SigLIP2(SigLIP2Config.preset("small")), nn.Linear(128, len(prepare_data.SHAPE_KINDS))
 last = vit.config.num_hidden_layers - 1
 if init == "big_vision":
-    for module in vit.modules():
-        if isinstance(module, nn.Linear) and module is not vit.patch_embedding:
-            nn.init.xavier_uniform_(module.weight)
-    std = vit.config.patch_dim ** -0.5 / 0.87962566103423978  # LeCun normal, truncated at 2 std as flax draws it
-    nn.init.trunc_normal_(vit.patch_embedding.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.normal_(vit.positional_embedding, std=vit.config.hidden_size ** -0.5)
+    vit.init_big_vision()
 optimizer = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr)
 for step in range(steps + 1):
     if step % 100 == 0:
