@@ -57,9 +57,9 @@ from vision import SigLIP2, VisionPretrainer
 out_dir = "out/vision"
 init_from = "scratch"  # scratch (the ViT of model_preset) | a SigLIP checkpoint dir or hub id | a stage-1 out_dir
 vit_init = "gpt"  # a ViT from scratch: gpt (every matrix at std 0.02, vision.py's default) | big_vision (SigLIP's own
-#   code's: SigLIP2.init_big_vision). Alone, the small ViT learns a 15-px shape's kind in 500 steps with big_vision at
-#   lr 3e-4 (0.81) and not with gpt (0.54; 0.34 at lr 1e-3); on this CPU's 300 demo steps it did not help yet
-#   (read-out 0.328 / 0.580 against 0.328 / 0.656). BENCHMARKS.md "Stage 1 names each token's shape"
+#   code's: SigLIP2.init_big_vision). Alone, the small ViT told a 15-px shape's kind after 500 steps at lr 3e-4 at
+#   0.81 / 0.56 / 0.82 over three seeds with big_vision, 0.54 / 0.57 / 0.61 with gpt; on this CPU's 300 demo steps it
+#   did not help yet (read-out 0.328 / 0.580 against 0.328 / 0.656). BENCHMARKS.md "Stage 1 names each token's shape"
 model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}

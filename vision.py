@@ -137,7 +137,7 @@ class SigLIP2(nn.Module):
         blocks, a LeCun-normal patch embedding (a normal truncated at 2 std, rescaled to variance 1 / fan_in, as flax
         draws it), position embeddings of std 1 / sqrt(width). Its queries and keys start ~4x larger than at
         init_weights' std 0.02 (width 128), so attention is less uniform at the start: alone, the small preset's ViT
-        then told a 15-px shape's kind in 500 steps where ours had not (assets/bench/kind_sanity.py)."""
+        then told a 15-px shape's kind better after 500 steps in 2 of 3 seeds (assets/bench/kind_sanity.py)."""
         for module in self.layers.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
