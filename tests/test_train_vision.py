@@ -356,8 +356,8 @@ def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
 # 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
 STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
           "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--vit_init=big_vision",
-          "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6",
-          "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
+          "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05",
+          "--grad_clip=1.0", "--max_steps=6", "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
 
 
 def stage1_args(world, out_dir, *extra):
