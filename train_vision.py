@@ -138,9 +138,9 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
                     pretrainer.text(*pretrainer.one_token(tokens))
             if pretrainer.scene_head is not None:
                 holds = batch["scene_targets"][:, 0] > 0  # tokens that hold a shape's centre
+                logits = pretrainer.scene_logits(tokens[holds])  # one per attribute
                 for a, name in enumerate(scene_attributes()):
-                    said = pretrainer.scene_logits(tokens[holds])[a].argmax(-1)
-                    right[name].extend((said == batch["scene_targets"][holds, a]).tolist())
+                    right[name].extend((logits[a].argmax(-1) == batch["scene_targets"][holds, a]).tolist())
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

@@ -121,13 +121,13 @@ def kinds(run, world="data/demo", images=200):
     import numpy as np
     import torch
 
+    import data
     import training
     pretrainer, processor, cfg = load_stage1(run)
     if pretrainer.scene_head is None:
         raise SystemExit(f"count_errors: {run} was trained without the scene loss (--scene_weight): no kinds to read")
     kinds_ = training.scene_attributes()["kind"]
     groups, said_for = collections.defaultdict(list), np.zeros((len(kinds_), len(kinds_) + 1), dtype=int)
-    import data
     val = data.open_mixture({"image": (1.0, ["synth_image"])}, world, "val", 0, rank=0, report=data.SkipReport())[1]
     records = [val["synth_image"].get(i) for i in range(int(images))]  # with its image decoded
     with torch.no_grad():
