@@ -889,6 +889,9 @@ class DecodeStep:
         return logits
 
 
+STOP_CHECK_EVERY = 8  # static decoding reads "has every row stopped?" back every this many tokens (see generate)
+
+
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
              stop_ids=(151645, 151643), on_token=None, generator=None, static=None, compile=False, **prefill_inputs):
@@ -900,7 +903,8 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     id is finished, and its output is padded with stop_ids[0]. `on_token(step, ids (B,))` is called as tokens
     come (streaming). Returns the new tokens (B, n), n <= max_new_tokens (fewer when every row stopped).
     static: decode through DecodeStep (fixed shapes, replayed as a CUDA graph on CUDA outside autocast;
-    default on CUDA): finished rows stay in the batch; else finished rows leave the batch and the KV cache,
+    default on CUDA): finished rows stay in the batch, and whether all have stopped is read back every
+    STOP_CHECK_EVERY tokens (every token with on_token); else finished rows leave the batch and the KV cache,
     and each step runs eagerly at its own shapes. Greedy tokens are the same either way; sampled ones draw
     the random numbers in another order. compile: the static step through torch.compile (see DecodeStep)."""
     B, T = input_ids.shape
@@ -937,7 +941,10 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
         if static:
             out[:, step] = next_ids.masked_fill(finished, pad)
             finished |= torch.isin(next_ids, stop)
-            all_done = bool(finished.all())
+            # reading the flag back makes the host wait for the device; between reads it queues the next steps
+            # (graph replays) while the device still runs the last ones. A step past the end only writes padding
+            check = on_token is not None or step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1
+            all_done = check and bool(finished.all())
         else:
             out[active, step] = next_ids
             running = ~torch.isin(next_ids, stop)  # (A,)
@@ -958,6 +965,10 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
             logits = model(next_ids[:, None], position_ids=next_pos[:, None], attention_mask=attention_mask,
                            kv_cache=kv_cache, logits_positions=one.bool())  # (A, V)
         next_pos = next_pos + 1
+    if static and len(stop_ids):  # end where the last row stopped, as if the flag had been read every step
+        is_stop = torch.isin(out[:, :n_steps], stop)  # (B, n): a finished row holds stop ids from its stop on
+        if bool(is_stop.any(1).all()):
+            n_steps = int(is_stop.int().argmax(1).max()) + 1
     return out[:, :n_steps]
 
 # ---------------------------------------------------------------------------
