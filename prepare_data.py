@@ -458,6 +458,17 @@ SHAPE_SIZES = {"small": (0.035, 0.05), "large": (0.065, 0.085)}
 BACKGROUNDS = {"light grey": (214, 214, 214), "beige": (226, 212, 184), "pale blue": (194, 208, 228),
                "dark grey": (68, 70, 76)}
 BACKGROUND_PATTERNS = ("plain", "gradient", "grid")
+MAX_SHAPES = 12  # the most shapes _place can always fit into one image of the world's sizes
+# How a world draws its shapes and backgrounds. "world": the tables above. "big_solid": every shape large (equal-area
+# radius 0.12, 27 px across in a 112-px crop), solid, on plain light grey: the lesson a ViT from scratch learns kinds
+# of shape in, where in the world's own images it does not (BENCHMARKS.md "What holds the kinds back")
+SHAPE_STYLES = {
+    "world": {"sizes": SHAPE_SIZES, "textures": SHAPE_TEXTURES, "backgrounds": BACKGROUNDS,
+              "patterns": BACKGROUND_PATTERNS, "max_objects": MAX_SHAPES},
+    "big_solid": {"sizes": {"small": (0.12, 0.12), "large": (0.12, 0.12)}, "textures": ("solid",),
+                  "backgrounds": {"light grey": BACKGROUNDS["light grey"]}, "patterns": ("plain",),
+                  "max_objects": 3},  # more shapes this large do not always fit in one image
+}
 # bounding radius / equal-area radius, so shapes of one size cover about the same area
 _EXTENT = {"circle": 1.0, "square": math.sqrt(math.pi) / 2 * math.sqrt(2), "triangle": 1.555, "star": 1.46}
 SYNTHETIC_FPS = 2.0
@@ -499,8 +510,9 @@ def _random_query(rng):
             "kind": rng.choice(SHAPE_KINDS) if form != 0 else None}
 
 
-def _shape_specs(rng, query, n_matching, n_other):
+def _shape_specs(rng, query, n_matching, n_other, style="world"):
     """Colours, kinds, sizes and textures of the shapes: n_matching match the query, n_other do not."""
+    sizes, textures = SHAPE_STYLES[style]["sizes"], SHAPE_STYLES[style]["textures"]
     specs = []
     for matching in [True] * n_matching + [False] * n_other:
         while True:
@@ -511,14 +523,14 @@ def _shape_specs(rng, query, n_matching, n_other):
             if shape_matches(shape, query) == matching:
                 break
         shape["size"] = "large" if rng.random() < 0.4 else "small"
-        shape["radius"] = round(rng.uniform(*SHAPE_SIZES[shape["size"]]), 4)
-        shape["texture"] = rng.choice(SHAPE_TEXTURES)
+        shape["radius"] = round(rng.uniform(*sizes[shape["size"]]), 4)
+        shape["texture"] = rng.choice(textures)
         specs.append(shape)
     rng.shuffle(specs)
     return specs
 
 
-def _place(rng, shapes):
+def _place(rng, shapes, style="world"):
     """Give each shape a centre (x, y) in [0, 1] so it lies inside the image and overlaps its neighbours at
     most a little; large shapes first, drawn first, so small ones stay on top."""
     shapes.sort(key=lambda s: -s["radius"])
@@ -526,7 +538,7 @@ def _place(rng, shapes):
     for shape in shapes:
         for attempt in range(400):
             if attempt == 200:  # crowded: shrink to a small shape and try again
-                shape["size"], shape["radius"] = "small", SHAPE_SIZES["small"][0]
+                shape["size"], shape["radius"] = "small", SHAPE_STYLES[style]["sizes"]["small"][0]
             e = shape["radius"] * _EXTENT[shape["kind"]]
             x, y = rng.uniform(e, 1 - e), rng.uniform(e, 1 - e)
             if all(math.hypot(x - p["x"], y - p["y"]) >= 0.7 * (e + p["radius"] * _EXTENT[p["kind"]])
@@ -539,19 +551,21 @@ def _place(rng, shapes):
     return placed
 
 
-def _background(rng):
-    name = rng.choice(list(BACKGROUNDS))
-    colour = [min(255, max(0, c + rng.randint(-12, 12))) for c in BACKGROUNDS[name]]
-    return {"name": name, "colour": colour, "pattern": rng.choice(BACKGROUND_PATTERNS)}
+def _background(rng, style="world"):
+    backgrounds = SHAPE_STYLES[style]["backgrounds"]
+    name = rng.choice(list(backgrounds))
+    colour = [min(255, max(0, c + rng.randint(-12, 12))) for c in backgrounds[name]]
+    return {"name": name, "colour": colour, "pattern": rng.choice(SHAPE_STYLES[style]["patterns"])}
 
 
-def make_image_scene(rng, max_objects=12, query=None, n_matching=None):
-    """A scene: background, query and shapes; the query's count is uniform over 0..max_objects unless given."""
+def make_image_scene(rng, max_objects=12, query=None, n_matching=None, style="world"):
+    """A scene: background, query and shapes; the query's count is uniform over 0..max_objects unless given.
+    style: a key of SHAPE_STYLES."""
     query = query or _random_query(rng)
     n_matching = rng.randint(0, max_objects) if n_matching is None else n_matching
     n_other = rng.randint(0, max_objects - n_matching)
-    shapes = _place(rng, _shape_specs(rng, query, n_matching, n_other))
-    return {"background": _background(rng), "query": query, "shapes": shapes}
+    shapes = _place(rng, _shape_specs(rng, query, n_matching, n_other, style), style)
+    return {"background": _background(rng, style), "query": query, "shapes": shapes}
 
 
 def _shape_polygon(kind, cx, cy, r):
@@ -705,7 +719,7 @@ def image_annotations(rng, scene):
     return annotations
 
 
-def multi_image_scenes(rng, max_objects=12):
+def multi_image_scenes(rng, max_objects=12, style="world"):
     """Two scenes sharing a query; which has more of it (or neither) is drawn uniformly first."""
     query = _random_query(rng)
     relation = rng.randrange(3)  # 0: image 1 has more, 1: image 2 has more, 2: same
@@ -714,7 +728,7 @@ def multi_image_scenes(rng, max_objects=12):
     else:
         low, high = sorted(rng.sample(range(max_objects + 1), 2))
         counts = [high, low] if relation == 0 else [low, high]
-    return [make_image_scene(rng, max_objects, query, n) for n in counts]
+    return [make_image_scene(rng, max_objects, query, n, style) for n in counts]
 
 
 def multi_image_annotations(rng, scenes):
@@ -732,10 +746,10 @@ def multi_image_annotations(rng, scenes):
     ]
 
 
-def make_video_scene(rng, n_frames=8, max_objects=6):
+def make_video_scene(rng, n_frames=8, max_objects=6, style="world"):
     """Shapes that appear at some frame, move in straight lines bouncing off the edges, and some leave
     before the end. Each shape's track holds its centre per frame, None while it is not in the video."""
-    scene = make_image_scene(rng, max_objects)
+    scene = make_image_scene(rng, max_objects, style=style)
     for shape in scene["shapes"]:
         e = shape["radius"] * _EXTENT[shape["kind"]]
         appear = rng.randrange(n_frames - 2)
@@ -791,18 +805,21 @@ SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "
 SYNTHETIC_SIZES = {"train": {"image": 2000, "multi": 300, "video": 200},
                    "val": {"image": 200, "multi": 50, "video": 50},
                    "test": {"image": 200, "multi": 50, "video": 50}}
-MAX_SHAPES = 12  # the most shapes _place can always fit into one image
 
 
 def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
-                             max_video_objects=6, n_frames=8):
+                             max_video_objects=6, n_frames=8, shape_style="world"):
     """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
     {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
     sizes: {split: {"image"|"multi"|"video": n_records}} (default SYNTHETIC_SIZES). max_objects bounds every
-    image's shapes, and so the counts (1..12; fewer makes an easier world). Returns {split: {part: jsonl path}}."""
+    image's shapes, and so the counts (1..12; fewer makes an easier world). shape_style: a key of SHAPE_STYLES.
+    Returns {split: {part: jsonl path}}."""
+    if shape_style not in SHAPE_STYLES:
+        raise ValueError(f"synthetic world: shape_style={shape_style!r}, expected one of {list(SHAPE_STYLES)}")
     for name, value in (("max_objects", max_objects), ("max_video_objects", max_video_objects)):
-        if not 1 <= value <= MAX_SHAPES:
-            raise ValueError(f"synthetic world: {name}={value}, expected 1..{MAX_SHAPES}")
+        if not 1 <= value <= SHAPE_STYLES[shape_style]["max_objects"]:
+            raise ValueError(f"synthetic world: {name}={value}, expected 1..{SHAPE_STYLES[shape_style]['max_objects']}"
+                             + (f" with shape_style={shape_style!r}" if shape_style != "world" else ""))
     sizes = sizes or SYNTHETIC_SIZES
     paths = {}
     for split, parts in sizes.items():
@@ -815,30 +832,30 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
             path = os.path.join(dataset_dir, f"{split}.jsonl")
             with open(path, "w") as f:
                 for index in range(n):
-                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size,
-                                                         video_size, max_objects, max_video_objects, n_frames)) + "\n")
+                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size,
+                                                         max_objects, max_video_objects, n_frames, shape_style)) + "\n")
             paths[split][part] = path
     return paths
 
 
 def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size, max_objects,
-                      max_video_objects, n_frames):
+                      max_video_objects, n_frames, shape_style="world"):
     """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
     rng = _example_rng(seed, split, part, index)
     name = f"{split}/{index:06d}"
     if part == "image":
-        scene = make_image_scene(rng, max_objects)
+        scene = make_image_scene(rng, max_objects, style=shape_style)
         _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, name + ".png"))
         return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": name + ".png",
                 "annotations": image_annotations(rng, scene), "scene": scene}
     if part == "multi":
-        scenes = multi_image_scenes(rng, max_objects)
+        scenes = multi_image_scenes(rng, max_objects, shape_style)
         files = [f"{name}_{k}.png" for k in range(1, len(scenes) + 1)]
         for scene, file in zip(scenes, files):
             _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, file))
         return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": files,
                 "annotations": multi_image_annotations(rng, scenes), "scene": {"images": scenes}}
-    scene = make_video_scene(rng, n_frames, max_video_objects)
+    scene = make_video_scene(rng, n_frames, max_video_objects, shape_style)
     os.makedirs(os.path.join(dataset_dir, name), exist_ok=True)
     for frame in range(n_frames):
         positions = [s["track"][frame] for s in scene["shapes"]]
@@ -858,6 +875,8 @@ seed = 0  # synthetic world seed
 image_size = 224  # synthetic world image size
 max_objects = 12  # synthetic world: at most this many shapes per image, so counts of 0..N (1-12)
 train_images = SYNTHETIC_SIZES["train"]["image"]  # synthetic world: single-image training records
+shape_style = "world"  # synthetic world: world | big_solid (every shape large, solid, on plain grey; max_objects <= 3):
+#   an easy world for stage 1's first steps (SHAPE_STYLES)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -866,10 +885,18 @@ def main():
         raise SystemExit(f"--dataset={dataset}: expected synthetic or one of {sorted(DATASETS)}")
     if not 1 <= max_objects <= MAX_SHAPES:
         raise SystemExit(f"--max_objects={max_objects}: expected 1..{MAX_SHAPES}")
+    if shape_style not in SHAPE_STYLES:
+        raise SystemExit(f"--shape_style={shape_style!r}: expected one of {list(SHAPE_STYLES)}")
     if dataset == "synthetic":
         sizes = {split: dict(parts) for split, parts in SYNTHETIC_SIZES.items()}
         sizes["train"]["image"] = train_images
-        paths = generate_synthetic_world(out, seed=seed, sizes=sizes, image_size=image_size, max_objects=max_objects)
+        try:
+            paths = generate_synthetic_world(out, seed=seed, sizes=sizes, image_size=image_size,
+                                             max_objects=max_objects,
+                                             max_video_objects=min(6, SHAPE_STYLES[shape_style]["max_objects"]),
+                                             shape_style=shape_style)
+        except ValueError as e:
+            raise SystemExit(f"prepare_data: {e}") from None
         for split, parts in paths.items():
             print(split, {part: sum(1 for _ in open(p)) for part, p in parts.items()})
         return

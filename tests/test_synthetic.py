@@ -294,6 +294,43 @@ def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
             prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
 
 
+def test_big_solid_style_draws_one_large_solid_kind_of_shape_on_grey(tmp_path, monkeypatch):
+    """`prepare_data.py --shape_style=big_solid --max_objects=3`: every shape of every part has the style's radius and
+    is solid, every background plain light grey (up to its jitter), every answer still agrees with its scene, and the
+    pixel at each uncovered centre has the shape's colour. More shapes than the style fits, or an unknown style, is
+    refused with its name."""
+    monkeypatch.setattr(prepare_data, "SYNTHETIC_SIZES", {"train": {"image": 40, "multi": 6, "video": 4}})
+    knobs = {k: getattr(prepare_data, k) for k in ("dataset", "out", "max_objects", "shape_style")}
+    configure(knobs, ["--dataset=synthetic", f"--out={tmp_path}", "--max_objects=3", "--shape_style=big_solid"])
+    for name, value in knobs.items():
+        monkeypatch.setattr(prepare_data, name, value)
+    prepare_data.main()
+    checkers = {"image": _check_image_record, "multi": _check_multi_record, "video": _check_video_record}
+    n_shapes = 0
+    for part, folder in (("image", "synth_image"), ("multi", "synth_multi"), ("video", "synth_video")):
+        for record in _records(str(tmp_path / folder / "train.jsonl")):
+            checkers[part](record)
+            scenes = record["scene"]["images"] if part == "multi" else [record["scene"]]
+            for scene in scenes:
+                assert scene["background"]["name"] == "light grey" and scene["background"]["pattern"] == "plain"
+                assert all(abs(c - 214) <= 12 for c in scene["background"]["colour"])
+                assert len(scene["shapes"]) <= 3
+                for shape in scene["shapes"]:
+                    assert shape["radius"] == 0.12 and shape["texture"] == "solid", shape
+                    n_shapes += 1
+    assert n_shapes > 50
+    for record in data.RecordFile(str(tmp_path / "synth_image" / "train.jsonl")):
+        image, shapes = record["images"][0], record["scene"]["shapes"]
+        for k, s in enumerate(shapes):
+            if not any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:]):
+                assert image.getpixel((int(s["x"] * 224), int(s["y"] * 224))) == prepare_data.SHAPE_COLOURS[s["colour"]]
+    with pytest.raises(ValueError, match="max_objects=4, expected 1..3 with shape_style='big_solid'"):
+        prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=4,
+                                              shape_style="big_solid")
+    with pytest.raises(ValueError, match="shape_style='tiny'"):
+        prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, shape_style="tiny")
+
+
 def test_record_token_ids_cover_every_formatted_example(world):
     """vocab='data' keeps rows for data.record_token_ids: every token of every example the loader or the
     evaluation can build from these records (any split, style prefixes sft / none / pretrain) must be there."""
