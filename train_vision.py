@@ -69,6 +69,9 @@ sigmoid_weight = 1.0  # SigLIP's image-caption loss; 0 = off
 loc_weight = 1.0  # the localisation loss (which token holds a point of which label, and where); 0 = off
 scene_weight = 0.0  # the synthetic world's attribute loss: each pooled token names the kind and the colour of the
 #   shape whose centre is in its cell, or none, from the record's scene (records without one add nothing); 0 = off
+scene_balanced = False  # the scene loss's tokens that hold a centre weigh as much, together, as the (about nine times
+#   as many) that hold none: colours were named 0.93 at step 150 against 0.54 (BENCHMARKS.md "What holds the kinds
+#   back"); off: as the GPU demo's stage 1 was measured
 position_loss = False  # with it: the global view's tokens holding a point also say where it is in the whole image
 text_layers = 2  # blocks of the text tower (as wide as the ViT)
 text_max_len = 96  # caption tokens kept
@@ -180,7 +183,7 @@ if vit_init == "big_vision":
     vit.init_big_vision()
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
-                              scene_classes() if scene_weight > 0 else ()).to(d.device)
+                              scene_classes() if scene_weight > 0 else (), scene_balanced).to(d.device)
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 optimizer = build_optimizer(pretrainer, lr, weight_decay)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)

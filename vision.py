@@ -217,7 +217,7 @@ class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
     def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc,
-                 text_vocab_rows=16384, use_position=False, scene_classes=()):
+                 text_vocab_rows=16384, use_position=False, scene_classes=(), scene_balanced=False):
         super().__init__()
         self.vit, self.vit_layers = vit, tuple(vit_layers)
         width = vit.config.hidden_size * len(self.vit_layers)
@@ -240,6 +240,9 @@ class VisionPretrainer(nn.Module):
         # where the label loss lets it sit near "circles" and "squares" alike
         self.scene_classes = tuple(scene_classes)
         self.scene_head = nn.Linear(embed_dim, sum(self.scene_classes)) if self.scene_classes else None
+        # balanced: the tokens that hold a centre weigh as much, together, as those that hold none (about one in ten
+        # holds one): the few that must say *which* kind are not outvoted by the many that say "none"
+        self.scene_balanced = scene_balanced
         self.init_new()
 
     def init_new(self):
@@ -291,11 +294,20 @@ class VisionPretrainer(nn.Module):
 
     def scene_loss(self, tokens, batch):
         """Cross-entropy of each attribute's class per token (batch["scene_targets"] (M, n_attributes), -1 where the
-        image has no scene), summed over attributes, averaged over the tokens whose image has one."""
+        image has no scene), summed over attributes, averaged over the tokens whose image has one; balanced: the
+        average over the tokens that hold a centre plus the average over those that hold none."""
         targets = batch["scene_targets"]
-        known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
-        return sum(F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
-                   for a, logits in enumerate(self.scene_logits(tokens))) / known
+        if not self.scene_balanced:
+            known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
+            return sum(F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
+                       for a, logits in enumerate(self.scene_logits(tokens))) / known
+        holds, empty = (targets[:, 0] > 0).float(), (targets[:, 0] == 0).float()  # (M,) each; -1 is in neither
+        total = 0.0
+        for a, logits in enumerate(self.scene_logits(tokens)):
+            ce = F.cross_entropy(logits, targets[:, a].clamp(min=0), reduction="none")  # (M,)
+            total = total + ((ce * holds).sum() / holds.sum().clamp(min=1)
+                             + (ce * empty).sum() / empty.sum().clamp(min=1))
+        return total
 
     def caption_loss(self, tokens, batch):
         captioned = batch["caption_image"]  # (B',) the images that have a caption

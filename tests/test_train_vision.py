@@ -355,9 +355,10 @@ def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
 # Every knob that shapes the run is pinned (the defaults are the real recipe's): 6 steps of 2 micro-batches of
 # 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
 STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
-          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--vit_init=big_vision",
-          "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2", "--weight_decay=0.05",
-          "--grad_clip=1.0", "--max_steps=6", "--save_every=2", "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
+          "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--scene_balanced=True",
+          "--vit_init=big_vision", "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2",
+          "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6", "--save_every=2", "--eval_every=3",
+          "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
 
 
 def stage1_args(world, out_dir, *extra):
@@ -640,6 +641,32 @@ def test_scene_loss_is_each_attributes_cross_entropy_over_the_tokens_with_a_scen
                + math.log(math.exp(3) + 4) + math.log(5)) / 2  # token 1: kind 0 (nothing), colour 0
     assert pretrainer.scene_loss(tokens, batch).item() == pytest.approx(by_hand, rel=1e-6)
     assert VisionPretrainer(vit, (1, 0), 1, 8, 16, False, True, 64).scene_head is None  # off by default
+
+
+def test_balanced_scene_loss_weighs_the_tokens_with_a_centre_as_much_as_those_without_by_hand():
+    """scene_balanced: four tokens, one holding a centre (kind 1, colour 3), two holding none, one of an image without
+    a scene. Per attribute the loss is the mean over the holding tokens plus the mean over the empty ones. At a zero
+    head every cross-entropy is ln 5: 2 x 2 ln 5. With kind class 1 at logit 3, the holding token's kind costs
+    ln(e^3 + 4) - 3 and each empty token's ln(e^3 + 4), where the unbalanced loss averages the three alike."""
+    from vision import SigLIP2, SigLIP2Config, VisionPretrainer
+    torch.manual_seed(0)
+    vit = SigLIP2(SigLIP2Config.preset("tiny"))
+    balanced, plain = (VisionPretrainer(vit, (1, 0), 1, 8, 16, False, False, 64, scene_classes=(5, 5),
+                                        scene_balanced=b) for b in (True, False))
+    batch = {"scene_targets": torch.tensor([[1, 3], [0, 0], [0, 0], [-1, -1]])}
+    tokens = torch.randn(4, 16)
+    for pretrainer in (balanced, plain):
+        with torch.no_grad():
+            pretrainer.scene_head.weight.zero_()
+            pretrainer.scene_head.bias.zero_()
+            pretrainer.scene_head.bias[1] = 3.0
+    said, other = math.log(math.exp(3) + 4) - 3, math.log(math.exp(3) + 4)
+    # float32 log-sum-exp of numbers of order 1: a few ulps of the result
+    assert balanced.scene_loss(tokens, batch).item() == pytest.approx(said + other + 2 * math.log(5), rel=1e-6)
+    assert plain.scene_loss(tokens, batch).item() == pytest.approx((said + 2 * other) / 3 + math.log(5), rel=1e-6)
+    loss = balanced.scene_loss(tokens[:2], {"scene_targets": torch.full((2, 2), -1)})
+    loss.backward()
+    assert loss.item() == 0.0 and balanced.scene_head.weight.grad is not None
 
 
 def test_scene_loss_without_scenes_is_zero_and_keeps_the_head_in_the_graph():
