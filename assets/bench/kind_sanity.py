@@ -65,11 +65,12 @@ def images(rng, n):
                      "texture": rng.choice(prepare_data.SHAPE_TEXTURES) if texture == "any" else "solid"}
             if cell is None:
                 shape["x"], shape["y"] = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75)
-            else:  # within the middle half of the cell, so that shapes in neighbouring cells barely touch
+            else:  # centred in the middle half of the cell: no centre near its cell's edge
                 shape["x"] = (cell % 4 + rng.uniform(0.25, 0.75)) / 4
                 shape["y"] = (cell // 4 + rng.uniform(0.25, 0.75)) / 4
             shapes.append(shape)
         shape = shapes[0]
+        shapes = shapes[1:] + shapes[:1]  # drawn last, on top: where shapes overlap, the named one is never covered
         plain = {"name": "light grey", "colour": [214, 214, 214], "pattern": "plain"}
         scene = {"background": prepare_data._background(rng) if background == "world" else plain, "shapes": shapes}
         crops.append(processor.image(prepare_data.render_scene(scene, 224)).patches[0])
