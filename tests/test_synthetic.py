@@ -212,18 +212,24 @@ def test_records_read_back_with_media(world):
     assert image["images"][0].size == (224, 224)
 
 
+def _uncovered_centres(path):
+    """(record id, shape, the pixel at its centre) for every shape of the image records at path that no shape drawn
+    later covers."""
+    for record in data.RecordFile(path):
+        image, shapes = record["images"][0], record["scene"]["shapes"]
+        for k, s in enumerate(shapes):
+            if not any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:]):
+                yield record["id"], s, image.getpixel((int(s["x"] * image.width), int(s["y"] * image.height)))
+
+
 def test_pixels_show_the_scene(world):
     """At the centre of every solid shape that nothing drawn later covers, the pixel has the shape's colour."""
     out, paths = world
     n_checked = 0
-    for record in data.RecordFile(paths["train"]["image"]):
-        image, shapes = record["images"][0], record["scene"]["shapes"]
-        for k, s in enumerate(shapes):
-            covered = any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:])
-            if s["texture"] == "solid" and not covered:
-                pixel = image.getpixel((int(s["x"] * 224), int(s["y"] * 224)))
-                assert pixel == prepare_data.SHAPE_COLOURS[s["colour"]], (record["id"], s)
-                n_checked += 1
+    for record_id, s, pixel in _uncovered_centres(paths["train"]["image"]):
+        if s["texture"] == "solid":
+            assert pixel == prepare_data.SHAPE_COLOURS[s["colour"]], (record_id, s)
+            n_checked += 1
     assert n_checked > 100
 
 
@@ -319,11 +325,10 @@ def test_big_solid_style_draws_one_large_solid_kind_of_shape_on_grey(tmp_path, m
                     assert shape["radius"] == 0.12 and shape["texture"] == "solid", shape
                     n_shapes += 1
     assert n_shapes > 50
-    for record in data.RecordFile(str(tmp_path / "synth_image" / "train.jsonl")):
-        image, shapes = record["images"][0], record["scene"]["shapes"]
-        for k, s in enumerate(shapes):
-            if not any(math.hypot(s["x"] - t["x"], s["y"] - t["y"]) < 1.6 * t["radius"] for t in shapes[k + 1:]):
-                assert image.getpixel((int(s["x"] * 224), int(s["y"] * 224))) == prepare_data.SHAPE_COLOURS[s["colour"]]
+    centres = list(_uncovered_centres(str(tmp_path / "synth_image" / "train.jsonl")))
+    assert len(centres) > 20
+    for record_id, s, pixel in centres:
+        assert pixel == prepare_data.SHAPE_COLOURS[s["colour"]], (record_id, s)
     with pytest.raises(ValueError, match="max_objects=4, expected 1..3 with shape_style='big_solid'"):
         prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=4,
                                               shape_style="big_solid")
