@@ -21,6 +21,7 @@ Design choices:
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data
+import training
 from configurator import configure
 
 VAL_FRACTION_BITS = 7  # 1 / 2**7 of the records go to val
@@ -808,11 +810,12 @@ SYNTHETIC_SIZES = {"train": {"image": 2000, "multi": 300, "video": 200},
 
 
 def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
-                             max_video_objects=6, n_frames=8, shape_style="world"):
+                             max_video_objects=6, n_frames=8, shape_style="world", workers=1):
     """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
     {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
     sizes: {split: {"image"|"multi"|"video": n_records}} (default SYNTHETIC_SIZES). max_objects bounds every
     image's shapes, and so the counts (1..12; fewer makes an easier world). shape_style: a key of SHAPE_STYLES.
+    workers > 1 draws the examples in that many processes: the same bytes, since each example has its own seed.
     Returns {split: {part: jsonl path}}."""
     if shape_style not in SHAPE_STYLES:
         raise ValueError(f"synthetic world: shape_style={shape_style!r}, expected one of {list(SHAPE_STYLES)}")
@@ -822,23 +825,32 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
                              + (f" with shape_style={shape_style!r}" if shape_style != "world" else ""))
     sizes = sizes or SYNTHETIC_SIZES
     paths = {}
-    for split, parts in sizes.items():
-        paths[split] = {}
-        for part, n in parts.items():
-            if part not in SYNTHETIC_DATASETS:
-                raise ValueError(f"synthetic world part {part!r}: expected one of {list(SYNTHETIC_DATASETS)}")
-            dataset_dir = os.path.join(data_dir, SYNTHETIC_DATASETS[part])
-            os.makedirs(os.path.join(dataset_dir, split), exist_ok=True)
-            path = os.path.join(dataset_dir, f"{split}.jsonl")
-            with open(path, "w") as f:
-                for index in range(n):
-                    f.write(json.dumps(_synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size,
-                                                         max_objects, max_video_objects, n_frames, shape_style)) + "\n")
-            paths[split][part] = path
+    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for split, parts in sizes.items():
+            paths[split] = {}
+            for part, n in parts.items():
+                if part not in SYNTHETIC_DATASETS:
+                    raise ValueError(f"synthetic world part {part!r}: expected one of {list(SYNTHETIC_DATASETS)}")
+                dataset_dir = os.path.join(data_dir, SYNTHETIC_DATASETS[part])
+                os.makedirs(os.path.join(dataset_dir, split), exist_ok=True)
+                draw = functools.partial(_synthetic_record, dataset_dir, seed, split, part, image_size=image_size,
+                                         video_size=video_size, max_objects=max_objects,
+                                         max_video_objects=max_video_objects, n_frames=n_frames,
+                                         shape_style=shape_style)
+                # map keeps the index order, so the jsonl is the same whichever process drew each example
+                records = pool.map(draw, range(n), chunksize=32) if pool else map(draw, range(n))
+                paths[split][part] = path = os.path.join(dataset_dir, f"{split}.jsonl")
+                with open(path, "w") as f:
+                    for record in records:
+                        f.write(json.dumps(record) + "\n")
+    finally:
+        if pool:
+            pool.shutdown()
     return paths
 
 
-def _synthetic_record(dataset_dir, seed, split, part, index, image_size, video_size, max_objects,
+def _synthetic_record(dataset_dir, seed, split, part, index, *, image_size, video_size, max_objects,
                       max_video_objects, n_frames, shape_style="world"):
     """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
     rng = _example_rng(seed, split, part, index)
@@ -877,6 +889,7 @@ max_objects = 12  # synthetic world: at most this many shapes per image, so coun
 train_images = SYNTHETIC_SIZES["train"]["image"]  # synthetic world: single-image training records
 shape_style = "world"  # synthetic world: world | big_solid (every shape large, solid, on plain grey; max_objects <= 3):
 #   an easy world for stage 1's first steps (SHAPE_STYLES)
+workers = 0  # synthetic world: processes drawing it (0 = every core this process may use); the bytes do not change
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -894,7 +907,8 @@ def main():
             paths = generate_synthetic_world(out, seed=seed, sizes=sizes, image_size=image_size,
                                              max_objects=max_objects,
                                              max_video_objects=min(6, SHAPE_STYLES[shape_style]["max_objects"]),
-                                             shape_style=shape_style)
+                                             shape_style=shape_style,
+                                             workers=workers or training.usable_cores())
         except ValueError as e:
             raise SystemExit(f"prepare_data: {e}") from None
         for split, parts in paths.items():

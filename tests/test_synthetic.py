@@ -42,10 +42,11 @@ def _records(path):
     return out
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
+def test_same_seed_same_bytes_in_any_number_of_processes_other_seed_other_bytes(world, tmp_path):
     out, _ = world
     small = {"train": {"image": 5, "multi": 2, "video": 2}}
-    prepare_data.generate_synthetic_world(str(tmp_path / "a"), seed=7, sizes=SIZES)
+    # drawn by two processes, against the fixture's one: each example has its own seed, so the bytes are the same
+    prepare_data.generate_synthetic_world(str(tmp_path / "a"), seed=7, sizes=SIZES, workers=2)
     prepare_data.generate_synthetic_world(str(tmp_path / "b"), seed=8, sizes=small)
     same, other = _file_hashes(str(tmp_path / "a")), _file_hashes(str(tmp_path / "b"))
     assert same == _file_hashes(out)
