@@ -202,8 +202,9 @@ if d.is_master:
     os.makedirs(out_dir, exist_ok=True)
 n_vit = sum(p.numel() for p in pretrainer.vit.parameters())
 n_rest = sum(p.numel() for p in pretrainer.parameters()) - n_vit
-d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, blocks {list(vit_layers)} read), heads and text tower "
-        f"{n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
+start = f"{vit_init} start" if init_from == "scratch" else f"from {init_from}, heads new"
+d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {list(vit_layers)} read), heads and text "
+        f"tower {n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
         f"localisation x {loc_weight}, scene x {scene_weight} "
         f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step")
 

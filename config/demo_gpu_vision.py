@@ -1,11 +1,16 @@
 # The GPU demo's stage 1 (python demo.py --recipe=gpu), on top of config/demo_vision.py: twice the images a step and
-# 4.7x the steps, with workers making the crops ahead, and the scene loss: each token also names the kind and colour
-# of the shape whose centre it holds (train_vision.py). On one H200 (2026-11-30) these 1,400 steps took 82-84 s and
-# read out counting 0.553 and F1 0.848, where the label loss alone read out 0.430 / 0.802; both kept improving to
-# 2,400 steps (0.605 / 0.880 with the scene loss, 0.570 / 0.856 without; BENCHMARKS.md "The GPU demo").
+# 8x the steps, with workers making the crops ahead, and the scene loss: each token also names the kind and colour of
+# the shape whose centre it holds, balanced so the few tokens that hold one weigh as much as the many that do not
+# (train_vision.py). It starts from the ViT that config/demo_gpu_vision_easy.py taught the kinds of shape in an easy
+# world. On one H200 (2026-11-30) its scene head named 0.38 / 0.57 / 0.73 / 0.81 / 0.84 / 0.86 of the held shapes'
+# kinds at steps 400-2,400 (0.30 at 1,400 unbalanced and without the easy start; 0.62 at 2,000 balanced from
+# big_vision's start), and its read-out counted 0.719 with F1 0.870, in 2.4 min. With 1,400 steps the whole demo
+# counted 0.630-0.670; with 2,400, 0.705-0.750 (BENCHMARKS.md "The GPU demo").
 batch_size = 64
-max_steps = 1400
-eval_every = 700
-save_every = 700
+max_steps = 2400
+eval_every = 400
+save_every = 800
 log_every = 100
 scene_weight = 1.0
+scene_balanced = True
+warmup = 100

@@ -141,3 +141,24 @@ def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):
         out = capsys.readouterr().out
         assert stop.value.code == 0 and out.startswith("usage:"), script
         assert re.search(r"\n  --\w+=\S|\(default: \d", out), script  # an option with its default
+
+
+def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
+    """Each step of each demo.py recipe (the GPU one too, which this CPU cannot run) starts a script that exists,
+    with config files that exist and --key=value knobs the script has; the GPU recipe's stage 1 starts where its easy
+    part ended, and that part reads the easy world its step before made."""
+    for recipe in demo.RECIPES:
+        steps = {name: args for name, args, _ in demo.demo_steps(recipe)}
+        for name, (script, *args) in steps.items():
+            assert os.path.isfile(os.path.join(ROOT, script)), (recipe, name, script)
+            knobs = {n for names, _ in configurator.knob_block(os.path.join(ROOT, script)) for n in names}
+            for arg in args:
+                if arg.startswith("--"):
+                    assert arg[2:].split("=", 1)[0] in knobs, (recipe, name, arg)
+                else:
+                    assert arg.endswith(".py") and os.path.isfile(os.path.join(ROOT, arg)), (recipe, name, arg)
+    gpu = {name: dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
+           for name, args, _ in demo.demo_steps("gpu")}
+    assert gpu["vision"]["init_from"] == gpu["vision, easy world"]["out_dir"]
+    assert gpu["vision, easy world"]["data_dir"] == gpu["easy world"]["out"]
+    assert "init_from" not in gpu["vision, easy world"]
