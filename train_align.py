@@ -124,8 +124,9 @@ for step in range(start_step, max_steps):
         with no_sync, autocast:
             mb = batch_to(mb, d.device)  # uint8 pixels to floats, the attention mask made there
             # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
-            loss_sum, wce = train_model(**model_inputs(mb), targets=mb["targets"], loss_weights=mb["loss_weights"],
-                                        z_loss=z_loss, response_mask=mb["targets"] >= 0)
+            loss_sum, wce = train_model(**model_inputs(mb, compile), targets=mb["targets"],
+                                        loss_weights=mb["loss_weights"], z_loss=z_loss,
+                                        response_mask=mb["targets"] >= 0)
             # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce

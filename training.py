@@ -787,9 +787,21 @@ def batch_to(batch, device):
     return batch
 
 
-def model_inputs(batch):
-    """The entries of a collated batch that Molmo2's forward takes (not its targets, weights or example ids)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+MEDIA_COUNTS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops", "pixel_values_videos",
+                "video_token_pooling", "video_grids")  # first dimension: crops, tokens or images of the whole batch
+
+
+def model_inputs(batch, compiled=False):
+    """The entries of a collated batch that Molmo2's forward takes (not its targets, weights or example ids).
+    compiled: the media's first dimension (MEDIA_COUNTS) is marked dynamic for torch.compile, which then traces one
+    graph for every image count, where it would trace a static graph first and recompile at the next count (rows
+    are padded to max_seq_len, so nothing else changes from batch to batch). Dynamo still specialises a size of 1."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if compiled:
+        for key in MEDIA_COUNTS:
+            if key in inputs:
+                torch._dynamo.maybe_mark_dynamic(inputs[key], 0)
+    return inputs
 
 
 def merge_media_streams(batch, rows):

@@ -439,12 +439,16 @@ def test_compile_traces_the_forward_in_one_graph(ours, processor):
     """torch.compile sees the whole training forward as one graph for any image count (issue 16): host-side
     checks are skipped while compiling, the features are added by a gather of fixed shape, and the connector's
     count of windows is traced; only the fused loss head is left out, by design (@torch.compiler.disable). The same
-    with the from-scratch switch position_bins on: each token's place is computed from the grids with static shapes."""
+    with the from-scratch switches: position_bins (each token's place computed from the grids with static shapes)
+    and a kept-token vocabulary (its rows looked up without the eager check of unknown ids)."""
     model = copy.deepcopy(ours).train()
     config = ours.config
     placed = Molmo2(dataclasses.replace(config, connector=dataclasses.replace(config.connector, position_bins=8)))
     placed.load_state_dict(ours.state_dict(), strict=False)
-    for run in (model, placed.train()):
+    ids = torch.cat([processor_inputs(processor, case)["input_ids"].flatten()
+                     for case in ("one image", "three images")])
+    kept = Molmo2(config.keep_tokens(sorted(set(ids[ids < nano.QWEN3_VOCAB_SIZE].tolist()))))
+    for run in (model, placed.train(), kept.train()):
         for case in ("one image", "three images"):
             inputs = processor_inputs(processor, case)
             targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
@@ -453,7 +457,7 @@ def test_compile_traces_the_forward_in_one_graph(ours, processor):
             assert all("loss_at_targets" in str(r.reason) for r in explained.break_reasons)
 
 
-def test_compile_does_not_recompile_for_another_image_count(ours, processor, monkeypatch):
+def test_compile_does_not_recompile_for_another_image_count(ours, processor):
     """torch.compile of the training forward (issue 16): one image compiles a graph, three images a second one
     with dynamic sizes (as dynamo does when a size changes), and then two images, other crops and another
     length reuse it: with error_on_recompile set, a further compile would raise. Dynamo's own eager backend: what
@@ -469,6 +473,41 @@ def test_compile_does_not_recompile_for_another_image_count(ours, processor, mon
 
     run("one image")
     run("three images")
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    loss = run("two images")
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the option from dynamo's config module
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss = run("two images")
     assert torch.isfinite(loss)
+
+
+def test_compile_marked_media_compiles_once_for_every_image_count(ours, processor):
+    """The trainers' compile switch (issue 16): their rows are padded to max_seq_len and training.model_inputs(...,
+    compiled=True) marks the media's counts dynamic, so the first batch's graph serves a batch of another image
+    count too: error_on_recompile is set after the first call. Without the marks the second batch recompiles."""
+    import training
+
+    def padded(case, length=160):  # as the trainer's rows: padded with <|endoftext|>, no loss there
+        inputs = dict(processor_inputs(processor, case))
+        n = length - inputs["input_ids"].shape[1]
+        assert n >= 0
+        inputs["input_ids"] = torch.nn.functional.pad(inputs["input_ids"], (0, n), value=151643)
+        inputs["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, n))
+        return inputs
+
+    def run(compiled, case, marked):
+        inputs = padded(case)
+        targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
+        targets[inputs["input_ids"] == 151643] = -1
+        return compiled(**training.model_inputs(inputs, compiled=marked), targets=targets,
+                        loss_weights=(targets >= 0).float())[0]
+
+    model = copy.deepcopy(ours).train()
+    for marked in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        run(compiled, "two images", marked)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            if marked:
+                assert torch.isfinite(run(compiled, "three images", marked))
+            else:
+                with pytest.raises(Exception, match="[Rr]ecompil"):
+                    run(compiled, "three images", marked)
