@@ -56,6 +56,7 @@ from vision import SigLIP2, VisionPretrainer
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/vision"
 init_from = "scratch"  # scratch (the ViT of model_preset) | a SigLIP checkpoint dir or hub id | a stage-1 out_dir
+init_heads = False  # with init_from a stage-1 out_dir: its heads and text tower too (its ckpt.pt), not the ViT alone
 vit_init = "gpt"  # a ViT from scratch: gpt (every matrix at std 0.02, vision.py's default) | big_vision (SigLIP's own
 #   code's: SigLIP2.init_big_vision). Alone, the small ViT told a 15-px shape's kind after 500 steps at lr 3e-4 at
 #   0.81 / 0.56 / 0.82 over three seeds with big_vision, 0.54 / 0.57 / 0.61 with gpt; on this CPU's 300 demo steps it
@@ -184,6 +185,18 @@ if vit_init == "big_vision":
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
                               scene_classes() if scene_weight > 0 else (), scene_balanced).to(d.device)
+if init_heads:  # a stage 1 that goes on from another's: what it learned on top of the ViT as well
+    if not os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        raise SystemExit(f"train_vision: init_heads=True needs init_from to be a stage-1 out_dir with a ckpt.pt; "
+                         f"init_from={init_from!r} has none")
+    heads = {k: v for k, v in torch.load(os.path.join(init_from, "ckpt.pt"), map_location="cpu",
+                                         weights_only=False)["model"].items() if not k.startswith("vit.")}
+    try:
+        missing = [k for k in pretrainer.load_state_dict(heads, strict=False).missing_keys if not k.startswith("vit.")]
+    except RuntimeError as e:  # a head of another shape: other losses or another embed_dim
+        raise SystemExit(f"train_vision: init_heads=True: {init_from}'s heads do not fit this run's: {e}") from None
+    if missing:
+        raise SystemExit(f"train_vision: init_heads=True: {init_from} has no {missing[:4]} (trained with other losses)")
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 optimizer = build_optimizer(pretrainer, lr, weight_decay)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
@@ -202,7 +215,7 @@ if d.is_master:
     os.makedirs(out_dir, exist_ok=True)
 n_vit = sum(p.numel() for p in pretrainer.vit.parameters())
 n_rest = sum(p.numel() for p in pretrainer.parameters()) - n_vit
-start = f"{vit_init} start" if init_from == "scratch" else f"from {init_from}, heads new"
+start = f"{vit_init} start" if init_from == "scratch" else f"from {init_from}, heads {'too' if init_heads else 'new'}"
 d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {list(vit_layers)} read), heads and text "
         f"tower {n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
         f"localisation x {loc_weight}, scene x {scene_weight} "

@@ -708,3 +708,24 @@ def test_vit_init_is_checked_before_any_work(tmp_path):
         result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                                 env=ONE_THREAD)
         assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_init_heads_continues_a_runs_heads_as_well_as_its_vit(tiny_world, reference_run, tmp_path):
+    """init_from a stage-1 run loads its ViT; init_heads=True also its heads and text tower, from its ckpt.pt. One step
+    at the warmup's lr of 0 changes no weight, so the new run's checkpoint holds the reference run's every tensor with
+    init_heads, and new heads without; a folder without a ckpt.pt is an error that says so."""
+    ref_out, _ = reference_run
+    ref = torch.load(os.path.join(ref_out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    for init_heads in (True, False):
+        out = str(tmp_path / f"heads_{init_heads}")
+        run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out), "--vit_init=gpt",
+                    f"--init_from={ref_out}", f"--init_heads={init_heads}", "--max_steps=1", "--eval_every=0"])
+        new = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+        assert new.keys() == ref.keys()
+        heads = [k for k in ref if not k.startswith("vit.")]
+        assert len(heads) > 5 and all(torch.equal(new[k], ref[k]) for k in ref if k.startswith("vit."))
+        assert all(torch.equal(new[k], ref[k]) for k in heads) == init_heads
+    result = subprocess.run([sys.executable, "train_vision.py", *stage1_args(tiny_world, str(tmp_path / "x")),
+                             "--vit_init=gpt", f"--init_from={ref_out}/final", "--init_heads=True"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
+    assert result.returncode != 0 and "init_heads=True needs init_from to be a stage-1 out_dir" in result.stderr
