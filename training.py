@@ -603,9 +603,11 @@ def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(
         draw.line((x, bottom, x, bottom + 5), fill=(0, 0, 0))
         draw.text((x, bottom + 8), label, fill=(0, 0, 0), font=font, anchor="ma")
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    drawn = []  # every point's place, for the legend to cover as few as it can
     for index, (name, points) in enumerate(series.items()):
         color = PLOT_COLORS[index % len(PLOT_COLORS)]
         xys = [to_xy(s, v) for s, v in points]
+        drawn += xys
         if len(xys) > 1:
             draw.line(xys, fill=color, width=2, joint="curve")
         if len(xys) <= 50:  # few points (a validation curve): mark each one
@@ -618,9 +620,13 @@ def plot_curves(curves, path, title="loss", xlabel="step", ylabel="loss", size=(
     label_image = label_image.rotate(90, expand=True)
     image.paste(label_image, (4, int((top + bottom) / 2 - label_image.height / 2)))
     legend_width = max(draw.textlength(name, font=font) for name in series) + 40
-    lx, ly = right - legend_width - 8, top + 8
-    draw.rectangle((lx, ly, lx + legend_width, ly + 20 * len(series) + 6), fill=(255, 255, 255),
-                   outline=(120, 120, 120))
+    legend_height = 20 * len(series) + 6
+    # the corner whose box covers the fewest points (top right first: loss curves fall away from it)
+    corners = [(right - legend_width - 8, top + 8), (right - legend_width - 8, bottom - legend_height - 8),
+               (left + 8, top + 8), (left + 8, bottom - legend_height - 8)]
+    lx, ly = min(corners, key=lambda c: sum(c[0] - 4 <= x <= c[0] + legend_width + 4 and
+                                            c[1] - 4 <= y <= c[1] + legend_height + 4 for x, y in drawn))
+    draw.rectangle((lx, ly, lx + legend_width, ly + legend_height), fill=(255, 255, 255), outline=(120, 120, 120))
     for index, name in enumerate(series):
         y = ly + 13 + 20 * index
         draw.line((lx + 8, y, lx + 28, y), fill=PLOT_COLORS[index % len(PLOT_COLORS)], width=3)

@@ -329,3 +329,12 @@ def test_example_grid_and_curves(tmp_path):
     assert training.PLOT_COLORS[0] in {c for _, c in curve.getcolors(1 << 20)}
     with pytest.raises(ValueError, match="curves"):
         training.plot_curves({"train": []}, tmp_path / "empty.png")
+
+    # the legend (its box outlined in grey 120) takes the corner its box covers fewest points in: top right above a
+    # falling loss, bottom right below a rising accuracy that ends in the top right
+    falling, rising = [(s, 1 - s / 100) for s in range(101)], [(s, s / 100) for s in range(101)]
+    for points, legend_below in ((falling, False), (rising, True)):
+        chart = Image.open(training.plot_curves({"curve": points}, tmp_path / "legend.png")).convert("RGB")
+        grey_rows = [y for y in range(chart.height) if any(chart.getpixel((x, y)) == (120, 120, 120)
+                                                            for x in range(chart.width // 2, chart.width))]
+        assert grey_rows and all((y > chart.height // 2) == legend_below for y in grey_rows), grey_rows[:3]
