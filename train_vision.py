@@ -56,7 +56,8 @@ from vision import SigLIP2, VisionPretrainer
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/vision"
 init_from = "scratch"  # scratch (the ViT of model_preset) | a SigLIP checkpoint dir or hub id | a stage-1 out_dir
-init_heads = False  # with init_from a stage-1 out_dir: its heads and text tower too (its ckpt.pt), not the ViT alone
+init_heads = False  # with init_from a stage-1 out_dir: its heads and text tower too (its ckpt.pt), not the ViT alone.
+#   After the easy world, on this CPU's 300 world steps: kinds 0.34 against 0.35 with new heads (BENCHMARKS.md)
 vit_init = "gpt"  # a ViT from scratch: gpt (every matrix at std 0.02, vision.py's default) | big_vision (SigLIP's own
 #   code's: SigLIP2.init_big_vision). Alone, the small ViT told a 15-px shape's kind after 500 steps at lr 3e-4 at
 #   0.81 / 0.56 / 0.82 over three seeds with big_vision, 0.54 / 0.57 / 0.61 with gpt; on this CPU's 300 demo steps it
