@@ -841,9 +841,12 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
                 # map keeps the index order, so the jsonl is the same whichever process drew each example
                 records = pool.map(draw, range(n), chunksize=32) if pool else map(draw, range(n))
                 paths[split][part] = path = os.path.join(dataset_dir, f"{split}.jsonl")
-                with open(path, "w") as f:
+                # written whole or not at all: a run stopped half-way leaves no jsonl that looks finished (demo.py
+                # takes an existing test.jsonl as a made world)
+                with open(path + ".tmp", "w") as f:
                     for record in records:
                         f.write(json.dumps(record) + "\n")
+                os.replace(path + ".tmp", path)
     finally:
         if pool:
             pool.shutdown()

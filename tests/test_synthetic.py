@@ -55,6 +55,26 @@ def test_same_seed_same_bytes_in_any_number_of_processes_other_seed_other_bytes(
     assert shared and all(same[k] != other[k] for k in shared if k.endswith(".png"))
 
 
+def test_a_world_stopped_half_way_leaves_no_finished_looking_jsonl(tmp_path, monkeypatch):
+    """Each split's jsonl appears whole or not at all: drawing fails at the 4th test image, after the train split
+    was written, and the test split's jsonl is then absent (a partial one would pass for a made world)."""
+    real, calls = prepare_data._synthetic_record, []
+
+    def failing(dataset_dir, seed, split, part, index, **kwargs):
+        calls.append(split)
+        if split == "test" and index == 3:
+            raise KeyboardInterrupt  # as a user's Ctrl-C
+        return real(dataset_dir, seed, split, part, index, **kwargs)
+
+    monkeypatch.setattr(prepare_data, "_synthetic_record", failing)
+    out = tmp_path / "w"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.generate_synthetic_world(str(out), sizes={"train": {"image": 5}, "test": {"image": 6}})
+    assert calls.count("test") == 4
+    assert len((out / "synth_image" / "train.jsonl").read_text().splitlines()) == 5
+    assert not (out / "synth_image" / "test.jsonl").exists()
+
+
 def test_splits_share_no_image(world):
     out, paths = world
     image_hashes = {}
