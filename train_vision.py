@@ -94,6 +94,7 @@ dtype = "bfloat16"  # autocast dtype on GPU, and on a CPU with cpu_autocast
 cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the CPU has bf16 matrix instructions, whose
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
+compile = False  # torch.compile the step's forward (the model and its losses)
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
 eval_batches = 4
@@ -199,6 +200,8 @@ if init_heads:  # a stage 1 that goes on from another's: what it learned on top 
     if missing:
         raise SystemExit(f"train_vision: init_heads=True: {init_from} has no {missing[:4]} (trained with other losses)")
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
+if compile:
+    train_model = torch.compile(train_model)
 optimizer = build_optimizer(pretrainer, lr, weight_decay)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
