@@ -73,7 +73,7 @@ scene_weight = 0.0  # the synthetic world's attribute loss: each pooled token na
 #   shape whose centre is in its cell, or none, from the record's scene (records without one add nothing); 0 = off
 scene_balanced = False  # the scene loss's tokens that hold a centre weigh as much, together, as the (about nine times
 #   as many) that hold none: colours were named 0.93 at step 150 against 0.54 (BENCHMARKS.md "What holds the kinds
-#   back"); off: as the GPU demo's stage 1 was measured
+#   back"); config/demo_gpu_vision.py turns it on
 position_loss = False  # with it: the global view's tokens holding a point also say where it is in the whole image
 text_layers = 2  # blocks of the text tower (as wide as the ViT)
 text_max_len = 96  # caption tokens kept
