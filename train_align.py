@@ -19,8 +19,8 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer, evaluate_loss,
-                      export_final, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
+from training import (Dist, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer,
+                      evaluate_loss, export_final, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
                       save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -63,6 +63,7 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
+profile = 0  # > 0: torch.profiler over this many steps after the 10th: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
 wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)
@@ -109,7 +110,9 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
         f"{d.world_size} process(es) on {d.device.type} | "
         f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")
 
+profiler = StepProfiler(profile, out_dir, d)
 for step in range(start_step, max_steps):
+    profiler.step(step)
     set_learning_rates(optimizer, step, max_steps)
     # the state before this step's batches and dropout draws, in case the step must be redone
     data_state, rng_before = loader.state_dict(), rng_state()

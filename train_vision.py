@@ -48,9 +48,9 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
-from training import (Dist, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at, plot_vision_run,
-                      resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes, seed_everything,
-                      step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+from training import (Dist, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at,
+                      plot_vision_run, resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes,
+                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -95,6 +95,7 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the step's forward (the model and its losses)
+profile = 0  # > 0: torch.profiler over this many steps after the 10th: out_dir/profile.txt, the trace, GPU busy time
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
 eval_batches = 4
@@ -227,7 +228,9 @@ d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {lis
 
 t_start = t_last = time.time()
 step_times = []
+profiler = StepProfiler(profile, out_dir, d)
 for step in range(start_step, max_steps):
+    profiler.step(step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, warmup, max_steps)
     # the state before this step's draws, in case the step must be redone

@@ -352,6 +352,56 @@ def logged_steps(log_path):
 ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval_answers scores (eval.headline)
 
 
+class StepProfiler:
+    """torch.profiler over n_steps steps of a training loop (the trainers' `profile` knob), after the first `start`
+    steps, which compile, fill the loader and warm up. Where a step's time goes, for speed work: on the master
+    process it writes out_dir/profile.txt (the ops by their own device time on a GPU, host time on a CPU) and
+    out_dir/profile_trace.json (chrome://tracing, ui.perfetto.dev), and prints a step's wall time against the time
+    the GPU was busy in it: a GPU busy for a small share of its step waits on the host."""
+
+    def __init__(self, n_steps, out_dir, d, start=10):
+        self.n, self.out_dir, self.d, self.start = n_steps, out_dir, d, start
+        self.prof = self.t0 = None
+
+    def step(self, step):
+        """Call at the top of every step (step: the loop's step number)."""
+        if not self.n or not self.d.is_master:
+            return
+        if step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.d.device.type == "cuda" else [])
+            self._sync()
+            self.prof, self.t0 = profile(activities=activities), time.perf_counter()
+            self.prof.__enter__()
+        elif step == self.start + self.n and self.prof is not None:
+            self.stop()
+
+    def stop(self):
+        self._sync()
+        wall = (time.perf_counter() - self.t0) / self.n
+        self.prof.__exit__(None, None, None)
+        trace = os.path.join(self.out_dir, "profile_trace.json")
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.prof.export_chrome_trace(trace)
+        averages, self.prof = self.prof.key_averages(), None
+        cuda = self.d.device.type == "cuda"
+        table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                               max_name_column_width=70)
+        with open(os.path.join(self.out_dir, "profile.txt"), "w") as f:
+            f.write(table)
+        line = f"profile: steps {self.start}-{self.start + self.n - 1}, {wall * 1e3:.1f} ms a step"
+        if cuda:  # kernels are the leaves of the device timeline: their own times add up to its busy time
+            busy = sum(e.self_device_time_total for e in averages
+                       if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+            busy /= 1e3 * self.n  # us over n steps -> ms a step
+            line += f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%})"
+        print(f"{line} | ops: {os.path.join(self.out_dir, 'profile.txt')} | trace: {trace}", flush=True)
+
+    def _sync(self):
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)
+
+
 class Progress:
     """A line per step (loss, per-part learning rates, tokens/s, MFU on GPU, the image features' std and mean
     cosine, ETA), the same numbers appended to out_dir/log.jsonl (a resumed run appends its steps after the earlier

@@ -656,6 +656,20 @@ def test_fused_head_equals_plain_logits_on_a_real_vocabulary():
     assert abs(loss_bf16.item() - ref.item()) / ref.item() < 2e-2
 
 
+def test_fused_head_default_chunks_keep_the_cpu_as_it_was_and_a_gpu_chunk_near_2_24_logits():
+    """On a CPU the default is 1,024 rows a chunk, bit for bit; on a GPU a small kept vocabulary gets one chunk for
+    a demo step's ~19,000 loss rows instead of ~19, and the full vocabulary keeps 1,024 (0.6 GB of float32 logits)."""
+    torch.manual_seed(0)
+    h, head = torch.randn(2500, 8), torch.randn(50, 8)
+    targets, weights = torch.randint(0, 50, (2500,)), torch.rand(2500)
+    default = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4)
+    explicit = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=1024)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    assert model_lib.loss_chunk_rows(514, on_gpu=False) == 1024
+    assert model_lib.loss_chunk_rows(514, on_gpu=True) == 32640 and 32640 * 514 <= 2**24
+    assert model_lib.loss_chunk_rows(151936, on_gpu=True) == 1024
+
+
 def test_validation_reports_what_the_images_are_worth(world):
     """evaluate_loss scores the same batches twice, the second time with the crops rotated by one place: for a
     model whose vision path matters the two differ; with the vision features zeroed out they are equal."""
@@ -801,3 +815,18 @@ def test_bench_learning_curve_files(tmp_path):
     for path in paths:
         with Image.open(path) as image:
             assert image.size == (800, 480)
+
+
+def test_step_profiler_records_the_chosen_steps_only(tmp_path, capsys):
+    """--profile=2 in a trainer: steps 10 and 11 are recorded, one matmul each, and none of the 12 others; the table
+    and a trace that chrome://tracing reads are written, and a step's wall time is printed."""
+    d = training.Dist("cpu")
+    profiler = training.StepProfiler(2, str(tmp_path), d)
+    a = torch.ones(8, 8)
+    for step in range(14):
+        profiler.step(step)
+        torch.mm(a, a)
+    trace = json.loads((tmp_path / "profile_trace.json").read_text())
+    assert sum(e.get("name") == "aten::mm" for e in trace["traceEvents"]) == 2
+    assert "aten::mm" in (tmp_path / "profile.txt").read_text()
+    assert "profile: steps 10-11," in capsys.readouterr().out
