@@ -423,12 +423,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
+def loss_chunk_rows(vocab_rows, on_gpu):
+    """linear_cross_entropy's default rows a chunk (its docstring says why)."""
+    return max(1024, 2**24 // vocab_rows) if on_gpu else 1024
+
+
 @torch.compiler.disable  # runs eagerly under torch.compile: torch 2.11's dynamo fails tracing this Function
-def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=1024):
+def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=None):
     """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
     CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are already
     matmuls and one fused softmax step each, so compiling it would gain little; torch.compile (the stage
-    scripts' compile switch) therefore leaves it out (on torch 2.11 tracing it fails on an assertion)."""
+    scripts' compile switch) therefore leaves it out (on torch 2.11 tracing it fails on an assertion).
+    chunk_size: rows a chunk; None = 1,024, or on a GPU as many as keep a chunk's logits near 2^24 values. Each
+    chunk is a few dozen small ops the host launches: with a kept vocabulary of ~500 rows a GPU demo step had ~19
+    chunks, 16 ms of host time in a step of ~100 (BENCHMARKS.md "Where a GPU step's time goes"); the CPU keeps
+    1,024, so its runs stay as they were to the last bit."""
+    if chunk_size is None:
+        chunk_size = loss_chunk_rows(weight.shape[0], h.is_cuda)
     return LinearCrossEntropy.apply(h, weight, targets, token_weights, z_loss, chunk_size)
 
 

@@ -201,16 +201,25 @@ class TextTower(nn.Module):
         self.final_layer_norm = nn.LayerNorm(width, eps=vit_config.layer_norm_eps)
         self.head = nn.Linear(width, embed_dim)
 
-    def forward(self, ids, lengths):
-        """ids (T, L) long, padded; lengths (T,) -> (T, E) unit vectors."""
-        T, L = ids.shape
+    def forward(self, ids, lengths, round_shapes=None):
+        """ids (T, L) long, padded; lengths (T,) -> (T, E) unit vectors. round_shapes (None: on a GPU) first pads T
+        up to a multiple of 64 texts and L to one of 8 tokens, and drops the extra texts after: each batch has its
+        own number of labels, and on a GPU the attention's cuDNN kernels build a plan for every new shape, ~70 ms
+        forward and ~80 ms backward, which stage 1 paid on most steps (BENCHMARKS.md "Where a GPU step's time
+        goes"). Every text is computed alone (attention within it), so the padding changes no real text's math."""
+        T = ids.shape[0]
+        if ids.is_cuda if round_shapes is None else round_shapes:
+            width = min(ids.shape[1] + -ids.shape[1] % 8, self.position_embedding.shape[0])
+            ids = F.pad(ids, (0, width - ids.shape[1], 0, -T % 64))
+            lengths = F.pad(lengths, (0, -T % 64), value=1)  # one token each: no all-masked row
+        L = ids.shape[1]
         real = torch.arange(L, device=ids.device)[None, :] < lengths[:, None]  # (T, L)
         x = self.token_embedding(ids % self.vocab_rows) + self.position_embedding[:L]  # (T, L, C)
         for block in self.layers:
             x = block(x, real[:, None, None, :])  # (T, L, C): padding is never attended to
         x = self.final_layer_norm(x)
         pooled = (x * real[..., None]).sum(1) / lengths[:, None].clamp(min=1)  # (T, C)
-        return F.normalize(self.head(pooled).float(), dim=-1)  # (T, E)
+        return F.normalize(self.head(pooled[:T]).float(), dim=-1)  # (T, E)
 
 
 class VisionPretrainer(nn.Module):

@@ -729,3 +729,25 @@ def test_init_heads_continues_a_runs_heads_as_well_as_its_vit(tiny_world, refere
                              "--vit_init=gpt", f"--init_from={ref_out}/final", "--init_heads=True"],
                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
     assert result.returncode != 0 and "init_heads=True needs init_from to be a stage-1 out_dir" in result.stderr
+
+
+def test_text_tower_rounded_shapes_give_each_text_its_own_embedding_and_gradient():
+    """The GPU's rounded shapes (64 texts, 8 tokens) against the exact ones: every text is computed alone, so its
+    embedding and the weights' gradients are the same math; float32, the matmuls over more rows may sum in another
+    order (a few ulps of values near 1)."""
+    from vision import TextTower
+    torch.manual_seed(0)
+    tower = TextTower(SigLIP2Config.preset("tiny"), n_layers=2, max_len=12, embed_dim=16, vocab_rows=100)
+    ids = torch.randint(0, 1000, (5, 3))
+    lengths = torch.tensor([3, 1, 2, 3, 2])
+    outs, grads = [], []
+    for rounded in (False, True):
+        tower.zero_grad()
+        out = tower(ids, lengths, round_shapes=rounded)
+        (out * torch.arange(16.0)).sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in tower.parameters()])
+    assert outs[1].shape == (5, 16)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for rounded_grad, exact_grad in zip(*grads[::-1]):
+        torch.testing.assert_close(rounded_grad, exact_grad, rtol=1e-5, atol=1e-6)
