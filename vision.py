@@ -205,8 +205,8 @@ class TextTower(nn.Module):
         """ids (T, L) long, padded; lengths (T,) -> (T, E) unit vectors. round_shapes (None: on a GPU) first pads T
         up to a multiple of 64 texts and L to one of 8 tokens, and drops the extra texts after: each batch has its
         own number of labels, and on a GPU the attention's cuDNN kernels build a plan for every new shape, ~70 ms
-        forward and ~80 ms backward, which stage 1 paid on most steps (BENCHMARKS.md "Where a GPU step's time
-        goes"). Every text is computed alone (attention within it), so the padding changes no real text's math."""
+        forward and ~80 ms backward (BENCHMARKS.md "Where a GPU step's time goes"). Every text is computed alone
+        (attention within it), so the padding changes no real text's math."""
         T = ids.shape[0]
         if ids.is_cuda if round_shapes is None else round_shapes:
             width = min(ids.shape[1] + -ids.shape[1] % 8, self.position_embedding.shape[0])
