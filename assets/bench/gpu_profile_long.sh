@@ -53,7 +53,10 @@ profile_part() {  # GPU 0: stage 1, then (once the align stage is there) the joi
   timeout "$(left)" $PY tools/bench.py --sections=train --model_preset=small --hf=False --trainer_batch_size=64 \
       --trainer_seq_len=512 --steps=20 --out_dir=out/prof/bench_small $B > "$LOGS/bench_small.log" 2>&1
   stamp "bench, small preset"; pack
-  PYTHONPATH=${TF_ZIP:+$TF_ZIP:}${PYTHONPATH:-} timeout "$(left)" $PY tools/bench.py --sections=train --compile=True \
+  if [ -n "$TF_ZIP" ]; then  # transformers reads its own folders: a zip on PYTHONPATH fails at import
+    TF_DIR=$(mktemp -d) && $PY -m zipfile -e "$TF_ZIP" "$TF_DIR"
+  fi
+  PYTHONPATH=${TF_DIR:+$TF_DIR:}${PYTHONPATH:-} timeout "$(left)" $PY tools/bench.py --sections=train --compile=True \
       --hf=$([ -n "$TF_ZIP" ] && echo True || echo False) --steps=8 --out_dir=out/prof/bench_full $B \
       > "$LOGS/bench_full.log" 2>&1
   stamp "bench, full preset"; pack
