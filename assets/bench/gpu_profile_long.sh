@@ -4,7 +4,7 @@
 # - GPU 0: where a step's time goes. torch.profiler (the trainers' --profile) over stage 1's and the joint stage's
 #   steps, eager and compiled; then tools/bench.py's train section at the small preset (the real trainer against the
 #   model alone at the demo's 64 rows of 512 tokens) and at the full preset with --compile=True (transformers from
-#   TF_ZIP on PYTHONPATH, if given).
+#   TF_ZIP, a zip of its package folder, unpacked first, if given).
 # - GPU 1: the joint stage for longer, two runs side by side on one GPU (each its half of the cores): JOINT_A and
 #   JOINT_B are train_joint.py's extra words (defaults: 3,200 steps of 64 rows; 1,600 steps of 128 rows).
 # Usage: bash assets/bench/gpu_profile_long.sh OUT SECONDS VIT_DIR [TF_ZIP]
