@@ -883,7 +883,10 @@ class ForkedWorkers:
     multiprocessing.Pool: the Pool's worker-handler thread wakes whenever a result waits in its pipe, and with
     examples of megabytes it spun ~30,000 times a second on this 2-core machine, holding the GIL the training and
     batch threads need (BENCHMARKS.md "The GPU trainer: batches made off the training thread"); the executor's
-    thread sleeps until it can read a result."""
+    thread sleeps until it can read a result. But for each result it wakes, registers every worker's pipe with a
+    selector, polls and unpickles, holding the GIL: in a GPU demo's joint step it woke ~87 times, for ~50 ms of
+    Python under cProfile beside the step's ~100 (BENCHMARKS.md "Where a GPU step's time goes"). So the loaders send
+    keys in chunks (per_task) and take one result per chunk."""
 
     workers, pool = 0, None
 
@@ -1097,6 +1100,16 @@ class StepsAhead:
         return getattr(self.loader, name)
 
 
+def per_task(n_keys, workers, most=8):
+    """How many of n_keys drawn keys one worker task makes: about an even share each, at most `most`."""
+    return max(1, min(most, -(-n_keys // max(workers, 1))))
+
+
+def _worker_examples(keys):
+    """In a worker: _worker_example of each key, in order (one message back for the chunk)."""
+    return [_worker_example(key) for key in keys]
+
+
 def _worker_example(key):
     """In a worker: the example of a key as numpy arrays (sent back by value through a pipe, much cheaper than
     one shared-memory handle per tensor), or the ExampleTooLong it raised, and what making it counted."""
@@ -1126,7 +1139,8 @@ class _Prefetch:
 
     def __init__(self, keys, loader, depth):
         self.keys, self.loader, self.depth = keys, loader, depth
-        self.queue = collections.deque()  # (sampler state before the key, key, pending result)
+        self.per_task = per_task(depth // 2, loader.workers)  # keys a worker task makes: half the depth in flight
+        self.queue = collections.deque()  # (sampler state before the key, key, (pending chunk, place in it))
         self.taken = None  # the entry __next__ handed out, until make() takes its example
 
     def __iter__(self):
@@ -1135,18 +1149,21 @@ class _Prefetch:
     def __next__(self):
         pool = self.loader.start_workers()
         while len(self.queue) < max(self.depth, 1):
-            state = self.keys.state_dict()
-            key = next(self.keys)  # the sampler is endless
-            self.queue.append((state, key, pool.submit(_worker_example, key)))
+            drawn = []
+            for _ in range(self.per_task):
+                state = self.keys.state_dict()
+                drawn.append((state, next(self.keys)))  # the sampler is endless
+            chunk = pool.submit(_worker_examples, [key for _, key in drawn])
+            self.queue.extend((state, key, (chunk, i)) for i, (state, key) in enumerate(drawn))
         self.taken = self.queue.popleft()
         return self.taken[1]
 
     def make(self, key):
         if self.taken is not None and self.taken[1] == key:
-            result, self.taken = self.taken[2], None
+            (chunk, i), self.taken = self.taken[2], None
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
-            result = self.loader.start_workers().submit(_worker_example, key)
-        arrays, too_long, (n_seen, counts, first, n_filtered) = result.result()
+            chunk, i = self.loader.start_workers().submit(_worker_examples, [key]), 0
+        arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
         _add_counts(self.loader.report, n_seen, counts, first)
         self.loader.n_filtered += n_filtered
         if too_long is not None:
@@ -1380,6 +1397,11 @@ def vision_batch_to(batch, device):
     return batch
 
 
+def _vision_worker_examples(keys):
+    """In a worker: _vision_worker_example of each key, in order (one message back for the chunk)."""
+    return [_vision_worker_example(key) for key in keys]
+
+
 def _vision_worker_example(key):
     """In a worker: (the example of a key or None, what making it counted)."""
     loader = _WORKER_LOADER
@@ -1447,7 +1469,9 @@ class VisionLoader(ForkedWorkers):
         started = []
         for keys in self.shards:
             drawn = [next(keys) for _ in range(self.batch_size)]
-            started.append((drawn, [self.start_workers().submit(_vision_worker_example, key) for key in drawn]))
+            n = per_task(len(drawn), self.workers)  # an even share of the step's keys a task (ForkedWorkers says why)
+            started.append((drawn, [self.start_workers().submit(_vision_worker_examples, drawn[i:i + n])
+                                    for i in range(0, len(drawn), n)]))
         self.ahead = (states, started)
 
     def next_step(self):
@@ -1458,7 +1482,7 @@ class VisionLoader(ForkedWorkers):
         for s, keys in enumerate(self.shards):
             examples = []
             if self.ahead is not None:
-                for ex, counted in (future.result() for future in self.ahead[1][s][1]):
+                for ex, counted in (result for chunk in self.ahead[1][s][1] for result in chunk.result()):
                     self._count(counted)
                     if ex is not None:
                         ex.patches, ex.pooling = torch.from_numpy(ex.patches), torch.from_numpy(ex.pooling)

@@ -50,7 +50,7 @@ def steps_per_second(knobs):
         prefetch = loader.packers[0].items
         prefetch.depth = 3 * knobs["batch_size"] * knobs["steps"]  # more examples than the timed steps take
         loader.next_step()  # tops the read-ahead up to depth
-        while not all(result.ready() for _, _, result in prefetch.queue):
+        while not all(chunk.done() for _, _, (chunk, _) in prefetch.queue):
             time.sleep(0.1)
         prefetch.depth = 0  # no more read-ahead: the workers stay idle while the steps are timed
     start = time.perf_counter()
