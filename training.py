@@ -1139,7 +1139,8 @@ class _Prefetch:
 
     def __init__(self, keys, loader, depth):
         self.keys, self.loader, self.depth = keys, loader, depth
-        self.per_task = per_task(depth // 2, loader.workers)  # keys a worker task makes: half the depth in flight
+        # keys a worker task makes: an even share of half the read-ahead (at most 8), so each worker has a task queued
+        self.per_task = per_task(depth // 2, loader.workers)
         self.queue = collections.deque()  # (sampler state before the key, key, (pending chunk, place in it))
         self.taken = None  # the entry __next__ handed out, until make() takes its example
 
