@@ -9,3 +9,11 @@ stamp() { echo "[$(elapsed) s] $*" | tee -a "$OUT/times.txt"; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   $PY -c "import torch; print('torch', torch.__version__)"
 } > "$OUT/times.txt" 2>&1
+# test_eval RUN NAME: eval.py on the GPU demo world's test images (counting, pointing) of the joint run in RUN, its
+# log, metrics and predictions copied into $LOGS as NAME_*; within the caller's left() seconds
+test_eval() {
+  timeout "$(left)" $PY eval.py --init_from="$1" --split=test --data_dir=data/demo_gpu "--datasets=['synth_image']" \
+      "--tasks=['counting', 'pointing']" --out_dir="$1/eval" > "$LOGS/$2_eval.log" 2>&1
+  cp "$1/eval/metrics.json" "$LOGS/$2_metrics.json"
+  cp "$1/eval/predictions.jsonl" "$LOGS/$2_predictions.jsonl"
+}

@@ -59,11 +59,7 @@ run_variant() {
       > "$LOGS/${name}_joint.log" 2>&1
   cp "$dir/joint/log.jsonl" "$LOGS/${name}_joint_log.jsonl"
   stamp "$name: joint trained"; pack
-  timeout "$(left)" $PY eval.py --init_from="$dir/joint" --split=test --data_dir=data/demo_gpu \
-      "--datasets=['synth_image']" "--tasks=['counting', 'pointing']" --out_dir="$dir/eval" \
-      > "$LOGS/${name}_eval.log" 2>&1
-  cp "$dir/eval/metrics.json" "$LOGS/${name}_metrics.json"
-  cp "$dir/eval/predictions.jsonl" "$LOGS/${name}_predictions.jsonl"
+  test_eval "$dir/joint" "$name"
   stamp "$name: evaluated"; pack
 }
 

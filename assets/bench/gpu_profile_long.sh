@@ -68,11 +68,7 @@ long_run() {  # name, extra words: one joint run on GPU 1, then its test images
       --init_from=out/long/align --out_dir="out/long/$1" --save_every=0 $2 $S > "$LOGS/$1.log" 2>&1
   cp "out/long/$1/log.jsonl" "$LOGS/$1_log.jsonl"
   stamp "$1 trained"; pack
-  timeout "$(left)" $PY eval.py --init_from="out/long/$1" --split=test --data_dir=data/demo_gpu \
-      "--datasets=['synth_image']" "--tasks=['counting', 'pointing']" --out_dir="out/long/$1/eval" \
-      > "$LOGS/$1_eval.log" 2>&1
-  cp "out/long/$1/eval/metrics.json" "$LOGS/$1_metrics.json"
-  cp "out/long/$1/eval/predictions.jsonl" "$LOGS/$1_predictions.jsonl"
+  test_eval "out/long/$1" "$1"
   stamp "$1 evaluated"; pack
 }
 
