@@ -150,7 +150,7 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
         f"{d.world_size} process(es) on {d.device.type} | "
         f"global batch {batch_size * grad_accum * d.world_size} rows of {max_seq_len} tokens")
 
-profiler = StepProfiler(profile, out_dir, d)
+profiler = StepProfiler(profile, out_dir, d, start_step, max_steps)
 for step in range(start_step, max_steps):
     profiler.step(step)
     set_learning_rates(optimizer, step, max_steps)

@@ -228,7 +228,7 @@ d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {lis
 
 t_start = t_last = time.time()
 step_times = []
-profiler = StepProfiler(profile, out_dir, d)
+profiler = StepProfiler(profile, out_dir, d, start_step, max_steps)
 for step in range(start_step, max_steps):
     profiler.step(step)
     for group in optimizer.param_groups:

@@ -353,14 +353,17 @@ ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval
 
 
 class StepProfiler:
-    """torch.profiler over n_steps steps of a training loop (the trainers' `profile` knob), after the first `start`
-    steps, which compile, fill the loader and warm up. Where a step's time goes, for speed work: on the master
+    """torch.profiler over n_steps steps of a training loop (the trainers' `profile` knob), 10 steps after the run's
+    first (those compile, fill the loader and warm up). Where a step's time goes, for speed work: on the master
     process it writes out_dir/profile.txt (the ops by their own device time on a GPU, host time on a CPU) and
     out_dir/profile_trace.json (chrome://tracing, ui.perfetto.dev), and prints a step's wall time against the time
     the GPU was busy in it: a GPU busy for a small share of its step waits on the host."""
 
-    def __init__(self, n_steps, out_dir, d, start=10):
-        self.n, self.out_dir, self.d, self.start = n_steps, out_dir, d, start
+    def __init__(self, n_steps, out_dir, d, first_step=0, max_steps=None, warm=10):
+        self.n, self.out_dir, self.d, self.start = n_steps, out_dir, d, first_step + warm
+        if n_steps and max_steps is not None and max_steps < self.start + n_steps:
+            raise SystemExit(f"profile={n_steps}: it records steps {self.start}-{self.start + n_steps - 1}, so this "
+                             f"run needs max_steps >= {self.start + n_steps} (it has {max_steps})")
         self.prof = self.t0 = None
 
     def step(self, step):

@@ -830,3 +830,14 @@ def test_step_profiler_records_the_chosen_steps_only(tmp_path, capsys):
     assert sum(e.get("name") == "aten::mm" for e in trace["traceEvents"]) == 2
     assert "aten::mm" in (tmp_path / "profile.txt").read_text()
     assert "profile: steps 10-11," in capsys.readouterr().out
+
+
+def test_step_profiler_refuses_a_run_too_short_to_reach_its_steps(tmp_path):
+    """--profile=5 records steps 10-14 after where the run starts: a run of 12 steps, or a resumed one that starts at
+    step 100 and stops at 110, is told so before it trains, instead of ending with no profile."""
+    d = training.Dist("cpu")
+    with pytest.raises(SystemExit, match=r"profile=5: it records steps 10-14, so this run needs max_steps >= 15"):
+        training.StepProfiler(5, str(tmp_path), d, first_step=0, max_steps=12)
+    with pytest.raises(SystemExit, match=r"steps 110-114.*max_steps >= 115 \(it has 110\)"):
+        training.StepProfiler(5, str(tmp_path), d, first_step=100, max_steps=110)
+    assert training.StepProfiler(5, str(tmp_path), d, first_step=100, max_steps=115).start == 110
