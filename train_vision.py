@@ -126,7 +126,8 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
     """-> {loss name: mean}, plus, where the localisation loss is on, 'count_acc' (the high-res tokens that pass
     0.5 count the label's points exactly) and 'point_f1' (those tokens' points against the true ones, a hit
     within point_radius of the image side), over every pointed label of the first n_batches batches of val;
-    where the scene loss is on, '<attribute>_acc' (the scene head's class, on the tokens that hold a centre).
+    where the scene loss is on, '<attribute>_acc' (the scene head's class, on the tokens that hold a centre), and
+    the same on the high-res and the low-res view's tokens alone ('<attribute>_high_res_acc', '..._low_res_acc').
     The loader should be a fresh one, so every validation sees the same images."""
     was_training = pretrainer.training
     pretrainer.eval()
@@ -146,8 +147,13 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
             if pretrainer.scene_head is not None:
                 holds = batch["scene_targets"][:, 0] > 0  # tokens that hold a shape's centre
                 logits = pretrainer.scene_logits(tokens[holds])  # one per attribute
+                high_res = batch["high_res"][holds]
                 for a, name in enumerate(scene_attributes()):
-                    right[name].extend((logits[a].argmax(-1) == batch["scene_targets"][holds, a]).tolist())
+                    correct = logits[a].argmax(-1) == batch["scene_targets"][holds, a]
+                    right[name].extend(correct.tolist())
+                    # the low-res view shrinks the whole image into one crop: a small shape there is a patch or less
+                    right[f"{name}_high_res"].extend(correct[high_res].tolist())
+                    right[f"{name}_low_res"].extend(correct[~high_res].tolist())
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

@@ -489,6 +489,10 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp
     val = [r for r in read_log(ref_dir) if kind(r) == "val"][-1]
     assert {"val_sigmoid", "val_loc", "val_offset", "val_scene", "val_kind_acc", "val_colour_acc"} <= set(val)
     assert 0.0 <= val["val_kind_acc"] <= 1.0 and val["val_scene"] > 0
+    # and on each view's tokens alone: the overall accuracy is their token-weighted mean, so it lies between them
+    for attribute in ("kind", "colour"):
+        views = [val[f"val_{attribute}_high_res_acc"], val[f"val_{attribute}_low_res_acc"]]
+        assert min(views) - 1e-12 <= val[f"val_{attribute}_acc"] <= max(views) + 1e-12
     final = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
     ref_final = load_safetensors(os.path.join(ref_dir, "final", "model.safetensors"))
     assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
