@@ -67,7 +67,7 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
-profile = 0  # > 0: torch.profiler over this many steps after the 10th: out_dir/profile.txt, the trace, GPU busy time
+profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
 wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)

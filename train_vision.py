@@ -95,7 +95,7 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the step's forward (the model and its losses)
-profile = 0  # > 0: torch.profiler over this many steps after the 10th: out_dir/profile.txt, the trace, GPU busy time
+profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
 eval_batches = 4
