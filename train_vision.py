@@ -49,7 +49,7 @@ from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
 from training import (Dist, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at,
-                      plot_vision_run, resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes,
+                      plot_vision_run, resume_run, rng_state, save_checkpoint, scene_classes, scene_hits,
                       seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
@@ -147,13 +147,8 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
             if pretrainer.scene_head is not None:
                 holds = batch["scene_targets"][:, 0] > 0  # tokens that hold a shape's centre
                 logits = pretrainer.scene_logits(tokens[holds])  # one per attribute
-                high_res = batch["high_res"][holds]
-                for a, name in enumerate(scene_attributes()):
-                    correct = logits[a].argmax(-1) == batch["scene_targets"][holds, a]
-                    right[name].extend(correct.tolist())
-                    # the low-res view shrinks the whole image into one crop: a small shape there is a patch or less
-                    right[f"{name}_high_res"].extend(correct[high_res].tolist())
-                    right[f"{name}_low_res"].extend(correct[~high_res].tolist())
+                for name, hits in scene_hits(logits, batch["scene_targets"][holds], batch["high_res"][holds]).items():
+                    right[name].extend(hits)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

@@ -1268,6 +1268,19 @@ def scene_attributes():
     return {"kind": prepare_data.SHAPE_KINDS, "colour": tuple(prepare_data.SHAPE_COLOURS)}
 
 
+def scene_hits(logits, targets, high_res):
+    """Which tokens the scene head names right: logits, one (M, n_values + 1) tensor per attribute of
+    scene_attributes(); targets (M, n_attributes); high_res (M,) bool -> {attribute: [bool] * M} and the same for
+    each view's tokens alone ('<attribute>_high_res', '<attribute>_low_res'). The low-res view shrinks the whole
+    image into one crop, so a small shape there is a patch or less; the LLM can read it off the high-res view."""
+    hits = {}
+    for a, name in enumerate(scene_attributes()):
+        correct = logits[a].argmax(-1) == targets[:, a]
+        hits[name] = correct.tolist()
+        hits[f"{name}_high_res"], hits[f"{name}_low_res"] = correct[high_res].tolist(), correct[~high_res].tolist()
+    return hits
+
+
 def scene_classes():
     """Stage 1's scene head: per attribute, its number of values plus one (no shape's centre in the cell)."""
     return tuple(len(values) + 1 for values in scene_attributes().values())

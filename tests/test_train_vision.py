@@ -755,3 +755,14 @@ def test_text_tower_rounded_shapes_give_each_text_its_own_embedding_and_gradient
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     for rounded_grad, exact_grad in zip(*grads[::-1]):
         torch.testing.assert_close(rounded_grad, exact_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_scene_hits_score_each_view_alone_by_hand():
+    """Three tokens that hold a centre, the first two of the high-res view. Kinds (4 + none): the head says class 1
+    everywhere, the targets are 1, 2, 1: right, wrong, right. Colours: the head says 3, the targets 3, 3, 2."""
+    kind_logits = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0]]).repeat(3, 1)
+    colour_logits = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0]]).repeat(3, 1)
+    targets = torch.tensor([[1, 3], [2, 3], [1, 2]])
+    hits = training.scene_hits((kind_logits, colour_logits), targets, torch.tensor([True, True, False]))
+    assert hits == {"kind": [True, False, True], "kind_high_res": [True, False], "kind_low_res": [True],
+                    "colour": [True, True, False], "colour_high_res": [True, True], "colour_low_res": [False]}
