@@ -40,6 +40,7 @@ run_variant() {
   local name=$1 joint_args=$3 every=$4 dir=out/cur_$1 init="" i=0 part
   IFS=';' read -r -a parts <<< "$2"
   [ ${#parts[@]} -gt 0 ] || parts=("")
+  [[ "$2" != *";" ]] || parts+=("")  # read drops a last empty part: "easy;" is the easy part, then the world's
   for part in "${parts[@]}"; do
     i=$(( i + 1 ))
     # shellcheck disable=SC2086  # a part is --key=value words, none holding a space
