@@ -352,6 +352,15 @@ def logged_steps(log_path):
 ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval_answers scores (eval.headline)
 
 
+def device_busy(averages, n_steps):
+    """torch.profiler's key_averages() over n_steps steps -> (ms a step the GPU was busy, kernels a step). Kernels are
+    the leaves of the device timeline, so their own times add up to its busy time; a small model pays host time for
+    each kernel it launches, so their number says as much as their time."""
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    return (sum(e.self_device_time_total for e in kernels) / (1e3 * n_steps),  # us over n steps -> ms a step
+            sum(e.count for e in kernels) / n_steps)
+
+
 class StepProfiler:
     """torch.profiler over n_steps steps of a training loop (the trainers' `profile` knob), 10 steps after the run's
     first (those compile, fill the loader and warm up). Where a step's time goes, for speed work: on the master
@@ -393,11 +402,9 @@ class StepProfiler:
         with open(os.path.join(self.out_dir, "profile.txt"), "w") as f:
             f.write(table)
         line = f"profile: steps {self.start}-{self.start + self.n - 1}, {wall * 1e3:.1f} ms a step"
-        if cuda:  # kernels are the leaves of the device timeline: their own times add up to its busy time
-            busy = sum(e.self_device_time_total for e in averages
-                       if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
-            busy /= 1e3 * self.n  # us over n steps -> ms a step
-            line += f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%})"
+        if cuda:
+            busy, n_kernels = device_busy(averages, self.n)
+            line += f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels a step"
         print(f"{line} | ops: {os.path.join(self.out_dir, 'profile.txt')} | trace: {trace}", flush=True)
 
     def _sync(self):

@@ -841,3 +841,16 @@ def test_step_profiler_refuses_a_run_too_short_to_reach_its_steps(tmp_path):
     with pytest.raises(SystemExit, match=r"steps 110-114.*max_steps >= 115 \(it has 110\)"):
         training.StepProfiler(5, str(tmp_path), d, first_step=100, max_steps=110)
     assert training.StepProfiler(5, str(tmp_path), d, first_step=100, max_steps=115).start == 110
+
+
+def test_device_busy_adds_the_kernels_own_times_and_counts_per_step():
+    """Two profiled steps: kernel A ran 4 times for 3,000 us in all, kernel B twice for 1,000 us; a CPU op and a
+    user annotation on the device timeline (a range, not a kernel) are left out: (4,000 us / 2) = 2.0 ms and 3
+    kernels a step."""
+    from types import SimpleNamespace as Event
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    averages = [Event(device_type=cuda, is_user_annotation=False, self_device_time_total=3000.0, count=4),
+                Event(device_type=cuda, is_user_annotation=False, self_device_time_total=1000.0, count=2),
+                Event(device_type=cpu, is_user_annotation=False, self_device_time_total=0.0, count=50),
+                Event(device_type=cuda, is_user_annotation=True, self_device_time_total=9000.0, count=1)]
+    assert training.device_busy(averages, 2) == (2.0, 3.0)
