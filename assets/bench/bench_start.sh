@@ -9,6 +9,14 @@ stamp() { echo "[$(elapsed) s] $*" | tee -a "$OUT/times.txt"; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   $PY -c "import torch; print('torch', torch.__version__)"
 } > "$OUT/times.txt" 2>&1
+# left: the seconds before END, the caller's deadline (timeout "$(left)" stops a stage in time)
+left() { echo $(( END - $(date +%s) )); }
+# pack: times.txt and the caller's LOGS folder into OUT/logs.tgz, rewritten whole each time, so a run cut off still
+# brings back what it did; each call writes its own temporary archive, so runs packing at once never mix theirs
+pack() {
+  cp "$OUT/times.txt" "$LOGS/"
+  tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . 2> /dev/null; mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"
+}
 # test_eval RUN NAME: eval.py on the GPU demo world's test images (counting, pointing) of the joint run in RUN, its
 # log, metrics and predictions copied into $LOGS as NAME_*; within the caller's left() seconds
 test_eval() {

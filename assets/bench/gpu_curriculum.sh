@@ -15,13 +15,8 @@ set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
 # shellcheck source=assets/bench/bench_start.sh
 . "$(dirname "$0")/bench_start.sh"
-LOGS=$(mktemp -d)
-pack() {
-  cp "$OUT/times.txt" "$LOGS/"
-  tar czf "$OUT/logs.tgz.part" -C "$LOGS" . && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"
-}
-END=$(( T0 + BUDGET - 10 ))
-left() { echo $(( END - $(date +%s) )); }
+LOGS=$(mktemp -d)  # packed into OUT/logs.tgz by bench_start.sh's pack
+END=$(( T0 + BUDGET - 10 ))  # bench_start.sh's left() counts down to it
 
 {
   [ -f data/demo_gpu/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_gpu \

@@ -15,13 +15,8 @@ set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; VIT=${3:?stage-1 ViT dir}; TF_ZIP=${4:-}
 # shellcheck source=assets/bench/bench_start.sh
 . "$(dirname "$0")/bench_start.sh"
-LOGS=$(mktemp -d)
-pack() {
-  cp "$OUT/times.txt" "$LOGS/"
-  tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . 2> /dev/null; mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"  # the last whole one wins
-}
-END=$(( T0 + BUDGET - 10 ))
-left() { echo $(( END - $(date +%s) )); }
+LOGS=$(mktemp -d)  # packed into OUT/logs.tgz by bench_start.sh's pack
+END=$(( T0 + BUDGET - 10 ))  # bench_start.sh's left() counts down to it
 JOINT_A=${JOINT_A:---max_steps=3200 --eval_every=400}
 JOINT_B=${JOINT_B:---max_steps=1600 --eval_every=200 --batch_size=128}
 GPU_STAGE="--data_dir=data/demo_gpu --max_crops=9"

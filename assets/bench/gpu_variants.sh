@@ -25,8 +25,7 @@ if [ ! -f out/demo_gpu/vision/final/config.json ]; then
   stamp "stage 1 (${VISION_ARGS:-}) trained ($?)"
   cp out/demo_gpu/vision/log.jsonl "$OUT/vision_log.jsonl" 2>/dev/null
 fi
-END=$(( T0 + BUDGET - 5 ))
-left() { echo $(( END - $(date +%s) )); }
+END=$(( T0 + BUDGET - 5 ))  # bench_start.sh's left() counts down to it
 # name, args, joint args: align, joint and eval of one variant; its logs and scores copied to OUT at its end
 run_variant() {
   local name=$1 args=$2 joint_args=$3
