@@ -1115,9 +1115,9 @@ def per_task(n_keys, workers, most=8):
     return max(1, min(most, -(-n_keys // max(workers, 1))))
 
 
-def _worker_examples(keys):
-    """In a worker: _worker_example of each key, in order (one message back for the chunk)."""
-    return [_worker_example(key) for key in keys]
+def _each(make, keys):
+    """In a worker: make(key) for each key of a chunk, in order, sent back as one message (ForkedWorkers says why)."""
+    return [make(key) for key in keys]
 
 
 def _worker_example(key):
@@ -1164,7 +1164,7 @@ class _Prefetch:
             for _ in range(self.per_task):
                 state = self.keys.state_dict()
                 drawn.append((state, next(self.keys)))  # the sampler is endless
-            chunk = pool.submit(_worker_examples, [key for _, key in drawn])
+            chunk = pool.submit(_each, _worker_example, [key for _, key in drawn])
             self.queue.extend((state, key, (chunk, i)) for i, (state, key) in enumerate(drawn))
         self.taken = self.queue.popleft()
         return self.taken[1]
@@ -1173,7 +1173,7 @@ class _Prefetch:
         if self.taken is not None and self.taken[1] == key:
             (chunk, i), self.taken = self.taken[2], None
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
-            chunk, i = self.loader.start_workers().submit(_worker_examples, [key]), 0
+            chunk, i = self.loader.start_workers().submit(_each, _worker_example, [key]), 0
         arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
         _add_counts(self.loader.report, n_seen, counts, first)
         self.loader.n_filtered += n_filtered
@@ -1421,11 +1421,6 @@ def vision_batch_to(batch, device):
     return batch
 
 
-def _vision_worker_examples(keys):
-    """In a worker: _vision_worker_example of each key, in order (one message back for the chunk)."""
-    return [_vision_worker_example(key) for key in keys]
-
-
 def _vision_worker_example(key):
     """In a worker: (the example of a key or None, what making it counted)."""
     loader = _WORKER_LOADER
@@ -1494,7 +1489,7 @@ class VisionLoader(ForkedWorkers):
         for keys in self.shards:
             drawn = [next(keys) for _ in range(self.batch_size)]
             n = per_task(len(drawn), self.workers)  # an even share of the step's keys a task (ForkedWorkers says why)
-            started.append((drawn, [self.start_workers().submit(_vision_worker_examples, drawn[i:i + n])
+            started.append((drawn, [self.start_workers().submit(_each, _vision_worker_example, drawn[i:i + n])
                                     for i in range(0, len(drawn), n)]))
         self.ahead = (states, started)
 
