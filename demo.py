@@ -1,6 +1,6 @@
 """
 The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes
-(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 3x larger world, in about 9 minutes).
+(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 3x larger world, in about 8 minutes).
 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
    recipe's data/demo_gpu/ has 30,000): shapes to count and point at, with held-out val and test splits
@@ -29,7 +29,7 @@ import time
 from configurator import configure
 
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
-recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~9 min: longer stages on
+recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~8 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -40,8 +40,9 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # with the same val and test images (each split is drawn from its own seeds).
 # The GPU recipe's stage 1 starts in an easy world (one large solid shape or none on plain grey, 10,000 images), where
 # the ViT learns the kinds of shape it does not learn among the demo world's five small textured ones: its scene head
-# then named 0.86 of the world's kinds after 2,400 steps on it, against 0.62 after 2,000 steps from a random start and
-# 0.30 in the one-part recipe before (BENCHMARKS.md "Stage 1 in two parts").
+# then named 0.86 of the world's kinds after 2,400 steps of 64 images on it (0.91 at 128 images a step, the recipe
+# now), against 0.62 after 2,000 steps of 64 from a random start and 0.30 in the one-part recipe before (BENCHMARKS.md
+# "Stage 1 in two parts", "Stage 1 at 128 images a step").
 STAGES = ("vision", "align", "joint")
 EASY_WORLD = ("data/easy", 10_000)
 RECIPES = {

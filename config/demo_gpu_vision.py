@@ -1,13 +1,13 @@
-# The GPU demo's stage 1 (python demo.py --recipe=gpu), on top of config/demo_vision.py: twice the images a step and
-# 8x the steps, with workers making the crops ahead, and the scene loss: each token also names the kind and colour of
-# the shape whose centre it holds, balanced so the few tokens that hold one weigh as much as the many that do not
+# The GPU demo's stage 1 (python demo.py --recipe=gpu), on top of config/demo_vision.py: four times the images a step
+# and 8x the steps, with workers making the crops ahead, and the scene loss: each token also names the kind and colour
+# of the shape whose centre it holds, balanced so the few tokens that hold one weigh as much as the many that do not
 # (train_vision.py). It starts from the ViT that config/demo_gpu_vision_easy.py taught the kinds of shape in an easy
-# world. On one H200 (2026-11-30) its scene head named 0.38 / 0.57 / 0.73 / 0.81 / 0.84 / 0.86 of the held shapes'
-# kinds at steps 400-2,400 (0.30 at 1,400 unbalanced and without the easy start; 0.62 at 2,000 balanced from
-# big_vision's start), and its read-out counted 0.719 with F1 0.870, in 2.4 min. With 1,400 steps the whole demo
-# counted 0.630-0.670; with 2,400, 0.670-0.750 (0.670 as one command). 2,400 steps more (a second run from this ViT)
-# named 0.935 of the kinds and the demo counted 0.785 / 0.790, but 1.7 min over its 10 (BENCHMARKS.md "The GPU demo").
-batch_size = 64
+# world. On one H200 (2026-11-30) its scene head named 0.91-0.93 of the held shapes' kinds in 3.4-3.6 min, and the
+# whole demo as one command counted 0.750 with F1 0.785 in 7.9 min. At 64 images a step, the same 2,400 steps named
+# 0.864 in 2.8 min (the demo counted 0.670-0.750); the step waits on the host, so 128 images cost 77-90 ms a step
+# against 62, and the kinds come per image, not per step (192 a step for 1,600 steps: 0.906). BENCHMARKS.md "The GPU
+# demo", "Stage 1 at 128 images a step".
+batch_size = 128
 max_steps = 2400
 eval_every = 400
 save_every = 800
@@ -15,3 +15,4 @@ log_every = 100
 scene_weight = 1.0
 scene_balanced = True
 warmup = 100
+lr = 1.4e-3  # ~sqrt(2) x the 1e-3 it had at 64 images a step
