@@ -30,7 +30,8 @@ from configurator import configure
 
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
 recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~8 min: longer stages on
-#   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu
+#   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
+#   one large GPU, ~9 min (config/demo_full_*.py on top of the GPU files; not yet scored), into out/demo_full
 # ----------------------------------------------------------------------------------------------------------------
 
 WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
@@ -49,6 +50,10 @@ RECIPES = {
     "cpu": ("out/demo", (WORLD, 10_000), {stage: [f"config/demo_{stage}.py"] for stage in STAGES}, None),
     "gpu": ("out/demo_gpu", ("data/demo_gpu", 30_000),
             {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in STAGES}, EASY_WORLD),
+    # the full nanomolmo2 preset (so400m ViT, Qwen3-0.6B) from scratch on one GPU, in the GPU recipe's world
+    "full": ("out/demo_full", ("data/demo_gpu", 30_000),
+             {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py", f"config/demo_full_{stage}.py"]
+              for stage in STAGES}, None),
 }
 
 
@@ -127,12 +132,16 @@ def main(recipe="cpu"):
     stage1 = f"{readout['val_count_acc']:.3f} / {readout['val_point_f1']:.3f}"
     from model import QWEN3_VOCAB_SIZE
     with open(f"{out}/joint/final/config.json") as f:
-        n_tokens = len(json.load(f).get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
+        config = json.load(f)
+    n_tokens = len(config.get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
+    llm, vit = config["text_config"], config["vision_config"]
+    size = "A small" if recipe != "full" else "The full"
     guess = commonest_count_share(f"{world}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
 
-A small nanoMolmo2 (`model_preset=small`: SigLIP2-style ViT 128 wide x 5 blocks at 112 px, Qwen3-style LLM
-128 wide x 4 blocks with rows for the {n_tokens:,} Qwen3 tokens the world uses) trained from scratch on the
+{size} nanoMolmo2 (SigLIP2-style ViT {vit["hidden_size"]} wide x {vit["num_hidden_layers"]} blocks at \
+{vit["image_size"][0]} px, Qwen3-style LLM {llm["hidden_size"]} wide x {llm["num_hidden_layers"]} blocks with rows for the \
+{n_tokens:,} Qwen3 tokens the world uses) trained from scratch on the
 demo's synthetic world (up to 5 shapes an image), on {"this machine's CPU" if recipe == "cpu" else "one GPU"}, in three
 stages (vision pretraining, connector alignment, joint training), then asked to count and point on the held-out test images.
 

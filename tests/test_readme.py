@@ -144,9 +144,10 @@ def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):
 
 
 def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
-    """Each step of each demo.py recipe (the GPU one too, which this CPU cannot run) starts a script that exists,
-    with config files that exist and --key=value knobs the script has; the GPU recipe's stage 1 starts where its easy
-    part ended, and that part reads the easy world its step before made."""
+    """Each step of each demo.py recipe (the GPU ones too, which this CPU cannot run) starts a script that exists,
+    with config files that exist and set only knobs the script has (a key of another stage fails here, not minutes
+    into a GPU run), and --key=value knobs it has; the GPU recipe's stage 1 starts where its easy part ended, and
+    that part reads the easy world its step before made."""
     for recipe in demo.RECIPES:
         steps = {name: args for name, args, _ in demo.demo_steps(recipe)}
         for name, (script, *args) in steps.items():
@@ -157,6 +158,16 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
                     assert arg[2:].split("=", 1)[0] in knobs, (recipe, name, arg)
                 else:
                     assert arg.endswith(".py") and os.path.isfile(os.path.join(ROOT, arg)), (recipe, name, arg)
+            if script.startswith("train_"):  # the config files' keys too, applied in order as the script would
+                with open(os.path.join(ROOT, script)) as f:
+                    head = f.read().split("config = configure(globals())")[0]
+                knob_defaults = {}
+                exec(compile(head, script, "exec"), knob_defaults)
+                files_and_knobs = [a if a.startswith("--") else os.path.join(ROOT, a) for a in args]
+                try:
+                    configurator.configure(knob_defaults, files_and_knobs)
+                except configurator.ConfigError as e:
+                    raise AssertionError(f"demo recipe {recipe!r}, step {name!r}: {e}") from None
     gpu = {name: dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
            for name, args, _ in demo.demo_steps("gpu")}
     assert gpu["vision"]["init_from"] == gpu["vision, easy world"]["out_dir"]
