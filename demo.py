@@ -136,14 +136,16 @@ def main(recipe="cpu"):
     n_tokens = len(config.get("token_ids", [])) or QWEN3_VOCAB_SIZE  # a full-vocabulary model
     llm, vit = config["text_config"], config["vision_config"]
     size = "A small" if recipe != "full" else "The full"
+    parts = (f"SigLIP2-style ViT {vit['hidden_size']} wide x {vit['num_hidden_layers']} blocks at "
+             f"{vit['image_size'][0]} px, Qwen3-style LLM {llm['hidden_size']} wide x "
+             f"{llm['num_hidden_layers']} blocks")
+    where = "this machine's CPU" if recipe == "cpu" else "one GPU"
     guess = commonest_count_share(f"{world}/synth_image/test.jsonl")
     report = f"""# nanoMolmo2 demo
 
-{size} nanoMolmo2 (SigLIP2-style ViT {vit["hidden_size"]} wide x {vit["num_hidden_layers"]} blocks at \
-{vit["image_size"][0]} px, Qwen3-style LLM {llm["hidden_size"]} wide x {llm["num_hidden_layers"]} blocks with rows for the \
-{n_tokens:,} Qwen3 tokens the world uses) trained from scratch on the
-demo's synthetic world (up to 5 shapes an image), on {"this machine's CPU" if recipe == "cpu" else "one GPU"}, in three
-stages (vision pretraining, connector alignment, joint training), then asked to count and point on the held-out test images.
+{size} nanoMolmo2 ({parts} with rows for the {n_tokens:,} Qwen3 tokens the world uses) trained from scratch
+on the demo's synthetic world (up to 5 shapes an image), on {where}, in three stages (vision
+pretraining, connector alignment, joint training), then asked to count and point on the held-out test images.
 
 | held-out test images | value |
 |---|---|
