@@ -1045,18 +1045,25 @@ class StepsAhead:
     of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer: batches made off the training thread").
     Same batches in the same order as the loader's own next_step(); state_dict() is the state before the next
     batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary()
-    when it was made, not when taken."""
+    when it was made, not when taken.
+    pin: the thread also copies each batch's tensors into page-locked memory, so the training thread's
+    `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work; from pageable memory that
+    copy blocked the host 4-5 ms of a GPU demo step (BENCHMARKS.md "Where a GPU step's time goes")."""
 
-    def __init__(self, loader, depth=2):
+    def __init__(self, loader, depth=2, pin=False):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
-        self.stopping = False
+        self.stopping, self.pin = False, pin
 
     def _run(self):
         while not self.stopping:
             state = self.loader.state_dict()
             try:
-                item = (state, self.loader.next_step(), None)
+                batches = self.loader.next_step()
+                if self.pin:
+                    batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                               for batch in batches]
+                item = (state, batches, None)
             except BaseException as e:  # raised again in the training thread, where next_step() was asked
                 item = (state, None, e)
             self.queue.put(item)

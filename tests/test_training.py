@@ -415,6 +415,28 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world):
         training.StepsAhead(Failing()).next_step()
 
 
+def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
+    """With pin=True the thread hands over each micro-batch's tensors as Tensor.pin_memory() returns them (a CPU has no
+    page-locked memory, so a stand-in copy that remembers what it copied takes its place), values unchanged."""
+    pinned = set()
+
+    def fake_pin(tensor):
+        copy = tensor.clone()
+        pinned.add(id(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0), pin=True)
+    try:
+        for _ in range(2):
+            got = ahead.next_step()
+            assert_same_steps([got], [serial.next_step()])
+            tensors = [v for batch in got for v in batch.values() if torch.is_tensor(v)]
+            assert len(tensors) >= 5 and all(id(v) in pinned for v in tensors)
+    finally:
+        ahead.close()
+
+
 def test_loader_pixels_are_uint8_and_batch_to_restores_the_processors_floats(world):
     """The loader sends pixels as 0..255 levels; batch_to gives back, bit for bit, the float pixels and the attention
     mask that collating the processor's own examples gives (images and video frames)."""
