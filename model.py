@@ -762,22 +762,35 @@ class Molmo2(nn.Module):
         return sum(p.numel() for name in ([part] if part else parts) for p in parts[name])
 
     def training_flops(self, batch) -> float:
-        """Matmul FLOPs of one training step (forward + backward = 3 x forward) on a collated batch: the LLM
-        on every token (logits only at the loss positions), the ViT on every crop, the connector on every
-        pooled token. Frozen parts are counted too: their backward still runs for the activations."""
+        """Matmul FLOPs of one training step on a collated batch: the LLM on every token (logits only at the loss
+        positions), the ViT on every crop, the connector on every pooled token. A weight costs 2 FLOPs a token
+        forward, 2 more for its gradient where its part trains, and 2 more for the gradient of the activations
+        where its part or one before it (ViT -> connector -> LLM) trains: 6 (the usual 3 x forward) when all train;
+        a frozen ViT 2, its backward never runs; a frozen LLM under a training connector 4. Attention's own
+        matmuls: 2 a forward, 4 more wherever gradients flow through them."""
         c = self.config
+        trains = {part: any(p.requires_grad for p in params) for part, params in self.param_parts().items()}
+        weight, attention, flowing = {}, {}, False
+        for part in ("vit", "connector", "llm"):  # the order the activations take
+            flowing = flowing or trains[part]
+            weight[part] = (2 + 2 * trains[part] + 2 * flowing) / 6  # of the 3 x forward counts below
+            attention[part] = (2 + 4 * flowing) / 6
         B, T = batch["input_ids"].shape
+        llm_attention = 12 * c.llm.num_hidden_layers * c.llm.num_attention_heads * c.llm.head_dim * T
         head = 6 * c.llm.hidden_size * c.llm.vocab_size  # per token: paid only at the loss positions
-        flops = (self.llm.flops_per_token(T) - head) * B * T + head * int((batch["targets"] >= 0).sum())
+        llm_weights = self.llm.flops_per_token(T) - llm_attention - head
+        n_loss = int((batch["targets"] >= 0).sum())
+        flops = weight["llm"] * (llm_weights * B * T + head * n_loss) + attention["llm"] * llm_attention * B * T
         pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
         if pixels:
             n_crops = sum(p.shape[0] for p in pixels)
             v = c.vit
             vit_block = 4 * v.hidden_size * v.num_attention_heads * v.head_dim + 2 * v.hidden_size * v.intermediate_size
-            per_patch = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block) \
-                + 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
+            vit_weights = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block)
+            vit_attention = 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
             n_pooled = sum(batch[k].shape[0] for k in ("image_token_pooling", "video_token_pooling") if k in batch)
-            flops += per_patch * n_crops * v.num_patches + 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
+            flops += (weight["vit"] * vit_weights + attention["vit"] * vit_attention) * n_crops * v.num_patches
+            flops += weight["connector"] * 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
         return flops
 
     # -- checkpoints ---------------------------------------------------------------------------------

@@ -511,3 +511,44 @@ def test_compile_marked_media_compiles_once_for_every_image_count(ours, processo
             else:
                 with pytest.raises(Exception, match="[Rr]ecompil"):
                     run(compiled, "three images", marked)
+
+
+def test_training_flops_count_what_each_part_computes():
+    """The trainer's FLOP count (its MFU), by hand from the modules' own matmul weights: a part's weights cost 1 x
+    its forward, 1 more where it trains (weight gradients) and 1 more where it or a part before it trains
+    (activation gradients); attention's matmuls 1 x, or 3 x where gradients flow through them."""
+    torch.manual_seed(0)
+    model = Molmo2(Molmo2Config.preset("tiny"))
+    c = model.config
+    B, T, n_loss, n_crops, n_pooled = 2, 40, 7, 3, 12
+    targets = torch.full((B, T), -1)
+    targets.view(-1)[:n_loss] = 1
+    batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "targets": targets,
+             "pixel_values": torch.zeros(n_crops, c.vit.num_patches, c.vit.patch_dim),
+             "image_token_pooling": torch.zeros(n_pooled, 4, dtype=torch.long)}
+
+    def linear_weights(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+    head = (model.llm.lm_head or model.llm.embed_tokens).weight.numel()
+    P, nv, nl = c.vit.num_patches, len(model.vit.layers), len(model.llm.layers)
+    forward = {  # one forward's matmul FLOPs, 2 a weight a token
+        "llm weights": 2 * linear_weights(model.llm.layers) * B * T + 2 * head * n_loss,
+        "llm attention": 2 * 2 * nl * c.llm.num_attention_heads * c.llm.head_dim * T * B * T,
+        "vit weights": 2 * linear_weights(model.vit) * n_crops * P,
+        "vit attention": 2 * 2 * nv * c.vit.num_attention_heads * c.vit.head_dim * P * n_crops * P,
+        "connector": 2 * sum(p.numel() for p in model.connector.parameters()) * n_pooled,
+    }
+    cases = {  # parts that train -> x forward for each entry above
+        ("vit", "connector", "llm"): dict.fromkeys(forward, 3),
+        ("connector", "llm"): {**dict.fromkeys(forward, 3), "vit weights": 1, "vit attention": 1},  # the demos
+        ("connector",): {"llm weights": 2, "llm attention": 3, "vit weights": 1, "vit attention": 1, "connector": 3},
+        (): dict.fromkeys(forward, 1),
+    }
+    for training, times in cases.items():
+        for part, params in model.param_parts().items():
+            for p in params:
+                p.requires_grad_(part in training)
+        expected = sum(times[k] * forward[k] for k in forward)
+        # integer counts scaled by k / 6 in float64: exact to ~1e-16 relative, so 1e-12 leaves room and no more
+        assert model.training_flops(batch) == pytest.approx(expected, rel=1e-12), training
