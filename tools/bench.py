@@ -32,7 +32,8 @@ through training.wrap_model (--parallel, --activation_checkpointing); rank 0 pri
 FLOPs (Molmo2.training_flops, matmuls only, forward + backward = 3 x forward): per LLM token 6 x the LLM's
 matmul weights (the output head only at loss positions) + 12 x layers x heads x head_dim x row length
 (attention); per ViT patch 6 x the ViT's matmul weights + 12 x layers x heads x head_dim x patches per crop;
-per pooled token 6 x the connector's weights. MFU = FLOPs / step time / PEAK_FLOPS, the dense bf16 peak of an
+per pooled token 6 x the connector's weights; every part trains here (a frozen part counts less: see
+training_flops). MFU = FLOPs / step time / PEAK_FLOPS, the dense bf16 peak of an
 H100/H200 (989 TFLOP/s). transformers' step is credited with the same FLOPs (it does more: logits everywhere).
 """
 
