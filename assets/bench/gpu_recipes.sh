@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# demo.py's recipes as one command each, side by side, one recipe per GPU with its share of the cores, each timed
+# and scored as `python demo.py --recipe=R` does it (BENCHMARKS.md "The GPU demo"). Each recipe's log, report,
+# metrics, test predictions, stage logs and stage-1 ViT go into OUT/logs.tgz as R_*, packed as each recipe ends, so
+# a call cut short still brings back what finished. Usage, on a machine with as many GPUs as recipes:
+#   bash assets/bench/gpu_recipes.sh OUT SECONDS full gpu
+set -u
+OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
+# shellcheck source=assets/bench/bench_start.sh
+. "$(dirname "$0")/bench_start.sh"
+LOGS=$(mktemp -d)  # packed into OUT/logs.tgz by bench_start.sh's pack
+END=$(( T0 + BUDGET - 10 ))  # bench_start.sh's left() counts down to it
+read -r -a gpus <<< "$(tr , ' ' <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(( $# - 1 )))}")"
+read -r -a cores <<< "$($PY -c "import os; print(*sorted(os.sched_getaffinity(0)))")"
+per=$(( ${#cores[@]} / $# )); g=0
+for recipe in "$@"; do
+  (  # this recipe's GPU, and its share of the cores for every process demo.py starts
+    export CUDA_VISIBLE_DEVICES=${gpus[g]}
+    taskset -pc "$(IFS=,; echo "${cores[*]:g*per:per}")" $BASHPID > /dev/null
+    out=$($PY -c "import demo; print(demo.RECIPES['$recipe'][0])")
+    timeout "$(left)" $PY demo.py --recipe="$recipe" > "$LOGS/${recipe}_demo.log" 2>&1
+    stamp "$recipe: demo.py exited with $?"
+    for file in report.md eval/metrics.json eval/predictions.jsonl; do
+      cp "$out/$file" "$LOGS/${recipe}_$(basename "$file")" 2>/dev/null
+    done
+    for stage in vision_easy vision align joint; do
+      cp "$out/$stage/log.jsonl" "$LOGS/${recipe}_${stage}_log.jsonl" 2>/dev/null
+    done
+    [ -d "$out/vision/final" ] && mkdir -p "$LOGS/${recipe}_vit" && cp "$out/vision/final/"* "$LOGS/${recipe}_vit/"
+    pack
+  ) &
+  g=$(( g + 1 ))
+done
+wait
+stamp "all recipes done"; pack
