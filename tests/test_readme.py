@@ -128,6 +128,25 @@ def test_readme_commands_run_in_order_on_the_demo(clone):
     assert all((clone / path).is_file() for path in pictures) and len(set(pictures)) == len(pictures)
 
 
+def test_demo_reports_what_its_steps_made(clone):
+    """`python demo.py` after its steps are done only writes the report: eval.py's numbers, and a description of the
+    model the joint stage exported (the tiny preset of the shortened steps, not the demo's small one). The
+    shortened stages never validated, and the report says so rather than failing."""
+    from model import Molmo2Config
+    out = run([".venv/bin/python", "demo.py"], clone)
+    assert out.count("already done") == len(demo.STEPS)
+    report = (clone / "out/demo/report.md").read_text()
+    with open(clone / "out/demo/eval/metrics.json") as f:
+        metrics = json.load(f)
+    assert f"| counting accuracy (exact final count) | {metrics['counting_accuracy']:.3f} |" in report
+    assert f"| pointing F1 (a point counts inside the shape's radius) | {metrics['pointing_f1']:.3f} |" in report
+    assert "| not measured (no validation) |" in report
+    tiny = Molmo2Config.preset("tiny")
+    kept_blocks = max(tiny.connector.vit_layers) + 1  # the ViT is kept up to the last block the connector reads
+    assert (f"ViT {tiny.vit.hidden_size} wide x {kept_blocks} blocks at {tiny.vit.image_size} px, Qwen3-style LLM "
+            f"{tiny.llm.hidden_size} wide x {tiny.llm.num_hidden_layers} blocks") in report
+
+
 def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):
     """`--help` prints the script's options with their defaults and exits 0 (the README says each script has one);
     run in this process, it stops before any work."""
