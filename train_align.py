@@ -102,7 +102,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
-    loader = StepsAhead(loader, pin=True)
+    loader = StepsAhead(loader, pin_device=d.device)
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "

@@ -1046,16 +1046,21 @@ class StepsAhead:
     Same batches in the same order as the loader's own next_step(); state_dict() is the state before the next
     batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary()
     when it was made, not when taken.
-    pin: the thread also copies each batch's tensors into page-locked memory, so the training thread's
-    `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work; from pageable memory that
-    copy blocked the host 4-5 ms of a GPU demo step (BENCHMARKS.md "Where a GPU step's time goes")."""
+    pin_device: a CUDA device; the thread then also copies each batch's tensors into page-locked memory, so the
+    training thread's `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from
+    pageable memory that copy blocked the host 4-5 ms of a GPU demo step: BENCHMARKS.md "Where a GPU step's time
+    goes"). The thread makes the device its current one first: a new thread's is device 0, and page-locking there
+    would give every rank of a multi-GPU run a CUDA context on GPU 0."""
 
-    def __init__(self, loader, depth=2, pin=False):
+    def __init__(self, loader, depth=2, pin_device=None):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
-        self.stopping, self.pin = False, pin
+        self.stopping, self.pin = False, pin_device is not None
+        self.pin_device = pin_device
 
     def _run(self):
+        if self.pin:
+            torch.cuda.set_device(self.pin_device)
         while not self.stopping:
             state = self.loader.state_dict()
             try:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -416,9 +417,10 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world):
 
 
 def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
-    """With pin=True the thread hands over each micro-batch's tensors as Tensor.pin_memory() returns them (a CPU has no
-    page-locked memory, so a stand-in copy that remembers what it copied takes its place), values unchanged."""
-    pinned = set()
+    """With a pin_device the thread makes that device its current one, then hands over each micro-batch's tensors as
+    Tensor.pin_memory() returns them, values unchanged (a CPU has neither: stand-ins record what they were asked)."""
+    pinned, current = set(), []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append((threading.get_ident(), device)))
 
     def fake_pin(tensor):
         copy = tensor.clone()
@@ -426,13 +428,15 @@ def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
         return copy
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
-    serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0), pin=True)
+    serial = loader_for(world, 0)
+    ahead = training.StepsAhead(loader_for(world, 0), pin_device=torch.device("cuda", 1))
     try:
         for _ in range(2):
             got = ahead.next_step()
             assert_same_steps([got], [serial.next_step()])
             tensors = [v for batch in got for v in batch.values() if torch.is_tensor(v)]
             assert len(tensors) >= 5 and all(id(v) in pinned for v in tensors)
+        assert current == [(ahead.thread.ident, torch.device("cuda", 1))]  # once, in the thread that pins
     finally:
         ahead.close()
 
