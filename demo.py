@@ -105,10 +105,11 @@ def commonest_count_share(test_jsonl):
     return counts.most_common(1)[0][1] / len(scenes)
 
 
-def last_logged(log_jsonl, key):
-    """The last line of a stage's log.jsonl that holds key, or None (a stage run without validations)."""
-    with open(log_jsonl) as f:
-        return next((r for r in reversed([json.loads(line) for line in f if line.strip()]) if key in r), None)
+def last_validation(log_jsonl, key):
+    """A stage's last validation record that holds key (training.logged_steps reads the log), or None: a stage run
+    without validations."""
+    from training import logged_steps
+    return next((r for r in reversed(logged_steps(log_jsonl)[1].values()) if key in r), None)
 
 
 def main(recipe="cpu"):
@@ -133,8 +134,8 @@ def main(recipe="cpu"):
         if os.path.isfile(f"{out}/{picture}"):
             shutil.copy(f"{out}/{picture}", f"{out}/{picture.replace('/', '_')}")
     counting, pointing = metrics["counting_accuracy"], metrics["pointing_f1"]
-    val, readout = last_logged(f"{out}/joint/log.jsonl", "val_loss"), last_logged(f"{out}/vision/log.jsonl",
-                                                                                  "val_point_f1")
+    val = last_validation(f"{out}/joint/log.jsonl", "val_loss")
+    readout = last_validation(f"{out}/vision/log.jsonl", "val_point_f1")
     losses = f"{val['val_loss']:.4f} / {val['val_loss_crops_shuffled']:.4f}" if val else "not measured (no validation)"
     stage1 = f"{readout['val_count_acc']:.3f} / {readout['val_point_f1']:.3f}" if readout else "not measured"
     from model import QWEN3_VOCAB_SIZE
