@@ -179,6 +179,17 @@ class SigLIP2(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def window_means(vit_features, pooling):
+    """The features stage 1 reads for each pooled token: vit_features, one (N, P, C) tensor per block the connector
+    reads, concatenated; pooling (M, K) indices into the N * P patches (-1 = none) -> (M, D), the mean of each window
+    (an all-padding window gives zeros)."""
+    features = torch.cat(vit_features, dim=-1)  # (N, P, D)
+    features = features.reshape(-1, features.shape[-1])  # (N * P, D)
+    valid = (pooling >= 0)[..., None].to(features.dtype)  # (M, K, 1)
+    windows = features[pooling.clamp(min=0)] * valid  # (M, K, D)
+    return windows.sum(1) / valid.sum(1).clamp(min=1)  # (M, D)
+
+
 def sigmoid_loss(image_emb, text_emb, log_temperature, bias, positives):
     """SigLIP's loss. image_emb (B, E), text_emb (B, E) unit vectors; positives (B, B) bool (the diagonal, and
     any pair whose captions are the same text). -> sum over all B x B pairs of -log sigmoid(+-logit), / B."""
@@ -270,12 +281,7 @@ class VisionPretrainer(nn.Module):
 
     def token_embeddings(self, patches, pooling):
         """patches (N, P, patch_dim), pooling (M, K) indices into the N * P patches (-1 = none) -> (M, E)."""
-        features = torch.cat(self.vit(patches, list(self.vit_layers)), dim=-1)  # (N, P, D)
-        features = features.reshape(-1, features.shape[-1])  # (N * P, D)
-        valid = (pooling >= 0)[..., None].to(features.dtype)  # (M, K, 1)
-        windows = features[pooling.clamp(min=0)] * valid  # (M, K, D)
-        pooled = windows.sum(1) / valid.sum(1).clamp(min=1)  # (M, D): the mean of the window
-        return self.token_head(pooled)  # (M, E)
+        return self.token_head(window_means(self.vit(patches, list(self.vit_layers)), pooling))  # (M, E)
 
     def blocks(self):
         """The transformer blocks that FSDP shards one by one (training.wrap_model): the ViT's and the text tower's."""

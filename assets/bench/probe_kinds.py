@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configurator import configure  # noqa: E402
 from sample import load_model  # noqa: E402
 from training import VisionLoader, scene_attributes, vision_batch_to  # noqa: E402
+from vision import window_means  # noqa: E402
 
 init_from = "out/demo/joint"  # a trained model (a stage's out_dir or its final/)
 data_dir = "data/demo"
@@ -43,10 +44,8 @@ def token_features(model, processor, split, n_images):
         batch = vision_batch_to(loader.next_step()[0], "cpu")
         crops, pooling = batch["patches"], batch["pooling"]
         vit = model.vit(crops.reshape(-1, *crops.shape[-2:]), model.config.connector.vit_layers)
-        flat = torch.cat(vit, dim=-1).reshape(-1, sum(v.shape[-1] for v in vit))  # (N * P, D), as the connector
         kept = (pooling >= 0).any(-1)  # the connector makes no token of an all-padding window
-        valid = (pooling[kept] >= 0).float()[..., None]
-        feats["ViT, pooled"].append((flat[pooling[kept].clamp(min=0)] * valid).sum(1) / valid.sum(1))
+        feats["ViT, pooled"].append(window_means(vit, pooling[kept]))
         feats["connector output"].append(model.connector(vit, pooling))
         targets.append(batch["scene_targets"][kept])
         seen += int(batch["token_image"].max()) + 1
