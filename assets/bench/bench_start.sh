@@ -17,6 +17,16 @@ pack() {
   cp "$OUT/times.txt" "$LOGS/"
   tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . 2> /dev/null; mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"
 }
+# take_share I N, first thing in a subshell: the I-th of N equal shares of this machine for it and every process it
+# starts: the I-th GPU (of CUDA_VISIBLE_DEVICES' list, if set) and the I-th slice of the cores this script may use
+take_share() {
+  local gpus cores per
+  read -r -a gpus <<< "$(tr , ' ' <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(( $2 - 1 )))}")"
+  read -r -a cores <<< "$($PY -c "import os; print(*sorted(os.sched_getaffinity(0)))")"
+  per=$(( ${#cores[@]} / $2 ))
+  export CUDA_VISIBLE_DEVICES=${gpus[$1]}
+  taskset -pc "$(IFS=,; echo "${cores[*]:$1*per:per}")" $BASHPID > /dev/null
+}
 # test_eval RUN NAME: eval.py on the GPU demo world's test images (counting, pointing) of the joint run in RUN, its
 # log, metrics and predictions copied into $LOGS as NAME_*; within the caller's left() seconds
 test_eval() {

@@ -59,15 +59,11 @@ run_variant() {
   stamp "$name: evaluated"; pack
 }
 
-# the GPUs (CUDA_VISIBLE_DEVICES, if set: its list) and the cores this script may use, shared out among the variants
-read -r -a gpus <<< "$(tr , ' ' <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(( $# - 1 )))}")"
-read -r -a cores <<< "$($PY -c "import os; print(*sorted(os.sched_getaffinity(0)))")"
-per=$(( ${#cores[@]} / $# )); g=0
+g=0
 for variant in "$@"; do
   IFS='|' read -r name parts joint_args every <<< "$variant"
-  (  # this variant's GPU, and its share of the cores for it and every process it starts
-    export CUDA_VISIBLE_DEVICES=${gpus[g]}
-    taskset -pc "$(IFS=,; echo "${cores[*]:g*per:per}")" $BASHPID > /dev/null
+  (  # this variant's GPU and cores (bench_start.sh's take_share)
+    take_share "$g" $#
     run_variant "$name" "$parts" "$joint_args" "$every"
   ) &
   g=$(( g + 1 ))

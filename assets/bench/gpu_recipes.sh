@@ -21,13 +21,10 @@ for recipe in sys.argv[1:]:
             subprocess.run([sys.executable, *args], check=True)
 PY
 stamp "worlds made"
-read -r -a gpus <<< "$(tr , ' ' <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $(( $# - 1 )))}")"
-read -r -a cores <<< "$($PY -c "import os; print(*sorted(os.sched_getaffinity(0)))")"
-per=$(( ${#cores[@]} / $# )); g=0
+g=0
 for recipe in "$@"; do
-  (  # this recipe's GPU, and its share of the cores for every process demo.py starts
-    export CUDA_VISIBLE_DEVICES=${gpus[g]}
-    taskset -pc "$(IFS=,; echo "${cores[*]:g*per:per}")" $BASHPID > /dev/null
+  (  # this recipe's GPU and cores, for every process demo.py starts (bench_start.sh's take_share)
+    take_share "$g" $#
     out=$($PY -c "import demo; print(demo.RECIPES['$recipe'][0])")
     timeout "$(left)" $PY demo.py --recipe="$recipe" > "$LOGS/${recipe}_demo.log" 2>&1
     stamp "$recipe: demo.py exited with $?"
