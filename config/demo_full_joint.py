@@ -1,8 +1,9 @@
 # The full-preset demo's joint stage (python demo.py --recipe=full), on top of config/demo_joint.py and
 # config/demo_gpu_joint.py: 64 rows of 512 tokens a step, the ViT frozen, the 0.6B LLM from scratch at 5e-4 and the
-# connector at 1e-3. On one H200 (2026-11-30, the one attempt so far) a step took 0.82 s (22% MFU), and the train
-# loss fell 6.10 -> 0.48 at step 100 -> 0.31 at step 340 (the small preset's demo ends near 0.33 after 2,000 steps);
-# that run was cut off before it was scored (BENCHMARKS.md "Stage 1 at 128 images a step, ..., the full preset").
+# connector at 1e-3. On one H200 (2026-11-30) a step took 0.82 s (22% MFU) and the train loss fell to 0.37, but as
+# one command (demo.py --recipe=full) the model answered "There are none." to every test question: counting 0.160,
+# the image features one direction (mean cosine 1.000) to step 150. Its stage 1 has not learned enough for the LLM to
+# read (config/demo_full_vision.py; BENCHMARKS.md "Both recipes as one command each, the full preset scored").
 max_crops = 1
 overlap_margins = (4, 4)
 max_steps = 300  # about 4.3 minutes: with stage 1 and the evaluation, the whole command fits in 10
