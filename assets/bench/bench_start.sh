@@ -17,6 +17,13 @@ pack() {
   cp "$OUT/times.txt" "$LOGS/"
   tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . 2> /dev/null; mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"
 }
+# keep_vit DIR NAME: a stage-1 run's final ViT (DIR/final) into $LOGS/NAME, where it is small enough to come back:
+# the device hands back no file over 16 MiB, so the full preset's 1.6-GB ViT inside logs.tgz once lost every log
+keep_vit() {
+  if [ -d "$1/final" ] && [ "$(du -sm "$1/final" | cut -f1)" -le 8 ]; then
+    mkdir -p "$LOGS/$2" && cp "$1/final/"* "$LOGS/$2/"
+  fi
+}
 # take_share I N, first thing in a subshell: the I-th of N equal shares of this machine for it and every process it
 # starts: the I-th GPU (of CUDA_VISIBLE_DEVICES' list, if set) and the I-th slice of the cores this script may use
 take_share() {

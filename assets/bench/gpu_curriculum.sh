@@ -9,8 +9,9 @@
 # data/easy is made first when a part names it (the big_solid world of one shape or none, 10,000 images). Variant i
 # runs on the i-th GPU (of CUDA_VISIBLE_DEVICES, if set) with the i-th share of the cores the script may use. All logs
 # go into OUT/logs.tgz, rewritten after every step, so a cut-off run still brings back what it did, with each stage-1
-# part's final ViT (a few MB at the small preset: a later call can carry it and skip stage 1). STAGE_ARGS adds
-# words to every training command (a quick check on a CPU: "--max_steps=2 --batch_size=4 --loader_workers=0").
+# part's final ViT when it is small (a few MB at the small preset: a later call can carry it and skip stage 1).
+# STAGE_ARGS adds words to every training command (a quick check on a CPU: "--max_steps=2 --batch_size=4
+# --loader_workers=0").
 set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
 # shellcheck source=assets/bench/bench_start.sh
@@ -43,7 +44,7 @@ run_variant() {
         --out_dir="$dir/vision$i" --save_every=0 $init $part $every ${STAGE_ARGS:-} \
         > "$LOGS/${name}_vision$i.log" 2>&1 || return
     cp "$dir/vision$i/log.jsonl" "$LOGS/${name}_vision${i}_log.jsonl"
-    mkdir -p "$LOGS/${name}_vision$i" && cp "$dir/vision$i/final/"* "$LOGS/${name}_vision$i/"
+    keep_vit "$dir/vision$i" "${name}_vision$i"
     stamp "$name: stage-1 part $i ($part) trained"; pack
     init="--init_from=$dir/vision$i"
   done

@@ -34,11 +34,7 @@ for recipe in "$@"; do
     for stage in vision_easy vision align joint; do
       cp "$out/$stage/log.jsonl" "$LOGS/${recipe}_${stage}_log.jsonl" 2>/dev/null
     done
-    # the stage-1 ViT too where it is small: the device hands back no file over 16 MiB, so the full preset's
-    # 1.6-GB ViT inside logs.tgz once lost every recipe's logs with it
-    if [ -d "$out/vision/final" ] && [ "$(du -sm "$out/vision/final" | cut -f1)" -le 8 ]; then
-      mkdir -p "$LOGS/${recipe}_vit" && cp "$out/vision/final/"* "$LOGS/${recipe}_vit/"
-    fi
+    keep_vit "$out/vision" "${recipe}_vit"
     pack
   ) &
   g=$(( g + 1 ))
