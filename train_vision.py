@@ -62,6 +62,10 @@ vit_init = "gpt"  # a ViT from scratch: gpt (every matrix at std 0.02, vision.py
 #   code's: SigLIP2.init_big_vision). Alone, the small ViT told a 15-px shape's kind after 500 steps at lr 3e-4 at
 #   0.81 / 0.56 / 0.82 over three seeds with big_vision, 0.54 / 0.57 / 0.61 with gpt; on this CPU's 300 demo steps it
 #   did not help yet (read-out 0.328 / 0.580 against 0.328 / 0.656). BENCHMARKS.md "Stage 1 names each token's shape"
+vit_position_std = 0.0  # a ViT from scratch: its position embeddings redrawn at this std (0: vit_init's own, 0.02 or
+#   1 / sqrt(width)). Both starts make them small beside a patch's embedding (~1/20 of its std with gpt, ~1/30 with
+#   big_vision at 1,152 wide), so the tokens of a plain background start nearly alike and where a token sits is a
+#   faint signal (BENCHMARKS.md "Both recipes as one command each, ..., its stage 1 stuck")
 model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}
@@ -183,9 +187,14 @@ if vit_init not in ("gpt", "big_vision"):
 if vit_init != "gpt" and init_from != "scratch":
     raise SystemExit(f"train_vision: vit_init={vit_init!r} draws a ViT from scratch, but init_from={init_from!r} "
                      "loads one: leave vit_init at 'gpt'")
+if vit_position_std and init_from != "scratch":
+    raise SystemExit(f"train_vision: vit_position_std={vit_position_std!r} redraws a new ViT's position embeddings, "
+                     f"but init_from={init_from!r} loads one: leave vit_position_std at 0")
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
 if vit_init == "big_vision":
     vit.init_big_vision()
+if vit_position_std:  # from a generator of its own: every other weight is drawn as without it
+    torch.nn.init.normal_(vit.positional_embedding, std=vit_position_std, generator=torch.Generator().manual_seed(seed))
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
                               scene_classes() if scene_weight > 0 else (), scene_balanced).to(d.device)

@@ -708,10 +708,30 @@ def test_vit_init_is_checked_before_any_work(tmp_path):
     base = [sys.executable, "train_vision.py", "--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
     for extra, message in [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
                            (["--vit_init=big_vision", "--init_from=out/some_vit"],
-                            "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one")]:
+                            "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one"),
+                           (["--vit_position_std=0.5", "--init_from=out/some_vit"],
+                            "vit_position_std=0.5 redraws a new ViT's position embeddings, but "
+                            "init_from='out/some_vit' loads one")]:
         result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                                 env=ONE_THREAD)
         assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_vit_position_std_redraws_only_the_position_embeddings(tiny_world, tmp_path):
+    """vit_position_std redraws a new ViT's position embeddings at that std and leaves every other weight as the start
+    drew it. One step at the warmup's lr of 0 keeps the start in ckpt.pt. The tiny ViT has 16 x 32 = 512 position
+    weights: a sample std is within ~3% (1 / sqrt(2n)) of the true one, so 15% is five of those; gpt's start draws
+    them at 0.02, far outside it."""
+    weights = {}
+    for std in (0.0, 0.5):
+        out = str(tmp_path / f"std_{std}")
+        run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out), "--vit_init=gpt",
+                    f"--vit_position_std={std}", "--max_steps=1", "--eval_every=0"])
+        weights[std] = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    position = "vit.positional_embedding"
+    assert abs(weights[0.0][position].std().item() - 0.02) < 0.15 * 0.02
+    assert abs(weights[0.5][position].std().item() - 0.5) < 0.15 * 0.5
+    assert all(torch.equal(weights[0.0][k], weights[0.5][k]) for k in weights[0.0] if k != position)
 
 
 def test_init_heads_continues_a_runs_heads_as_well_as_its_vit(tiny_world, reference_run, tmp_path):
