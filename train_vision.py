@@ -66,6 +66,10 @@ vit_position_std = 0.0  # a ViT from scratch: its position embeddings redrawn at
 #   1 / sqrt(width)). Both starts make them small beside a patch's embedding (~1/20 of its std with gpt, ~1/30 with
 #   big_vision at 1,152 wide), so the tokens of a plain background start nearly alike and where a token sits is a
 #   faint signal (BENCHMARKS.md "Both recipes as one command each, ..., its stage 1 stuck")
+vit_residual_scale = 1.0  # a ViT from scratch: each block's output projections (attention's o_proj, the MLP's fc2)
+#   times this at the start, as GPT-2 draws them 1 / sqrt(2 x blocks) smaller. At 1, the 25 blocks of the full ViT
+#   add outputs ~5x its input, nearly the same for every token; 0.14 with vit_position_std=0.9 starts its tokens at
+#   a mean cosine of 0.50 instead of 0.997 (BENCHMARKS.md "Both recipes as one command each")
 model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}
@@ -187,14 +191,20 @@ if vit_init not in ("gpt", "big_vision"):
 if vit_init != "gpt" and init_from != "scratch":
     raise SystemExit(f"train_vision: vit_init={vit_init!r} draws a ViT from scratch, but init_from={init_from!r} "
                      "loads one: leave vit_init at 'gpt'")
-if vit_position_std and init_from != "scratch":
-    raise SystemExit(f"train_vision: vit_position_std={vit_position_std!r} redraws a new ViT's position embeddings, "
-                     f"but init_from={init_from!r} loads one: leave vit_position_std at 0")
+for name, value, default in [("vit_position_std", vit_position_std, 0.0),
+                             ("vit_residual_scale", vit_residual_scale, 1.0)]:
+    if value != default and init_from != "scratch":
+        raise SystemExit(f"train_vision: {name}={value!r} changes a new ViT's start, but init_from={init_from!r} "
+                         f"loads one: leave {name} at {default}")
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
 if vit_init == "big_vision":
     vit.init_big_vision()
 if vit_position_std:  # from a generator of its own: every other weight is drawn as without it
     torch.nn.init.normal_(vit.positional_embedding, std=vit_position_std, generator=torch.Generator().manual_seed(seed))
+with torch.no_grad():  # every block's additions to the residual stream start smaller
+    for block in vit.layers if vit_residual_scale != 1.0 else []:
+        block.self_attn.o_proj.weight.mul_(vit_residual_scale)
+        block.mlp.fc2.weight.mul_(vit_residual_scale)
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
                               scene_classes() if scene_weight > 0 else (), scene_balanced).to(d.device)

@@ -710,28 +710,36 @@ def test_vit_init_is_checked_before_any_work(tmp_path):
                            (["--vit_init=big_vision", "--init_from=out/some_vit"],
                             "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one"),
                            (["--vit_position_std=0.5", "--init_from=out/some_vit"],
-                            "vit_position_std=0.5 redraws a new ViT's position embeddings, but "
-                            "init_from='out/some_vit' loads one")]:
+                            "vit_position_std=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
+                           (["--vit_residual_scale=0.5", "--init_from=out/some_vit"],
+                            "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one")]:
         result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                                 env=ONE_THREAD)
         assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
-def test_vit_position_std_redraws_only_the_position_embeddings(tiny_world, tmp_path):
-    """vit_position_std redraws a new ViT's position embeddings at that std and leaves every other weight as the start
-    drew it. One step at the warmup's lr of 0 keeps the start in ckpt.pt. The tiny ViT has 16 x 32 = 512 position
-    weights: a sample std is within ~3% (1 / sqrt(2n)) of the true one, so 15% is five of those; gpt's start draws
-    them at 0.02, far outside it."""
+def test_vit_position_std_and_residual_scale_change_only_their_weights(tiny_world, tmp_path):
+    """vit_position_std redraws a new ViT's position embeddings at that std; vit_residual_scale multiplies each block's
+    output projections (o_proj, fc2) by it; every other weight stays as the start drew it. One step at the warmup's
+    lr of 0 keeps the start in ckpt.pt. The tiny ViT has 16 x 32 = 512 position weights: a sample std is within ~3%
+    (1 / sqrt(2n)) of the true one, so 15% is five of those; gpt's start draws them at 0.02, far outside it. The
+    scaled weights are the same float32 numbers times 0.5, a power of two: exact."""
     weights = {}
-    for std in (0.0, 0.5):
-        out = str(tmp_path / f"std_{std}")
+    for name, args in [("start", []), ("position", ["--vit_position_std=0.5"]),
+                       ("residual", ["--vit_residual_scale=0.5"])]:
+        out = str(tmp_path / name)
         run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out), "--vit_init=gpt",
-                    f"--vit_position_std={std}", "--max_steps=1", "--eval_every=0"])
-        weights[std] = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
-    position = "vit.positional_embedding"
-    assert abs(weights[0.0][position].std().item() - 0.02) < 0.15 * 0.02
-    assert abs(weights[0.5][position].std().item() - 0.5) < 0.15 * 0.5
-    assert all(torch.equal(weights[0.0][k], weights[0.5][k]) for k in weights[0.0] if k != position)
+                    "--max_steps=1", "--eval_every=0", *args])
+        weights[name] = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    start, position = weights["start"], "vit.positional_embedding"
+    assert abs(start[position].std().item() - 0.02) < 0.15 * 0.02
+    assert abs(weights["position"][position].std().item() - 0.5) < 0.15 * 0.5
+    assert all(torch.equal(start[k], weights["position"][k]) for k in start if k != position)
+    scaled = [k for k in start if k.startswith("vit.layers.") and k.endswith(("o_proj.weight", "fc2.weight"))]
+    blocks = {k.split(".")[2] for k in start if k.startswith("vit.layers.")}
+    assert len(blocks) >= 2 and len(scaled) == 2 * len(blocks)  # the text tower's blocks are not the ViT's
+    assert all(torch.equal(weights["residual"][k], start[k] * 0.5) for k in scaled)
+    assert all(torch.equal(start[k], weights["residual"][k]) for k in start if k not in scaled)
 
 
 def test_init_heads_continues_a_runs_heads_as_well_as_its_vit(tiny_world, reference_run, tmp_path):
