@@ -201,8 +201,8 @@ if vit_init == "big_vision":
     vit.init_big_vision()
 if vit_position_std:  # from a generator of its own: every other weight is drawn as without it
     torch.nn.init.normal_(vit.positional_embedding, std=vit_position_std, generator=torch.Generator().manual_seed(seed))
-with torch.no_grad():  # every block's additions to the residual stream start smaller
-    for block in vit.layers if vit_residual_scale != 1.0 else []:
+with torch.no_grad():  # every block's additions to the residual stream start smaller (times 1.0: exactly as drawn)
+    for block in vit.layers:
         block.self_attn.o_proj.weight.mul_(vit_residual_scale)
         block.mlp.fc2.weight.mul_(vit_residual_scale)
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
