@@ -1058,17 +1058,16 @@ class StepsAhead:
     def __init__(self, loader, depth=2, pin_device=None):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
-        self.stopping, self.pin = False, pin_device is not None
-        self.pin_device = pin_device
+        self.stopping, self.pin_device = False, pin_device
 
     def _run(self):
-        if self.pin:
+        if self.pin_device is not None:
             torch.cuda.set_device(self.pin_device)
         while not self.stopping:
             state = self.loader.state_dict()
             try:
                 batches = self.loader.next_step()
-                if self.pin:
+                if self.pin_device is not None:
                     batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                                for batch in batches]
                 item = (state, batches, None)
