@@ -48,9 +48,9 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
-from training import (Dist, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, load_vit, lr_at,
-                      plot_vision_run, resume_run, rng_state, save_checkpoint, scene_classes, scene_hits,
-                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+from training import (Dist, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, image_feature_stats,
+                      load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint, scene_classes,
+                      scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -135,17 +135,21 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
     0.5 count the label's points exactly) and 'point_f1' (those tokens' points against the true ones, a hit
     within point_radius of the image side), over every pointed label of the first n_batches batches of val;
     where the scene loss is on, '<attribute>_acc' (the scene head's class, on the tokens that hold a centre), and
-    the same on the high-res and the low-res view's tokens alone ('<attribute>_high_res_acc', '..._low_res_acc').
+    the same on the high-res and the low-res view's tokens alone ('<attribute>_high_res_acc', '..._low_res_acc');
+    always 'feature_std' and 'feature_cos', training.image_feature_stats of the pooled ViT features the heads read,
+    averaged over the batches: the full preset's ViT trained here handed the connector tokens of one direction
+    (BENCHMARKS.md "The GPU demo at 3,000 joint steps"), and the heads' LayerNorm hides that from the losses.
     The loader should be a fresh one, so every validation sees the same images."""
     was_training = pretrainer.training
     pretrainer.eval()
     if hasattr(pretrainer, "unshard"):  # FSDP: the root's own weights, gathered as its forward would
         pretrainer.unshard()
-    sums, n, hits, f1s, right = {}, 0, [], [], collections.defaultdict(list)
+    sums, n, hits, f1s, right, stats = {}, 0, [], [], collections.defaultdict(list), []
     for _ in range(n_batches):
         batch = vision_batch_to(loader.next_step()[0], d.device)
         with autocast:
-            tokens = pretrainer.token_embeddings(batch["patches"], batch["pooling"])
+            features = pretrainer.pooled_features(batch["patches"], batch["pooling"])
+            tokens = pretrainer.token_head(features)
             losses = pretrainer.losses(tokens, batch)
             if pretrainer.use_loc:
                 if batch["label_ids"].shape[0]:
@@ -159,6 +163,7 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
                     right[name].extend(hits)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        stats.append(image_feature_stats(features))
         n += 1
         if pretrainer.use_loc and batch["label_ids"].shape[0]:
             for pred, true in zip(predicted, batch["label_points"]):
@@ -171,6 +176,9 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
     if hits:
         out["count_acc"], out["point_f1"] = float(np.mean(hits)), float(np.mean(f1s))
     out.update({f"{name}_acc": float(np.mean(r)) for name, r in right.items() if r})
+    stats = [s for s in stats if s is not None]  # a batch of fewer than two tokens has none
+    if stats:
+        out["feature_std"], out["feature_cos"] = (float(np.mean(column)) for column in zip(*stats))
     return out
 
 

@@ -279,9 +279,15 @@ class VisionPretrainer(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.text.position_embedding, std=0.02)
 
+    def pooled_features(self, patches, pooling):
+        """patches (N, P, patch_dim), pooling (M, K) indices into the N * P patches (-1 = none) -> (M, width): each
+        token's window of patches averaged, the chosen blocks side by side; what token_head reads (LayerNorm first,
+        so the heads cannot see how large these grow, and train_vision.py's validation reports it)."""
+        return window_means(self.vit(patches, list(self.vit_layers)), pooling)
+
     def token_embeddings(self, patches, pooling):
-        """patches (N, P, patch_dim), pooling (M, K) indices into the N * P patches (-1 = none) -> (M, E)."""
-        return self.token_head(window_means(self.vit(patches, list(self.vit_layers)), pooling))  # (M, E)
+        """patches (N, P, patch_dim), pooling (M, K) -> (M, E)."""
+        return self.token_head(self.pooled_features(patches, pooling))  # (M, E)
 
     def blocks(self):
         """The transformer blocks that FSDP shards one by one (training.wrap_model): the ViT's and the text tower's."""

@@ -402,6 +402,27 @@ def reference_run(tiny_world, tmp_path_factory):
     return out_dir, run_script([sys.executable, "train_vision.py", *args])
 
 
+def test_validation_reports_the_features_the_heads_read(tiny_world, reference_run):
+    """The last validation comes after the last step, so its feature_std and feature_cos are those of the exported
+    ViT: recomputed here from the saved weights on the validation's one batch (each token's window of patches
+    averaged, the connector's blocks side by side), the hand-checked statistics of test_training.py."""
+    from vision import window_means
+
+    ref_dir, _ = reference_run
+    val = [r for r in read_log(ref_dir) if kind(r) == "val"][-1]
+    preset = Molmo2Config.preset("tiny")
+    vit = training.load_vit(ref_dir, preset.vit).eval()
+    loader = training.VisionLoader(tiny_world, MIXTURE, "val", 2, tiny_processor(), 32, True, True, seed=0,
+                                   use_scene=True)
+    batch = training.vision_batch_to(loader.next_step()[0], torch.device("cpu"))
+    with torch.no_grad():
+        features = window_means(vit(batch["patches"], list(preset.connector.vit_layers)), batch["pooling"])
+    std, cos = training.image_feature_stats(features)
+    # float32 on one thread, the same operations in the same order as the run's: only the float of the log's JSON
+    assert val["val_feature_std"] == pytest.approx(std, rel=1e-6)
+    assert val["val_feature_cos"] == pytest.approx(cos, rel=1e-6, abs=1e-6)
+
+
 # `python -c KILLED <where> <args>`: train_vision.py, SIGKILLed by itself at a chosen point, so the kill lands in
 # the same place on a loaded machine as on an idle one. where = torch.save:n: half-way through writing the n-th
 # checkpoint (part of the file written); clip:n: in the n-th step, after its backward, before its optimizer step.
