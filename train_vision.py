@@ -94,6 +94,12 @@ loader_workers = -1  # processes that make the next step's images while this one
 #   0 = in this process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
 max_steps = 600
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
+vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / its fan-in), muP's rule for Adam
+#   (off at 0). An Adam step moves each element by about the rate, so a matrix's output moves by about rate x
+#   fan-in: the so400m ViT (fan-ins 1,152 and 4,304) at the small one's rate grew its features 4.7x in six steps
+#   into one direction and never learned kinds; the small ViT at 10x its rate stalls the same way (BENCHMARKS.md
+#   "Why the full ViT's features become one direction"). 256 leaves the small ViT's blocks as they are (its patch
+#   embedding, fan-in 588, at 0.44x). Not yet run on a GPU
 warmup = 50
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
@@ -114,18 +120,24 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(module, lr, weight_decay, fused=None):
-    """AdamW (0.9, 0.95, eps 1e-6) in two groups: matrices decay; norm gains, biases, embedding tables and the
+def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0):
+    """AdamW (0.9, 0.95, eps 1e-6) in groups: matrices decay; norm gains, biases, embedding tables and the
     scalars (temperatures, biases of the losses) do not: decaying them pulls norms and embeddings toward 0
-    for no gain."""
-    decay, no_decay = [], []
+    for no gain. vit_fan_in > 0: each ViT matrix in a group of its own rate, lr_scale = min(1, vit_fan_in / fan-in)
+    (the schedule multiplies by it); the first group always learns at the schedule's rate, the one the log shows."""
+    decay, no_decay, scaled = [], [], collections.defaultdict(list)
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
                                         "text.position_embedding")  # tables; patch_embedding is a matrix
-        (no_decay if plain else decay).append(p)
+        scale = min(1.0, vit_fan_in / p.shape[1]) if vit_fan_in and not plain and name.startswith("vit.") else 1.0
+        if scale < 1.0:
+            scaled[scale].append(p)
+        else:
+            (no_decay if plain else decay).append(p)
     if fused is None:
-        fused = all(p.is_cuda for p in decay + no_decay)
+        fused = all(p.is_cuda for p in module.parameters())
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": weight_decay, "lr_scale": s} for s, ps in sorted(scaled.items())]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
@@ -204,6 +216,8 @@ for name, value, default in [("vit_position_std", vit_position_std, 0.0),
     if value != default and init_from != "scratch":
         raise SystemExit(f"train_vision: {name}={value!r} changes a new ViT's start, but init_from={init_from!r} "
                          f"loads one: leave {name} at {default}")
+if vit_lr_fan_in < 0:
+    raise SystemExit(f"train_vision: vit_lr_fan_in={vit_lr_fan_in!r}: a fan-in (> 0), or 0 for every matrix at lr")
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
 if vit_init == "big_vision":
     vit.init_big_vision()
@@ -231,7 +245,7 @@ if init_heads:  # a stage 1 that goes on from another's: what it learned on top 
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 if compile:
     train_model = torch.compile(train_model)
-optimizer = build_optimizer(pretrainer, lr, weight_decay)
+optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
@@ -260,7 +274,7 @@ profiler = StepProfiler(profile, out_dir, d, start_step, max_steps)
 for step in range(start_step, max_steps):
     profiler.step(step)
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, lr, warmup, max_steps)
+        group["lr"] = lr_at(step, lr, warmup, max_steps) * group.get("lr_scale", 1.0)
     # the state before this step's draws, in case the step must be redone
     data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = loader.next_step()

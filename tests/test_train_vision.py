@@ -423,6 +423,34 @@ def test_validation_reports_the_features_the_heads_read(tiny_world, reference_ru
     assert val["val_feature_cos"] == pytest.approx(cos, rel=1e-6, abs=1e-6)
 
 
+def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(tiny_world, tmp_path):
+    """One step from the same start, at lr 0, at lr, and at lr with vit_lr_fan_in=16: each ViT matrix moves
+    min(1, 16 / fan-in) as far as without the switch (an Adam first step is the rate times g / (|g| + eps), so the
+    step is linear in the rate), and every other tensor of the ViT moves exactly as without it."""
+    runs = {}
+    for name, extra in [("start", ["--lr=0.0"]), ("plain", []), ("scaled", ["--vit_lr_fan_in=16"])]:
+        out_dir = str(tmp_path / name)
+        run_script([sys.executable, "train_vision.py",
+                    *stage1_args(tiny_world, out_dir, "--max_steps=1", "--warmup=0", "--weight_decay=0.0",
+                                 "--save_every=0", "--eval_every=0", "--resume=False", *extra)])
+        runs[name] = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    start, plain, scaled = runs["start"], runs["plain"], runs["scaled"]
+    n_scaled = 0
+    for key, w in start.items():
+        step_plain, step_scaled = plain[key] - w, scaled[key] - w
+        is_matrix = w.dim() >= 2 and "position_embedding" not in key
+        scale = min(1.0, 16 / w[0].numel()) if is_matrix else 1.0  # fan-in: the patch embedding is saved as a conv
+        if scale == 1.0:
+            assert torch.equal(scaled[key], plain[key]), key
+            continue
+        n_scaled += 1
+        assert step_plain.abs().max() > 0, key
+        # float32 weights near 0.1-1 moved by ~1e-3: their differences keep ~4 significant digits
+        torch.testing.assert_close(step_scaled, step_plain * scale, rtol=2e-3, atol=2e-6, msg=key)
+    # the tiny ViT's blocks (fan-ins 32 and 64) and its patch embedding (588): every matrix it has
+    assert n_scaled == sum(1 for k, w in start.items() if w.dim() >= 2 and "position_embedding" not in k) > 0
+
+
 # `python -c KILLED <where> <args>`: train_vision.py, SIGKILLed by itself at a chosen point, so the kill lands in
 # the same place on a loaded machine as on an idle one. where = torch.save:n: half-way through writing the n-th
 # checkpoint (part of the file written); clip:n: in the n-th step, after its backward, before its optimizer step.
@@ -733,7 +761,8 @@ def test_vit_init_is_checked_before_any_work(tmp_path):
                            (["--vit_position_std=0.5", "--init_from=out/some_vit"],
                             "vit_position_std=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
                            (["--vit_residual_scale=0.5", "--init_from=out/some_vit"],
-                            "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one")]:
+                            "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
+                           (["--vit_lr_fan_in=-4"], "vit_lr_fan_in=-4: a fan-in (> 0), or 0 for every matrix at lr")]:
         result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                                 env=ONE_THREAD)
         assert result.returncode != 0 and message in result.stderr, result.stderr
