@@ -56,7 +56,8 @@ train = loader("train", batch_size)
 val = training.vision_batch_to(loader("val", val_images).next_step()[0], torch.device("cpu"))
 matrices = [p for n, p in pretrainer.named_parameters() if p.dim() >= 2 and n != "vit.positional_embedding"]
 others = [p for n, p in pretrainer.named_parameters() if not (p.dim() >= 2 and n != "vit.positional_embedding")]
-# train_vision.py's optimizer: AdamW (0.9, 0.95), decay on matrices only
+# AdamW with train_vision.py's betas and eps, decay 0.1 on every matrix but the position table (train_vision.py also
+# spares the text tower's tables, and decays at 0.05: the ViT's first steps move alike, the numbers were taken so)
 optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
                               lr=lr, betas=(0.9, 0.95), eps=1e-6)
 autocast = torch.autocast("cpu", torch.bfloat16)
