@@ -1,6 +1,6 @@
 """
 The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes
-(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 3x larger world, in about 10 minutes).
+(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 3x larger world, in about 9 minutes).
 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
    recipe's data/demo_gpu/ has 30,000): shapes to count and point at, with held-out val and test splits
@@ -29,9 +29,9 @@ import time
 from configurator import configure
 
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
-recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~10 min: longer stages on
+recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~9 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
-#   one large GPU, ~8 min (config/demo_full_*.py on top of the GPU files; blind so far), into out/demo_full
+#   one large GPU, ~9.5 min (config/demo_full_*.py on top of the GPU files; blind so far), into out/demo_full
 # ----------------------------------------------------------------------------------------------------------------
 
 WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images

@@ -6,12 +6,13 @@
 # against 0.114 and 1.8 GiB against 2.5. From the one-part stage 1 before it, learning at 2e-4 had beaten 16 rows a
 # step at the CPU's rates and a frozen ViT (0.47 against 0.36), and a norm after the projector made both worse
 # (BENCHMARKS.md "Recipes that learn to point", "Stage 1" and "The GPU demo"). Without the captions and the position
-# bins, 2,000 steps overfit a world of 10,000 images. 3,000 steps (~67 ms each on one H200): the whole demo as one
-# command took 9.8 min and counted 0.820 with F1 0.831, against 7.3-7.9 min and 0.750-0.815 / 0.735-0.785 at 2,000
-# (BENCHMARKS.md "The GPU demo at 3,000 joint steps").
+# bins, 2,000 steps overfit a world of 10,000 images. 4,500 steps (~57-65 ms each on one H200), with stage 1's world
+# part at 2,000: the whole demo as one command took 8.5 min and counted 0.835 with F1 0.858, against 9.8 min and
+# 0.820 / 0.831 at 3,000 (stage 1 at 2,400) and 8.3 min and 0.810 / 0.804 at 3,500 (BENCHMARKS.md "The GPU demo at
+# 4,500 joint steps"). The validation loss was still falling at step 4,500.
 batch_size = 64
 max_seq_len = 512
-max_steps = 3000
+max_steps = 4500
 lr_connector, lr_vit, lr_llm = 2e-3, 0.0, 2e-3  # lr 0 freezes the ViT
 eval_every = 500
 eval_answers = 100
