@@ -6,7 +6,8 @@ and at the end checkpoint I/O (safetensors files, the hub, SigLIP2's files, the 
 Qwen3 design choices (all as in the released Qwen3 checkpoints):
 - pre-norm decoder blocks, RMSNorm computed in float32, no biases anywhere
 - grouped-query attention (16 query heads share 8 key/value heads in 0.6B) with a per-head RMSNorm on q
-  and k (over head_dim, before RoPE), run through F.scaled_dot_product_attention
+  and k (over head_dim, before RoPE), run through F.scaled_dot_product_attention (vision.attend: in float32 on a
+  CPU when given bf16, where its kernels are slower in bf16)
 - rotary position embeddings, half-split ("rotate_half") layout, theta from the config
 - SwiGLU MLP: down(silu(gate(x)) * up(x))
 - tied input/output embeddings for the small models
@@ -32,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 from connector import Connector, ConnectorConfig, token_centres
 from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision tokens
-from vision import (SigLIP2, SigLIP2Config, siglip_config_from_hf, siglip_config_to_hf, siglip_state_dict_from_hf,
-                    siglip_state_dict_to_hf)
+from vision import (SigLIP2, SigLIP2Config, attend, siglip_config_from_hf, siglip_config_to_hf,
+                    siglip_state_dict_from_hf, siglip_state_dict_to_hf)
 
 # The connector keeps the pooling windows that hold a patch, a count read from the data: torch.compile traces it
 # as a size known only at run time instead of breaking the graph there
@@ -191,18 +192,18 @@ class Attention(nn.Module):
             # one token against every cache slot, attn_mask (B, 1, 1, max_len) marking the real keys: the query
             # heads sharing a key/value head become that head's queries, so no kernel copies the cache per group
             groups = self.n_head // self.n_kv_head
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, groups, self.head_dim), k, v,
-                                               attn_mask=attn_mask)  # (B, nkv, groups, hd)
+            y = attend(q.reshape(B, self.n_kv_head, groups, self.head_dim), k, v,
+                       attn_mask=attn_mask)  # (B, nkv, groups, hd)
             y = y.reshape(B, self.n_head, T, self.head_dim)  # (B, nh, 1, hd)
         elif attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            y = attend(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         elif past == 0 or T == 1:
             # no cache (or an empty one): causal; one new token after a cache: it may see everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1), enable_gqa=True)
+            y = attend(q, k, v, is_causal=(T > 1), enable_gqa=True)
         else:
             # a chunk of T new tokens after `past` cached ones (SDPA's is_causal would align top-left)
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = attend(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
 

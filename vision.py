@@ -8,7 +8,8 @@ Design choices:
 - No CLS token; one learned position embedding per patch of the fixed crop grid (27x27 at 378 px),
   added to every crop. No interpolation: every crop has the same size.
 - Pre-norm blocks: LayerNorm -> multi-head attention with biases -> residual, LayerNorm -> gelu-tanh
-  MLP -> residual. Attention via F.scaled_dot_product_attention, full (non-causal).
+  MLP -> residual. Attention via F.scaled_dot_product_attention, full (non-causal); `attend` runs it in float32 on
+  a CPU given bf16, where its kernels are slower in bf16.
 - Only the encoder: SigLIP2's post_layernorm and attention-pooling head are never used by Molmo2.
 - `forward(patches, layers)` returns the outputs of the requested blocks and never runs the blocks after
   the deepest one asked for. Molmo2 reads blocks 24 and 18 of the 27 and keeps only 25 (see model.py).
@@ -67,6 +68,22 @@ SIGLIP2_PRESETS = {
 }
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, **kwargs), except on a CPU in bf16 or float16, given so or under
+    autocast (which would cast float32 inputs down): there it runs in float32 and returns the low dtype. PyTorch's CPU
+    attention kernels gain nothing from bf16 (a CPU's bf16 matrix instructions do not reach them) and took up to 4x
+    longer in it than in float32 at this project's shapes, most of a bf16 step (BENCHMARKS.md "Attention in float32
+    under CPU autocast"). GPUs are left as they are."""
+    if q.device.type == "cpu":
+        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
+        if low is None and torch.is_autocast_enabled("cpu"):
+            low = torch.get_autocast_dtype("cpu")
+        if low is not None:
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(low)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: SigLIP2Config):
         super().__init__()
@@ -84,7 +101,7 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         k = self.k_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         v = self.v_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, nh, P, hs)
+        y = attend(q, k, v, attn_mask=attn_mask)  # (N, nh, P, hs)
         return self.o_proj(y.transpose(1, 2).reshape(N, P, -1))  # (N, P, C)
 
 

@@ -1,6 +1,9 @@
 # The README demo's stage 1: the small preset's ViT from scratch learns where the demo world's pointed shapes are
 # (the localisation loss alone: on one H200 it read out the best counts and points and gave the joint stage its
-# widest validation gap, BENCHMARKS.md "Stage 1: vision pretraining"), on a 2-core CPU in float32 (see demo.py).
+# widest validation gap, BENCHMARKS.md "Stage 1: vision pretraining"), on a 2-core CPU (see demo.py). In bf16 where
+# the CPU has bf16 matrix instructions (cpu_autocast), its attention in float32 (vision.attend): on this project's
+# 2-core machine 300 steps then took 2.0 min against 3.0 in float32, read out 0.297 / 0.632 against 0.328 / 0.656
+# (BENCHMARKS.md "Attention in float32 under CPU autocast"). On a GPU cpu_autocast does nothing.
 out_dir = "out/demo/vision"
 model_preset = "small"
 data_dir = "data/demo"
@@ -18,3 +21,4 @@ eval_every = 150
 eval_batches = 2
 save_every = 150
 log_every = 25
+cpu_autocast = "auto"

@@ -116,3 +116,42 @@ def test_big_vision_init_draws_siglips_scales():
     assert all(p.eq(1).all() for n, p in vit.named_parameters() if n.endswith("layer_norm1.weight"))
     # the default init is GPT's std 0.02: the two differ where it matters, in the queries and keys
     assert abs(SigLIP2(SigLIP2Config.preset("small")).layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.001
+
+
+def test_attend_runs_cpu_bf16_attention_in_float32():
+    """vision.attend on a CPU: under bf16 autocast (float32 inputs) and with bf16 inputs it computes in float32 and
+    returns bf16, so it equals the float32 kernel's output rounded once to bf16, exactly (the same float32 arithmetic,
+    one rounding); autocast's own bf16 kernel rounds q, k, v, the scores and the output and differs. Gradients too.
+    float32 and float64 inputs outside autocast go to the kernel untouched."""
+    from vision import attend
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 64, 64, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def grads(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        out.float().square().sum().backward()
+        return out, [x.grad for x in xs]
+
+    # reference: float32 throughout on inputs already rounded to bf16 (what a bf16 model hands it)
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    ref, ref_grads = grads(lambda a, b, c: plain(a.float(), b.float(), c.float(), attn_mask=mask).bfloat16(),
+                           qb, kb, vb)
+    out, out_grads = grads(lambda a, b, c: attend(a, b, c, attn_mask=mask), qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    for got, want in zip(out_grads, ref_grads):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, attn_mask=mask)
+        autocast_kernel = plain(q, k, v, attn_mask=mask)
+    want = plain(q, k, v, attn_mask=mask).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    assert autocast_kernel.dtype == torch.bfloat16 and not torch.equal(autocast_kernel, want)  # what attend avoids
+
+    for dtype in (torch.float32, torch.float64):
+        a, b, c = (x.to(dtype) for x in (q, k, v))
+        assert torch.equal(attend(a, b, c, attn_mask=mask), plain(a, b, c, attn_mask=mask))

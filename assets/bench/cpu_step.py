@@ -1,7 +1,8 @@
 """Where a CPU step of the demo's joint stage goes: matmul speed in float32 and bf16 at the demo LLM's MLP shapes, the
-attention (F.scaled_dot_product_attention) at its rows' shape by backend and mask, then a torch.profiler table of
-16 steps of `train_joint.py config/demo_joint.py` from the demo's align checkpoint, in bf16 where the CPU has bf16
-matrix instructions (cpu_autocast="auto", as the demo runs). BENCHMARKS.md "The CPU demo" holds what it printed.
+attention (F.scaled_dot_product_attention) at its rows' shape by backend and mask, and under bf16 autocast against
+vision.attend (float32 on a CPU), then a torch.profiler table of 16 steps of `train_joint.py config/demo_joint.py`
+from the demo's align checkpoint, in bf16 where the CPU has bf16 matrix instructions (cpu_autocast="auto", as the
+demo runs). BENCHMARKS.md "The CPU demo" holds what it printed.
 
     python assets/bench/cpu_step.py [out/demo/align]     # after make demo (or its align stage)
 """
@@ -49,6 +50,18 @@ def main(align="out/demo/align"):
                     F.scaled_dot_product_attention(q, k, v, **kwargs).sum().backward()
             what = "a (B, 1, L, L) bool mask" if "attn_mask" in kwargs else "is_causal"
             print(f"attention {B} x {H} x {L} x {D}, {dtype}, {backend.name}, {what}: "
+                  f"{timed(step) * 1e3:.1f} ms forward and backward")
+    # under bf16 autocast (cpu_autocast="auto"): autocast's own bf16 kernel against vision.attend's float32, at the
+    # LLM's rows and at stage 1's ViT crops (32 images of 5 crops, 8 x 8 patches, 4 heads of 32)
+    from vision import attend
+    for shape, kwargs in (((B, H, L, D), {"attn_mask": mask}), ((160, 4, 64, 32), {})):
+        q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+        for name, fn in (("F.scaled_dot_product_attention", F.scaled_dot_product_attention), ("vision.attend", attend)):
+            def step():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = fn(q, k, v, **kwargs)
+                out.float().sum().backward()
+            print(f"attention {' x '.join(map(str, shape))} under bf16 autocast, {name}: "
                   f"{timed(step) * 1e3:.1f} ms forward and backward")
     from torch.profiler import ProfilerActivity, profile
     os.chdir(ROOT)
