@@ -5,7 +5,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
 
 from model import load_siglip
-from vision import SigLIP2, siglip_config_from_hf, siglip_state_dict_from_hf
+from vision import SigLIP2, attend, siglip_config_from_hf, siglip_state_dict_from_hf
 
 TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                    image_size=56, patch_size=14)
@@ -123,7 +123,6 @@ def test_attend_runs_cpu_bf16_attention_in_float32():
     returns bf16, so it equals the float32 kernel's output rounded once to bf16, exactly (the same float32 arithmetic,
     one rounding); autocast's own bf16 kernel rounds q, k, v, the scores and the output and differs. Gradients too.
     float32 and float64 inputs outside autocast go to the kernel untouched."""
-    from vision import attend
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 64, 32, generator=g) for _ in range(3))
     mask = torch.rand(2, 1, 64, 64, generator=g) > 0.3
