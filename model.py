@@ -884,9 +884,12 @@ class DecodeStep:
         kv_cache.write_index = torch.zeros(1, dtype=torch.long, device=device)
 
     def run(self):
-        pos = self.kv_cache.pos
+        # the step writes at write_index and reads no pos, but torch.compile guards on the attribute's value: each
+        # run sees pos 0, or a step run every token (compile without a CUDA graph, on a CPU) would recompile every
+        # token until dynamo's recompile limit stops it
+        pos, self.kv_cache.pos = self.kv_cache.pos, 0
         logits = self.step(self.ids, self.position_ids, self.key_mask, self.kv_cache)  # (B, V)
-        self.kv_cache.pos = pos  # (run_layers moved it on) every run sees the same pos: no recompile
+        self.kv_cache.pos = pos  # (run_layers moved it on)
         return logits
 
     def __call__(self, ids, position_ids):

@@ -81,9 +81,10 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(ours):
         assert our_greedy(ours, proc(text=text, images=[image]), n_new=12)[0].tolist() == row.tolist()
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("static", [False, True, "compiled"], ids=["eager", "static", "compiled"])
 def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
-    # the text-only path through the same generate: left-padded batch vs transformers' batch
+    # the text-only path through the same generate: left-padded batch vs transformers' batch. compiled: the
+    # static step through torch.compile (inductor), generate's compile switch
     from test_qwen3 import hf_tiny
     hf = hf_tiny(tied=False)
     hf.save_pretrained(tmp_path)
@@ -94,8 +95,11 @@ def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     ids[1, :4], mask[1, :4] = 0, 0
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, 10:]
-    got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=(), static=static)
+    torch._dynamo.reset()  # no graphs from other tests
+    got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=(), static=bool(static),
+                        compile=static == "compiled")
     assert got.tolist() == expected.tolist()
+
 
 
 def test_stop_tokens_streaming_and_padding(ours, processor):
