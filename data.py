@@ -633,8 +633,12 @@ def concat_pooled(patches, poolings):
     images (videos) are concatenated across a batch: transformers' Molmo2 batch convention."""
     if len(patches) == 1:  # no copy
         return patches[0], poolings[0]
-    offsets = np.cumsum([0] + [p.shape[0] * p.shape[1] for p in patches])  # patches before each input
-    return torch.cat(patches), torch.cat([torch.where(x >= 0, x + int(o), -1) for x, o in zip(poolings, offsets)])
+    offsets = torch.tensor(np.cumsum([0] + [p.shape[0] * p.shape[1] for p in patches[:-1]]))  # patches before each
+    pooling = torch.cat(poolings)
+    # one shift per pooled token, whole-batch ops: a training step joins ~80 examples, and an op per example held the
+    # GIL of the process that also launches the GPU's kernels (BENCHMARKS.md "128 joint rows a step")
+    shift = torch.repeat_interleave(offsets, torch.tensor([len(x) for x in poolings]))[:, None].to(pooling.dtype)
+    return torch.cat(patches), torch.where(pooling >= 0, pooling + shift, -1)
 
 
 class Molmo2Processor:
@@ -1754,27 +1758,35 @@ def collate(rows, pad_to=None, mask=True):
     example_ids = torch.full((B, L), -1, dtype=torch.long)
     branch_ids = torch.zeros((B, L), dtype=torch.long)
     is_vision = torch.zeros((B, L), dtype=torch.bool)
+    examples = [ex for row in rows for ex in row]
+    if examples:
+        # each token's place in the flattened (B * L) batch: its row's start, then its example's start within the
+        # row. Each field is then one concatenation and one indexed write, not a slice write per example (a GPU
+        # step's ~80 examples made ~600 small ops, the GIL held between them)
+        lens = torch.tensor([len(ex) for ex in examples])
+        within_row = torch.tensor([e for row in rows for e in range(len(row))])  # an example's index in its row
+        starts = torch.tensor([b * L + sum(len(x) for x in row[:e]) for b, row in enumerate(rows)
+                               for e in range(len(row))])
+        place = torch.repeat_interleave(starts - (lens.cumsum(0) - lens), lens) + torch.arange(int(lens.sum()))
+        for out, name in ((input_ids, "input_ids"), (position_ids, "position_ids"), (targets, "targets"),
+                          (loss_weights, "loss_weights"), (is_vision, "is_vision"), (branch_ids, "branch_ids")):
+            out.view(-1)[place] = torch.cat([getattr(ex, name) for ex in examples]).to(out.dtype)
+        example_ids.view(-1)[place] = torch.repeat_interleave(within_row, lens)
     attn_mask = torch.zeros((B, 1, L, L), dtype=torch.bool) if mask else None
-    for b, row in enumerate(rows):
+    for b, row in enumerate(rows if mask else []):
         start = 0
-        for e, ex in enumerate(row):
+        for ex in row:
             span = slice(start, start + len(ex))
-            input_ids[b, span], position_ids[b, span] = ex.input_ids, ex.position_ids
-            targets[b, span], loss_weights[b, span] = ex.targets, ex.loss_weights
-            example_ids[b, span], is_vision[b, span], branch_ids[b, span] = e, ex.is_vision, ex.branch_ids
-            if mask:
-                attn_mask[b, 0, span, span] = example_attention_mask(ex.branch_ids, ex.is_vision)
+            attn_mask[b, 0, span, span] = example_attention_mask(ex.branch_ids, ex.is_vision)
             start += len(ex)
-        if mask:
-            padding = torch.arange(start, L)
-            attn_mask[b, 0, padding, padding] = True
+        padding = torch.arange(start, L)
+        attn_mask[b, 0, padding, padding] = True
     batch = {
         "input_ids": input_ids, "position_ids": position_ids, "targets": targets, "loss_weights": loss_weights,
         "example_ids": example_ids, "branch_ids": branch_ids, "mm_token_type_ids": is_vision.long(),
     }
     if mask:
         batch["attn_mask"] = attn_mask
-    examples = [ex for row in rows for ex in row]
     for pixels, pooling, extra in (("pixel_values", "image_token_pooling", ("image_grids", "image_num_crops")),
                                    ("pixel_values_videos", "video_token_pooling", ("video_grids",))):
         having = [ex for ex in examples if getattr(ex, pixels) is not None]
