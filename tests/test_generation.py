@@ -101,7 +101,6 @@ def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     assert got.tolist() == expected.tolist()
 
 
-
 def test_stop_tokens_streaming_and_padding(ours, processor):
     inputs = prompt_inputs(processor, "two examples, padded")
     free = our_greedy(ours, inputs, n_new=12)
