@@ -1375,6 +1375,9 @@ class VisionExample:
                 self.labels.append(label)
                 self.label_ids.append(tokenizer.encode(label, allow_special=False)[:text_max_len])
                 self.points.append(np.array(points, dtype=np.float64))
+        # each label's (tokens holding a point, their offsets), made here: in a worker, off the GPU trainer's main
+        # process, whose batch thread shares the GIL with the thread launching kernels
+        self.hits = [cell_targets(points, self.cells) for points in self.points]
         scene = record.get("scene") or {}
         self.scene_targets = None  # (M, n_attributes): with use_scene, for a record of a synthetic image
         if use_scene and "shapes" in scene:
@@ -1387,45 +1390,52 @@ class VisionExample:
 
 def collate_vision(examples):
     """VisionExamples -> the batch dict VisionPretrainer.forward reads (CPU tensors)."""
-    patches, pooling, token_image, offset = [], [], [], 0
-    for i, ex in enumerate(examples):
-        patches.append(ex.patches)
-        pooling.append(torch.where(ex.pooling >= 0, ex.pooling.long() + offset, -1))
-        token_image.append(torch.full((ex.pooling.shape[0],), i))
-        offset += ex.patches.shape[0] * ex.patches.shape[1]
-    M = sum(p.shape[0] for p in pooling)
-    token_start = np.cumsum([0] + [ex.pooling.shape[0] for ex in examples])
+    import data
+    patches, pooling = data.concat_pooled([ex.patches for ex in examples], [ex.pooling for ex in examples])
+    n_tokens = torch.tensor([ex.pooling.shape[0] for ex in examples])
+    M = int(n_tokens.sum())
+    token_start = np.cumsum([0] + n_tokens.tolist())
     captioned = [i for i, ex in enumerate(examples) if ex.caption is not None]
     captions = [examples[i].caption for i in captioned]
-    labels = [(i, ids, pts) for i, ex in enumerate(examples) for ids, pts in zip(ex.label_ids, ex.points)]
+    labels = [(i, ids, pts, hits) for i, ex in enumerate(examples)
+              for ids, pts, hits in zip(ex.label_ids, ex.points, ex.hits)]
+    # the tokens holding each label's points: batch rows, label columns, their offsets, in label order
+    rows = [token_start[i] + np.flatnonzero(holds) for i, _, _, (holds, _) in labels]
+    cols = np.repeat(np.arange(len(labels)), [len(r) for r in rows])
+    offsets = [offsets[holds] for _, _, _, (holds, offsets) in labels]
+    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate(offsets) if offsets else np.zeros((0, 2), dtype=np.float32)
     loc_targets = torch.zeros(M, len(labels))
+    loc_targets[rows, cols] = 1.0
+    # a token holding points of two labels keeps the later label's offset: the last occurrence of each row
+    last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
     offset_targets = torch.full((M, 2), -1.0)
-    for j, (i, _, pts) in enumerate(labels):
-        holds, offsets = cell_targets(pts, examples[i].cells)
-        rows = token_start[i] + np.flatnonzero(holds)
-        loc_targets[rows, j] = 1.0
-        offset_targets[rows] = torch.from_numpy(offsets[holds])
-    batch = {"patches": torch.cat(patches), "pooling": torch.cat(pooling), "token_image": torch.cat(token_image),
+    offset_targets[rows[last]] = torch.from_numpy(offsets[last]).float()
+    batch = {"patches": patches, "pooling": pooling.long(),
+             "token_image": torch.repeat_interleave(torch.arange(len(examples)), n_tokens),
              "caption_image": torch.tensor(captioned, dtype=torch.long),
              "caption_same": torch.tensor([[a == b for b in captions] for a in captions],
                                           dtype=torch.bool).reshape(len(captions), len(captions)),
-             "label_image": torch.tensor([i for i, _, _ in labels], dtype=torch.long),
+             "label_image": torch.tensor([i for i, _, _, _ in labels], dtype=torch.long),
              "loc_targets": loc_targets, "offset_targets": offset_targets,
              # for the read-out: every token's cell, whether it is of the high-res view, each label's points
              "cells": torch.from_numpy(np.concatenate([ex.cells for ex in examples])).float(),
-             "high_res": torch.cat([torch.arange(ex.pooling.shape[0]) >= ex.grid[0] * ex.grid[1] for ex in examples]),
-             "label_points": [pts for _, _, pts in labels],
+             # a token's index within its image against the image's global-view tokens (grid[0] x grid[1])
+             "high_res": torch.arange(M) - torch.repeat_interleave(torch.from_numpy(token_start[:-1]), n_tokens)
+             >= torch.repeat_interleave(torch.tensor([ex.grid[0] * ex.grid[1] for ex in examples]), n_tokens),
+             "label_points": [pts for _, _, pts, _ in labels],
              # -1: the token's image has no scene (its attributes are unknown, not absent)
              "scene_targets": torch.from_numpy(np.concatenate([
                  ex.scene_targets if ex.scene_targets is not None else
                  np.full((ex.pooling.shape[0], len(scene_attributes())), -1) for ex in examples]))}
-    texts_by_name = {"caption": [examples[i].caption_ids for i in captioned], "label": [ids for _, ids, _ in labels]}
+    texts_by_name = {"caption": [examples[i].caption_ids for i in captioned],
+                     "label": [ids for _, ids, _, _ in labels]}
     for name, texts in texts_by_name.items():
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
-        ids = torch.zeros(len(texts), max([len(t) for t in texts], default=1), dtype=torch.long)
-        for k, t in enumerate(texts):
-            ids[k, :len(t)] = torch.tensor(t, dtype=torch.long)
-        batch[f"{name}_ids"], batch[f"{name}_lengths"] = ids, lengths
+        ids = np.zeros((len(texts), max([len(t) for t in texts], default=1)), dtype=np.int64)
+        for k, t in enumerate(texts):  # numpy: a list into a row without a tensor made for each
+            ids[k, :len(t)] = t
+        batch[f"{name}_ids"], batch[f"{name}_lengths"] = torch.from_numpy(ids), lengths
     return batch
 
 

@@ -299,6 +299,24 @@ def test_collate_vision_marks_only_the_labels_own_image():
     assert [p.tolist() for p in batch["label_points"]] == [[[0.8, 0.25]], [[0.1, 0.9]], [[0.8, 0.25], [0.9, 0.1]]]
 
 
+
+def test_collate_vision_gives_a_token_shared_by_two_labels_the_later_labels_offset():
+    """A 56x56 image (8 tokens: the cells above) with 'cats' at (0.8, 0.25) and 'birds' at (0.7, 0.3): both points
+    lie in the top-right cell of each view (tokens 1 and 5, [0.5, 1] x [0, 0.5]). Both labels mark those tokens, and
+    the tokens keep the later label's offset, ((0.7 - 0.5) / 0.5, 0.3 / 0.5) = (0.4, 0.6), as the label-by-label
+    writes of the loader always did (collate_vision now writes every label at once)."""
+    square = {"images": [black(56, 56)], "annotations": [answer(
+        "pointing", '<points coords="1 1 800 250">cats</points> <points coords="1 1 700 300">birds</points>')]}
+    examples = [training.VisionExample(square, 0, tiny_processor(), 16, True, True)]
+    assert examples[0].labels == ["cats", "birds"] and examples[0].grid == SQUARE_GRID
+    batch = training.collate_vision(examples)
+    loc = torch.zeros(8, 2)
+    loc[[1, 5], :] = 1
+    assert torch.equal(batch["loc_targets"], loc)
+    offsets = torch.full((8, 2), -1.0)
+    offsets[[1, 5]] = torch.tensor([0.4, 0.6])
+    torch.testing.assert_close(batch["offset_targets"], offsets, rtol=0, atol=2 ** -23)  # float32 roundings
+
 # ---------------------------------------------------------------------------
 # 3. The uint8 crops
 # ---------------------------------------------------------------------------
