@@ -1763,24 +1763,31 @@ def collate(rows, pad_to=None, mask=True):
         # each token's place in the flattened (B * L) batch: its row's start, then its example's start within the
         # row. Each field is then one concatenation and one indexed write, not a slice write per example (a GPU
         # step's ~80 examples made ~600 small ops, the GIL held between them)
+        starts, within_row = [], []  # each example's first place in the flat batch, its index in its row
+        for b, row in enumerate(rows):
+            start = b * L
+            for e, ex in enumerate(row):
+                starts.append(start)
+                within_row.append(e)
+                start += len(ex)
         lens = torch.tensor([len(ex) for ex in examples])
-        within_row = torch.tensor([e for row in rows for e in range(len(row))])  # an example's index in its row
-        starts = torch.tensor([b * L + sum(len(x) for x in row[:e]) for b, row in enumerate(rows)
-                               for e in range(len(row))])
-        place = torch.repeat_interleave(starts - (lens.cumsum(0) - lens), lens) + torch.arange(int(lens.sum()))
+        within_row = torch.tensor(within_row)
+        place = torch.repeat_interleave(torch.tensor(starts) - (lens.cumsum(0) - lens), lens) + torch.arange(
+            int(lens.sum()))
         for out, name in ((input_ids, "input_ids"), (position_ids, "position_ids"), (targets, "targets"),
                           (loss_weights, "loss_weights"), (is_vision, "is_vision"), (branch_ids, "branch_ids")):
             out.view(-1)[place] = torch.cat([getattr(ex, name) for ex in examples]).to(out.dtype)
         example_ids.view(-1)[place] = torch.repeat_interleave(within_row, lens)
     attn_mask = torch.zeros((B, 1, L, L), dtype=torch.bool) if mask else None
-    for b, row in enumerate(rows if mask else []):
-        start = 0
-        for ex in row:
-            span = slice(start, start + len(ex))
-            attn_mask[b, 0, span, span] = example_attention_mask(ex.branch_ids, ex.is_vision)
-            start += len(ex)
-        padding = torch.arange(start, L)
-        attn_mask[b, 0, padding, padding] = True
+    if mask:
+        for b, row in enumerate(rows):
+            start = 0
+            for ex in row:
+                span = slice(start, start + len(ex))
+                attn_mask[b, 0, span, span] = example_attention_mask(ex.branch_ids, ex.is_vision)
+                start += len(ex)
+            padding = torch.arange(start, L)
+            attn_mask[b, 0, padding, padding] = True
     batch = {
         "input_ids": input_ids, "position_ids": position_ids, "targets": targets, "loss_weights": loss_weights,
         "example_ids": example_ids, "branch_ids": branch_ids, "mm_token_type_ids": is_vision.long(),

@@ -1400,11 +1400,11 @@ def collate_vision(examples):
     labels = [(i, ids, pts, hits) for i, ex in enumerate(examples)
               for ids, pts, hits in zip(ex.label_ids, ex.points, ex.hits)]
     # the tokens holding each label's points: batch rows, label columns, their offsets, in label order
-    rows = [token_start[i] + np.flatnonzero(holds) for i, _, _, (holds, _) in labels]
-    cols = np.repeat(np.arange(len(labels)), [len(r) for r in rows])
-    offsets = [offsets[holds] for _, _, _, (holds, offsets) in labels]
-    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    offsets = np.concatenate(offsets) if offsets else np.zeros((0, 2), dtype=np.float32)
+    label_rows = [token_start[i] + np.flatnonzero(holds) for i, _, _, (holds, _) in labels]
+    cols = np.repeat(np.arange(len(labels)), [len(r) for r in label_rows])
+    rows = np.concatenate(label_rows) if labels else np.zeros(0, dtype=np.int64)
+    offsets = (np.concatenate([cell_offsets[holds] for _, _, _, (holds, cell_offsets) in labels]) if labels
+               else np.zeros((0, 2), dtype=np.float32))
     loc_targets = torch.zeros(M, len(labels))
     loc_targets[rows, cols] = 1.0
     # a token holding points of two labels keeps the later label's offset: the last occurrence of each row

@@ -299,7 +299,6 @@ def test_collate_vision_marks_only_the_labels_own_image():
     assert [p.tolist() for p in batch["label_points"]] == [[[0.8, 0.25]], [[0.1, 0.9]], [[0.8, 0.25], [0.9, 0.1]]]
 
 
-
 def test_collate_vision_gives_a_token_shared_by_two_labels_the_later_labels_offset():
     """A 56x56 image (8 tokens: the cells above) with 'cats' at (0.8, 0.25) and 'birds' at (0.7, 0.3): both points
     lie in the top-right cell of each view (tokens 1 and 5, [0.5, 1] x [0, 0.5]). Both labels mark those tokens, and
@@ -316,6 +315,7 @@ def test_collate_vision_gives_a_token_shared_by_two_labels_the_later_labels_offs
     offsets = torch.full((8, 2), -1.0)
     offsets[[1, 5]] = torch.tensor([0.4, 0.6])
     torch.testing.assert_close(batch["offset_targets"], offsets, rtol=0, atol=2 ** -23)  # float32 roundings
+
 
 # ---------------------------------------------------------------------------
 # 3. The uint8 crops

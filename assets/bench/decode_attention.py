@@ -8,6 +8,7 @@ new token against a static KV cache under a key mask, bf16, replayed from a CUDA
 Prints microseconds a call per SDPA backend (PyTorch's own choice, cuDNN, memory-efficient, math; and, for reference,
 the arithmetic written out under torch.compile) and each one's largest difference from the math backend in float32.
 """
+import os
 import sys
 import time
 
@@ -15,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-cache, batches, reps = 1024, (1, 16), 200
-for arg in sys.argv[1:]:  # --key=value, Python literals
-    key, value = arg.lstrip("-").split("=", 1)
-    if key not in ("cache", "batches", "reps"):
-        raise SystemExit(f"unknown argument {arg!r}: expected --cache, --batches, --reps")
-    globals()[key] = eval(value)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from configurator import configure  # noqa: E402
+
+# -- knobs (override with --key=value) -------------------------------------------------------------------------
+cache = 1024  # KV cache slots (600 of them real)
+batches = (1, 16)
+reps = 200  # calls captured in one CUDA graph
+configure(globals())
+# ----------------------------------------------------------------------------------------------------------------
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}

@@ -6,10 +6,15 @@ as eval.py's vqa task scores a model.
 """
 import collections
 import json
+import os
 import re
 import sys
 
-COLOURS = r"\b(red|green|blue|yellow|purple|orange|white|black|pink|cyan|grey|gray|brown)\b"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import prepare_data  # noqa: E402
+from eval import vqa_score  # noqa: E402
+
+COLOURS = r"\b(" + "|".join(prepare_data.SHAPE_COLOURS) + r")\b"  # the shapes' colours, which questions name
 
 
 def short_answers(path):
@@ -35,7 +40,7 @@ if __name__ == "__main__":
         answers[form(question)][answer] += 1
     test = short_answers(f"{data_dir}/synth_image/test.jsonl")
     guess = {f: counts.most_common(1)[0][0] for f, counts in answers.items()}
-    hits = sum(guess.get(form(q)) == a for q, a in test)
+    hits = sum(vqa_score(guess.get(form(q), ""), a)["exact_match"] for q, a in test)
     print(f"{len(test)} test questions, the commonest training answer of each question form: {hits / len(test):.3f}")
     for f, n in collections.Counter(form(q) for q, _ in test).most_common():
         print(f"  {n:4d}  {f}  -> {guess.get(f)!r}")
