@@ -49,6 +49,8 @@ batch_size = 8  # rows per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
 loader_workers = -1  # processes that make the training examples ahead of the step (Linux); 0 = in this
 #   process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
+batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
+#   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 300
 lr_connector, lr_vit, lr_llm = 2e-4, 0.0, 0.0  # 0 = frozen
 warmup_connector, warmup_vit, warmup_llm = 200, 0, 0
@@ -102,7 +104,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
-    loader = StepsAhead(loader, pin_device=d.device)
+    loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 progress = Progress(d, out_dir, max_steps, model, log_every, wandb_project, config)
 d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model.num_params('connector') / 1e6:.1f}M, "

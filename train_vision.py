@@ -92,6 +92,8 @@ batch_size = 32  # images per micro-batch per process
 grad_accum = 1
 loader_workers = -1  # processes that make the next step's images while this one trains (Linux);
 #   0 = in this process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
+batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
+#   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 600
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / its fan-in), muP's rule for Adam
@@ -255,7 +257,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
 loader = VisionLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                       workers=loader_workers, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
-    loader = StepsAhead(loader, pin_device=d.device)
+    loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
 log_path = os.path.join(out_dir, "log.jsonl")
 if d.is_master:

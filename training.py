@@ -15,6 +15,7 @@ Design choices:
 """
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -1043,44 +1044,84 @@ class TrainLoader(ForkedWorkers):
 
 
 class StepsAhead:
-    """A loader whose next steps' batches a background thread makes while this step trains (on a GPU: there the
-    host's share of a small model's step, receiving examples from the workers and concatenating them, was most
-    of the step, and the GPU waited; BENCHMARKS.md "The GPU trainer: batches made off the training thread").
-    Same batches in the same order as the loader's own next_step(); state_dict() is the state before the next
-    batch this run takes, so a checkpoint resumes exactly. What the thread read ahead is counted in summary()
-    when it was made, not when taken.
-    pin_device: a CUDA device; the thread then also copies each batch's tensors into page-locked memory, so the
-    training thread's `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from
-    pageable memory that copy blocked the host 4-5 ms of a GPU demo step: BENCHMARKS.md "Where a GPU step's time
-    goes"). The thread makes the device its current one first: a new thread's is device 0, and page-locking there
-    would give every rank of a multi-GPU run a CUDA context on GPU 0."""
+    """A loader whose next steps' batches are made while this step trains (on a GPU: there the host's share of a
+    small model's step, receiving examples from the workers, packing and concatenating them, was most of the step,
+    and the GPU waited; BENCHMARKS.md "The GPU trainer: batches made off the training thread"). Same batches in the
+    same order as the loader's own next_step(); state_dict() is the state before the next batch this run takes, so a
+    checkpoint resumes exactly. What was read ahead is counted in summary() when it was made, not when taken.
 
-    def __init__(self, loader, depth=2, pin_device=None):
+    process=False: a background thread of this process runs the loader. But the batch work is Python that holds the
+    GIL, and the training thread takes the GIL back after each of its ~1,000 kernel launches a step, so the two
+    threads queue for it.
+    process=True: a forked process runs the loader (and its own workers) and sends each step's tensors as raw bytes
+    through a socket; a thread here receives them straight into the tensors it hands over (recv_into, without the
+    GIL), so this process does no batch work in Python at all. The child must not touch CUDA (it never does: the
+    loaders are CPU code) and runs torch on one thread (OpenMP is not fork-safe).
+
+    pin_device: a CUDA device; the batches' tensors are then page-locked, so the training thread's
+    `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from pageable memory that
+    copy blocked the host 4-5 ms of a GPU demo step: BENCHMARKS.md "Where a GPU step's time goes"). The thread makes
+    the device its current one first: a new thread's is device 0, and page-locking there would give every rank of
+    a multi-GPU run a CUDA context on GPU 0."""
+
+    def __init__(self, loader, depth=2, pin_device=None, process=False):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
-        self.stopping, self.pin_device = False, pin_device
+        self.stopping, self.pin_device, self.process = False, pin_device, process
+        self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
 
     def _run(self):
         if self.pin_device is not None:
             torch.cuda.set_device(self.pin_device)
         while not self.stopping:
-            state = self.loader.state_dict()
-            try:
-                batches = self.loader.next_step()
-                if self.pin_device is not None:
-                    batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-                               for batch in batches]
-                item = (state, batches, None)
-            except BaseException as e:  # raised again in the training thread, where next_step() was asked
-                item = (state, None, e)
+            if self.process:
+                try:
+                    item = _receive_step(self.sock, self.pin_device is not None)
+                except (ConnectionError, OSError, EOFError) as e:
+                    if self.stopping:
+                        return
+                    self.child.join(timeout=5)
+                    item = (None, None, RuntimeError(f"the batch process ended without a step (exit code "
+                                                     f"{self.child.exitcode}): {e}"), None)
+                state, batches, error, self.child_summary = item
+                item = (state, batches, error)
+            else:
+                state = self.loader.state_dict()
+                try:
+                    batches = self.loader.next_step()
+                    if self.pin_device is not None:
+                        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                                   for batch in batches]
+                    item = (state, batches, None)
+                except BaseException as e:  # raised again in the training thread, where next_step() was asked
+                    item = (state, None, e)
             self.queue.put(item)
             if item[2] is not None:
                 return
+
+    def _start_child(self):
+        import atexit
+        import multiprocessing
+        import socket
+        ours, theirs = socket.socketpair()
+        for s in (ours, theirs):  # a step's bytes in few system calls
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        # not a daemon: a daemon process may not start the loader's own workers
+        self.child = multiprocessing.get_context("fork").Process(
+            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize),
+            name="steps-ahead")
+        self.child.start()
+        theirs.close()
+        self.sock = ours
+        atexit.register(self.close)  # before multiprocessing's own exit handler joins the child
 
     def _peek(self):
         if self.head is None:
             if self.thread is None:
                 import threading
+                if self.process:
+                    self._start_child()
                 self.thread = threading.Thread(target=self._run, name="steps-ahead", daemon=True)
                 self.thread.start()
             self.head = self.queue.get()
@@ -1091,6 +1132,11 @@ class StepsAhead:
         if error is not None:
             raise error
         self.head = None
+        if self.process:
+            try:
+                self.sock.send(b"+")  # the child may make one step more: it stays `depth` steps ahead, as a thread
+            except OSError:  # the child is gone: the receiving thread says so at the next step
+                pass
         return batches
 
     def state_dict(self):
@@ -1099,14 +1145,20 @@ class StepsAhead:
     def load_state_dict(self, state):
         if self.thread is not None:
             raise RuntimeError("StepsAhead: load_state_dict before the first step, not after the thread started")
-        self.loader.load_state_dict(state)
+        if self.process:  # the child loads it: this process's loader never starts workers of its own
+            self.resume_state = state
+        else:
+            self.loader.load_state_dict(state)
 
     def summary(self):
-        return self.loader.summary()
+        return self.child_summary if self.child_summary is not None else self.loader.summary()
 
     def close(self):
-        """Stop the thread (after the step it is making) and the loader's workers."""
+        """Stop the thread (after the step it is making), the batch process and the loader's workers."""
         self.stopping = True
+        if self.sock is not None:
+            import socket
+            self.sock.shutdown(socket.SHUT_RDWR)  # the thread's receive and the child's send both end
         if self.thread is not None:
             import queue
             while self.thread.is_alive():
@@ -1115,6 +1167,12 @@ class StepsAhead:
                 except queue.Empty:
                     pass
             self.thread = None
+        if self.child is not None:
+            self.child.join(timeout=30)
+            if self.child.is_alive():
+                self.child.terminate()
+            self.sock.close()
+            self.child, self.sock = None, None
         if hasattr(self.loader, "close"):
             self.loader.close()
 
@@ -1122,6 +1180,95 @@ class StepsAhead:
         if name == "loader":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+def _batch_process(loader, sock, parents_end, resume_state, depth):
+    """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
+    `depth` more than the parent has taken (it sends a byte for each)."""
+    parents_end.close()
+    torch.set_num_threads(1)
+    loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
+    try:
+        if resume_state is not None:
+            loader.load_state_dict(resume_state)
+        for made in itertools.count():
+            if made >= depth and not sock.recv(1):  # nothing: the parent closed its end
+                return
+            state = loader.state_dict()
+            try:
+                batches, error = loader.next_step(), None
+            except BaseException as e:  # sent on and raised in the training thread
+                batches, error = None, e
+            _send_step(sock, state, batches, error, loader.summary() if error is None else None)
+            if error is not None:
+                return
+    except (ConnectionError, OSError):  # the parent closed its end: it is stopping
+        pass
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
+
+
+def _send_step(sock, state, batches, error, summary):
+    """One step through the socket: a pickled header (the state, error, summary and each micro-batch's layout:
+    its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order."""
+    import pickle
+    import struct
+    import traceback
+    tensors, layout = [], []
+    for batch in batches or []:
+        entry = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                entry[k] = ("tensor", v.dtype, tuple(v.shape))
+                tensors.append(v)
+            else:
+                entry[k] = ("value", v)
+        layout.append(entry)
+    try:
+        header = pickle.dumps((state, error, summary, layout if batches is not None else None))
+    except Exception:  # an error that does not pickle travels as its traceback
+        error = RuntimeError("in the batch process:\n" + "".join(traceback.format_exception(error)))
+        header = pickle.dumps((state, error, summary, None))
+    sock.sendall(struct.pack("<Q", len(header)) + header)
+    for t in tensors:
+        if t.numel():
+            sock.sendall(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _receive_exactly(sock, view):
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the batch process closed its socket")
+        got += n
+
+
+def _receive_step(sock, pin):
+    """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket."""
+    import pickle
+    import struct
+    size = bytearray(8)
+    _receive_exactly(sock, memoryview(size))
+    header = bytearray(struct.unpack("<Q", size)[0])
+    _receive_exactly(sock, memoryview(header))
+    state, error, summary, layout = pickle.loads(header)
+    batches = None
+    if layout is not None:
+        batches = []
+        for entry in layout:
+            batch = {}
+            for k, (kind, *spec) in entry.items():
+                if kind == "value":
+                    batch[k] = spec[0]
+                    continue
+                dtype, shape = spec
+                t = batch[k] = torch.empty(shape, dtype=dtype, pin_memory=pin)
+                if t.numel():
+                    _receive_exactly(sock, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            batches.append(batch)
+    return state, batches, error, summary
 
 
 def per_task(n_keys, workers, most=8):

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 import data
 import training
-from conftest import assert_workers_match_serial
+from conftest import assert_same_steps, assert_workers_match_serial
 from model import Molmo2Config, load_safetensors
 from vision import SigLIP2, SigLIP2Config, sigmoid_loss
 
@@ -364,6 +364,18 @@ def test_loader_workers_give_the_serial_batches_and_resume_exactly(tiny_world):
         assert serial.report.n_skipped > 0 and serial.not_used["not a single image"] > 0, serial.summary()
 
     assert_workers_match_serial(lambda workers: vision_loader(tiny_world, workers), 2, met_bad_records)
+
+
+def test_batches_made_in_a_forked_process_are_the_serial_loaders(tiny_world):
+    """StepsAhead(process=True), as a GPU run makes stage 1's batches: the child's loader, with its own two workers,
+    sends every tensor (bytes through a socket) and the label points (pickled) of the serial loader's steps."""
+    serial = vision_loader(tiny_world, 0)
+    ahead = training.StepsAhead(vision_loader(tiny_world, 2), process=True)
+    try:
+        assert_same_steps([ahead.next_step() for _ in range(3)], [serial.next_step() for _ in range(3)])
+        assert ahead.state_dict() == serial.state_dict()
+    finally:
+        ahead.close()
 
 
 # ---------------------------------------------------------------------------

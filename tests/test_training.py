@@ -386,20 +386,24 @@ def loader_for(world, workers):
                                 workers=workers)
 
 
-def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world):
-    """StepsAhead (the GPU trainers' background thread) against the loader itself: the same micro-batches and
-    data states step by step; a run resumed from such a state through a fresh StepsAhead continues exactly; and
-    an error the loader raises reaches the training thread."""
-    serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0))
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process):
+    """StepsAhead (the GPU trainers' batches made ahead, in a thread or a forked process) against the loader itself:
+    the same micro-batches and data states step by step; a run resumed from such a state through a fresh StepsAhead
+    continues exactly; the skipped records are counted; and an error the loader raises reaches the training thread."""
+    serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0), process=process)
     try:
         for _ in range(3):
             assert ahead.state_dict() == serial.state_dict()
             assert_same_steps([ahead.next_step()], [serial.next_step()])
         state = ahead.state_dict()
-        resumed = training.StepsAhead(loader_for(world, 0))
+        resumed = training.StepsAhead(loader_for(world, 2 if process else 0), process=process)  # workers alike
         resumed.load_state_dict(state)
         assert_same_steps([resumed.next_step() for _ in range(2)], [serial.next_step() for _ in range(2)])
         resumed.close()
+        # the skips are counted where the batches were made (in process mode the child's loader: this one's reads
+        # nothing); how many steps were read ahead by then depends on timing, so only that they are there
+        assert "undecodable_image" in serial.summary() and "undecodable_image" in ahead.summary()
         with pytest.raises(RuntimeError, match="before the first step"):
             ahead.load_state_dict(state)
     finally:
@@ -413,7 +417,36 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world):
             raise ValueError("record 7 is malformed")
 
     with pytest.raises(ValueError, match="record 7 is malformed"):
-        training.StepsAhead(Failing()).next_step()
+        training.StepsAhead(Failing(), process=process).next_step()
+
+
+def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monkeypatch):
+    """process=True: the receiving thread asks for page-locked tensors when given a pin_device (a CPU has none: a
+    stand-in for torch.empty records what it was asked); a batch process that dies mid-run is an error in the
+    training thread, not a hang; close() leaves no process behind."""
+    pins, empty = [], torch.empty
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+    def recording_empty(*shape, pin_memory=False, **kwargs):
+        if threading.current_thread().name == "steps-ahead":  # not the serial loader's own
+            pins.append(pin_memory)
+        return empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    serial = loader_for(world, 0)
+    ahead = training.StepsAhead(loader_for(world, 0), pin_device=torch.device("cuda", 0), process=True)
+    try:
+        assert_same_steps([ahead.next_step()], [serial.next_step()])
+        assert len(pins) >= 5 and all(pins)
+        child = ahead.child
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        with pytest.raises(RuntimeError, match="batch process ended without a step"):
+            for _ in range(10):  # the steps it sent before it died come first
+                ahead.next_step()
+    finally:
+        ahead.close()
+    assert ahead.child is None and not child.is_alive()
 
 
 def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
