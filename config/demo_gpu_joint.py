@@ -9,10 +9,12 @@
 # bins, 2,000 steps overfit a world of 10,000 images. 4,500 steps (~57-65 ms each on one H200), with stage 1's world
 # part at 2,000: the whole demo as one command took 8.5 min and counted 0.835 with F1 0.858, against 9.8 min and
 # 0.820 / 0.831 at 3,000 (stage 1 at 2,400) and 8.3 min and 0.810 / 0.804 at 3,500 (BENCHMARKS.md "The GPU demo at
-# 4,500 joint steps"). The validation loss was still falling at step 4,500.
+# 4,500 joint steps"). With the batches made in a forked process (~40-45 ms a step) 5,500 steps fit the same
+# minutes: 8.8 min, counting 0.880, F1 0.851; in a world of 60,000 images 9.6 min, 0.840 / 0.914 (BENCHMARKS.md
+# "Batches made in a forked process").
 batch_size = 64
 max_seq_len = 512
-max_steps = 4500
+max_steps = 5500
 lr_connector, lr_vit, lr_llm = 2e-3, 0.0, 2e-3  # lr 0 freezes the ViT
 eval_every = 500
 eval_answers = 100
