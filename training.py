@@ -1067,7 +1067,8 @@ class StepsAhead:
     def __init__(self, loader, depth=2, pin_device=None, process=False):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
-        self.stopping, self.pin_device, self.process = False, pin_device, process
+        # the child is forked (Linux); elsewhere the thread
+        self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
 
     def _run(self):

@@ -397,7 +397,8 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
             assert ahead.state_dict() == serial.state_dict()
             assert_same_steps([ahead.next_step()], [serial.next_step()])
         state = ahead.state_dict()
-        resumed = training.StepsAhead(loader_for(world, 2 if process else 0), process=process)  # workers alike
+        # in the child, a loader with workers of its own gives the same batches too
+        resumed = training.StepsAhead(loader_for(world, 2 if process else 0), process=process)
         resumed.load_state_dict(state)
         assert_same_steps([resumed.next_step() for _ in range(2)], [serial.next_step() for _ in range(2)])
         resumed.close()
