@@ -19,9 +19,12 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
+import struct
 import sys
 import time
+import traceback
 import uuid
 from contextlib import nullcontext
 from dataclasses import replace
@@ -1084,7 +1087,9 @@ class StepsAhead:
                     self.child.join(timeout=5)
                     item = (None, None, RuntimeError(f"the batch process ended without a step (exit code "
                                                      f"{self.child.exitcode}): {e}"), None)
-                state, batches, error, self.child_summary = item
+                state, batches, error, summary = item
+                if summary is not None:  # a step that failed sends none: the last one made still counts
+                    self.child_summary = summary
                 item = (state, batches, error)
             else:
                 state = self.loader.state_dict()
@@ -1213,9 +1218,6 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
 def _send_step(sock, state, batches, error, summary):
     """One step through the socket: a pickled header (the state, error, summary and each micro-batch's layout:
     its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order."""
-    import pickle
-    import struct
-    import traceback
     tensors, layout = [], []
     for batch in batches or []:
         entry = {}
@@ -1248,8 +1250,6 @@ def _receive_exactly(sock, view):
 
 def _receive_step(sock, pin):
     """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket."""
-    import pickle
-    import struct
     size = bytearray(8)
     _receive_exactly(sock, memoryview(size))
     header = bytearray(struct.unpack("<Q", size)[0])
