@@ -48,7 +48,7 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
-from training import (Dist, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, image_feature_stats,
+from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, image_feature_stats,
                       load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint, scene_classes,
                       scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
@@ -111,6 +111,11 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the step's forward (the model and its losses)
+cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
+#   as CUDA graphs, one per batch shape (training.GraphedStep): its ~1,100 small kernels launched at once. The GPU
+#   demo's step then needs ~10 ms of the GPU and little host time, but its batches still take ~59 ms to make, so it
+#   gains nothing yet: 61 ms a step against 57 eagerly, the same losses (BENCHMARKS.md "Stage 1's step, made and
+#   launched"); elsewhere it is off
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
@@ -254,8 +259,18 @@ processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, processor=processor,
                    text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed,
                    use_scene=scene_weight > 0)
+graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
+             "compile=True" if compile else None)
+graphed = None
+if d.device.type == "cuda" and cuda_graph and graph_off is None:
+    graphed = GraphedStep(pretrainer, lambda batch: vision_batch_to(batch, d.device),
+                          lambda losses: sum(losses[k] * weight_of[k] for k in losses), grad_clip,
+                          getattr(torch, dtype), print_fn=d.print)
+if d.device.type == "cuda":
+    d.print(f"cuda_graph: {'on' if graphed else 'off' if not cuda_graph else f'off ({graph_off})'}")
+# with graphs the labels come padded to a few shapes: a graph for each
 loader = VisionLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
-                      workers=loader_workers, **loader_args)
+                      workers=loader_workers, round_labels=graphed is not None, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 start_step = resume_run(ckpt_path, train_model, optimizer, loader, d) if resume else 0
@@ -281,7 +296,9 @@ for step in range(start_step, max_steps):
     data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = loader.next_step()
     parts = {}
-    for i, mb in enumerate(micro_batches):
+    if graphed is not None:  # one micro-batch: forward, backward and clipping in one replay
+        parts, grad_norm = graphed.step(micro_batches[0])
+    for i, mb in enumerate(micro_batches if graphed is None else []):
         last = i == len(micro_batches) - 1
         # DDP: gradients are averaged over the ranks once, in the step's last backward
         no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
@@ -291,7 +308,8 @@ for step in range(start_step, max_steps):
             (loss / len(micro_batches)).backward()  # DDP and FSDP average over ranks
         for k, v in losses.items():
             parts[k] = parts.get(k, 0.0) + v.detach() / len(micro_batches)
-    grad_norm = torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
+    if graphed is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
     parts = {k: d.all_reduce_sum(v.reshape(1).float()).item() / d.world_size for k, v in parts.items()}
     total = sum(v * weight_of[k] for k, v in parts.items())
@@ -299,7 +317,8 @@ for step in range(start_step, max_steps):
         stop_nonfinite(step, total, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,
                        rng_before)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graphed is None:  # a graph's gradients stay where it captured them, zeroed by the next replay
+        optimizer.zero_grad(set_to_none=True)
 
     now = time.time()
     step_times.append(now - t_last)
@@ -343,7 +362,10 @@ elif d.is_master:
     save_siglip(pretrainer.vit, final_dir)
 if d.is_master:
     plot_vision_run(out_dir)
-    print(f"done: {max_steps - start_step} steps in {(time.time() - t_start) / 60:.1f} min\n{loader.summary()}\n"
+    graphs = (f" ({graphed.replays} as CUDA graphs of {len(graphed.graphs)} batch shapes, {graphed.eager_steps} "
+              f"eagerly)" if graphed is not None else "")
+    print(f"done: {max_steps - start_step} steps{graphs} in {(time.time() - t_start) / 60:.1f} min\n"
+          f"{loader.summary()}\n"
           f"ViT: {final_dir} (SiglipVisionModel layout; next: "
           f"{python_command('train_align.py', f'--vit_from={out_dir}')}) | "
           f"log: {log_path} | checkpoint: {ckpt_path}", flush=True)

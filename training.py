@@ -15,6 +15,7 @@ Design choices:
 """
 
 import collections
+import functools
 import itertools
 import json
 import math
@@ -1046,6 +1047,108 @@ class TrainLoader(ForkedWorkers):
         self.n_filtered = state["records"].get("n_filtered", 0)
 
 
+class GraphedStep:
+    """A training step's forward, backward and gradient clipping, captured as a CUDA graph once per batch layout and
+    replayed after: train_vision.py's `cuda_graph` knob. Why: stage 1's step is ~1,000 small kernels, which the GPU
+    runs in a fraction of the time the host takes to launch them one by one (BENCHMARKS.md "Where a GPU step's time
+    goes"); a replay launches them all at once. step(host_batch) -> ({loss name: tensor}, the gradients' norm before
+    clipping), the clipped gradients left in each parameter's .grad. The optimizer runs outside the graph, after the
+    caller has looked at the loss: a non-finite step can still be refused.
+
+    What a graph needs, and how it gets it:
+    - fixed addresses: each batch is copied into the graph's own input tensors; the gradients are made by the first
+      (eager) warm-up run, then zeroed in place inside every step and never set to None: the caller must not
+      zero_grad(set_to_none=True) them away;
+    - fixed shapes: one graph per layout (every tensor's shape and dtype), at most max_graphs; a batch of another
+      layout after that runs the same step eagerly (VisionLoader's round_labels keeps the layouts few);
+    - no host sync inside the step (a capture fails on one): the first warm-up run goes under
+      torch.cuda.set_sync_debug_mode("error"); a step that syncs, or leaves a parameter without a gradient (AdamW
+      would then move it by its momentum, where eagerly it would skip it), runs eagerly from then on, and says why.
+    The step reads only the batch's tensors. A capture runs the step twice on a side stream first (cuBLAS and cuDNN
+    make their plans and workspaces there), then captures it and replays it: the gradients are the replay's. No
+    parameter moves before the optimizer's step. The graphs share one memory pool: only one runs at a time, and
+    nothing they compute outlives a step but their outputs."""
+
+    def __init__(self, model, prepare, loss_of, grad_clip, dtype, max_graphs=8, print_fn=print):
+        self.model, self.prepare, self.loss_of, self.grad_clip = model, prepare, loss_of, grad_clip
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.dtype, self.max_graphs, self.print = dtype, max_graphs, print_fn
+        self.graphs, self.pool, self.eager_only = {}, None, False
+        self.replays = self.eager_steps = 0
+
+    def _run(self, batch):
+        """The step itself, eagerly or under capture: a batch of device tensors -> (losses, gradient norm)."""
+        grads = [p.grad for _, p in self.named if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)  # in place: a graph holds their addresses
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):  # no cast cached across replays
+            losses = self.model(self.prepare(batch))
+            loss = self.loss_of(losses)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], self.grad_clip)
+        return {k: v.detach() for k, v in losses.items()}, norm
+
+    def step(self, host_batch):
+        tensors = {k: v for k, v in host_batch.items() if torch.is_tensor(v)}
+        layout = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        entry = self.graphs.get(layout)
+        if entry is None and not self.eager_only and len(self.graphs) < self.max_graphs:
+            entry = self._capture(tensors, layout)
+        if entry is None:
+            self.eager_steps += 1
+            return self._run({k: v.cuda(non_blocking=True) for k, v in tensors.items()})
+        graph, inputs, outputs = entry
+        for k, v in inputs.items():
+            v.copy_(tensors[k], non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return outputs
+
+    def _eager_from_now(self, why):
+        self.eager_only = True
+        self.print(f"cuda_graph: the step runs eagerly from here: {why}")
+
+    def _capture(self, tensors, layout):
+        inputs = {k: v.cuda(non_blocking=True) for k, v in tensors.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first = not self.graphs
+            mode = torch.cuda.get_sync_debug_mode()
+            try:
+                if first:
+                    torch.cuda.set_sync_debug_mode("error")
+                self._run(inputs)
+            except RuntimeError as e:
+                if not first or "synchroniz" not in str(e):
+                    raise
+                torch.cuda.current_stream().wait_stream(side)
+                self._eager_from_now(f"it waits on the GPU ({str(e).splitlines()[0]})")
+                return None
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+            without = [n for n, p in self.named if p.grad is None]
+            if without:
+                torch.cuda.current_stream().wait_stream(side)
+                self._eager_from_now(f"{len(without)} parameter(s) get no gradient, e.g. {without[:3]}")
+                return None
+            self._run(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the batch thread may page-lock memory meanwhile, which a global capture would forbid
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self._run(inputs)
+        except RuntimeError as e:  # an op that a graph cannot hold: the run cannot go on in this process
+            raise RuntimeError(f"cuda_graph: capturing the training step failed; run with --cuda_graph=False "
+                               f"({str(e).splitlines()[0]})") from e
+        self.pool = graph.pool()
+        graph.replay()
+        self.graphs[layout] = (graph, inputs, outputs)
+        self.print(f"cuda_graph: the step captured for batch layout {len(self.graphs)} of at most {self.max_graphs}")
+        return self.graphs[layout]
+
+
 class StepsAhead:
     """A loader whose next steps' batches are made while this step trains (on a GPU: there the host's share of a
     small model's step, receiving examples from the workers, packing and concatenating them, was most of the step,
@@ -1056,10 +1159,12 @@ class StepsAhead:
     process=False: a background thread of this process runs the loader. But the batch work is Python that holds the
     GIL, and the training thread takes the GIL back after each of its ~1,000 kernel launches a step, so the two
     threads queue for it.
-    process=True: a forked process runs the loader (and its own workers) and sends each step's tensors as raw bytes
-    through a socket; a thread here receives them straight into the tensors it hands over (recv_into, without the
-    GIL), so this process does no batch work in Python at all. The child must not touch CUDA (it never does: the
-    loaders are CPU code) and runs torch on one thread (OpenMP is not fork-safe).
+    process=True: a forked process runs the loader (and its own workers) and writes each step's tensors as raw
+    bytes into a slot of memory shared with this process (SLOT_BYTES), or, for a larger step, sends them through the
+    socket; a thread here copies them into the tensors it hands over (a torch copy or recv_into, both without the
+    GIL), so this process does no batch work in Python at all. The socket carries each step's header and the
+    credits. The child must not touch CUDA (it never does: the loaders are CPU code) and runs torch on one thread
+    (OpenMP is not fork-safe).
 
     pin_device: a CUDA device; the batches' tensors are then page-locked, so the training thread's
     `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from pageable memory that
@@ -1067,20 +1172,35 @@ class StepsAhead:
     the device its current one first: a new thread's is device 0, and page-locking there would give every rank of
     a multi-GPU run a CUDA context on GPU 0."""
 
+    # process=True: the child writes each step's tensors into a slot of memory shared with this process, and the
+    # socket carries only the header: through a socket 27.5 MB (a GPU demo stage-1 step) took ~37 ms on this
+    # project's 2-core machine, a copy each way a few. depth + 1 slots of this many bytes (touched only as used);
+    # a larger step goes through the socket
+    SLOT_BYTES = 1 << 27
+
     def __init__(self, loader, depth=2, pin_device=None, process=False):
         import queue
         self.loader, self.queue, self.thread, self.head = loader, queue.Queue(depth), None, None
         # the child is forked (Linux); elsewhere the thread
+        if pin_device is not None and torch.device(pin_device).index is None:  # "cuda": the current one
+            pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
+        self.shared, self.received = None, 0  # process=True: the slots, the steps received
 
     def _run(self):
         if self.pin_device is not None:
-            torch.cuda.set_device(self.pin_device)
+            try:
+                torch.cuda.set_device(self.pin_device)
+            except BaseException as e:  # raised in the training thread, which would otherwise wait for ever
+                self.queue.put((None, None, e))
+                return
         while not self.stopping:
             if self.process:
-                try:
-                    item = _receive_step(self.sock, self.pin_device is not None)
+                try:  # step n is in slot n % slots, as the child wrote it
+                    item = _receive_step(self.sock, self.pin_device is not None,
+                                         self.shared[self.received % len(self.shared)])
+                    self.received += 1
                 except (ConnectionError, OSError, EOFError) as e:
                     if self.stopping:
                         return
@@ -1107,16 +1227,20 @@ class StepsAhead:
 
     def _start_child(self):
         import atexit
+        import mmap
         import multiprocessing
         import socket
         ours, theirs = socket.socketpair()
         for s in (ours, theirs):  # a step's bytes in few system calls
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        # anonymous and mapped shared before the fork: the child writes where this process reads
+        slots = self.queue.maxsize + 1  # the child runs at most `depth` steps ahead of the one taken, received here
+        self.shared = np.frombuffer(mmap.mmap(-1, slots * self.SLOT_BYTES), dtype=np.uint8).reshape(slots, -1)
         # not a daemon: a daemon process may not start the loader's own workers
         self.child = multiprocessing.get_context("fork").Process(
-            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize),
-            name="steps-ahead")
+            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize,
+                                         self.shared), name="steps-ahead")
         self.child.start()
         theirs.close()
         self.sock = ours
@@ -1188,9 +1312,11 @@ class StepsAhead:
         return getattr(self.loader, name)
 
 
-def _batch_process(loader, sock, parents_end, resume_state, depth):
+def _batch_process(loader, sock, parents_end, resume_state, depth, shared):
     """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
-    `depth` more than the parent has taken (it sends a byte for each)."""
+    `depth` more than the parent has taken (it sends a byte for each). Step n's tensors go into shared[n % (depth +
+    1)]: when step n is made the parent has taken step n - depth, so it has received every step before, and the
+    slot of step n - depth - 1 is free."""
     parents_end.close()
     torch.set_num_threads(1)
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
@@ -1205,7 +1331,8 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
                 batches, error = loader.next_step(), None
             except BaseException as e:  # sent on and raised in the training thread
                 batches, error = None, e
-            _send_step(sock, state, batches, error, loader.summary() if error is None else None)
+            _send_step(sock, state, batches, error, loader.summary() if error is None else None,
+                       shared[made % len(shared)])
             if error is not None:
                 return
     except (ConnectionError, OSError):  # the parent closed its end: it is stopping
@@ -1215,9 +1342,10 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
             loader.close()
 
 
-def _send_step(sock, state, batches, error, summary):
-    """One step through the socket: a pickled header (the state, error, summary and each micro-batch's layout:
-    its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order."""
+def _send_step(sock, state, batches, error, summary, slot=None):
+    """One step through the socket: a pickled header (the state, error, summary, each micro-batch's layout: its
+    tensors' dtypes and shapes, its other values, and whether the tensors are in the slot), then each tensor's bytes
+    in that order, into the slot (a uint8 array shared with the receiver) where they fit, else after the header."""
     tensors, layout = [], []
     for batch in batches or []:
         entry = {}
@@ -1228,13 +1356,19 @@ def _send_step(sock, state, batches, error, summary):
             else:
                 entry[k] = ("value", v)
         layout.append(entry)
+    in_slot = slot is not None and sum(t.numel() * t.element_size() for t in tensors) <= len(slot)
     try:
-        header = pickle.dumps((state, error, summary, layout if batches is not None else None))
+        header = pickle.dumps((state, error, summary, layout if batches is not None else None, in_slot))
     except Exception:  # an error that does not pickle travels as its traceback
         error = RuntimeError("in the batch process:\n" + "".join(traceback.format_exception(error)))
-        header = pickle.dumps((state, error, summary, None))
-    sock.sendall(struct.pack("<Q", len(header)) + header)
-    for t in tensors:
+        header = pickle.dumps((state, error, summary, None, False))
+    at = 0
+    for t in tensors if in_slot else []:
+        n = t.numel() * t.element_size()
+        slot[at:at + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        at += n
+    sock.sendall(struct.pack("<Q", len(header)) + header)  # after the slot is written: the receiver may read it
+    for t in [] if in_slot else tensors:
         if t.numel():
             sock.sendall(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -1248,13 +1382,15 @@ def _receive_exactly(sock, view):
         got += n
 
 
-def _receive_step(sock, pin):
-    """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket."""
+def _receive_step(sock, pin, slot=None):
+    """_send_step's step: tensors made here (page-locked if pin), copied out of the slot (the one the sender wrote
+    this step into) where the header says they are there, else filled straight from the socket."""
     size = bytearray(8)
     _receive_exactly(sock, memoryview(size))
     header = bytearray(struct.unpack("<Q", size)[0])
     _receive_exactly(sock, memoryview(header))
-    state, error, summary, layout = pickle.loads(header)
+    state, error, summary, layout, in_slot = pickle.loads(header)
+    slot, at = slot if in_slot else None, 0
     batches = None
     if layout is not None:
         batches = []
@@ -1266,7 +1402,11 @@ def _receive_step(sock, pin):
                     continue
                 dtype, shape = spec
                 t = batch[k] = torch.empty(shape, dtype=dtype, pin_memory=pin)
-                if t.numel():
+                n = t.numel() * t.element_size()
+                if slot is not None:  # a copy without the GIL
+                    t.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(slot[at:at + n]))
+                    at += n
+                elif n:
                     _receive_exactly(sock, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             batches.append(batch)
     return state, batches, error, summary
@@ -1393,12 +1533,21 @@ CAPTION_STYLES = ("long_caption", "short_caption", "transcript")
 def token_cells(height, width, grid, processor):
     """The cell of every pooled token of one image, as (M, 4) [x0, y0, x1, y1] in [0, 1] of the image, in the
     processor's token order: the global view's tokens, then the stitched high-res grid's. Each view's cells
-    tile the image, so a point lies in exactly one cell of each view."""
+    tile the image, so a point lies in exactly one cell of each view. Read-only: the cells depend on the image's
+    size alone, and a world of one size shares one array (a worker made them for every image, ~15% of its time)."""
+    cells = _token_cells(height, width, processor.max_crops, processor.crop_size, processor.patch_size,
+                         tuple(processor.overlap_margins), tuple(processor.image_pooling))
+    assert len(cells) == grid[0] * grid[1] + grid[2] * grid[3]
+    return cells
+
+
+@functools.lru_cache(maxsize=256)
+def _token_cells(height, width, max_crops, crop_size, patch_size, overlap_margins, image_pooling):
     import data
-    rows, cols, canvas_h, canvas_w = data.crop_geometry(height, width, processor.max_crops, processor.crop_size,
-                                                        processor.patch_size, processor.overlap_margins)
-    n, ps = processor.crop_size // processor.patch_size, processor.patch_size
-    stride = (n - sum(processor.overlap_margins)) * ps
+    rows, cols, canvas_h, canvas_w = data.crop_geometry(height, width, max_crops, crop_size, patch_size,
+                                                        overlap_margins)
+    n, ps = crop_size // patch_size, patch_size
+    stride = (n - sum(overlap_margins)) * ps
     r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (n, n) patch row, column
     boxes = [np.stack([c / n, r / n, (c + 1) / n, (r + 1) / n], -1).reshape(-1, 4)]  # the global crop
     for k in range(rows * cols):  # the tiles of the canvas, row-major
@@ -1406,13 +1555,14 @@ def token_cells(height, width, grid, processor):
         box = [x0 / canvas_w, y0 / canvas_h, (x0 + ps) / canvas_w, (y0 + ps) / canvas_h]
         boxes.append(np.stack(box, -1).reshape(-1, 4))
     boxes = np.concatenate(boxes)  # (n_crops * n * n, 4): every patch's box
-    pooling = data._image_pooling(rows, cols, n, tuple(processor.overlap_margins), tuple(processor.image_pooling))[0]
-    assert pooling.shape[0] == grid[0] * grid[1] + grid[2] * grid[3]
+    pooling = data._image_pooling(rows, cols, n, overlap_margins, image_pooling)[0]
     slots = boxes[np.maximum(pooling, 0)]  # (M, K, 4)
     valid = (pooling >= 0)[..., None]
     lo = np.where(valid, slots[..., :2], np.inf).min(1)  # (M, 2)
     hi = np.where(valid, slots[..., 2:], -np.inf).max(1)  # (M, 2)
-    return np.concatenate([lo, hi], -1)  # (M, 4)
+    cells = np.concatenate([lo, hi], -1)  # (M, 4)
+    cells.flags.writeable = False
+    return cells
 
 
 def cell_targets(points, cells):
@@ -1536,9 +1686,13 @@ class VisionExample:
         return self.caption is not None or bool(self.labels) or self.scene_targets is not None
 
 
-def collate_vision(examples):
-    """VisionExamples -> the batch dict VisionPretrainer.forward reads (CPU tensors)."""
+def collate_vision(examples, round_labels=0):
+    """VisionExamples -> the batch dict VisionPretrainer.forward reads (CPU tensors). round_labels > 0 (the text
+    tower's max_len): the labels padded with stand-ins (one token 0, of no image: label_image -1, no target) up to
+    the text tower's rounded shapes (vision.rounded_text_shape), so that a step's tensors take a few shapes only,
+    each a CUDA graph of its own (GraphedStep); the losses ignore the stand-ins."""
     import data
+    from vision import rounded_text_shape
     patches, pooling = data.concat_pooled([ex.patches for ex in examples], [ex.pooling for ex in examples])
     n_tokens = torch.tensor([ex.pooling.shape[0] for ex in examples])
     M = int(n_tokens.sum())
@@ -1553,7 +1707,10 @@ def collate_vision(examples):
     rows = np.concatenate(label_rows) if labels else np.zeros(0, dtype=np.int64)
     offsets = (np.concatenate([cell_offsets[holds] for _, _, _, (holds, cell_offsets) in labels]) if labels
                else np.zeros((0, 2), dtype=np.float32))
-    loc_targets = torch.zeros(M, len(labels))
+    n_labels = len(labels)
+    if round_labels:
+        n_labels, _ = rounded_text_shape(n_labels, 1, round_labels)
+    loc_targets = torch.zeros(M, n_labels)
     loc_targets[rows, cols] = 1.0
     # a token holding points of two labels keeps the later label's offset: the last occurrence of each row
     last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
@@ -1564,7 +1721,8 @@ def collate_vision(examples):
              "caption_image": torch.tensor(captioned, dtype=torch.long),
              "caption_same": torch.tensor([[a == b for b in captions] for a in captions],
                                           dtype=torch.bool).reshape(len(captions), len(captions)),
-             "label_image": torch.tensor([i for i, _, _, _ in labels], dtype=torch.long),
+             "label_image": torch.tensor([i for i, _, _, _ in labels] + [-1] * (n_labels - len(labels)),
+                                         dtype=torch.long),
              "loc_targets": loc_targets, "offset_targets": offset_targets,
              # for the read-out: every token's cell, whether it is of the high-res view, each label's points
              "cells": torch.from_numpy(np.concatenate([ex.cells for ex in examples])).float(),
@@ -1577,10 +1735,13 @@ def collate_vision(examples):
                  ex.scene_targets if ex.scene_targets is not None else
                  np.full((ex.pooling.shape[0], len(scene_attributes())), -1) for ex in examples]))}
     texts_by_name = {"caption": [examples[i].caption_ids for i in captioned],
-                     "label": [ids for _, ids, _, _ in labels]}
+                     "label": [ids for _, ids, _, _ in labels] + [[0]] * (n_labels - len(labels))}
     for name, texts in texts_by_name.items():
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
-        ids = np.zeros((len(texts), max([len(t) for t in texts], default=1)), dtype=np.int64)
+        width = max([len(t) for t in texts], default=1)
+        if round_labels and name == "label":
+            _, width = rounded_text_shape(len(texts), width, round_labels)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
         for k, t in enumerate(texts):  # numpy: a list into a row without a tensor made for each
             ids[k, :len(t)] = t
         batch[f"{name}_ids"], batch[f"{name}_lengths"] = torch.from_numpy(ids), lengths
@@ -1593,15 +1754,22 @@ def vision_batch_to(batch, device):
     return batch
 
 
-def _vision_worker_example(key):
-    """In a worker: (the example of a key or None, what making it counted)."""
+def _vision_worker_example(key_and_slot):
+    """In a worker: (the example of a key or None, what making it counted). Its pixels go into its slot of the
+    loader's shared memory where they fit (VisionLoader.slots; the example then carries only where they are), else
+    back by value through the pipe as numpy (tensors would each need a shared-memory handle of their own)."""
+    key, (slot_set, slot) = key_and_slot
     loader = _WORKER_LOADER
     report = loader.report
     report.n_seen, report.counts, report.first = 0, collections.Counter(), {}
     loader.not_used = dict.fromkeys(loader.not_used, 0)
     example = loader.example(key)
-    if example is not None:  # numpy goes back by value through the pipe; tensors would each need shared memory
-        example.patches, example.pooling = example.patches.numpy(), example.pooling.numpy()
+    if example is not None:
+        patches = example.patches.numpy()
+        if loader.slots is not None and patches.nbytes <= loader.slots.shape[-1]:
+            loader.slots[slot_set, slot, :patches.nbytes] = patches.reshape(-1)
+            patches = (slot_set, slot, patches.shape)
+        example.patches, example.pooling = patches, example.pooling.numpy()
     return example, (report.n_seen, dict(report.counts), dict(report.first), dict(loader.not_used))
 
 
@@ -1613,10 +1781,13 @@ class VisionLoader(ForkedWorkers):
     example is a pure function of its key and keys are drawn here in order, so the batches are the serial
     loader's; state_dict() is the state before the keys read ahead."""
 
+    shared_pixels = True  # the workers hand their pixels over in shared memory (_make_slots), else through pipes
+
     def __init__(self, data_dir, mixture, split, batch_size, processor, text_max_len, use_sigmoid, use_loc, seed,
-                 rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False):
+                 rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False, round_labels=False):
         import data
         self.batch_size, self.processor, self.text_max_len = batch_size, processor, text_max_len
+        self.round_labels = text_max_len if round_labels else 0  # collate_vision's: for GraphedStep
         self.use_sigmoid, self.use_loc, self.use_scene = use_sigmoid, use_loc, use_scene
         self.report = data.SkipReport()
         self.not_used = {"not a single image": 0, "nothing to learn (no caption, points or scene)": 0}
@@ -1628,6 +1799,20 @@ class VisionLoader(ForkedWorkers):
                 raise SystemExit(str(e)) from None
             self.shards.append(_DrawKeys(sampler, shard, world_size * grad_accum))
         self.workers, self.ahead = workers, None  # ahead: (states before, [(keys, result)])
+        self.slots, self.slot_set = None, 0  # the workers' shared pixel slots, made before they are forked
+
+    def _make_slots(self):
+        """Shared memory for the workers' pixels: two sets (the step being collated, the step being made) of a slot
+        per example, each as large as max_crops + 1 crops. The examples' pixels were most of what came back through
+        the workers' pipes (128 images of the GPU demo's stage 1: 24 MB a step, pickled, piped and unpickled), and
+        receiving them held this process to ~87 ms a step on a 16-core H200 machine where 14 workers made the
+        examples in ~25 (BENCHMARKS.md "Stage 1's step, made and launched"). Anonymous and mapped shared before the
+        workers are forked, so they write where this process reads, and no file in /dev/shm is needed."""
+        import mmap
+        p = self.processor
+        crop_bytes = (p.crop_size // p.patch_size) ** 2 * p.patch_size ** 2 * 3
+        shape = (2, len(self.shards) * self.batch_size, (p.max_crops + 1) * crop_bytes)
+        self.slots = np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
 
     def example(self, key):
         import data
@@ -1656,28 +1841,39 @@ class VisionLoader(ForkedWorkers):
             self.not_used[why] += n
 
     def _read_ahead(self):
+        if self.slots is None and self.shared_pixels:
+            self._make_slots()
         states = [keys.state_dict() for keys in self.shards]
-        started = []
-        for keys in self.shards:
-            drawn = [next(keys) for _ in range(self.batch_size)]
+        started, slot_set = [], self.slot_set
+        self.slot_set ^= 1  # the next step's examples go into the other set while this one's are collated
+        for s, keys in enumerate(self.shards):
+            drawn = [(next(keys), (slot_set, s * self.batch_size + j)) for j in range(self.batch_size)]
             n = per_task(len(drawn), self.workers)  # an even share of the step's keys a task (ForkedWorkers says why)
             started.append((drawn, [self.start_workers().submit(_each, _vision_worker_example, drawn[i:i + n])
                                     for i in range(0, len(drawn), n)]))
         self.ahead = (states, started)
 
+    def _from_worker(self, ex):
+        if isinstance(ex.patches, tuple):  # in a shared slot: a view of it, which collating copies out
+            slot_set, slot, shape = ex.patches
+            ex.patches = torch.from_numpy(self.slots[slot_set, slot, :int(np.prod(shape))]).view(shape)
+        else:
+            ex.patches = torch.from_numpy(ex.patches)
+        ex.pooling = torch.from_numpy(ex.pooling)
+        return ex
+
     def next_step(self):
         """-> [micro-batch] (grad_accum of them), each collated from batch_size images."""
         if self.workers and self.ahead is None:
             self._read_ahead()
-        batches = []
+        gathered = []
         for s, keys in enumerate(self.shards):
             examples = []
             if self.ahead is not None:
                 for ex, counted in (result for chunk in self.ahead[1][s][1] for result in chunk.result()):
                     self._count(counted)
                     if ex is not None:
-                        ex.patches, ex.pooling = torch.from_numpy(ex.patches), torch.from_numpy(ex.pooling)
-                        examples.append(ex)
+                        examples.append(self._from_worker(ex))
             misses = 0
             while len(examples) < self.batch_size:  # serially, or to replace the read-ahead's unusable records
                 ex = self.example(next(keys))
@@ -1686,11 +1882,11 @@ class VisionLoader(ForkedWorkers):
                     misses = 0
                 elif (misses := misses + 1) >= 1000:
                     raise RuntimeError(f"stage 1: 1000 records in a row unusable\n{self.summary()}")
-            batches.append(collate_vision(examples))
+            gathered.append(examples)
         self.ahead = None
         if self.workers:
-            self._read_ahead()  # the next step's examples, made while this one trains
-        return batches
+            self._read_ahead()  # the next step's examples, made while this one is collated and trains
+        return [collate_vision(examples, self.round_labels) for examples in gathered]
 
     def summary(self):
         lines = [self.report.summary()]
@@ -1706,7 +1902,11 @@ class VisionLoader(ForkedWorkers):
         if len(state["samplers"]) != len(self.shards):
             raise ValueError(f"data state for {len(state['samplers'])} micro-batches per step, this run has "
                              f"{len(self.shards)} (resume with the same grad_accum)")
-        self.ahead = None  # what was read ahead is dropped
+        if self.ahead is not None:  # what was read ahead is dropped, once its workers no longer write its slots
+            for _, chunks in self.ahead[1]:
+                for chunk in chunks:
+                    chunk.exception()
+        self.ahead = None
         for keys, sampler_state in zip(self.shards, state["samplers"]):
             keys.load_state_dict(sampler_state)
         self.report.n_seen, self.report.first = state["n_seen"], dict(state["first"])

@@ -215,6 +215,19 @@ def sigmoid_loss(image_emb, text_emb, log_temperature, bias, positives):
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
+def masked_l1(predicted, target, holds):
+    """The L1 distance summed over the rows where holds (M,) is 1, over their number: what indexing the rows out
+    would give, but computed on every row and masked, so the step never waits for the GPU to say how many rows hold
+    (a boolean index does; a step that waits cannot be a CUDA graph, training.GraphedStep)."""
+    return ((predicted - target).abs().sum(-1) * holds).sum() / holds.sum().clamp(min=1)
+
+
+def rounded_text_shape(n_texts, n_tokens, max_len):
+    """-> (n_texts, n_tokens) rounded up to multiples of 64 texts and 8 tokens (at most max_len): the shapes TextTower
+    pads its texts to on a GPU, so that a few shapes recur."""
+    return n_texts + -n_texts % 64, min(n_tokens + -n_tokens % 8, max_len)
+
+
 class TextTower(nn.Module):
     """Qwen3 token ids -> one embedding per text: token + position embeddings, bidirectional ViT-style blocks over
     the real tokens, a final LayerNorm, the mean over the real tokens, a Linear."""
@@ -237,9 +250,9 @@ class TextTower(nn.Module):
         (attention within it), so the padding changes no real text's math."""
         T = ids.shape[0]
         if ids.is_cuda if round_shapes is None else round_shapes:
-            width = min(ids.shape[1] + -ids.shape[1] % 8, self.position_embedding.shape[0])
-            ids = F.pad(ids, (0, width - ids.shape[1], 0, -T % 64))
-            lengths = F.pad(lengths, (0, -T % 64), value=1)  # one token each: no all-masked row
+            rows, width = rounded_text_shape(T, ids.shape[1], self.position_embedding.shape[0])
+            ids = F.pad(ids, (0, width - ids.shape[1], 0, rows - T))
+            lengths = F.pad(lengths, (0, rows - T), value=1)  # one token each: no all-masked row
         L = ids.shape[1]
         real = torch.arange(L, device=ids.device)[None, :] < lengths[:, None]  # (T, L)
         x = self.token_embedding(ids % self.vocab_rows) + self.position_embedding[:L]  # (T, L, C)
@@ -381,6 +394,8 @@ class VisionPretrainer(nn.Module):
         token_image, high_res, cells = (batch[k].cpu() for k in ("token_image", "high_res", "cells"))
         points = []
         for j, i in enumerate(batch["label_image"].tolist()):
+            if i < 0:  # a stand-in label (training.collate_vision's round_labels): nothing to read
+                continue
             keep = (token_image == i) & high_res & (probs[:, j] > threshold)  # (M,)
             points.append((cells[keep, :2] + offsets[keep] * (cells[keep, 2:] - cells[keep, :2])).numpy())
         return points
@@ -396,20 +411,19 @@ class VisionPretrainer(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, batch["loc_targets"], reduction="none")
         loc = (bce * same_image).sum() / same_image.sum()
         # where a token holds a point: its position in the token's cell, each coordinate in [0, 1]
-        holds = batch["offset_targets"][:, 0] >= 0  # (M,)
+        holds = (batch["offset_targets"][:, 0] >= 0).float()  # (M,)
         predicted = torch.sigmoid(self.offset_head(tokens).float())  # (M, 2)
-        offset = F.l1_loss(predicted[holds], batch["offset_targets"][holds], reduction="sum") / holds.sum().clamp(min=1)
-        return loc, offset
+        return loc, masked_l1(predicted, batch["offset_targets"], holds)
 
     def position_loss(self, tokens, batch):
         """The global view's tokens that hold a point say where it is in the whole image (x, y in [0, 1]): the
         global crop is the whole image, so its tokens can know this from the ViT's position embeddings, and it is
         what the LLM will have to write as coordinates. (The offset loss asks only for the place in the cell.)"""
-        holds = (batch["offset_targets"][:, 0] >= 0) & ~batch["high_res"]  # (M,)
+        holds = ((batch["offset_targets"][:, 0] >= 0) & ~batch["high_res"]).float()  # (M,)
         cells = batch["cells"]  # (M, 4) each token's cell in the image
         target = cells[:, :2] + batch["offset_targets"].clamp(min=0) * (cells[:, 2:] - cells[:, :2])  # (M, 2)
         predicted = torch.sigmoid(self.position_head(tokens).float())  # (M, 2)
-        return F.l1_loss(predicted[holds], target[holds], reduction="sum") / holds.sum().clamp(min=1)
+        return masked_l1(predicted, target, holds)
 
 
 def siglip_config_from_hf(hf: dict) -> SigLIP2Config:

@@ -386,16 +386,23 @@ def loader_for(world, workers):
                                 workers=workers)
 
 
-@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
-def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process):
+@pytest.mark.parametrize("process, slot_bytes", [(False, None), (True, None), (True, 1000)],
+                         ids=["thread", "process", "process-through-the-socket"])
+def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process, slot_bytes, monkeypatch):
     """StepsAhead (the GPU trainers' batches made ahead, in a thread or a forked process) against the loader itself:
     the same micro-batches and data states step by step; a run resumed from such a state through a fresh StepsAhead
-    continues exactly; the skipped records are counted; and an error the loader raises reaches the training thread."""
+    continues exactly; the skipped records are counted; and an error the loader raises reaches the training thread.
+    The process hands its tensors over in shared memory, or, where a step is larger than a slot (here every one is),
+    through the socket."""
+    if slot_bytes is not None:
+        monkeypatch.setattr(training.StepsAhead, "SLOT_BYTES", slot_bytes)
     serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0), process=process)
     try:
         for _ in range(3):
             assert ahead.state_dict() == serial.state_dict()
             assert_same_steps([ahead.next_step()], [serial.next_step()])
+        if process:  # the tensors came through the shared slots, or (none written there) the socket
+            assert ahead.shared.any() == (slot_bytes is None)
         state = ahead.state_dict()
         # in the child, a loader with workers of its own gives the same batches too
         resumed = training.StepsAhead(loader_for(world, 2 if process else 0), process=process)
@@ -448,6 +455,29 @@ def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monk
     finally:
         ahead.close()
     assert ahead.child is None and not child.is_alive()
+
+
+def test_steps_ahead_that_cannot_take_its_device_raises_instead_of_waiting(world, monkeypatch):
+    """The thread's first act, making pin_device its current device, failing (a stand-in raises as torch does for a
+    GPU the machine lacks) is an error in the training thread's next_step(), not a wait for a step that never
+    comes (it was: a helper script's pin_device without an index hung a GPU run for its whole time limit)."""
+    def no_such_device(device):
+        raise RuntimeError(f"invalid device ordinal {device}")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_such_device)
+    ahead, raised = training.StepsAhead(loader_for(world, 0), pin_device=torch.device("cuda", 3)), []
+
+    def take():
+        try:
+            ahead.next_step()
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(timeout=60)
+    ahead.close()
+    assert raised == ["invalid device ordinal cuda:3"]
 
 
 def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
