@@ -1159,24 +1159,16 @@ class StepsAhead:
     process=False: a background thread of this process runs the loader. But the batch work is Python that holds the
     GIL, and the training thread takes the GIL back after each of its ~1,000 kernel launches a step, so the two
     threads queue for it.
-    process=True: a forked process runs the loader (and its own workers) and writes each step's tensors as raw
-    bytes into a slot of memory shared with this process (SLOT_BYTES), or, for a larger step, sends them through the
-    socket; a thread here copies them into the tensors it hands over (a torch copy or recv_into, both without the
-    GIL), so this process does no batch work in Python at all. The socket carries each step's header and the
-    credits. The child must not touch CUDA (it never does: the loaders are CPU code) and runs torch on one thread
-    (OpenMP is not fork-safe).
+    process=True: a forked process runs the loader (and its own workers) and sends each step's tensors as raw bytes
+    through a socket; a thread here receives them straight into the tensors it hands over (recv_into, without the
+    GIL), so this process does no batch work in Python at all. The child must not touch CUDA (it never does: the
+    loaders are CPU code) and runs torch on one thread (OpenMP is not fork-safe).
 
     pin_device: a CUDA device; the batches' tensors are then page-locked, so the training thread's
     `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from pageable memory that
     copy blocked the host 4-5 ms of a GPU demo step: BENCHMARKS.md "Where a GPU step's time goes"). The thread makes
     the device its current one first: a new thread's is device 0, and page-locking there would give every rank of
     a multi-GPU run a CUDA context on GPU 0."""
-
-    # process=True: the child writes each step's tensors into a slot of memory shared with this process, and the
-    # socket carries only the header: through a socket 27.5 MB (a GPU demo stage-1 step) took ~37 ms on this
-    # project's 2-core machine, a copy each way a few. depth + 1 slots of this many bytes (touched only as used);
-    # a larger step goes through the socket
-    SLOT_BYTES = 1 << 27
 
     def __init__(self, loader, depth=2, pin_device=None, process=False):
         import queue
@@ -1186,7 +1178,6 @@ class StepsAhead:
             pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
-        self.shared, self.received = None, 0  # process=True: the slots, the steps received
 
     def _run(self):
         if self.pin_device is not None:
@@ -1197,10 +1188,8 @@ class StepsAhead:
                 return
         while not self.stopping:
             if self.process:
-                try:  # step n is in slot n % slots, as the child wrote it
-                    item = _receive_step(self.sock, self.pin_device is not None,
-                                         self.shared[self.received % len(self.shared)])
-                    self.received += 1
+                try:
+                    item = _receive_step(self.sock, self.pin_device is not None)
                 except (ConnectionError, OSError, EOFError) as e:
                     if self.stopping:
                         return
@@ -1227,20 +1216,16 @@ class StepsAhead:
 
     def _start_child(self):
         import atexit
-        import mmap
         import multiprocessing
         import socket
         ours, theirs = socket.socketpair()
         for s in (ours, theirs):  # a step's bytes in few system calls
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        # anonymous and mapped shared before the fork: the child writes where this process reads
-        slots = self.queue.maxsize + 1  # the child runs at most `depth` steps ahead of the one taken, received here
-        self.shared = np.frombuffer(mmap.mmap(-1, slots * self.SLOT_BYTES), dtype=np.uint8).reshape(slots, -1)
         # not a daemon: a daemon process may not start the loader's own workers
         self.child = multiprocessing.get_context("fork").Process(
-            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize,
-                                         self.shared), name="steps-ahead")
+            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize),
+            name="steps-ahead")
         self.child.start()
         theirs.close()
         self.sock = ours
@@ -1312,11 +1297,9 @@ class StepsAhead:
         return getattr(self.loader, name)
 
 
-def _batch_process(loader, sock, parents_end, resume_state, depth, shared):
+def _batch_process(loader, sock, parents_end, resume_state, depth):
     """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
-    `depth` more than the parent has taken (it sends a byte for each). Step n's tensors go into shared[n % (depth +
-    1)]: when step n is made the parent has taken step n - depth, so it has received every step before, and the
-    slot of step n - depth - 1 is free."""
+    `depth` more than the parent has taken (it sends a byte for each)."""
     parents_end.close()
     torch.set_num_threads(1)
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
@@ -1331,8 +1314,7 @@ def _batch_process(loader, sock, parents_end, resume_state, depth, shared):
                 batches, error = loader.next_step(), None
             except BaseException as e:  # sent on and raised in the training thread
                 batches, error = None, e
-            _send_step(sock, state, batches, error, loader.summary() if error is None else None,
-                       shared[made % len(shared)])
+            _send_step(sock, state, batches, error, loader.summary() if error is None else None)
             if error is not None:
                 return
     except (ConnectionError, OSError):  # the parent closed its end: it is stopping
@@ -1342,10 +1324,9 @@ def _batch_process(loader, sock, parents_end, resume_state, depth, shared):
             loader.close()
 
 
-def _send_step(sock, state, batches, error, summary, slot=None):
-    """One step through the socket: a pickled header (the state, error, summary, each micro-batch's layout: its
-    tensors' dtypes and shapes, its other values, and whether the tensors are in the slot), then each tensor's bytes
-    in that order, into the slot (a uint8 array shared with the receiver) where they fit, else after the header."""
+def _send_step(sock, state, batches, error, summary):
+    """One step through the socket: a pickled header (the state, error, summary and each micro-batch's layout:
+    its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order."""
     tensors, layout = [], []
     for batch in batches or []:
         entry = {}
@@ -1356,19 +1337,13 @@ def _send_step(sock, state, batches, error, summary, slot=None):
             else:
                 entry[k] = ("value", v)
         layout.append(entry)
-    in_slot = slot is not None and sum(t.numel() * t.element_size() for t in tensors) <= len(slot)
     try:
-        header = pickle.dumps((state, error, summary, layout if batches is not None else None, in_slot))
+        header = pickle.dumps((state, error, summary, layout if batches is not None else None))
     except Exception:  # an error that does not pickle travels as its traceback
         error = RuntimeError("in the batch process:\n" + "".join(traceback.format_exception(error)))
-        header = pickle.dumps((state, error, summary, None, False))
-    at = 0
-    for t in tensors if in_slot else []:
-        n = t.numel() * t.element_size()
-        slot[at:at + n] = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        at += n
-    sock.sendall(struct.pack("<Q", len(header)) + header)  # after the slot is written: the receiver may read it
-    for t in [] if in_slot else tensors:
+        header = pickle.dumps((state, error, summary, None))
+    sock.sendall(struct.pack("<Q", len(header)) + header)
+    for t in tensors:
         if t.numel():
             sock.sendall(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -1382,15 +1357,13 @@ def _receive_exactly(sock, view):
         got += n
 
 
-def _receive_step(sock, pin, slot=None):
-    """_send_step's step: tensors made here (page-locked if pin), copied out of the slot (the one the sender wrote
-    this step into) where the header says they are there, else filled straight from the socket."""
+def _receive_step(sock, pin):
+    """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket."""
     size = bytearray(8)
     _receive_exactly(sock, memoryview(size))
     header = bytearray(struct.unpack("<Q", size)[0])
     _receive_exactly(sock, memoryview(header))
-    state, error, summary, layout, in_slot = pickle.loads(header)
-    slot, at = slot if in_slot else None, 0
+    state, error, summary, layout = pickle.loads(header)
     batches = None
     if layout is not None:
         batches = []
@@ -1402,11 +1375,7 @@ def _receive_step(sock, pin, slot=None):
                     continue
                 dtype, shape = spec
                 t = batch[k] = torch.empty(shape, dtype=dtype, pin_memory=pin)
-                n = t.numel() * t.element_size()
-                if slot is not None:  # a copy without the GIL
-                    t.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(slot[at:at + n]))
-                    at += n
-                elif n:
+                if t.numel():
                     _receive_exactly(sock, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             batches.append(batch)
     return state, batches, error, summary

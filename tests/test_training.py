@@ -386,23 +386,16 @@ def loader_for(world, workers):
                                 workers=workers)
 
 
-@pytest.mark.parametrize("process, slot_bytes", [(False, None), (True, None), (True, 1000)],
-                         ids=["thread", "process", "process-through-the-socket"])
-def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process, slot_bytes, monkeypatch):
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process):
     """StepsAhead (the GPU trainers' batches made ahead, in a thread or a forked process) against the loader itself:
     the same micro-batches and data states step by step; a run resumed from such a state through a fresh StepsAhead
-    continues exactly; the skipped records are counted; and an error the loader raises reaches the training thread.
-    The process hands its tensors over in shared memory, or, where a step is larger than a slot (here every one is),
-    through the socket."""
-    if slot_bytes is not None:
-        monkeypatch.setattr(training.StepsAhead, "SLOT_BYTES", slot_bytes)
+    continues exactly; the skipped records are counted; and an error the loader raises reaches the training thread."""
     serial, ahead = loader_for(world, 0), training.StepsAhead(loader_for(world, 0), process=process)
     try:
         for _ in range(3):
             assert ahead.state_dict() == serial.state_dict()
             assert_same_steps([ahead.next_step()], [serial.next_step()])
-        if process:  # the tensors came through the shared slots, or (none written there) the socket
-            assert ahead.shared.any() == (slot_bytes is None)
         state = ahead.state_dict()
         # in the child, a loader with workers of its own gives the same batches too
         resumed = training.StepsAhead(loader_for(world, 2 if process else 0), process=process)
