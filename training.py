@@ -1772,11 +1772,11 @@ class VisionLoader(ForkedWorkers):
 
     def _make_slots(self):
         """Shared memory for the workers' pixels: two sets (the step being collated, the step being made) of a slot
-        per example, each as large as max_crops + 1 crops. The examples' pixels were most of what came back through
-        the workers' pipes (128 images of the GPU demo's stage 1: 24 MB a step, pickled, piped and unpickled), and
-        receiving them held this process to ~87 ms a step on a 16-core H200 machine where 14 workers made the
-        examples in ~25 (BENCHMARKS.md "Stage 1's step, made and launched"). Anonymous and mapped shared before the
-        workers are forked, so they write where this process reads, and no file in /dev/shm is needed."""
+        per example, each as large as max_crops + 1 crops. The pixels are most of what came back through the
+        workers' pipes (128 images of the GPU demo's stage 1: 24 MB a step, pickled, piped and unpickled); on a
+        16-core H200 machine StepsAhead's process made those steps in 59.7-64.4 ms with the slots and 65.0-66.1
+        without (BENCHMARKS.md "Stage 1's step, made and launched"). Anonymous and mapped shared before the workers
+        are forked, so they write where this process reads, and no file in /dev/shm is needed."""
         import mmap
         p = self.processor
         crop_bytes = (p.crop_size // p.patch_size) ** 2 * p.patch_size ** 2 * 3
