@@ -48,9 +48,9 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, save_siglip
 from sample import python_command
-from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts, image_feature_stats,
-                      load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint, scene_classes,
-                      scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts,
+                      image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint,
+                      scene_classes, scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
