@@ -6,7 +6,9 @@ BENCHMARKS.md "Stage 1's step, made and launched" holds what it printed on an H2
     python prepare_data.py --dataset=synthetic --out=data/demo_gpu --max_objects=5 --train_images=30000
     python assets/bench/stage1_batches.py [--data_dir=data/demo_gpu] [--workers=14] [--steps=40]
 
-With a GPU the batches are page-locked for it, as in training; without one they are not.
+With a GPU the batches are page-locked for it, as in training; without one they are not. Last, the workers in this
+process once more, timed inside: what an example costs in its worker beside the others (against one by one: the
+cores' contention) and what collating costs this process, to say which of the two bounds a step.
 """
 
 import os
@@ -54,6 +56,50 @@ def timed(name, steps_from):
     steps_from.close()
 
 
+_making = training._vision_worker_example
+
+
+def timed_example(key_and_slot):
+    """In a worker (forked after breakdown() put this in its place): the example, its making's time riding on it."""
+    start = time.perf_counter()
+    ex, counted = _making(key_and_slot)
+    if ex is not None:
+        ex.bench_s = time.perf_counter() - start
+    return ex, counted
+
+
+def breakdown():
+    """The workers in this process again, timed inside: each example's making in its worker (against one by one
+    above: contention for the cores shows), and this process's collating, against the whole step."""
+    made, collating = [], []
+    collate = training.collate_vision
+
+    def timed_collate(examples, *args):
+        made.extend(getattr(ex, "bench_s", 0.0) for ex in examples)
+        start = time.perf_counter()
+        batch = collate(examples, *args)
+        collating.append(time.perf_counter() - start)
+        return batch
+
+    training._vision_worker_example, training.collate_vision = timed_example, timed_collate
+    try:
+        steps_from = loader(workers)
+        for _ in range(5):
+            steps_from.next_step()
+        made.clear(), collating.clear()
+        start = time.time()
+        for _ in range(steps):
+            steps_from.next_step()
+        step = (time.time() - start) / steps
+        steps_from.close()
+    finally:
+        training._vision_worker_example, training.collate_vision = _making, collate
+    per = sum(made) / len(made)
+    print(f"{workers} workers, in this process, timed inside: {step * 1e3:.1f} ms a step; an example {per * 1e3:.2f} ms "
+          f"in its worker ({per * batch_size / workers * 1e3:.1f} ms a step if the workers shared it evenly), "
+          f"collating {sum(collating) / len(collating) * 1e3:.1f} ms", flush=True)
+
+
 serial = loader(0)
 keys = [next(serial.shards[0]) for _ in range(examples)]
 for key in keys[:30]:
@@ -65,3 +111,4 @@ print(f"one by one: {(time.time() - start) / (examples - 30) * 1e3:.2f} ms an ex
 timed(f"{workers} workers, in this process", loader(workers))
 timed(f"{workers} workers, StepsAhead thread", training.StepsAhead(loader(workers), pin_device=pin))
 timed(f"{workers} workers, StepsAhead process", training.StepsAhead(loader(workers), pin_device=pin, process=True))
+breakdown()
