@@ -359,6 +359,11 @@ def test_round_labels_pads_with_stand_in_labels_that_change_no_loss_or_gradient(
     assert rounded_grads.keys() == exact_grads.keys() and "text.head.weight" in exact_grads
     for name, grad in exact_grads.items():
         torch.testing.assert_close(rounded_grads[name], grad, rtol=1e-5, atol=1e-6)
+    # the read-out skips the stand-ins: one point list per real label, as validation pairs them with label_points
+    with torch.no_grad():
+        read = [pretrainer.read_out(pretrainer.token_embeddings(b["patches"], b["pooling"]), b, threshold=0.0)
+                for b in (training.vision_batch_to(exact, "cpu"), training.vision_batch_to(rounded, "cpu"))]
+    assert len(read[1]) == 3 and all(np.array_equal(a, b) for a, b in zip(*read))
 
 
 def test_masked_l1_is_the_l1_over_the_rows_it_holds():
