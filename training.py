@@ -1676,9 +1676,9 @@ def collate_vision(examples, round_labels=0):
     rows = np.concatenate(label_rows) if labels else np.zeros(0, dtype=np.int64)
     offsets = (np.concatenate([cell_offsets[holds] for _, _, _, (holds, cell_offsets) in labels]) if labels
                else np.zeros((0, 2), dtype=np.float32))
-    n_labels = len(labels)
-    if round_labels:
-        n_labels, _ = rounded_text_shape(n_labels, 1, round_labels)
+    label_width = max([len(ids) for _, ids, _, _ in labels], default=1)
+    n_labels, label_width = (rounded_text_shape(len(labels), label_width, round_labels) if round_labels
+                             else (len(labels), label_width))
     loc_targets = torch.zeros(M, n_labels)
     loc_targets[rows, cols] = 1.0
     # a token holding points of two labels keeps the later label's offset: the last occurrence of each row
@@ -1707,9 +1707,7 @@ def collate_vision(examples, round_labels=0):
                      "label": [ids for _, ids, _, _ in labels] + [[0]] * (n_labels - len(labels))}
     for name, texts in texts_by_name.items():
         lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
-        width = max([len(t) for t in texts], default=1)
-        if round_labels and name == "label":
-            _, width = rounded_text_shape(len(texts), width, round_labels)
+        width = label_width if name == "label" else max([len(t) for t in texts], default=1)
         ids = np.zeros((len(texts), width), dtype=np.int64)
         for k, t in enumerate(texts):  # numpy: a list into a row without a tensor made for each
             ids[k, :len(t)] = t
