@@ -95,6 +95,9 @@ loader_workers = -1  # processes that make the next step's images while this one
 batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 600
+batch_echo = 1  # > 1: each batch trains this many steps in a row (data echoing, Choi et al. 2019, arXiv 1907.05550).
+#   On a GPU stage 1's step waits for its batches (~48 ms of 128 images where the GPU computes ~10): echoed steps
+#   take the GPU's time alone, so the ViT gets more updates in the same minutes. max_steps counts the updates
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / its fan-in), muP's rule for Adam
 #   (off at 0). An Adam step moves each element by about the rate, so a matrix's output moves by about rate x
@@ -223,6 +226,8 @@ for name, value, default in [("vit_position_std", vit_position_std, 0.0),
     if value != default and init_from != "scratch":
         raise SystemExit(f"train_vision: {name}={value!r} changes a new ViT's start, but init_from={init_from!r} "
                          f"loads one: leave {name} at {default}")
+if not (isinstance(batch_echo, int) and batch_echo >= 1):
+    raise SystemExit(f"train_vision: batch_echo={batch_echo!r}: the steps each batch trains, a whole number >= 1")
 if vit_lr_fan_in < 0:
     raise SystemExit(f"train_vision: vit_lr_fan_in={vit_lr_fan_in!r}: a fan-in (> 0), or 0 for every matrix at lr")
 vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
@@ -283,7 +288,8 @@ start = f"{vit_init} start" if init_from == "scratch" else f"from {init_from}, h
 d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {list(vit_layers)} read), heads and text "
         f"tower {n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
         f"localisation x {loc_weight}, scene x {scene_weight} "
-        f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step")
+        f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step"
+        + (f", each batch {batch_echo} steps" if batch_echo > 1 else ""))
 
 t_start = t_last = time.time()
 step_times = []
@@ -292,9 +298,10 @@ for step in range(start_step, max_steps):
     profiler.step(step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, warmup, max_steps) * group.get("lr_scale", 1.0)
-    # the state before this step's draws, in case the step must be redone
-    data_state, rng_before = loader.state_dict(), rng_state()
-    micro_batches = loader.next_step()
+    rng_before = rng_state()  # in case the step must be redone
+    if step % batch_echo == 0 or step == start_step:  # a run resumed within an echo draws its batch again
+        data_state = loader.state_dict()  # before this batch's draws
+        micro_batches = loader.next_step()
     parts = {}
     if graphed is not None:  # one micro-batch: forward, backward and clipping in one replay
         parts, grad_norm = graphed.step(micro_batches[0])
@@ -347,7 +354,9 @@ for step in range(start_step, max_steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in val.items()}}) + "\n")
     if save_every and (done % save_every == 0 or done == max_steps):
-        save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
+        # within an echo the state before its batch, so that a resumed run draws that batch again
+        save_checkpoint(ckpt_path, train_model, optimizer, done, d,
+                        loader.state_dict() if done % batch_echo == 0 else data_state, config)
 
 # -- the end: the ViT alone in SiglipVisionModel layout (under DDP/FSDP gathered, written by rank 0), pictures ------
 final_dir = os.path.join(out_dir, "final")

@@ -610,6 +610,35 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_world, referen
     assert end_summary(stdout) == end_summary(ref_stdout)
 
 
+def test_batch_echo_draws_a_batch_every_other_step_and_resumes_within_an_echo(tiny_world, tmp_path):
+    """--batch_echo=2: 6 steps draw 3 batches, so the data state after them is that of a loader drawn 3 times here.
+    Killed in step 4 (the 5th), after the checkpoint after step 2, which falls within an echo (step 3 trains on the
+    batch of step 2): the resumed run draws that batch again, and its log from step 3 on and its exported ViT are the
+    uninterrupted echo run's to the bit."""
+    def run(name):
+        return stage1_args(tiny_world, str(tmp_path / name), "--grad_accum=2", "--loader_workers=0", "--batch_echo=2",
+                           "--save_every=3")
+
+    whole = run("whole")
+    run_script([sys.executable, "train_vision.py", *whole])
+    drawn = vision_loader(tiny_world, 0)
+    for _ in range(3):
+        drawn.next_step()
+    whole_ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
+    assert whole_ckpt["step"] == 6 and whole_ckpt["data"][0]["samplers"] == drawn.state_dict()["samplers"]
+
+    killed = run("killed")
+    run_killed("clip:5", killed)
+    ckpt = tmp_path / "killed" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    stdout = run_script([sys.executable, "train_vision.py", *killed])
+    assert f"resumed from {ckpt} at step 3" in stdout
+    assert by_step(read_log(tmp_path / "killed")) == by_step(read_log(tmp_path / "whole"))  # exact floats
+    final = load_safetensors(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    ref_final = load_safetensors(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+
+
 def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp_path):
     """A finished run's out_dir (its checkpoint is after the last step) run again: no step is redone, the log and
     the exported ViT stay as they were."""
