@@ -357,6 +357,39 @@ def test_big_solid_style_draws_one_large_solid_kind_of_shape_on_grey(tmp_path, m
         prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, shape_style="tiny")
 
 
+def test_record_token_ids_are_each_prefixed_conversations_tokens(world):
+    """record_token_ids encodes what a style prefix does not change once (data._annotation_token_ids): its set is
+    the union of _conversation_tokens' ids under each prefix, for hand-written conversations (a system message, two
+    turns, an empty first prompt, a long answer past the memo's length) and for every record of the world."""
+    tokenizer = data.Tokenizer()
+    prefixes = {"", "pointing:", "pointing 0:", "pointing -1:", "count:"}
+    long_answer = "A small striped yellow circle at the bottom right. " * 4
+    conversations = [
+        [{"role": "user", "content": "How many red circles?"}, {"role": "assistant", "content": "3"}],
+        [{"role": "system", "content": "Count shapes."}, {"role": "user", "content": ""},
+         {"role": "assistant", "content": "none"}, {"role": "user", "content": "And the stars?"},
+         {"role": "assistant", "content": long_answer}],
+    ]
+    for messages in conversations:
+        expected = set().union(*(data._conversation_tokens(messages, p, tokenizer)[0] for p in prefixes))
+        memo = data._MemoTokenizer(tokenizer)
+        assert data._annotation_token_ids(messages, prefixes, memo) == expected
+        assert data._annotation_token_ids(messages, prefixes, memo) == expected  # again, from the memo
+
+    out, _ = world
+    names = list(prepare_data.SYNTHETIC_DATASETS.values())
+    expected = set(data.record_token_ids(out, {"none": (1.0, [])}, tokenizer))  # the fixed part: no records
+    for name in names:
+        for split in SIZES:
+            for record in data.RecordFile(os.path.join(out, name, f"{split}.jsonl"), load_media=False):
+                for annotation in record["annotations"]:
+                    style = annotation["style"]
+                    for prefix in {data.style_prefix(style, "", "sft"), "", f"{style} 0:", f"{style} -1:",
+                                   f"{style}:"}:
+                        expected.update(data._conversation_tokens(annotation["messages"], prefix, tokenizer)[0])
+    assert data.record_token_ids(out, {"all": (1.0, names)}, tokenizer) == sorted(expected)
+
+
 def test_record_token_ids_cover_every_formatted_example(world):
     """vocab='data' keeps rows for data.record_token_ids: every token of every example the loader or the
     evaluation can build from these records (any split, style prefixes sft / none / pretrain) must be there."""
