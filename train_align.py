@@ -84,7 +84,7 @@ seed_everything(seed)  # the same initial weights on every rank (FSDP shards eac
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from,
                     vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm,
-                    position_bins=position_bins).to(d.device)
+                    position_bins=position_bins, workers=loader_workers).to(d.device)
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}

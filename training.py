@@ -787,13 +787,14 @@ def load_vit(vit_from, vit_config):
 
 
 def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from="", vit_from="",
-                vocab="full", data_dir=None, mixture=None, projector_norm=False, position_bins=0):
+                vocab="full", data_dir=None, mixture=None, projector_norm=False, position_bins=0, workers=0):
     """scratch: a fresh Molmo2 of model_preset, whose ViT is loaded from vit_from when it is set (stage 1's
     out_dir, or any SigLIP checkpoint of the preset's shape); parts: a pretrained Qwen3 (llm_from) and SigLIP2
     (vit_from) with a fresh connector (the real align stage's start); a directory holding final/ (a previous
     stage's out_dir); or any Molmo2 checkpoint, native or released layout, local or on the hub.
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
-    data_dir (Molmo2Config.keep_tokens). A checkpoint keeps the vocabulary it was trained with.
+    data_dir (Molmo2Config.keep_tokens), its records scanned by `workers` forked processes. A checkpoint keeps
+    the vocabulary it was trained with.
     projector_norm: a new model's connector ends in an RMSNorm (connector.py; not Molmo2's); a checkpoint keeps
     its own connector, so asking for it there is an error. position_bins: likewise, a new model's connector embeds
     where each image token sits (connector.py; not Molmo2's)."""
@@ -807,7 +808,7 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
         if vocab == "data":
             import data
             try:
-                config = config.keep_tokens(data.record_token_ids(data_dir, mixture))
+                config = config.keep_tokens(data.record_token_ids(data_dir, mixture, workers=workers))
             except FileNotFoundError as e:  # no data yet: the message says how to make it
                 raise SystemExit(str(e)) from None
         model = Molmo2(config, vit=load_vit(vit_from, config.vit) if vit_from else None)
@@ -933,14 +934,6 @@ def _init_worker(loader):
     _WORKER_LOADER = loader
     # one thread: a forked child's first multi-threaded torch op can hang (OpenMP is not fork-safe)
     torch.set_num_threads(1)
-
-
-def _add_counts(report, n_seen, counts, first):
-    """What a worker counted while making an example (data.SkipReport's numbers) -> added to this process's."""
-    report.n_seen += n_seen
-    report.counts.update(counts)
-    for reason, message in first.items():
-        report.first.setdefault(reason, message)
 
 
 class TrainLoader(ForkedWorkers):
@@ -1446,7 +1439,7 @@ class _Prefetch:
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
             chunk, i = self.loader.start_workers().submit(_each, _worker_example, [key]), 0
         arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
-        _add_counts(self.loader.report, n_seen, counts, first)
+        self.loader.report.add(n_seen, counts, first)
         self.loader.n_filtered += n_filtered
         if too_long is not None:
             raise too_long
@@ -1803,7 +1796,7 @@ class VisionLoader(ForkedWorkers):
 
     def _count(self, counted):
         n_seen, counts, first, not_used = counted
-        _add_counts(self.report, n_seen, counts, first)
+        self.report.add(n_seen, counts, first)
         for why, n in not_used.items():
             self.not_used[why] += n
 

@@ -4,6 +4,7 @@ question alone."""
 
 import collections
 import hashlib
+import json
 import math
 import os
 import re
@@ -388,6 +389,35 @@ def test_record_token_ids_are_each_prefixed_conversations_tokens(world):
                                    f"{style}:"}:
                         expected.update(data._conversation_tokens(annotation["messages"], prefix, tokenizer)[0])
     assert data.record_token_ids(out, {"all": (1.0, names)}, tokenizer) == sorted(expected)
+
+
+def test_record_token_ids_in_forked_processes_are_the_serial_scans(world, tmp_path, monkeypatch):
+    """workers=2 with chunks of 7 records: the same ids, and the same skip counts and first messages, for the world
+    plus a dataset of bad records (malformed JSON, a missing image, an unknown style) among a good one."""
+    import shutil
+
+    out, _ = world
+    good = data.RecordFile(os.path.join(out, "synth_image", "train.jsonl"), load_media=False).offsets
+    with open(os.path.join(out, "synth_image", "train.jsonl")) as f:
+        first_line = f.readline()
+    shutil.copytree(out, tmp_path / "w")
+    os.makedirs(tmp_path / "w" / "bad")
+    shutil.copytree(os.path.join(out, "synth_image", "train"), tmp_path / "w" / "bad" / "train")
+    record = json.loads(first_line)
+    lines = ["{not json", json.dumps({**record, "image": "train/nowhere.png"}),
+             json.dumps({**record, "annotations": [{"style": "poetry", "messages": []}]}), first_line.strip()]
+    with open(tmp_path / "w" / "bad" / "train.jsonl", "w") as f:
+        f.write("\n".join(lines * 5) + "\n")
+    assert len(good) > 7
+    mixture = {"all": (1.0, [*prepare_data.SYNTHETIC_DATASETS.values(), "bad"])}
+    serial_report, forked_report = data.SkipReport(), data.SkipReport()
+    serial = data.record_token_ids(str(tmp_path / "w"), mixture, report=serial_report)
+    monkeypatch.setattr(data, "SCAN_CHUNK", 7)
+    forked = data.record_token_ids(str(tmp_path / "w"), mixture, report=forked_report, workers=2)
+    assert forked == serial
+    assert serial_report.counts == {"malformed_json": 5, "missing_file": 5, "unknown_style": 5}
+    assert (forked_report.n_seen, forked_report.counts, forked_report.first) == \
+        (serial_report.n_seen, serial_report.counts, serial_report.first)
 
 
 def test_record_token_ids_cover_every_formatted_example(world):
