@@ -1,6 +1,6 @@
 """
 The README's main job, on its embedded default: a 2-core CPU, no network, about 15 minutes
-(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 6x larger world, in about 8 minutes).
+(`python demo.py --recipe=gpu`: the same on one GPU, with longer stages and a 6x larger world, in about 9 minutes).
 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
    recipe's data/demo_gpu_60k/ has 60,000): shapes to count and point at, with held-out val and test splits
