@@ -867,21 +867,42 @@ def test_scene_targets_reach_the_batch_only_for_records_with_a_scene():
     assert training.VisionExample(synthetic, 0, processor, 16, False, True).scene_targets is None
 
 
-def test_vit_init_is_checked_before_any_work(tmp_path):
+# `python -c CHECKS <json list of argument lists>`: train_vision.py run once per argument list in one process (one
+# torch import for all), each run's SystemExit message written to stdout after a marker line.
+CHECKS = """
+import json, runpy, sys
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["train_vision.py", *args]
+    print("== run", flush=True)
+    try:
+        runpy.run_path("train_vision.py", run_name="__main__")
+    except SystemExit as e:
+        print(f"exit: {e.code}", flush=True)
+"""
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
     """vit_init names one of two initialisations, and only a ViT from scratch can take one: a ViT loaded from
-    init_from would overwrite it, so asking for both is an error that says so."""
-    base = [sys.executable, "train_vision.py", "--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
-    for extra, message in [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
-                           (["--vit_init=big_vision", "--init_from=out/some_vit"],
-                            "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one"),
-                           (["--vit_position_std=0.5", "--init_from=out/some_vit"],
-                            "vit_position_std=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
-                           (["--vit_residual_scale=0.5", "--init_from=out/some_vit"],
-                            "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
-                           (["--vit_lr_fan_in=-4"], "vit_lr_fan_in=-4: a fan-in (> 0), or 0 for every matrix at lr")]:
-        result = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                                env=ONE_THREAD)
-        assert result.returncode != 0 and message in result.stderr, result.stderr
+    init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in and batch_echo take
+    only the values that mean something."""
+    base = ["--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
+    checks = [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
+              (["--vit_init=big_vision", "--init_from=out/some_vit"],
+               "vit_init='big_vision' draws a ViT from scratch, but init_from='out/some_vit' loads one"),
+              (["--vit_position_std=0.5", "--init_from=out/some_vit"],
+               "vit_position_std=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
+              (["--vit_residual_scale=0.5", "--init_from=out/some_vit"],
+               "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
+              (["--vit_lr_fan_in=-4"], "vit_lr_fan_in=-4: a fan-in (> 0), or 0 for every matrix at lr"),
+              (["--batch_echo=0"], "batch_echo=0: the steps each batch trains, a whole number >= 1"),
+              (["--batch_echo=1.5"], "--batch_echo: batch_echo=1.5 is float, expected int (default 1)")]
+    result = subprocess.run([sys.executable, "-c", CHECKS, json.dumps([base + extra for extra, _ in checks])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
+    runs = result.stdout.split("== run\n")[1:]
+    assert len(runs) == len(checks), result.stdout + result.stderr
+    for run, (extra, message) in zip(runs, checks):
+        assert run.startswith("exit: ") and message in run, (extra, run)
+    assert not os.listdir(tmp_path)  # no run got as far as writing
 
 
 def test_vit_position_std_and_residual_scale_change_only_their_weights(tiny_world, tmp_path):
