@@ -113,9 +113,28 @@ def last_validation(log_jsonl, key):
     return next((r for r in reversed(logged_steps(log_jsonl)[1].values()) if key in r), None)
 
 
+def preflight(recipe):
+    """What this machine means for the recipe, said before its first step: the GPU recipes need a CUDA GPU (on a
+    CPU they would run for hours), and the CPU recipe's ~15 minutes assume a CPU with bf16 matrix instructions."""
+    import torch
+
+    from training import cpu_has_bf16_matmul
+    if torch.cuda.is_available():
+        return
+    if recipe != "cpu":
+        raise SystemExit(f"demo: recipe={recipe!r} trains on a CUDA GPU, and this machine has none "
+                         "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
+    if not cpu_has_bf16_matmul():
+        print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32: "
+              "expect about 4 times the ~15 minutes (a 2-core machine without them took 1.5 s a joint step against "
+              "0.30-0.37 s with them; BENCHMARKS.md \"Another CPU under the same name\")", flush=True)
+
+
 def main(recipe="cpu"):
     out, (world, _), _, _ = RECIPES[recipe]
     t0 = time.time()
+    if not all(os.path.exists(done_marker) for _, _, done_marker in demo_steps(recipe)):
+        preflight(recipe)
     for name, args, done_marker in demo_steps(recipe):
         if os.path.exists(done_marker):
             print(f"== {name}: already done ({done_marker})", flush=True)

@@ -192,3 +192,21 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
     assert gpu["vision"]["init_from"] == gpu["vision, easy world"]["out_dir"]
     assert gpu["vision, easy world"]["data_dir"] == gpu["easy world"]["out"]
     assert "init_from" not in gpu["vision, easy world"]
+
+
+def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, capsys):
+    """Without CUDA a GPU recipe stops at once, naming the CPU recipe; the CPU recipe on a CPU without bf16 matrix
+    instructions warns that it runs about 4 times longer, and with them says nothing."""
+    import torch
+
+    import training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for recipe in ("gpu", "full"):
+        with pytest.raises(SystemExit, match=f"recipe='{recipe}' trains on a CUDA GPU, and this machine has none"):
+            demo.preflight(recipe)
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: False)
+    demo.preflight("cpu")
+    assert "this CPU has no bf16 matrix instructions" in capsys.readouterr().out
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: True)
+    demo.preflight("cpu")
+    assert capsys.readouterr().out == ""
