@@ -125,9 +125,10 @@ def preflight(recipe):
         raise SystemExit(f"demo: recipe={recipe!r} trains on a CUDA GPU, and this machine has none "
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     if not cpu_has_bf16_matmul():
-        print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32: "
-              "expect about 4 times the ~15 minutes (a 2-core machine without them took 1.5 s a joint step against "
-              "0.30-0.37 s with them; BENCHMARKS.md \"Another CPU under the same name\")", flush=True)
+        print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32 and "
+              "take longer than the ~15 minutes (~1.4x on the same CPU; a 2-core machine without them took 1.5 s a "
+              "joint step against 0.30-0.37 s on one with them, ~4x: BENCHMARKS.md \"Another CPU under the same "
+              "name\")", flush=True)
 
 
 def main(recipe="cpu"):

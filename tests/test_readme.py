@@ -196,7 +196,7 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
 
 def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, capsys):
     """Without CUDA a GPU recipe stops at once, naming the CPU recipe; the CPU recipe on a CPU without bf16 matrix
-    instructions warns that it runs about 4 times longer, and with them says nothing."""
+    instructions warns that it takes longer, and with them says nothing."""
     import torch
 
     import training
