@@ -1589,22 +1589,23 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None, workers=0):
     bad records are skipped and counted in `report`. Returns a sorted list.
     workers > 1: chunks of SCAN_CHUNK records are scanned in that many forked processes (Linux): the same ids and
     counts. The GPU demo's world of 60,000 images took 21.6 s in one process on this 2-core machine, 11.4 in two."""
-    global _SCAN_TOKENIZER
-    tokenizer = _SCAN_TOKENIZER = _MemoTokenizer(tokenizer or Tokenizer())  # forked workers inherit it
+    global _SCAN
+    tokenizer = _MemoTokenizer(tokenizer or Tokenizer())
     ids = set(range(min(SPECIAL_TOKENS.values()), MOLMO2_FIRST_ID))  # <|endoftext|>, <|im_start|>, ... the rest
     texts = [chr(c) for c in range(32, 127)] + ["\n", "\n\n"] + [f"Image {i}" for i in range(1, 17)]
     texts += [f"{' ' if k else ''}{k / 10:.1f} " for k in range(1000)]  # video timestamps up to 99.9 s
     for text in texts:
         ids.update(tokenizer.encode(text, allow_special=False))
-    chunks = []
+    files = []
     for name in {name: None for _, (_, names) in mixture.items() for name in names}:
         paths = [os.path.join(data_dir, name, f"{split}.jsonl") for split in ("train", "val", "test")]
         if not any(os.path.exists(p) for p in paths):
             raise FileNotFoundError(f"dataset {name!r}: no train/val/test.jsonl in {os.path.join(data_dir, name)} "
                                     f"(`python {' '.join(prepare_command(name, data_dir))}` makes it)")
-        for path in filter(os.path.exists, paths):
-            n = len(RecordFile(path, load_media=False))
-            chunks += [(path, start, min(start + SCAN_CHUNK, n)) for start in range(0, n, SCAN_CHUNK)]
+        files += [RecordFile(path, load_media=False) for path in filter(os.path.exists, paths)]
+    _SCAN = tokenizer, files  # indexed once here; forked workers inherit both
+    chunks = [(f, start, min(start + SCAN_CHUNK, len(records)))
+              for f, records in enumerate(files) for start in range(0, len(records), SCAN_CHUNK)]
     if workers > 1 and len(chunks) > 1 and sys.platform.startswith("linux"):
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
@@ -1615,16 +1616,20 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None, workers=0):
         ids |= chunk_ids
         if report is not None:
             report.add(counted.n_seen, counted.counts, counted.first)
+    _SCAN = None
     return sorted(ids)
 
 
-_SCAN_TOKENIZER = None
+_SCAN = None  # record_token_ids' (tokenizer, [RecordFile]) for _scan_records
 
 
 def _scan_records(chunk):
-    """(path, start, stop) -> (the token ids of records start..stop-1 under every prefix, their SkipReport)."""
-    path, start, stop = chunk
-    records = RecordFile(path, load_media=False)
+    """(file number, start, stop) -> (the token ids of that file's records start..stop-1 under every prefix, their
+    SkipReport)."""
+    f, start, stop = chunk
+    tokenizer, files = _SCAN
+    records = files[f]
+    records.report = SkipReport()  # this chunk's counts alone
     ids = set()
     for i in range(start, stop):
         record = records.get(i)
@@ -1632,7 +1637,7 @@ def _scan_records(chunk):
             style, messages = annotation["style"], annotation["messages"]
             # sft, none, and pretrain's length hints (negative for short answers)
             prefixes = {style_prefix(style, "", "sft"), "", f"{style} 0:", f"{style} -1:", f"{style}:"}
-            ids.update(_annotation_token_ids(messages, prefixes, _SCAN_TOKENIZER))
+            ids.update(_annotation_token_ids(messages, prefixes, tokenizer))
     return ids, records.report
 
 
