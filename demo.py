@@ -134,9 +134,10 @@ def preflight(recipe):
 def main(recipe="cpu"):
     out, (world, _), _, _ = RECIPES[recipe]
     t0 = time.time()
-    if not all(os.path.exists(done_marker) for _, _, done_marker in demo_steps(recipe)):
+    steps = demo_steps(recipe)
+    if not all(os.path.exists(done_marker) for _, _, done_marker in steps):
         preflight(recipe)
-    for name, args, done_marker in demo_steps(recipe):
+    for name, args, done_marker in steps:
         if os.path.exists(done_marker):
             print(f"== {name}: already done ({done_marker})", flush=True)
             continue

@@ -116,9 +116,9 @@ parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the step's forward (the model and its losses)
 cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
 #   as CUDA graphs, one per batch shape (training.GraphedStep): its ~1,100 small kernels launched at once. The GPU
-#   demo's step then needs ~10 ms of the GPU and little host time, but its batches still take ~59 ms to make, so it
-#   gains nothing yet: 61 ms a step against 57 eagerly, the same losses (BENCHMARKS.md "Stage 1's step, made and
-#   launched"); elsewhere it is off
+#   demo's step then needs ~12 ms of the GPU and little host time, but its batches take ~50 ms to make: alone it
+#   gained nothing (61 ms a step against 57 eagerly, the same losses: BENCHMARKS.md "Stage 1's step, made and
+#   launched"); with batch_echo the echoed steps cost the ~12 ms, and the GPU recipe turns both on
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 log_every = 10
 eval_every = 100  # validation: losses and the head's counting / pointing on val images
