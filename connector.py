@@ -102,6 +102,7 @@ class Connector(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.norm is not None:  # the scale of a fresh LLM's text embeddings (std 0.02): see the notes above
             nn.init.constant_(self.norm.weight, 0.02)
+        self.fixed_shapes = False  # Molmo2.fixed_shape_batches sets it
         self.position_x = self.position_y = None
         if config.position_bins:
             self.position_x = nn.Embedding(config.position_bins, config.llm_hidden_size)
@@ -116,12 +117,14 @@ class Connector(nn.Module):
         features = torch.cat(vit_features, dim=-1)  # (N, P, D)
         features = features.reshape(-1, features.shape[-1])  # (N * P, D)
         pooled_patches_idx = pooled_patches_idx.to(device=features.device, dtype=torch.long)
-        if not torch.compiler.is_compiling():  # a check read back to the host: left out of a compiled graph
+        # a check read back to the host: left out of a compiled graph and of fixed-shape batches
+        if not (torch.compiler.is_compiling() or self.fixed_shapes):
             if pooled_patches_idx.numel() and pooled_patches_idx.max() >= features.shape[0]:
                 raise ValueError(f"pooled_patches_idx: index {int(pooled_patches_idx.max())} out of range for "
                                  f"{features.shape[0]} patches")
-        # drop all-padding windows up front: they produce no token and would make a fully masked softmax
-        pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
+        if not self.fixed_shapes:  # (Molmo2.fixed_shape_batches: its windows are never empty; a shape of data)
+            # drop all-padding windows up front: they produce no token and would make a fully masked softmax
+            pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
         valid = pooled_patches_idx >= 0  # (M', K)
         windows = features[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(features.dtype)  # (M', K, D)
         tokens = self.projector(self.pooling(windows, valid))  # (M', llm_hidden)

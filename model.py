@@ -21,6 +21,7 @@ vision tokens, packed examples and message trees. A 2-D `attention_mask` (B, S),
 real tokens (`causal_padding_mask`); S counts the cached keys too.
 """
 
+import contextlib
 import json
 import os
 import struct
@@ -286,8 +287,8 @@ class Qwen3(nn.Module):
         c = self.config
         if self.training and (c.resid_dropout > 0 or c.response_dropout > 0):
             keep_prob = torch.full((B, T, 1), 1.0 - c.resid_dropout, device=x.device, dtype=x.dtype)
-            if response_mask is not None:
-                keep_prob[response_mask] = 1.0 - c.response_dropout
+            if response_mask is not None:  # where(), not a masked assignment: no host sync (CUDA graphs)
+                keep_prob = torch.where(response_mask[..., None], 1.0 - c.response_dropout, keep_prob)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 # the dropout draw is recomputed too: checkpoint restores the RNG state (preserve_rng_state)
@@ -548,6 +549,7 @@ class Molmo2(nn.Module):
         self.llm = llm if llm is not None else Qwen3(config.llm)
         self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
         self._kept = {}  # kept-token lookup tables by device (config.token_ids; not part of the state)
+        self.fixed_shapes = False  # True only within fixed_shape_batches()
 
     @classmethod
     def from_parts(cls, llm: Qwen3, vit: SigLIP2, vit_layers=(-3, -9)) -> "Molmo2":
@@ -558,12 +560,33 @@ class Molmo2(nn.Module):
         vit.config = config.vit
         return cls(config, llm=llm, vit=vit)
 
+    # -- batches padded to fixed shapes (training.pad_media): what a CUDA graph of the training step needs -----
+
+    @contextlib.contextmanager
+    def fixed_shape_batches(self):
+        """Within it the batches come padded to a few fixed shapes (training.pad_media; train_joint.py's
+        cuda_graph): crops, pooling windows and grids have padding entries after the real ones, whose features
+        are computed and never gathered (add_vision_features takes the k-th feature for the k-th <im_patch>). A
+        graph's step cannot wait on the GPU, so the checks that read counts back to the host are left out, the
+        connector keeps every window (pad_media's windows are never empty), and the loss is taken at every
+        position with weight 0 where there is no target, instead of selecting the positions first."""
+        self.fixed_shapes = self.connector.fixed_shapes = True
+        try:
+            yield
+        finally:
+            self.fixed_shapes = self.connector.fixed_shapes = False
+
+    def host_checks(self) -> bool:
+        """Whether to run the checks that read counts back to the host: not under torch.compile (each would break
+        its graph) nor for fixed-shape batches (fixed_shape_batches)."""
+        return not (torch.compiler.is_compiling() or self.fixed_shapes)
+
     # -- inputs --------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids over the base vocabulary plus the 128 extra -> (B, T, C)."""
         base = self.config.base_vocab_size
-        if not torch.compiler.is_compiling() and (
+        if self.host_checks() and (
                 input_ids.min() < 0 or input_ids.max() >= base + self.config.additional_vocab_size):
             raise ValueError(f"input_ids: ids must lie in [0, {base + self.config.additional_vocab_size}), "
                              f"got [{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -591,9 +614,9 @@ class Molmo2(nn.Module):
 
     def kept_rows(self, ids: torch.Tensor, what="input_ids") -> torch.Tensor:
         """Qwen3 ids (and the extra ids after them) -> rows of this model's kept-token table; an id with no
-        row raises, naming it (in eager mode: the check reads back to the host, so a compiled graph leaves it out)."""
+        row raises, naming it (when host_checks(): the check reads back to the host)."""
         rows = self.kept_tables(ids.device)[0][ids]
-        if not torch.compiler.is_compiling() and bool((rows < 0).any()):
+        if self.host_checks() and bool((rows < 0).any()):
             missing = ids[rows < 0].unique()[:8].tolist()
             raise ValueError(f"{what}: token ids {missing} are not among this model's {len(self.config.token_ids)} "
                              "kept tokens (config.token_ids: the tokens of the data it was built for)")
@@ -637,9 +660,9 @@ class Molmo2(nn.Module):
                       image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                       attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None, kv_cache=None,
                       response_mask=None):
-        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward. Under torch.compile the
-        checks that read counts back to the host are skipped: each would break the graph."""
-        compiling = torch.compiler.is_compiling()
+        """The LLM's final-normed hidden states (B, T, C). Arguments as in forward. Under torch.compile and for
+        fixed-shape batches the checks that read counts back to the host are skipped (host_checks)."""
+        checks = self.host_checks()
         x = self.embed(input_ids)  # (B, T, C)
         if pixel_values is not None and pixel_values_videos is not None:
             raise ValueError("pixel_values and pixel_values_videos: pass a mixed batch's crops and frames together "
@@ -649,12 +672,12 @@ class Molmo2(nn.Module):
             crops = pixel_values.reshape(-1, *pixel_values.shape[-2:])  # (N, P, patch_dim)
             if image_token_pooling is None:
                 raise ValueError("pixel_values given without image_token_pooling")
-            if image_num_crops is not None and not compiling and int(image_num_crops.sum()) != crops.shape[0]:
+            if image_num_crops is not None and checks and int(image_num_crops.sum()) != crops.shape[0]:
                 raise ValueError(f"image_num_crops: {int(image_num_crops.sum())} crops in all, but pixel_values "
                                  f"holds {crops.shape[0]}")
             # per image: low-res rows x cols + high-res rows x cols tokens
             num_tokens = None
-            if image_grids is not None and not compiling:
+            if image_grids is not None and checks:
                 num_tokens = int((image_grids[:, :2].prod(-1) + image_grids[:, 2:].prod(-1)).sum())
             features = self.place(self.vision_features(crops, image_token_pooling), image_grids, "image")  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "image")
@@ -662,7 +685,7 @@ class Molmo2(nn.Module):
             if video_token_pooling is None:
                 raise ValueError("pixel_values_videos given without video_token_pooling")
             # per video: frames x rows x cols tokens
-            num_tokens = None if video_grids is None or compiling else int(video_grids.prod(-1).sum())
+            num_tokens = None if video_grids is None or not checks else int(video_grids.prod(-1).sum())
             features = self.place(self.vision_features(pixel_values_videos, video_token_pooling), video_grids,
                                   "video")  # (M, C)
             x = self.add_vision_features(x, input_ids, features, num_tokens, "video")
@@ -686,7 +709,7 @@ class Molmo2(nn.Module):
         """Add pooled features (M, C) to the embeddings x (B, T, C) at the <im_patch> tokens, in order;
         num_tokens is M as the grids count it (None: not given)."""
         is_patch = input_ids == self.config.image_patch_id  # (B, T)
-        if not torch.compiler.is_compiling():
+        if self.host_checks():
             num_patches = int(is_patch.sum())
             if num_patches != features.shape[0] or (num_tokens is not None and num_tokens != num_patches):
                 raise ValueError(f"{kind} inputs: {features.shape[0]} pooled features"
@@ -731,6 +754,11 @@ class Molmo2(nn.Module):
     def loss_at_targets(self, h, targets, loss_weights, z_loss):
         """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target."""
         has_target = targets >= 0  # (B, T)
+        if self.fixed_shapes:  # every position, weight 0 without a target: no shape that depends on the data
+            rows = targets.clamp(min=0).flatten()
+            rows = rows if self.config.token_ids is None else self.kept_rows(rows, "targets").clamp(min=0)
+            weights = torch.where(has_target, loss_weights, 0.0).flatten()
+            return linear_cross_entropy(h.flatten(0, 1), self.llm.output_weight(), rows, weights, z_loss)
         targets = targets[has_target]
         if self.config.token_ids is not None:
             targets = self.kept_rows(targets, "targets")
@@ -784,12 +812,14 @@ class Molmo2(nn.Module):
         flops = weight["llm"] * (llm_weights * B * T + head * n_loss) + attention["llm"] * llm_attention * B * T
         pixels = [batch[k] for k in ("pixel_values", "pixel_values_videos") if k in batch]
         if pixels:
-            n_crops = sum(p.shape[0] for p in pixels)
+            pad_crops, pad_windows = batch.get("media_padding", (0, 0))  # training.pad_media's: not counted
+            n_crops = sum(p.shape[0] for p in pixels) - int(pad_crops)
             v = c.vit
             vit_block = 4 * v.hidden_size * v.num_attention_heads * v.head_dim + 2 * v.hidden_size * v.intermediate_size
             vit_weights = 6 * (v.patch_dim * v.hidden_size + v.num_hidden_layers * vit_block)
             vit_attention = 12 * v.num_hidden_layers * v.num_attention_heads * v.head_dim * v.num_patches
             n_pooled = sum(batch[k].shape[0] for k in ("image_token_pooling", "video_token_pooling") if k in batch)
+            n_pooled -= int(pad_windows)
             flops += (weight["vit"] * vit_weights + attention["vit"] * vit_attention) * n_crops * v.num_patches
             flops += weight["connector"] * 6 * sum(p.numel() for p in self.connector.parameters()) * n_pooled
         return flops

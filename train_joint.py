@@ -21,7 +21,8 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from training import (Dist, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer,
+from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
+                      build_optimizer,
                       default_recipe, evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only,
                       model_inputs, resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates,
                       step_autocast, stop_nonfinite, wrap_model)
@@ -69,6 +70,9 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
+cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
+#   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): the small model's
+#   ~1,700 kernels a step launched at once, where eagerly the GPU waits on the host
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
@@ -135,13 +139,38 @@ if compile:
     train_model = torch.compile(train_model)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 
+
+def fixed_shape_losses(batch):
+    """A padded batch on the device -> the step's loss parts, for the graph: the loss is divided by its own weight
+    there (one micro-batch on one process: that is the step's whole weight)."""
+    progress.image_features = None  # a batch without images leaves it so
+    with model.fixed_shape_batches():
+        loss_sum, wce = model(**model_inputs(batch), targets=batch["targets"], loss_weights=batch["loss_weights"],
+                              z_loss=z_loss, response_mask=batch["targets"] >= 0)
+    parts = {"loss_sum": loss_sum, "weighted_ce": wce, "weight": batch["loss_weights"].sum()}
+    if progress.image_features is not None:  # what the connector made (Progress's hook): a replay runs no hook
+        parts["image_features"] = progress.image_features
+    return parts
+
+
+graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
+             "compile=True" if compile else None)
+graphed = None
+if d.device.type == "cuda" and cuda_graph and graph_off is None:
+    graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],
+                          grad_clip, getattr(torch, dtype), max_graphs=16, print_fn=d.print, forward=fixed_shape_losses)
+    if model.config.token_ids is not None:
+        model.kept_tables(d.device)  # made now: copied from a Python list, it would wait on the GPU inside the step
+if d.device.type == "cuda":
+    d.print(f"cuda_graph: {'on' if graphed else 'off' if not cuda_graph else f'off ({graph_off})'}")
+
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, max_seq_len=max_seq_len,
                    max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,
                    crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
-                     workers=loader_workers, **loader_args)
+                     workers=loader_workers, fixed_shapes=graphed is not None, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []
@@ -162,7 +191,13 @@ for step in range(start_step, max_steps):
     # the divisor of this step's loss: every loss token's weight, on every rank
     weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
     weighted_ce = torch.zeros((), device=d.device)
-    for i, mb in enumerate(micro_batches):
+    if graphed is not None:  # one micro-batch: forward, backward and clipping in one replay
+        parts, grad_norm = graphed.step(micro_batches[0])
+        weighted_ce = parts["weighted_ce"]
+        if "image_features" in parts:  # for Progress's statistics, without the padding windows' (the last ones)
+            features = parts["image_features"]
+            progress.image_features = features[:len(features) - int(micro_batches[0]["media_padding"][1])]
+    for i, mb in enumerate(micro_batches if graphed is None else []):
         last = i == len(micro_batches) - 1
         # DDP: gradients are averaged over the ranks once, in the step's last backward
         no_sync = train_model.no_sync() if (not last and d.world_size > 1 and parallel == "ddp") else nullcontext()
@@ -175,14 +210,16 @@ for step in range(start_step, max_steps):
             # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if graphed is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
     loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         stop_nonfinite(step, loss, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,
                        rng_before)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graphed is None:  # a graph's gradients stay where it captured them, zeroed by the next replay
+        optimizer.zero_grad(set_to_none=True)
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
     if eval_every and (done % eval_every == 0 or done == max_steps):
@@ -196,4 +233,7 @@ final_dir = os.path.join(out_dir, "final")
 export_final(train_model, model, optimizer, d, final_dir, loader.processor, start)
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))
+    if graphed is not None:
+        print(f"cuda_graph: {graphed.replays} steps replayed as CUDA graphs of {len(graphed.graphs)} batch layouts, "
+              f"{graphed.eager_steps} eagerly")
 d.close()

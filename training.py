@@ -862,6 +862,49 @@ def batch_to(batch, device):
     return batch
 
 
+def padded_size(n, steps=4):
+    """n rounded up to the next of a few sizes: multiples of 1/steps of the power of two at or below n (steps=4:
+    ..., 40, 48, 56, 64, 80, 96, 112, 128, 160, ...), so the sizes a run meets stay few and each wastes < 1/steps."""
+    if n <= steps:
+        return n
+    step = 2 ** (n.bit_length() - 1) // steps
+    return -(-n // step) * step
+
+
+def pad_media(batch, steps=4):
+    """A collated batch -> the same batch with its media padded to a few fixed sizes (padded_size), for a CUDA graph
+    of the training step (train_joint.py's cuda_graph): crops of zeros; pooling windows [0, -1, ...] (one valid
+    index, so never empty); one more grid row (and crop count) that owns the padding windows and crops, then grid
+    rows of zeros (no tokens). The features of the padding come after every real one and no <im_patch> token takes
+    them (Molmo2.add_vision_features; the model runs it within Molmo2.fixed_shape_batches()). The rows were already
+    padded to max_seq_len. `media_padding`: (padding crops, padding windows), which training_flops leaves out."""
+    batch = dict(batch)
+    padding = torch.zeros(2, dtype=torch.long)
+    streams = (("pixel_values", "image_token_pooling", "image_grids", "image_num_crops"),
+               ("pixel_values_videos", "video_token_pooling", "video_grids", None))
+    for pixels, pooling, grids, crop_counts in streams:
+        if pixels not in batch:
+            continue
+        n_crops, n_windows = batch[pixels].shape[0], batch[pooling].shape[0]
+        pad_crops, pad_windows = padded_size(n_crops, steps) - n_crops, padded_size(n_windows, steps) - n_windows
+        padding += torch.tensor([pad_crops, pad_windows])
+        batch[pixels] = torch.cat([batch[pixels], batch[pixels].new_zeros(pad_crops, *batch[pixels].shape[1:])])
+        windows = batch[pooling].new_full((pad_windows, batch[pooling].shape[1]), -1)
+        windows[:, 0] = 0
+        batch[pooling] = torch.cat([batch[pooling], windows])
+        if grids in batch:  # images (I, 4): low h, low w, high h, high w; videos (V, 3): frames, h, w
+            n = batch[grids].shape[0]
+            extra = batch[grids].new_zeros(padded_size(n + 1, steps) - n, batch[grids].shape[1])
+            extra[0] = torch.tensor([1, pad_windows, 0, 0] if extra.shape[1] == 4 else [1, 1, pad_windows])
+            batch[grids] = torch.cat([batch[grids], extra])
+            if crop_counts in batch:
+                counts = batch[crop_counts].new_zeros(len(extra))
+                counts[0] = pad_crops
+                batch[crop_counts] = torch.cat([batch[crop_counts], counts])
+    batch["media_padding"] = padding
+    return batch
+
+
 MEDIA_COUNTS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops", "pixel_values_videos",
                 "video_token_pooling", "video_grids")  # first dimension: crops, tokens or images of the whole batch
 
@@ -947,13 +990,14 @@ class TrainLoader(ForkedWorkers):
     be packed in the packers; state_dict() / load_state_dict() continue the exact same streams.
     workers > 0: worker processes (forked, Linux) read ahead and make the examples while the step runs (see
     _Prefetch). They are for machines with idle cores (a GPU machine: the formatting is most of a small
-    model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md)."""
+    model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md).
+    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step."""
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
-                 rank=0, world_size=1, grad_accum=1, workers=0):
+                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False):
         import data
-        self.data = data
+        self.data, self.fixed_shapes = data, fixed_shapes
         self.styles = None if styles is None else set(styles)  # train on these annotation styles only
         self.n_filtered = 0  # records with no annotation of those styles
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
@@ -1008,7 +1052,7 @@ class TrainLoader(ForkedWorkers):
         batch = self.data.collate(rows, pad_to=self.max_seq_len, mask=False)  # batch_to makes the mask on the device
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
-        return batch
+        return pad_media(batch) if self.fixed_shapes else batch
 
     def summary(self):
         lines = [self.report.summary()]
@@ -1040,20 +1084,30 @@ class TrainLoader(ForkedWorkers):
         self.n_filtered = state["records"].get("n_filtered", 0)
 
 
+def _project_frame(error):
+    """'file.py:line (function)' of this project's innermost frame in an exception's traceback: what to change."""
+    import traceback
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.dirname(os.path.abspath(f.filename)) == here]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].name})" if frames else "?"
+
+
 class GraphedStep:
     """A training step's forward, backward and gradient clipping, captured as a CUDA graph once per batch layout and
-    replayed after: train_vision.py's `cuda_graph` knob. Why: stage 1's step is ~1,000 small kernels, which the GPU
-    runs in a fraction of the time the host takes to launch them one by one (BENCHMARKS.md "Where a GPU step's time
-    goes"); a replay launches them all at once. step(host_batch) -> ({loss name: tensor}, the gradients' norm before
-    clipping), the clipped gradients left in each parameter's .grad. The optimizer runs outside the graph, after the
-    caller has looked at the loss: a non-finite step can still be refused.
+    replayed after: the `cuda_graph` knob of train_vision.py and train_joint.py. Why: a small model's step is ~1,000
+    to ~1,700 small kernels, which the GPU runs in a fraction of the time the host takes to launch them one by one
+    (BENCHMARKS.md "Where a GPU step's time goes"); a replay launches them all at once. step(host_batch) -> ({loss
+    name: tensor}, the gradients' norm before clipping), the clipped gradients left in each parameter's .grad. The
+    optimizer runs outside the graph, after the caller has looked at the loss: a non-finite step can still be refused.
 
     What a graph needs, and how it gets it:
     - fixed addresses: each batch is copied into the graph's own input tensors; the gradients are made by the first
       (eager) warm-up run, then zeroed in place inside every step and never set to None: the caller must not
       zero_grad(set_to_none=True) them away;
     - fixed shapes: one graph per layout (every tensor's shape and dtype), at most max_graphs; a batch of another
-      layout after that runs the same step eagerly (VisionLoader's round_labels keeps the layouts few);
+      layout after that runs the same step eagerly (VisionLoader's round_labels and TrainLoader's fixed_shapes keep
+      the layouts few);
     - no host sync inside the step (a capture fails on one): the first warm-up run goes under
       torch.cuda.set_sync_debug_mode("error"); a step that syncs, or leaves a parameter without a gradient (AdamW
       would then move it by its momentum, where eagerly it would skip it), runs eagerly from then on, and says why.
@@ -1062,8 +1116,9 @@ class GraphedStep:
     parameter moves before the optimizer's step. The graphs share one memory pool: only one runs at a time, and
     nothing they compute outlives a step but their outputs."""
 
-    def __init__(self, model, prepare, loss_of, grad_clip, dtype, max_graphs=8, print_fn=print):
+    def __init__(self, model, prepare, loss_of, grad_clip, dtype, max_graphs=8, print_fn=print, forward=None):
         self.model, self.prepare, self.loss_of, self.grad_clip = model, prepare, loss_of, grad_clip
+        self.forward = forward or model  # the prepared batch -> {loss name: tensor}; the model's own by default
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.dtype, self.max_graphs, self.print = dtype, max_graphs, print_fn
         self.graphs, self.pool, self.eager_only = {}, None, False
@@ -1075,7 +1130,7 @@ class GraphedStep:
         if grads:
             torch._foreach_zero_(grads)  # in place: a graph holds their addresses
         with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):  # no cast cached across replays
-            losses = self.model(self.prepare(batch))
+            losses = self.forward(self.prepare(batch))
             loss = self.loss_of(losses)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], self.grad_clip)
@@ -1116,7 +1171,7 @@ class GraphedStep:
                 if not first or "synchroniz" not in str(e):
                     raise
                 torch.cuda.current_stream().wait_stream(side)
-                self._eager_from_now(f"it waits on the GPU ({str(e).splitlines()[0]})")
+                self._eager_from_now(f"it waits on the GPU ({str(e).splitlines()[0]}, at {_project_frame(e)})")
                 return None
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
@@ -1171,6 +1226,7 @@ class StepsAhead:
             pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
+        self.waits = []  # seconds the training thread waited in each next_step(): is the GPU waiting for data?
 
     def _run(self):
         if self.pin_device is not None:
@@ -1236,7 +1292,9 @@ class StepsAhead:
         return self.head
 
     def next_step(self):
+        t = time.perf_counter()
         _, batches, error = self._peek()
+        self.waits.append(time.perf_counter() - t)
         if error is not None:
             raise error
         self.head = None
@@ -1259,7 +1317,12 @@ class StepsAhead:
             self.loader.load_state_dict(state)
 
     def summary(self):
-        return self.child_summary if self.child_summary is not None else self.loader.summary()
+        made = self.child_summary if self.child_summary is not None else self.loader.summary()
+        if len(self.waits) < 2:
+            return made
+        later = sorted(self.waits[1:])
+        return (made + f"\nbatches made ahead: the first came after {self.waits[0]:.1f} s; the training loop then waited "
+                f"{sum(later):.1f} s for the next {len(later)} (median {1000 * later[len(later) // 2]:.1f} ms)")
 
     def close(self):
         """Stop the thread (after the step it is making), the batch process and the loader's workers."""

@@ -5,6 +5,7 @@ align leaves the ViT and LLM bit for bit unchanged; each part has its own optimi
 non-finite loss stops the run naming the step, with the batch and the state before the step saved; bad
 records are skipped and counted; Molmo2's loss equals a hand computation."""
 
+import contextlib
 import copy
 import json
 import math
@@ -405,6 +406,9 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
         # the skips are counted where the batches were made (in process mode the child's loader: this one's reads
         # nothing); how many steps were read ahead by then depends on timing, so only that they are there
         assert "undecodable_image" in serial.summary() and "undecodable_image" in ahead.summary()
+        # and how long the training loop waited for its batches after the first (3 taken: 2 waits)
+        assert re.search(r"the training loop then waited [\d.]+ s for the next 2 \(median [\d.]+ ms\)",
+                         ahead.summary()), ahead.summary()
         with pytest.raises(RuntimeError, match="before the first step"):
             ahead.load_state_dict(state)
     finally:
@@ -691,6 +695,60 @@ def test_ddp_two_processes_equal_one_big_batch(world, big_batch_step, tmp_path):
 # ---------------------------------------------------------------------------
 # 7. The loss, by hand
 # ---------------------------------------------------------------------------
+
+
+def test_padded_size_keeps_the_sizes_few_hand_worked():
+    # multiples of a quarter of the power of two at or below n: 64 -> steps of 16, 256 -> 64, 4096 -> 1024
+    assert [training.padded_size(n) for n in (3, 4, 5, 64, 65, 80, 81, 410, 455, 4264)] == \
+        [3, 4, 5, 64, 80, 80, 96, 448, 512, 5120]
+    assert [training.padded_size(n, steps=1) for n in (5, 8, 9, 100)] == [8, 8, 16, 128]
+
+
+@pytest.mark.parametrize("case", ["images, kept tokens, position bins", "images and videos, full vocabulary"])
+def test_batches_padded_to_fixed_shapes_give_the_same_loss_and_gradients(world, case):
+    """train_joint.py's cuda_graph: a batch whose media training.pad_media padded, run within
+    Molmo2.fixed_shape_batches() (no host checks, every pooling window kept, the loss at every position), gives
+    the loss and gradients of the batch as collated, run as usual."""
+    images_only = case.startswith("images,")
+    rows, pad_to = short_answer_rows(world)
+    rows = rows[:5] if images_only else rows[:7]  # single images and pairs; or videos too (one merged stream)
+    mixture = {"image": (0.9, ["synth_image"]), "multi_image": (0.1, ["synth_multi"])}
+    if not images_only:
+        mixture["video"] = (0.1, ["synth_video"])
+    torch.manual_seed(0)
+    net = training.build_model("scratch", "tiny", vocab="data" if images_only else "full", data_dir=world,
+                               mixture=mixture, position_bins=8 if images_only else 0)
+    batch = to_batch(rows, pad_to)
+    padded = training.pad_media(batch, steps=1)  # to powers of two, so that this small batch is padded
+    n_crops, n_windows = batch["pixel_values"].shape[0], batch["image_token_pooling"].shape[0]
+    assert padded["pixel_values"].shape[0] > n_crops and padded["image_token_pooling"].shape[0] > n_windows
+    assert padded["media_padding"].tolist() == [padded["pixel_values"].shape[0] - n_crops,
+                                                padded["image_token_pooling"].shape[0] - n_windows]
+    if images_only:  # the grids own the padding: their token and crop counts add up to the padded sizes
+        grids = padded["image_grids"]
+        assert int((grids[:, :2].prod(-1) + grids[:, 2:].prod(-1)).sum()) == padded["image_token_pooling"].shape[0]
+        assert int(padded["image_num_crops"].sum()) == padded["pixel_values"].shape[0]
+        assert net.config.token_ids is not None and net.config.connector.position_bins == 8
+
+    def loss_and_grads(b, fixed):
+        net.zero_grad(set_to_none=True)
+        b = training.batch_to(b, "cpu")
+        with net.fixed_shape_batches() if fixed else contextlib.nullcontext():
+            loss_sum, wce = net(**training.model_inputs(b), targets=b["targets"], loss_weights=b["loss_weights"],
+                                z_loss=1e-4, response_mask=b["targets"] >= 0)
+        (loss_sum / b["loss_weights"].sum()).backward()
+        return loss_sum.item(), wce.item(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    want, got = loss_and_grads(batch, False), loss_and_grads(padded, True)
+    assert not net.fixed_shapes and not net.connector.fixed_shapes  # the context ends with the batch
+    # float32: the loss over every position sums the same terms (and zeros) in other chunks and order
+    assert got[0] == pytest.approx(want[0], rel=1e-5) and got[1] == pytest.approx(want[1], rel=1e-5)
+    assert want[2].keys() == got[2].keys()
+    for name, grad in want[2].items():
+        if name.endswith("k_proj.bias"):  # exactly 0 (softmax cancels a key bias): rounding noise either way
+            continue
+        scale = grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_molmo2_loss_equals_hand_computed_weighted_ce_and_z_loss():
