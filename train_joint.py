@@ -71,8 +71,11 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False
 cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
-#   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): the small model's
-#   ~1,700 kernels a step launched at once, where eagerly the GPU waits on the host
+#   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): a small model's
+#   ~1,500 kernels a step launched at once, where eagerly the GPU waits on the host. The GPU demo's step: 33.7 ms
+#   against 42.6 on one H200; two demo runs with it counted 0.900 and 0.800 against eager's 0.920 and 0.915, too few
+#   to tell from the spread between runs, so its recipe leaves it off for now (BENCHMARKS.md "The joint step as
+#   CUDA graphs")
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
