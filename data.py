@@ -306,11 +306,16 @@ def crop_geometry(height, width, max_crops, crop_size=CROP_SIZE, patch_size=PATC
     return rows, cols, rows * window_size + margin_size, cols * window_size + margin_size
 
 
-def resize_to_unit_range(images, height, width):
-    """(N, 3, H, W) float 0..255 -> (N, height, width, 3) float32 view in [-1, 1]: bilinear without antialias,
-    rounded back to whole 0..255 values (Molmo2 resizes uint8 images), then (x - 127.5) / 127.5."""
+def resize_levels(images, height, width):
+    """(N, 3, H, W) float 0..255 -> (N, height, width, 3) float32 view of whole 0..255 values: bilinear without
+    antialias, rounded back (Molmo2 resizes uint8 images)."""
     resized = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return resized.round_().clamp_(0, 255).sub_(127.5).div_(127.5).permute(0, 2, 3, 1)
+    return resized.round_().clamp_(0, 255).permute(0, 2, 3, 1)
+
+
+def resize_to_unit_range(images, height, width):
+    """resize_levels, then (x - 127.5) / 127.5: float32 in [-1, 1], the model's input."""
+    return resize_levels(images, height, width).sub_(127.5).div_(127.5)
 
 
 def crops_to_patches(image, rows, cols, crop_size, stride, patch_size, out):
@@ -364,7 +369,8 @@ def _image_pooling(rows, cols, crop_patches, overlap_margins, pooling):
 
 class VisionInput(NamedTuple):
     """One image or one video, ready for the model.
-    patches:       (n_crops or n_frames, n_patches, patch_size**2 * 3) float32 in [-1, 1]
+    patches:       (n_crops or n_frames, n_patches, patch_size**2 * 3) float32 in [-1, 1]; with levels=True the
+                   uint8 0..255 values they are made from (training.from_uint8 turns them into the same floats)
     token_pooling: (n_tokens, window) indices into patches.view(-1, patch_dim), -1 = padding; int32 for images,
                    int64 for video (the dtypes transformers returns)
     grid:          image (low_h, low_w, high_h, high_w) pooled sizes; video (n_frames, h, w)"""
@@ -374,19 +380,23 @@ class VisionInput(NamedTuple):
 
 
 def preprocess_image(image, max_crops=MAX_CROPS, crop_size=CROP_SIZE, patch_size=PATCH_SIZE,
-                     overlap_margins=OVERLAP_MARGINS, pooling=IMAGE_POOLING, name=None):
+                     overlap_margins=OVERLAP_MARGINS, pooling=IMAGE_POOLING, name=None, levels=False):
     """Image (path, bytes, PIL or uint8 array) -> VisionInput: a global crop (the whole image resized to
-    crop_size) followed by up to max_crops overlapping crops of the image resized to its canvas."""
+    crop_size) followed by up to max_crops overlapping crops of the image resized to its canvas. levels: the
+    patches as their uint8 0..255 values, before the normalisation (the training loaders': a quarter of the bytes,
+    and the normalising left to the GPU)."""
     pixels = load_image(image, name)  # (H, W, 3) uint8
     height, width = pixels.shape[:2]
     rows, cols, canvas_h, canvas_w = crop_geometry(height, width, max_crops, crop_size, patch_size, overlap_margins)
     stride = (crop_size // patch_size - sum(overlap_margins)) * patch_size
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()  # (1, 3, H, W), channels-last in memory
     n_patches, patch_dim = (crop_size // patch_size) ** 2, patch_size * patch_size * 3
-    patches = torch.empty(1 + rows * cols, n_patches, patch_dim)  # (n_crops, n_patches, patch_dim)
-    global_crop = resize_to_unit_range(x, crop_size, crop_size)[0]  # (S, S, 3)
+    resize = resize_levels if levels else resize_to_unit_range
+    # (n_crops, n_patches, patch_dim); whole 0..255 values copy into uint8 exactly
+    patches = torch.empty(1 + rows * cols, n_patches, patch_dim, dtype=torch.uint8 if levels else torch.float32)
+    global_crop = resize(x, crop_size, crop_size)[0]  # (S, S, 3)
     crops_to_patches(global_crop, 1, 1, crop_size, crop_size, patch_size, out=patches[:1])
-    canvas = resize_to_unit_range(x, canvas_h, canvas_w)[0]  # (canvas_h, canvas_w, 3)
+    canvas = resize(x, canvas_h, canvas_w)[0]  # (canvas_h, canvas_w, 3)
     crops_to_patches(canvas, rows, cols, crop_size, stride, patch_size, out=patches[1:])
     token_pooling, grid = _image_pooling(rows, cols, crop_size // patch_size, tuple(overlap_margins), tuple(pooling))
     return VisionInput(patches, torch.from_numpy(token_pooling.copy()), grid)
@@ -593,17 +603,18 @@ def load_video(source, max_frames=MAX_FRAMES, max_fps=MAX_FPS, sampling="uniform
     return VideoClip(frames, indices, timestamps, float(fps))
 
 
-def preprocess_video(frames, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, pooling=VIDEO_POOLING):
+def preprocess_video(frames, crop_size=CROP_SIZE, patch_size=PATCH_SIZE, pooling=VIDEO_POOLING, levels=False):
     """(T, H, W, 3) uint8 frames -> VisionInput: each frame resized to one crop_size crop, pooled in
-    pool_h x pool_w windows."""
+    pool_h x pool_w windows. levels: as preprocess_image's."""
     chunk = 16  # frames resized at a time: bounds the float copy of the source frames
     frames = torch.as_tensor(frames)
     n_frames = len(frames)
     n = crop_size // patch_size
-    patches = torch.empty(n_frames, n * n, patch_size * patch_size * 3)  # (T, n_patches, patch_dim)
+    dtype = torch.uint8 if levels else torch.float32
+    patches = torch.empty(n_frames, n * n, patch_size * patch_size * 3, dtype=dtype)  # (T, n_patches, patch_dim)
     for start in range(0, n_frames, chunk):
         x = frames[start:start + chunk].permute(0, 3, 1, 2).float()  # (t, 3, H, W), channels-last in memory
-        resized = resize_to_unit_range(x, crop_size, crop_size)  # (t, S, S, 3)
+        resized = (resize_levels if levels else resize_to_unit_range)(x, crop_size, crop_size)  # (t, S, S, 3)
         for t in range(len(resized)):
             crops_to_patches(resized[t], 1, 1, crop_size, crop_size, patch_size, out=patches[start + t:start + t + 1])
     windows, tokens_h, tokens_w = pool_windows(np.arange(n * n).reshape(n, n), *pooling)  # (tokens, window)
@@ -652,11 +663,14 @@ class Molmo2Processor:
 
     Images are paths, bytes, PIL images or (H, W, 3) uint8 arrays; a video is a path (file, or an animated
     GIF/WebP/APNG), a (frames, fps) pair with (T, H, W, 3) uint8 frames, or a (folder, fps) pair. A list of
-    texts is left-padded with <|endoftext|>. Unusable media raise MediaError naming the input."""
+    texts is left-padded with <|endoftext|>. Unusable media raise MediaError naming the input.
+    pixel_levels=True (the training loaders): pixels as their uint8 0..255 levels, before the normalisation
+    (preprocess_image's levels)."""
 
     def __init__(self, tokenizer=None, max_crops=MAX_CROPS, max_frames=MAX_FRAMES, max_fps=MAX_FPS,
                  frame_sampling="uniform", crop_size=CROP_SIZE, patch_size=PATCH_SIZE,
-                 overlap_margins=OVERLAP_MARGINS, image_pooling=IMAGE_POOLING, video_pooling=VIDEO_POOLING):
+                 overlap_margins=OVERLAP_MARGINS, image_pooling=IMAGE_POOLING, video_pooling=VIDEO_POOLING,
+                 pixel_levels=False):
         if frame_sampling not in FRAME_SAMPLINGS:
             raise ValueError(f"frame_sampling {frame_sampling!r}: expected one of {FRAME_SAMPLINGS}")
         crop_geometry(crop_size, crop_size, 1, crop_size, patch_size, overlap_margins)  # validates the sizes
@@ -665,16 +679,18 @@ class Molmo2Processor:
         self.frame_sampling, self.crop_size, self.patch_size = frame_sampling, crop_size, patch_size
         self.overlap_margins = tuple(overlap_margins)
         self.image_pooling, self.video_pooling = tuple(image_pooling), tuple(video_pooling)
+        self.pixel_levels = pixel_levels
 
     def image(self, image, max_crops=None, name=None):
         """One image -> VisionInput (see preprocess_image)."""
         return preprocess_image(image, max_crops or self.max_crops, self.crop_size, self.patch_size,
-                                self.overlap_margins, self.image_pooling, name)
+                                self.overlap_margins, self.image_pooling, name, levels=self.pixel_levels)
 
     def video(self, video, name=None):
         """One video -> (VisionInput, timestamps) (see load_video and preprocess_video)."""
         clip = load_video(video, self.max_frames, self.max_fps, self.frame_sampling, name)
-        return preprocess_video(clip.frames, self.crop_size, self.patch_size, self.video_pooling), clip.timestamps
+        vision = preprocess_video(clip.frames, self.crop_size, self.patch_size, self.video_pooling, self.pixel_levels)
+        return vision, clip.timestamps
 
     def __call__(self, text=None, images=None, videos=None, max_crops=None):
         """-> dict of torch tensors: input_ids, attention_mask, mm_token_type_ids (B, L) int64 when text is
@@ -1470,7 +1486,8 @@ def _media_prefix(record, processor):
         fps = (len(times) - 1) / span if span > 0 else DEFAULT_VIDEO_FPS
         keep = sample_frame_indices(len(frames), fps, processor.max_frames, processor.max_fps, "uniform_last_frame")
         frames = np.stack([np.asarray(frames[i]) for i in keep])  # (T, H, W, 3) uint8
-        x = preprocess_video(frames, processor.crop_size, processor.patch_size, processor.video_pooling)
+        x = preprocess_video(frames, processor.crop_size, processor.patch_size, processor.video_pooling,
+                             processor.pixel_levels)
         ids += video_token_ids(x.grid, [times[i] for i in keep], processor.tokenizer)
         vision["pixel_values_videos"] = x.patches
         vision["video_token_pooling"] = x.token_pooling

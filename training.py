@@ -15,6 +15,7 @@ Design choices:
 """
 
 import collections
+import copy
 import functools
 import itertools
 import json
@@ -1005,6 +1006,7 @@ class TrainLoader(ForkedWorkers):
         self.report = data.SkipReport()
         self.processor = data.Molmo2Processor(max_crops=max_crops, max_frames=max_video_frames, crop_size=crop_size,
                                               patch_size=patch_size, overlap_margins=overlap_margins)
+        self.example_processor = levels_processor(self.processor)
         n_shards = world_size * grad_accum
         self.files, self.packers = None, []
         self.workers, self.pool = workers, None
@@ -1031,16 +1033,11 @@ class TrainLoader(ForkedWorkers):
                 return None
         rng = np.random.default_rng([self.seed, draw])
         try:
-            example = self.data.format_example(record, self.processor, rng, self.prefix_mode, self.weighting,
-                                               self.max_seq_len)
+            example = self.data.format_example(record, self.example_processor, rng, self.prefix_mode,
+                                               self.weighting, self.max_seq_len)
         except self.data.MediaError as e:
             self.report.skip(self.data.BadRecord("undecodable_image", str(e)))
             return None
-        # pixels travel as their 0..255 levels: a quarter of the bytes to send from a worker, concatenate and copy
-        # to the GPU (batch_to restores the processor's floats exactly)
-        for name in ("pixel_values", "pixel_values_videos"):
-            if getattr(example, name) is not None:
-                setattr(example, name, to_uint8(getattr(example, name)))
         return example
 
     def next_step(self):
@@ -1667,6 +1664,15 @@ def caption_of(record, draw):
     return captions[draw % len(captions)] if captions else None
 
 
+def levels_processor(processor):
+    """A copy of a data.Molmo2Processor whose pixels come as their uint8 0..255 levels, before the normalisation
+    (the loaders' examples: a quarter of the bytes to send from a worker, concatenate and copy to the GPU, where
+    from_uint8 makes the processor's floats from them, bit for bit; and the normalising is not done on the host)."""
+    levels = copy.copy(processor)
+    levels.pixel_levels = True
+    return levels
+
+
 def to_uint8(patches):
     """Crops in [-1, 1] -> the whole 0..255 values they were made from (the processor rounds after resizing), a
     quarter of the bytes to send from a worker, keep in a batch and copy to the GPU; from_uint8 undoes it exactly."""
@@ -1685,7 +1691,8 @@ class VisionExample:
         tokenizer = processor.tokenizer
         image = record["images"][0]
         vision = processor.image(image)
-        self.patches, self.pooling = to_uint8(vision.patches), vision.token_pooling
+        self.patches = vision.patches if vision.patches.dtype == torch.uint8 else to_uint8(vision.patches)
+        self.pooling = vision.token_pooling
         self.grid = vision.grid
         self.caption = caption_of(record, draw) if use_sigmoid else None
         self.caption_ids = None
@@ -1810,6 +1817,7 @@ class VisionLoader(ForkedWorkers):
                  rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False, round_labels=False):
         import data
         self.batch_size, self.processor, self.text_max_len = batch_size, processor, text_max_len
+        self.example_processor = levels_processor(processor)
         self.round_labels = text_max_len if round_labels else 0  # collate_vision's: for GraphedStep
         self.use_sigmoid, self.use_loc, self.use_scene = use_sigmoid, use_loc, use_scene
         self.report = data.SkipReport()
@@ -1847,7 +1855,7 @@ class VisionLoader(ForkedWorkers):
             self.not_used["not a single image"] += 1
             return None
         try:
-            ex = VisionExample(record, draw, self.processor, self.text_max_len, self.use_sigmoid, self.use_loc,
+            ex = VisionExample(record, draw, self.example_processor, self.text_max_len, self.use_sigmoid, self.use_loc,
                                self.use_scene)
         except data.MediaError as e:
             self.report.skip(data.BadRecord("undecodable_image", str(e)))

@@ -195,6 +195,23 @@ def test_small_crops_match_transformers(hf_qwen_tokenizer):
     assert mine["pixel_values"].shape[1:] == (16, 588)
 
 
+@pytest.mark.parametrize("height,width", [(224, 224), (480, 640), (100, 700)])
+def test_pixel_levels_are_the_whole_values_the_patches_are_made_from(ours, height, width):
+    """pixel_levels=True (the training loaders') gives each patch value as the 0..255 level the processor rounds
+    to before normalising: training.from_uint8 makes the same float32 patches from them, bit for bit, and
+    training.to_uint8 of the float patches gives them back; for images and for video frames."""
+    import training
+    levels = training.levels_processor(ours)
+    assert levels.pixel_levels and not ours.pixel_levels  # a copy: the processor itself still gives floats
+    image = photo(height, width, seed=height)
+    frames = (moving_video(5, height // 4, width // 4, seed=width), 10.0)
+    for a, b in ((ours.image(image), levels.image(image)), (ours.video(frames)[0], levels.video(frames)[0])):
+        assert a.patches.dtype == torch.float32 and b.patches.dtype == torch.uint8
+        assert torch.equal(training.from_uint8(b.patches), a.patches)
+        assert torch.equal(training.to_uint8(a.patches), b.patches)
+        assert torch.equal(a.token_pooling, b.token_pooling) and a.grid == b.grid
+
+
 def test_image_token_layout_by_hand():
     """640x480 at 8 crops: 2x2 crops -> 46x46 patches -> 23x23 tokens; global 27x27 -> 14x14 (padded)."""
     x = data.preprocess_image(photo(480, 640))
