@@ -37,9 +37,22 @@ from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision to
 from vision import (SigLIP2, SigLIP2Config, attend, siglip_config_from_hf, siglip_config_to_hf,
                     siglip_state_dict_from_hf, siglip_state_dict_to_hf)
 
-# The connector keeps the pooling windows that hold a patch, a count read from the data: torch.compile traces it
-# as a size known only at run time instead of breaking the graph there
-torch._dynamo.config.capture_dynamic_output_shape_ops = True
+_READY_FOR_COMPILE = False
+
+
+def ready_for_compile():
+    """Set what torch.compile needs for this project's models; call it before compiling one (the stage scripts'
+    compile switch, generate(compile=True) and tools/bench.py do). Not done at import: it imports torch._dynamo,
+    ~2 s of every script's start on a 2-core machine, and most runs never compile.
+    - The connector keeps the pooling windows that hold a patch, a count read from the data: torch.compile traces
+      it as a size known only at run time instead of breaking the graph there.
+    - Molmo2.loss_at_targets runs eagerly: selecting the loss positions has a data-dependent shape, and on torch
+      2.11 dynamo fails tracing the fused head's autograd Function (linear_cross_entropy) at all."""
+    global _READY_FOR_COMPILE
+    if not _READY_FOR_COMPILE:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        Molmo2.loss_at_targets = torch.compiler.disable(Molmo2.loss_at_targets)
+        _READY_FOR_COMPILE = True
 
 # ---------------------------------------------------------------------------
 # Qwen3
@@ -430,12 +443,11 @@ def loss_chunk_rows(vocab_rows, on_gpu):
     return max(1024, 2**24 // vocab_rows) if on_gpu else 1024
 
 
-@torch.compiler.disable  # runs eagerly under torch.compile: torch 2.11's dynamo fails tracing this Function
 def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=None):
     """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
     CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are already
-    matmuls and one fused softmax step each, so compiling it would gain little; torch.compile (the stage
-    scripts' compile switch) therefore leaves it out (on torch 2.11 tracing it fails on an assertion).
+    matmuls and one fused softmax step each, so compiling it would gain little; a compiled Molmo2 runs it eagerly
+    (ready_for_compile; on torch 2.11 tracing it fails on an assertion).
     chunk_size: rows a chunk; None = 1,024, or on a GPU as many as keep a chunk's logits near 2^24 values. Each
     chunk is a few dozen small ops the host launches: with a kept vocabulary of ~500 rows a GPU demo step had ~19
     chunks, 16 ms of host time in a step of ~100 (BENCHMARKS.md "Where a GPU step's time goes"); the CPU keeps
@@ -750,9 +762,9 @@ class Molmo2(nn.Module):
             h = h[logits_positions]  # (N, C)
         return self.full_vocab(self.llm.lm_logits(h))
 
-    @torch.compiler.disable  # eager under torch.compile: selecting the loss positions has a data-dependent shape
     def loss_at_targets(self, h, targets, loss_weights, z_loss):
-        """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target."""
+        """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target
+        (eagerly under torch.compile: ready_for_compile)."""
         has_target = targets >= 0  # (B, T)
         if self.fixed_shapes:  # every position, weight 0 without a target: no shape that depends on the data
             rows = targets.clamp(min=0).flatten()
@@ -906,6 +918,8 @@ class DecodeStep:
         B, T = attention_mask.shape
         device = attention_mask.device
         self.kv_cache, self.cuda_graph, self.graph = kv_cache, cuda_graph, None
+        if compile:
+            ready_for_compile()
         self.step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile else model.decode_step
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(B, 1, dtype=torch.long, device=device)

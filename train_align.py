@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
+from model import ready_for_compile
 from training import (Dist, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer,
                       evaluate_loss, export_final, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
                       save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
@@ -93,6 +94,7 @@ train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
+    ready_for_compile()
     train_model = torch.compile(train_model)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
+from model import ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
                       build_optimizer,
                       default_recipe, evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only,
@@ -139,6 +140,7 @@ train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
 if compile:
+    ready_for_compile()
     train_model = torch.compile(train_model)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 

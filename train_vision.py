@@ -46,7 +46,7 @@ import torch
 import data
 from configurator import configure
 from eval import point_scores
-from model import Molmo2Config, save_siglip
+from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
 from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts,
                       image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint,
@@ -256,6 +256,7 @@ if init_heads:  # a stage 1 that goes on from another's: what it learned on top 
         raise SystemExit(f"train_vision: init_heads=True: {init_from} has no {missing[:4]} (trained with other losses)")
 train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 if compile:
+    ready_for_compile()
     train_model = torch.compile(train_model)
 optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)

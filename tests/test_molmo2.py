@@ -4,6 +4,7 @@ checkpoint layouts, the save round trip, the attention mask rules and the full p
 import copy
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -422,6 +423,7 @@ def test_compiled_training_loss_and_gradients_match_eager(ours, processor):
     weights = (targets >= 0).float()
     model = copy.deepcopy(ours).train()
     results = []
+    nano.ready_for_compile()  # what the stage scripts set before compiling
     for run in (model, torch.compile(model, backend="aot_eager")):
         model.zero_grad(set_to_none=True)
         loss, ce = run(**inputs, targets=targets, loss_weights=weights, z_loss=1e-4)
@@ -435,10 +437,23 @@ def test_compiled_training_loss_and_gradients_match_eager(ours, processor):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_inference_scripts_start_without_torch_dynamo():
+    """Importing torch._dynamo takes ~2 s of a process's start on a 2-core machine: the modules that sample, evaluate
+    and serve leave it to ready_for_compile, which only a compiled run calls (a training run's optimizer imports it
+    anyway)."""
+    import subprocess
+    import sys
+    code = "import sys, model, sample, eval, serve; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout[-500:]
+
+
 def test_compile_traces_the_forward_in_one_graph(ours, processor):
     """torch.compile sees the whole training forward as one graph for any image count (issue 16): host-side
     checks are skipped while compiling, the features are added by a gather of fixed shape, and the connector's
-    count of windows is traced; only the fused loss head is left out, by design (@torch.compiler.disable). The same
+    count of windows is traced; only the fused loss head is left out, by design (model.ready_for_compile). The same
     with the from-scratch switches: position_bins (each token's place computed from the grids with static shapes)
     and a kept-token vocabulary (its rows looked up without the eager check of unknown ids)."""
     model = copy.deepcopy(ours).train()
@@ -448,6 +463,7 @@ def test_compile_traces_the_forward_in_one_graph(ours, processor):
     ids = torch.cat([processor_inputs(processor, case)["input_ids"].flatten()
                      for case in ("one image", "three images")])
     kept = Molmo2(config.keep_tokens(sorted(set(ids[ids < nano.QWEN3_VOCAB_SIZE].tolist()))))
+    nano.ready_for_compile()
     for run in (model, placed.train(), kept.train()):
         for case in ("one image", "three images"):
             inputs = processor_inputs(processor, case)
@@ -463,6 +479,7 @@ def test_compile_does_not_recompile_for_another_image_count(ours, processor):
     length reuse it: with error_on_recompile set, a further compile would raise. Dynamo's own eager backend: what
     recompiles is decided in tracing, before any backend runs."""
     torch._dynamo.reset()  # no graphs from the other tests
+    nano.ready_for_compile()
     model = copy.deepcopy(ours).train()
     compiled = torch.compile(model, backend="eager")
 
@@ -503,6 +520,7 @@ def test_compile_marked_media_compiles_once_for_every_image_count(ours, processo
     model = copy.deepcopy(ours).train()
     for marked in (True, False):
         torch._dynamo.reset()
+        nano.ready_for_compile()
         compiled = torch.compile(model, backend="eager")
         run(compiled, "two images", marked)
         with torch._dynamo.config.patch(error_on_recompile=True):

@@ -305,6 +305,7 @@ def section_train(d, autocast):
                      lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast), dev), dev)
     rows.append(train_row(f"nanoMolmo2 model alone{where}", result, batch, flops, batch_images, hf_seconds))
     if compile:
+        nano.ready_for_compile()
         compiled = torch.compile(train_model)
         result = guarded("compiled", lambda: measure(lambda: ours_step(compiled, optimizer, batch, autocast), dev,
                                                      n_warmup=max(warmup, 2)), dev)
