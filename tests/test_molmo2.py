@@ -443,7 +443,8 @@ def test_the_inference_scripts_start_without_torch_dynamo():
     anyway)."""
     import subprocess
     import sys
-    code = "import sys, model, sample, eval, serve; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    code = ("import sys, model, sample, eval, serve; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
