@@ -1223,7 +1223,7 @@ class StepsAhead:
             pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
-        self.waits = []  # seconds the training thread waited in each next_step(): is the GPU waiting for data?
+        self.waits = []  # seconds the training thread waited for each step's batches: is the GPU waiting for data?
 
     def _run(self):
         if self.pin_device is not None:
@@ -1285,13 +1285,13 @@ class StepsAhead:
                     self._start_child()
                 self.thread = threading.Thread(target=self._run, name="steps-ahead", daemon=True)
                 self.thread.start()
+            t = time.perf_counter()  # where the loop waits: its first call for a step (state_dict or next_step)
             self.head = self.queue.get()
+            self.waits.append(time.perf_counter() - t)
         return self.head
 
     def next_step(self):
-        t = time.perf_counter()
         _, batches, error = self._peek()
-        self.waits.append(time.perf_counter() - t)
         if error is not None:
             raise error
         self.head = None

@@ -406,8 +406,8 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
         # the skips are counted where the batches were made (in process mode the child's loader: this one's reads
         # nothing); how many steps were read ahead by then depends on timing, so only that they are there
         assert "undecodable_image" in serial.summary() and "undecodable_image" in ahead.summary()
-        # and how long the training loop waited for its batches after the first (3 taken: 2 waits)
-        assert re.search(r"the training loop then waited [\d.]+ s for the next 2 \(median [\d.]+ ms\)",
+        # and how long the training loop waited for its batches after the first (3 taken and a 4th looked at)
+        assert re.search(r"the training loop then waited [\d.]+ s for the next 3 \(median [\d.]+ ms\)",
                          ahead.summary()), ahead.summary()
         with pytest.raises(RuntimeError, match="before the first step"):
             ahead.load_state_dict(state)
@@ -423,6 +423,27 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
 
     with pytest.raises(ValueError, match="record 7 is malformed"):
         training.StepsAhead(Failing(), process=process).next_step()
+
+    class Slow:  # a batch every 0.2 s: the loop, asking for each at once, waits about that long each time
+        def state_dict(self):
+            return {}
+
+        def next_step(self):
+            time.sleep(0.2)
+            return [{"x": torch.zeros(1)}]
+
+        def summary(self):
+            return "slow"
+
+    slow = training.StepsAhead(Slow(), process=process)
+    try:
+        for _ in range(3):
+            slow.state_dict()  # as the trainers do, before next_step(): the wait falls here
+            slow.next_step()
+        waited = re.search(r"then waited ([\d.]+) s for the next 2", slow.summary())
+        assert waited and float(waited.group(1)) >= 0.3, slow.summary()
+    finally:
+        slow.close()
 
 
 def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monkeypatch):
