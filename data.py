@@ -389,20 +389,14 @@ def preprocess_image(image, max_crops=MAX_CROPS, crop_size=CROP_SIZE, patch_size
     height, width = pixels.shape[:2]
     rows, cols, canvas_h, canvas_w = crop_geometry(height, width, max_crops, crop_size, patch_size, overlap_margins)
     stride = (crop_size // patch_size - sum(overlap_margins)) * patch_size
-    # (1, 3, H, W) planar, and each resized view made (H, W, 3)-contiguous before it is cut into patches: torch's CPU
-    # bilinear resize is faster on planar images than on the channels-last layout they decode in, and the patches'
-    # (dy, dx, c) order then reads memory in order (the same values: tests/test_processor.py)
-    x = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()[None].float()
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()  # (1, 3, H, W), channels-last in memory
     n_patches, patch_dim = (crop_size // patch_size) ** 2, patch_size * patch_size * 3
-
-    def resize(h, w):  # -> (h, w, 3) contiguous; whole 0..255 values copy into uint8 exactly
-        view = resize_levels(x, h, w)[0] if levels else resize_to_unit_range(x, h, w)[0]
-        return view.to(torch.uint8, memory_format=torch.contiguous_format) if levels else view.contiguous()
-
+    resize = resize_levels if levels else resize_to_unit_range
+    # (n_crops, n_patches, patch_dim); whole 0..255 values copy into uint8 exactly
     patches = torch.empty(1 + rows * cols, n_patches, patch_dim, dtype=torch.uint8 if levels else torch.float32)
-    global_crop = resize(crop_size, crop_size)  # (S, S, 3)
+    global_crop = resize(x, crop_size, crop_size)[0]  # (S, S, 3)
     crops_to_patches(global_crop, 1, 1, crop_size, crop_size, patch_size, out=patches[:1])
-    canvas = resize(canvas_h, canvas_w)  # (canvas_h, canvas_w, 3)
+    canvas = resize(x, canvas_h, canvas_w)[0]  # (canvas_h, canvas_w, 3)
     crops_to_patches(canvas, rows, cols, crop_size, stride, patch_size, out=patches[1:])
     token_pooling, grid = _image_pooling(rows, cols, crop_size // patch_size, tuple(overlap_margins), tuple(pooling))
     return VisionInput(patches, torch.from_numpy(token_pooling.copy()), grid)
