@@ -141,10 +141,19 @@ def main():
     rows.append((f"array {n_source} frames {video_size[1]}x{video_size[0]} @{video_fps} -> {n_sampled}",
                  "frames/s/core (sampled)", n_sampled / t_ours, n_sampled / t_hf))
 
+    # the training loaders' crops (no transformers counterpart): the processor stopping at the 0..255 levels, against
+    # its floats turned back into them
+    import training
+    levels = training.levels_processor(ours)
+    t_levels = cpu_seconds(lambda: levels.image(image), repeats)
+    t_floats = cpu_seconds(lambda: training.to_uint8(ours.image(image).patches), repeats)
+
     print(f"torch {torch.__version__}, 1 thread, CPU time, best of {repeats}; {os.cpu_count()} CPUs visible")
     print(f"{'case':58s} {'unit':26s} {'ours':>9s} {'transformers':>13s} {'ratio':>6s}")
     for case, unit, mine, theirs in rows:
         print(f"{case:58s} {unit:26s} {mine:9.1f} {theirs:13.1f} {mine / theirs:6.2f}")
+    print(f"the loaders' crops of a 640x480 photo as uint8 levels: {1 / t_levels:.1f} images/s/core straight from the "
+          f"processor (pixel_levels), {1 / t_floats:.1f} through its floats and to_uint8")
 
 
 if __name__ == "__main__":
