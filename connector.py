@@ -102,7 +102,6 @@ class Connector(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.norm is not None:  # the scale of a fresh LLM's text embeddings (std 0.02): see the notes above
             nn.init.constant_(self.norm.weight, 0.02)
-        self.fixed_shapes = False  # Molmo2.fixed_shape_batches sets it
         self.position_x = self.position_y = None
         if config.position_bins:
             self.position_x = nn.Embedding(config.position_bins, config.llm_hidden_size)
@@ -110,19 +109,21 @@ class Connector(nn.Module):
             nn.init.zeros_(self.position_x.weight)
             nn.init.zeros_(self.position_y.weight)
 
-    def forward(self, vit_features: list[torch.Tensor], pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, vit_features: list[torch.Tensor], pooled_patches_idx: torch.Tensor,
+                fixed_shapes: bool = False) -> torch.Tensor:
         """vit_features: one (N, P, C) tensor per entry of config.vit_layers, N crops of P patches;
         pooled_patches_idx (M, K) long, indices into the N * P patches, -1 = padding
-        -> (M', llm_hidden), one row per window with at least one valid index, in order."""
+        -> (M', llm_hidden), one row per window with at least one valid index, in order. fixed_shapes (a batch
+        padded by training.pad_media, whose windows are never empty): every window kept, no host check."""
         features = torch.cat(vit_features, dim=-1)  # (N, P, D)
         features = features.reshape(-1, features.shape[-1])  # (N * P, D)
         pooled_patches_idx = pooled_patches_idx.to(device=features.device, dtype=torch.long)
         # a check read back to the host: left out of a compiled graph and of fixed-shape batches
-        if not (torch.compiler.is_compiling() or self.fixed_shapes):
+        if not (torch.compiler.is_compiling() or fixed_shapes):
             if pooled_patches_idx.numel() and pooled_patches_idx.max() >= features.shape[0]:
                 raise ValueError(f"pooled_patches_idx: index {int(pooled_patches_idx.max())} out of range for "
                                  f"{features.shape[0]} patches")
-        if not self.fixed_shapes:  # (Molmo2.fixed_shape_batches: its windows are never empty; a shape of data)
+        if not fixed_shapes:  # the kept windows' count is a shape read from the data
             # drop all-padding windows up front: they produce no token and would make a fully masked softmax
             pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
         valid = pooled_patches_idx >= 0  # (M', K)

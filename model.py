@@ -582,11 +582,11 @@ class Molmo2(nn.Module):
         graph's step cannot wait on the GPU, so the checks that read counts back to the host are left out, the
         connector keeps every window (pad_media's windows are never empty), and the loss is taken at every
         position with weight 0 where there is no target, instead of selecting the positions first."""
-        self.fixed_shapes = self.connector.fixed_shapes = True
+        self.fixed_shapes = True
         try:
             yield
         finally:
-            self.fixed_shapes = self.connector.fixed_shapes = False
+            self.fixed_shapes = False
 
     def host_checks(self) -> bool:
         """Whether to run the checks that read counts back to the host: not under torch.compile (each would break
@@ -647,7 +647,8 @@ class Molmo2(nn.Module):
         """crops (N, P, patch_dim) (or (B, N, P, patch_dim)) and pooling windows (M, K) -> (M', C), one
         LLM-width vector per window that has a patch."""
         crops = crops.reshape(-1, *crops.shape[-2:])  # (N, P, patch_dim)
-        return self.connector(self.vit(crops, self.config.connector.vit_layers), pooled_patches_idx)
+        return self.connector(self.vit(crops, self.config.connector.vit_layers), pooled_patches_idx,
+                              fixed_shapes=self.fixed_shapes)
 
     def vision_attention_mask(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None,
                               attention_mask: torch.Tensor | None = None) -> torch.Tensor:

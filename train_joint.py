@@ -23,10 +23,9 @@ import torch
 from configurator import configure
 from model import ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
-                      build_optimizer,
-                      default_recipe, evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only,
-                      model_inputs, resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates,
-                      step_autocast, stop_nonfinite, wrap_model)
+                      build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
+                      mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
