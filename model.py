@@ -206,8 +206,11 @@ class Attention(nn.Module):
             # one token against every cache slot, attn_mask (B, 1, 1, max_len) marking the real keys: the query
             # heads sharing a key/value head become that head's queries, so no kernel copies the cache per group
             groups = self.n_head // self.n_kv_head
-            y = attend(q.reshape(B, self.n_kv_head, groups, self.head_dim), k, v,
-                       attn_mask=attn_mask)  # (B, nkv, groups, hd)
+            q = q.reshape(B, self.n_kv_head, groups, self.head_dim)
+            if torch.compiler.is_compiling() and B == 1:  # DecodeStep's compiled step at batch 1 (see DecodeStep)
+                y = one_token_attention(q, k, v, attn_mask)  # (B, nkv, groups, hd)
+            else:
+                y = attend(q, k, v, attn_mask=attn_mask)  # (B, nkv, groups, hd)
             y = y.reshape(B, self.n_head, T, self.head_dim)  # (B, nh, 1, hd)
         elif attn_mask is not None:
             y = attend(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -220,6 +223,18 @@ class Attention(nn.Module):
             y = attend(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+
+def one_token_attention(q, k, v, key_mask):
+    """Decoding's attention written out, for torch.compile: q (B, h, g, d), the g query heads that share each of the h
+    key/value heads; k, v (B, h, L, d) the whole cache; key_mask (B, 1, 1, L) bool, True = a real key -> (B, h, g, d),
+    what F.scaled_dot_product_attention gives, in float32 inside. Compiled, it becomes a few reductions over the cache
+    that spread across the GPU; SDPA's kernel (cuDNN's, picked for the mask) splits its work by heads alone, ~8 blocks
+    at batch 1, and took 21.6 us a layer on an H200 against ~16 for these (BENCHMARKS.md "Decoding at batch 1 as fused
+    reductions"). Used at batch 1 only, where it was measured; eagerly it would hold a (B, h, g, L, d) product."""
+    scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * q.shape[-1] ** -0.5  # (B,h,g,L)
+    weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+    return (weights[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # (B, h, g, d)
 
 
 def causal_padding_mask(attention_mask, T):
@@ -921,7 +936,14 @@ class DecodeStep:
         self.kv_cache, self.cuda_graph, self.graph = kv_cache, cuda_graph, None
         if compile:
             ready_for_compile()
-        self.step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compile else model.decode_step
+        # At batch 1, coordinate_descent_tuning also makes inductor write each one-row matmul as a Triton reduction
+        # fused with the norms and activations around it (on a GPU), and the attention is written out
+        # (one_token_attention): on an H200 1.82 ms a token against 2.75 with cuBLAS's and cuDNN's kernels. At
+        # batch 16 the tuning measured 4,546-4,562 new tokens/s against 5,286 without it (another machine), so
+        # larger batches compile as before (BENCHMARKS.md "Decoding at batch 1 as fused reductions")
+        options = {"coordinate_descent_tuning": True} if B == 1 else None
+        self.step = (torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options) if compile
+                     else model.decode_step)
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(B, 1, dtype=torch.long, device=device)
         # (B, 1, 1, max_len): the prompt's real tokens; each new token's slot is opened as it is written

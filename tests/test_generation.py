@@ -81,10 +81,12 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(ours):
         assert our_greedy(ours, proc(text=text, images=[image]), n_new=12)[0].tolist() == row.tolist()
 
 
-@pytest.mark.parametrize("static", [False, True, "compiled"], ids=["eager", "static", "compiled"])
+@pytest.mark.parametrize("static", [False, True, "compiled", "compiled, batch 1"],
+                         ids=["eager", "static", "compiled", "compiled_batch1"])
 def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     # the text-only path through the same generate: left-padded batch vs transformers' batch. compiled: the
-    # static step through torch.compile (inductor), generate's compile switch
+    # static step through torch.compile (inductor), generate's compile switch; at batch 1 (the padded row alone)
+    # the compiled step writes its attention out (model.one_token_attention)
     from test_qwen3 import hf_tiny
     hf = hf_tiny(tied=False)
     hf.save_pretrained(tmp_path)
@@ -93,11 +95,13 @@ def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     ids = torch.randint(1, 300, (2, 10), generator=g)
     mask = torch.ones(2, 10, dtype=torch.long)
     ids[1, :4], mask[1, :4] = 0, 0
+    if static == "compiled, batch 1":
+        ids, mask = ids[1:], mask[1:]
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[:, 10:]
     torch._dynamo.reset()  # no graphs from other tests
     got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=(), static=bool(static),
-                        compile=static == "compiled")
+                        compile=str(static).startswith("compiled"))
     assert got.tolist() == expected.tolist()
 
 
@@ -152,6 +156,27 @@ def test_causal_padding_mask_hand_worked():
     # a padding query still sees itself (no empty softmax row)
     assert nano.causal_padding_mask(torch.tensor([[0, 0, 1]]), T=3)[0, 0].tolist() == [
         [True, False, False], [False, True, False], [False, False, True]]
+
+
+def test_one_token_attention_equals_sdpa():
+    # the compiled decode step's attention, against SDPA on the same cache: 2 rows, 4 key/value heads of 3 query heads
+    # each, 10 slots of which row 0 has left padding (slot 0) and both have unused slots at the end (8, 9)
+    g = torch.Generator().manual_seed(0)
+    B, h, groups, L, d = 2, 4, 3, 10, 16
+    q = torch.randn(B, h, groups, d, generator=g)
+    k, v = torch.randn(B, h, L, d, generator=g), torch.randn(B, h, L, d, generator=g)
+    key_mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    key_mask[..., 8:] = False
+    key_mask[0, ..., 0] = False
+    k[..., 8:, :] = 1e4  # what the unused slots hold must not matter
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    # float32 both ways, the sums in another order: float32's default tolerances
+    torch.testing.assert_close(nano.one_token_attention(q, k, v, key_mask), expected)
+    # bf16 in, bf16 out (float32 inside): one rounding of the float32 result
+    low = nano.one_token_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask)
+    assert low.dtype == torch.bfloat16
+    exact = nano.one_token_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), key_mask)
+    torch.testing.assert_close(low, exact.bfloat16(), rtol=0, atol=0)
 
 
 def test_sample_next_rules():
