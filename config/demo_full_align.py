@@ -3,3 +3,4 @@
 model_preset = "nanomolmo2"
 max_crops = 1
 overlap_margins = (4, 4)
+lr_connector = 1e-4  # the joint stage's rate for this connector (config/demo_full_joint.py says why)

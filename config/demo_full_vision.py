@@ -12,6 +12,9 @@ vit_init = "big_vision"
 max_crops = 1  # the world's 224-px images fit one 378-px crop: the global view and one crop, 392 tokens an image
 overlap_margins = (4, 4)  # Molmo2's
 batch_size = 32  # 64 images of 2 crops would hold ~100 GB of activations in the 25 blocks
+batch_echo = 1  # every step a new batch: the GPU recipe's 4 steps a batch (config/demo_gpu_vision.py) left this ViT
+#   at kinds 0.22 and a feature cosine of 0.83 after 600 steps, against 0.41 and 0.55 without (one H200, 2026-12-01;
+#   BENCHMARKS.md "The full recipe's stage 1 without data echoing")
 lr = 5e-5  # 1/20 of the small ViT's 1e-3 (above)
 warmup = 30
 max_steps = 600
