@@ -122,7 +122,9 @@ def test_trained_model_looks_at_the_discs_it_counts(one_thread):
         untrained = looked_at_discs(model, held_out)
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    # foreach: one op for all 87 tensors instead of a loop over them (the CPU default), the same bits (checked over
+    # 30 steps) in ~6% less of this test's time
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=True)
     for step in range(STEPS):
         batch = data.collate([[example(disc_world("train", step * BATCH_SIZE + i))] for i in range(BATCH_SIZE)])
         for group in optimizer.param_groups:  # linear warmup, then cosine to 0
