@@ -229,8 +229,8 @@ def one_token_attention(q, k, v, key_mask):
     """Decoding's attention written out, for torch.compile: q (B, h, g, d), the g query heads that share each of the h
     key/value heads; k, v (B, h, L, d) the whole cache; key_mask (B, 1, 1, L) bool, True = a real key -> (B, h, g, d),
     what F.scaled_dot_product_attention gives, in float32 inside. Compiled, it becomes a few reductions over the cache
-    that spread across the GPU; SDPA's kernel (cuDNN's, picked for the mask) splits its work by heads alone, ~8 blocks
-    at batch 1, and took 21.6 us a layer on an H200 against ~16 for these (BENCHMARKS.md "Decoding at batch 1 as fused
+    that spread across the GPU; SDPA's kernel (cuDNN's, picked for the mask; by our reading it splits its work by head,
+    8 at batch 1) took 21.6 us a layer on an H200 against ~16 for these (BENCHMARKS.md "Decoding at batch 1 as fused
     reductions"). Used at batch 1 only, where it was measured; eagerly it would hold a (B, h, g, L, d) product."""
     scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * q.shape[-1] ** -0.5  # (B,h,g,L)
     weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
