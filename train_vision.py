@@ -39,6 +39,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -71,6 +72,9 @@ vit_residual_scale = 1.0  # a ViT from scratch: each block's output projections 
 #   add outputs ~5x its input, nearly the same for every token; 0.14 with vit_position_std=0.9 starts its tokens at
 #   a mean cosine of 0.50 instead of 0.997 (BENCHMARKS.md "Both recipes as one command each")
 model_preset = "small"  # the Molmo2Config preset whose ViT (and connector layers) it trains: tiny | small | nanomolmo2
+vit_image_size = 0  # a ViT from scratch: crops of this many pixels a side (a multiple of its patch, 14), not the
+#   preset's (378 for nanomolmo2, 112 for small); the later stages take it from the checkpoint. Not Molmo2's: its
+#   ViT sees 378-px crops. The full recipe's ViT at 112 px sees 64 patches a crop, not 729 (config/demo_full_vision.py)
 data_dir = "data"
 data_mixture = {"image": (1.0, ["synth_image"])}
 max_crops = 4  # crops per image (Molmo2: 8 in training), as the later stages will see them
@@ -230,7 +234,15 @@ if not (isinstance(batch_echo, int) and batch_echo >= 1):
     raise SystemExit(f"train_vision: batch_echo={batch_echo!r}: the steps each batch trains, a whole number >= 1")
 if vit_lr_fan_in < 0:
     raise SystemExit(f"train_vision: vit_lr_fan_in={vit_lr_fan_in!r}: a fan-in (> 0), or 0 for every matrix at lr")
-vit = SigLIP2(preset.vit) if init_from == "scratch" else load_vit(init_from, preset.vit)
+if vit_image_size and init_from != "scratch":
+    raise SystemExit(f"train_vision: vit_image_size={vit_image_size!r} sizes a new ViT, but init_from={init_from!r} "
+                     "loads one, which keeps its own: leave vit_image_size at 0")
+if vit_image_size and (not isinstance(vit_image_size, int) or vit_image_size < 0
+                       or vit_image_size % preset.vit.patch_size):
+    raise SystemExit(f"train_vision: vit_image_size={vit_image_size!r}: a crop of whole {preset.vit.patch_size}-px "
+                     "patches, e.g. 112, 224 or 378")
+vit_config = replace(preset.vit, image_size=vit_image_size or preset.vit.image_size)
+vit = SigLIP2(vit_config) if init_from == "scratch" else load_vit(init_from, preset.vit)
 if vit_init == "big_vision":
     vit.init_big_vision()
 if vit_position_std:  # from a generator of its own: every other weight is drawn as without it

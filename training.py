@@ -772,11 +772,14 @@ def vit_checkpoint_dir(name_or_dir):
     return final if os.path.isfile(os.path.join(final, "config.json")) else name_or_dir
 
 
-def load_vit(vit_from, vit_config):
+def load_vit(vit_from, vit_config, any_image_size=False):
     """A pretrained ViT (stage 1's out_dir or any SigLIP checkpoint) for a model whose ViT is vit_config: blocks
-    after the ones vit_config keeps are dropped, and any other difference is an error that names both."""
+    after the ones vit_config keeps are dropped, and any other difference is an error that names both.
+    any_image_size: the checkpoint's crop size may differ from vit_config's (a model from scratch takes it)."""
     from model import load_siglip
     vit = load_siglip(vit_checkpoint_dir(vit_from))
+    if any_image_size:
+        vit_config = replace(vit_config, image_size=vit.config.image_size)
     if vit.config.num_hidden_layers < vit_config.num_hidden_layers:
         raise ValueError(f"vit_from={vit_from!r}: {vit.config.num_hidden_layers} blocks, the model reads block "
                          f"{vit_config.num_hidden_layers - 1}")
@@ -812,7 +815,10 @@ def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dro
                 config = config.keep_tokens(data.record_token_ids(data_dir, mixture, workers=workers))
             except FileNotFoundError as e:  # no data yet: the message says how to make it
                 raise SystemExit(str(e)) from None
-        model = Molmo2(config, vit=load_vit(vit_from, config.vit) if vit_from else None)
+        vit = load_vit(vit_from, config.vit, any_image_size=True) if vit_from else None
+        if vit is not None:  # stage 1 may have drawn it at another crop size (train_vision.py's vit_image_size)
+            config = replace(config, vit=vit.config)
+        model = Molmo2(config, vit=vit)
     elif init_from == "parts":
         if vocab == "data":
             raise ValueError("vocab='data' is for models from scratch: a pretrained Qwen3 keeps its whole vocabulary")
