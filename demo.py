@@ -31,7 +31,8 @@ from configurator import configure
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
 recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~9 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
-#   one large GPU, ~9.5 min (config/demo_full_*.py on top of the GPU files; blind so far), into out/demo_full
+#   one large GPU, ~9.6 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops), into
+#   out/demo_full
 # ----------------------------------------------------------------------------------------------------------------
 
 WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
