@@ -11,6 +11,7 @@ import runpy
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -452,10 +453,30 @@ def stage1_args(world, out_dir, *extra):
     return [f"--out_dir={out_dir}", f"--data_dir={world}", f"--data_mixture={MIXTURE!r}", *STAGE1, *extra]
 
 
+def launch(command):
+    """A run started in the background, on one thread, its output in files (a pipe nobody reads would stall it):
+    several started before the first is finished share this machine's cores."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    return command, subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, text=True, env=ONE_THREAD), out, err
+
+
+def finish(started, returncode=0, stream="stdout"):
+    """Waits for a started run -> its stdout (or stderr); fails naming it unless it exited with returncode (-9:
+    SIGKILLed)."""
+    command, process, out, err = started
+    try:
+        process.wait(timeout=TIMEOUT_S)
+    finally:
+        process.kill()
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    assert process.returncode == returncode, f"{command}: rc {process.returncode}\n{stdout}\n{stderr}"
+    return stdout if stream == "stdout" else stderr
+
+
 def run_script(command):
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return finish(launch(command))
 
 
 def read_log(out_dir):
@@ -514,13 +535,14 @@ def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(tiny_world, tmp_path):
     """One step from the same start, at lr 0, at lr, and at lr with vit_lr_fan_in=16: each ViT matrix moves
     min(1, 16 / fan-in) as far as without the switch (an Adam first step is the rate times g / (|g| + eps), so the
     step is linear in the rate), and every other tensor of the ViT moves exactly as without it."""
-    runs = {}
-    for name, extra in [("start", ["--lr=0.0"]), ("plain", []), ("scaled", ["--vit_lr_fan_in=16"])]:
-        out_dir = str(tmp_path / name)
-        run_script([sys.executable, "train_vision.py",
-                    *stage1_args(tiny_world, out_dir, "--max_steps=1", "--warmup=0", "--weight_decay=0.0",
-                                 "--save_every=0", "--eval_every=0", "--resume=False", *extra)])
-        runs[name] = load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
+    variants = {"start": ["--lr=0.0"], "plain": [], "scaled": ["--vit_lr_fan_in=16"]}
+    started = [launch([sys.executable, "train_vision.py",
+                      *stage1_args(tiny_world, str(tmp_path / name), "--max_steps=1", "--warmup=0",
+                                   "--weight_decay=0.0", "--save_every=0", "--eval_every=0", "--resume=False", *extra)])
+               for name, extra in variants.items()]
+    for run in started:
+        finish(run)
+    runs = {name: load_safetensors(str(tmp_path / name / "final" / "model.safetensors")) for name in variants}
     start, plain, scaled = runs["start"], runs["plain"], runs["scaled"]
     n_scaled = 0
     for key, w in start.items():
@@ -564,11 +586,12 @@ runpy.run_path("train_vision.py", run_name="__main__")
 """
 
 
+def launch_killed(where, args):
+    return launch([sys.executable, "-c", KILLED, where, *args])
+
+
 def run_killed(where, args):
-    result = subprocess.run([sys.executable, "-c", KILLED, where, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=TIMEOUT_S, env=ONE_THREAD)
-    assert result.returncode == -9, f"not killed ({where}): rc {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return finish(launch_killed(where, args), returncode=-9)
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_world, reference_run, tmp_path):
@@ -619,16 +642,16 @@ def test_batch_echo_draws_a_batch_every_other_step_and_resumes_within_an_echo(ti
         return stage1_args(tiny_world, str(tmp_path / name), "--grad_accum=2", "--loader_workers=0", "--batch_echo=2",
                            "--save_every=3")
 
-    whole = run("whole")
-    run_script([sys.executable, "train_vision.py", *whole])
+    whole, killed = run("whole"), run("killed")
+    started = launch([sys.executable, "train_vision.py", *whole]), launch_killed("clip:5", killed)  # side by side
+    finish(started[0])
     drawn = vision_loader(tiny_world, 0)
     for _ in range(3):
         drawn.next_step()
     whole_ckpt = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
     assert whole_ckpt["step"] == 6 and whole_ckpt["data"][0]["samplers"] == drawn.state_dict()["samplers"]
 
-    killed = run("killed")
-    run_killed("clip:5", killed)
+    finish(started[1], returncode=-9)
     ckpt = tmp_path / "killed" / "ckpt.pt"
     assert torch.load(ckpt, weights_only=False)["step"] == 3
     stdout = run_script([sys.executable, "train_vision.py", *killed])
@@ -911,13 +934,13 @@ def test_vit_position_std_and_residual_scale_change_only_their_weights(tiny_worl
     lr of 0 keeps the start in ckpt.pt. The tiny ViT has 16 x 32 = 512 position weights: a sample std is within ~3%
     (1 / sqrt(2n)) of the true one, so 15% is five of those; gpt's start draws them at 0.02, far outside it. The
     scaled weights are the same float32 numbers times 0.5, a power of two: exact."""
-    weights = {}
-    for name, args in [("start", []), ("position", ["--vit_position_std=0.5"]),
-                       ("residual", ["--vit_residual_scale=0.5"])]:
-        out = str(tmp_path / name)
-        run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out), "--vit_init=gpt",
-                    "--max_steps=1", "--eval_every=0", *args])
-        weights[name] = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    variants = {"start": [], "position": ["--vit_position_std=0.5"], "residual": ["--vit_residual_scale=0.5"]}
+    started = [launch([sys.executable, "train_vision.py", *stage1_args(tiny_world, str(tmp_path / name)),
+                      "--vit_init=gpt", "--max_steps=1", "--eval_every=0", *args]) for name, args in variants.items()]
+    for run in started:
+        finish(run)
+    weights = {name: torch.load(tmp_path / name / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+               for name in variants}
     start, position = weights["start"], "vit.positional_embedding"
     assert abs(start[position].std().item() - 0.02) < 0.15 * 0.02
     assert abs(weights["position"][position].std().item() - 0.5) < 0.15 * 0.5
@@ -935,19 +958,20 @@ def test_init_heads_continues_a_runs_heads_as_well_as_its_vit(tiny_world, refere
     init_heads, and new heads without; a folder without a ckpt.pt is an error that says so."""
     ref_out, _ = reference_run
     ref = torch.load(os.path.join(ref_out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
-    for init_heads in (True, False):
-        out = str(tmp_path / f"heads_{init_heads}")
-        run_script([sys.executable, "train_vision.py", *stage1_args(tiny_world, out), "--vit_init=gpt",
-                    f"--init_from={ref_out}", f"--init_heads={init_heads}", "--max_steps=1", "--eval_every=0"])
-        new = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    started = {init_heads: launch([sys.executable, "train_vision.py",
+                                  *stage1_args(tiny_world, str(tmp_path / f"heads_{init_heads}")), "--vit_init=gpt",
+                                  f"--init_from={ref_out}", f"--init_heads={init_heads}", "--max_steps=1",
+                                  "--eval_every=0"]) for init_heads in (True, False)}
+    wrong = launch([sys.executable, "train_vision.py", *stage1_args(tiny_world, str(tmp_path / "x")), "--vit_init=gpt",
+                   f"--init_from={ref_out}/final", "--init_heads=True"])
+    for init_heads, run in started.items():
+        finish(run)
+        new = torch.load(tmp_path / f"heads_{init_heads}" / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
         assert new.keys() == ref.keys()
         heads = [k for k in ref if not k.startswith("vit.")]
         assert len(heads) > 5 and all(torch.equal(new[k], ref[k]) for k in ref if k.startswith("vit."))
         assert all(torch.equal(new[k], ref[k]) for k in heads) == init_heads
-    result = subprocess.run([sys.executable, "train_vision.py", *stage1_args(tiny_world, str(tmp_path / "x")),
-                             "--vit_init=gpt", f"--init_from={ref_out}/final", "--init_heads=True"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
-    assert result.returncode != 0 and "init_heads=True needs init_from to be a stage-1 out_dir" in result.stderr
+    assert "init_heads=True needs init_from to be a stage-1 out_dir" in finish(wrong, returncode=1, stream="stderr")
 
 
 def test_text_tower_rounded_shapes_give_each_text_its_own_embedding_and_gradient():
