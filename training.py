@@ -793,9 +793,10 @@ def load_vit(vit_from, vit_config, any_image_size=False):
 def build_model(init_from, model_preset="small", resid_dropout=0.0, response_dropout=0.0, llm_from="", vit_from="",
                 vocab="full", data_dir=None, mixture=None, projector_norm=False, position_bins=0, workers=0):
     """scratch: a fresh Molmo2 of model_preset, whose ViT is loaded from vit_from when it is set (stage 1's
-    out_dir, or any SigLIP checkpoint of the preset's shape); parts: a pretrained Qwen3 (llm_from) and SigLIP2
-    (vit_from) with a fresh connector (the real align stage's start); a directory holding final/ (a previous
-    stage's out_dir); or any Molmo2 checkpoint, native or released layout, local or on the hub.
+    out_dir, or any SigLIP checkpoint of the preset's shape at any crop size, which the model takes); parts: a
+    pretrained Qwen3 (llm_from) and SigLIP2 (vit_from) with a fresh connector (the real align stage's start); a
+    directory holding final/ (a previous stage's out_dir); or any Molmo2 checkpoint, native or released layout,
+    local or on the hub.
     vocab: 'full', or 'data' for scratch: the LLM keeps rows only for the tokens of the mixture's records in
     data_dir (Molmo2Config.keep_tokens), its records scanned by `workers` forked processes. A checkpoint keeps
     the vocabulary it was trained with.
