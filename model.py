@@ -388,7 +388,7 @@ class Qwen3(nn.Module):
         if hf_config.get("model_type") != "qwen3":
             raise ValueError(f"checkpoint '{name_or_dir}': model_type {hf_config.get('model_type')!r}, expected 'qwen3'")
         config = Qwen3Config.from_hf(hf_config)
-        with torch.device("meta"):
+        with weights_not_drawn():
             model = cls(config)
         model.to_empty(device="cpu")
         state = {k.removeprefix("model."): v for k, v in load_checkpoint_tensors(ckpt_dir).items()}
@@ -574,7 +574,10 @@ class Molmo2(nn.Module):
         self.vit = vit if vit is not None else SigLIP2(config.vit)
         self.connector = Connector(config.connector)
         self.llm = llm if llm is not None else Qwen3(config.llm)
-        self.new_embedding = nn.Parameter(torch.randn(config.additional_vocab_size, config.llm.hidden_size) * 0.02)
+        # drawn as torch.randn(...) * 0.02 would draw it (the same numbers), through nn.init so that a model built to
+        # be loaded (weights_not_drawn) skips it
+        self.new_embedding = nn.Parameter(
+            nn.init.normal_(torch.empty(config.additional_vocab_size, config.llm.hidden_size), std=0.02))
         self._kept = {}  # kept-token lookup tables by device (config.token_ids; not part of the state)
         self.fixed_shapes = False  # True only within fixed_shape_batches()
 
@@ -865,7 +868,7 @@ class Molmo2(nn.Module):
         tensors = load_checkpoint_tensors(path)
         if any(k.startswith("model.transformer.") for k in tensors):
             tensors = molmo2_released_to_native(tensors, config)
-        with torch.device("meta"):
+        with weights_not_drawn():
             model = cls(config)
         model.to_empty(device="cpu")
         load_state_strict(model, molmo2_native_to_ours(tensors, config), name_or_dir)
@@ -1163,6 +1166,21 @@ def load_checkpoint_tensors(ckpt_dir):
     raise FileNotFoundError(f"checkpoint '{ckpt_dir}': no model.safetensors or model.safetensors.index.json")
 
 
+@contextlib.contextmanager
+def weights_not_drawn():
+    """Build modules here for weights about to be loaded: on the meta device (no memory), and without drawing
+    their initial values. Drawing them would be work thrown away, and PyTorch's random draws on meta tensors
+    (normal_, randn) import torch._dynamo, ~2 s of sample.py's start on a 2-core machine. The two init functions
+    our modules and nn.Embedding draw with are no-ops inside (as transformers' no_init_weights does)."""
+    drawn = torch.nn.init.normal_, torch.nn.init.trunc_normal_
+    torch.nn.init.normal_ = torch.nn.init.trunc_normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.init.normal_, torch.nn.init.trunc_normal_ = drawn
+
+
 def load_state_strict(module, state, source):
     """Copy `state` into `module`, naming every missing or unexpected tensor and every shape mismatch."""
     own = module.state_dict()
@@ -1196,7 +1214,7 @@ def load_siglip(name_or_dir: str, num_layers: int | None = None, dtype=torch.flo
         if not 0 < num_layers <= config.num_hidden_layers:
             raise ValueError(f"{name_or_dir}: num_layers={num_layers}, the checkpoint has {config.num_hidden_layers}")
         config.num_hidden_layers = num_layers
-    with torch.device("meta"):
+    with weights_not_drawn():
         vit = SigLIP2(config)
     vit.to_empty(device="cpu")
     state = siglip_state_dict_from_hf(load_checkpoint_tensors(path), config)

@@ -1983,7 +1983,8 @@ def export_final(train_model, model, optimizer, d, final_dir, processor, start=N
     if d.world_size > 1:
         model_sd, _ = full_state_dicts(train_model, optimizer)
         if d.is_master:
-            with torch.device("meta"):
+            from model import weights_not_drawn
+            with weights_not_drawn():
                 plain = type(model)(model.config)
             plain.to_empty(device="cpu").load_state_dict(model_sd)
             plain.save_pretrained(final_dir)

@@ -451,6 +451,35 @@ def test_the_inference_scripts_start_without_torch_dynamo():
     assert out.stdout.strip() == "[]", out.stdout[-500:]
 
 
+def test_loading_a_checkpoint_draws_no_weights_and_imports_no_dynamo(tmp_path):
+    """A model built to be loaded (model.weights_not_drawn: the meta device, the init draws skipped) costs no random
+    draws: PyTorch's normal_ and randn on meta tensors import torch._dynamo (~2 s of a script's start). In a fresh
+    process, loading a Molmo2 and a SigLIP2 leaves torch._dynamo unimported, the init functions as they were, and
+    the weights those of the files. A model from scratch still draws every weight (the seed gives the same model)."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    model = Molmo2(Molmo2Config.preset("tiny"))
+    model.save_pretrained(str(tmp_path / "molmo2"))
+    nano.save_siglip(model.vit, str(tmp_path / "vit"))
+    code = (f"import sys, torch, model; normal = torch.nn.init.normal_; "
+            f"m = model.Molmo2.from_pretrained({str(tmp_path / 'molmo2')!r}); "
+            f"v = model.load_siglip({str(tmp_path / 'vit')!r}); "
+            f"torch.save((m.state_dict(), v.state_dict()), {str(tmp_path / 'loaded.pt')!r}); "
+            "print(sorted(x for x in sys.modules if x.startswith('torch._dynamo')), torch.nn.init.normal_ is normal)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] True", out.stdout[-500:]
+    loaded, vit = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(vit[k], v) for k, v in model.vit.state_dict().items())
+    torch.manual_seed(0)
+    again = Molmo2(Molmo2Config.preset("tiny")).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    assert model.new_embedding.std().item() == pytest.approx(0.02, rel=0.1)  # 128 x 32 draws: ~1% std error
+
+
 def test_compile_traces_the_forward_in_one_graph(ours, processor):
     """torch.compile sees the whole training forward as one graph for any image count (issue 16): host-side
     checks are skipped while compiling, the features are added by a gather of fixed shape, and the connector's
