@@ -168,11 +168,11 @@ def test_position_bins_asked_of_a_checkpoint_or_pretrained_parts_is_an_error(tmp
         training.build_model("parts", llm_from="x", vit_from="y", position_bins=8)
 
 
-def test_a_scratch_model_takes_the_crop_size_of_its_stage_1_vit(tmp_path, monkeypatch):
+def test_a_scratch_model_takes_the_crop_size_of_its_stage_1_vit(tmp_path):
     """train_vision.py's vit_image_size draws a ViT for crops of another size (84 px: 6 x 6 patches, not the tiny
     preset's 4 x 4). A model from scratch whose ViT comes from it takes that size, and its weights bit for bit; the
-    size survives save and load (its processor's crop size is read from it). A ViT of another width stays an error,
-    and the switch asked of a loaded ViT is refused by name."""
+    size survives save and load (its processor's crop size is read from it). A ViT of another width stays an error.
+    (The setting's own checks are in test_train_vision.py's test_settings_are_checked_before_any_work.)"""
     from dataclasses import replace
 
     from model import save_siglip
@@ -190,14 +190,6 @@ def test_a_scratch_model_takes_the_crop_size_of_its_stage_1_vit(tmp_path, monkey
     save_siglip(SigLIP2(replace(config, intermediate_size=96)), str(tmp_path / "wider"))
     with pytest.raises(ValueError, match="is not the model's"):
         training.build_model("scratch", "tiny", vit_from=str(tmp_path / "wider"))
-    monkeypatch.setattr(sys, "argv", ["train_vision.py", "--model_preset=tiny", f"--init_from={tmp_path / 'vit'}",
-                                      "--vit_image_size=112", "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
-    with pytest.raises(SystemExit, match="leave vit_image_size at 0"):
-        runpy.run_path(os.path.join(ROOT, "train_vision.py"), run_name="__main__")
-    monkeypatch.setattr(sys, "argv", ["train_vision.py", "--model_preset=tiny", "--vit_image_size=100",
-                                      "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
-    with pytest.raises(SystemExit, match="whole 14-px patches"):
-        runpy.run_path(os.path.join(ROOT, "train_vision.py"), run_name="__main__")
 
 
 def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_world, tmp_path, monkeypatch):

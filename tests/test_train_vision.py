@@ -907,7 +907,7 @@ for args in json.loads(sys.argv[1]):
 def test_settings_are_checked_before_any_work(tmp_path):
     """vit_init names one of two initialisations, and only a ViT from scratch can take one: a ViT loaded from
     init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in and batch_echo take
-    only the values that mean something."""
+    only the values that mean something; so does vit_image_size, which sizes a ViT from scratch only."""
     base = ["--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
     checks = [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
               (["--vit_init=big_vision", "--init_from=out/some_vit"],
@@ -918,7 +918,10 @@ def test_settings_are_checked_before_any_work(tmp_path):
                "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
               (["--vit_lr_fan_in=-4"], "vit_lr_fan_in=-4: a fan-in (> 0), or 0 for every matrix at lr"),
               (["--batch_echo=0"], "batch_echo=0: the steps each batch trains, a whole number >= 1"),
-              (["--batch_echo=1.5"], "--batch_echo: batch_echo=1.5 is float, expected int (default 1)")]
+              (["--batch_echo=1.5"], "--batch_echo: batch_echo=1.5 is float, expected int (default 1)"),
+              (["--vit_image_size=112", "--init_from=out/some_vit"],
+               "vit_image_size=112 sizes a new ViT, but init_from='out/some_vit' loads one"),
+              (["--vit_image_size=100"], "vit_image_size=100: a crop of whole 14-px patches")]
     result = subprocess.run([sys.executable, "-c", CHECKS, json.dumps([base + extra for extra, _ in checks])],
                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
     runs = result.stdout.split("== run\n")[1:]
