@@ -54,6 +54,20 @@ def ready_for_compile():
         Molmo2.loss_at_targets = torch.compiler.disable(Molmo2.loss_at_targets)
         _READY_FOR_COMPILE = True
 
+
+def compile_each_block(model, **compile_kwargs):
+    """torch.compile each transformer block of a Molmo2 (the LLM's and the ViT's) in place, and nothing else: regional
+    compilation. All blocks of a kind run one forward whose weights are the graph's inputs, so dynamo traces one LLM
+    block and one ViT block and every other block reuses their code; the whole model as one graph traces all 55 of
+    the full preset's blocks. The full preset's joint step on an H200: 12-15 s to compile, then 0.30 s a step, where
+    the one graph took 153 s and then 0.32-0.53 s, and the eager step 0.63 s (BENCHMARKS.md "The full recipe's joint
+    step compiled"). What runs between the blocks (embeddings, connector, loss) stays eager. Generation with a KV
+    cache should run the blocks eagerly (torch.compiler.set_stance("force_eager"), as train_joint.py's answers do):
+    each layer's cache index would be a new graph."""
+    ready_for_compile()
+    for block in (*model.llm.layers, *model.vit.layers):
+        block.compile(**compile_kwargs)
+
 # ---------------------------------------------------------------------------
 # Qwen3
 # ---------------------------------------------------------------------------

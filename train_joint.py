@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from configurator import configure
-from model import ready_for_compile
+from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
                       build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
                       mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
@@ -69,7 +69,9 @@ dtype = "bfloat16"  # autocast dtype on GPU, and on a CPU with cpu_autocast
 cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the CPU has bf16 matrix instructions, whose
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
-compile = False
+compile = False  # torch.compile the whole model as one graph (no graph breaks, one graph for any image count)
+compile_blocks = False  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
+#   full preset's joint step compiles in 12-15 s, not 153, and ran at 0.30 s against 0.32-0.53 as one graph (H200)
 cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
 #   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): a small model's
 #   ~1,500 kernels a step launched at once, where eagerly the GPU waits on the host. The GPU demo's step: 33.7 ms
@@ -112,7 +114,8 @@ def answer_scores(model, processor, items):
     if d.is_master:
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        # compiled blocks answer eagerly: with a KV cache each layer would compile a graph of its own
+        with torch.no_grad(), torch.compiler.set_stance("force_eager") if compile_blocks else nullcontext():
             rows = evaluation.evaluate(model, processor, items, batch_size=64, style_prefixes=prefix_mode,
                                        log=lambda *_: None)
         model.train(was_training)
@@ -138,9 +141,14 @@ warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
+if compile and compile_blocks:
+    raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
+                     "or each block alone)")
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
+elif compile_blocks:
+    compile_each_block(model)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 
 
@@ -158,7 +166,7 @@ def fixed_shape_losses(batch):
 
 
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
-             "compile=True" if compile else None)
+             "compile=True" if compile else "compile_blocks=True" if compile_blocks else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],

@@ -563,6 +563,40 @@ def test_compile_marked_media_compiles_once_for_every_image_count(ours, processo
                     run(compiled, "three images", marked)
 
 
+def test_compile_each_block_traces_one_block_of_each_kind(ours, processor):
+    """The trainers' compile_blocks switch (model.compile_each_block): every LLM block reuses the code traced for the
+    first one, and every ViT block the ViT's, because a block's weights are the graph's inputs. A backend that
+    counts what dynamo hands it: the first batch traces one graph per kind, a batch of other sizes (three images,
+    a longer prompt) one more per kind with dynamic sizes, and a third batch none (error_on_recompile). The loss and
+    the gradients are the eager model's: the same float32 ops, only traced."""
+    torch._dynamo.reset()  # no graphs from the other tests
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def loss_and_grads(model, case):
+        inputs = processor_inputs(processor, case)
+        targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
+        loss = model(**inputs, targets=targets, loss_weights=(targets >= 0).float())[0]
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        return loss, grads
+
+    eager = copy.deepcopy(ours).train()
+    compiled = copy.deepcopy(ours).train()
+    nano.compile_each_block(compiled, backend=counting_backend)
+    n_blocks = len(compiled.llm.layers) + len(compiled.vit.layers)
+    for case in ("one image", "three images"):
+        (loss, grads), (want, want_grads) = loss_and_grads(compiled, case), loss_and_grads(eager, case)
+        assert torch.equal(loss, want), case
+        assert all((g is None and w is None) or torch.equal(g, w) for g, w in zip(grads, want_grads)), case
+        assert len(graphs) == (2 if case == "one image" else 4), [g.code[:300] for g in graphs]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.isfinite(loss_and_grads(compiled, "two images")[0])
+    assert len(graphs) == 4 < n_blocks
+
+
 def test_training_flops_count_what_each_part_computes():
     """The trainer's FLOP count (its MFU), by hand from the modules' own matmul weights: a part's weights cost 1 x
     its forward, 1 more where it trains (weight gradients) and 1 more where it or a part before it trains

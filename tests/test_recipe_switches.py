@@ -218,6 +218,40 @@ def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_worl
     assert os.path.isfile(os.path.join(out_dir, "answers.png"))
 
 
+def test_compiled_blocks_train_and_answer_eagerly(tiny_world, tmp_path, monkeypatch):
+    """train_joint.py --compile_blocks=True: the blocks are compiled (model.compile_each_block, here with a backend
+    that counts dynamo's graphs and runs them as traced), the stage trains and validates, and the validation's
+    answers are generated with the blocks eager: the graphs stay a few for the two kinds of block (training, a new
+    crop count, validation's no_grad), not one per layer and cache length; and the answers are eval.py's on the
+    exported weights. Asking for both compile switches is refused."""
+    import model as model_module
+    graphs, compile_each_block = [], model_module.compile_each_block
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(model_module, "compile_each_block", lambda m: compile_each_block(m, backend=counting_backend))
+    out_dir = str(tmp_path / "joint")
+    args = ["train_joint.py", f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}",
+            "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=3", "--eval_batches=1",
+            "--eval_answers=4", "--save_every=0", "--resid_dropout=0.0", "--vocab=data", "--compile_blocks=True"]
+    monkeypatch.setattr(sys, "argv", args)
+    run = runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+    assert 2 <= len(graphs) <= 6, len(graphs)  # 2 kinds x (training, a new crop count, no_grad): 4 here
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        logged = [r for r in map(json.loads, f) if "val_loss" in r][-1]
+    model, processor, _ = sample.load_model(out_dir)
+    with torch.no_grad():
+        expected = evaluation.headline(evaluation.evaluate(model, processor, run["answer_items"], log=lambda *_: None))
+    assert any(value is not None for value in expected.values())
+    assert all(logged.get(f"val_{metric}") == value for metric, value in expected.items() if value is not None)
+    monkeypatch.setattr(sys, "argv", args + ["--compile=True"])
+    with pytest.raises(SystemExit, match="compile=True and compile_blocks=True: choose one"):
+        runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+
+
 def test_position_loss_is_the_l1_to_the_points_place_in_the_image_on_global_tokens_alone():
     """Stage 1's position loss, worked by hand: tokens 0-2 are the global view's, 3 the high-res view's. Token 0's
     cell is [0.25, 0.5] x [0, 0.25] and holds a point at offset (0.5, 0.2) of it: the point is at

@@ -82,6 +82,7 @@ decode_batches = (1, 16)
 decode_paths = ("eager", "static", "compiled")  # generate: ours step by step; DecodeStep's CUDA graph; the same
 #   after torch.compile (compiles once per batch size and cache length: ~0.5-1 min each, untimed)
 compile = False  # train: also time torch.compile(model) alone
+compile_blocks = False  # train: also time the model alone with each block compiled (model.compile_each_block), last
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
@@ -313,6 +314,16 @@ def section_train(d, autocast):
                               hf_seconds))
     if profile and d.is_master:
         write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train")
+    trainer_report = None
+    if d.world_size == 1 and trainer:
+        trainer_report = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev,
+                                                                         autocast), dev) or ""
+    if compile_blocks:  # last: it compiles the model's blocks in place
+        nano.compile_each_block(model)
+        result = guarded("blocks compiled", lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast),
+                                                            dev, n_warmup=max(warmup, 2)), dev)
+        rows.append(train_row(f"nanoMolmo2 model alone, each block compiled{where}", result, batch, flops,
+                              batch_images, hf_seconds))
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
@@ -320,10 +331,8 @@ def section_train(d, autocast):
     header = ["step", "ms", "tokens/s" + (" per GPU" if d.world_size > 1 else ""), "images/s", "MFU", "peak GiB",
               "vs transformers"]
     report = table(title, header, rows)
-    if d.world_size == 1 and trainer:
-        trainer_report = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev,
-                                                                         autocast), dev)
-        report += "\n" + (trainer_report or "")
+    if trainer_report is not None:
+        report += "\n" + trainer_report
     return report
 
 
