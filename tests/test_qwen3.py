@@ -110,6 +110,29 @@ def test_safetensors_dtypes_round_trip(tmp_path):
         assert back[k].dtype == t.dtype and torch.equal(back[k], t) and torch.equal(ref[k], t)
 
 
+def test_loaded_tensors_map_the_file_but_never_write_it(tmp_path):
+    """load_safetensors maps the file copy-on-write: a tensor written to after loading leaves the file as it was
+    (the reference reader still reads the saved values), a file saved again in its place (save_safetensors
+    replaces it) leaves the tensors loaded before as they were, and a file cut short names the tensor that runs
+    past its end."""
+    from safetensors.torch import load_file  # the reference reader
+    path = str(tmp_path / "x.safetensors")
+    a, b = torch.arange(12, dtype=torch.float32).reshape(3, 4), torch.arange(6, dtype=torch.int64)
+    save_safetensors({"a": a, "b": b}, path)
+    loaded = load_safetensors(path)
+    loaded["a"].mul_(-1)
+    assert torch.equal(load_file(path)["a"], a) and torch.equal(load_safetensors(path)["a"], a)
+    kept = load_safetensors(path)
+    save_safetensors({"a": a + 100, "b": b}, path)
+    assert torch.equal(kept["a"], a) and torch.equal(load_safetensors(path)["a"], a + 100)
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[:-8])  # b's last element gone
+    with pytest.raises(ValueError, match="tensor b runs past the end of the file"):
+        load_safetensors(path)
+
+
 def test_full_preset_parameter_count():
     with torch.device("meta"):
         model = Qwen3(Qwen3Config.preset("qwen3-0.6b"))
