@@ -8,6 +8,7 @@ If the first names the kinds and the second does not, the connector loses them; 
 has not learned to use them (BENCHMARKS.md "Stage 1 at 128 images a step").
 
     python assets/bench/probe_kinds.py --init_from=out/demo/joint --data_dir=data/demo
+    python assets/bench/probe_kinds.py --init_from=out/demo_full/joint --data_dir=data/demo_gpu --device=cuda
 """
 
 import os
@@ -29,6 +30,8 @@ fit_images = 1024  # training images whose tokens the probes are fitted on
 test_images = 256  # validation images they are scored on
 batch_size = 64
 steps = 300  # full-batch L-BFGS iterations of each probe
+device = "auto"  # where the model makes the features (the full preset's ViT wants a GPU): auto | cpu | cuda; the
+#   probes are fitted on the CPU, in float32, either way
 seed = 0
 configure(globals())
 
@@ -41,7 +44,7 @@ def token_features(model, processor, split, n_images):
                           seed=seed, use_scene=True)
     feats, targets, seen = {"ViT, pooled": [], "connector output": []}, [], 0
     while seen < n_images:
-        batch = vision_batch_to(loader.next_step()[0], "cpu")
+        batch = vision_batch_to(loader.next_step()[0], model.vit.positional_embedding.device)
         crops, pooling = batch["patches"], batch["pooling"]
         vit = model.vit(crops.reshape(-1, *crops.shape[-2:]), model.config.connector.vit_layers)
         kept = (pooling >= 0).any(-1)  # the connector makes no token of an all-padding window
@@ -49,7 +52,7 @@ def token_features(model, processor, split, n_images):
         feats["connector output"].append(model.connector(vit, pooling))
         targets.append(batch["scene_targets"][kept])
         seen += int(batch["token_image"].max()) + 1
-    return {k: torch.cat(v).float() for k, v in feats.items()}, torch.cat(targets)
+    return {k: torch.cat(v).float().cpu() for k, v in feats.items()}, torch.cat(targets).cpu()
 
 
 def probe_accuracy(x_fit, y_fit, x_test, y_test, n_classes):
@@ -73,7 +76,11 @@ def probe_accuracy(x_fit, y_fit, x_test, y_test, n_classes):
 
 def main():
     torch.manual_seed(seed)
-    model, processor, path = load_model(init_from)
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"probe_kinds: device={device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("probe_kinds: device='cuda', and this machine has no CUDA GPU")
+    model, processor, path = load_model(init_from, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     fit, fit_targets = token_features(model, processor, "train", fit_images)
     test, test_targets = token_features(model, processor, "val", test_images)
     print(f"model {path} | probes fitted on the tokens of {fit_images} training images, scored on {test_images} "
