@@ -125,6 +125,9 @@ def answer_scores(model, processor, items):
     return scores
 
 
+if compile and compile_blocks:
+    raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
+                     "or each block alone)")
 d = Dist(device)
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
@@ -142,9 +145,6 @@ warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
-if compile and compile_blocks:
-    raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
-                     "or each block alone)")
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)

@@ -37,14 +37,14 @@ configure(globals())
 
 
 @torch.no_grad()
-def token_features(model, processor, split, n_images):
+def token_features(model, processor, split, n_images, dev):
     """-> {place: (M, C) float32} and (M, n_attributes) scene targets, over the first n_images of split."""
     loader = VisionLoader(data_dir=data_dir, mixture={"image": (1.0, ["synth_image"])}, split=split,
                           batch_size=batch_size, processor=processor, text_max_len=8, use_sigmoid=False, use_loc=False,
                           seed=seed, use_scene=True)
     feats, targets, seen = {"ViT, pooled": [], "connector output": []}, [], 0
     while seen < n_images:
-        batch = vision_batch_to(loader.next_step()[0], model.vit.positional_embedding.device)
+        batch = vision_batch_to(loader.next_step()[0], dev)
         crops, pooling = batch["patches"], batch["pooling"]
         vit = model.vit(crops.reshape(-1, *crops.shape[-2:]), model.config.connector.vit_layers)
         kept = (pooling >= 0).any(-1)  # the connector makes no token of an all-padding window
@@ -80,9 +80,10 @@ def main():
         raise SystemExit(f"probe_kinds: device={device!r}: expected auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("probe_kinds: device='cuda', and this machine has no CUDA GPU")
-    model, processor, path = load_model(init_from, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    fit, fit_targets = token_features(model, processor, "train", fit_images)
-    test, test_targets = token_features(model, processor, "val", test_images)
+    dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    model, processor, path = load_model(init_from, dev)
+    fit, fit_targets = token_features(model, processor, "train", fit_images, dev)
+    test, test_targets = token_features(model, processor, "val", test_images, dev)
     print(f"model {path} | probes fitted on the tokens of {fit_images} training images, scored on {test_images} "
           "validation images' (tokens that hold a shape's centre)")
     for a, (attribute, values) in enumerate(scene_attributes().items()):
