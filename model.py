@@ -1132,11 +1132,10 @@ def load_safetensors(path):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as .safetensors, atomically (a crash never leaves a half-written file). Each tensor's bytes
-    go to the file straight from its CPU copy, never gathered into one buffer first."""
-    header, cpu, offset = {}, {}, 0
+    """Write {name: tensor} as .safetensors, atomically (a crash never leaves a half-written file). The header needs
+    only shapes and dtypes; each tensor's bytes then go to the file from its own CPU copy, one tensor at a time."""
+    header, offset = {}, 0
     for name, t in tensors.items():
-        cpu[name] = t = t.detach().to("cpu").contiguous()
         n = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
@@ -1147,9 +1146,9 @@ def save_safetensors(tensors, path, metadata=None):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for t in cpu.values():
+        for t in tensors.values():
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
     os.replace(tmp, path)
 
 
