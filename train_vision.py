@@ -109,6 +109,10 @@ vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / it
 #   into one direction and never learned kinds; the small ViT at 10x its rate stalls the same way (BENCHMARKS.md
 #   "Why the full ViT's features become one direction"). 256 leaves the small ViT's blocks as they are (its patch
 #   embedding, fan-in 588, at 0.44x). Not yet run on a GPU
+vit_lr = 0.0  # > 0: the ViT's own weights learn at this peak rate (times the vit_lr_fan_in factor), the heads and the
+#   text tower at lr; the schedule scales both. Tried for the full ViT, which wants ~5e-5: its heads at 1e-3 beside
+#   it named 0.37 of the kinds after 600 steps, against 0.46 with everything at 5e-5 (one H200, 2026-12-02;
+#   BENCHMARKS.md "The full ViT in the easy world first")
 warmup = 50
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
@@ -134,24 +138,29 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0):
+def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scale=1.0):
     """AdamW (0.9, 0.95, eps 1e-6) in groups: matrices decay; norm gains, biases, embedding tables and the
     scalars (temperatures, biases of the losses) do not: decaying them pulls norms and embeddings toward 0
-    for no gain. vit_fan_in > 0: each ViT matrix in a group of its own rate, lr_scale = min(1, vit_fan_in / fan-in)
-    (the schedule multiplies by it); the first group always learns at the schedule's rate, the one the log shows."""
+    for no gain. A ViT weight whose rate differs from lr goes into a group of its own rate, lr_scale (the schedule
+    multiplies by it): vit_scale for every ViT tensor, times min(1, vit_fan_in / fan-in) for its matrices where
+    vit_fan_in > 0. The first group (the heads' matrices) always learns at the schedule's rate, the one the log
+    shows."""
     decay, no_decay, scaled = [], [], collections.defaultdict(list)
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
                                         "text.position_embedding")  # tables; patch_embedding is a matrix
-        scale = min(1.0, vit_fan_in / p.shape[1]) if vit_fan_in and not plain and name.startswith("vit.") else 1.0
-        if scale < 1.0:
-            scaled[scale].append(p)
+        scale = 1.0
+        if name.startswith("vit."):
+            scale = vit_scale * (min(1.0, vit_fan_in / p.shape[1]) if vit_fan_in and not plain else 1.0)
+        if scale != 1.0:
+            scaled[(scale, plain)].append(p)
         else:
             (no_decay if plain else decay).append(p)
     if fused is None:
         fused = all(p.is_cuda for p in module.parameters())
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [{"params": ps, "weight_decay": weight_decay, "lr_scale": s} for s, ps in sorted(scaled.items())]
+    groups += [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr_scale": s}
+               for (s, plain), ps in sorted(scaled.items())]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
@@ -234,6 +243,10 @@ if not (isinstance(batch_echo, int) and batch_echo >= 1):
     raise SystemExit(f"train_vision: batch_echo={batch_echo!r}: the steps each batch trains, a whole number >= 1")
 if vit_lr_fan_in < 0:
     raise SystemExit(f"train_vision: vit_lr_fan_in={vit_lr_fan_in!r}: a fan-in (> 0), or 0 for every matrix at lr")
+if not (isinstance(vit_lr, (int, float)) and vit_lr >= 0):
+    raise SystemExit(f"train_vision: vit_lr={vit_lr!r}: the ViT's peak rate (> 0), or 0 for lr like the rest")
+if vit_lr and not lr:
+    raise SystemExit(f"train_vision: vit_lr={vit_lr!r} is a rate beside lr, but lr is 0: set lr for the heads")
 if vit_image_size and init_from != "scratch":
     raise SystemExit(f"train_vision: vit_image_size={vit_image_size!r} sizes a new ViT, but init_from={init_from!r} "
                      "loads one, which keeps its own: leave vit_image_size at 0")
@@ -242,7 +255,7 @@ if vit_image_size and (not isinstance(vit_image_size, int) or vit_image_size < 0
     raise SystemExit(f"train_vision: vit_image_size={vit_image_size!r}: a crop of whole {preset.vit.patch_size}-px "
                      "patches, e.g. 112, 224 or 378")
 vit_config = replace(preset.vit, image_size=vit_image_size or preset.vit.image_size)
-vit = SigLIP2(vit_config) if init_from == "scratch" else load_vit(init_from, preset.vit)
+vit = SigLIP2(vit_config) if init_from == "scratch" else load_vit(init_from, preset.vit, any_image_size=True)
 if vit_init == "big_vision":
     vit.init_big_vision()
 if vit_position_std:  # from a generator of its own: every other weight is drawn as without it
@@ -270,7 +283,8 @@ train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
-optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in)
+optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in,
+                            vit_scale=vit_lr / lr if vit_lr else 1.0)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
@@ -302,7 +316,8 @@ d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {lis
         f"tower {n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
         f"localisation x {loc_weight}, scene x {scene_weight} "
         f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step"
-        + (f", each batch {batch_echo} steps" if batch_echo > 1 else ""))
+        + (f", each batch {batch_echo} steps" if batch_echo > 1 else "")
+        + (f" | ViT at lr {vit_lr:g}, heads at {lr:g}" if vit_lr else ""))
 
 t_start = t_last = time.time()
 step_times = []

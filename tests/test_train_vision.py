@@ -4,6 +4,7 @@ per-image targets in a batch) on hand-made images and records, with the cells ch
 pixels; the uint8 crops bit for bit; the loader's workers and resume; the script itself resumed after SIGKILL and
 under 2-process DDP (exact losses); and its export read by transformers.SiglipVisionModel and train_align.py."""
 
+import collections
 import json
 import math
 import os
@@ -560,6 +561,40 @@ def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(tiny_world, tmp_path):
     assert n_scaled == sum(1 for k, w in start.items() if w.dim() >= 2 and "position_embedding" not in k) > 0
 
 
+def test_vit_lr_moves_the_vit_at_its_own_rate_and_the_heads_at_lr(tiny_world, tmp_path):
+    """One step from the same start at lr 1e-3, without and with vit_lr=2.5e-4: every ViT tensor (matrices, norms,
+    position table) moves a quarter as far (an Adam first step is linear in the rate, as above) and every head and
+    text-tower tensor exactly as far. The ViT is drawn at 84-px crops (vit_image_size; the tiny preset's are 56), and
+    a second stage 1 that starts from it keeps them (init_from loads a ViT at its own crop size)."""
+    variants = {"start": ["--lr=0.0"], "plain": [], "vit_lr": ["--vit_lr=2.5e-4"]}
+    started = [launch([sys.executable, "train_vision.py",
+                      *stage1_args(tiny_world, str(tmp_path / name), "--max_steps=1", "--warmup=0", "--save_every=1",
+                                   "--weight_decay=0.0", "--eval_every=0", "--resume=False", "--vit_image_size=84",
+                                   *extra)])
+               for name, extra in variants.items()]
+    outs = [finish(run) for run in started]
+    assert "ViT at lr 0.00025, heads at 0.001" in outs[2]
+    runs = {name: torch.load(str(tmp_path / name / "ckpt.pt"), weights_only=False)["model"] for name in variants}
+    start, plain, vit_lr = runs["start"], runs["plain"], runs["vit_lr"]
+    moved = collections.Counter()
+    for key, w in start.items():
+        step_plain, step_vit_lr = plain[key] - w, vit_lr[key] - w
+        if not key.startswith("vit."):
+            assert torch.equal(vit_lr[key], plain[key]), key
+            moved["heads"] += bool(step_plain.abs().max() > 0)
+            continue
+        moved["vit"] += 1
+        assert step_plain.abs().max() > 0, key
+        # float32 weights near 0.1-1 moved by ~1e-3: their differences keep ~4 significant digits
+        torch.testing.assert_close(step_vit_lr, step_plain * 0.25, rtol=2e-3, atol=2e-6, msg=key)
+    assert moved["vit"] > 0 and moved["heads"] > 0, moved
+    out = finish(launch([sys.executable, "train_vision.py",
+                         *stage1_args(tiny_world, str(tmp_path / "again"), "--max_steps=1", "--save_every=0",
+                                      "--eval_every=0", "--resume=False", "--vit_init=gpt",
+                                      f"--init_from={tmp_path / 'vit_lr'}")]))
+    assert "from " in out and json.load(open(tmp_path / "again" / "final" / "config.json"))["image_size"] == 84
+
+
 # `python -c KILLED <where> <args>`: train_vision.py, SIGKILLed by itself at a chosen point, so the kill lands in
 # the same place on a loaded machine as on an idle one. where = torch.save:n: half-way through writing the n-th
 # checkpoint (part of the file written); clip:n: in the n-th step, after its backward, before its optimizer step.
@@ -906,7 +941,7 @@ for args in json.loads(sys.argv[1]):
 
 def test_settings_are_checked_before_any_work(tmp_path):
     """vit_init names one of two initialisations, and only a ViT from scratch can take one: a ViT loaded from
-    init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in and batch_echo take
+    init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in, vit_lr and batch_echo take
     only the values that mean something; so does vit_image_size, which sizes a ViT from scratch only."""
     base = ["--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
     checks = [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
@@ -917,6 +952,8 @@ def test_settings_are_checked_before_any_work(tmp_path):
               (["--vit_residual_scale=0.5", "--init_from=out/some_vit"],
                "vit_residual_scale=0.5 changes a new ViT's start, but init_from='out/some_vit' loads one"),
               (["--vit_lr_fan_in=-4"], "vit_lr_fan_in=-4: a fan-in (> 0), or 0 for every matrix at lr"),
+              (["--vit_lr=-1e-4"], "vit_lr=-0.0001: the ViT's peak rate (> 0), or 0 for lr like the rest"),
+              (["--vit_lr=1e-4", "--lr=0.0"], "vit_lr=0.0001 is a rate beside lr, but lr is 0: set lr for the heads"),
               (["--batch_echo=0"], "batch_echo=0: the steps each batch trains, a whole number >= 1"),
               (["--batch_echo=1.5"], "--batch_echo: batch_echo=1.5 is float, expected int (default 1)"),
               (["--vit_image_size=112", "--init_from=out/some_vit"],
