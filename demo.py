@@ -5,8 +5,9 @@ The README's main job, on its embedded default: a 2-core CPU, no network, about 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
    recipe's data/demo_gpu_60k/ has 60,000): shapes to count and point at, with held-out val and test splits
 2. vision (stage 1): the small preset's ViT from scratch learns which of its pooled tokens hold the pointed
-   shapes, and where (config/demo_vision.py); the GPU recipe first teaches it the kinds of shape in an easy world of
-   one large solid shape an image (data/easy, config/demo_gpu_vision_easy.py), then goes on in the demo's world
+   shapes, and where (config/demo_vision.py); the GPU recipes first teach it the kinds of shape in an easy world of
+   one large solid shape an image (data/easy, config/demo_gpu_vision_easy.py; the full recipe's ViT also with
+   config/demo_full_vision_easy.py), then go on in the demo's world
 3. align: a small nanoMolmo2 around that ViT, LLM at random; only the connector and the new token embeddings
    learn (config/demo_align.py)
 4. joint: the connector and LLM learn counting, pointing, short questions and captions, the ViT
@@ -31,8 +32,8 @@ from configurator import configure
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
 recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~9 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
-#   one large GPU, ~8.3 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops), into
-#   out/demo_full
+#   one large GPU, ~8.8 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops, in the easy
+#   world first too), into out/demo_full
 # ----------------------------------------------------------------------------------------------------------------
 
 WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
@@ -47,15 +48,17 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # now), against 0.62 after 2,000 steps of 64 from a random start and 0.30 in the one-part recipe before (BENCHMARKS.md
 # "Stage 1 in two parts", "Stage 1 at 128 images a step").
 STAGES = ("vision", "align", "joint")
-EASY_WORLD = ("data/easy", 10_000)
+EASY_WORLD = ("data/easy", 10_000)  # and, per recipe, the config files its easy part adds to its stage-1 files
 RECIPES = {
     "cpu": ("out/demo", (WORLD, 10_000), {stage: [f"config/demo_{stage}.py"] for stage in STAGES}, None),
     "gpu": ("out/demo_gpu", ("data/demo_gpu_60k", 60_000),
-            {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in STAGES}, EASY_WORLD),
+            {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py"] for stage in STAGES},
+            (*EASY_WORLD, ["config/demo_gpu_vision_easy.py"])),
     # the full nanomolmo2 preset (so400m ViT, Qwen3-0.6B) from scratch on one GPU, in the GPU recipe's earlier world
     "full": ("out/demo_full", ("data/demo_gpu", 30_000),
              {stage: [f"config/demo_{stage}.py", f"config/demo_gpu_{stage}.py", f"config/demo_full_{stage}.py"]
-              for stage in STAGES}, None),
+              for stage in STAGES},
+             (*EASY_WORLD, ["config/demo_gpu_vision_easy.py", "config/demo_full_vision_easy.py"])),
 }
 # eval.py's own default is the CPU in float32: there the small model answers the 400 test questions in seconds, but
 # the full preset's 1B parameters would take most of the 10 minutes; it answers on the GPU it trained on
@@ -71,11 +74,11 @@ def demo_steps(recipe="cpu"):
     steps = [("demo world", ["prepare_data.py", "--dataset=synthetic", f"--out={world}", "--max_objects=5",
                              f"--train_images={n_train}"], f"{world}/synth_image/test.jsonl")]
     if easy:  # stage 1's first part, in the easy world; the second part starts from its ViT
-        easy_world, n_easy = easy
+        easy_world, n_easy, easy_files = easy
         steps += [
             ("easy world", ["prepare_data.py", "--dataset=synthetic", f"--out={easy_world}", "--shape_style=big_solid",
                             "--max_objects=1", f"--train_images={n_easy}"], f"{easy_world}/synth_image/test.jsonl"),
-            ("vision, easy world", ["train_vision.py", *files["vision"], "config/demo_gpu_vision_easy.py",
+            ("vision, easy world", ["train_vision.py", *files["vision"], *easy_files,
                                     f"--data_dir={easy_world}", f"--out_dir={out}/vision_easy"],
              f"{out}/vision_easy/final/config.json")]
         configs["vision"].append(f"--init_from={out}/vision_easy")
