@@ -5,7 +5,6 @@ validation (they must be what eval.py scores)."""
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import eval as evaluation  # noqa: E402
 import sample  # noqa: E402
 import training  # noqa: E402
 from connector import token_centres  # noqa: E402
+from conftest import run_gloo_ranks  # noqa: E402
 from model import Molmo2, Molmo2Config, load_safetensors, molmo2_config_to_hf  # noqa: E402
 
 TINY = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--max_row_crops=8",
@@ -270,26 +270,9 @@ def test_compiled_blocks_under_fsdp_train_as_eager_fsdp(tiny_world, tmp_path):
     block compiled in place: three steps give the eager FSDP run's losses and gradient norms, and the same final
     weights, exactly: the hooks and the compiled forwards compose."""
     def two_ranks(out_dir, *program):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = [f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}", "--batch_size=1",
-                "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=0",
-                "--save_every=0", "--resid_dropout=0.0", "--vocab=data", "--parallel=fsdp", "--log_every=1"]
-        ranks = []
-        try:
-            for rank in range(2):
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-                ranks.append(subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, env=env,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            outputs = [p.communicate(timeout=300)[0] for p in ranks]
-        finally:
-            for p in ranks:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
+        run_gloo_ranks([*program, f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}", "--batch_size=1",
+                        "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=0",
+                        "--save_every=0", "--resid_dropout=0.0", "--vocab=data", "--parallel=fsdp", "--log_every=1"])
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             steps = [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "grad_norm" in r]
         return steps, load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from PIL import Image, ImageDraw
 
 import data
 import training
-from conftest import assert_same_steps, assert_workers_match_serial
+from conftest import assert_same_steps, assert_workers_match_serial, run_gloo_ranks
 from model import Molmo2Config, load_safetensors
 from vision import SigLIP2, SigLIP2Config, sigmoid_loss
 
@@ -721,12 +720,6 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp
     assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_with_grad_accum_two(tiny_world, reference_run, tmp_path):
     """2 gloo processes with 1 micro-batch each get the draws that 1 process with grad_accum 2 deals to its two
     micro-batches, so each micro-batch's forward is the same computation. Gradients: (loss / 2).backward() twice
@@ -736,22 +729,8 @@ def test_ddp_two_processes_equal_one_with_grad_accum_two(tiny_world, reference_r
     against (v0 + v1) / 2). No tolerance is needed, and none is given: any difference is a bug."""
     ref_dir, _ = reference_run
     out_dir = str(tmp_path / "ddp")
-    args = stage1_args(tiny_world, out_dir, "--grad_accum=1", "--loader_workers=0")
-    port = free_port()
-    ranks = []
-    try:
-        for rank in range(2):
-            env = {**ONE_THREAD, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            ranks.append(subprocess.Popen([sys.executable, "train_vision.py", *args], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
+    run_gloo_ranks(["train_vision.py", *stage1_args(tiny_world, out_dir, "--grad_accum=1", "--loader_workers=0")],
+                   timeout=TIMEOUT_S)
 
     train = {key: r for key, r in by_step(read_log(out_dir)).items() if key[0] == "train"}
     ref_train = {key: r for key, r in by_step(read_log(ref_dir)).items() if key[0] == "train"}
