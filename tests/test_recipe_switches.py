@@ -269,16 +269,19 @@ def test_compiled_blocks_under_fsdp_train_as_eager_fsdp(tiny_world, tmp_path):
     """Two gloo processes with FSDP2 (each block sharded, its weights gathered by hooks around its forward) and each
     block compiled in place: three steps give the eager FSDP run's losses and gradient norms, and the same final
     weights, exactly: the hooks and the compiled forwards compose."""
-    def two_ranks(out_dir, *program):
-        run_gloo_ranks([*program, f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}", "--batch_size=1",
-                        "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=0",
-                        "--save_every=0", "--resid_dropout=0.0", "--vocab=data", "--parallel=fsdp", "--log_every=1"])
+    args = [*TINY, f"--data_dir={tiny_world}", "--batch_size=1", "--data_mixture={'image': (1.0, ['synth_image'])}",
+            "--max_steps=3", "--eval_every=0", "--save_every=0", "--resid_dropout=0.0", "--vocab=data",
+            "--parallel=fsdp", "--log_every=1"]
+    run_gloo_ranks(["train_joint.py", f"--out_dir={tmp_path / 'eager'}", *args],
+                   ["-c", TRACED_BLOCKS, f"--out_dir={tmp_path / 'compiled'}", *args, "--compile_blocks=True"])
+
+    def steps_and_weights(out_dir):
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             steps = [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "grad_norm" in r]
         return steps, load_safetensors(os.path.join(out_dir, "final", "model.safetensors"))
 
-    eager_steps, eager_weights = two_ranks(str(tmp_path / "eager"), "train_joint.py")
-    steps, weights = two_ranks(str(tmp_path / "compiled"), "-c", TRACED_BLOCKS, "--compile_blocks=True")
+    eager_steps, eager_weights = steps_and_weights(tmp_path / "eager")
+    steps, weights = steps_and_weights(tmp_path / "compiled")
     assert len(eager_steps) == 3 and steps == eager_steps
     assert weights.keys() == eager_weights.keys()
     assert all(torch.equal(weights[k], eager_weights[k]) for k in weights)

@@ -531,18 +531,29 @@ def test_validation_reports_the_features_the_heads_read(tiny_world, reference_ru
     assert val["val_feature_cos"] == pytest.approx(cos, rel=1e-6, abs=1e-6)
 
 
-def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(tiny_world, tmp_path):
+@pytest.fixture(scope="module")
+def one_step_runs(tiny_world, tmp_path_factory):
+    """One step from the same start (a ViT drawn at 84-px crops, vit_image_size; the tiny preset's are 56), no weight
+    decay, no warmup: at lr 0, at lr 1e-3, with vit_lr_fan_in=16, and with vit_lr=2.5e-4 -> {name: out_dir}, each with
+    its final/ export and its ckpt.pt (the heads too)."""
+    root = tmp_path_factory.mktemp("one_step")
+    variants = {"start": ["--lr=0.0"], "plain": [], "scaled": ["--vit_lr_fan_in=16"], "vit_lr": ["--vit_lr=2.5e-4"]}
+    started = [launch([sys.executable, "train_vision.py",
+                      *stage1_args(tiny_world, str(root / name), "--max_steps=1", "--warmup=0", "--save_every=1",
+                                   "--weight_decay=0.0", "--eval_every=0", "--resume=False", "--vit_image_size=84",
+                                   *extra)])
+               for name, extra in variants.items()]
+    outs = [finish(run) for run in started]
+    assert "ViT at lr 0.00025, heads at 0.001" in outs[3]
+    return {name: root / name for name in variants}
+
+
+def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(one_step_runs):
     """One step from the same start, at lr 0, at lr, and at lr with vit_lr_fan_in=16: each ViT matrix moves
     min(1, 16 / fan-in) as far as without the switch (an Adam first step is the rate times g / (|g| + eps), so the
     step is linear in the rate), and every other tensor of the ViT moves exactly as without it."""
-    variants = {"start": ["--lr=0.0"], "plain": [], "scaled": ["--vit_lr_fan_in=16"]}
-    started = [launch([sys.executable, "train_vision.py",
-                      *stage1_args(tiny_world, str(tmp_path / name), "--max_steps=1", "--warmup=0",
-                                   "--weight_decay=0.0", "--save_every=0", "--eval_every=0", "--resume=False", *extra)])
-               for name, extra in variants.items()]
-    for run in started:
-        finish(run)
-    runs = {name: load_safetensors(str(tmp_path / name / "final" / "model.safetensors")) for name in variants}
+    runs = {name: load_safetensors(str(one_step_runs[name] / "final" / "model.safetensors"))
+            for name in ("start", "plain", "scaled")}
     start, plain, scaled = runs["start"], runs["plain"], runs["scaled"]
     n_scaled = 0
     for key, w in start.items():
@@ -560,20 +571,13 @@ def test_vit_lr_fan_in_scales_each_vit_matrix_first_step(tiny_world, tmp_path):
     assert n_scaled == sum(1 for k, w in start.items() if w.dim() >= 2 and "position_embedding" not in k) > 0
 
 
-def test_vit_lr_moves_the_vit_at_its_own_rate_and_the_heads_at_lr(tiny_world, tmp_path):
+def test_vit_lr_moves_the_vit_at_its_own_rate_and_the_heads_at_lr(tiny_world, one_step_runs, tmp_path):
     """One step from the same start at lr 1e-3, without and with vit_lr=2.5e-4: every ViT tensor (matrices, norms,
     position table) moves a quarter as far (an Adam first step is linear in the rate, as above) and every head and
-    text-tower tensor exactly as far. The ViT is drawn at 84-px crops (vit_image_size; the tiny preset's are 56), and
-    a second stage 1 that starts from it keeps them (init_from loads a ViT at its own crop size)."""
-    variants = {"start": ["--lr=0.0"], "plain": [], "vit_lr": ["--vit_lr=2.5e-4"]}
-    started = [launch([sys.executable, "train_vision.py",
-                      *stage1_args(tiny_world, str(tmp_path / name), "--max_steps=1", "--warmup=0", "--save_every=1",
-                                   "--weight_decay=0.0", "--eval_every=0", "--resume=False", "--vit_image_size=84",
-                                   *extra)])
-               for name, extra in variants.items()]
-    outs = [finish(run) for run in started]
-    assert "ViT at lr 0.00025, heads at 0.001" in outs[2]
-    runs = {name: torch.load(str(tmp_path / name / "ckpt.pt"), weights_only=False)["model"] for name in variants}
+    text-tower tensor exactly as far. A second stage 1 that starts from the 84-px ViT keeps its crops (init_from
+    loads a ViT at its own crop size)."""
+    runs = {name: torch.load(str(one_step_runs[name] / "ckpt.pt"), weights_only=False)["model"]
+            for name in ("start", "plain", "vit_lr")}
     start, plain, vit_lr = runs["start"], runs["plain"], runs["vit_lr"]
     moved = collections.Counter()
     for key, w in start.items():
@@ -590,7 +594,7 @@ def test_vit_lr_moves_the_vit_at_its_own_rate_and_the_heads_at_lr(tiny_world, tm
     out = finish(launch([sys.executable, "train_vision.py",
                          *stage1_args(tiny_world, str(tmp_path / "again"), "--max_steps=1", "--save_every=0",
                                       "--eval_every=0", "--resume=False", "--vit_init=gpt",
-                                      f"--init_from={tmp_path / 'vit_lr'}")]))
+                                      f"--init_from={one_step_runs['vit_lr']}")]))
     assert "from " in out and json.load(open(tmp_path / "again" / "final" / "config.json"))["image_size"] == 84
 
 
