@@ -3,14 +3,21 @@
 #   make test   - the whole test suite (what CI runs)
 PY := .venv/bin/python
 
+# pip byte-compiles what it installs on one core; compileall does the same on every core, ~20 s less of a fresh 2-core
+# machine's set-up. Like pip it leaves a file that does not compile for this Python (torch ships one written for 3.12)
+# as source, hence the `|| true`.
+COMPILE := $(PY) -m compileall -q -j 0 .venv/lib >/dev/null || true
+
 .venv/.runtime: requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-compile -r requirements.txt
+	$(COMPILE)
 	touch $@
 
 .venv/.test: requirements.txt requirements-test.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements-test.txt
+	.venv/bin/pip install -q --no-compile -r requirements-test.txt
+	$(COMPILE)
 	touch $@ .venv/.runtime
 
 demo: .venv/.runtime

@@ -73,7 +73,7 @@ compile = False  # torch.compile the whole model as one graph (no graph breaks, 
 compile_blocks = False  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
 #   full preset's joint step compiles in 12-15 s, not 153, and ran at 0.30 s against 0.32-0.53 as one graph (one
 #   H200). Under FSDP its hooks gather each block's weights around the compiled forward: on the CPU with gloo the
-#   two train exactly as eager FSDP (tests/test_recipe_switches.py); not yet timed on GPUs
+#   two train exactly as eager FSDP (assets/bench/compile_blocks_fsdp.py); not yet timed on GPUs
 cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
 #   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): a small model's
 #   ~1,500 kernels a step launched at once, where eagerly the GPU waits on the host. The GPU demo's step: 33.7 ms

@@ -117,29 +117,28 @@ def assert_workers_match_serial(make_loader, micro_batches, check_counts):
             resumed.close()
 
 
-def run_gloo_ranks(*jobs, n=2, timeout=300):
-    """Each job (an argv: what follows `python`, run from the repository) as the n processes of one job on this
-    machine, as torchrun would start them (RANK, WORLD_SIZE, a port of its own; one thread each), all jobs at once ->
-    [each job's outputs]. Fails with every output unless all exit 0; a stuck job is killed after timeout seconds."""
+def run_gloo_ranks(argv, n=2, timeout=300):
+    """argv (what follows `python`, run from the repository) as the n processes of one job on this machine, as torchrun
+    would start them (RANK, WORLD_SIZE, a free port; one thread each) -> their outputs. Fails with every output unless
+    all exit 0; a stuck job is killed after timeout seconds."""
     import socket
     import subprocess
-    started = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
     try:
-        for argv in jobs:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            for rank in range(n):
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}
-                started.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=timeout)[0] for p in started]
+        for rank in range(n):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            ranks.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=timeout)[0] for p in ranks]
     finally:
-        for p in started:
+        for p in ranks:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert [p.returncode for p in started] == [0] * len(started), "\n".join(outputs)
-    return [outputs[i:i + n] for i in range(0, len(outputs), n)]
+    assert [p.returncode for p in ranks] == [0] * n, "\n".join(outputs)
+    return outputs
