@@ -143,8 +143,8 @@ def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scal
     scalars (temperatures, biases of the losses) do not: decaying them pulls norms and embeddings toward 0
     for no gain. A ViT weight whose rate differs from lr goes into a group of its own rate, lr_scale (the schedule
     multiplies by it): vit_scale for every ViT tensor, times min(1, vit_fan_in / fan-in) for its matrices where
-    vit_fan_in > 0. The first group (the heads' matrices) always learns at the schedule's rate, the one the log
-    shows."""
+    vit_fan_in > 0. The first group (the matrices at lr: the heads', and the ViT's when its rate is lr too) always
+    learns at the schedule's rate, the one the log shows."""
     decay, no_decay, scaled = [], [], collections.defaultdict(list)
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
