@@ -64,12 +64,17 @@ class PoolingAttention(nn.Module):
         M, K, _ = windows.shape
         num_valid = valid.sum(-1, keepdim=True).to(windows.dtype)  # (M, 1), >= 1 for every window here
         query = windows.sum(1, keepdim=True) / num_valid[:, :, None]  # (M, 1, D): mean of the valid patches
-        q = self.q_proj(query).view(M, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, 1, hs)
-        k = self.k_proj(windows).view(M, K, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, K, hs)
-        v = self.v_proj(windows).view(M, K, self.num_heads, self.head_dim).transpose(1, 2)  # (M, nh, K, hs)
-        # float32 softmax and weighted sum, as Molmo2 does; the projections stay in the model dtype
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=valid[:, None, None, :])
-        y = y.to(windows.dtype).transpose(1, 2).reshape(M, -1)  # (M, nh * hs)
+        q = self.q_proj(query).view(M, 1, self.num_heads, self.head_dim)  # (M, 1, nh, hs)
+        k = self.k_proj(windows).view(M, K, self.num_heads, self.head_dim)  # (M, K, nh, hs)
+        v = self.v_proj(windows).view(M, K, self.num_heads, self.head_dim)  # (M, K, nh, hs)
+        # One query over at most 9 keys, in float32 as Molmo2 does (the projections stay in the model dtype), written
+        # out rather than through F.scaled_dot_product_attention: its fused kernels work on blocks of 64 or more
+        # queries, so with one query a window most of their work was padding (on an H200, 16 of a 200-ms prefill of
+        # 16 images: BENCHMARKS.md "The pooling attention written out"); these few elementwise ops read k and v once.
+        scores = (q.float() * k.float()).sum(-1) * self.head_dim ** -0.5  # (M, K, nh)
+        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))  # every window has a valid slot (forward)
+        y = (scores.softmax(1)[..., None] * v.float()).sum(1)  # (M, nh, hs)
+        y = y.to(windows.dtype).reshape(M, -1)  # (M, nh * hs)
         return self.o_proj(y)  # (M, hidden)
 
 

@@ -2,6 +2,8 @@
 sane numbers, transformers' side of the comparison runs on the same weights, and train_joint.py runs on a small
 synthetic world beside our model alone on the same batches. No timing is asserted."""
 
+import gzip
+import json
 import math
 import os
 import re
@@ -15,7 +17,8 @@ def test_bench_tiny_cpu_prints_every_row(tmp_path):
     # started from the repository root as a user would; few tokens, small batches, one timed step each
     args = ["--model_preset=tiny", "--device=cpu", "--steps=1", "--warmup=0", "--caption_tokens=12",
             "--batch_images=2", "--new_tokens=3", "--decode_batches=(1, 2)", "--scaling_crops=(1, 3)",
-            "--scaling_frames=(2,)", "--scaling_rows=(256,)", "--profile=True", f"--out_dir={tmp_path}",
+            "--scaling_frames=(2,)", "--scaling_rows=(256,)", "--profile=True", "--profile_trace=True",
+            f"--out_dir={tmp_path}",
             "--decode_paths=('eager', 'static')",  # compiling the decode step takes minutes on a CPU
             "--trainer_images=16", "--trainer_batch_size=2", "--trainer_seq_len=256"]
     result = subprocess.run([sys.executable, "tools/bench.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -54,3 +57,10 @@ def test_bench_tiny_cpu_prints_every_row(tmp_path):
     assert (tmp_path / "bench.md").read_text().count("### ") == 4
     assert (tmp_path / "profile_train.txt").exists() and (tmp_path / "profile_generate_static.txt").exists()
     assert not (tmp_path / "profile_generate_compiled.txt").exists()
+    for who in ("ours", "transformers"):  # the prefill's profile at each batch, its summary line first
+        for B in (1, 2):
+            text = (tmp_path / f"profile_prefill_b{B}_{who}.txt").read_text()
+            assert text.startswith(f"prefill_b{B}_{who}: ") and "ms a call" in text, text[:200]
+    with gzip.open(tmp_path / "profile_train.json.gz", "rt") as f:  # the timeline, as ui.perfetto.dev reads it
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)

@@ -37,8 +37,10 @@ training_flops). MFU = FLOPs / step time / PEAK_FLOPS, the dense bf16 peak of an
 H100/H200 (989 TFLOP/s). transformers' step is credited with the same FLOPs (it does more: logits everywhere).
 """
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +58,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model as nano  # noqa: E402
 from configurator import configure  # noqa: E402
-from training import MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, wrap_model  # noqa: E402
+from training import MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, device_busy, wrap_model  # noqa: E402
 
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
 PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
@@ -90,7 +92,8 @@ activation_checkpointing = False  # scaling and train's model-alone step: recomp
 parallel = "ddp"  # several GPUs (torchrun): ddp | fsdp
 max_memory_gib = 0.0  # > 0: each process may allocate at most this much of its GPU (37.3 = a 40 GB card's 40e9 bytes):
 #   torch.cuda.set_per_process_memory_fraction, so a run on a bigger card shows what fits the smaller one
-profile = False  # also write torch.profiler tables of the top kernels (a train step, decode steps) to out_dir
+profile = False  # also write torch.profiler tables of the top kernels (train steps, prefills, decode steps) to out_dir
+profile_trace = False  # with profile: each profile's timeline too, out_dir/profile_<name>.json.gz (ui.perfetto.dev)
 out_dir = "out/bench"
 seed = 0
 config = configure(globals())
@@ -245,19 +248,38 @@ def hf_step(hf_model, optimizer, inputs, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def write_profile(fn, dev, name):
-    """A torch.profiler table of the top kernels over 3 calls of fn -> out_dir/profile_<name>.txt."""
+def write_profile(fn, dev, name, calls=3):
+    """torch.profiler over `calls` calls of fn -> out_dir/profile_<name>.txt: a line with a call's wall time against
+    the time the GPU was busy in it (a GPU busy for a small share of its call waits on the host), its kernels and its
+    host-device syncs, then the ops by their own device time (host time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    fn()  # untimed: a first call may plan, tune or allocate
+    sync(dev)
     with torch_profile(activities=activities) as prof:
-        for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
             fn()
         sync(dev)
-    sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        wall = (time.perf_counter() - start) / calls
+    averages = prof.key_averages()
+    line = f"{name}: {wall * 1e3:.1f} ms a call under the profiler"
+    if dev.type == "cuda":
+        busy, n_kernels = device_busy(averages, calls)
+        syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        line += (f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels and "
+                 f"{syncs / calls:.0f} host-device syncs a call")
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     path = os.path.join(out_dir, f"profile_{name}.txt")
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
-    print(f"profile: {path}", flush=True)
+        f.write(line + "\n\n" + averages.table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    if profile_trace:  # gzipped: a compiled train step's three calls are tens of MB of JSON
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(raw)
+            with open(raw, "rb") as f, gzip.open(os.path.join(out_dir, f"profile_{name}.json.gz"), "wb") as g:
+                shutil.copyfileobj(f, g)
+    print(f"profile: {line} | {path}", flush=True)
 
 
 # -- sections --------------------------------------------------------------------------------------------------
@@ -332,6 +354,8 @@ def section_train(d, autocast):
     if compile_blocks:  # last: it compiles the model's blocks in place
         nano.compile_each_block(model)
         compiled_row("each block compiled", lambda: ours_step(train_model, optimizer, batch, autocast))
+        if profile and d.is_master:
+            write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train_compiled_blocks")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
@@ -483,6 +507,10 @@ def section_generate(dev, weight_dtype):
                                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=151643,
                                          streamer=clock)
             results["hf"] = guarded("transformers generate", lambda: time_generate(theirs, dev, streamer=True), dev)
+        if profile:  # the prefill alone (one new token), ours eager and transformers', at each batch
+            write_profile(lambda: ours("eager")(1, None), dev, f"prefill_b{B}_ours")
+            if hf_model is not None:
+                write_profile(lambda: theirs(1, None), dev, f"prefill_b{B}_transformers")
         if profile and B == decode_batches[0]:
             for path in decode_paths:
                 write_profile(lambda: ours(path)(new_tokens if path == "compiled" else 16, None), dev,
