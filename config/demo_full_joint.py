@@ -2,18 +2,18 @@
 # config/demo_gpu_joint.py: 64 rows of 512 tokens a step, the ViT frozen, the 0.6B LLM from scratch at 5e-4 and the
 # connector at 1e-4, the images as the stage-1 ViT's 112-px crops (config/demo_full_vision.py). On one H200
 # (2026-12-02) a step took ~0.30 s with its blocks compiled (40% MFU; 0.63 s eagerly); from the ViT that learned
-# kinds in the easy world first, the validation answers counted 0.48 / 0.62 at steps 400 / 800 and the whole command
-# took 8.8 min: test counting 0.590, pointing F1 0.385 (BENCHMARKS.md "The full ViT in the easy world first"; without
-# the easy world, 900 steps: 0.530 / 0.407, "The full recipe's joint step compiled"). At Molmo2's 378 px (392 image
+# kinds in the easy world first, the validation answers counted 0.54 / 0.66 at steps 440 / 880 and the whole command
+# took 9.5 min: test counting 0.615, pointing F1 0.408 (BENCHMARKS.md "The full recipe at 880 joint steps"; at 800
+# steps 0.590 / 0.385 in 8.8 min; without the easy world, 900 steps: 0.530 / 0.407). At Molmo2's 378 px (392 image
 # tokens an image, not 80) 250 steps of 0.82 s ended blind.
-max_steps = 800  # ~0.30 s each with compile_blocks (below): with both parts of stage 1 and the evaluation, the
-#   command took 8.8 of its 10 minutes
+max_steps = 880  # ~0.30 s each with compile_blocks (below): with both parts of stage 1 and the evaluation, the
+#   command took 9.5 of its 10 minutes
 # the connector at 1e-4, not the small recipe's 1e-3: its matrices' fan-ins (2,304 channels of two ViT blocks, 3,072
 # in the projector) are ~9x the small connector's, and an AdamW step moves a matrix's output by about lr x fan-in.
 # One H200 run at 1e-4 (2026-12-01, at 378 px): the image tokens came apart sooner (mean cosine 0.78 at step 60
 # against 0.945 at 1e-3) and the images were worth 0.35 of validation loss against 0.165
 lr_connector, lr_vit, lr_llm = 1e-4, 0.0, 5e-4
-eval_every = 400  # two validations with answers (each ~5 s of the 0.6B model generating)
+eval_every = 440  # two validations with answers (each ~5 s of the 0.6B model generating)
 compile_blocks = True  # each block compiled alone (model.compile_each_block): 12-15 s to compile, then ~0.30 s a step
 #   (the whole model as one graph: 153 s to compile, then 0.32-0.53 s)
 save_every = 0  # a resumable checkpoint of 1B parameters with their AdamW state is 12 GB

@@ -1,8 +1,8 @@
 """The full recipe (python demo.py --recipe=full) on one H200 (BENCHMARKS.md "The full recipe at 112-px crops"): its
 joint stage's validation answers against the rows it has trained on, at Molmo2's 378-px crops (250 steps, blind) and
 at the small recipe's 112-px ones (500 steps, two runs; then 600 and 900 steps with each block compiled, BENCHMARKS.md
-"The full recipe's joint step compiled"; 800 steps from the ViT that learned kinds in the easy world first, "The full
-ViT in the easy world first"), beside the small GPU recipe's first 1,500 steps; and the
+"The full recipe's joint step compiled"; 800 and 880 steps from the ViT that learned kinds in the easy world first, "The
+full ViT in the easy world first" and "The full recipe at 880 joint steps"), beside the small GPU recipe's first 1,500 steps; and the
 mean cosine of the image tokens the LLM receives, step by step. The validation lines and every tenth step's image
 statistics are kept in assets/bench/full_recipe_gpu/.
 
@@ -23,7 +23,8 @@ ROWS = 64  # rows of 512 tokens a joint step, in both recipes (config/demo_gpu_j
 FULL = {"joint_378.jsonl": "full, 378 px", "joint_112_run1.jsonl": "full, 112 px, run 1",
         "joint_112_run2.jsonl": "full, 112 px, run 2", "joint_112_blocks600.jsonl": "full, 112 px, compiled, 600 steps",
         "joint_112_blocks900.jsonl": "full, 112 px, compiled, 900 steps",
-        "joint_112_easy800.jsonl": "full, 112 px, easy world first, 800 steps"}
+        "joint_112_easy800.jsonl": "full, 112 px, easy world first, 800 steps",
+        "joint_112_easy880.jsonl": "full, 112 px, easy world first, 880 steps"}
 SMALL = os.path.join(HERE, "data_echo_gpu", "joint_call2.jsonl")  # the small GPU recipe as committed
 
 
