@@ -46,6 +46,17 @@ class ConnectorConfig:
     position_bins: int = 0  # learned x and y embeddings of a token's place in its image (not Molmo2's; see above)
 
 
+def one_query_attention(q, k, v, valid):
+    """One query a window over its K keys, in float32, written out: q (M, 1, nh, hs), k and v (M, K, nh, hs) in any
+    dtype, valid (M, K) bool with at least one True a row -> (M, nh, hs) float32. What F.scaled_dot_product_attention
+    computes, but SDPA's fused kernels work on blocks of 64 or more queries, so with one query a window most of their
+    work is padding: on an H200, 16 ms of a 200-ms prefill of 16 images, where these few ops read k and v once
+    (BENCHMARKS.md "The pooling attention written out")."""
+    scores = (q.float() * k.float()).sum(-1) * q.shape[-1] ** -0.5  # (M, K, nh)
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+    return (scores.softmax(1)[..., None] * v.float()).sum(1)  # (M, nh, hs)
+
+
 class PoolingAttention(nn.Module):
     """Multi-head attention of one query (the window mean) over the window's patches."""
 
@@ -67,13 +78,13 @@ class PoolingAttention(nn.Module):
         q = self.q_proj(query).view(M, 1, self.num_heads, self.head_dim)  # (M, 1, nh, hs)
         k = self.k_proj(windows).view(M, K, self.num_heads, self.head_dim)  # (M, K, nh, hs)
         v = self.v_proj(windows).view(M, K, self.num_heads, self.head_dim)  # (M, K, nh, hs)
-        # One query over at most 9 keys, in float32 as Molmo2 does (the projections stay in the model dtype), written
-        # out rather than through F.scaled_dot_product_attention: its fused kernels work on blocks of 64 or more
-        # queries, so with one query a window most of their work was padding (on an H200, 16 of a 200-ms prefill of
-        # 16 images: BENCHMARKS.md "The pooling attention written out"); these few elementwise ops read k and v once.
-        scores = (q.float() * k.float()).sum(-1) * self.head_dim ** -0.5  # (M, K, nh)
-        scores = scores.masked_fill(~valid[:, :, None], float("-inf"))  # every window has a valid slot (forward)
-        y = (scores.softmax(1)[..., None] * v.float()).sum(1)  # (M, nh, hs)
+        # One query over at most 9 keys, in float32 as Molmo2 does (the projections stay in the model dtype).
+        if k.dtype == torch.float32:  # a float32 model: SDPA, the kernel transformers' adapter runs (the parity
+            #   tests: tests/test_connector.py, tests/test_molmo2.py)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=valid[:, None, None, :]).squeeze(2)  # (M, nh, hs)
+        else:  # bf16 (GPU training, generation): written out, many times faster (one_query_attention says why)
+            y = one_query_attention(q, k, v, valid)  # (M, nh, hs)
         y = y.to(windows.dtype).reshape(M, -1)  # (M, nh * hs)
         return self.o_proj(y)  # (M, hidden)
 

@@ -1,10 +1,12 @@
 """The connector against transformers' Molmo2Adapter (attention-meanq pooling + SwiGLU projector)."""
 
 import torch
+import torch.nn.functional as F
 from transformers import Molmo2AdapterConfig
 from transformers.models.molmo2.modeling_molmo2 import Molmo2Adapter
 
-from connector import Connector, ConnectorConfig
+import connector
+from connector import Connector, ConnectorConfig, one_query_attention
 
 
 def make_pair(vit_layers=(3, 1)):
@@ -45,7 +47,11 @@ def test_pooling_matches_transformers_with_padding_and_empty_windows():
         expected = hf(torch.cat(features, dim=-1), idx).last_hidden_state
         got = ours(features, idx)
     assert got.shape == (9, 64) == expected.shape
+    # the window with no patch is dropped before the pooling here and after it in transformers: the kernels see 9
+    # windows against 10 and may sum in another order, a few float32 ulps of the output's magnitude
     assert (got - expected).abs().max() <= float32_ulps(16, expected)
+    with torch.no_grad():  # without an empty window both run SDPA on the same windows, every op in the same order
+        assert torch.equal(ours(features, idx[:7]), hf(torch.cat(features, dim=-1), idx[:7]).last_hidden_state)
 
 
 def test_video_windows_3x3():
@@ -57,7 +63,7 @@ def test_video_windows_3x3():
     with torch.no_grad():
         expected = hf(features[0], idx).last_hidden_state
         got = ours(features, idx)
-    assert (got - expected).abs().max() <= float32_ulps(16, expected)
+    assert torch.equal(got, expected)  # float32: the same kernels in the same order (above)
 
 
 def test_padding_slots_are_ignored():
@@ -96,3 +102,43 @@ def test_image_windows_padded_to_video_width_pool_the_same():
     # the same sums over 4 or 9 slots (5 masked) may be reduced in another order, and the result then passes
     # through float32 matmuls: a few float32 ulps of the output's magnitude, not exact equality
     assert (narrow - wide).abs().max() <= float32_ulps(16, narrow)
+
+
+def test_one_query_attention_is_sdpa_written_out():
+    # the bf16 path's attention (connector.py says why it is written out) against SDPA, both in float32
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(50, 1, 4, 8, generator=generator)
+    k, v = torch.randn(2, 50, 9, 4, 8, generator=generator)
+    valid = torch.rand(50, 9, generator=generator) > 0.4
+    valid[:, 4] = True  # every window has a patch
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=valid[:, None, None, :]).squeeze(2)
+    got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), valid)  # bf16 in, float32 inside
+    assert got.dtype == torch.float32
+    reference = F.scaled_dot_product_attention(*(t.bfloat16().float().transpose(1, 2) for t in (q, k, v)),
+                                               attn_mask=valid[:, None, None, :]).squeeze(2)
+    # the same float32 arithmetic summed in another order: a few float32 ulps of the output's magnitude
+    assert (got - reference).abs().max() <= float32_ulps(16, reference)
+    assert not torch.equal(reference, expected)  # the bf16 inputs were rounded: a check that could fail above
+
+
+def test_bf16_connector_pools_through_one_query_attention(monkeypatch):
+    _, ours = make_pair()
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1].dtype)
+        return one_query_attention(*args)
+    monkeypatch.setattr(connector, "one_query_attention", counted)
+    generator = torch.Generator().manual_seed(4)
+    features = [torch.randn(3, 16, 32, generator=generator) for _ in range(2)]
+    idx = torch.randint(0, 48, (10, 4), generator=generator)
+    idx[2, 1:] = -1
+    with torch.no_grad():
+        want = ours(features, idx)  # float32: SDPA
+        assert calls == []
+        got = ours.to(torch.bfloat16)([f.bfloat16() for f in features], idx)
+    assert calls == [torch.bfloat16] and got.dtype == torch.bfloat16
+    # bf16 keeps 8 bits: the features, the weights, the projections, the pooled vector and the projector's two
+    # layers each round once, ~2^-8 of their magnitude each; a head or slot out of place would be off by ~1
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 8 * 2 ** -8
