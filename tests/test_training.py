@@ -13,7 +13,6 @@ import os
 import re
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from PIL import Image
 import data
 import model as model_lib
 import training
-from conftest import assert_same_steps, assert_workers_match_serial
+from conftest import assert_same_steps, assert_workers_match_serial, run_gloo_ranks
 from model import Molmo2, load_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -675,11 +674,11 @@ def test_gradient_accumulation_equals_one_big_batch(world, big_batch_step, tmp_p
     assert_same_step(accumulated, big)
 
 
-def ddp_rank(rank, port, world, rows_path, split, out_dir, out_path):
-    """One of 2 CPU processes (gloo) running train_joint.py's step on 4 of the 8 rows: as one micro-batch of 4, or
-    (split) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes its result."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def ddp_rank(world, rows_path, split, out_dir, out_path):
+    """One of 2 CPU processes (gloo; conftest.run_gloo_ranks sets RANK and the rest) running train_joint.py's step on
+    4 of the 8 rows: as one micro-batch of 4, or (split) as 2 micro-batches of 2 (DDP's no_sync path). Rank 0 writes
+    its result."""
+    rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     rows, pad_to = torch.load(rows_path, weights_only=False)
     mine = rows[4 * rank:4 * rank + 4]
@@ -691,16 +690,10 @@ def ddp_rank(rank, port, world, rows_path, split, out_dir, out_path):
 
 def ddp_step(world, rows_path, split, out_dir):
     """ddp_rank on 2 processes -> rank 0's result."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.dirname(__file__)!r}]; import test_training; "
-            f"test_training.ddp_rank(int(sys.argv[1]), {port}, {world!r}, {str(rows_path)!r}, {split}, "
-            f"{str(out_dir)!r}, {str(out_dir / 'rank0.pt')!r})")
-    ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], "\n".join(outputs)
+            f"test_training.ddp_rank({world!r}, {str(rows_path)!r}, {split}, {str(out_dir)!r}, "
+            f"{str(out_dir / 'rank0.pt')!r})")
+    run_gloo_ranks(["-c", code], timeout=TIMEOUT_S)
     return torch.load(out_dir / "rank0.pt", weights_only=False)
 
 
