@@ -1,10 +1,10 @@
 """The full recipe (python demo.py --recipe=full) on one H200 (BENCHMARKS.md "The full recipe at 112-px crops"): its
 joint stage's validation answers against the rows it has trained on, at Molmo2's 378-px crops (250 steps, blind) and
-at the small recipe's 112-px ones (500 steps, two runs; then 600 and 900 steps with each block compiled, BENCHMARKS.md
-"The full recipe's joint step compiled"; 800 and 880 steps from the ViT that learned kinds in the easy world first, "The
-full ViT in the easy world first" and "The full recipe at 880 joint steps"), beside the small GPU recipe's first 1,500 steps; and the
-mean cosine of the image tokens the LLM receives, step by step. The validation lines and every tenth step's image
-statistics are kept in assets/bench/full_recipe_gpu/.
+at the small recipe's 112-px ones (500 steps, two runs; then 600 and 900 steps with each block compiled,
+BENCHMARKS.md "The full recipe's joint step compiled"; 800 and 880 steps from the ViT that learned kinds in the easy
+world first, "The full ViT in the easy world first" and "The full recipe at 880 joint steps"), beside the small GPU
+recipe's first 1,500 steps; and the mean cosine of the image tokens the LLM receives, step by step. The validation
+lines and every tenth step's image statistics are kept in assets/bench/full_recipe_gpu/.
 
     python assets/bench/plot_full_recipe.py    # -> assets/bench/full_recipe_gpu/{answers,image_cosine}.png
 """
