@@ -370,6 +370,22 @@ def device_busy(averages, n_steps):
             sum(e.count for e in kernels) / n_steps)
 
 
+def profile_report(averages, n_calls, wall, cuda, unit="step"):
+    """torch.profiler's key_averages() over n_calls calls of wall seconds each -> (a summary: a call's wall time against
+    the time the GPU was busy in it, its kernels and its host-device syncs; the ops' table by their own device time,
+    host time on a CPU). A GPU busy for a small share of its call waits on the host. Used by StepProfiler and
+    tools/bench.py."""
+    table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                           max_name_column_width=70)
+    line = f"{wall * 1e3:.1f} ms a {unit}"
+    if cuda:
+        busy, n_kernels = device_busy(averages, n_calls)
+        syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+        line += (f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels and "
+                 f"{syncs / n_calls:.0f} host-device syncs a {unit}")
+    return line, table
+
+
 class StepProfiler:
     """torch.profiler over n_steps steps of a training loop (the trainers' `profile` knob), 10 steps after the run's
     first (those compile, fill the loader and warm up). Where a step's time goes, for speed work: on the master
@@ -405,15 +421,10 @@ class StepProfiler:
         os.makedirs(self.out_dir, exist_ok=True)
         self.prof.export_chrome_trace(trace)
         averages, self.prof = self.prof.key_averages(), None
-        cuda = self.d.device.type == "cuda"
-        table = averages.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
-                               max_name_column_width=70)
+        summary, table = profile_report(averages, self.n, wall, self.d.device.type == "cuda")
         with open(os.path.join(self.out_dir, "profile.txt"), "w") as f:
             f.write(table)
-        line = f"profile: steps {self.start}-{self.start + self.n - 1}, {wall * 1e3:.1f} ms a step"
-        if cuda:
-            busy, n_kernels = device_busy(averages, self.n)
-            line += f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels a step"
+        line = f"profile: steps {self.start}-{self.start + self.n - 1}, {summary}"
         print(f"{line} | ops: {os.path.join(self.out_dir, 'profile.txt')} | trace: {trace}", flush=True)
 
     def _sync(self):

@@ -58,7 +58,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model as nano  # noqa: E402
 from configurator import configure  # noqa: E402
-from training import MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, device_busy, wrap_model  # noqa: E402
+from training import (MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, profile_report,  # noqa: E402
+                      wrap_model)
 
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
 PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
@@ -249,9 +250,8 @@ def hf_step(hf_model, optimizer, inputs, autocast):
 
 
 def write_profile(fn, dev, name, calls=3):
-    """torch.profiler over `calls` calls of fn -> out_dir/profile_<name>.txt: a line with a call's wall time against
-    the time the GPU was busy in it (a GPU busy for a small share of its call waits on the host), its kernels and its
-    host-device syncs, then the ops by their own device time (host time on a CPU)."""
+    """torch.profiler over `calls` calls of fn (after one untimed) -> out_dir/profile_<name>.txt: the summary line of
+    training.profile_report (wall time against GPU-busy time, kernels, syncs), then its table of the ops."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     fn()  # untimed: a first call may plan, tune or allocate
@@ -262,17 +262,11 @@ def write_profile(fn, dev, name, calls=3):
             fn()
         sync(dev)
         wall = (time.perf_counter() - start) / calls
-    averages = prof.key_averages()
-    line = f"{name}: {wall * 1e3:.1f} ms a call under the profiler"
-    if dev.type == "cuda":
-        busy, n_kernels = device_busy(averages, calls)
-        syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-        line += (f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels and "
-                 f"{syncs / calls:.0f} host-device syncs a call")
-    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    summary, table = profile_report(prof.key_averages(), calls, wall, dev.type == "cuda", unit="call")
+    line = f"{name}: {summary}"
     path = os.path.join(out_dir, f"profile_{name}.txt")
     with open(path, "w") as f:
-        f.write(line + "\n\n" + averages.table(sort_by=sort, row_limit=40, max_name_column_width=70))
+        f.write(line + "\n\n" + table)
     if profile_trace:  # gzipped: a compiled train step's three calls are tens of MB of JSON
         with tempfile.TemporaryDirectory() as tmp:
             raw = os.path.join(tmp, "trace.json")
