@@ -18,7 +18,9 @@ Sections (--sections, comma-separated):
   `trainer_seq_len` tokens a step; no dropout, nothing saved on the way), its step times and tokens read from its
   log.jsonl (data loading, the host-to-device copy, clipping, logging all included), against our model alone on
   the same batches (training.TrainLoader with train_joint.py's arguments and seed, already on the device).
-  Medians over the timed steps. One process only.
+  Medians over the timed steps. One process only. --compile_blocks and --cuda_graph add rows: the blocks compiled,
+  and the step replayed as a CUDA graph, here also both at once (train_joint.py's switches of those names, which
+  the trainer takes one at a time: the two together are measured here only).
 - generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
   (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the
@@ -58,8 +60,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model as nano  # noqa: E402
 from configurator import configure  # noqa: E402
-from training import (MODEL_INPUTS, Dist, TrainLoader, batch_to, build_optimizer, profile_report,  # noqa: E402
-                      wrap_model)
+from training import (MODEL_INPUTS, Dist, GraphedStep, TrainLoader, batch_to, build_optimizer,  # noqa: E402
+                      pad_media, profile_report, wrap_model)
 
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
 PATHS = ("eager", "static", "compiled")  # our decode paths (generate's static and compile switches)
@@ -86,6 +88,9 @@ decode_paths = ("eager", "static", "compiled")  # generate: ours step by step; D
 #   after torch.compile (compiles once per batch size and cache length: ~0.5-1 min each, untimed)
 compile = False  # train: also time torch.compile(model) alone
 compile_blocks = False  # train: also time the model alone with each block compiled (model.compile_each_block), last
+cuda_graph = False  # train, on a GPU: also time the step (forward, backward, clipping) replayed as a CUDA graph
+#   (training.GraphedStep on the batch padded by training.pad_media, as train_joint.py's cuda_graph runs it), after
+#   compile_blocks when that is on: the host then launches one graph a step instead of ~2,000 kernels
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
@@ -241,6 +246,29 @@ def ours_step(train_model, optimizer, batch, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
+def graphed_step(model, optimizer, cpu_batch, dev):
+    """() -> one optimizer step whose forward, backward and clipping (to norm 1.0, as train_joint.py's default) replay
+    as a CUDA graph (training.GraphedStep): the batch padded by pad_media and the model in fixed_shape_batches(), as
+    train_joint.py's cuda_graph runs it. The first call captures; a step the graph cannot hold says why and runs
+    eagerly."""
+    padded = to_device(pad_media(cpu_batch), dev)  # on the device already, as the other rows' batch: no copy timed
+
+    def losses(b):
+        with model.fixed_shape_batches():
+            loss_sum, _ = model(**{k: b[k] for k in MODEL_INPUTS if k in b}, targets=b["targets"],
+                                loss_weights=b["loss_weights"], z_loss=1e-4, response_mask=b["targets"] >= 0)
+        return {"loss_sum": loss_sum}
+
+    optimizer.zero_grad(set_to_none=True)  # the graph's first (eager) run makes the gradients it then zeroes in place
+    graphed = GraphedStep(model, lambda b: b, lambda parts: parts["loss_sum"], 1.0, getattr(torch, dtype),
+                          forward=losses)
+
+    def step():
+        graphed.step(padded)
+        optimizer.step()  # outside the graph, as in train_joint.py; never zero_grad(set_to_none=True) after it
+    return step
+
+
 def hf_step(hf_model, optimizer, inputs, autocast):
     with autocast:
         loss = hf_model(**inputs).loss
@@ -322,17 +350,25 @@ def section_train(d, autocast):
                      lambda: measure(lambda: ours_step(train_model, optimizer, batch, autocast), dev), dev)
     rows.append(train_row(f"nanoMolmo2 model alone{where}", result, batch, flops, batch_images, hf_seconds))
 
-    def compiled_row(what, step):
-        """A compiled step's row, its first call (the one that compiles) timed apart and named in the label."""
+    def compiled_row(what, step, first_label="compiling"):
+        """A compiled (or captured) step's row, its first call (the one that compiles or captures) timed apart and
+        named in the label. Its peak memory is the larger of the first call's and the timed calls': a CUDA graph
+        allocates its activations once, while capturing, and its replays allocate nothing new."""
         def first_then_measure():
             sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
             start = time.perf_counter()
             step()
             sync(dev)
-            return time.perf_counter() - start, measure(step, dev, n_warmup=max(warmup, 2) - 1)
+            first = time.perf_counter() - start
+            first_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+            seconds, peak = measure(step, dev, n_warmup=max(warmup, 2) - 1)
+            return first, (seconds, max(peak, first_peak) if peak is not None else None)
         first, result = guarded(what, first_then_measure, dev) or (None, None)
-        compiling = f" (first step, compiling: {first:.0f} s)" if first is not None else ""
-        rows.append(train_row(f"nanoMolmo2 model alone, {what}{where}{compiling}", result, batch, flops,
+        label = f" (first step, {first_label}: {first:.0f} s)" if first is not None else ""
+        rows.append(train_row(f"nanoMolmo2 model alone, {what}{where}{label}", result, batch, flops,
                               batch_images, hf_seconds))
 
     if compile:
@@ -350,6 +386,12 @@ def section_train(d, autocast):
         compiled_row("each block compiled", lambda: ours_step(train_model, optimizer, batch, autocast))
         if profile and d.is_master:
             write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train_compiled_blocks")
+    if cuda_graph and dev.type == "cuda" and d.world_size == 1:
+        step = graphed_step(model, optimizer, cpu_batch, dev)
+        compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph", step,
+                     "capturing")
+        if profile and d.is_master:
+            write_profile(step, dev, "train_cuda_graph")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"

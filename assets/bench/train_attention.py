@@ -1,0 +1,104 @@
+"""The training step's attention by SDPA backend (BENCHMARKS.md, issue 16): forward and forward+backward of
+F.scaled_dot_product_attention at the shapes of tools/bench.py's train step (the full preset, 4 photos of 5 crops),
+each backend forced in turn (sdpa_kernel), and the one SDPA picks itself. Median ms of `steps` calls, inputs in
+bf16; a backend that cannot run a case says so.
+
+- ViT: 20 crops x 16 heads x 729 patches x 72, no mask; also with the head dimension zero-padded to 80 and 128
+  (the same result: zero columns add nothing to q.k, and the output's extra columns are dropped), since some
+  kernels are tuned for those sizes only.
+- LLM: 4 rows x 16 query heads (8 key/value heads) x 1,127 tokens x 128: causal through is_causal; causal as a
+  dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among themselves: 400 of them per row).
+
+    python assets/bench/train_attention.py
+"""
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from configurator import configure  # noqa: E402
+
+steps = 20
+configure(globals())
+
+BACKENDS = {"picked": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def median_ms(fn):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def case(q, k, v, pad_to=None, **kwargs):
+    """(forward ms, forward+backward ms, output) for each backend of BACKENDS."""
+    d = q.shape[-1]
+    if pad_to:
+        q, k, v = (F.pad(t, (0, pad_to - d)) for t in (q, k, v))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    scale = d ** -0.5  # the unpadded dimension's scale
+    results = {}
+    for name, backend in BACKENDS.items():
+        def attend():
+            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
+
+        def forward_backward():
+            attend().float().square().mean().backward()
+        try:
+            with torch.no_grad():
+                fwd = median_ms(attend)
+            results[name] = (fwd, median_ms(forward_backward))
+        except RuntimeError as e:
+            results[name] = str(e).splitlines()[0][:60]
+        torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    warnings.simplefilter("ignore", UserWarning)  # each backend that declines says why; the table says it once
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    rows = []
+    q, k, v = (torch.randn(20, 16, 729, 72, **bf) for _ in range(3))
+    for pad in (None, 80, 128):
+        rows.append((f"ViT, head dim 72{f' padded to {pad}' if pad else ''}", case(q, k, v, pad_to=pad)))
+    T, n_image = 1127, 400
+    q = torch.randn(4, 16, T, 128, **bf)
+    k, v = (torch.randn(4, 8, T, 128, **bf) for _ in range(2))
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    molmo = causal.clone()
+    molmo[8:8 + n_image, 8:8 + n_image] = True  # the image tokens see each other both ways
+    rows.append(("LLM, is_causal", case(q, k, v, is_causal=True, enable_gqa=True)))
+    rows.append(("LLM, causal as a bool mask", case(q, k, v, attn_mask=causal[None, None].expand(4, 1, T, T),
+                                                   enable_gqa=True)))
+    rows.append(("LLM, Molmo2's mask", case(q, k, v, attn_mask=molmo[None, None].expand(4, 1, T, T),
+                                            enable_gqa=True)))
+    print(f"# assets/bench/train_attention.py on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}; bf16, median of {steps}: forward / forward+backward ms\n")
+    print("| case | " + " | ".join(BACKENDS) + " |")
+    print("|---|" + "---|" * len(BACKENDS))
+    for what, results in rows:
+        cells = [f"{r[0]:.2f} / {r[1]:.2f}" if isinstance(r, tuple) else f"({r})" for r in results.values()]
+        print(f"| {what} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
