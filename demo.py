@@ -34,6 +34,12 @@ recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
 #   one large GPU, ~9.5 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops, in the easy
 #   world first too), into out/demo_full
+minutes = 15.0  # cpu recipe: end within about this many minutes of `started`, on any CPU. Stage 1 and the joint
+#   stage get --max_minutes (train_*.py cut their steps to what fits, their learning rates decaying to there): on a
+#   CPU with bf16 matrix instructions every step fits; one ~4x slower runs fewer and learns less (BENCHMARKS.md "The
+#   CPU demo in 15 minutes on a slower CPU"). 0: every step of the recipe, however long it takes
+started = 0.0  # the Unix time those minutes count from: `make demo` passes the time it started, so that setting up
+#   the venv counts too; 0 = when demo.py starts
 # ----------------------------------------------------------------------------------------------------------------
 
 WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5), 10,000 training images
@@ -129,15 +135,36 @@ def preflight(recipe):
         raise SystemExit(f"demo: recipe={recipe!r} trains on a CUDA GPU, and this machine has none "
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     if not cpu_has_bf16_matmul():
-        print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32 and "
-              "take longer than the ~15 minutes (~1.4x on the same CPU; a 2-core machine without them took 1.5 s a "
-              "joint step against 0.30-0.37 s on one with them, ~4x: BENCHMARKS.md \"Another CPU under the same "
-              "name\")", flush=True)
+        fewer = (f"to end within its {minutes:g} minutes, stage 1 and the joint stage run the steps that fit and "
+                 "learn less (--minutes=0: all of them)" if minutes else "the stages take ~3-4x longer (--minutes=0)")
+        print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32, ~4x "
+              "slower than on a CPU with them (a 2-core machine without them took 1.3-1.5 s a joint step against "
+              f"0.30-0.37 s): {fewer}. BENCHMARKS.md \"The CPU demo in 15 minutes on a slower CPU\"", flush=True)
+
+
+# the cpu recipe's minutes: what stage 1's and the joint stage's --max_minutes leave for the rest
+AFTER_S = 60  # evaluation, the report, and each stage's start and export, which its max_minutes does not count
+ALIGN_S = 40  # the align stage (34 s on the slowest CPU measured)
+VISION_SHARE = 0.25  # of the minutes left for stage 1 and the joint stage, stage 1's at most (it takes ~18% of them
+#   on a CPU with bf16 matrix instructions, so it is cut only on a slower one)
+
+
+def stage_minutes(name, seconds_left):
+    """--max_minutes for a stage of the cpu recipe that starts with seconds_left of the demo's minutes, or None for
+    a stage that runs its steps whatever the time (the world, align, evaluation: short and fixed)."""
+    if name == "vision":
+        seconds_left = VISION_SHARE * (seconds_left - ALIGN_S - AFTER_S)
+    elif name == "joint":
+        seconds_left -= AFTER_S
+    else:
+        return None
+    return max(seconds_left / 60, 0.1)  # at the least its 20 probe steps (training.BUDGET_PROBE_STEPS)
 
 
 def main(recipe="cpu"):
     out, (world, _), _, _ = RECIPES[recipe]
     t0 = time.time()
+    clock_start = started or t0
     steps = demo_steps(recipe)
     if not all(os.path.exists(done_marker) for _, _, done_marker in steps):
         preflight(recipe)
@@ -145,6 +172,9 @@ def main(recipe="cpu"):
         if os.path.exists(done_marker):
             print(f"== {name}: already done ({done_marker})", flush=True)
             continue
+        budget = stage_minutes(name, minutes * 60 - (time.time() - clock_start)) if minutes and recipe == "cpu" else None
+        if budget is not None:
+            args = [*args, f"--max_minutes={budget:.2f}"]
         command = [sys.executable] + args
         print(f"\n== {name}: {' '.join(args)}", flush=True)
         t = time.time()
@@ -175,6 +205,7 @@ def main(recipe="cpu"):
              f"{llm['num_hidden_layers']} blocks")
     where = "this machine's CPU" if recipe == "cpu" else "one GPU"
     guess = commonest_count_share(f"{world}/synth_image/test.jsonl")
+    since = f", {(time.time() - started) / 60:.1f} since `make demo` started (the set-up included)" if started else ""
     report = f"""# nanoMolmo2 demo
 
 {size} nanoMolmo2 ({parts} with rows for the {n_tokens:,} Qwen3 tokens the world uses) trained from scratch
@@ -193,7 +224,7 @@ The validation losses say what the images are worth to the model: when the two a
 looking. The last row is what stage 1's ViT knows before any LLM reads it: the gap between it and the first
 rows is what the LLM has yet to learn to say.
 
-Total time {(time.time() - t0) / 60:.1f} min (steps already done earlier not counted). Full tables and
+Total time {(time.time() - t0) / 60:.1f} min{since} (steps already done earlier not counted). Full tables and
 predictions: [eval/report.md](eval/report.md).
 
 ## Loss curves
@@ -236,7 +267,7 @@ Ask the model yourself: `.venv/bin/python sample.py --init_from={out}/joint --im
     print(f"\ncounting accuracy {counting:.3f} (commonest count: {guess:.3f}) | pointing F1 {pointing:.3f} on "
           "held-out test images | "
           f"validation loss with the real crops / with them moved to the next image: {losses}")
-    print(f"report: {out}/report.md | {(time.time() - t0) / 60:.1f} min")
+    print(f"report: {out}/report.md | {(time.time() - t0) / 60:.1f} min{since}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ plumbing the loop calls.
 
 import math
 import os
+import time
 from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
 from model import compile_each_block, ready_for_compile
-from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
-                      build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
-                      mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
-                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+from training import (BUDGET_PROBE_STEPS, Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader,
+                      batch_to, build_model, build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe,
+                      fit_to_minutes, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
+                      save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -54,6 +55,10 @@ loader_workers = -1  # processes that make the training examples ahead of the st
 batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 500
+max_minutes = 0.0  # > 0: end the steps within about this many minutes of the script's start, whatever the machine:
+#   after its first 20 steps the run cuts max_steps to what fits at its median step time (training.fit_to_minutes),
+#   its learning rates decaying to there. What follows the last step (export, pictures) is not counted; a resumed
+#   run fits its own minutes. 0: all max_steps
 # None: chosen by where the run starts (training.default_recipe, printed): from a checkpoint Molmo2's SFT recipe
 #   (5e-6, 5e-6, 1e-5, warmup 200, no weight decay) for a pretrained LLM; for one from scratch (also through an
 #   align stage) 1e-3, the ViT 10x lower after stage 1
@@ -92,6 +97,7 @@ save_every = 100  # steps between resumable checkpoints (0: none, only the expor
 seed = 1337
 resume = True  # continue from out_dir/ckpt.pt if it exists
 config = configure(globals())
+started = time.time()  # max_minutes counts from here
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -197,6 +203,8 @@ d.print(f"parameters: vit {model.num_params('vit') / 1e6:.1f}M, connector {model
 
 profiler = StepProfiler(profile, out_dir, d, start_step, max_steps)
 for step in range(start_step, max_steps):
+    if step >= max_steps:  # max_minutes cut the run short (below)
+        break
     profiler.step(step)
     set_learning_rates(optimizer, step, max_steps)
     # the state before this step's batches and dropout draws, in case the step must be redone
@@ -236,6 +244,8 @@ for step in range(start_step, max_steps):
         optimizer.zero_grad(set_to_none=True)
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
+    if max_minutes > 0 and done == start_step + BUDGET_PROBE_STEPS:
+        max_steps = progress.max_steps = fit_to_minutes(max_minutes, started, progress.step_times, done, max_steps, d)
     if eval_every and (done % eval_every == 0 or done == max_steps):
         answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
         progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args), answers)

@@ -49,9 +49,10 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
-from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, full_state_dicts,
-                      image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state, save_checkpoint,
-                      scene_classes, scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+from training import (BUDGET_PROBE_STEPS, Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds,
+                      fit_to_minutes, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
+                      resume_run, rng_state, save_checkpoint, scene_classes, scene_hits, seed_everything,
+                      step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -102,6 +103,10 @@ max_steps = 600
 batch_echo = 1  # > 1: each batch trains this many steps in a row (data echoing, Choi et al. 2019, arXiv 1907.05550).
 #   On a GPU stage 1's step waits for its batches (~48 ms of 128 images where the GPU computes ~10): echoed steps
 #   take the GPU's time alone, so the ViT gets more updates in the same minutes. max_steps counts the updates
+max_minutes = 0.0  # > 0: end the steps within about this many minutes of the script's start, whatever the machine:
+#   after its first 20 steps the run cuts max_steps to what fits at its median step time (training.fit_to_minutes),
+#   its learning rates decaying to there. What follows the last step (export, pictures) is not counted; a resumed
+#   run fits its own minutes. 0: all max_steps
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / its fan-in), muP's rule for Adam
 #   (off at 0). An Adam step moves each element by about the rate, so a matrix's output moves by about rate x
@@ -135,6 +140,7 @@ save_every = 100  # steps between resumable checkpoints
 seed = 1337
 resume = True  # continue from out_dir/ckpt.pt if it exists
 config = configure(globals())
+started = time.time()  # max_minutes counts from here
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -323,6 +329,8 @@ t_start = t_last = time.time()
 step_times = []
 profiler = StepProfiler(profile, out_dir, d, start_step, max_steps)
 for step in range(start_step, max_steps):
+    if step >= max_steps:  # max_minutes cut the run short (below)
+        break
     profiler.step(step)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, warmup, max_steps) * group.get("lr_scale", 1.0)
@@ -359,6 +367,8 @@ for step in range(start_step, max_steps):
     step_times.append(now - t_last)
     t_last = now
     done = step + 1
+    if max_minutes > 0 and done == start_step + BUDGET_PROBE_STEPS:
+        max_steps = fit_to_minutes(max_minutes, started, step_times, done, max_steps, d)
     images = batch_size * grad_accum * d.world_size
     if d.is_master:
         with open(log_path, "a") as f:

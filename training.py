@@ -343,6 +343,39 @@ def eta_seconds(step_times, steps_left):
     return recent[len(recent) // 2] * steps_left
 
 
+BUDGET_PROBE_STEPS = 20  # a run with max_minutes times this many steps before it fits its length to the minutes
+
+
+def steps_within(max_minutes, seconds_so_far, step_times, done, max_steps):
+    """The steps a run with max_minutes can take: done + as many more as fit the minutes left at the median of its
+    step times (eta_seconds), at most max_steps and at least done."""
+    fit = done + int((max_minutes * 60 - seconds_so_far) / eta_seconds(step_times, 1))
+    return max(done, min(max_steps, fit))
+
+
+def fit_to_minutes(max_minutes, t_start, step_times, done, max_steps, d):
+    """The `max_minutes` knob of train_vision.py and train_joint.py, applied once, after BUDGET_PROBE_STEPS steps:
+    -> the run's new max_steps (steps_within; on several ranks the smallest, so that all stop together), said in
+    one line. Its learning rates then decay to that step, as if it had been max_steps all along. Why: a recipe's
+    steps are counted for one machine, and another CPU may run them 3-4 times slower (BENCHMARKS.md "The CPU demo
+    in 15 minutes on a slower CPU"); its minutes, not its steps, are what a demo promises."""
+    fitted = steps_within(max_minutes, time.time() - t_start, step_times, done, max_steps)
+    if d.world_size > 1:
+        t = torch.tensor([fitted], device=d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        fitted = int(t.item())
+    per_step = eta_seconds(step_times, 1)
+    whole = (time.time() - t_start + per_step * (max_steps - done)) / 60
+    if fitted < max_steps:
+        d.print(f"max_minutes={max_minutes:g}: {max_steps:,} steps would take ~{whole:.1f} min here "
+                f"({per_step:.2f} s a step); {fitted:,} fit, so the run ends at step {fitted:,}, its learning rates "
+                f"decaying to there (max_minutes=0: every step)")
+    else:
+        d.print(f"max_minutes={max_minutes:g}: all {max_steps:,} steps fit (~{whole:.1f} min at {per_step:.2f} s "
+                f"a step)")
+    return fitted
+
+
 def logged_steps(log_path):
     """out_dir/log.jsonl -> ({step: train record}, {step: validation record}) in step order, over the whole log
     (the steps before a resume too); a step logged twice (redone after a resume) counts by its last line. A

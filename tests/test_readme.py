@@ -210,3 +210,32 @@ def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, cap
     monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: True)
     demo.preflight("cpu")
     assert capsys.readouterr().out == ""
+
+
+def test_the_cpu_demo_gives_its_minutes_to_stage_1_and_the_joint_stage(tmp_path, monkeypatch):
+    """demo.py's minutes (15, from when `make demo` started): stage 1 gets VISION_SHARE (0.25) of what is left after
+    the align stage's 40 s and the last 60 s, the joint stage all but those 60 s, each as --max_minutes; the other
+    steps run as they are. Started 300 s ago: stage 1 0.25 x (600 - 40 - 60) s = 2.08 min, the joint stage
+    (600 - 60) s = 9.00 min (the test's own seconds are within the 0.05 min allowed). The GPU recipes get none."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    assert demo.stage_minutes("vision", 700) == 0.25 * 600 / 60 and demo.stage_minutes("joint", 600) == 9.0
+    assert demo.stage_minutes("align", 600) is None and demo.stage_minutes("joint", 30) == 0.1  # the 20 probe steps
+    monkeypatch.chdir(tmp_path)  # nothing done yet: every step runs (here: is recorded)
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command: ran.append(command[1:]) or SimpleNamespace(returncode=0))
+    for recipe, started in (("cpu", time.time() - 300), ("gpu", time.time() - 300)):
+        ran.clear()
+        monkeypatch.setattr(demo, "started", started)
+        monkeypatch.setattr(demo, "preflight", lambda recipe: None)
+        with pytest.raises(FileNotFoundError):  # the steps did not really run: no metrics to report
+            demo.main(recipe)
+        budgets = {args[0]: [float(a.split("=")[1]) for a in args if a.startswith("--max_minutes=")] for args in ran}
+        if recipe == "cpu":
+            assert budgets["train_vision.py"] == [pytest.approx(2.08, abs=0.05)]
+            assert budgets["train_joint.py"] == [pytest.approx(9.0, abs=0.05)]
+            assert budgets["prepare_data.py"] == budgets["train_align.py"] == budgets["eval.py"] == []
+        else:
+            assert all(b == [] for b in budgets.values())

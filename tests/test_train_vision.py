@@ -1029,3 +1029,22 @@ def test_scene_hits_score_each_view_alone_by_hand():
     hits = training.scene_hits((kind_logits, colour_logits), targets, torch.tensor([True, True, False]))
     assert hits == {"kind": [True, False, True], "kind_high_res": [True, False], "kind_low_res": [True],
                     "colour": [True, True, False], "colour_high_res": [True, True], "colour_low_res": [False]}
+
+
+def test_max_minutes_ends_stage_1_where_its_minutes_end(tiny_world, tmp_path, monkeypatch):
+    """train_vision.py --max_minutes: after its 20 probe steps a 30-step run is cut to what its minutes hold (here 24,
+    training.steps_within made to say so; tests/test_training.py checks the clock's part): its log ends at step 24
+    and the steps after the cut follow the cosine to step 24, not to step 30."""
+    out_dir = str(tmp_path / "vision")
+    asked = []
+    monkeypatch.setattr(training, "steps_within",
+                        lambda minutes, seconds, times, done, top: asked.append((minutes, len(times), done, top)) or 24)
+    monkeypatch.setattr(sys, "argv", ["train_vision.py", *stage1_args(tiny_world, out_dir, "--max_steps=30",
+                                                                      "--max_minutes=5", "--warmup=0", "--eval_every=0",
+                                                                      "--save_every=0", "--loader_workers=0")])
+    run = runpy.run_path(os.path.join(ROOT, "train_vision.py"), run_name="__main__")
+    assert asked == [(5.0, 20, 20, 30)] and run["max_steps"] == 24
+    steps = {r["step"]: r for r in read_log(out_dir) if kind(r) == "train"}
+    assert sorted(steps) == list(range(24))
+    assert steps[19]["lr"] == pytest.approx(training.lr_at(19, 1e-3, 0, 30), rel=1e-12)  # before the cut
+    assert steps[22]["lr"] == pytest.approx(training.lr_at(22, 1e-3, 0, 24), rel=1e-12)  # after it

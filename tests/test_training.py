@@ -1009,3 +1009,35 @@ def test_device_busy_adds_the_kernels_own_times_and_counts_per_step():
                 Event(device_type=cpu, is_user_annotation=False, self_device_time_total=0.0, count=50),
                 Event(device_type=cuda, is_user_annotation=True, self_device_time_total=9000.0, count=1)]
     assert training.device_busy(averages, 2) == (2.0, 3.0)
+
+
+def test_steps_within_fits_the_minutes_left_at_the_median_step_time():
+    """A 1-minute budget, 20 s gone, steps of 5 s (the first: start-up, left out), 1, 2, 2 and 4 s: the median of the
+    last four is 2 s, so 40 s more hold 20 steps: 5 done + 20 = 25. Never past max_steps, never before what is
+    done (the minutes already spent)."""
+    times = [5.0, 1.0, 2.0, 2.0, 4.0]
+    assert training.steps_within(1.0, 20.0, times, 5, 100) == 25
+    assert training.steps_within(1.0, 20.0, times, 5, 10) == 10
+    assert training.steps_within(1.0, 70.0, times, 5, 100) == 5
+
+
+def test_max_minutes_ends_the_run_where_its_minutes_end(world, tmp_path, monkeypatch, capsys):
+    """train_joint.py --max_minutes: after its 20 probe steps a 40-step run is cut to what its minutes hold (here 30,
+    training.steps_within made to say so, the clock's part being the test above): its log and export end at step
+    30, and the steps after the cut follow the cosine to step 30, not to step 40."""
+    out_dir = str(tmp_path / "joint")
+    args = [f"--out_dir={out_dir}", *TINY, f"--data_dir={world}", "--data_mixture={'image': (1.0, ['synth_image'])}",
+            "--vocab=data", "--max_steps=40", "--max_minutes=5", "--save_every=0", "--lr_connector=1e-3",
+            "--lr_vit=1e-3", "--lr_llm=1e-3", "--warmup_connector=0", "--warmup_vit=0", "--warmup_llm=0"]
+    asked = []
+    monkeypatch.setattr(training, "steps_within",
+                        lambda minutes, seconds, times, done, top: asked.append((minutes, len(times), done, top)) or 30)
+    namespace = run_stage_in_process("train_joint.py", args, monkeypatch)
+    assert asked == [(5.0, 20, 20, 40)] and namespace["max_steps"] == 30  # asked once, after the probe steps
+    steps = {r["step"]: r for r in read_log(out_dir) if "loss" in r}
+    assert sorted(steps) == list(range(30))
+    assert steps[19]["lr"]["llm"] == pytest.approx(training.lr_at(19, 1e-3, 0, 40), rel=1e-12)  # before the cut
+    assert steps[25]["lr"]["llm"] == pytest.approx(training.lr_at(25, 1e-3, 0, 30), rel=1e-12)  # after it
+    assert os.path.isfile(os.path.join(out_dir, "final", "config.json"))
+    out = capsys.readouterr().out
+    assert "max_minutes=5: 40 steps would take ~" in out and "30 fit, so the run ends at step 30" in out
