@@ -23,10 +23,10 @@ import torch
 
 from configurator import configure
 from model import compile_each_block, ready_for_compile
-from training import (BUDGET_PROBE_STEPS, Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader,
-                      batch_to, build_model, build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe,
-                      fit_to_minutes, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
-                      save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
+                      build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, fit_to_minutes,
+                      lineage, mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint,
+                      seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -244,8 +244,8 @@ for step in range(start_step, max_steps):
         optimizer.zero_grad(set_to_none=True)
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
-    if max_minutes > 0 and done == start_step + BUDGET_PROBE_STEPS:
-        max_steps = progress.max_steps = fit_to_minutes(max_minutes, started, progress.step_times, done, max_steps, d)
+    max_steps = progress.max_steps = fit_to_minutes(max_minutes, started, progress.step_times, done, start_step,
+                                                    max_steps, d)  # changed once, if max_minutes asks
     if eval_every and (done % eval_every == 0 or done == max_steps):
         answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
         progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args), answers)

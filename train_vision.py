@@ -49,10 +49,10 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
-from training import (BUDGET_PROBE_STEPS, Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds,
-                      fit_to_minutes, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
-                      resume_run, rng_state, save_checkpoint, scene_classes, scene_hits, seed_everything,
-                      step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, fit_to_minutes,
+                      full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state,
+                      save_checkpoint, scene_classes, scene_hits, seed_everything, step_autocast, stop_nonfinite,
+                      vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -367,8 +367,7 @@ for step in range(start_step, max_steps):
     step_times.append(now - t_last)
     t_last = now
     done = step + 1
-    if max_minutes > 0 and done == start_step + BUDGET_PROBE_STEPS:
-        max_steps = fit_to_minutes(max_minutes, started, step_times, done, max_steps, d)
+    max_steps = fit_to_minutes(max_minutes, started, step_times, done, start_step, max_steps, d)  # once, if asked
     images = batch_size * grad_accum * d.world_size
     if d.is_master:
         with open(log_path, "a") as f:

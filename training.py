@@ -353,12 +353,15 @@ def steps_within(max_minutes, seconds_so_far, step_times, done, max_steps):
     return max(done, min(max_steps, fit))
 
 
-def fit_to_minutes(max_minutes, t_start, step_times, done, max_steps, d):
-    """The `max_minutes` knob of train_vision.py and train_joint.py, applied once, after BUDGET_PROBE_STEPS steps:
-    -> the run's new max_steps (steps_within; on several ranks the smallest, so that all stop together), said in
-    one line. Its learning rates then decay to that step, as if it had been max_steps all along. Why: a recipe's
-    steps are counted for one machine, and another CPU may run them 3-4 times slower (BENCHMARKS.md "The CPU demo
-    in 15 minutes on a slower CPU"); its minutes, not its steps, are what a demo promises."""
+def fit_to_minutes(max_minutes, t_start, step_times, done, first_step, max_steps, d):
+    """The `max_minutes` knob of train_vision.py and train_joint.py, called after every step: max_steps as it was,
+    except once, when the run (from first_step) has taken BUDGET_PROBE_STEPS steps and max_minutes > 0: then the
+    run's new max_steps (steps_within; on several ranks the smallest, so that all stop together), said in one line.
+    Its learning rates then decay to that step, as if it had been max_steps all along. Why: a recipe's steps are
+    counted for one machine, and another CPU may run them 3-4 times slower (BENCHMARKS.md "The CPU demo in 15
+    minutes on a slower CPU"); its minutes, not its steps, are what a demo promises."""
+    if not (max_minutes > 0 and done == first_step + BUDGET_PROBE_STEPS):
+        return max_steps
     fitted = steps_within(max_minutes, time.time() - t_start, step_times, done, max_steps)
     if d.world_size > 1:
         t = torch.tensor([fitted], device=d.device)
