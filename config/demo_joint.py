@@ -7,7 +7,11 @@
 # and 0.207; BENCHMARKS.md "The CPU demo"). Its matmuls run in bf16 where the CPU has bf16 matrix instructions
 # (cpu_autocast): on this project's 2-core machine a step then takes 0.34-0.37 s instead of 0.44-0.48 s, so 1,650
 # steps fit the minutes of 1,200 in float32; they counted 0.475 and pointed at F1 0.256 against 0.435 / 0.188 (one
-# seed each). On a CPU without them the steps run in float32, about 40% longer.
+# seed each). On a CPU without them the steps run in float32, ~4x slower than there, and demo.py's minutes hold a
+# quarter of the steps: 8 rows a step, twice the updates on the same images, then widened the validation gap from
+# 0.034 to 0.073 on that CPU (0.039 to 0.052 over two seeds on a GPU replay), where at the full minutes 8 rows and 16
+# were alike (3,000 steps of 8: 0.480 / 0.252 against 0.475 / 0.256 on the bf16 CPU; BENCHMARKS.md "The CPU demo
+# in 15 minutes on a slower CPU"): the demo trains 8 rows a step.
 out_dir = "out/demo/joint"
 init_from = "out/demo/align"  # keeps the align stage's ViT and kept-token vocabulary
 model_preset = "small"
@@ -17,8 +21,8 @@ styles = ("long_caption", "point_count", "pointing", "short_answer")
 max_crops = 4
 overlap_margins = (2, 2)
 max_seq_len = 368  # the longest example with its caption is 361 tokens
-batch_size = 16
-max_steps = 1650
+batch_size = 8
+max_steps = 3300  # the images of 1,650 steps of 16
 cpu_autocast = "auto"
 lr_connector, lr_vit, lr_llm = 1e-3, 0.0, 1e-3  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
 warmup_connector, warmup_vit, warmup_llm = 50, 50, 50
@@ -26,8 +30,8 @@ weight_decay = 0.1
 loss_weighting = "none"  # every answer token weighs 1: long point lists are the lesson here (Molmo2's sft weighting
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
-eval_every = 550
+eval_every = 1100
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report
 eval_batches = 2
-save_every = 1650
-log_every = 50
+save_every = 3300
+log_every = 100
