@@ -158,7 +158,7 @@ def stage_minutes(name, seconds_left):
         seconds_left -= AFTER_S
     else:
         return None
-    return max(seconds_left / 60, 0.1)  # at the least its 20 probe steps (training.BUDGET_PROBE_STEPS)
+    return max(seconds_left / 60, 0.1)  # at the least the 20 steps before the first fit (training.StepBudget)
 
 
 def main(recipe="cpu"):

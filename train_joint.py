@@ -16,17 +16,16 @@ plumbing the loop calls.
 
 import math
 import os
-import time
 from contextlib import nullcontext
 
 import torch
 
 from configurator import configure
 from model import compile_each_block, ready_for_compile
-from training import (Dist, GraphedStep, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model,
-                      build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, fit_to_minutes,
-                      lineage, mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint,
-                      seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TrainLoader, batch_to,
+                      build_model, build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
+                      mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -56,9 +55,9 @@ batch_process = True  # on a GPU the next steps' batches are made in a forked pr
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 500
 max_minutes = 0.0  # > 0: end the steps within about this many minutes of the script's start, whatever the machine:
-#   after its first 20 steps the run cuts max_steps to what fits at its median step time (training.fit_to_minutes),
-#   its learning rates decaying to there. What follows the last step (export, pictures) is not counted; a resumed
-#   run fits its own minutes. 0: all max_steps
+#   every 20 steps the run sets max_steps to what fits at its mean step time (training.StepBudget, never past the
+#   max_steps asked), its learning rates decaying to there. What follows the last step (export, pictures) is not
+#   counted; a resumed run fits its own minutes. 0: all max_steps
 # None: chosen by where the run starts (training.default_recipe, printed): from a checkpoint Molmo2's SFT recipe
 #   (5e-6, 5e-6, 1e-5, warmup 200, no weight decay) for a pretrained LLM; for one from scratch (also through an
 #   align stage) 1e-3, the ViT 10x lower after stage 1
@@ -97,7 +96,6 @@ save_every = 100  # steps between resumable checkpoints (0: none, only the expor
 seed = 1337
 resume = True  # continue from out_dir/ckpt.pt if it exists
 config = configure(globals())
-started = time.time()  # max_minutes counts from here
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -136,6 +134,7 @@ if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
 d = Dist(device)
+budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
 start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
@@ -244,8 +243,7 @@ for step in range(start_step, max_steps):
         optimizer.zero_grad(set_to_none=True)
     progress.step(step, loss, optimizer, micro_batches, grad_norm)
     done = step + 1
-    max_steps = progress.max_steps = fit_to_minutes(max_minutes, started, progress.step_times, done, start_step,
-                                                    max_steps, d)  # changed once, if max_minutes asks
+    max_steps = progress.max_steps = budget.fit(done, start_step, progress.step_times, max_steps)  # max_minutes
     if eval_every and (done % eval_every == 0 or done == max_steps):
         answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
         progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args), answers)

@@ -49,7 +49,7 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
-from training import (Dist, GraphedStep, StepProfiler, StepsAhead, VisionLoader, eta_seconds, fit_to_minutes,
+from training import (Dist, GraphedStep, StepBudget, StepProfiler, StepsAhead, VisionLoader, eta_seconds,
                       full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state,
                       save_checkpoint, scene_classes, scene_hits, seed_everything, step_autocast, stop_nonfinite,
                       vision_batch_to, wrap_model)
@@ -104,9 +104,9 @@ batch_echo = 1  # > 1: each batch trains this many steps in a row (data echoing,
 #   On a GPU stage 1's step waits for its batches (~48 ms of 128 images where the GPU computes ~10): echoed steps
 #   take the GPU's time alone, so the ViT gets more updates in the same minutes. max_steps counts the updates
 max_minutes = 0.0  # > 0: end the steps within about this many minutes of the script's start, whatever the machine:
-#   after its first 20 steps the run cuts max_steps to what fits at its median step time (training.fit_to_minutes),
-#   its learning rates decaying to there. What follows the last step (export, pictures) is not counted; a resumed
-#   run fits its own minutes. 0: all max_steps
+#   every 20 steps the run sets max_steps to what fits at its mean step time (training.StepBudget, never past the
+#   max_steps asked), its learning rates decaying to there. What follows the last step (export, pictures) is not
+#   counted; a resumed run fits its own minutes. 0: all max_steps
 lr = 1e-3  # AdamW peak for every trained weight (ViT, heads, text tower)
 vit_lr_fan_in = 0  # > 0: each ViT weight matrix learns at lr x min(1, this / its fan-in), muP's rule for Adam
 #   (off at 0). An Adam step moves each element by about the rate, so a matrix's output moves by about rate x
@@ -140,7 +140,6 @@ save_every = 100  # steps between resumable checkpoints
 seed = 1337
 resume = True  # continue from out_dir/ckpt.pt if it exists
 config = configure(globals())
-started = time.time()  # max_minutes counts from here
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -228,6 +227,7 @@ if sigmoid_weight <= 0 and loc_weight <= 0 and scene_weight <= 0:
 # each loss's weight in the step's total; the localisation loss's parts (loc, offset, position) share loc_weight
 weight_of = collections.defaultdict(lambda: loc_weight, sigmoid=sigmoid_weight, scene=scene_weight)
 d = Dist(device)
+budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank
@@ -367,7 +367,7 @@ for step in range(start_step, max_steps):
     step_times.append(now - t_last)
     t_last = now
     done = step + 1
-    max_steps = fit_to_minutes(max_minutes, started, step_times, done, start_step, max_steps, d)  # once, if asked
+    max_steps = budget.fit(done, start_step, step_times, max_steps)  # max_minutes: what fits
     images = batch_size * grad_accum * d.world_size
     if d.is_master:
         with open(log_path, "a") as f:

@@ -343,40 +343,56 @@ def eta_seconds(step_times, steps_left):
     return recent[len(recent) // 2] * steps_left
 
 
-BUDGET_PROBE_STEPS = 20  # a run with max_minutes times this many steps before it fits its length to the minutes
+BUDGET_PROBE_STEPS = 20  # a run with max_minutes fits its length to the minutes after this many steps, and again
+#   after every this many more (the machine's speed may drift: on the 2-core machine a fit made from the first 20 steps
+#   ran 15% over once its later steps slowed)
 
 
 def steps_within(max_minutes, seconds_so_far, step_times, done, max_steps):
-    """The steps a run with max_minutes can take: done + as many more as fit the minutes left at the median of its
-    step times (eta_seconds), at most max_steps and at least done."""
-    fit = done + int((max_minutes * 60 - seconds_so_far) / eta_seconds(step_times, 1))
+    """The steps a run with max_minutes can take: done + as many more as fit the minutes left at the mean of its last
+    50 step times (the first, start-up, left out; a step's time includes any validation or save before it, so their
+    share counts too), at most max_steps and at least done."""
+    recent = step_times[1:][-50:] or step_times
+    fit = done + int((max_minutes * 60 - seconds_so_far) / (sum(recent) / len(recent)))
     return max(done, min(max_steps, fit))
 
 
-def fit_to_minutes(max_minutes, t_start, step_times, done, first_step, max_steps, d):
-    """The `max_minutes` knob of train_vision.py and train_joint.py, called after every step: max_steps as it was,
-    except once, when the run (from first_step) has taken BUDGET_PROBE_STEPS steps and max_minutes > 0: then the
-    run's new max_steps (steps_within; on several ranks the smallest, so that all stop together), said in one line.
-    Its learning rates then decay to that step, as if it had been max_steps all along. Why: a recipe's steps are
-    counted for one machine, and another CPU may run them 3-4 times slower (BENCHMARKS.md "The CPU demo in 15
-    minutes on a slower CPU"); its minutes, not its steps, are what a demo promises."""
-    if not (max_minutes > 0 and done == first_step + BUDGET_PROBE_STEPS):
-        return max_steps
-    fitted = steps_within(max_minutes, time.time() - t_start, step_times, done, max_steps)
-    if d.world_size > 1:
-        t = torch.tensor([fitted], device=d.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        fitted = int(t.item())
-    per_step = eta_seconds(step_times, 1)
-    whole = (time.time() - t_start + per_step * (max_steps - done)) / 60
-    if fitted < max_steps:
-        d.print(f"max_minutes={max_minutes:g}: {max_steps:,} steps would take ~{whole:.1f} min here "
-                f"({per_step:.2f} s a step); {fitted:,} fit, so the run ends at step {fitted:,}, its learning rates "
-                f"decaying to there (max_minutes=0: every step)")
-    else:
-        d.print(f"max_minutes={max_minutes:g}: all {max_steps:,} steps fit (~{whole:.1f} min at {per_step:.2f} s "
-                f"a step)")
-    return fitted
+class StepBudget:
+    """The `max_minutes` knob of train_vision.py and train_joint.py: a run that ends its steps within max_minutes of
+    when this was made (the script's start), whatever the machine. fit() after each step returns the run's
+    max_steps: as it is, except every BUDGET_PROBE_STEPS steps, when it becomes what fits the minutes left
+    (steps_within, never past the planned max_steps; on several ranks the smallest, so that all stop together). The
+    learning rates follow: their cosine decays to the current end. Why: a recipe's steps are counted on one machine,
+    and another CPU may run them 3-4 times slower (BENCHMARKS.md "The CPU demo in 15 minutes on a slower CPU"); its
+    minutes, not its steps, are what a demo promises."""
+
+    def __init__(self, max_minutes, planned_steps, d):
+        self.max_minutes, self.planned, self.d = max_minutes, planned_steps, d
+        self.started, self.said = time.time(), False
+
+    def fit(self, done, first_step, step_times, max_steps):
+        taken = done - first_step
+        if not (self.max_minutes > 0 and taken >= BUDGET_PROBE_STEPS and taken % BUDGET_PROBE_STEPS == 0):
+            return max_steps
+        fitted = steps_within(self.max_minutes, time.time() - self.started, step_times, done, self.planned)
+        if self.d.world_size > 1:
+            t = torch.tensor([fitted], device=self.d.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            fitted = int(t.item())
+        recent = step_times[1:][-50:] or step_times
+        per_step = sum(recent) / len(recent)
+        m = f"max_minutes={self.max_minutes:g}"
+        if not self.said:
+            whole = (time.time() - self.started + per_step * (self.planned - done)) / 60
+            self.d.print(f"{m}: all {self.planned:,} steps fit (~{whole:.1f} min at {per_step:.2f} s a step)"
+                         if fitted == self.planned else
+                         f"{m}: {self.planned:,} steps would take ~{whole:.1f} min here ({per_step:.2f} s a step); "
+                         f"{fitted:,} fit, so the run ends at step {fitted:,}, its learning rates decaying to there "
+                         f"(fitted again every {BUDGET_PROBE_STEPS} steps; max_minutes=0: every step)")
+            self.said = True
+        elif abs(fitted - max_steps) > 0.02 * max_steps:
+            self.d.print(f"{m}: at {per_step:.2f} s a step the run now ends at step {fitted:,} (was {max_steps:,})")
+        return fitted
 
 
 def logged_steps(log_path):

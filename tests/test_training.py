@@ -1011,11 +1011,11 @@ def test_device_busy_adds_the_kernels_own_times_and_counts_per_step():
     assert training.device_busy(averages, 2) == (2.0, 3.0)
 
 
-def test_steps_within_fits_the_minutes_left_at_the_median_step_time():
-    """A 1-minute budget, 20 s gone, steps of 5 s (the first: start-up, left out), 1, 2, 2 and 4 s: the median of the
-    last four is 2 s, so 40 s more hold 20 steps: 5 done + 20 = 25. Never past max_steps, never before what is
-    done (the minutes already spent)."""
-    times = [5.0, 1.0, 2.0, 2.0, 4.0]
+def test_steps_within_fits_the_minutes_left_at_the_mean_step_time():
+    """A 1-minute budget, 20 s gone, steps of 5 s (the first: start-up, left out), 1, 2, 3 and 2 s: their mean is
+    2 s, so 40 s more hold 20 steps: 5 done + 20 = 25. Never past max_steps, never before what is done (the
+    minutes already spent)."""
+    times = [5.0, 1.0, 2.0, 3.0, 2.0]
     assert training.steps_within(1.0, 20.0, times, 5, 100) == 25
     assert training.steps_within(1.0, 20.0, times, 5, 10) == 10
     assert training.steps_within(1.0, 70.0, times, 5, 100) == 5
@@ -1023,8 +1023,8 @@ def test_steps_within_fits_the_minutes_left_at_the_median_step_time():
 
 def test_max_minutes_ends_the_run_where_its_minutes_end(world, tmp_path, monkeypatch, capsys):
     """train_joint.py --max_minutes: after its 20 probe steps a 40-step run is cut to what its minutes hold (here 30,
-    training.steps_within made to say so, the clock's part being the test above): its log and export end at step
-    30, and the steps after the cut follow the cosine to step 30, not to step 40."""
+    training.steps_within made to say so, the clock's part being the test above; it would ask again at step 40): its
+    log and export end at step 30, and the steps after the cut follow the cosine to step 30, not to step 40."""
     out_dir = str(tmp_path / "joint")
     args = [f"--out_dir={out_dir}", *TINY, f"--data_dir={world}", "--data_mixture={'image': (1.0, ['synth_image'])}",
             "--vocab=data", "--max_steps=40", "--max_minutes=5", "--save_every=0", "--lr_connector=1e-3",
@@ -1041,3 +1041,26 @@ def test_max_minutes_ends_the_run_where_its_minutes_end(world, tmp_path, monkeyp
     assert os.path.isfile(os.path.join(out_dir, "final", "config.json"))
     out = capsys.readouterr().out
     assert "max_minutes=5: 40 steps would take ~" in out and "30 fit, so the run ends at step 30" in out
+
+
+def test_step_budget_fits_again_every_20_steps_in_either_direction(monkeypatch, capsys):
+    """StepBudget.fit asks steps_within at steps 20, 40, 60 of a run (not between, not before), its answer bounded by
+    the planned steps: a machine that slows down ends the run earlier, one that speeds up later again, up to the
+    plan; it says the first fit, and later ones that move the end by more than 2%."""
+    answers = iter([300, 250, 1000])
+    asked = []
+
+    def fake(minutes, seconds, times, done, planned):
+        asked.append((done, planned))
+        return min(planned, next(answers))
+    monkeypatch.setattr(training, "steps_within", fake)
+    budget = training.StepBudget(10.0, 500, training.Dist("cpu"))
+    ends, max_steps = [], 500
+    for done in range(1, 61):
+        max_steps = budget.fit(done, 0, [1.0] * done, max_steps)
+        ends.append(max_steps)
+    assert asked == [(20, 500), (40, 500), (60, 500)]
+    assert ends[18] == 500 and ends[19] == ends[38] == 300 and ends[39] == ends[58] == 250 and ends[59] == 500
+    out = capsys.readouterr().out
+    assert "500 steps would take" in out and "ends at step 250 (was 300)" in out and "ends at step 500 (was 250)" in out
+    assert training.StepBudget(0.0, 500, training.Dist("cpu")).fit(20, 0, [1.0] * 20, 500) == 500  # off
