@@ -348,12 +348,17 @@ BUDGET_PROBE_STEPS = 20  # a run with max_minutes fits its length to the minutes
 #   ran 15% over once its later steps slowed)
 
 
-def steps_within(max_minutes, seconds_so_far, step_times, done, max_steps):
-    """The steps a run with max_minutes can take: done + as many more as fit the minutes left at the mean of its last
-    50 step times (the first, start-up, left out; a step's time includes any validation or save before it, so their
-    share counts too), at most max_steps and at least done."""
+def mean_step_seconds(step_times):
+    """The mean of a run's last 50 step times (the first, start-up, left out; a step's time includes any validation
+    or save before it, so their share counts too): what a step costs when fitting a run to its minutes."""
     recent = step_times[1:][-50:] or step_times
-    fit = done + int((max_minutes * 60 - seconds_so_far) / (sum(recent) / len(recent)))
+    return sum(recent) / len(recent)
+
+
+def steps_within(max_minutes, seconds_so_far, step_times, done, max_steps):
+    """The steps a run with max_minutes can take: done + as many more as fit the minutes left at mean_step_seconds,
+    at most max_steps and at least done."""
+    fit = done + int((max_minutes * 60 - seconds_so_far) / mean_step_seconds(step_times))
     return max(done, min(max_steps, fit))
 
 
@@ -379,8 +384,7 @@ class StepBudget:
             t = torch.tensor([fitted], device=self.d.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             fitted = int(t.item())
-        recent = step_times[1:][-50:] or step_times
-        per_step = sum(recent) / len(recent)
+        per_step = mean_step_seconds(step_times)
         m = f"max_minutes={self.max_minutes:g}"
         if not self.said:
             whole = (time.time() - self.started + per_step * (self.planned - done)) / 60
