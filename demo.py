@@ -104,6 +104,24 @@ def demo_steps(recipe="cpu"):
 STEPS = demo_steps("cpu")  # the CPU demo's steps (tests/test_readme.py runs them shortened)
 
 
+# how the report names each group of counting questions (prepare_data.query_asks_about)
+QUESTION_FORMS = {"colour": 'a colour ("How many red shapes are there?")', "kind": 'a kind ("Count the circles.")',
+                  "colour and kind": 'both ("How many red circles can you see?")', "nothing": "every shape"}
+
+
+# what the report says under that table: why a kind is the hardest to count, for the CPU recipe and the GPU ones
+KIND_HARDEST = ("A colour is the easiest thing for the ViT to see, a kind of shape the hardest: the world's shapes are "
+              "one or two\npatches wide in the high-resolution crops. ")
+KINDS_NOTE = {
+    True: KIND_HARDEST + """This stage 1 learns where the shapes are, not their kinds. Taught the
+kinds too (train_vision.py's scene loss), the CPU recipe's 9,600 images named no more of them than chance (0.20-0.22
+of four kinds), a GPU's 128,000 named 0.62, and the GPU recipe, which first shows the ViT one large shape an image,
+0.97 (BENCHMARKS.md "Stage 1 in two parts", "Data echoing").""",
+    False: KIND_HARDEST + """This recipe's stage 1 also learns the kinds (train_vision.py's scene
+loss), in a world of one large shape an image first (BENCHMARKS.md "Stage 1 in two parts").""",
+}
+
+
 def commonest_count_share(test_jsonl):
     """How often the commonest true count occurs among the test images: what a model that never looks scores."""
     import collections
@@ -114,6 +132,25 @@ def commonest_count_share(test_jsonl):
     counts = collections.Counter(sum(prepare_data.shape_matches(shape, scene["query"]) for shape in scene["shapes"])
                                  for scene in scenes)
     return counts.most_common(1)[0][1] / len(scenes)
+
+
+def counting_by_query(predictions_jsonl, test_jsonl):
+    """eval.py's counting answers on the test images, by what each question names (prepare_data.query_asks_about)
+    -> [(names, questions, counted right)], in the order colour, kind, colour and kind (the kinds that occur)."""
+    import collections
+
+    import prepare_data
+    with open(test_jsonl) as f:
+        queries = {r["id"]: r["scene"]["query"] for r in map(json.loads, filter(str.strip, f))}
+    asked, right = collections.Counter(), collections.Counter()
+    with open(predictions_jsonl) as f:
+        for p in map(json.loads, filter(str.strip, f)):
+            if p["task"] == "counting":
+                about = prepare_data.query_asks_about(queries[p["id"]])
+                asked[about] += 1
+                right[about] += p["scores"]["correct"] == 1.0
+    order = ("colour", "kind", "colour and kind", "nothing")
+    return [(about, asked[about], right[about]) for about in sorted(asked, key=order.index)]
 
 
 def last_validation(log_jsonl, key):
@@ -205,6 +242,8 @@ def main(recipe="cpu"):
              f"{llm['num_hidden_layers']} blocks")
     where = "this machine's CPU" if recipe == "cpu" else "one GPU"
     guess = commonest_count_share(f"{world}/synth_image/test.jsonl")
+    by_query = "\n".join(f"| {QUESTION_FORMS[about]} | {n} | {k / n:.3f} |" for about, n, k in
+                         counting_by_query(f"{out}/eval/predictions.jsonl", f"{world}/synth_image/test.jsonl"))
     since = f", {(time.time() - started) / 60:.1f} since `make demo` started (the set-up included)" if started else ""
     report = f"""# nanoMolmo2 demo
 
@@ -223,6 +262,14 @@ pretraining, connector alignment, joint training), then asked to count and point
 The validation losses say what the images are worth to the model: when the two are equal it answers without
 looking. The last row is what stage 1's ViT knows before any LLM reads it: the gap between it and the first
 rows is what the LLM has yet to learn to say.
+
+Counting, by what the question names:
+
+| the test's counting questions name | questions | counted right |
+|---|---:|---:|
+{by_query}
+
+{KINDS_NOTE[recipe == "cpu"]}
 
 Total time {(time.time() - t0) / 60:.1f} min{since} (steps already done earlier not counted). Full tables and
 predictions: [eval/report.md](eval/report.md).

@@ -506,6 +506,12 @@ def shape_matches(shape, query):
     return (query["colour"] in (None, shape["colour"])) and (query["kind"] in (None, shape["kind"]))
 
 
+def query_asks_about(query):
+    """What a query names: 'colour' ("the red shapes"), 'kind' ("the circles"), 'colour and kind' ("the red
+    circles"), or 'nothing' (every shape)."""
+    return " and ".join(k for k in ("colour", "kind") if query[k]) or "nothing"
+
+
 def _random_query(rng):
     form = rng.randrange(3)
     return {"colour": rng.choice(list(SHAPE_COLOURS)) if form != 1 else None,

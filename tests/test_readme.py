@@ -141,10 +141,33 @@ def test_demo_reports_what_its_steps_made(clone):
     assert f"| counting accuracy (exact final count) | {metrics['counting_accuracy']:.3f} |" in report
     assert f"| pointing F1 (a point counts inside the shape's radius) | {metrics['pointing_f1']:.3f} |" in report
     assert "| not measured (no validation) |" in report
+    with open(clone / "out/demo/eval/predictions.jsonl") as f:
+        n_counting = sum(json.loads(line)["task"] == "counting" for line in f)
+    by_query = re.findall(r"^\| (?:a colour|a kind|both|every shape)[^|]*\| (\d+) \| [0-9.]+ \|$", report, re.M)
+    assert by_query and sum(map(int, by_query)) == n_counting  # every counting question in one row
     tiny = Molmo2Config.preset("tiny")
     kept_blocks = max(tiny.connector.vit_layers) + 1  # the ViT is kept up to the last block the connector reads
     assert (f"ViT {tiny.vit.hidden_size} wide x {kept_blocks} blocks at {tiny.vit.image_size} px, Qwen3-style LLM "
             f"{tiny.llm.hidden_size} wide x {tiny.llm.num_hidden_layers} blocks") in report
+
+
+def test_the_report_counts_right_by_what_each_question_names(tmp_path):
+    """demo.counting_by_query worked by hand: four test images whose questions name a colour, a kind, both, and a
+    colour again; eval.py scored the counting answers right on the first, third and fourth. A pointing answer and
+    a test image with no counting answer count for nothing."""
+    queries = [{"colour": "red", "kind": None}, {"colour": None, "kind": "circle"},
+               {"colour": "red", "kind": "circle"}, {"colour": "blue", "kind": None}, {"colour": None, "kind": None}]
+    assert [prepare_data.query_asks_about(q) for q in queries] == ["colour", "kind", "colour and kind", "colour",
+                                                                     "nothing"]
+    with open(tmp_path / "test.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": f"img{i}", "scene": {"query": q}}) + "\n" for i, q in enumerate(queries))
+    answers = [("counting", "img0", 1.0), ("counting", "img1", 0.0), ("counting", "img2", 1.0),
+               ("counting", "img3", 1.0), ("pointing", "img1", 1.0)]
+    with open(tmp_path / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps({"task": task, "id": i, "scores": {"correct": right}}) + "\n"
+                     for task, i, right in answers)
+    assert demo.counting_by_query(tmp_path / "predictions.jsonl", tmp_path / "test.jsonl") == [
+        ("colour", 2, 2), ("kind", 1, 0), ("colour and kind", 1, 1)]
 
 
 def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):

@@ -27,11 +27,6 @@ import prepare_data  # noqa: E402
 from eval import extract_count  # noqa: E402
 
 
-def asks_about(query):
-    """{"colour": ..., "kind": ...} -> 'colour', 'kind' or 'colour and kind'."""
-    return " and ".join(k for k in ("colour", "kind") if query[k])
-
-
 def table(groups):
     for name, rows in groups.items():
         print(f"  {name:<36} n {len(rows):>4}  accuracy {sum(rows) / max(len(rows), 1):.2f}")
@@ -49,7 +44,7 @@ def main(predictions, world="data/demo"):
             true = sum(prepare_data.shape_matches(s, scene["query"]) for s in scene["shapes"])
             said = extract_count(p["answer"])
             right = said == true
-            groups[f"asks about {asks_about(scene['query'])}"].append(right)
+            groups[f"asks about {prepare_data.query_asks_about(scene['query'])}"].append(right)
             distractors = true < len(scene["shapes"])
             groups["shapes that do not match" if distractors else "every shape matches"].append(right)
             if not right:
