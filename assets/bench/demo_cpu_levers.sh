@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 15: what would bring the CPU demo to counting 0.60 and pointing F1 0.50 within its minutes, on a CPU with AMX
+# (bf16 matrix instructions; the joint stage's steps of 8 rows took 0.195 s there, ~2,850 of them fitting its 10.7
+# minutes)? The CPU demo's chain replayed on one GPU, each variant with the steps that fit that CPU's minutes, scored
+# on the 200 test images. Three groups, one call each (~5-8 min on one H200, 16 cores):
+#   width:  the LLM 128 (the preset), 192, 256 (also at lr 5e-4), 384 wide, 256 x 6 blocks, 128 x 2 blocks
+#           (assets/bench/resized_llm.py; 8-row steps of 0.195, 0.27, 0.385, 0.579, 0.507, 0.135 s on that CPU)
+#   levers: twice the joint steps; stage 1 at 450 steps; stage 1 with the scene loss; lr 2e-3; the ViT learning
+#   rows:   4 and 2 rows a step (0.119 and 0.080 s on that CPU), at the same minutes
+# BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results. Usage, on a GPU machine:
+#   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows
+set -u
+OUT=${1:?out dir}
+GROUP=${2:?width, levers or rows}
+PY=${PY:-python3}
+RUNS=out/levers_cpu
+mkdir -p "$OUT" "$RUNS"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/times.txt"; }
+export OMP_NUM_THREADS=1  # ~10 runs share the machine's cores
+[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 \
+    --train_images=10000 > /dev/null
+vision() {  # name llm(w,i,l) stage-1 args: stage 1, then the align stage around an LLM of that size
+  local name=$1 llm=$2; shift 2
+  $PY train_vision.py config/demo_vision.py --loader_workers=2 --out_dir=$RUNS/v-$name --save_every=0 "$@" \
+      > "$OUT/v-$name.log" 2>&1 || stamp "v-$name failed"
+  LLM=$llm $PY assets/bench/resized_llm.py train_align.py config/demo_align.py --vit_from=$RUNS/v-$name \
+      --out_dir=$RUNS/a-$name --loader_workers=1 > "$OUT/a-$name.log" 2>&1 || stamp "a-$name failed"
+  stamp "v-$name: $(grep 'val loc' "$OUT/v-$name.log" | tail -1 | grep -o 'count_acc.*')"
+}
+joint() {  # name align seed joint-args
+  local name=$1 A=$RUNS/a-$2 seed=$3 dir=$RUNS/$1-s$3; shift 3
+  $PY train_joint.py config/demo_joint.py --init_from=$A --eval_every=100000 --save_every=0 --seed=$seed \
+      --loader_workers=1 --log_every=100 --out_dir=$dir "$@" > "$OUT/$name-s$seed.log" 2>&1 \
+      || { stamp "$name-s$seed failed"; return; }
+  $PY eval.py --init_from=$dir --split=test --data_dir=data/demo "--datasets=['synth_image']" \
+      "--tasks=['counting', 'pointing']" --out_dir=$dir/eval 2>&1 | tail -n 4 >> "$OUT/$name-s$seed.log"
+  stamp "$name-s$seed: $(grep -ho '"counting_accuracy": [0-9.]*\|"f1": [0-9.]*' $dir/eval/metrics.json | tr '\n' ' ')"
+  $PY assets/bench/count_errors.py $dir/eval/predictions.jsonl data/demo > "$OUT/$name-s$seed-counts.txt" 2>&1
+}
+case $GROUP in
+width)
+  vision base 128,512,4 --max_steps=300 --eval_every=300
+  for spec in "w192|192,768,4|1800" "w256|256,1024,4|1270" "w384|384,1536,4|850" "w256x6|256,1024,6|960" \
+              "w128x2|128,512,2|3600"; do
+    IFS='|' read -r name llm steps <<< "$spec"
+    ( LLM=$llm $PY assets/bench/resized_llm.py train_align.py config/demo_align.py --vit_from=$RUNS/v-base \
+          --out_dir=$RUNS/a-$name --loader_workers=1 > "$OUT/a-$name.log" 2>&1
+      joint $name $name 1337 --max_steps=$steps &
+      case $name in w192|w256|w384) joint $name $name 1338 --max_steps=$steps & ;; esac
+      [ $name = w256 ] && joint w256lr5 w256 1337 --max_steps=$steps --lr_llm=5e-4 --lr_connector=5e-4 &
+      wait ) &
+  done
+  joint w128 base 1337 --max_steps=2500 & joint w128 base 1338 --max_steps=2500 &
+  ;;
+levers)
+  vision base 128,512,4 --max_steps=300 --eval_every=300 &
+  vision s450 128,512,4 --max_steps=450 --warmup=45 --eval_every=450 &
+  vision scene 128,512,4 --max_steps=300 --eval_every=300 --scene_weight=1.0 --scene_balanced=True &
+  wait
+  for seed in 1337 1338; do
+    joint steps2x base $seed --max_steps=5700 --eval_every=1900 --eval_answers=100 --loader_workers=2 &
+    joint base base $seed --max_steps=2850 &
+    joint s450 s450 $seed --max_steps=2850 &
+    joint scene scene $seed --max_steps=2850 &
+  done
+  joint lr2e3 base 1337 --max_steps=2850 --lr_llm=2e-3 --lr_connector=2e-3 &
+  joint vitlr base 1337 --max_steps=2850 --lr_vit=1e-4 &
+  ;;
+rows)
+  vision base 128,512,4 --max_steps=300 --eval_every=300
+  joint rows4 base 1337 --max_steps=4670 --batch_size=4 & joint rows4 base 1338 --max_steps=4670 --batch_size=4 &
+  joint rows4lr7 base 1337 --max_steps=4670 --batch_size=4 --lr_llm=7e-4 --lr_connector=7e-4 &
+  joint rows2 base 1337 --max_steps=6950 --batch_size=2 &
+  joint base base 1337 --max_steps=2850 &
+  ;;
+*) echo "group: width, levers or rows"; exit 2 ;;
+esac
+wait
+stamp "all done"
