@@ -8,14 +8,8 @@
 # holds the results. Usage, on a GPU machine: bash assets/bench/demo_budget.sh OUT_DIR
 set -u
 OUT=${1:?out dir}
-PY=${PY:-python3}
 RUNS=out/budget
-mkdir -p "$OUT" "$RUNS"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/times.txt"; }
-export OMP_NUM_THREADS=1  # ~10 runs share the machine's cores
-[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 \
-    --train_images=10000 > /dev/null
+source "$(dirname "$0")/replay_common.sh"
 stamp "world ready"
 # name | stage-1 arguments | joint arguments (stage 1's warmup is a tenth of its steps, as the demo's 30 of 300)
 VARIANTS=(
@@ -38,9 +32,7 @@ chain() {
       $PY train_joint.py config/demo_joint.py --init_from="$V-align" $joint --eval_every=100000 --save_every=0 \
           --seed="$seed" --loader_workers=1 --log_every=50 --out_dir="$dir" > "$OUT/$name-s$seed.log" 2>&1 \
           || { stamp "$name-s$seed failed"; exit; }
-      $PY eval.py --init_from="$dir" --split=test --data_dir=data/demo "--datasets=['synth_image']" \
-          "--tasks=['counting', 'pointing']" --out_dir="$dir/eval" 2>&1 | tail -n 12 >> "$OUT/$name-s$seed.log"
-      stamp "$name-s$seed: $(grep -ho '"counting_accuracy": [0-9.]*\|"f1": [0-9.]*' "$dir/eval/metrics.json" | tr '\n' ' ')"
+      score "$dir" "$name-s$seed"
     ) &
   done
   wait

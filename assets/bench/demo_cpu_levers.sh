@@ -12,14 +12,8 @@
 set -u
 OUT=${1:?out dir}
 GROUP=${2:?width, levers or rows}
-PY=${PY:-python3}
 RUNS=out/levers_cpu
-mkdir -p "$OUT" "$RUNS"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/times.txt"; }
-export OMP_NUM_THREADS=1  # ~10 runs share the machine's cores
-[ -f data/demo/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo --max_objects=5 \
-    --train_images=10000 > /dev/null
+source "$(dirname "$0")/replay_common.sh"
 vision() {  # name llm(w,i,l) stage-1 args: stage 1, then the align stage around an LLM of that size
   local name=$1 llm=$2; shift 2
   $PY train_vision.py config/demo_vision.py --loader_workers=2 --out_dir=$RUNS/v-$name --save_every=0 "$@" \
@@ -33,9 +27,7 @@ joint() {  # name align seed joint-args
   $PY train_joint.py config/demo_joint.py --init_from=$A --eval_every=100000 --save_every=0 --seed=$seed \
       --loader_workers=1 --log_every=100 --out_dir=$dir "$@" > "$OUT/$name-s$seed.log" 2>&1 \
       || { stamp "$name-s$seed failed"; return; }
-  $PY eval.py --init_from=$dir --split=test --data_dir=data/demo "--datasets=['synth_image']" \
-      "--tasks=['counting', 'pointing']" --out_dir=$dir/eval 2>&1 | tail -n 4 >> "$OUT/$name-s$seed.log"
-  stamp "$name-s$seed: $(grep -ho '"counting_accuracy": [0-9.]*\|"f1": [0-9.]*' $dir/eval/metrics.json | tr '\n' ' ')"
+  score $dir $name-s$seed
   $PY assets/bench/count_errors.py $dir/eval/predictions.jsonl data/demo > "$OUT/$name-s$seed-counts.txt" 2>&1
 }
 case $GROUP in
