@@ -65,6 +65,8 @@ lr_connector, lr_vit, lr_llm = None, None, None
 warmup_connector, warmup_vit, warmup_llm = None, None, None
 grad_clip = 1.0
 weight_decay = None  # AdamW's decoupled decay on matrices (Molmo2: 0; from scratch 0.1)
+muon_lr = 0.0  # > 0: Muon at this peak rate for the LLM's and connector's matrices, AdamW for the rest (not Molmo2's;
+#   training.MuonAdamW says why). Not with parallel="fsdp": Muon needs each matrix's whole gradient
 z_loss = 1e-4
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
@@ -150,7 +152,10 @@ lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
-optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)
+if muon_lr > 0 and parallel == "fsdp" and d.world_size > 1:
+    raise SystemExit("muon_lr > 0 with parallel='fsdp': Muon orthogonalises each matrix's whole gradient, and FSDP "
+                     "gives each process a shard of it; use parallel='ddp' or muon_lr=0")
+optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay, muon_lr=muon_lr)
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)

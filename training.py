@@ -190,12 +190,68 @@ def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16, find_unused=False
 PARTS = ("connector", "vit", "llm")
 
 
-def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None):
+def orthogonalised(G, steps=5):
+    """Muon's direction for a 2-D update G: roughly its nearest semi-orthogonal matrix (every singular value moved
+    toward 1, the singular vectors kept), by five steps of a quintic Newton-Schulz iteration in float32. Its
+    coefficients are tuned to pull small singular values up fast rather than to converge exactly: the values end
+    spread around 1 (about 0.7-1.2), which trains as well as the exact polar factor. Float32, not bf16: a CPU without
+    bf16 matrix instructions multiplies bf16 ~100x slower."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float() / (G.norm() + 1e-7)  # every singular value now <= 1, where the iteration converges
+    tall = X.size(0) > X.size(1)
+    if tall:  # iterate on the wide side: X @ X.T is then the smaller square
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X  # each singular value s -> a s + b s^3 + c s^5
+    return X.T if tall else X
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the param groups marked muon=True, AdamW (torch.optim.AdamW's update, written out) on the others, so
+    that one optimizer, one state_dict and one learning-rate schedule hold both. Muon's step for a matrix W with
+    gradient G: momentum B = 0.95 B + G, the Nesterov look-ahead G + 0.95 B orthogonalised, W -= lr *
+    sqrt(max(1, rows / cols)) * that (its decoupled weight decay as AdamW's). Every direction of the matrix moves
+    by about the same amount, where Adam's step follows the gradient's few large directions: on the CPU demo's
+    joint stage it pointed at F1 0.38 against AdamW's 0.21 with the same steps (BENCHMARKS.md "Muon in the CPU
+    demo's joint stage"). For matrices whose whole gradient this process holds: not for FSDP's shards."""
+
+    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95):
+        super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            lr, wd = g["lr"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)
+                if g["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(g["momentum"]).add_(p.grad)
+                    direction = orthogonalised(p.grad.add(buf, alpha=g["momentum"]))
+                    p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+                else:
+                    b1, b2 = g["betas"]
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] += 1
+                    state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
+                    p.addcdiv_(state["exp_avg"] / (1 - b1 ** state["step"]), denom, value=-lr)
+
+
+def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0):
     """AdamW with a group per part that trains. lr / warmup: {part: value}; a part with lr 0 is frozen.
     Molmo2 counts the 128 new token embeddings as part of the connector. With weight_decay > 0 (from-scratch
     recipes; Molmo2 uses 0) each part's norm gains, biases and embedding tables go into a second group without
     decay: pulling them toward 0 shrinks every token's scale for no gain (issue 15: decay on everything slowed
-    the demo's learning after step 750)."""
+    the demo's learning after step 750).
+    muon_lr > 0 (from scratch; not Molmo2's): the 2-D matrices of the LLM and the connector, all but the token
+    tables, go to Muon at this peak rate, with their part's warmup and schedule (MuonAdamW); the rest stays AdamW."""
     tables = [model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding]
     tables += [t.weight for t in (model.connector.position_x, model.connector.position_y) if t is not None]
     plain = {id(p) for p in tables}
@@ -216,9 +272,28 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
                                "warmup": warmup.get(part, 0), "weight_decay": weight_decay if kind == "decay" else 0.0})
     if not groups:
         raise ValueError(f"no part has a learning rate > 0: {lr}")
+    if muon_lr > 0:
+        return MuonAdamW(muon_groups(groups, model, muon_lr), betas=betas, eps=eps)
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def muon_groups(groups, model, muon_lr):
+    """build_optimizer's groups with the LLM's and the connector's 2-D matrices split off into groups named
+    '<part> muon' at peak rate muon_lr. The token tables stay with AdamW (a row moves only when its token occurs);
+    the connector's position tables (position_bins), small and seen by every image, go to Muon with the rest."""
+    tables = {id(model.llm.embed_tokens.weight), id(model.new_embedding)}
+    out = []
+    for g in groups:
+        mats = [p for p in g["params"] if g["name"] in ("llm", "connector") and p.dim() == 2 and id(p) not in tables]
+        rest = [p for p in g["params"] if all(p is not m for m in mats)]
+        if mats:
+            out.append({**g, "name": f"{g['name']} muon", "params": mats, "muon": True, "lr": muon_lr,
+                        "peak_lr": muon_lr})
+        if rest:
+            out.append({**g, "params": rest})
+    return out
 
 
 def lr_at(step, peak, warmup, max_steps, final_frac=0.1):

@@ -19,6 +19,7 @@ batch_size = 64
 max_seq_len = 512
 max_steps = 6000
 lr_connector, lr_vit, lr_llm = 2e-3, 0.0, 2e-3  # lr 0 freezes the ViT
+muon_lr = 0.0  # AdamW throughout, as every GPU run above was measured (the CPU demo's Muon is untried on a GPU)
 eval_every = 500
 eval_answers = 100
 eval_batches = 2

@@ -27,6 +27,10 @@ cpu_autocast = "auto"
 lr_connector, lr_vit, lr_llm = 1e-3, 0.0, 1e-3  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
 warmup_connector, warmup_vit, warmup_llm = 50, 50, 50
 weight_decay = 0.1
+muon_lr = 0.01  # Muon for the LLM's and connector's matrices (training.MuonAdamW): on a 2-core CPU with AMX, the
+#   same 2,536 steps pointed at F1 0.383 against AdamW's 0.208 and 0.250 (two runs), counted 0.450 against 0.485 and
+#   0.455, and widened the validation gap to 0.380 from 0.155-0.179 (at 0.02: 0.355 / 0.316 / 0.311). BENCHMARKS.md
+#   "Muon in the CPU demo's joint stage"
 loss_weighting = "none"  # every answer token weighs 1: long point lists are the lesson here (Molmo2's sft weighting
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
