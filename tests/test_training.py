@@ -7,6 +7,7 @@ records are skipped and counted; Molmo2's loss equals a hand computation."""
 
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -319,6 +320,34 @@ def test_muon_groups_take_the_matrices_and_adamw_the_rest_with_torchs_update():
         if p.requires_grad and id(p) not in in_muon:
             torch.testing.assert_close(p.detach(), twin[id(p)].detach(), rtol=1e-6, atol=1e-7)
     assert all(torch.equal(p, q) for p, q in zip(model.vit.parameters(), reference.vit.parameters()))  # frozen
+
+
+def test_muon_resumes_from_its_state_dict_to_the_same_weights():
+    """A MuonAdamW saved after a step (as a checkpoint holds it, through torch.save) and loaded into a fresh one
+    around a copy of the model takes the next step exactly as the first: the momentum buffers and Adam's moments
+    come back, and each group keeps its Muon flag."""
+    torch.manual_seed(0)
+    model = training.build_model("scratch", "tiny")
+    lrs = {"connector": 1e-3, "vit": 0.0, "llm": 1e-3}
+
+    def step(m, opt, seed):
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        opt.step()
+
+    optimizer = training.build_optimizer(model, lrs, {}, weight_decay=0.1, muon_lr=0.02)
+    step(model, optimizer, 1)
+    saved, buffer = copy.deepcopy(model), io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    step(model, optimizer, 2)
+    resumed = training.build_optimizer(saved, lrs, {}, weight_decay=0.1, muon_lr=0.02)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert [g["muon"] for g in resumed.param_groups] == [g["muon"] for g in optimizer.param_groups]
+    step(saved, resumed, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved.parameters()))
 
 
 # ---------------------------------------------------------------------------
