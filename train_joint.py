@@ -136,6 +136,9 @@ if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
 d = Dist(device)
+if muon_lr > 0 and parallel == "fsdp" and d.world_size > 1:
+    raise SystemExit("muon_lr > 0 with parallel='fsdp': Muon orthogonalises each matrix's whole gradient, and FSDP "
+                     "gives each process a shard of it; use parallel='ddp' or muon_lr=0")
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
@@ -152,9 +155,6 @@ lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
-if muon_lr > 0 and parallel == "fsdp" and d.world_size > 1:
-    raise SystemExit("muon_lr > 0 with parallel='fsdp': Muon orthogonalises each matrix's whole gradient, and FSDP "
-                     "gives each process a shard of it; use parallel='ddp' or muon_lr=0")
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay, muon_lr=muon_lr)
 if compile:
     ready_for_compile()

@@ -286,8 +286,9 @@ def muon_groups(groups, model, muon_lr):
     tables = {id(model.llm.embed_tokens.weight), id(model.new_embedding)}
     out = []
     for g in groups:
-        mats = [p for p in g["params"] if g["name"] in ("llm", "connector") and p.dim() == 2 and id(p) not in tables]
-        rest = [p for p in g["params"] if all(p is not m for m in mats)]
+        is_muon = [g["name"] in ("llm", "connector") and p.dim() == 2 and id(p) not in tables for p in g["params"]]
+        mats = [p for p, m in zip(g["params"], is_muon) if m]
+        rest = [p for p, m in zip(g["params"], is_muon) if not m]
         if mats:
             out.append({**g, "name": f"{g['name']} muon", "params": mats, "muon": True, "lr": muon_lr,
                         "peak_lr": muon_lr})
