@@ -49,10 +49,10 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
-from training import (Dist, GraphedStep, StepBudget, StepProfiler, StepsAhead, VisionLoader, eta_seconds,
-                      full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run, resume_run, rng_state,
-                      save_checkpoint, scene_classes, scene_hits, seed_everything, step_autocast, stop_nonfinite,
-                      vision_batch_to, wrap_model)
+from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader,
+                      eta_seconds, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
+                      resume_run, rng_state, save_checkpoint, scene_classes, scene_hits, seed_everything,
+                      step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -118,6 +118,8 @@ vit_lr = 0.0  # > 0: the ViT's own weights learn at this peak rate (times the vi
 #   text tower at lr; the schedule scales both. Tried for the full ViT, which wants ~5e-5: its heads at 1e-3 beside
 #   it named 0.37 of the kinds after 600 steps, against 0.46 with everything at 5e-5 (one H200, 2026-12-02;
 #   BENCHMARKS.md "The full ViT in the easy world first")
+muon_lr = 0.0  # > 0: the ViT's 2-D matrices (not its position table) learn by Muon at this peak rate
+#   (training.MuonAdamW: orthogonalised momentum), the heads, norms and tables by AdamW at lr; 0: AdamW alone
 warmup = 50
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
@@ -143,17 +145,20 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scale=1.0):
+def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scale=1.0, muon_lr=0.0):
     """AdamW (0.9, 0.95, eps 1e-6) in groups: matrices decay; norm gains, biases, embedding tables and the
     scalars (temperatures, biases of the losses) do not: decaying them pulls norms and embeddings toward 0
     for no gain. A ViT weight whose rate differs from lr goes into a group of its own rate, lr_scale (the schedule
     multiplies by it): vit_scale for every ViT tensor, times min(1, vit_fan_in / fan-in) for its matrices where
     vit_fan_in > 0. The first group (the matrices at lr: the heads', and the ViT's when its rate is lr too) always
     learns at the schedule's rate, the one the log shows."""
-    decay, no_decay, scaled = [], [], collections.defaultdict(list)
+    decay, no_decay, scaled, muon = [], [], collections.defaultdict(list), []
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
                                         "text.position_embedding")  # tables; patch_embedding is a matrix
+        if muon_lr > 0 and name.startswith("vit.") and not plain:
+            muon.append(p)
+            continue
         scale = 1.0
         if name.startswith("vit."):
             scale = vit_scale * (min(1.0, vit_fan_in / p.shape[1]) if vit_fan_in and not plain else 1.0)
@@ -166,6 +171,9 @@ def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scal
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [{"params": ps, "weight_decay": 0.0 if plain else weight_decay, "lr_scale": s}
                for (s, plain), ps in sorted(scaled.items())]
+    if muon:
+        groups.append({"params": muon, "weight_decay": weight_decay, "lr_scale": muon_lr / lr, "muon": True})
+        return MuonAdamW([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], betas=(0.9, 0.95), eps=1e-6)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
@@ -290,7 +298,7 @@ if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
 optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in,
-                            vit_scale=vit_lr / lr if vit_lr else 1.0)
+                            vit_scale=vit_lr / lr if vit_lr else 1.0, muon_lr=muon_lr)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)

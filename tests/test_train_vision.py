@@ -534,10 +534,11 @@ def test_validation_reports_the_features_the_heads_read(tiny_world, reference_ru
 @pytest.fixture(scope="module")
 def one_step_runs(tiny_world, tmp_path_factory):
     """One step from the same start (a ViT drawn at 84-px crops, vit_image_size; the tiny preset's are 56), no weight
-    decay, no warmup: at lr 0, at lr 1e-3, with vit_lr_fan_in=16, and with vit_lr=2.5e-4 -> {name: out_dir}, each with
-    its final/ export and its ckpt.pt (the heads too)."""
+    decay, no warmup: at lr 0, at lr 1e-3, with vit_lr_fan_in=16, with vit_lr=2.5e-4 and with muon_lr=0.02 ->
+    {name: out_dir}, each with its final/ export and its ckpt.pt (the heads too)."""
     root = tmp_path_factory.mktemp("one_step")
-    variants = {"start": ["--lr=0.0"], "plain": [], "scaled": ["--vit_lr_fan_in=16"], "vit_lr": ["--vit_lr=2.5e-4"]}
+    variants = {"start": ["--lr=0.0"], "plain": [], "scaled": ["--vit_lr_fan_in=16"], "vit_lr": ["--vit_lr=2.5e-4"],
+                "muon": ["--muon_lr=0.02"]}
     started = [launch([sys.executable, "train_vision.py",
                       *stage1_args(tiny_world, str(root / name), "--max_steps=1", "--warmup=0", "--save_every=1",
                                    "--weight_decay=0.0", "--eval_every=0", "--resume=False", "--vit_image_size=84",
@@ -596,6 +597,31 @@ def test_vit_lr_moves_the_vit_at_its_own_rate_and_the_heads_at_lr(tiny_world, on
                                       "--eval_every=0", "--resume=False", "--vit_init=gpt",
                                       f"--init_from={one_step_runs['vit_lr']}")]))
     assert "from " in out and json.load(open(tmp_path / "again" / "final" / "config.json"))["image_size"] == 84
+
+
+def test_muon_lr_steps_each_vit_matrix_by_muon_and_everything_else_as_adamw(one_step_runs):
+    """One step from the same start at lr 1e-3, without and with muon_lr=0.02: each ViT matrix (its patch embedding
+    and its blocks', not its position table) moves by Muon's first step, -0.02 x sqrt(max(1, rows / cols)) x
+    orthogonalised(G + 0.95 G), with G its gradient, which the momentum buffer holds after one step; every other
+    tensor (norms, biases, tables, the heads and the text tower) moves as torch.optim.AdamW moved it."""
+    runs = {name: torch.load(str(one_step_runs[name] / "ckpt.pt"), weights_only=False)
+            for name in ("start", "plain", "muon")}
+    start, plain, muon = (runs[name]["model"] for name in ("start", "plain", "muon"))
+    groups, state = runs["muon"]["optimizer"]["param_groups"], runs["muon"]["optimizer"]["state"]
+    matrices = [k for k, w in start.items() if k.startswith("vit.") and w.dim() >= 2 and k != "vit.positional_embedding"]
+    muon_group = [g for g in groups if g["muon"]]
+    assert len(muon_group) == 1 and len(muon_group[0]["params"]) == len(matrices) > 0
+    for key, index in zip(matrices, muon_group[0]["params"]):
+        grad = state[index]["momentum_buffer"]
+        assert grad.shape == start[key].shape and grad.abs().max() > 0, key
+        scale = 0.02 * max(1.0, grad.shape[0] / grad.shape[1]) ** 0.5
+        want = start[key] - scale * training.orthogonalised(grad + 0.95 * grad)
+        # float32: the run's orthogonalised on the same buffer, then one subtraction of a step ~1e-3 from weights < 1
+        torch.testing.assert_close(muon[key], want, rtol=0, atol=1e-6, msg=key)
+    for key in start:
+        if key not in matrices:
+            # the same AdamW first step written out (training.MuonAdamW) against torch's: a few float32 ulps
+            torch.testing.assert_close(muon[key], plain[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 # `python -c KILLED <where> <args>`: train_vision.py, SIGKILLed by itself at a chosen point, so the kill lands in

@@ -7,8 +7,14 @@
 #           (assets/bench/resized_llm.py; 8-row steps of 0.195, 0.27, 0.385, 0.579, 0.507, 0.135 s on that CPU)
 #   levers: twice the joint steps; stage 1 at 450 steps; stage 1 with the scene loss; lr 2e-3; the ViT learning
 #   rows:   4 and 2 rows a step (0.119 and 0.080 s on that CPU), at the same minutes
-# BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results. Usage, on a GPU machine:
-#   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows
+#   vitmuon: stage 1's ViT by Muon (train_vision.py --muon_lr) with the scene loss, 600 and 800 steps (0.29 s each
+#           there), the joint stage given what the longer stage 1 leaves of the minutes; and without the scene loss
+#   vitmuon2: the same stage 1 at 16 images a step (0.174 s there), 600 and 900 steps; at 450 steps of 32; the joint
+#           stage's Muon rate at 0.007 and 0.015 after 600 steps of 32
+#   vitmuon3: after 600 steps of 32, the joint stage's AdamW rates (token tables, norms) at 3e-3 and 2,750 joint
+#           steps; stage 1 with the scene loss at 0.5 and with the localisation losses at 2
+# BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
+#   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
 OUT=${1:?out dir}
 GROUP=${2:?width, levers or rows}
@@ -66,7 +72,52 @@ rows)
   joint rows2 base 1337 --max_steps=6950 --batch_size=2 &
   joint base base 1337 --max_steps=2850 &
   ;;
-*) echo "group: width, levers or rows"; exit 2 ;;
+vitmuon)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True"
+  vision base 128,512,4 --max_steps=300 --eval_every=300 &
+  vision m300 128,512,4 --max_steps=300 --eval_every=300 --muon_lr=0.02 &
+  vision ms600 128,512,4 --max_steps=600 --eval_every=300 $S &
+  vision ms800 128,512,4 --max_steps=800 --eval_every=400 $S &
+  wait
+  for seed in 1337 1338; do
+    joint ms600 ms600 $seed --max_steps=2400 &
+    joint ms800 ms800 $seed --max_steps=2150 &
+  done
+  joint base base 1337 --max_steps=2750 &
+  joint m300 m300 1337 --max_steps=2750 &
+  joint ms800x ms800 1337 --max_steps=2750 &
+  ;;
+vitmuon2)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True"
+  vision ms600 128,512,4 --max_steps=600 --eval_every=600 $S &
+  vision ms450 128,512,4 --max_steps=450 --eval_every=450 $S &
+  vision b16x600 128,512,4 --max_steps=600 --eval_every=600 --batch_size=16 $S &
+  vision b16x900 128,512,4 --max_steps=900 --eval_every=900 --batch_size=16 $S &
+  wait
+  for seed in 1337 1338; do
+    joint b16x600 b16x600 $seed --max_steps=2750 &
+    joint b16x900 b16x900 $seed --max_steps=2510 &
+    joint ms450 ms450 $seed --max_steps=2630 &
+  done
+  joint ms600 ms600 1339 --max_steps=2400 &
+  joint ms600mu15 ms600 1337 --max_steps=2400 --muon_lr=0.015 &
+  joint ms600mu07 ms600 1337 --max_steps=2400 --muon_lr=0.007 &
+  ;;
+vitmuon3)
+  S="--muon_lr=0.02 --scene_balanced=True --max_steps=600 --eval_every=600"
+  vision ms600 128,512,4 $S --scene_weight=1.0 &
+  vision sw05 128,512,4 $S --scene_weight=0.5 &
+  vision lw2 128,512,4 $S --scene_weight=1.0 --loc_weight=2.0 &
+  wait
+  for seed in 1337 1338; do
+    joint llm3e3 ms600 $seed --max_steps=2400 --lr_llm=3e-3 &
+    joint sw05 sw05 $seed --max_steps=2400 &
+    joint ms600x ms600 $seed --max_steps=2750 &
+  done
+  joint conn3e3 ms600 1337 --max_steps=2400 --lr_connector=3e-3 &
+  joint lw2 lw2 1337 --max_steps=2400 &
+  ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2 or vitmuon3"; exit 2 ;;
 esac
 wait
 stamp "all done"
