@@ -15,10 +15,7 @@ loc_weight = 1.0
 position_loss = True  # the global view's tokens also say where their point is in the image: what the LLM must write
 batch_size = 32
 max_steps = 300
-lr = 1e-3  # AdamW: the heads, norms and tables
-muon_lr = 0.02  # Muon for the ViT's matrices (train_vision.py): replayed on one H200 at this CPU's minutes, its read-out
-#   counted 0.44 and pointed at F1 0.75 against AdamW's 0.30 / 0.65, and the joint stage after it pointed at 0.488
-#   against 0.458 (counting 0.405 both; BENCHMARKS.md "Stage 1 by Muon")
+lr = 1e-3
 warmup = 30
 eval_every = 150
 eval_batches = 2
