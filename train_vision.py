@@ -119,7 +119,9 @@ vit_lr = 0.0  # > 0: the ViT's own weights learn at this peak rate (times the vi
 #   it named 0.37 of the kinds after 600 steps, against 0.46 with everything at 5e-5 (one H200, 2026-12-02;
 #   BENCHMARKS.md "The full ViT in the easy world first")
 muon_lr = 0.0  # > 0: the ViT's 2-D matrices (not its position table) learn by Muon at this peak rate
-#   (training.MuonAdamW: orthogonalised momentum), the heads, norms and tables by AdamW at lr; 0: AdamW alone
+#   (training.MuonAdamW: orthogonalised momentum), the heads, norms and tables by AdamW at lr; 0: AdamW alone. On the
+#   CPU demo's stage 1 with the scene loss, 0.02 named 0.72 of the kinds after 600 steps where AdamW stayed at chance
+#   (BENCHMARKS.md "Stage 1 by Muon"). Not with vit_lr or vit_lr_fan_in, which scale AdamW's ViT rates
 warmup = 50
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
@@ -235,6 +237,9 @@ if sigmoid_weight <= 0 and loc_weight <= 0 and scene_weight <= 0:
 # each loss's weight in the step's total; the localisation loss's parts (loc, offset, position) share loc_weight
 weight_of = collections.defaultdict(lambda: loc_weight, sigmoid=sigmoid_weight, scene=scene_weight)
 d = Dist(device)
+if muon_lr and parallel == "fsdp" and d.world_size > 1:
+    raise SystemExit("train_vision: muon_lr > 0 with parallel='fsdp': Muon orthogonalises each matrix's whole "
+                     "gradient, and FSDP leaves each process a shard of it: use parallel='ddp'")
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)
@@ -261,6 +266,12 @@ if not (isinstance(vit_lr, (int, float)) and vit_lr >= 0):
     raise SystemExit(f"train_vision: vit_lr={vit_lr!r}: the ViT's peak rate (> 0), or 0 for lr like the rest")
 if vit_lr and not lr:
     raise SystemExit(f"train_vision: vit_lr={vit_lr!r} is a rate beside lr, but lr is 0: set lr for the heads")
+if not (isinstance(muon_lr, (int, float)) and muon_lr >= 0):
+    raise SystemExit(f"train_vision: muon_lr={muon_lr!r}: Muon's peak rate for the ViT's matrices (> 0), "
+                     "or 0 for AdamW")
+if muon_lr and (vit_lr or vit_lr_fan_in):
+    raise SystemExit(f"train_vision: muon_lr={muon_lr!r} trains the ViT's matrices by Muon, but vit_lr / vit_lr_fan_in "
+                     "scale AdamW's rates for them: leave those at 0")
 if vit_image_size and init_from != "scratch":
     raise SystemExit(f"train_vision: vit_image_size={vit_image_size!r} sizes a new ViT, but init_from={init_from!r} "
                      "loads one, which keeps its own: leave vit_image_size at 0")

@@ -950,8 +950,9 @@ for args in json.loads(sys.argv[1]):
 
 def test_settings_are_checked_before_any_work(tmp_path):
     """vit_init names one of two initialisations, and only a ViT from scratch can take one: a ViT loaded from
-    init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in, vit_lr and batch_echo take
-    only the values that mean something; so does vit_image_size, which sizes a ViT from scratch only."""
+    init_from would overwrite it, so asking for both is an error that says so; vit_lr_fan_in, vit_lr, muon_lr and
+    batch_echo take only the values that mean something (muon_lr not beside AdamW's ViT rates); so does
+    vit_image_size, which sizes a ViT from scratch only."""
     base = ["--model_preset=tiny", "--device=cpu", f"--out_dir={tmp_path}"]
     checks = [(["--vit_init=xavier"], "vit_init='xavier': expected 'gpt' or 'big_vision'"),
               (["--vit_init=big_vision", "--init_from=out/some_vit"],
@@ -967,7 +968,9 @@ def test_settings_are_checked_before_any_work(tmp_path):
               (["--batch_echo=1.5"], "--batch_echo: batch_echo=1.5 is float, expected int (default 1)"),
               (["--vit_image_size=112", "--init_from=out/some_vit"],
                "vit_image_size=112 sizes a new ViT, but init_from='out/some_vit' loads one"),
-              (["--vit_image_size=100"], "vit_image_size=100: a crop of whole 14-px patches")]
+              (["--vit_image_size=100"], "vit_image_size=100: a crop of whole 14-px patches"),
+              (["--muon_lr=-0.02"], "muon_lr=-0.02: Muon's peak rate for the ViT's matrices (> 0), or 0 for AdamW"),
+              (["--muon_lr=0.02", "--vit_lr=1e-4"], "muon_lr=0.02 trains the ViT's matrices by Muon, but vit_lr")]
     result = subprocess.run([sys.executable, "-c", CHECKS, json.dumps([base + extra for extra, _ in checks])],
                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)
     runs = result.stdout.split("== run\n")[1:]
