@@ -113,13 +113,11 @@ QUESTION_FORMS = {"colour": 'a colour ("How many red shapes are there?")', "kind
 KIND_HARDEST = ("A colour is the easiest thing for the ViT to see, a kind of shape the hardest: the world's shapes are "
               "one or two\npatches wide in the high-resolution crops. ")
 KINDS_NOTE = {
-    True: KIND_HARDEST + """This stage 1 learns where the shapes are, not their kinds. Taught the
-kinds too (train_vision.py's scene loss), the CPU recipe's 9,600 images named no more of them than chance (0.20-0.22
-of four kinds), a GPU's 128,000 named 0.62, and the GPU recipe, which first shows the ViT one large shape an image,
-0.97 (BENCHMARKS.md "Stage 1 in two parts", "Data echoing"). With Muon on the ViT's matrices (`--muon_lr=0.02
---scene_weight=1.0 --scene_balanced=True --max_steps=600`) the CPU's 19,200 images named 0.72 of them, and this
-recipe then counted the kinds 0.39 and counting rose to 0.53, but it pointed at F1 0.35 (BENCHMARKS.md "Stage 1 by
-Muon").""",
+    True: KIND_HARDEST + """This stage 1 names the kinds too (train_vision.py's scene
+loss), its ViT's matrices learning by Muon: under AdamW the CPU's 9,600-19,200 images named no more kinds than chance,
+under Muon 600 steps name ~0.7 of them, and a GPU recipe, which first shows the ViT one large shape an image, 0.97. A
+count of n shapes of a kind needs every one of them named, so the LLM still counts the kinds near chance in most runs
+(0.25-0.40; BENCHMARKS.md "Stage 1 by Muon", "Stage 1 in two parts").""",
     False: KIND_HARDEST + """This recipe's stage 1 also learns the kinds (train_vision.py's scene
 loss), in a world of one large shape an image first (BENCHMARKS.md "Stage 1 in two parts").""",
 }

@@ -153,7 +153,8 @@ def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scal
     for no gain. A ViT weight whose rate differs from lr goes into a group of its own rate, lr_scale (the schedule
     multiplies by it): vit_scale for every ViT tensor, times min(1, vit_fan_in / fan-in) for its matrices where
     vit_fan_in > 0. The first group (the matrices at lr: the heads', and the ViT's when its rate is lr too) always
-    learns at the schedule's rate, the one the log shows."""
+    learns at the schedule's rate, the one the log shows. muon_lr > 0: the ViT's matrices go to one group under
+    Muon (training.MuonAdamW, which runs AdamW's update on the rest) at lr_scale muon_lr / lr."""
     decay, no_decay, scaled, muon = [], [], collections.defaultdict(list), []
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
@@ -269,6 +270,8 @@ if vit_lr and not lr:
 if not (isinstance(muon_lr, (int, float)) and muon_lr >= 0):
     raise SystemExit(f"train_vision: muon_lr={muon_lr!r}: Muon's peak rate for the ViT's matrices (> 0), "
                      "or 0 for AdamW")
+if muon_lr and not lr:
+    raise SystemExit(f"train_vision: muon_lr={muon_lr!r} is a rate beside lr, but lr is 0: set lr for the heads")
 if muon_lr and (vit_lr or vit_lr_fan_in):
     raise SystemExit(f"train_vision: muon_lr={muon_lr!r} trains the ViT's matrices by Muon, but vit_lr / vit_lr_fan_in "
                      "scale AdamW's rates for them: leave those at 0")
@@ -342,7 +345,8 @@ d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {lis
         f"localisation x {loc_weight}, scene x {scene_weight} "
         f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step"
         + (f", each batch {batch_echo} steps" if batch_echo > 1 else "")
-        + (f" | ViT at lr {vit_lr:g}, heads at {lr:g}" if vit_lr else ""))
+        + (f" | ViT at lr {vit_lr:g}, heads at {lr:g}" if vit_lr else "")
+        + (f" | ViT matrices by Muon at {muon_lr:g}, the rest AdamW at {lr:g}" if muon_lr else ""))
 
 t_start = t_last = time.time()
 step_times = []

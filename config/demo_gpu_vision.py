@@ -23,3 +23,4 @@ scene_weight = 1.0
 scene_balanced = True
 warmup = 100
 lr = 1.4e-3  # ~sqrt(2) x the 1e-3 it had at 64 images a step
+muon_lr = 0.0  # AdamW for the ViT too: every GPU result was measured so (the CPU recipe's Muon is untried here)

@@ -1,9 +1,11 @@
-# The README demo's stage 1: the small preset's ViT from scratch learns where the demo world's pointed shapes are
-# (the localisation loss alone: on one H200 it read out the best counts and points and gave the joint stage its
-# widest validation gap, BENCHMARKS.md "Stage 1: vision pretraining"), on a 2-core CPU (see demo.py). In bf16 where
-# the CPU has bf16 matrix instructions (cpu_autocast), its attention in float32 (vision.attend): on this project's
-# 2-core machine 300 steps then took 2.0 min against 3.0 in float32, read out 0.297 / 0.632 against 0.328 / 0.656
-# (BENCHMARKS.md "Attention in float32 under CPU autocast"). On a GPU cpu_autocast does nothing.
+# The README demo's stage 1: the small preset's ViT from scratch learns where the demo world's pointed shapes are (the
+# localisation loss, BENCHMARKS.md "Stage 1: vision pretraining") and, at each shape's centre, its kind and colour
+# (the scene loss), on a 2-core CPU (see demo.py). Its matrices learn by Muon: under AdamW this CPU's minutes never
+# named the kinds above chance, under Muon 600 steps name ~0.7 of them. On a 2-core CPU with AMX `make demo` then
+# counted 0.565 and pointed at F1 0.409 against 0.425 / 0.462 with the AdamW, localisation-only stage 1 of 300 steps
+# (the joint stage gets ~2,600 steps in the minutes left, not ~2,750; BENCHMARKS.md "Stage 1 by Muon"). In bf16
+# where the CPU has bf16 matrix instructions (cpu_autocast), its attention in float32 (vision.attend; BENCHMARKS.md
+# "Attention in float32 under CPU autocast"). On a GPU cpu_autocast does nothing.
 out_dir = "out/demo/vision"
 model_preset = "small"
 data_dir = "data/demo"
@@ -12,13 +14,16 @@ max_crops = 4
 overlap_margins = (2, 2)
 sigmoid_weight = 0.0
 loc_weight = 1.0
+scene_weight = 1.0
+scene_balanced = True  # the tokens that hold a centre weigh as much as the rest: colours come in 150 steps
 position_loss = True  # the global view's tokens also say where their point is in the image: what the LLM must write
 batch_size = 32
-max_steps = 300
-lr = 1e-3
+max_steps = 600
+lr = 1e-3  # AdamW: the heads, norms and tables
+muon_lr = 0.02  # Muon: the ViT's matrices (0.05 named fewer kinds at step 300: 0.29 against 0.34)
 warmup = 30
-eval_every = 150
+eval_every = 300
 eval_batches = 2
-save_every = 150
+save_every = 300
 log_every = 25
 cpu_autocast = "auto"

@@ -546,6 +546,7 @@ def one_step_runs(tiny_world, tmp_path_factory):
                for name, extra in variants.items()]
     outs = [finish(run) for run in started]
     assert "ViT at lr 0.00025, heads at 0.001" in outs[3]
+    assert "ViT matrices by Muon at 0.02, the rest AdamW at 0.001" in outs[4]
     return {name: root / name for name in variants}
 
 
@@ -970,6 +971,7 @@ def test_settings_are_checked_before_any_work(tmp_path):
                "vit_image_size=112 sizes a new ViT, but init_from='out/some_vit' loads one"),
               (["--vit_image_size=100"], "vit_image_size=100: a crop of whole 14-px patches"),
               (["--muon_lr=-0.02"], "muon_lr=-0.02: Muon's peak rate for the ViT's matrices (> 0), or 0 for AdamW"),
+              (["--muon_lr=0.02", "--lr=0.0"], "muon_lr=0.02 is a rate beside lr, but lr is 0: set lr for the heads"),
               (["--muon_lr=0.02", "--vit_lr=1e-4"], "muon_lr=0.02 trains the ViT's matrices by Muon, but vit_lr")]
     result = subprocess.run([sys.executable, "-c", CHECKS, json.dumps([base + extra for extra, _ in checks])],
                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env=ONE_THREAD)

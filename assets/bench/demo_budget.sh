@@ -21,7 +21,7 @@ VARIANTS=(
 )
 chain() {
   local name=$1 vision=$2 joint=$3 V=$RUNS/$1
-  $PY train_vision.py config/demo_vision.py $vision --eval_every=100000 --save_every=0 --loader_workers=1 \
+  $PY train_vision.py config/demo_vision.py $LOC_STAGE1 $vision --eval_every=100000 --save_every=0 --loader_workers=1 \
       --out_dir="$V" > "$OUT/$name-vision.log" 2>&1 || { stamp "$name: stage 1 failed"; return; }
   $PY train_align.py config/demo_align.py --vit_from="$V" --out_dir="$V-align" --loader_workers=1 \
       > "$OUT/$name-align.log" 2>&1 || { stamp "$name: align failed"; return; }

@@ -22,7 +22,7 @@ RUNS=out/levers_cpu
 source "$(dirname "$0")/replay_common.sh"
 vision() {  # name llm(w,i,l) stage-1 args: stage 1, then the align stage around an LLM of that size
   local name=$1 llm=$2; shift 2
-  $PY train_vision.py config/demo_vision.py --loader_workers=2 --out_dir=$RUNS/v-$name --save_every=0 "$@" \
+  $PY train_vision.py config/demo_vision.py $LOC_STAGE1 --loader_workers=2 --out_dir=$RUNS/v-$name --save_every=0 "$@" \
       > "$OUT/v-$name.log" 2>&1 || stamp "v-$name failed"
   LLM=$llm $PY assets/bench/resized_llm.py train_align.py config/demo_align.py --vit_from=$RUNS/v-$name \
       --out_dir=$RUNS/a-$name --loader_workers=1 > "$OUT/a-$name.log" 2>&1 || stamp "a-$name failed"

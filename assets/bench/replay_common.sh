@@ -2,6 +2,9 @@
 # the out folders, stamp (a line with the seconds since the start, also appended to OUT/times.txt), one thread a run
 # (~10 runs share the machine's cores), the demo's world, and score (a joint run's test counting and pointing).
 PY=${PY:-python3}
+# the demo's stage 1 before 2026-12-02's twentieth session (AdamW, the localisation loss alone, 300 steps), which
+# the replays' stage-1 arguments amend; config/demo_vision.py now trains 600 steps by Muon with the scene loss
+LOC_STAGE1="--muon_lr=0.0 --scene_weight=0.0 --scene_balanced=False --max_steps=300 --eval_every=150 --save_every=150"
 mkdir -p "$OUT" "$RUNS"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/times.txt"; }
