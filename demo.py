@@ -5,9 +5,9 @@ The README's main job, on its embedded default: a 2-core CPU, no network, about 
 1. generate the demo's synthetic world (data/demo/: up to 5 shapes an image, 10,000 training images; the GPU
    recipe's data/demo_gpu_60k/ has 60,000): shapes to count and point at, with held-out val and test splits
 2. vision (stage 1): the small preset's ViT from scratch learns which of its pooled tokens hold the pointed
-   shapes, and where (config/demo_vision.py); the GPU recipes first teach it the kinds of shape in an easy world of
-   one large solid shape an image (data/easy, config/demo_gpu_vision_easy.py; the full recipe's ViT also with
-   config/demo_full_vision_easy.py), then go on in the demo's world
+   shapes, where, and their kinds and colours (config/demo_vision.py); the GPU recipes first teach it the kinds
+   of shape in an easy world of one large solid shape an image (data/easy, config/demo_gpu_vision_easy.py; the
+   full recipe's ViT also with config/demo_full_vision_easy.py), then go on in the demo's world
 3. align: a small nanoMolmo2 around that ViT, LLM at random; only the connector and the new token embeddings
    learn (config/demo_align.py)
 4. joint: the connector and LLM learn counting, pointing, short questions and captions, the ViT
