@@ -24,8 +24,8 @@ from configurator import configure
 from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TrainLoader, batch_to,
                       build_model, build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
-                      mixture_has_text_only, model_inputs, resume_run, rng_state, save_checkpoint, seed_everything,
-                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+                      mixture_has_text_only, model_inputs, refuse_muon_with_fsdp, resume_run, rng_state,
+                      save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -136,9 +136,7 @@ if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
 d = Dist(device)
-if muon_lr > 0 and parallel == "fsdp" and d.world_size > 1:
-    raise SystemExit("muon_lr > 0 with parallel='fsdp': Muon orthogonalises each matrix's whole gradient, and FSDP "
-                     "gives each process a shard of it; use parallel='ddp' or muon_lr=0")
+refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.limit_cpu_threads(loader_workers)

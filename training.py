@@ -279,6 +279,14 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
+def refuse_muon_with_fsdp(script, muon_lr, parallel, world_size):
+    """Stop a run that asks for Muon under FSDP, before any work: Muon orthogonalises each matrix's whole gradient,
+    and FSDP leaves each process a shard of it."""
+    if muon_lr > 0 and parallel == "fsdp" and world_size > 1:
+        raise SystemExit(f"{script}: muon_lr={muon_lr!r} with parallel='fsdp': Muon orthogonalises each matrix's whole "
+                         "gradient, and FSDP gives each process a shard of it; use parallel='ddp' or muon_lr=0")
+
+
 def muon_groups(groups, model, muon_lr):
     """build_optimizer's groups with the LLM's and the connector's 2-D matrices split off into groups named
     '<part> muon' at peak rate muon_lr. The token tables stay with AdamW (a row moves only when its token occurs);

@@ -322,6 +322,16 @@ def test_muon_groups_take_the_matrices_and_adamw_the_rest_with_torchs_update():
     assert all(torch.equal(p, q) for p, q in zip(model.vit.parameters(), reference.vit.parameters()))  # frozen
 
 
+def test_muon_under_fsdp_is_refused_by_name_and_nothing_else_is():
+    """Muon needs each matrix's whole gradient: several FSDP processes stop with the script's name and the way out;
+    one process, DDP, or muon_lr 0 go on."""
+    refusal = r"train_x: muon_lr=0.02 with parallel='fsdp'.*use parallel='ddp' or muon_lr=0"
+    with pytest.raises(SystemExit, match=refusal):
+        training.refuse_muon_with_fsdp("train_x", 0.02, "fsdp", 2)
+    for muon_lr, parallel, world_size in ((0.0, "fsdp", 2), (0.02, "ddp", 2), (0.02, "fsdp", 1)):
+        assert training.refuse_muon_with_fsdp("train_x", muon_lr, parallel, world_size) is None
+
+
 def test_muon_resumes_from_its_state_dict_to_the_same_weights():
     """A MuonAdamW saved after a step (as a checkpoint holds it, through torch.save) and loaded into a fresh one
     around a copy of the model takes the next step exactly as the first: the momentum buffers and Adam's moments
