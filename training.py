@@ -191,20 +191,25 @@ PARTS = ("connector", "vit", "llm")
 
 
 def orthogonalised(G, steps=5):
-    """Muon's direction for a 2-D update G: roughly its nearest semi-orthogonal matrix (every singular value moved
-    toward 1, the singular vectors kept), by five steps of a quintic Newton-Schulz iteration in float32. Its
-    coefficients are tuned to pull small singular values up fast rather than to converge exactly: the values end
-    spread around 1 (tests/test_training.py holds them within 0.6-1.25), not at 1. Float32, not bf16: a CPU without
-    bf16 matrix instructions multiplies bf16 ~100x slower."""
+    """Muon's direction for a 2-D update G, or for each matrix of a stack G (n, rows, cols): roughly its nearest
+    semi-orthogonal matrix (every singular value moved toward 1, the singular vectors kept), by five steps of a
+    quintic Newton-Schulz iteration in float32. Its coefficients are tuned to pull small singular values up fast
+    rather than to converge exactly: the values end spread around 1 (tests/test_training.py holds them within
+    0.6-1.25), not at 1. Float32, not bf16: a CPU without bf16 matrix instructions multiplies bf16 ~100x slower.
+    Each step is two fused multiply-adds (addmm's beta and alpha), and a stack goes through them at once: on the CPU
+    demo's 37 matrices, stacked by shape, 16 ms a step against 27 ms one at a time (BENCHMARKS.md "Muon's matrices
+    stacked")."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.float() / (G.norm() + 1e-7)  # every singular value now <= 1, where the iteration converges
-    tall = X.size(0) > X.size(1)
+    X = G.float()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value now <= 1, where it converges
+    tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: X @ X.T is then the smaller square
-        X = X.T
+        X = X.mT
+    mul_add = torch.baddbmm if X.dim() == 3 else torch.addmm
     for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X  # each singular value s -> a s + b s^3 + c s^5
-    return X.T if tall else X
+        A = X @ X.mT
+        X = mul_add(X, mul_add(A, A, A, beta=b, alpha=c), X, beta=a)  # each singular value s -> a s + b s^3 + c s^5
+    return X.mT if tall else X
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -214,7 +219,8 @@ class MuonAdamW(torch.optim.Optimizer):
     sqrt(max(1, rows / cols)) * that (its decoupled weight decay as AdamW's). Every direction of the matrix moves
     by about the same amount, where Adam's step follows the gradient's few large directions: on the CPU demo's
     joint stage it pointed at F1 0.38 against AdamW's 0.21 with the same steps (BENCHMARKS.md "Muon in the CPU
-    demo's joint stage"). For matrices whose whole gradient this process holds: not for FSDP's shards."""
+    demo's joint stage"). A group's matrices of one shape are orthogonalised as one stack (a transformer's blocks
+    repeat their shapes). For matrices whose whole gradient this process holds: not for FSDP's shards."""
 
     def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95):
         super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
@@ -223,25 +229,33 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self):
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            params = [p for p in g["params"] if p.grad is not None]
+            for p in params:
                 p.mul_(1 - lr * wd)
-                if g["muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(g["momentum"]).add_(p.grad)
-                    direction = orthogonalised(p.grad.add(buf, alpha=g["momentum"]))
-                    p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-                else:
-                    b1, b2 = g["betas"]
-                    if not state:
-                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    state["step"] += 1
-                    state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
-                    p.addcdiv_(state["exp_avg"] / (1 - b1 ** state["step"]), denom, value=-lr)
+            if g["muon"]:
+                by_shape = collections.defaultdict(list)
+                for p in params:
+                    by_shape[p.shape].append(p)
+                for shape, same in by_shape.items():
+                    looks = []
+                    for p in same:
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                        buf.mul_(g["momentum"]).add_(p.grad)
+                        looks.append(p.grad.add(buf, alpha=g["momentum"]))
+                    directions = orthogonalised(torch.stack(looks))
+                    for p, direction in zip(same, directions):
+                        p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
+                continue
+            b1, b2 = g["betas"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
 
 
 def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0):
