@@ -84,6 +84,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """x in the CPU autocast's dtype where that is on, else x itself: for an input that several Linears read. Autocast
+    casts a Linear's input on each call (it caches the weights' casts, not the activations'), so q, k and v would cast
+    one LayerNorm output three times, and backward add three float32 gradients; cast once, that is one cast each way.
+    Float32 runs (and GPUs, where the casts are cheap) are untouched."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return x.to(torch.get_autocast_dtype("cpu"))
+    return x
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: SigLIP2Config):
         super().__init__()
@@ -98,6 +108,7 @@ class SelfAttention(nn.Module):
         """x (N, P, C); attn_mask (N, 1, 1, P) bool, True = attend (train_vision.py's text tower pads its
         captions; crops never need one)."""
         N, P, _ = x.shape
+        x = cast_once(x)
         q = self.q_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         k = self.k_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
         v = self.v_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)

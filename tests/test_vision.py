@@ -154,3 +154,54 @@ def test_attend_runs_cpu_bf16_attention_in_float32():
     for dtype in (torch.float32, torch.float64):
         a, b, c = (x.to(dtype) for x in (q, k, v))
         assert torch.equal(attend(a, b, c, attn_mask=mask), plain(a, b, c, attn_mask=mask))
+
+
+def test_cast_once_casts_a_shared_input_once_and_changes_no_value(monkeypatch):
+    """vision.cast_once under CPU bf16 autocast: the ViT's attention, the LLM's attention and its MLP read their input
+    through several Linears, which autocast would each cast to bf16; cast once first, their outputs are bit for bit
+    what autocast's own casts give (the same float32 -> bf16 rounding), with two fewer float32 -> bf16 copies in the
+    attentions and one fewer in the MLP (counted below autocast by a dispatch mode). The input's gradient then sums
+    the branches in bf16, not float32: equal within bf16's 2^-8 per addition. Outside autocast it is x itself."""
+    import model as llm_model
+    import vision
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from model import Attention, MLP, Qwen3Config, rope_cos_sin
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                    and args[0].dtype == torch.float32:
+                self.n += 1
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    config = Qwen3Config.preset("tiny")
+    cos, sin = rope_cos_sin(torch.arange(12)[None], config.head_dim, config.rope_theta, torch.float32)
+    modules = {"vit attention": (vision.SelfAttention(vision.SigLIP2Config(**TINY_SIGLIP)), 32, (), 2),
+               "llm attention": (Attention(config, 0), config.hidden_size, (cos, sin), 2),
+               "llm mlp": (MLP(config), config.hidden_size, (), 1)}
+    x0 = torch.randn(2, 12, 64)
+    for name, (module, width, extra, fewer) in modules.items():
+        runs = {}
+        for once in (True, False):
+            if not once:  # what autocast alone does
+                for where in (vision, llm_model):
+                    monkeypatch.setattr(where, "cast_once", lambda x: x)
+            x = x0[..., :width].clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16), Casts() as casts:
+                # x * 1, not x: autocast caches the casts of leaf tensors that need gradients (the weights), and a
+                # model's activations are not leaves
+                out = module(x * 1, *extra)
+            out.float().square().sum().backward()
+            runs[once] = out, x.grad, casts.n
+            monkeypatch.undo()
+        (out, grad, n), (want, want_grad, n_want) = runs[True], runs[False]
+        assert torch.equal(out, want), name
+        assert n == n_want - fewer, (name, n, n_want)
+        torch.testing.assert_close(grad, want_grad, rtol=2 ** -6, atol=2 ** -6 * float(want_grad.abs().max()))
+    assert vision.cast_once(x0) is x0
