@@ -48,8 +48,6 @@ styles = None  # train on these annotation styles only, e.g. ("point_count", "po
 prefix_mode = "sft"  # style prefixes: pretrain | sft | none
 loss_weighting = "sft"  # sft (2/sqrt(n), grounding 0.2, video captions 0.1) | sqrt | none
 batch_size = 8  # rows per micro-batch per process
-length_groups = 0  # > 0: rows drawn this many batches at a time and sorted into batches of about one length, each
-#   padded to its longest row, not max_seq_len (training.TrainLoader); 0: batches as drawn, padded to max_seq_len
 grad_accum = 1  # micro-batches per optimizer step
 loader_workers = -1  # processes that make the training examples ahead of the step (Linux); 0 = in this
 #   process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
@@ -194,8 +192,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
-                     workers=loader_workers, fixed_shapes=graphed is not None, length_groups=length_groups,
-                     **loader_args)
+                     workers=loader_workers, fixed_shapes=graphed is not None, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []

@@ -1164,19 +1164,13 @@ class TrainLoader(ForkedWorkers):
     workers > 0: worker processes (forked, Linux) read ahead and make the examples while the step runs (see
     _Prefetch). They are for machines with idle cores (a GPU machine: the formatting is most of a small
     model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md).
-    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step.
-    length_groups k > 0: each packer's rows are drawn k batches at a time, sorted by length, cut into k batches
-    and served in a seeded random order, each padded to its own longest row, not to max_seq_len: a batch of rows
-    of ~300 tokens costs ~300 tokens a row, where padded to 368 every row costs 368 (_grouped)."""
+    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step."""
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
-                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, length_groups=0):
+                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False):
         import data
-        if length_groups < 0 or (length_groups and fixed_shapes):
-            raise ValueError(f"length_groups={length_groups!r}: 0 (off) or a number of batches > 0, and not with "
-                             "fixed shapes (a CUDA graph's batches are padded to max_seq_len)")
-        self.data, self.fixed_shapes, self.length_groups = data, fixed_shapes, length_groups
+        self.data, self.fixed_shapes = data, fixed_shapes
         self.styles = None if styles is None else set(styles)  # train on these annotation styles only
         self.n_filtered = 0  # records with no annotation of those styles
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
@@ -1198,9 +1192,6 @@ class TrainLoader(ForkedWorkers):
             if workers:
                 keys = _Prefetch(keys, self, depth=max(16, 4 * batch_size))
             self.packers.append(data.Packer(keys, keys.make if workers else self._example, max_seq_len, max_row_crops))
-        # length_groups: per packer, its batches drawn but not yet served, and its state before they were drawn
-        self.grouped = [[] for _ in self.packers]
-        self.group_start = [None for _ in self.packers]
 
     def _example(self, key):
         name, index, draw = key
@@ -1223,27 +1214,11 @@ class TrainLoader(ForkedWorkers):
 
     def next_step(self):
         """-> [micro-batch] (grad_accum of them), each a collated batch of batch_size rows."""
-        return [self._batch(i) for i in range(len(self.packers))]
+        return [self._batch(packer) for packer in self.packers]
 
-    def _grouped(self, i):
-        """length_groups batches of packer i's next rows: sorted by tokens, so that each batch's rows are about
-        as long, then shuffled by a seed of the draw, so that short and long batches alternate at random."""
-        packer = self.packers[i]
-        self.group_start[i] = packer.state_dict()
-        rows = sorted((next(packer) for _ in range(self.batch_size * self.length_groups)),
-                      key=lambda row: sum(len(ex) for ex in row))
-        batches = [rows[j:j + self.batch_size] for j in range(0, len(rows), self.batch_size)]
-        order = np.random.default_rng([self.seed, i, packer.n_drawn]).permutation(len(batches))
-        return [batches[j] for j in order]
-
-    def _batch(self, i):
-        if self.length_groups:
-            self.grouped[i] = self.grouped[i] or self._grouped(i)
-            rows = self.grouped[i].pop(0)
-        else:
-            rows = [next(self.packers[i]) for _ in range(self.batch_size)]
-        # the mask is made on the device (batch_to); grouped batches padded to their longest row
-        batch = self.data.collate(rows, pad_to=None if self.length_groups else self.max_seq_len, mask=False)
+    def _batch(self, packer):
+        rows = [next(packer) for _ in range(self.batch_size)]
+        batch = self.data.collate(rows, pad_to=self.max_seq_len, mask=False)  # batch_to makes the mask on the device
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
         return pad_media(batch) if self.fixed_shapes else batch
@@ -1261,10 +1236,7 @@ class TrainLoader(ForkedWorkers):
 
     def state_dict(self):
         report = self.report
-        # a packer with grouped batches still to serve: its state before they were drawn, and how many were served
-        return {"packers": [start if grouped else packer.state_dict()
-                            for packer, start, grouped in zip(self.packers, self.group_start, self.grouped)],
-                "groups_served": [self.length_groups - len(grouped) if grouped else 0 for grouped in self.grouped],
+        return {"packers": [packer.state_dict() for packer in self.packers],  # each holds its sampler's state
                 "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first),
                             "n_filtered": self.n_filtered}}
 
@@ -1272,10 +1244,8 @@ class TrainLoader(ForkedWorkers):
         if len(state["packers"]) != len(self.packers):
             raise ValueError(f"data state for {len(state['packers'])} micro-batches per step, this run has "
                              f"{len(self.packers)} (resume with the same grad_accum)")
-        for i, (packer, packer_state) in enumerate(zip(self.packers, state["packers"])):
+        for packer, packer_state in zip(self.packers, state["packers"]):
             packer.load_state_dict(packer_state)
-            served = state.get("groups_served", [0] * len(self.packers))[i]
-            self.grouped[i] = self._grouped(i)[served:] if served else []  # drawn again, as they were
         # after the packers, which reread their waiting records: those were counted before the checkpoint
         self.report.n_seen = state["records"]["n_seen"]
         self.report.counts = collections.Counter(state["records"]["counts"])

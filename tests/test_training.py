@@ -492,41 +492,6 @@ def loader_for(world, workers):
                                 workers=workers)
 
 
-def test_length_groups_serve_the_same_rows_sorted_into_batches_and_resume_exactly(world):
-    """TrainLoader(length_groups=3): each packer's next 3 batches' rows, the very rows the plain loader serves in its
-    next 3 batches (none dropped, none twice), sorted by length into batches each padded to its own longest row (no
-    column of padding alone), a shorter batch's rows no longer than a longer one's. Resumed from a state taken
-    inside a group, a fresh loader serves the same next batches. Negative values and fixed shapes are refused."""
-    def loader(groups, **kwargs):
-        return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
-                                    grad_accum=2, length_groups=groups, **kwargs)
-
-    def rows(batch):  # each row's tokens without its padding, and its length
-        return [tuple(ids[keep].tolist()) for ids, keep in zip(batch["input_ids"], batch["example_ids"] >= 0)]
-
-    plain, grouped = loader(0), loader(3)
-    plain_steps, grouped_steps = [plain.next_step() for _ in range(6)], [grouped.next_step() for _ in range(6)]
-    for m in range(2):  # each micro-batch slot is its own packer: its own groups
-        for first in (0, 3):
-            want = sorted(row for step in plain_steps[first:first + 3] for row in rows(step[m]))
-            batches = [rows(step[m]) for step in grouped_steps[first:first + 3]]
-            assert sorted(row for batch in batches for row in batch) == want
-            for step in grouped_steps[first:first + 3]:
-                assert step[m]["input_ids"].shape[1] == max(len(row) for row in rows(step[m]))
-            by_length = sorted(batches, key=lambda batch: max(map(len, batch)))
-            for shorter, longer in zip(by_length, by_length[1:]):
-                assert max(map(len, shorter)) <= min(map(len, longer))
-    resumed, again = loader(3), loader(3)
-    for _ in range(4):  # into the second group: one of its batches served
-        again.next_step()
-    resumed.load_state_dict(again.state_dict())
-    assert_same_steps([resumed.next_step() for _ in range(3)], [again.next_step() for _ in range(3)])
-    with pytest.raises(ValueError, match="length_groups=-1"):
-        loader(-1)
-    with pytest.raises(ValueError, match="length_groups=2.*fixed shapes"):
-        loader(2, fixed_shapes=True)
-
-
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process):
     """StepsAhead (the GPU trainers' batches made ahead, in a thread or a forked process) against the loader itself:

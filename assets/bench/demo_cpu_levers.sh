@@ -13,9 +13,6 @@
 #           stage's Muon rate at 0.007 and 0.015 after 600 steps of 32
 #   vitmuon3: after 600 steps of 32, the joint stage's AdamW rates (token tables, norms) at 3e-3 and 2,750 joint
 #           steps; stage 1 with the scene loss at 0.5 and with the localisation losses at 2
-#   groups: the demo's stage 1 (600 Muon steps with the scene loss), then joint batches as drawn against batches
-#           sorted by length (train_joint.py --length_groups=8), 2,600 steps at three seeds each, and the steps the
-#           faster CPU step fits (3,000 as drawn, 3,300 sorted)
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -120,17 +117,7 @@ vitmuon3)
   joint conn3e3 ms600 1337 --max_steps=2400 --lr_connector=3e-3 &
   joint lw2 lw2 1337 --max_steps=2400 &
   ;;
-groups)
-  vision ms600 128,512,4 --muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=600
-  for seed in 1337 1338 1339; do
-    joint plain ms600 $seed --max_steps=2600 &
-    joint grouped ms600 $seed --max_steps=2600 --length_groups=8 &
-  done
-  joint plain3000 ms600 1337 --max_steps=3000 &
-  joint grouped3300 ms600 1337 --max_steps=3300 --length_groups=8 &
-  joint grouped3300 ms600 1338 --max_steps=3300 --length_groups=8 &
-  ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3 or groups"; exit 2 ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2 or vitmuon3"; exit 2 ;;
 esac
 wait
 stamp "all done"
