@@ -68,6 +68,11 @@ SIGLIP2_PRESETS = {
 }
 
 
+def cpu_autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype CPU autocast casts to, where x is on a CPU and autocast is on there; else None."""
+    return torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, **kwargs), except on a CPU in bf16 or float16, given so or under
     autocast (which would cast float32 inputs down): there it runs in float32 and returns the low dtype. PyTorch's CPU
@@ -75,9 +80,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
     longer in it than in float32 at this project's shapes, most of a bf16 step (BENCHMARKS.md "Attention in float32
     under CPU autocast"). GPUs are left as they are."""
     if q.device.type == "cpu":
-        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else None
-        if low is None and torch.is_autocast_enabled("cpu"):
-            low = torch.get_autocast_dtype("cpu")
+        low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else cpu_autocast_dtype(q)
         if low is not None:
             with torch.autocast("cpu", enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(low)
@@ -89,9 +92,8 @@ def cast_once(x: torch.Tensor) -> torch.Tensor:
     casts a Linear's input on each call (it caches the weights' casts, not the activations'), so q, k and v would cast
     one LayerNorm output three times, and backward add three float32 gradients; cast once, that is one cast each way.
     Float32 runs (and GPUs, where the casts are cheap) are untouched."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return x.to(torch.get_autocast_dtype("cpu"))
-    return x
+    low = cpu_autocast_dtype(x)
+    return x if low is None else x.to(low)
 
 
 class SelfAttention(nn.Module):
