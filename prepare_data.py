@@ -727,6 +727,35 @@ def image_annotations(rng, scene):
     return annotations
 
 
+def extra_query_annotations(rng, scene, n):
+    """n more counting or pointing questions on one image, each about another query than the scene's: a query of a
+    shape it holds (3 in 4) or one drawn as the scene's was (it may match none). They give one image more point lists
+    to learn from, about other colours and kinds, for the cost of their answers' tokens (prepare_data's
+    extra_queries)."""
+    annotations, asked = [], [scene["query"]]
+    for _ in range(n):
+        for _ in range(8):  # another query than those asked; a scene of one shape has only three
+            form = rng.randrange(3)
+            if scene["shapes"] and rng.random() < 0.75:
+                shape = rng.choice(scene["shapes"])
+                query = {"colour": shape["colour"] if form != 1 else None, "kind": shape["kind"] if form != 0 else None}
+            else:
+                query = _random_query(rng)
+            if query not in asked:
+                break
+        asked.append(query)
+        label = query_label(query)
+        points = [(s["x"], s["y"]) for s in scene["shapes"] if shape_matches(s, query)]
+        tag = data.image_points_tag(points, label) if points else ""
+        if rng.random() < 0.5:
+            annotations.append(_qa("point_count", rng.choice(_COUNT_PROMPTS).format(label=label),
+                                   data.pointing_answer(tag, len(points), with_count=True)))
+        else:
+            annotations.append(_qa("pointing", rng.choice(_POINT_PROMPTS).format(label=label),
+                                   data.pointing_answer(tag, len(points))))
+    return annotations
+
+
 def multi_image_scenes(rng, max_objects=12, style="world"):
     """Two scenes sharing a query; which has more of it (or neither) is drawn uniformly first."""
     query = _random_query(rng)
@@ -810,18 +839,24 @@ def _save_png(image, path):
 SYNTHETIC_DATASETS = {"image": "synth_image", "multi": "synth_multi", "video": "synth_video"}
 
 
+WORLD_FILE = "world.json"  # {out}/world.json: the knobs a synthetic world was made with (main writes it last)
+WORLD_CONTENT = ("seed", "max_objects", "shape_style", "extra_queries", "image_size")  # those its records depend on
+#   beyond their number
+
 SYNTHETIC_SIZES = {"train": {"image": 2000, "multi": 300, "video": 200},
                    "val": {"image": 200, "multi": 50, "video": 50},
                    "test": {"image": 200, "multi": 50, "video": 50}}
 
 
 def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video_size=128, max_objects=12,
-                             max_video_objects=6, n_frames=8, shape_style="world", workers=1):
+                             max_video_objects=6, n_frames=8, shape_style="world", workers=1, extra_queries=0):
     """Write the synthetic world as three datasets under data_dir, each laid out like a prepared real one:
     {data_dir}/{synth_image|synth_multi|synth_video}/{split}.jsonl with media in {split}/ next to it.
     sizes: {split: {"image"|"multi"|"video": n_records}} (default SYNTHETIC_SIZES). max_objects bounds every
     image's shapes, and so the counts (1..12; fewer makes an easier world). shape_style: a key of SHAPE_STYLES.
     workers > 1 draws the examples in that many processes: the same bytes, since each example has its own seed.
+    extra_queries: that many more counting or pointing questions on each training image (extra_query_annotations),
+    drawn from a seed of their own, so that everything else is the same bytes as without them.
     Returns {split: {part: jsonl path}}."""
     if shape_style not in SHAPE_STYLES:
         raise ValueError(f"synthetic world: shape_style={shape_style!r}, expected one of {list(SHAPE_STYLES)}")
@@ -843,7 +878,7 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
                 draw = functools.partial(_synthetic_record, dataset_dir, seed, split, part, image_size=image_size,
                                          video_size=video_size, max_objects=max_objects,
                                          max_video_objects=max_video_objects, n_frames=n_frames,
-                                         shape_style=shape_style)
+                                         shape_style=shape_style, extra_queries=extra_queries)
                 # map keeps the index order, so the jsonl is the same whichever process drew each example
                 records = pool.map(draw, range(n), chunksize=32) if pool else map(draw, range(n))
                 paths[split][part] = path = os.path.join(dataset_dir, f"{split}.jsonl")
@@ -860,15 +895,19 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
 
 
 def _synthetic_record(dataset_dir, seed, split, part, index, *, image_size, video_size, max_objects,
-                      max_video_objects, n_frames, shape_style="world"):
+                      max_video_objects, n_frames, shape_style="world", extra_queries=0):
     """Draw, render and save one example; return its record (media paths relative to dataset_dir)."""
     rng = _example_rng(seed, split, part, index)
     name = f"{split}/{index:06d}"
     if part == "image":
         scene = make_image_scene(rng, max_objects, style=shape_style)
         _save_png(render_scene(scene, image_size), os.path.join(dataset_dir, name + ".png"))
+        annotations = image_annotations(rng, scene)
+        if extra_queries and split == "train":  # the held-out splits keep one question of each kind an image
+            annotations += extra_query_annotations(_example_rng(seed, split, "image extra", index), scene,
+                                                   extra_queries)
         return {"id": f"{SYNTHETIC_DATASETS[part]}/{name}", "image": name + ".png",
-                "annotations": image_annotations(rng, scene), "scene": scene}
+                "annotations": annotations, "scene": scene}
     if part == "multi":
         scenes = multi_image_scenes(rng, max_objects, shape_style)
         files = [f"{name}_{k}.png" for k in range(1, len(scenes) + 1)]
@@ -898,6 +937,8 @@ max_objects = 12  # synthetic world: at most this many shapes per image, so coun
 train_images = SYNTHETIC_SIZES["train"]["image"]  # synthetic world: single-image training records
 shape_style = "world"  # synthetic world: world | big_solid (every shape large, solid, on plain grey; max_objects <= 3):
 #   an easy world for stage 1's first steps (SHAPE_STYLES)
+extra_queries = 0  # synthetic world: this many more counting or pointing questions on each training image, about
+#   other colours and kinds than its own question (extra_query_annotations); the rest of the world is unchanged
 workers = 0  # synthetic world: processes drawing it (0 = every core this process may use); the bytes do not change
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -916,12 +957,17 @@ def main():
             paths = generate_synthetic_world(out, seed=seed, sizes=sizes, image_size=image_size,
                                              max_objects=max_objects,
                                              max_video_objects=min(6, SHAPE_STYLES[shape_style]["max_objects"]),
-                                             shape_style=shape_style,
+                                             shape_style=shape_style, extra_queries=extra_queries,
                                              workers=workers or training.usable_cores())
         except ValueError as e:
             raise SystemExit(f"prepare_data: {e}") from None
         for split, parts in paths.items():
             print(split, {part: sum(1 for _ in open(p)) for part, p in parts.items()})
+        # what the world was made with, written last: demo.py makes a world again whose content knobs differ
+        made = {"seed": seed, "max_objects": max_objects, "shape_style": shape_style, "extra_queries": extra_queries,
+                "image_size": image_size, "train_images": train_images}
+        with open(os.path.join(out, WORLD_FILE), "w") as f:
+            json.dump(made, f, indent=2)
         return
     repo, folder, convert = DATASETS[dataset]
     dataset_rows = read_rows(rows or download_rows(repo, folder, out), limit)

@@ -11,6 +11,14 @@
 #           there), the joint stage given what the longer stage 1 leaves of the minutes; and without the scene loss
 #   vitmuon2: the same stage 1 at 16 images a step (0.174 s there), 600 and 900 steps; at 450 steps of 32; the joint
 #           stage's Muon rate at 0.007 and 0.015 after 600 steps of 32
+#   kinds:  stage 1 (Muon, the scene loss) varied for the kinds it names in the minutes of 600 steps: big_vision's
+#           start, the scene loss at 2, Muon at 0.03, 64 images a step for 300 steps, each batch twice (800 updates),
+#           a 100-step warmup, 150 steps in the easy world first; each then the joint stage's 2,900 steps
+#   crops:  9 crops an image (3 x 3 tiles) against the demo's 4, stage 1 at 9 crops too (650 steps of 16 images, ~the
+#           minutes of 600 of 32 at 4); the joint stage without the captions (rows of 288: 3,700 steps in the minutes
+#           of 2,900), or with them for its first or last half of the minutes only; big_vision's start
+#   queries: the world with 1 or 2 more counting or pointing questions on each training image (prepare_data.py
+#           --extra_queries), rows of 416 / 448 tokens (2,620 / 2,430 steps in the minutes of 2,900 of 368)
 #   vitmuon3: after 600 steps of 32, the joint stage's AdamW rates (token tables, norms) at 3e-3 and 2,750 joint
 #           steps; stage 1 with the scene loss at 0.5 and with the localisation losses at 2
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
@@ -35,6 +43,10 @@ joint() {  # name align seed joint-args
       || { stamp "$name-s$seed failed"; return; }
   score $dir $name-s$seed
   $PY assets/bench/count_errors.py $dir/eval/predictions.jsonl data/demo > "$OUT/$name-s$seed-counts.txt" 2>&1
+}
+easy_world() {  # stage 1's easy world (as demo.py --recipe=gpu makes it): one large solid shape or none
+  [ -f data/easy/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/easy \
+      --shape_style=big_solid --max_objects=1 --train_images=10000 > /dev/null
 }
 case $GROUP in
 width)
@@ -117,7 +129,67 @@ vitmuon3)
   joint conn3e3 ms600 1337 --max_steps=2400 --lr_connector=3e-3 &
   joint lw2 lw2 1337 --max_steps=2400 &
   ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2 or vitmuon3"; exit 2 ;;
+kinds)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
+  easy_world
+  ( $PY train_vision.py config/demo_vision.py $S --max_steps=150 --eval_every=150 --data_dir=data/easy \
+        --loader_workers=2 --out_dir=$RUNS/v-easy150part --save_every=0 > "$OUT/v-easy150part.log" 2>&1
+    vision easy150 128,512,4 $S --max_steps=450 --eval_every=450 --init_from=$RUNS/v-easy150part ) &
+  vision ms600 128,512,4 $S &
+  vision bv 128,512,4 $S --vit_init=big_vision &
+  vision sw2 128,512,4 $S --scene_weight=2.0 &
+  vision mu03 128,512,4 $S --muon_lr=0.03 &
+  vision b64 128,512,4 $S --batch_size=64 --max_steps=300 --warmup=15 --eval_every=300 &
+  vision echo2 128,512,4 $S --batch_echo=2 --max_steps=800 --eval_every=400 &
+  vision w100 128,512,4 $S --warmup=100 &
+  wait
+  for name in ms600 bv sw2 mu03 b64 echo2 w100 easy150; do joint $name $name 1337 --max_steps=2900 & done
+  ;;
+crops)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
+  C9="--max_crops=9 --max_seq_len=400"
+  NOCAP="--styles=('point_count','pointing','short_answer') --max_seq_len=288"
+  chain() {  # name seed stepsA argsA stepsB argsB: the joint stage in two runs, the second from the first's model
+    local name=$1 seed=$2 dir=$RUNS/$1-s$2
+    $PY train_joint.py config/demo_joint.py --init_from=$RUNS/a-ms600 --eval_every=100000 --save_every=0 \
+        --seed=$seed --loader_workers=1 --log_every=100 --out_dir=$dir-A --max_steps=$3 $4 \
+        > "$OUT/$name-s$seed-A.log" 2>&1
+    $PY train_joint.py config/demo_joint.py --init_from=$dir-A --eval_every=100000 --save_every=0 \
+        --seed=$seed --loader_workers=1 --log_every=100 --out_dir=$dir --max_steps=$5 $6 \
+        > "$OUT/$name-s$seed.log" 2>&1 || { stamp "$name-s$seed failed"; return; }
+    score $dir $name-s$seed
+    $PY assets/bench/count_errors.py $dir/eval/predictions.jsonl data/demo > "$OUT/$name-s$seed-counts.txt" 2>&1
+  }
+  ( vision ms600 128,512,4 $S
+    joint ms600 ms600 1337 --max_steps=2900 &
+    joint nocap ms600 1337 --max_steps=3700 $NOCAP &
+    chain capfirst 1337 1450 "" 1850 "$NOCAP" &
+    chain capfirst 1338 1450 "" 1850 "$NOCAP" &
+    chain caplast 1337 1850 "$NOCAP" 1450 "" &
+    wait ) &
+  ( vision c9b16 128,512,4 $S --max_crops=9 --batch_size=16 --max_steps=650 --eval_every=325
+    $PY train_align.py config/demo_align.py --vit_from=$RUNS/v-c9b16 --out_dir=$RUNS/a-c9b16c9 --loader_workers=1 \
+        --max_crops=9 > "$OUT/a-c9b16c9.log" 2>&1 || stamp "a-c9b16c9 failed"
+    joint c9b16 c9b16c9 1337 --max_steps=2600 $C9 ) &
+  ( vision bv 128,512,4 $S --vit_init=big_vision; joint bv bv 1337 --max_steps=2900 ) &
+  ;;
+queries)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
+  for n in 1 2; do
+    [ -f data/demo_x$n/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x$n \
+        --max_objects=5 --train_images=10000 --extra_queries=$n > /dev/null
+  done
+  ( vision ms600 128,512,4 $S
+    for seed in 1337 1338; do
+      joint ms600 ms600 $seed --max_steps=2900 &
+      joint x1 ms600 $seed --max_steps=2620 --data_dir=data/demo_x1 --max_seq_len=416 &
+      joint x2 ms600 $seed --max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448 &
+    done
+    joint x2 ms600 1339 --max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448 &
+    wait ) &
+  ( vision bv 128,512,4 $S --vit_init=big_vision; joint bv bv 1337 --max_steps=2900 ) &
+  ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops or queries"; exit 2 ;;
 esac
 wait
 stamp "all done"
