@@ -57,7 +57,8 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # kinds than its own question (prepare_data.py --extra_queries): a step's rows are longer (448 tokens, not 368), so
 # ~2,500 joint steps fit where ~2,950 did, but each image teaches three point lists, not one. On this project's 2-core
 # CPU the joint stage from one align checkpoint then counted 0.610 and pointed at F1 0.457 against 0.565 / 0.391
-# without (BENCHMARKS.md "More questions an image"). The held-out splits are the same bytes with or without them.
+# without; over three seeds of a GPU replay of its minutes, 0.588 / 0.458 against 0.513 / 0.386 (BENCHMARKS.md "More
+# questions an image"). The held-out splits are the same bytes with or without them.
 EXTRA_QUERIES = {"cpu": 2}
 STAGES = ("vision", "align", "joint")
 EASY_WORLD = ("data/easy", 10_000)  # and, per recipe, the config files its easy part adds to its stage-1 files

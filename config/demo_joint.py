@@ -21,10 +21,10 @@ styles = ("long_caption", "point_count", "pointing", "short_answer")
 max_crops = 4
 overlap_margins = (2, 2)
 max_seq_len = 448  # the world's 2 extra questions an image (demo.py's EXTRA_QUERIES) make examples of 368 tokens on
-#   average (509 at most; without them 285 and 361, in rows of 368): rows of 448 keep ~90% of them whole, and an
+#   average (509 at most; without them 285, at most ~367, in rows of 368): rows of 448 keep ~90% of them whole, and an
 #   example that does not fit keeps the questions that do, in order (its own questions come first). On this 2-core CPU
-#   the joint stage from one align checkpoint counted 0.610 and pointed at F1 0.457 in ~2,560 steps of 448, against
-#   0.565 / 0.391 in ~2,940 of 368 without them; 4 extra questions in rows of 512 (2,076 steps) counted 0.610, F1 0.443
+#   the joint stage from one align checkpoint counted 0.610 and pointed at F1 0.457 in 2,536 steps of 448, against
+#   0.565 / 0.391 in 2,939 of 368 without them; 4 extra questions in rows of 512 (2,151 steps) counted 0.610, F1 0.443
 #   (BENCHMARKS.md "More questions an image")
 batch_size = 8
 max_steps = 3300  # the images of 1,650 steps of 16

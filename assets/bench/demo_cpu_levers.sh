@@ -19,6 +19,8 @@
 #           of 2,900), or with them for its first or last half of the minutes only; big_vision's start
 #   queries: the world with 1 or 2 more counting or pointing questions on each training image (prepare_data.py
 #           --extra_queries), rows of 416 / 448 tokens (2,620 / 2,430 steps in the minutes of 2,900 of 368)
+#   bvx2:   stage 1 from big_vision's start (--vit_init=big_vision), its joint stage in the world of 2 more questions
+#           an image (three seeds) and in the plain world (the queries group ran seed 1337)
 #   vitmuon3: after 600 steps of 32, the joint stage's AdamW rates (token tables, norms) at 3e-3 and 2,750 joint
 #           steps; stage 1 with the scene loss at 0.5 and with the localisation losses at 2
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
@@ -189,7 +191,17 @@ queries)
     wait ) &
   ( vision bv 128,512,4 $S --vit_init=big_vision; joint bv bv 1337 --max_steps=2900 ) &
   ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops or queries"; exit 2 ;;
+bvx2)
+  S="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
+  [ -f data/demo_x2/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2 \
+      --max_objects=5 --train_images=10000 --extra_queries=2 > /dev/null
+  vision bv 128,512,4 $S --vit_init=big_vision
+  for seed in 1337 1338 1339; do
+    joint bvx2 bv $seed --max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448 &
+  done
+  joint bv bv 1338 --max_steps=2900 &
+  ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries or bvx2"; exit 2 ;;
 esac
 wait
 stamp "all done"
