@@ -860,6 +860,8 @@ def generate_synthetic_world(data_dir, seed=0, sizes=None, image_size=224, video
     Returns {split: {part: jsonl path}}."""
     if shape_style not in SHAPE_STYLES:
         raise ValueError(f"synthetic world: shape_style={shape_style!r}, expected one of {list(SHAPE_STYLES)}")
+    if not (isinstance(extra_queries, int) and extra_queries >= 0):
+        raise ValueError(f"synthetic world: extra_queries={extra_queries!r}, expected a whole number >= 0")
     for name, value in (("max_objects", max_objects), ("max_video_objects", max_video_objects)):
         if not 1 <= value <= SHAPE_STYLES[shape_style]["max_objects"]:
             raise ValueError(f"synthetic world: {name}={value}, expected 1..{SHAPE_STYLES[shape_style]['max_objects']}"

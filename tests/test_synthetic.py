@@ -328,6 +328,8 @@ def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
     for bad in (0, 13):
         with pytest.raises(ValueError, match=f"max_objects={bad}, expected 1..12"):
             prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
+    with pytest.raises(ValueError, match="extra_queries=-1, expected a whole number >= 0"):
+        prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, extra_queries=-1)
 
 
 def _query_in(question):
