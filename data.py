@@ -13,6 +13,7 @@ Everything between raw inputs and the model's tensors.
 import collections
 import dataclasses
 import functools
+import gc
 import hashlib
 import io
 import json
@@ -1624,8 +1625,7 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None, workers=0):
     chunks = [(f, start, min(start + SCAN_CHUNK, len(records)))
               for f, records in enumerate(files) for start in range(0, len(records), SCAN_CHUNK)]
     if workers > 1 and len(chunks) > 1 and sys.platform.startswith("linux"):
-        import multiprocessing
-        with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+        with fork_context().Pool(min(workers, len(chunks)), initializer=gc.freeze) as pool:
             scanned = pool.map(_scan_records, chunks, chunksize=1)
     else:
         scanned = map(_scan_records, chunks)
@@ -1635,6 +1635,17 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None, workers=0):
             report.add(counted.n_seen, counted.counts, counted.first)
     _SCAN = None
     return sorted(ids)
+
+
+def fork_context():
+    """multiprocessing's "fork" context (Linux), for workers that inherit this process's files and loaders instead
+    of pickling them, once this process's garbage is collected: a decoded video's codec (PyAV) left in a reference
+    cycle owns threads, and freeing it waits on them. A forked child has none of its parent's threads, so a worker
+    whose collector freed such a codec waited forever (it hung the test suite's loader tests). Each child also
+    calls gc.freeze() first: its collector then never looks at what the fork copied (and those pages stay shared)."""
+    import multiprocessing
+    gc.collect()
+    return multiprocessing.get_context("fork")
 
 
 _SCAN = None  # record_token_ids' (tokenizer, [RecordFile]) for _scan_records

@@ -17,6 +17,7 @@ Design choices:
 import collections
 import copy
 import functools
+import gc
 import itertools
 import json
 import math
@@ -1128,10 +1129,10 @@ class ForkedWorkers:
     def start_workers(self):
         if self.pool is None:
             import atexit
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_init_worker, initargs=(self,))
+            import data
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=data.fork_context(), initializer=_init_worker,
+                                            initargs=(self,))
             atexit.register(self.close)  # stopped before interpreter teardown, even when a run stops early
         return self.pool
 
@@ -1148,6 +1149,7 @@ _WORKER_LOADER = None  # in a worker process: the loader it was forked from
 def _init_worker(loader):
     global _WORKER_LOADER
     _WORKER_LOADER = loader
+    gc.freeze()  # data.fork_context says why
     # one thread: a forked child's first multi-threaded torch op can hang (OpenMP is not fork-safe)
     torch.set_num_threads(1)
 
@@ -1434,14 +1436,14 @@ class StepsAhead:
 
     def _start_child(self):
         import atexit
-        import multiprocessing
         import socket
+        import data
         ours, theirs = socket.socketpair()
         for s in (ours, theirs):  # a step's bytes in few system calls
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         # not a daemon: a daemon process may not start the loader's own workers
-        self.child = multiprocessing.get_context("fork").Process(
+        self.child = data.fork_context().Process(
             target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize),
             name="steps-ahead")
         self.child.start()
@@ -1525,6 +1527,7 @@ class StepsAhead:
 def _batch_process(loader, sock, parents_end, resume_state, depth):
     """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
     `depth` more than the parent has taken (it sends a byte for each)."""
+    gc.freeze()  # data.fork_context says why
     parents_end.close()
     torch.set_num_threads(1)
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own

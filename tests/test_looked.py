@@ -36,7 +36,6 @@ always overlap a disc, the crop tokens often do not).
 import collections
 import copy
 import math
-import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -137,7 +136,7 @@ def test_trained_model_looks_at_the_discs_it_counts(one_thread):
     # Two forked processes beside this one: the untrained model's answers (~40 s of greedy generation) and the next
     # batches (a fifth of the time in line) run on the other core while this one trains; every part is a
     # deterministic function of its inputs on one thread, so the numbers are those of doing it all in line
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+    with ProcessPoolExecutor(2, mp_context=data.fork_context(), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:  # one thread: OpenMP is not fork-safe (training.py does the same)
         untrained = pool.submit(looks, copy.deepcopy(model).eval(), held_out)  # a copy: it is sent while we train
         model.train()

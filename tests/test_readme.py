@@ -151,6 +151,26 @@ def test_demo_reports_what_its_steps_made(clone):
             f"{tiny.llm.hidden_size} wide x {tiny.llm.num_hidden_layers} blocks") in report
 
 
+def test_a_world_made_with_other_content_knobs_is_made_again(tmp_path):
+    """demo.py takes a world as made when prepare_data.py wrote its world.json with the knobs the step asks for: a
+    world from before the CPU recipe's extra questions (or with no world.json: older still) is made again, one of
+    another size is not (the tests shorten it on purpose), and a stage's marker only has to exist."""
+    name, args, marker = demo.STEPS[0]
+    assert name == "demo world" and "--extra_queries=2" in args
+    world = tmp_path / "world.json"
+    assert not demo.is_done(args, str(world))
+    made = {"seed": 0, "max_objects": 5, "shape_style": "world", "extra_queries": 0, "image_size": 224,
+            "train_images": 10000}
+    world.write_text(json.dumps(made))
+    assert not demo.is_done(args, str(world))  # made before the extra questions
+    world.write_text(json.dumps({**made, "extra_queries": 2, "train_images": 16}))
+    assert demo.is_done(args, str(world))
+    world.write_text(json.dumps({**made, "extra_queries": 2, "max_objects": 12}))
+    assert not demo.is_done(args, str(world))
+    (tmp_path / "config.json").write_text("{}")
+    assert demo.is_done(["train_joint.py"], str(tmp_path / "config.json"))
+
+
 def test_the_report_counts_right_by_what_each_question_names(tmp_path):
     """demo.counting_by_query worked by hand: four test images whose questions name a colour, a kind, both, and a
     colour again; eval.py scored the counting answers right on the first, third and fourth. A pointing answer and

@@ -302,24 +302,73 @@ def test_answers_cannot_be_guessed_from_the_question():
 
 
 def test_prepare_data_world_knobs_bound_counts_and_sizes(tmp_path, monkeypatch):
-    """`prepare_data.py --max_objects=2 --train_images=30`: every training image holds at most 2 shapes (so every
-    count is 0, 1 or 2), and there are 30 of them; the other parts keep their default sizes."""
+    """`prepare_data.py --max_objects=2 --train_images=30 --extra_queries=1`: every training image holds at most 2
+    shapes (so every count is 0, 1 or 2), and there are 30 of them, each with one more question; the other parts keep
+    their default sizes, and world.json says what the world was made with."""
     monkeypatch.setattr(prepare_data, "SYNTHETIC_SIZES", {"train": {"image": 999, "multi": 2, "video": 1},
                                                           "val": {"image": 3}})
-    knobs = {k: getattr(prepare_data, k) for k in ("dataset", "out", "max_objects", "train_images", "image_size")}
+    knobs = {k: getattr(prepare_data, k) for k in ("dataset", "out", "max_objects", "train_images", "image_size",
+                                                    "extra_queries")}
     configure(knobs, ["--dataset=synthetic", f"--out={tmp_path}", "--max_objects=2", "--train_images=30",
-                      "--image_size=56"])  # the command line, read as prepare_data.py reads it
+                      "--image_size=56", "--extra_queries=1"])  # the command line, read as prepare_data.py reads it
     for name, value in knobs.items():
         monkeypatch.setattr(prepare_data, name, value)
     prepare_data.main()
     train = _records(str(tmp_path / "synth_image" / "train.jsonl"))
-    assert len(train) == 30 and len(_records(str(tmp_path / "synth_image" / "val.jsonl"))) == 3
+    val = _records(str(tmp_path / "synth_image" / "val.jsonl"))
+    assert len(train) == 30 and len(val) == 3
+    # one more question on each training image (caption, counting, pointing, two short answers: 5 without)
+    assert {len(r["annotations"]) for r in train} == {6} and {len(r["annotations"]) for r in val} == {5}
+    with open(tmp_path / prepare_data.WORLD_FILE) as f:  # what demo.py reads to tell the world is the one it asks
+        assert json.load(f) == {"seed": 0, "max_objects": 2, "shape_style": "world", "extra_queries": 1,
+                                "image_size": 56, "train_images": 30}
     assert len(_records(str(tmp_path / "synth_multi" / "train.jsonl"))) == 2
     shapes = [len(r["scene"]["shapes"]) for r in train]
     assert max(shapes) <= 2 and 2 in shapes  # bounded, and the bound is reached
     for bad in (0, 13):
         with pytest.raises(ValueError, match=f"max_objects={bad}, expected 1..12"):
             prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, max_objects=bad)
+    with pytest.raises(ValueError, match="extra_queries=-1, expected a whole number >= 0"):
+        prepare_data.generate_synthetic_world(str(tmp_path / "bad"), sizes={"val": {"image": 1}}, extra_queries=-1)
+
+
+def _query_in(question):
+    """The query a counting or pointing question names, read back from its words (the longest label it holds)."""
+    queries = [{"colour": c, "kind": k} for c in (None, *prepare_data.SHAPE_COLOURS)
+               for k in (None, *prepare_data.SHAPE_KINDS)]
+    named = [q for q in queries if re.search(rf"\b{_label(q)}\b", question)]
+    return max(named, key=lambda q: len(_label(q)))
+
+
+def test_extra_queries_add_checked_questions_to_training_images_and_change_nothing_else(world, tmp_path):
+    """`prepare_data.py --extra_queries=2`: each training image gets two more counting or pointing questions, about
+    two other queries than its own, each answer recomputed from the scene by the checker above; every other byte of
+    the world (the images, the held-out splits, each training image's own questions) is the fixture's."""
+    out, _ = world
+    sizes = {"train": {"image": 40}, "test": {"image": 20}}
+    prepare_data.generate_synthetic_world(str(tmp_path), seed=7, sizes=sizes, extra_queries=2)
+    before, after = _file_hashes(os.path.join(out, "synth_image")), _file_hashes(str(tmp_path / "synth_image"))
+    assert {k: v for k, v in after.items() if k != "train.jsonl"} == \
+        {k: v for k, v in before.items() if k in after and k != "train.jsonl"}
+    assert after["test.jsonl"] == before["test.jsonl"] and len(after) == 2 + 40 + 20
+    plain = _records(os.path.join(out, "synth_image", "train.jsonl"))[:40]
+    styles = collections.Counter()
+    for old, new in zip(plain, _records(str(tmp_path / "synth_image" / "train.jsonl")), strict=True):
+        assert new["annotations"][:-2] == old["annotations"] and new["scene"] == old["scene"]
+        asked = [new["scene"]["query"]]
+        for annotation in new["annotations"][-2:]:
+            question, answer = (m["content"] for m in annotation["messages"])
+            query = _query_in(question)
+            assert query not in asked, (question, asked)  # another question than those the image has
+            asked.append(query)
+            matching = collections.Counter((1, *_key(s["x"], s["y"])) for s in new["scene"]["shapes"]
+                                           if _matches(s, query))
+            _check_points_answer(annotation["style"], question, answer, query, matching,
+                                 annotation["style"] == "point_count")
+            styles[annotation["style"], sum(matching.values()) > 0] += 1
+    # both kinds of question, about shapes the image holds and (rarer) about ones it does not
+    assert styles["point_count", True] and styles["pointing", True] and styles["point_count", False] + \
+        styles["pointing", False] > 0, styles
 
 
 def test_big_solid_style_draws_one_large_solid_kind_of_shape_on_grey(tmp_path, monkeypatch):

@@ -1170,3 +1170,49 @@ def test_step_budget_fits_again_every_20_steps_in_either_direction(monkeypatch, 
     out = capsys.readouterr().out
     assert "500 steps would take" in out and "ends at step 250 (was 300)" in out and "ends at step 500 (was 250)" in out
     assert training.StepBudget(0.0, 500, training.Dist("cpu")).fit(20, 0, [1.0] * 20, 500) == 500  # off
+
+
+class _OwnsAThread:
+    """Stands for a decoded video's PyAV codec: it owns a thread, and freeing it waits until that thread lets go
+    of a lock. A forked child has the lock, taken, but not the thread: freed there, it would wait forever."""
+
+    def __init__(self):
+        self.lock, self.stop, held = threading.Lock(), threading.Event(), threading.Event()
+        # the thread holds no reference to this object (as the codec's C threads hold none to Python's)
+        threading.Thread(target=self._hold, args=(self.lock, self.stop, held), daemon=True).start()
+        held.wait()
+        self.cycle = self  # garbage only the cycle collector frees
+
+    @staticmethod
+    def _hold(lock, stop, held):
+        with lock:
+            held.set()
+            stop.wait()
+
+    def __del__(self):
+        self.stop.set()
+        with self.lock:
+            pass
+
+
+def test_forked_workers_never_free_what_owns_the_parents_threads():
+    """Garbage in a reference cycle when the loader's workers are forked is freed before the fork, in this process
+    (data.fork_context), and a worker's collector never looks at what it inherited: the worker that collects its
+    garbage answers. (Without both, the collection in the worker waits forever: it hung the suite's loader tests.)"""
+    import gc
+    workers = training.ForkedWorkers()
+    workers.workers = 1
+    gc.disable()  # the garbage must still be there when the workers are forked, not freed by chance before
+    try:
+        _OwnsAThread()
+        pool = workers.start_workers()
+        freed = pool.submit(gc.collect)
+        try:
+            freed.result(timeout=60)  # a worker that answers in under a second
+        finally:
+            if not freed.done():  # hung: the workers are killed, so that close() does not wait on them too
+                for process in list(pool._processes.values()):
+                    process.kill()
+    finally:
+        gc.enable()
+        workers.close()
