@@ -816,7 +816,7 @@ NO_POINTS_ANSWER = "There are none."
 POINT_GROUP_SEPARATORS = (";", "\t")
 
 
-def _scaled(x, y):
+def scaled_point(x, y):
     """Normalised (x, y) -> integer coordinates on the 0..1000 scale, clamped to the image."""
     x, y = float(x), float(y)
     if not (math.isfinite(x) and math.isfinite(y)):
@@ -851,7 +851,7 @@ def multi_image_points_tag(points_per_image, label, alt=None, sep=";"):
     _check_separator(sep)
     groups, next_id = [], 1
     for image_index, points in enumerate(points_per_image, 1):
-        scaled = sorted(_scaled(x, y) for x, y in points)
+        scaled = sorted(scaled_point(x, y) for x, y in points)
         if scaled:
             groups.append(f"{image_index} " + _triples(range(next_id, next_id + len(scaled)), scaled))
             next_id += len(scaled)
@@ -866,7 +866,7 @@ def video_points_tag(timestamps, points_per_frame, label, alt=None, sep=";"):
         raise ValueError(f"video points: {len(timestamps)} timestamps for {len(points_per_frame)} frames")
     groups, next_id = [], 1
     for t, points in sorted(zip(timestamps, points_per_frame), key=lambda tp: tp[0]):
-        scaled = sorted(_scaled(x, y) for x, y in points)
+        scaled = sorted(scaled_point(x, y) for x, y in points)
         if scaled:
             groups.append(f"{t:.1f} " + _triples(range(next_id, next_id + len(scaled)), scaled))
             next_id += len(scaled)
@@ -880,7 +880,7 @@ def video_tracks_tag(frames, label, alt=None, sep=";"):
     _check_separator(sep)
     id_of, groups = {}, []
     for t, objects in sorted(frames, key=lambda f: f[0]):
-        scaled = sorted((_scaled(x, y), key) for key, (x, y) in objects.items())
+        scaled = sorted((scaled_point(x, y), key) for key, (x, y) in objects.items())
         for _, key in scaled:
             id_of.setdefault(key, len(id_of) + 1)
         by_id = sorted((id_of[key], xy) for xy, key in scaled)

@@ -84,6 +84,11 @@ sigmoid_weight = 1.0  # SigLIP's image-caption loss; 0 = off
 loc_weight = 1.0  # the localisation loss (which token holds a point of which label, and where); 0 = off
 scene_weight = 0.0  # the synthetic world's attribute loss: each pooled token names the kind and the colour of the
 #   shape whose centre is in its cell, or none, from the record's scene (records without one add nothing); 0 = off
+scene_digits = 0.0  # with the scene loss: each token also names the first digit of the x and of the y its centre is
+#   written with (training.scene_attributes), at this weight against the kind's and the colour's; 0 = off. In the CPU
+#   demo's chain the joint stage's points then land on their shapes (hits 0.45 against 0.20; F1 0.504 against 0.351)
+#   but it counts less (0.490 against 0.545; over GPU replays' seeds F1 +0.07, counting -0.09): off in the demo
+#   (BENCHMARKS.md "The coordinates' digits taught in stage 1")
 scene_balanced = False  # the scene loss's tokens that hold a centre weigh as much, together, as the (about nine times
 #   as many) that hold none: colours were named 0.93 at step 150 against 0.54 (BENCHMARKS.md "What holds the kinds
 #   back"); config/demo_gpu_vision.py turns it on
@@ -210,7 +215,8 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
             if pretrainer.scene_head is not None:
                 holds = batch["scene_targets"][:, 0] > 0  # tokens that hold a shape's centre
                 logits = pretrainer.scene_logits(tokens[holds])  # one per attribute
-                for name, hits in scene_hits(logits, batch["scene_targets"][holds], batch["high_res"][holds]).items():
+                for name, hits in scene_hits(logits, batch["scene_targets"][holds], batch["high_res"][holds],
+                                             use_digits).items():
                     right[name].extend(hits)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -233,6 +239,10 @@ def validate(pretrainer, loader, n_batches, point_radius=0.05):
     return out
 
 
+if scene_digits < 0 or (scene_digits > 0 and scene_weight <= 0):
+    raise SystemExit(f"train_vision: scene_digits={scene_digits} weighs digits the scene loss names: it needs "
+                     f"scene_weight > 0 (it is {scene_weight}), and is never negative")
+use_digits = scene_digits > 0
 if sigmoid_weight <= 0 and loc_weight <= 0 and scene_weight <= 0:
     raise SystemExit("train_vision: sigmoid_weight, loc_weight and scene_weight are all 0: nothing to train")
 # each loss's weight in the step's total; the localisation loss's parts (loc, offset, position) share loc_weight
@@ -292,7 +302,8 @@ with torch.no_grad():  # every block's additions to the residual stream start sm
         block.mlp.fc2.weight.mul_(vit_residual_scale)
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
-                              scene_classes() if scene_weight > 0 else (), scene_balanced).to(d.device)
+                              scene_classes(use_digits) if scene_weight > 0 else (), scene_balanced,
+                              scene_weights=(1.0, 1.0) + (scene_digits,) * 2 if use_digits else None).to(d.device)
 if init_heads:  # a stage 1 that goes on from another's: what it learned on top of the ViT as well
     if not os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         raise SystemExit(f"train_vision: init_heads=True needs init_from to be a stage-1 out_dir with a ckpt.pt; "
@@ -316,7 +327,7 @@ processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, processor=processor,
                    text_max_len=text_max_len, use_sigmoid=sigmoid_weight > 0, use_loc=loc_weight > 0, seed=seed,
-                   use_scene=scene_weight > 0)
+                   use_scene=scene_weight > 0, scene_digits=use_digits)
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
              "compile=True" if compile else None)
 graphed = None
@@ -340,7 +351,8 @@ n_rest = sum(p.numel() for p in pretrainer.parameters()) - n_vit
 start = f"{vit_init} start" if init_from == "scratch" else f"from {init_from}, heads {'too' if init_heads else 'new'}"
 d.print(f"stage 1 | ViT {n_vit / 1e6:.1f}M ({model_preset}, {start}, blocks {list(vit_layers)} read), heads and text "
         f"tower {n_rest / 1e6:.1f}M (thrown away after) | losses: sigmoid x {sigmoid_weight}, "
-        f"localisation x {loc_weight}, scene x {scene_weight} "
+        f"localisation x {loc_weight}, scene x {scene_weight}"
+        + (f" (its first digits x {scene_digits})" if use_digits else "") + " "
         f"| {d.world_size} process(es) on {d.device.type} | {batch_size * grad_accum * d.world_size} images a step"
         + (f", each batch {batch_echo} steps" if batch_echo > 1 else "")
         + (f" | ViT at lr {vit_lr:g}, heads at {lr:g}" if vit_lr else "")

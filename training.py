@@ -1778,39 +1778,53 @@ def cell_targets(points, cells):
     return holds, offsets
 
 
-def scene_attributes():
-    """The synthetic world's attributes that stage 1's scene loss names for each token: {name: its values}."""
+def scene_attributes(digits=False):
+    """The synthetic world's attributes that stage 1's scene loss names for each token: {name: its values}.
+    digits: also the first digit of the centre's x and of its y as a point writes them (Molmo2's 0-1000 scale, three
+    digits: the tenth of the image it lies in). The joint stage's model finds the token that holds a shape long
+    before it writes where in the token's cell the shape is; a ViT that names the digit per token hands it over."""
     import prepare_data
-    return {"kind": prepare_data.SHAPE_KINDS, "colour": tuple(prepare_data.SHAPE_COLOURS)}
+    attributes = {"kind": prepare_data.SHAPE_KINDS, "colour": tuple(prepare_data.SHAPE_COLOURS)}
+    if digits:
+        attributes.update(x_tenths=tuple(range(10)), y_tenths=tuple(range(10)))
+    return attributes
 
 
-def scene_hits(logits, targets, high_res):
+def shape_attributes(shape):
+    """A scene's shape -> its value of each attribute scene_attributes(digits=True) names."""
+    import data
+    x, y = data.scaled_point(shape["x"], shape["y"])
+    return {**shape, "x_tenths": min(x // 100, 9), "y_tenths": min(y // 100, 9)}  # 1000 (the far edge): the last
+
+
+def scene_hits(logits, targets, high_res, digits=False):
     """Which tokens the scene head names right: logits, one (M, n_values + 1) tensor per attribute of
-    scene_attributes(); targets (M, n_attributes); high_res (M,) bool -> {attribute: [bool] * M} and the same for
-    each view's tokens alone ('<attribute>_high_res', '<attribute>_low_res'). The low-res view shrinks the whole
+    scene_attributes(digits); targets (M, n_attributes); high_res (M,) bool -> {attribute: [bool] * M} and the same
+    for each view's tokens alone ('<attribute>_high_res', '<attribute>_low_res'). The low-res view shrinks the whole
     image into one crop, so a small shape there is a patch or less; the LLM can read it off the high-res view."""
     hits = {}
-    for a, name in enumerate(scene_attributes()):
+    for a, name in enumerate(scene_attributes(digits)):
         correct = logits[a].argmax(-1) == targets[:, a]
         hits[name] = correct.tolist()
         hits[f"{name}_high_res"], hits[f"{name}_low_res"] = correct[high_res].tolist(), correct[~high_res].tolist()
     return hits
 
 
-def scene_classes():
+def scene_classes(digits=False):
     """Stage 1's scene head: per attribute, its number of values plus one (no shape's centre in the cell)."""
-    return tuple(len(values) + 1 for values in scene_attributes().values())
+    return tuple(len(values) + 1 for values in scene_attributes(digits).values())
 
 
-def scene_targets(scene, cells):
+def scene_targets(scene, cells, digits=False):
     """scene (a synthetic record's), cells (M, 4) -> (M, n_attributes) int64: for each token, each attribute's class
-    (1-based, scene_attributes' order) of the shape whose centre lies in its cell, 0 where no centre does. Where two
-    centres share a cell, the shape drawn last names it: it lies on top."""
-    attributes = scene_attributes()
+    (1-based, scene_attributes(digits)' order) of the shape whose centre lies in its cell, 0 where no centre does.
+    Where two centres share a cell, the shape drawn last names it: it lies on top."""
+    attributes = scene_attributes(digits)
     targets = np.zeros((len(cells), len(attributes)), dtype=np.int64)
     for shape in scene["shapes"]:
         holds, _ = cell_targets(np.array([[shape["x"], shape["y"]]]), cells)
-        targets[holds] = [values.index(shape[name]) + 1 for name, values in attributes.items()]
+        values = shape_attributes(shape)
+        targets[holds] = [options.index(values[name]) + 1 for name, options in attributes.items()]
     return targets
 
 
@@ -1862,7 +1876,8 @@ def from_uint8(patches):
 class VisionExample:
     """One image's crops and targets (everything a batch needs, on CPU)."""
 
-    def __init__(self, record, draw, processor, text_max_len, use_sigmoid, use_loc, use_scene=False):
+    def __init__(self, record, draw, processor, text_max_len, use_sigmoid, use_loc, use_scene=False,
+                 scene_digits=False):
         tokenizer = processor.tokenizer
         image = record["images"][0]
         vision = processor.image(image)
@@ -1886,15 +1901,16 @@ class VisionExample:
         scene = record.get("scene") or {}
         self.scene_targets = None  # (M, n_attributes): with use_scene, for a record of a synthetic image
         if use_scene and "shapes" in scene:
-            self.scene_targets = scene_targets(scene, self.cells)  # numpy: crosses a worker's pipe by value
+            self.scene_targets = scene_targets(scene, self.cells, scene_digits)  # numpy: crosses a pipe by value
 
     @property
     def trains(self):
         return self.caption is not None or bool(self.labels) or self.scene_targets is not None
 
 
-def collate_vision(examples, round_labels=0):
-    """VisionExamples -> the batch dict VisionPretrainer.forward reads (CPU tensors). round_labels > 0 (the text
+def collate_vision(examples, round_labels=0, scene_digits=False):
+    """VisionExamples (their scene targets made with scene_digits, where they have a scene) -> the batch dict
+    VisionPretrainer.forward reads (CPU tensors). round_labels > 0 (the text
     tower's max_len): the labels padded with stand-ins (one token 0, of no image: label_image -1, no target) up to
     the text tower's rounded shapes (vision.rounded_text_shape), so that a step's tensors take a few shapes only,
     each a CUDA graph of its own (GraphedStep); the losses ignore the stand-ins."""
@@ -1940,7 +1956,7 @@ def collate_vision(examples, round_labels=0):
              # -1: the token's image has no scene (its attributes are unknown, not absent)
              "scene_targets": torch.from_numpy(np.concatenate([
                  ex.scene_targets if ex.scene_targets is not None else
-                 np.full((ex.pooling.shape[0], len(scene_attributes())), -1) for ex in examples]))}
+                 np.full((ex.pooling.shape[0], len(scene_attributes(scene_digits))), -1) for ex in examples]))}
     texts_by_name = {"caption": [examples[i].caption_ids for i in captioned],
                      "label": [ids for _, ids, _, _ in labels] + [[0]] * (n_labels - len(labels))}
     for name, texts in texts_by_name.items():
@@ -1989,12 +2005,14 @@ class VisionLoader(ForkedWorkers):
     shared_pixels = True  # the workers hand their pixels over in shared memory (_make_slots), else through pipes
 
     def __init__(self, data_dir, mixture, split, batch_size, processor, text_max_len, use_sigmoid, use_loc, seed,
-                 rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False, round_labels=False):
+                 rank=0, world_size=1, grad_accum=1, workers=0, use_scene=False, round_labels=False,
+                 scene_digits=False):
         import data
         self.batch_size, self.processor, self.text_max_len = batch_size, processor, text_max_len
         self.example_processor = levels_processor(processor)
         self.round_labels = text_max_len if round_labels else 0  # collate_vision's: for GraphedStep
         self.use_sigmoid, self.use_loc, self.use_scene = use_sigmoid, use_loc, use_scene
+        self.scene_digits = scene_digits  # the scene targets also name each centre's first digits (scene_attributes)
         self.report = data.SkipReport()
         self.not_used = {"not a single image": 0, "nothing to learn (no caption, points or scene)": 0}
         self.shards = []
@@ -2031,7 +2049,7 @@ class VisionLoader(ForkedWorkers):
             return None
         try:
             ex = VisionExample(record, draw, self.example_processor, self.text_max_len, self.use_sigmoid, self.use_loc,
-                               self.use_scene)
+                               self.use_scene, self.scene_digits)
         except data.MediaError as e:
             self.report.skip(data.BadRecord("undecodable_image", str(e)))
             return None
@@ -2092,7 +2110,7 @@ class VisionLoader(ForkedWorkers):
         self.ahead = None
         if self.workers:
             self._read_ahead()  # the next step's examples, made while this one is collated and trains
-        return [collate_vision(examples, self.round_labels) for examples in gathered]
+        return [collate_vision(examples, self.round_labels, self.scene_digits) for examples in gathered]
 
     def summary(self):
         lines = [self.report.summary()]

@@ -280,7 +280,8 @@ class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
     def __init__(self, vit, vit_layers, text_layers, text_max_len, embed_dim, use_sigmoid, use_loc,
-                 text_vocab_rows=16384, use_position=False, scene_classes=(), scene_balanced=False):
+                 text_vocab_rows=16384, use_position=False, scene_classes=(), scene_balanced=False,
+                 scene_weights=None):
         super().__init__()
         self.vit, self.vit_layers = vit, tuple(vit_layers)
         width = vit.config.hidden_size * len(self.vit_layers)
@@ -306,6 +307,10 @@ class VisionPretrainer(nn.Module):
         # balanced: the tokens that hold a centre weigh as much, together, as those that hold none (about one in ten
         # holds one): the few that must say *which* kind are not outvoted by the many that say "none"
         self.scene_balanced = scene_balanced
+        # each attribute's weight in the scene loss (None: 1 each)
+        self.scene_weights = tuple(scene_weights or [1.0] * len(self.scene_classes))
+        if len(self.scene_weights) != len(self.scene_classes):
+            raise ValueError(f"scene_weights {self.scene_weights}: one per attribute of {self.scene_classes}")
         self.init_new()
 
     def init_new(self):
@@ -363,14 +368,14 @@ class VisionPretrainer(nn.Module):
         targets = batch["scene_targets"]
         if not self.scene_balanced:
             known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
-            return sum(F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
-                       for a, logits in enumerate(self.scene_logits(tokens))) / known
+            return sum(w * F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
+                       for a, (w, logits) in enumerate(zip(self.scene_weights, self.scene_logits(tokens)))) / known
         holds, empty = (targets[:, 0] > 0).float(), (targets[:, 0] == 0).float()  # (M,) each; -1 is in neither
         total = 0.0
-        for a, logits in enumerate(self.scene_logits(tokens)):
+        for a, (w, logits) in enumerate(zip(self.scene_weights, self.scene_logits(tokens))):
             ce = F.cross_entropy(logits, targets[:, a].clamp(min=0), reduction="none")  # (M,)
-            total = total + ((ce * holds).sum() / holds.sum().clamp(min=1)
-                             + (ce * empty).sum() / empty.sum().clamp(min=1))
+            total = total + w * ((ce * holds).sum() / holds.sum().clamp(min=1)
+                                 + (ce * empty).sum() / empty.sum().clamp(min=1))
         return total
 
     def caption_loss(self, tokens, batch):

@@ -444,9 +444,9 @@ def test_batches_made_in_a_forked_process_are_the_serial_loaders(tiny_world):
 # 2 images, a checkpoint every 2 steps, validation after steps 2 and 5.
 STAGE1 = ["--model_preset=tiny", "--overlap_margins=(1, 1)", "--max_crops=2", "--batch_size=2", "--device=cpu",
           "--parallel=ddp", "--sigmoid_weight=1.0", "--loc_weight=1.0", "--scene_weight=1.0", "--scene_balanced=True",
-          "--vit_init=big_vision", "--text_layers=1", "--text_max_len=32", "--embed_dim=16", "--lr=1e-3", "--warmup=2",
-          "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6", "--save_every=2", "--eval_every=3",
-          "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
+          "--scene_digits=0.5", "--vit_init=big_vision", "--text_layers=1", "--text_max_len=32", "--embed_dim=16",
+          "--lr=1e-3", "--warmup=2", "--weight_decay=0.05", "--grad_clip=1.0", "--max_steps=6", "--save_every=2",
+          "--eval_every=3", "--eval_batches=1", "--log_every=1", "--seed=0", "--resume=True"]
 
 
 def stage1_args(world, out_dir, *extra):
@@ -740,7 +740,8 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_world, reference_run, tmp
     assert read_log(out_dir) == read_log(ref_dir)
     # every loss of the run is logged, and validation scores the scene head on the tokens that hold a shape
     val = [r for r in read_log(ref_dir) if kind(r) == "val"][-1]
-    assert {"val_sigmoid", "val_loc", "val_offset", "val_scene", "val_kind_acc", "val_colour_acc"} <= set(val)
+    assert {"val_sigmoid", "val_loc", "val_offset", "val_scene", "val_kind_acc", "val_colour_acc", "val_x_tenths_acc",
+            "val_y_tenths_acc"} <= set(val)
     assert 0.0 <= val["val_kind_acc"] <= 1.0 and val["val_scene"] > 0
     # and on each view's tokens alone: the overall accuracy is their token-weighted mean, so it lies between them
     for attribute in ("kind", "colour"):
@@ -853,6 +854,56 @@ def test_scene_targets_name_the_shape_whose_centre_lies_in_each_cell_by_hand():
                         {"kind": "star", "colour": "blue", "x": 0.75, "y": 0.5},
                         {"kind": "square", "colour": "green", "x": 0.7, "y": 0.2}]}
     assert training.scene_targets(scene, cells).tolist() == [[1, 1], [2, 2], [0, 0]]
+
+
+def test_scene_digits_are_the_first_digits_a_point_on_the_centre_is_written_with_by_hand():
+    """scene_digits: the same cells and shapes, each token also naming the first digit of its centre's x and y on
+    Molmo2's 0-1000 scale: the circle at (0.25, 0.5) is written "250 500" (digits 2, 5: classes 3, 6), the square at
+    (0.7, 0.2) "700 200" (7, 2). A centre at 0.0996 is written 100 (digit 1, not the 0 of its tenth), one on the far
+    edge 1000 (the last class, 9). The check reads the digits off the point tag the world's answers carry."""
+    assert list(training.scene_attributes(digits=True)) == ["kind", "colour", "x_tenths", "y_tenths"]
+    assert training.scene_classes(digits=True) == (5, 5, 11, 11)
+    cells = np.array([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.1]])
+    scene = {"shapes": [{"kind": "circle", "colour": "red", "x": 0.25, "y": 0.5},
+                        {"kind": "star", "colour": "blue", "x": 0.75, "y": 0.5},
+                        {"kind": "square", "colour": "green", "x": 0.7, "y": 0.2}]}
+    assert training.scene_targets(scene, cells, digits=True).tolist() == [[1, 1, 3, 6], [2, 2, 8, 3], [0, 0, 0, 0]]
+    edges = {"shapes": [{"kind": "star", "colour": "yellow", "x": 0.0996, "y": 1.0}]}
+    assert data.image_points_tag([(0.0996, 1.0)], "s") == '<points coords="1 1 100 1000">s</points>'
+    assert training.scene_targets(edges, cells[:1], digits=True).tolist() == [[4, 4, 2, 10]]
+
+
+def test_loader_with_scene_digits_adds_the_digit_targets_to_the_same_tokens(tiny_world):
+    """VisionLoader(scene_digits=True): each token's scene targets are the plain loader's kind and colour, then a
+    digit class for x and y on exactly the tokens that hold a centre (0 on the rest; -1 for an image without a
+    scene, as its kind and colour)."""
+    plain, digits = (training.VisionLoader(tiny_world, MIXTURE, "val", 2, tiny_processor(), 32, True, True, seed=0,
+                                           use_scene=True, scene_digits=d).next_step()[0]["scene_targets"]
+                     for d in (False, True))
+    assert plain.shape[1] == 2 and digits.shape == (plain.shape[0], 4)
+    assert torch.equal(digits[:, :2], plain)
+    holds = plain[:, 0] > 0
+    assert holds.any() and (digits[holds, 2:] > 0).all()
+    assert torch.equal(digits[~holds, 2:], plain[~holds, :1].expand(-1, 2))
+
+
+def test_scene_weights_scale_each_attributes_cross_entropy_by_hand():
+    """scene_weights (kind 1, colour 1, x digit 0.5, y digit 0.25): at a zero head each attribute's mean
+    cross-entropy over the two known tokens is ln(its classes), so the loss is 2 ln 5 + 0.75 ln 11."""
+    from vision import SigLIP2, SigLIP2Config, VisionPretrainer
+    torch.manual_seed(0)
+    vit = SigLIP2(SigLIP2Config.preset("tiny"))
+    pretrainer = VisionPretrainer(vit, (1, 0), 1, 8, 16, use_sigmoid=False, use_loc=False, text_vocab_rows=64,
+                                  scene_classes=(5, 5, 11, 11), scene_weights=(1.0, 1.0, 0.5, 0.25))
+    with torch.no_grad():
+        pretrainer.scene_head.weight.zero_()
+        pretrainer.scene_head.bias.zero_()
+    batch = {"scene_targets": torch.tensor([[1, 3, 4, 7], [0, 0, 0, 0], [-1, -1, -1, -1]])}
+    # float32 log-sum-exp of numbers of order 1: a few ulps of the result
+    by_hand = 2 * math.log(5) + 0.75 * math.log(11)
+    assert pretrainer.scene_loss(torch.randn(3, 16), batch).item() == pytest.approx(by_hand, rel=1e-6)
+    with pytest.raises(ValueError, match="one per attribute"):
+        VisionPretrainer(vit, (1, 0), 1, 8, 16, False, False, 64, scene_classes=(5, 5), scene_weights=(1.0,))
 
 
 def test_scene_loss_is_each_attributes_cross_entropy_over_the_tokens_with_a_scene_by_hand():
