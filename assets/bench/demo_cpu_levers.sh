@@ -23,6 +23,11 @@
 #           an image (three seeds) and in the plain world (the queries group ran seed 1337)
 #   vitmuon3: after 600 steps of 32, the joint stage's AdamW rates (token tables, norms) at 3e-3 and 2,750 joint
 #           steps; stage 1 with the scene loss at 0.5 and with the localisation losses at 2
+#   digits: stage 1's scene loss also names the second digit of each centre's x and y (assets/bench/scene_digits.py),
+#           or the first too; each then the joint stage in the world of 2 more questions an image, three seeds
+#   digits2: the first digits alone (train_vision.py --scene_digits; the same stage 1 as the script's PLACES=100),
+#           and with the localisation losses at 2
+#   digits3: the first digits (train_vision.py --scene_digits) at 1, 0.5 and 0.25, the localisation losses at 2
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -32,7 +37,8 @@ RUNS=out/levers_cpu
 source "$(dirname "$0")/replay_common.sh"
 vision() {  # name llm(w,i,l) stage-1 args: stage 1, then the align stage around an LLM of that size
   local name=$1 llm=$2; shift 2
-  $PY train_vision.py config/demo_vision.py $LOC_STAGE1 --loader_workers=2 --out_dir=$RUNS/v-$name --save_every=0 "$@" \
+  $PY ${WRAP:-} train_vision.py config/demo_vision.py $LOC_STAGE1 --loader_workers=2 --out_dir=$RUNS/v-$name \
+      --save_every=0 "$@" \
       > "$OUT/v-$name.log" 2>&1 || stamp "v-$name failed"
   LLM=$llm $PY assets/bench/resized_llm.py train_align.py config/demo_align.py --vit_from=$RUNS/v-$name \
       --out_dir=$RUNS/a-$name --loader_workers=1 > "$OUT/a-$name.log" 2>&1 || stamp "a-$name failed"
@@ -49,6 +55,20 @@ joint() {  # name align seed joint-args
 easy_world() {  # stage 1's easy world (as demo.py --recipe=gpu makes it): one large solid shape or none
   [ -f data/easy/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/easy \
       --shape_style=big_solid --max_objects=1 --train_images=10000 > /dev/null
+}
+# the digits groups: the demo's stage 1 (600 Muon steps, the scene loss) and its joint stage in the world of 2 more
+# questions an image, whose 2,430 steps of 448 fit the CPU's minutes
+S600="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
+X2="--max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448"
+x2_world() {
+  [ -f data/demo_x2/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2 \
+      --max_objects=5 --train_images=10000 --extra_queries=2 > /dev/null
+}
+three_seeds() {  # name stage-1 args: that stage 1 (and align), then its joint stage in that world, seeds 1337-1339
+  local name=$1; shift
+  vision $name 128,512,4 $S600 "$@"
+  for seed in 1337 1338 1339; do joint ${name}x2 $name $seed $X2 & done
+  wait
 }
 case $GROUP in
 width)
@@ -201,7 +221,24 @@ bvx2)
   done
   joint bv bv 1338 --max_steps=2900 &
   ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries or bvx2"; exit 2 ;;
+digits)
+  x2_world
+  ( vision ms600 128,512,4 $S600; joint x2 ms600 1337 $X2 ) &
+  ( PLACES=10 WRAP=assets/bench/scene_digits.py three_seeds dg10 ) &
+  ( PLACES=100,10 WRAP=assets/bench/scene_digits.py three_seeds dg100 ) &
+  ;;
+digits2)
+  x2_world
+  three_seeds dgh --scene_digits=1.0 &
+  three_seeds dghl2 --scene_digits=1.0 --loc_weight=2.0 &
+  ;;
+digits3)
+  x2_world
+  for w in 1.0 0.5 0.25; do three_seeds dghl2w$w --scene_digits=$w --loc_weight=2.0 & done
+  ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2 or"\
+        "digits3"
+   exit 2 ;;
 esac
 wait
 stamp "all done"
