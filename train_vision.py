@@ -51,8 +51,8 @@ from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
 from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader,
                       eta_seconds, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
-                      refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, scene_classes, scene_hits,
-                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+                      refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes,
+                      scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -300,10 +300,12 @@ with torch.no_grad():  # every block's additions to the residual stream start sm
     for block in vit.layers:
         block.self_attn.o_proj.weight.mul_(vit_residual_scale)
         block.mlp.fc2.weight.mul_(vit_residual_scale)
+# each scene attribute's weight: the kind's and the colour's 1, the digits' scene_digits
+scene_weights = [1.0 if name in scene_attributes() else scene_digits for name in scene_attributes(use_digits)]
 pretrainer = VisionPretrainer(vit, vit_layers, text_layers, text_max_len, embed_dim,
                               sigmoid_weight > 0, loc_weight > 0, text_vocab_rows, position_loss,
                               scene_classes(use_digits) if scene_weight > 0 else (), scene_balanced,
-                              scene_weights=(1.0, 1.0) + (scene_digits,) * 2 if use_digits else None).to(d.device)
+                              scene_weights if scene_weight > 0 else None).to(d.device)
 if init_heads:  # a stage 1 that goes on from another's: what it learned on top of the ViT as well
     if not os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         raise SystemExit(f"train_vision: init_heads=True needs init_from to be a stage-1 out_dir with a ckpt.pt; "
