@@ -86,9 +86,9 @@ scene_weight = 0.0  # the synthetic world's attribute loss: each pooled token na
 #   shape whose centre is in its cell, or none, from the record's scene (records without one add nothing); 0 = off
 scene_digits = 0.0  # with the scene loss: each token also names the first digit of the x and of the y its centre is
 #   written with (training.scene_attributes), at this weight against the kind's and the colour's; 0 = off. In the CPU
-#   demo's chain the joint stage's points then land on their shapes (hits 0.45 against 0.20; F1 0.504 against 0.351)
-#   but it counts less (0.490 against 0.545; over GPU replays' seeds F1 +0.07, counting -0.09): off in the demo
-#   (BENCHMARKS.md "The coordinates' digits taught in stage 1")
+#   demo's chain the joint stage's points then land on their shapes (F1 0.504 and 0.512 against 0.351 and 0.402) but
+#   it counts less (0.490 and 0.505 against 0.545 and 0.520; GPU replays F1 +0.07, counting -0.09; one `make demo`
+#   with it 0.360 / 0.426): off in the demo (BENCHMARKS.md "The coordinates' digits taught in stage 1")
 scene_balanced = False  # the scene loss's tokens that hold a centre weigh as much, together, as the (about nine times
 #   as many) that hold none: colours were named 0.93 at step 150 against 0.54 (BENCHMARKS.md "What holds the kinds
 #   back"); config/demo_gpu_vision.py turns it on

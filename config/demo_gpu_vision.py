@@ -21,7 +21,6 @@ save_every = 1600
 log_every = 100
 scene_weight = 1.0
 scene_balanced = True
-scene_digits = 0.0  # the CPU recipe's first digits: unmeasured in this recipe, whose joint stage points at F1 ~0.9
 warmup = 100
 lr = 1.4e-3  # ~sqrt(2) x the 1e-3 it had at 64 images a step
 muon_lr = 0.0  # AdamW for the ViT too: every GPU result was measured so (the CPU recipe's Muon is untried here)

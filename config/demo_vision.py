@@ -16,10 +16,6 @@ sigmoid_weight = 0.0
 loc_weight = 1.0
 scene_weight = 1.0
 scene_balanced = True  # the tokens that hold a centre weigh as much as the rest: colours come in 150 steps
-scene_digits = 1.0  # and each names the first digit of its centre's x and y as a point writes them: on this CPU the
-#   joint stage then put its points on the shapes (hits 0.45-0.47 against 0.20-0.29; F1 0.504, 0.512 against 0.351,
-#   0.402 over two joint seeds) and counted a little less (0.490, 0.505 against 0.545, 0.520); GPU replays of these
-#   minutes: F1 +0.07, counting -0.09 (BENCHMARKS.md "The coordinates' digits taught in stage 1")
 position_loss = True  # the global view's tokens also say where their point is in the image: what the LLM must write
 batch_size = 32
 max_steps = 600
