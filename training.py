@@ -1823,7 +1823,7 @@ def scene_targets(scene, cells, digits=False):
     targets = np.zeros((len(cells), len(attributes)), dtype=np.int64)
     for shape in scene["shapes"]:
         holds, _ = cell_targets(np.array([[shape["x"], shape["y"]]]), cells)
-        values = shape_attributes(shape)
+        values = shape_attributes(shape) if digits else shape  # the digits' scaling only where they are asked for
         targets[holds] = [options.index(values[name]) + 1 for name, options in attributes.items()]
     return targets
 
