@@ -931,6 +931,112 @@ def test_fused_head_default_chunks_keep_the_cpu_as_it_was_and_a_gpu_chunk_near_2
     assert model_lib.loss_chunk_rows(151936, on_gpu=True) == 1024
 
 
+def test_coordinate_digits_soft_targets_hand_worked():
+    """model.digit_soft_targets: a coordinate digit d's target is exp(-(k - d)^2 / (2 sigma^2)) normalised over the
+    digits k, written as its difference from onehot(d); other rows get no difference."""
+    targets = torch.tensor([model_lib.DIGIT_IDS[5], model_lib.DIGIT_IDS[0], model_lib.DIGIT_IDS[7], 999])
+    delta = model_lib.digit_soft_targets(targets, torch.tensor([True, True, False, False]), sigma=1.0)
+    for row, d in ((0, 5), (1, 0)):
+        z = sum(math.exp(-(k - d) ** 2 / 2) for k in range(10))
+        want = [math.exp(-(k - d) ** 2 / 2) / z - (k == d) for k in range(10)]
+        # float32 softmax of 10 values: within a few ulps of 1
+        torch.testing.assert_close(delta[row], torch.tensor(want), rtol=0, atol=1e-6)
+    assert delta[0, 5].item() == pytest.approx(1 / (1 + 2 * math.exp(-0.5) + 2 * math.exp(-2) + 2 * math.exp(-4.5)
+                                                    + 2 * math.exp(-8) + math.exp(-12.5)) - 1, abs=1e-6)
+    assert torch.equal(delta[2:], torch.zeros(2, 10))
+    assert delta.sum(-1).abs().max().item() < 1e-6  # each target still sums to 1
+
+
+def test_fused_head_with_soft_targets_equals_cross_entropy_against_the_distribution():
+    """linear_cross_entropy's soft_rows / soft_delta against F.cross_entropy with the target as probabilities
+    (onehot + delta), and autograd's gradients; the CE it returns for logging stays the plain one."""
+    torch.manual_seed(0)
+    h = torch.randn(23, 8, requires_grad=True)
+    head = (torch.randn(40, 8) * 0.5).requires_grad_()
+    soft_rows = torch.tensor([31, 4, 17, 9, 0, 22, 38, 13, 26, 5])  # the "digits": any 10 rows of the head
+    digit = torch.randint(0, 10, (23,))
+    is_digit = torch.rand(23) < 0.6
+    targets = torch.where(is_digit, soft_rows[digit], torch.randint(0, 40, (23,)))
+    weights = torch.rand(23)
+    q = torch.softmax(-(torch.arange(10) - digit[:, None]).float() ** 2 / (2 * 0.8 ** 2), -1)
+    delta = torch.where(is_digit[:, None], q - F.one_hot(digit, 10).float(), 0.0)
+    probs = F.one_hot(targets, 40).float()
+    probs[:, soft_rows] += delta
+    logits = h @ head.t()
+    ref = (weights * (F.cross_entropy(logits, probs, reduction="none") + 1e-4 * logits.logsumexp(-1) ** 2)).sum()
+    ref_ce = (weights * F.cross_entropy(logits, targets, reduction="none")).sum()
+    ref_grads = torch.autograd.grad(ref, (h, head))
+    loss, ce = model_lib.linear_cross_entropy(h, head, targets, weights, z_loss=1e-4, chunk_size=7,
+                                              soft_rows=soft_rows, soft_delta=delta)
+    grads = torch.autograd.grad(loss, (h, head))
+    # float32: chunks of 7 rows sum the same terms in another order
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
+    assert abs(loss.item() - ref_ce.item()) > 0.1  # the soft targets do change the loss
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_digit_ids_are_the_tokenizers_digits():
+    tokenizer = data.Tokenizer()
+    assert [tokenizer.encode(str(k)) for k in range(10)] == [[i] for i in model_lib.DIGIT_IDS]
+
+
+def test_coord_digit_targets_finds_the_digits_of_x_and_y_hand_worked():
+    """Only the digits of three-digit x and y in a closed coords list: not the image index, a frame's time or a
+    point's id, not 1000, not numbers in the words, not a list cut off before its closing quote."""
+    tokenizer = data.Tokenizer()
+    answer = ('<points coords="1 1 072 222 2 514 484;2 3 100 1000">red circles</points> total 2. '
+              '<tracks coords="12.5 1 333 444\t13.0 2 555 666">a</tracks> <points coords="1 1 777 888')
+    ids = tokenizer.encode(answer)
+    targets = torch.tensor([[-1, -1, *ids], [-1] * (len(ids) + 2)])  # a row with no targets at all
+    targets[0, 2 + ids.index(tokenizer.encode(" total")[0])] = -1  # a prompt token between two answers
+    flags = training.coord_digit_targets(targets, lambda i: tokenizer.decode([i]))
+    assert not flags[1].any() and not flags[0, :2].any()
+    flagged = "".join(tokenizer.decode([int(targets[0, t])]) for t in flags[0].nonzero().flatten())
+    assert flagged == "072" "222" "514" "484" "100" "333" "444" "555" "666"
+
+
+def test_coord_smoothing_loss_equals_soft_cross_entropy_and_fixed_shapes_agree(world):
+    """The loader marks the pointing answers' coordinate digits; Molmo2's loss with coord_sigma is the CE against
+    onehot + digit_soft_targets at those positions (from the model's own logits), eagerly and with fixed shapes."""
+    torch.manual_seed(0)
+    net = training.build_model("scratch", "tiny", vocab="data", data_dir=world,
+                               mixture={"image": (1.0, ["synth_image"])})
+    loader = training.TrainLoader(data_dir=world, mixture={"image": (1.0, ["synth_image"])}, split="train",
+                                  batch_size=4, max_seq_len=256, max_crops=2, max_row_crops=8, max_video_frames=4,
+                                  crop_size=56, patch_size=14, overlap_margins=(1, 1), prefix_mode="sft",
+                                  weighting="none", seed=3, styles=("pointing",), coord_digits=True)
+    batch = training.batch_to(loader.next_step()[0], "cpu")
+    flags, targets = batch["coord_digits"], batch["targets"]
+    digits = targets[flags] - model_lib.DIGIT_IDS[0]
+    assert flags.sum() >= 12 and bool(((digits >= 0) & (digits <= 9)).all())
+    net.eval()
+    with torch.no_grad():
+        has_target = targets >= 0
+        logits = net(**training.model_inputs(batch), logits_positions=has_target)  # (N, 151936), -inf off the kept
+        t = targets[has_target]
+        probs = F.one_hot(t, logits.shape[-1]).float()
+        probs[:, model_lib.DIGIT_IDS] += model_lib.digit_soft_targets(t, flags[has_target], 0.7)
+        finite = torch.isfinite(logits[0])
+        w = batch["loss_weights"][has_target]
+        want = (w * F.cross_entropy(logits[:, finite], probs[:, finite], reduction="none")).sum()
+        plain = (w * F.cross_entropy(logits, t, reduction="none")).sum()
+        got = net(**training.model_inputs(batch), targets=targets, loss_weights=batch["loss_weights"],
+                  coord_digits=flags, coord_sigma=0.7)
+        with net.fixed_shape_batches():
+            fixed = net(**training.model_inputs(batch), targets=targets, loss_weights=batch["loss_weights"],
+                        coord_digits=flags, coord_sigma=0.7)
+        off = net(**training.model_inputs(batch), targets=targets, loss_weights=batch["loss_weights"],
+                  coord_digits=flags, coord_sigma=0.0)
+    # float32, a few hundred loss rows summed in another order
+    assert got[0].item() == pytest.approx(want.item(), rel=1e-5)
+    assert got[1].item() == pytest.approx(plain.item(), rel=1e-5)  # the logged CE is the plain one
+    assert fixed[0].item() == pytest.approx(want.item(), rel=1e-5)
+    assert off[0].item() == pytest.approx(plain.item(), rel=1e-5)  # sigma 0: Molmo2's loss (z_loss 0 here)
+    assert abs(got[0].item() - plain.item()) > 1e-3
+
+
 def test_validation_reports_what_the_images_are_worth(world):
     """evaluate_loss scores the same batches twice, the second time with the crops rotated by one place: for a
     model whose vision path matters the two differ; with the vision features zeroed out they are equal."""
