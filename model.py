@@ -436,11 +436,9 @@ class Qwen3(nn.Module):
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, token_weights, z_loss, chunk_size, soft_rows=None, soft_delta=None):
+    def forward(ctx, h, weight, targets, token_weights, z_loss, chunk_size):
         """h (N, C), weight (V, C), targets (N,), token_weights (N,) -> (sum of weighted loss, sum of weighted
-        CE); gradients of the first are computed now, chunk by chunk. soft_rows (K,) and soft_delta (N, K): each
-        row's target distribution is onehot(target) + soft_delta spread over those K vocabulary rows (each delta
-        row sums to 0); the loss is the CE against it, the CE returned stays the plain one (against the target)."""
+        CE); gradients of the first are computed now, chunk by chunk."""
         grad_h = torch.empty_like(h)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         w_mm = weight.to(h.dtype)  # under autocast h is bf16: matmuls in bf16, softmax in float32
@@ -452,16 +450,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(dim=-1)  # (n,)
             rows = torch.arange(len(t), device=h.device)
             ce_rows = lse - logits[rows, t]  # (n,)
-            ce += (w * ce_rows).sum()
-            if soft_delta is not None:  # CE against onehot(t) + delta = the plain CE - sum_k delta_k logit_k
-                delta = soft_delta[start:start + chunk_size].float()  # (n, K)
-                ce_rows = ce_rows - (delta * logits[:, soft_rows]).sum(-1)
             loss += (w * (ce_rows + z_loss * lse.pow(2))).sum()
+            ce += (w * ce_rows).sum()
             # d/dlogits of w * (lse - logit_t + z * lse^2) = w * (1 + 2 z lse) * softmax - w * onehot(t)
             grad = logits.sub_(lse[:, None]).exp_().mul_((w * (1 + 2 * z_loss * lse))[:, None])  # (n, V), in place
             grad[rows, t] -= w
-            if soft_delta is not None:
-                grad[:, soft_rows] -= w[:, None] * delta
             grad = grad.to(h.dtype)
             grad_h[start:start + chunk_size] = grad @ w_mm  # (n, C)
             if ctx.needs_input_grad[1]:  # a frozen head (the align stage) skips a third of the work
@@ -474,8 +467,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):
         grad_h, grad_weight = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
 def loss_chunk_rows(vocab_rows, on_gpu):
@@ -483,8 +475,7 @@ def loss_chunk_rows(vocab_rows, on_gpu):
     return max(1024, 2**24 // vocab_rows) if on_gpu else 1024
 
 
-def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=None, soft_rows=None,
-                         soft_delta=None):
+def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=None):
     """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
     CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are already
     matmuls and one fused softmax step each, so compiling it would gain little; a compiled Molmo2 runs it eagerly
@@ -492,29 +483,10 @@ def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_si
     chunk_size: rows a chunk; None = 1,024, or on a GPU as many as keep a chunk's logits near 2^24 values. Each
     chunk is a few dozen small ops the host launches: with a kept vocabulary of ~500 rows a GPU demo step had ~19
     chunks, 16 ms of host time in a step of ~100 (BENCHMARKS.md "Where a GPU step's time goes"); the CPU keeps
-    1,024, so its runs stay as they were to the last bit.
-    soft_rows, soft_delta: soft targets over a few rows (LinearCrossEntropy; digit_soft_targets makes them)."""
+    1,024, so its runs stay as they were to the last bit."""
     if chunk_size is None:
         chunk_size = loss_chunk_rows(weight.shape[0], h.is_cuda)
-    return LinearCrossEntropy.apply(h, weight, targets, token_weights, z_loss, chunk_size, soft_rows, soft_delta)
-
-
-DIGIT_IDS = tuple(range(15, 25))  # Qwen3's tokens "0" .. "9" (it writes every number one digit a token)
-
-
-def digit_soft_targets(targets, is_coord_digit, sigma):
-    """Soft targets for the digits of point coordinates (train_joint.py's coord_smoothing): targets (N,) Qwen3 ids,
-    is_coord_digit (N,) bool -> soft_delta (N, 10) over DIGIT_IDS, 0 on the other rows. A coordinate digit d's target
-    becomes a Gaussian over the digits, exp(-(k - d)^2 / (2 sigma^2)) normalised, so that a digit next to the right
-    one costs less than one far from it. Why: plain CE calls "4" as wrong as "9" where the truth is "5", and a model
-    that cannot yet tell where in its image token a shape is learns the digits' marginal, whose argmax is anywhere
-    (the CPU demo's points wrote a second digit "1" in 55% of them); against the Gaussian its unsure digits go to
-    the middle of what it cannot tell apart, and a point lands within a shape's radius more often."""
-    digits = torch.arange(10, device=targets.device)
-    d = (targets - DIGIT_IDS[0]).clamp(0, 9)  # (N,)
-    q = torch.softmax(-(digits - d[:, None]).float().pow(2) / (2 * sigma ** 2), dim=-1)  # (N, 10)
-    delta = q - F.one_hot(d, 10).float()
-    return torch.where(is_coord_digit[:, None], delta, 0.0)
+    return LinearCrossEntropy.apply(h, weight, targets, token_weights, z_loss, chunk_size)
 
 
 # ---------------------------------------------------------------------------
@@ -802,13 +774,12 @@ class Molmo2(nn.Module):
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                 attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
                 logits_positions=None, kv_cache=None, response_mask=None, targets=None, loss_weights=None,
-                z_loss=0.0, coord_digits=None, coord_sigma=0.0):
+                z_loss=0.0):
         """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
         logits_positions (B, T) bool (full-vocabulary logits everywhere dominate the cost of a step).
         With targets (B, T) (-1 = no loss) and loss_weights (B, T): Molmo2's training loss instead, as
         (sum of weight * (CE + z_loss * logsumexp^2), sum of weight * CE) over the positions with a target,
-        through the fused head (linear_cross_entropy): no logits are kept. coord_digits (B, T) bool, the targets that
-        are digits of point coordinates, and coord_sigma > 0: those digits' targets soft (digit_soft_targets).
+        through the fused head (linear_cross_entropy): no logits are kept.
 
         Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
         (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
@@ -822,40 +793,24 @@ class Molmo2(nn.Module):
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
         if targets is not None:
-            return self.loss_at_targets(h, targets, loss_weights, z_loss, coord_digits if coord_sigma > 0 else None,
-                                        coord_sigma)
+            return self.loss_at_targets(h, targets, loss_weights, z_loss)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
         return self.full_vocab(self.llm.lm_logits(h))
 
-    def loss_at_targets(self, h, targets, loss_weights, z_loss, coord_digits=None, coord_sigma=0.0):
+    def loss_at_targets(self, h, targets, loss_weights, z_loss):
         """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target
-        (eagerly under torch.compile: ready_for_compile); coord_digits (B, T) bool: those targets soft."""
+        (eagerly under torch.compile: ready_for_compile)."""
         has_target = targets >= 0  # (B, T)
-        soft = {}
         if self.fixed_shapes:  # every position, weight 0 without a target: no shape that depends on the data
-            if coord_digits is not None:
-                soft = self.digit_soft_targets(targets.flatten(), coord_digits.flatten() & has_target.flatten(),
-                                               coord_sigma)
             rows = targets.clamp(min=0).flatten()
             rows = rows if self.config.token_ids is None else self.kept_rows(rows, "targets").clamp(min=0)
             weights = torch.where(has_target, loss_weights, 0.0).flatten()
-            return linear_cross_entropy(h.flatten(0, 1), self.llm.output_weight(), rows, weights, z_loss, **soft)
+            return linear_cross_entropy(h.flatten(0, 1), self.llm.output_weight(), rows, weights, z_loss)
         targets = targets[has_target]
-        if coord_digits is not None:
-            soft = self.digit_soft_targets(targets, coord_digits[has_target], coord_sigma)
         if self.config.token_ids is not None:
             targets = self.kept_rows(targets, "targets")
-        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss,
-                                    **soft)
-
-    def digit_soft_targets(self, targets, is_coord_digit, sigma):
-        """Qwen3 ids (N,) and which are coordinate digits (N,) -> linear_cross_entropy's soft_rows (the digits'
-        rows of the output head) and soft_delta (digit_soft_targets)."""
-        soft_rows = torch.tensor(DIGIT_IDS, device=targets.device)
-        if self.config.token_ids is not None:
-            soft_rows = self.kept_rows(soft_rows, "the digits")
-        return {"soft_rows": soft_rows, "soft_delta": digit_soft_targets(targets, is_coord_digit, sigma)}
+        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)

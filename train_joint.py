@@ -68,8 +68,6 @@ weight_decay = None  # AdamW's decoupled decay on matrices (Molmo2: 0; from scra
 muon_lr = 0.0  # > 0: Muon at this peak rate for the LLM's and connector's matrices, AdamW for the rest (not Molmo2's;
 #   training.MuonAdamW says why). Not with parallel="fsdp": Muon needs each matrix's whole gradient
 z_loss = 1e-4
-coord_smoothing = 0.0  # > 0: the digits of point coordinates trained against a Gaussian over the digits of this width
-#   (model.digit_soft_targets), not the one right digit: a near digit costs less than a far one (not Molmo2's)
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
 device = "auto"  # auto | cpu | cuda
@@ -170,8 +168,7 @@ def fixed_shape_losses(batch):
     progress.image_features = None  # a batch without images leaves it so
     with model.fixed_shape_batches():
         loss_sum, wce = model(**model_inputs(batch), targets=batch["targets"], loss_weights=batch["loss_weights"],
-                              z_loss=z_loss, response_mask=batch["targets"] >= 0,
-                              coord_digits=batch.get("coord_digits"), coord_sigma=coord_smoothing)
+                              z_loss=z_loss, response_mask=batch["targets"] >= 0)
     parts = {"loss_sum": loss_sum, "weighted_ce": wce, "weight": batch["loss_weights"].sum()}
     if progress.image_features is not None:  # what the connector made (Progress's hook): a replay runs no hook
         parts["image_features"] = progress.image_features
@@ -195,8 +192,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
-                     workers=loader_workers, fixed_shapes=graphed is not None, coord_digits=coord_smoothing > 0,
-                     **loader_args)
+                     workers=loader_workers, fixed_shapes=graphed is not None, **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []
@@ -234,8 +230,7 @@ for step in range(start_step, max_steps):
             # Molmo2's loss summed over this micro-batch's tokens (model.linear_cross_entropy)
             loss_sum, wce = train_model(**model_inputs(mb, compile), targets=mb["targets"],
                                         loss_weights=mb["loss_weights"], z_loss=z_loss,
-                                        response_mask=mb["targets"] >= 0, coord_digits=mb.get("coord_digits"),
-                                        coord_sigma=coord_smoothing)
+                                        response_mask=mb["targets"] >= 0)
             # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce

@@ -14,7 +14,6 @@ Design choices:
   step, data-loader state of every rank, RNG states) and are written to a temporary name, then renamed.
 """
 
-import bisect
 import collections
 import copy
 import functools
@@ -25,7 +24,6 @@ import math
 import os
 import pickle
 import random
-import re
 import struct
 import sys
 import time
@@ -1172,10 +1170,9 @@ class TrainLoader(ForkedWorkers):
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
-                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, coord_digits=False):
+                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False):
         import data
         self.data, self.fixed_shapes = data, fixed_shapes
-        self.pieces = {} if coord_digits else None  # each batch gets "coord_digits" (coord_digit_targets)
         self.styles = None if styles is None else set(styles)  # train on these annotation styles only
         self.n_filtered = 0  # records with no annotation of those styles
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
@@ -1226,14 +1223,7 @@ class TrainLoader(ForkedWorkers):
         batch = self.data.collate(rows, pad_to=self.max_seq_len, mask=False)  # batch_to makes the mask on the device
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
-        if self.pieces is not None:
-            batch["coord_digits"] = coord_digit_targets(batch["targets"], self._piece)
         return pad_media(batch) if self.fixed_shapes else batch
-
-    def _piece(self, token_id):
-        if token_id not in self.pieces:
-            self.pieces[token_id] = self.processor.tokenizer.decode([token_id])
-        return self.pieces[token_id]
 
     def summary(self):
         lines = [self.report.summary()]
@@ -1263,31 +1253,6 @@ class TrainLoader(ForkedWorkers):
         self.report.counts = collections.Counter(state["records"]["counts"])
         self.report.first = dict(state["records"]["first"])
         self.n_filtered = state["records"].get("n_filtered", 0)
-
-
-def coord_digit_targets(targets, piece_of):
-    """targets (B, T) token ids (-1 = no target) -> (B, T) bool: the targets that are digits of an x or a y in a
-    points or tracks tag's coords list, as data.multi_image_points_tag writes them: groups split by ';' or a tab,
-    each a head (an image's index or a frame's time) and then (id, x, y) triples, x and y of three digits (1000, the
-    far edge, has four and is left out). piece_of(id) -> the token's text; Qwen3 writes each digit as a token."""
-    out = torch.zeros(targets.shape, dtype=torch.bool)
-    for b in range(targets.shape[0]):
-        where = (targets[b] >= 0).nonzero().flatten().tolist()  # a row's answers, one after another
-        pieces = [piece_of(int(targets[b, t])) for t in where]
-        starts = list(itertools.accumulate((len(p) for p in pieces), initial=0))  # each token's first character
-        text = "".join(pieces)
-        for coords in re.finditer(r'coords="([^"]*)"', text):
-            for group in re.finditer(r"[^;\t]+", coords.group(1)):
-                numbers = list(re.finditer(r"\S+", group.group()))
-                for k, number in enumerate(numbers[1:]):
-                    if k % 3 == 0 or len(number.group()) != 3 or not number.group().isdigit():
-                        continue  # a point's id, or not a three-digit coordinate
-                    first = coords.start(1) + group.start() + number.start()
-                    for c in range(first, first + 3):
-                        token = bisect.bisect_right(starts, c) - 1
-                        if pieces[token] == text[c]:  # the digit is a token of its own
-                            out[b, where[token]] = True
-    return out
 
 
 def _project_frame(error):

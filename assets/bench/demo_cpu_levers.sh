@@ -28,8 +28,6 @@
 #   digits2: the first digits alone (train_vision.py --scene_digits; the same stage 1 as the script's PLACES=100),
 #           and with the localisation losses at 2
 #   digits3: the first digits (train_vision.py --scene_digits) at 1, 0.5 and 0.25, the localisation losses at 2
-#   smooth: the joint stage's coordinate digits against a Gaussian over the digits (train_joint.py --coord_smoothing)
-#           of width 1 and 0.6, against plain CE, three seeds each, in the world of 2 more questions an image
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -238,22 +236,8 @@ digits3)
   x2_world
   for w in 1.0 0.5 0.25; do three_seeds dghl2w$w --scene_digits=$w --loc_weight=2.0 & done
   ;;
-smooth)
-  x2_world
-  vision ms600 128,512,4 $S600
-  for seed in 1337 1338 1339; do
-    joint x2 ms600 $seed $X2 &
-    for sigma in 1.0 0.6; do joint sm$sigma ms600 $seed $X2 --coord_smoothing=$sigma & done
-  done
-  wait
-  for log in "$OUT"/x2-s*.log "$OUT"/sm*-s*.log; do
-    name=$(basename "$log" .log)
-    $PY assets/bench/point_errors.py $RUNS/$name/eval/predictions.jsonl data/demo > "$OUT/$name-points.txt" 2>&1
-    $PY assets/bench/digit_loss.py $RUNS/$name data/demo_x2 > "$OUT/$name-digits.txt" 2>&1 &
-  done
-  ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3 or smooth"
+*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2 or"\
+        "digits3"
    exit 2 ;;
 esac
 wait
