@@ -23,9 +23,10 @@ import torch
 from configurator import configure
 from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TrainLoader, batch_to,
-                      build_model, build_optimizer, default_recipe, evaluate_loss, export_final, fill_recipe, lineage,
-                      mixture_has_text_only, model_inputs, refuse_muon_with_fsdp, resume_run, rng_state,
-                      save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+                      build_model, build_optimizer, cpp_compiler, default_recipe, evaluate_loss, export_final,
+                      fill_recipe, lineage, mixture_has_text_only, model_inputs, refuse_muon_with_fsdp, resume_run,
+                      rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite,
+                      wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -79,7 +80,8 @@ compile = False  # torch.compile the whole model as one graph (no graph breaks, 
 compile_blocks = False  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
 #   full preset's joint step compiles in 12-15 s, not 153, and ran at 0.30 s against 0.32-0.53 as one graph (one
 #   H200). Under FSDP its hooks gather each block's weights around the compiled forward: on the CPU with gloo the
-#   two train exactly as eager FSDP (assets/bench/compile_blocks_fsdp.py); not yet timed on GPUs
+#   two train exactly as eager FSDP (assets/bench/compile_blocks_fsdp.py); not yet timed on GPUs. On a CPU it needs
+#   a C++ compiler (without one the blocks run eagerly, and the run says so)
 cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
 #   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): a small model's
 #   ~1,500 kernels a step launched at once, where eagerly the GPU waits on the host. The GPU demo's step: 33.7 ms
@@ -158,7 +160,11 @@ if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
 elif compile_blocks:
-    compile_each_block(model)
+    if d.device.type == "cpu" and not cpp_compiler():
+        d.print("compile_blocks: this machine has no C++ compiler ($CXX or g++), which torch.compile needs "
+                "on a CPU: the blocks run eagerly")
+    else:
+        compile_each_block(model)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 
 

@@ -128,6 +128,13 @@ def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpp_compiler():
+    """The C++ compiler torch.compile builds its CPU code with on Linux ($CXX, else g++), or None where the machine
+    has none (a slim container): compiling on a CPU would then fail at the first step."""
+    import shutil
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
 def step_autocast(device, dtype, cpu_autocast="off", print_fn=print):
     """The training step's autocast context: to dtype on a GPU; on a CPU only with cpu_autocast "on", or "auto"
     where the CPU has bf16 matrix instructions (and dtype is bfloat16); else none: float32. The weights, their

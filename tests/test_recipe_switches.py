@@ -252,6 +252,26 @@ def test_compiled_blocks_train_and_answer_eagerly(tiny_world, tmp_path, monkeypa
         runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
 
 
+def test_compiled_blocks_on_a_cpu_without_a_cpp_compiler_run_eagerly_and_say_so(tiny_world, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """torch.compile builds C++ on a CPU: where the machine has no compiler ($CXX names none here), train_joint.py's
+    compile_blocks (on in the CPU demo) trains eagerly and says why, instead of failing at its first step."""
+    import model as model_module
+    import training
+
+    monkeypatch.setenv("CXX", "no-such-compiler-for-nanomolmo2")
+    assert training.cpp_compiler() is None
+    monkeypatch.setattr(model_module, "compile_each_block", lambda m: pytest.fail("compiled without a compiler"))
+    args = ["train_joint.py", f"--out_dir={tmp_path}", *TINY, f"--data_dir={tiny_world}",
+            "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=1", "--eval_every=0", "--save_every=0",
+            "--vocab=data", "--compile_blocks=True"]
+    monkeypatch.setattr(sys, "argv", args)
+    runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+    assert "compile_blocks: this machine has no C++ compiler ($CXX or g++)" in capsys.readouterr().out
+    monkeypatch.delenv("CXX")
+    assert training.cpp_compiler() is not None  # this machine's g++: the suite's compiled tests need it
+
+
 def test_position_loss_is_the_l1_to_the_points_place_in_the_image_on_global_tokens_alone():
     """Stage 1's position loss, worked by hand: tokens 0-2 are the global view's, 3 the high-res view's. Token 0's
     cell is [0.25, 0.5] x [0, 0.25] and holds a point at offset (0.5, 0.2) of it: the point is at
