@@ -28,6 +28,8 @@
 #   digits2: the first digits alone (train_vision.py --scene_digits; the same stage 1 as the script's PLACES=100),
 #           and with the localisation losses at 2
 #   digits3: the first digits (train_vision.py --scene_digits) at 1, 0.5 and 0.25, the localisation losses at 2
+#   steps:  the joint stage at 2,800 steps (the CPU's minutes with its blocks compiled) against the 2,430 of the
+#           digits groups, after the demo's stage 1 and after the one that also names the first digits
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -236,8 +238,14 @@ digits3)
   x2_world
   for w in 1.0 0.5 0.25; do three_seeds dghl2w$w --scene_digits=$w --loc_weight=2.0 & done
   ;;
-*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2 or"\
-        "digits3"
+steps)
+  x2_world
+  X2=${X2/2430/2800}
+  three_seeds x2800 &
+  three_seeds dgh2800 --scene_digits=1.0 &
+  ;;
+*) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
+        "digits3 or steps"
    exit 2 ;;
 esac
 wait
