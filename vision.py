@@ -193,6 +193,8 @@ class SigLIP2(nn.Module):
             if not 0 <= i < len(self.layers):
                 raise ValueError(f"vision layers {list(layers)}: block {i} is not among the {len(self.layers)} built")
         x = self.embed(patches)
+        if not torch.compiler.is_compiling():  # blocks compiled alone (model.compile_each_block) trace the crop count
+            torch._dynamo.maybe_mark_dynamic(x, 0)  # as a size from the first batch, not again at the next count
         wanted = {}
         for i, block in enumerate(self.layers[: max(layers) + 1]):
             if self.gradient_checkpointing and self.training and x.requires_grad:

@@ -566,9 +566,10 @@ def test_compile_marked_media_compiles_once_for_every_image_count(ours, processo
 def test_compile_each_block_traces_one_block_of_each_kind(ours, processor):
     """The trainers' compile_blocks switch (model.compile_each_block): every LLM block reuses the code traced for the
     first one, and every ViT block the ViT's, because a block's weights are the graph's inputs. A backend that
-    counts what dynamo hands it: the first batch traces one graph per kind, a batch of other sizes (three images,
-    a longer prompt) one more per kind with dynamic sizes, and a third batch none (error_on_recompile). The loss and
-    the gradients are the eager model's: the same float32 ops, only traced."""
+    counts what dynamo hands it: the first batch traces one graph per kind, the ViT's with the crop count already a
+    size (SigLIP2.forward marks it), so a batch of other sizes (three images, a longer prompt) traces one more for
+    the LLM alone, and a third batch none (error_on_recompile). The loss and the gradients are the eager model's:
+    the same float32 ops, only traced."""
     torch._dynamo.reset()  # no graphs from the other tests
     graphs = []
 
@@ -591,10 +592,11 @@ def test_compile_each_block_traces_one_block_of_each_kind(ours, processor):
         (loss, grads), (want, want_grads) = loss_and_grads(compiled, case), loss_and_grads(eager, case)
         assert torch.equal(loss, want), case
         assert all((g is None and w is None) or torch.equal(g, w) for g, w in zip(grads, want_grads)), case
-        assert len(graphs) == (2 if case == "one image" else 4), [g.code[:300] for g in graphs]
+        assert len(graphs) == (2 if case == "one image" else 3), [g.code[:300] for g in graphs]
+    assert sum("layer_norm1" in g.code for g in graphs) == 1  # the ViT block's one graph, for any crop count
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert torch.isfinite(loss_and_grads(compiled, "two images")[0])
-    assert len(graphs) == 4 < n_blocks
+    assert len(graphs) == 3 < n_blocks
 
 
 def test_training_flops_count_what_each_part_computes():
