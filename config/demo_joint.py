@@ -29,9 +29,9 @@ max_seq_len = 448  # the world's 2 extra questions an image (demo.py's EXTRA_QUE
 batch_size = 8
 max_steps = 3300  # the images of 1,650 steps of 16
 cpu_autocast = "auto"
-compile_blocks = True  # torch.compile each block (where the CPU has a C++ compiler): on this project's 2-core CPU a
-#   step took 0.20 s against 0.245 eagerly, after ~30 s of compiling from a cold cache, so ~15% more steps fit the
-#   demo's minutes (BENCHMARKS.md "The CPU demo's joint stage compiled")
+compile_blocks = True  # torch.compile each block (where the CPU has a C++ compiler): on this project's 2-core CPU
+#   1,000-step runs took 0.20-0.22 s a step against 0.25-0.28 eagerly (1.2x), after ~26 s of compiling from a cold
+#   cache (BENCHMARKS.md "Coordinates' digits against a Gaussian, and the joint stage compiled")
 lr_connector, lr_vit, lr_llm = 1e-3, 0.0, 1e-3  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
 warmup_connector, warmup_vit, warmup_llm = 50, 50, 50
 weight_decay = 0.1
