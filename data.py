@@ -1454,6 +1454,9 @@ class Example:
     pixel_values_videos: torch.Tensor | None = None  # (n_frames, n_patches, patch_dim)
     video_token_pooling: torch.Tensor | None = None  # (n_video_tokens, 9)
     video_grids: torch.Tensor | None = None  # (1, 3)
+    # (n_image_tokens, n_attributes) int64, set by the training loader when asked (training.image_scene_targets):
+    # the synthetic world's attributes of the shape whose centre each image token holds, for train_joint's token_loss
+    scene_targets: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.input_ids)

@@ -22,11 +22,11 @@ import torch
 
 from configurator import configure
 from model import compile_each_block, ready_for_compile
-from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TrainLoader, batch_to,
-                      build_model, build_optimizer, cpp_compiler, default_recipe, evaluate_loss, export_final,
-                      fill_recipe, lineage, mixture_has_text_only, model_inputs, refuse_muon_with_fsdp, resume_run,
-                      rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite,
-                      wrap_model)
+from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TokenAttributeLoss,
+                      TrainLoader, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe, evaluate_loss,
+                      export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs, refuse_muon_with_fsdp,
+                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast,
+                      stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -36,6 +36,12 @@ vit_from = ""  # scratch: the ViT from stage 1's out_dir (out/vision) or a SigLI
 projector_norm = False  # scratch: an RMSNorm after the connector's projector (not Molmo2's; connector.py says why)
 position_bins = 0  # scratch: > 0 embeds where each image token sits, x and y in this many bins (not Molmo2's;
 #   connector.py says why); a checkpoint keeps its own
+token_loss = 0.0  # > 0: a linear head on each image token as the LLM receives it names token_attributes of the
+#   synthetic world's shape whose centre the token holds, by stage 1's balanced scene loss at this weight beside the
+#   answers' (training.TokenAttributeLoss; not Molmo2's, for a connector from scratch). The head is not exported
+token_attributes = ("kind", "colour", "x_tenths", "y_tenths")  # of training.scene_attributes(digits=True): x_tenths
+#   is the first digit of the x a point on the centre is written with. The digits alone cost the CPU demo's
+#   counting ~0.2 (config/demo_joint.py)
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 data_dir = "data"
@@ -134,6 +140,9 @@ def answer_scores(model, processor, items):
     return scores
 
 
+if token_loss and (compile or parallel == "fsdp"):
+    raise SystemExit("train_joint: token_loss trains a head on the connector's output through a forward hook: not with "
+                     "compile=True (one graph) or parallel='fsdp' (compile_blocks and DDP are fine)")
 if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
@@ -149,6 +158,7 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, vit_from=vit_from,
                     vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm,
                     position_bins=position_bins, workers=loader_workers).to(d.device)
+token_attribute_loss = TokenAttributeLoss(model, token_attributes) if token_loss else None  # before the optimizer
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
@@ -182,7 +192,8 @@ def fixed_shape_losses(batch):
 
 
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
-             "compile=True" if compile else "compile_blocks=True" if compile_blocks else None)
+             "compile=True" if compile else "compile_blocks=True" if compile_blocks else
+             "token_loss" if token_loss else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],
@@ -198,7 +209,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
-                     workers=loader_workers, fixed_shapes=graphed is not None, **loader_args)
+                     workers=loader_workers, fixed_shapes=graphed is not None,
+                     token_attributes=token_attributes if token_loss else (), **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []
@@ -221,6 +233,7 @@ for step in range(start_step, max_steps):
     # the divisor of this step's loss: every loss token's weight, on every rank
     weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
     weighted_ce = torch.zeros((), device=d.device)
+    token_parts = []
     if graphed is not None:  # one micro-batch: forward, backward and clipping in one replay
         parts, grad_norm = graphed.step(micro_batches[0])
         weighted_ce = parts["weighted_ce"]
@@ -238,7 +251,12 @@ for step in range(start_step, max_steps):
                                         loss_weights=mb["loss_weights"], z_loss=z_loss,
                                         response_mask=mb["targets"] >= 0)
             # divided by the step's weight on all ranks; times world_size as DDP and FSDP average gradients
-            (loss_sum / weight_total * d.world_size).backward()
+            objective = loss_sum / weight_total * d.world_size
+            if token_attribute_loss is not None:  # a mean over this micro-batch's tokens: one share of the step's
+                token_part = token_attribute_loss(mb) / len(micro_batches)
+                objective = objective + token_loss * token_part * d.world_size
+                token_parts.append(token_part.detach())
+            objective.backward()
         weighted_ce += wce
     if graphed is None:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
@@ -250,7 +268,8 @@ for step in range(start_step, max_steps):
     optimizer.step()
     if graphed is None:  # a graph's gradients stay where it captured them, zeroed by the next replay
         optimizer.zero_grad(set_to_none=True)
-    progress.step(step, loss, optimizer, micro_batches, grad_norm)
+    parts = {"token": float(sum(token_parts))} if token_parts else None  # this rank's: a look, not a mean
+    progress.step(step, loss, optimizer, micro_batches, grad_norm, parts)
     done = step + 1
     max_steps = progress.max_steps = budget.fit(done, start_step, progress.step_times, max_steps)  # max_minutes
     if eval_every and (done % eval_every == 0 or done == max_steps):
@@ -261,6 +280,8 @@ for step in range(start_step, max_steps):
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
 final_dir = os.path.join(out_dir, "final")
+if token_attribute_loss is not None:  # the head trains the tokens; the exported model is the plain one
+    token_attribute_loss.take_off(optimizer)
 export_final(train_model, model, optimizer, d, final_dir, loader.processor, start)
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))

@@ -646,7 +646,8 @@ class Progress:
                    resume="allow", dir=self.out_dir, config=config)
         return wandb
 
-    def step(self, step, loss, optimizer, micro_batches, grad_norm=None):
+    def step(self, step, loss, optimizer, micro_batches, grad_norm=None, parts=None):
+        """parts: {name: value} of other losses beside the answers' (train_joint's token_loss), logged with it."""
         now = time.time()
         dt, self.t_last = now - self.t_last, now
         self.curves["train"].append((step, loss))
@@ -657,7 +658,10 @@ class Progress:
         tokens = sum(int((mb["example_ids"] >= 0).sum()) for mb in micro_batches) * self.d.world_size  # no padding
         tok_s = tokens / max(dt, 1e-9)
         lrs = " ".join(f"{name} {lr:.2e}" for name, lr in {g["name"]: g["lr"] for g in optimizer.param_groups}.items())
-        line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f} | lr {lrs} | {tok_s:,.0f} tok/s"
+        line = f"step {step:5d}/{self.max_steps} | loss {loss:.4f}"
+        if parts:
+            line += " (" + " ".join(f"{name} {value:.4f}" for name, value in parts.items()) + ")"
+        line += f" | lr {lrs} | {tok_s:,.0f} tok/s"
         if grad_norm is not None:
             line += f" | grad {grad_norm:.2f}"
         if self.peak:  # this rank's batches stand for every rank's
@@ -670,7 +674,8 @@ class Progress:
         line += f" | {dt * 1000:.0f} ms | ETA {eta_seconds(self.step_times, self.max_steps - done) / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)
-        self.log({"step": step, "loss": loss, "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        self.log({"step": step, "loss": loss, **(parts or {}),
+                  "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                   "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": dt,
                   **({"image_feature_std": image_stats[0], "image_feature_cos": image_stats[1]} if image_stats else {})})
         if self.tb is not None:
@@ -1173,13 +1178,16 @@ class TrainLoader(ForkedWorkers):
     workers > 0: worker processes (forked, Linux) read ahead and make the examples while the step runs (see
     _Prefetch). They are for machines with idle cores (a GPU machine: the formatting is most of a small
     model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md).
-    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step."""
+    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step.
+    token_attributes: each batch also holds image_scene_targets, every image token's classes of these attributes
+    (image_scene_targets; for train_joint.py's token_loss)."""
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
-                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False):
+                 rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, token_attributes=()):
         import data
         self.data, self.fixed_shapes = data, fixed_shapes
+        self.token_attributes = tuple(token_attributes)  # each image token's scene attributes, for TokenAttributeLoss
         self.styles = None if styles is None else set(styles)  # train on these annotation styles only
         self.n_filtered = 0  # records with no annotation of those styles
         self.batch_size, self.max_seq_len, self.seed = batch_size, max_seq_len, seed
@@ -1219,6 +1227,8 @@ class TrainLoader(ForkedWorkers):
         except self.data.MediaError as e:
             self.report.skip(self.data.BadRecord("undecodable_image", str(e)))
             return None
+        if self.token_attributes and example.image_token_pooling is not None:
+            example.scene_targets = image_scene_targets(record, example, self.processor, self.token_attributes)
         return example
 
     def next_step(self):
@@ -1228,6 +1238,9 @@ class TrainLoader(ForkedWorkers):
     def _batch(self, packer):
         rows = [next(packer) for _ in range(self.batch_size)]
         batch = self.data.collate(rows, pad_to=self.max_seq_len, mask=False)  # batch_to makes the mask on the device
+        targets = [ex.scene_targets for row in rows for ex in row if ex.scene_targets is not None]
+        if targets:  # in the order collate concatenates the examples' images
+            batch["image_scene_targets"] = torch.cat(targets)
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
         return pad_media(batch) if self.fixed_shapes else batch
@@ -1833,6 +1846,71 @@ def scene_targets(scene, cells, digits=False):
         values = shape_attributes(shape) if digits else shape  # the digits' scaling only where they are asked for
         targets[holds] = [options.index(values[name]) + 1 for name, options in attributes.items()]
     return targets
+
+
+def image_scene_targets(record, example, processor, attributes):
+    """A formatted example of a record -> (its image tokens, len(attributes)) int64: for each token, each named
+    attribute's class (scene_targets': 1-based, 0 where no shape's centre lies in the token's cell) where the
+    record is one image of the synthetic world, -1 everywhere for any other image (nothing is known there). The
+    rows come in the order the connector makes the example's image tokens."""
+    n_tokens = len(example.image_token_pooling)
+    images = record.get("images") or []
+    scene = record.get("scene") or {}
+    if len(images) != 1 or "shapes" not in scene:
+        return torch.full((n_tokens, len(attributes)), -1, dtype=torch.long)
+    cells = token_cells(images[0].height, images[0].width, tuple(example.image_grids[0].tolist()), processor)
+    columns = [list(scene_attributes(digits=True)).index(name) for name in attributes]
+    return torch.from_numpy(scene_targets(scene, cells, digits=True)[:, columns])
+
+
+class TokenAttributeLoss:
+    """The joint stage's token_loss (train_joint.py; a from-scratch switch, not Molmo2's): a linear head on each
+    image token as the LLM receives it (the connector's output with its position_bins embedding added) names
+    attributes of the shape whose centre the token holds, by stage 1's balanced scene loss (vision.scene_loss).
+    Its gradient reaches the connector and the position tables (and the ViT where it learns): what the LLM must
+    write about a shape, the first digit of its x and y above all, is then in the token it reads it from, where a
+    frozen ViT's features hold it only spread over the token's place and its offset within the cell.
+    The head hangs on the connector while training (so the optimizer, DDP and checkpoints take it as the
+    connector's) and is taken off before the export: the exported model is the plain one."""
+
+    def __init__(self, model, attributes):
+        known = scene_attributes(digits=True)
+        unknown = [name for name in attributes if name not in known]
+        if not attributes or unknown:
+            raise ValueError(f"token_attributes={tuple(attributes)}: expected names among {tuple(known)}")
+        self.model, self.attributes = model, tuple(attributes)
+        self.classes = [len(known[name]) + 1 for name in self.attributes]  # + class 0: no centre here
+        head = torch.nn.Linear(model.config.connector.llm_hidden_size, sum(self.classes),
+                               device=model.new_embedding.device, dtype=model.new_embedding.dtype)  # as the model
+        # from zero: every class alike at the start. The image tokens arrive at std ~10-100 (they are the LLM's
+        # inputs, not normalised); a default-initialised head's logits made a loss of ~130 that swamped the answers'
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        model.connector.token_head = head
+        self.features = None  # the connector's last output, with its graph
+        self.hook = model.connector.register_forward_hook(lambda module, args, out: setattr(self, "features", out))
+
+    def __call__(self, batch):
+        """The loss of the last forward's image tokens against batch["image_scene_targets"]."""
+        from vision import scene_loss
+        features, self.features = self.features, None
+        head = self.model.connector.token_head
+        if features is None or "image_grids" not in batch or "image_scene_targets" not in batch:
+            return 0.0 * sum(p.sum() for p in head.parameters())  # keeps the head in the graph (DDP)
+        placed = self.model.place(features, batch["image_grids"], "image")
+        logits = torch.split(head(placed).float(), self.classes, dim=-1)
+        return scene_loss(logits, batch["image_scene_targets"], [1.0] * len(logits), balanced=True)
+
+    def take_off(self, optimizer):
+        """Before the export, when the training is done: the model without the head, and the optimizer without its
+        parameters (the full state dicts under DDP name each of the optimizer's parameters by the model's)."""
+        head = {id(p) for p in self.model.connector.token_head.parameters()}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+        for p in [p for p in optimizer.state if id(p) in head]:
+            del optimizer.state[p]
+        self.hook.remove()
+        del self.model.connector.token_head
 
 
 def pointed_labels(record):

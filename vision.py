@@ -278,6 +278,25 @@ class TextTower(nn.Module):
         return F.normalize(self.head(pooled[:T]).float(), dim=-1)  # (T, E)
 
 
+def scene_loss(logits, targets, weights, balanced):
+    """Cross-entropy of each attribute's class per token: logits, one (M, n_values + 1) tensor per attribute (class
+    0: no shape's centre in the token's cell); targets (M, n_attributes), -1 where the image has no scene; weights,
+    one per attribute. Summed over attributes, averaged over the tokens whose image has a scene; balanced: the
+    average over the tokens that hold a centre plus the average over those that hold none (the ~9x more empty
+    tokens would otherwise teach "nothing here" first)."""
+    if not balanced:
+        known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
+        return sum(w * F.cross_entropy(x, targets[:, a], ignore_index=-1, reduction="sum")
+                   for a, (w, x) in enumerate(zip(weights, logits))) / known
+    holds, empty = (targets[:, 0] > 0).float(), (targets[:, 0] == 0).float()  # (M,) each; -1 is in neither
+    total = 0.0
+    for a, (w, x) in enumerate(zip(weights, logits)):
+        ce = F.cross_entropy(x, targets[:, a].clamp(min=0), reduction="none")  # (M,)
+        total = total + w * ((ce * holds).sum() / holds.sum().clamp(min=1)
+                             + (ce * empty).sum() / empty.sum().clamp(min=1))
+    return total
+
+
 class VisionPretrainer(nn.Module):
     """The ViT and what stage 1 trains on top of it. forward(batch) -> {loss name: scalar}."""
 
@@ -364,21 +383,8 @@ class VisionPretrainer(nn.Module):
         return torch.split(self.scene_head(tokens).float(), self.scene_classes, dim=-1)
 
     def scene_loss(self, tokens, batch):
-        """Cross-entropy of each attribute's class per token (batch["scene_targets"] (M, n_attributes), -1 where the
-        image has no scene), summed over attributes, averaged over the tokens whose image has one; balanced: the
-        average over the tokens that hold a centre plus the average over those that hold none."""
-        targets = batch["scene_targets"]
-        if not self.scene_balanced:
-            known = (targets[:, 0] >= 0).sum().clamp(min=1)  # a micro-batch without scenes adds 0 and keeps the graph
-            return sum(w * F.cross_entropy(logits, targets[:, a], ignore_index=-1, reduction="sum")
-                       for a, (w, logits) in enumerate(zip(self.scene_weights, self.scene_logits(tokens)))) / known
-        holds, empty = (targets[:, 0] > 0).float(), (targets[:, 0] == 0).float()  # (M,) each; -1 is in neither
-        total = 0.0
-        for a, (w, logits) in enumerate(zip(self.scene_weights, self.scene_logits(tokens))):
-            ce = F.cross_entropy(logits, targets[:, a].clamp(min=0), reduction="none")  # (M,)
-            total = total + w * ((ce * holds).sum() / holds.sum().clamp(min=1)
-                                 + (ce * empty).sum() / empty.sum().clamp(min=1))
-        return total
+        """scene_loss (below) of this head's logits against batch["scene_targets"]."""
+        return scene_loss(self.scene_logits(tokens), batch["scene_targets"], self.scene_weights, self.scene_balanced)
 
     def caption_loss(self, tokens, batch):
         captioned = batch["caption_image"]  # (B',) the images that have a caption
