@@ -30,6 +30,10 @@
 #   digits3: the first digits (train_vision.py --scene_digits) at 1, 0.5 and 0.25, the localisation losses at 2
 #   steps:  the joint stage at 2,800 steps (the CPU's minutes with its blocks compiled) against the 2,430 of the
 #           digits groups, after the demo's stage 1 and after the one that also names the first digits
+#   tokens: after the demo's stage 1, the joint stage's 2,800 steps with its image tokens also naming the first
+#           digits of the centre they hold (train_joint.py --token_loss) at 0.3 and 1.0, and its kind and colour
+#           too at 0.3 (against the steps group's x2800: the same stage 1, which replays bit for bit on one GPU)
+#   tokens2: the same with all four attributes at 1.0 and 0.1, and the kind and colour alone at 0.3
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -244,8 +248,29 @@ steps)
   three_seeds x2800 &
   three_seeds dgh2800 --scene_digits=1.0 &
   ;;
+tokens)
+  x2_world
+  X2=${X2/2430/2800}
+  vision tok 128,512,4 $S600
+  for seed in 1337 1338 1339; do
+    joint tok03x2 tok $seed $X2 --token_loss=0.3 &
+    joint tok1x2 tok $seed $X2 --token_loss=1.0 &
+    joint tokallx2 tok $seed $X2 --token_loss=0.3 "--token_attributes=('kind', 'colour', 'x_tenths', 'y_tenths')" &
+  done
+  ;;
+tokens2)
+  x2_world
+  X2=${X2/2430/2800}
+  vision tok 128,512,4 $S600
+  ALL="--token_attributes=('kind', 'colour', 'x_tenths', 'y_tenths')"
+  for seed in 1337 1338 1339; do
+    joint tokall1x2 tok $seed $X2 --token_loss=1.0 "$ALL" &
+    joint tokall01x2 tok $seed $X2 --token_loss=0.1 "$ALL" &
+    joint tokkcx2 tok $seed $X2 --token_loss=0.3 "--token_attributes=('kind', 'colour')" &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3 or steps"
+        "digits3, steps, tokens or tokens2"
    exit 2 ;;
 esac
 wait
