@@ -39,12 +39,12 @@ muon_lr = 0.01  # Muon for the LLM's and connector's matrices (training.MuonAdam
 #   same 2,536 steps pointed at F1 0.383 against AdamW's 0.208 and 0.250 (two runs), counted 0.450 against 0.485 and
 #   0.455, and widened the validation gap to 0.380 from 0.155-0.179 (at 0.02: 0.355 / 0.316 / 0.311). BENCHMARKS.md
 #   "Muon in the CPU demo's joint stage"
-token_loss = 0.3  # the image tokens also name the kind, colour and first digits of x and y of the shape whose centre
+token_loss = 1.0  # the image tokens also name the kind, colour and first digits of x and y of the shape whose centre
 #   they hold (training.TokenAttributeLoss): a frozen ViT's features hold a centre's digits only spread over the
-#   token's place and its offset in the cell, and the LLM learned the second of those late. GPU replays of this
-#   stage's 2,800 steps (one H200, three seeds, the same stage 1): counting 0.582 / pointing F1 0.590 against 0.587 /
-#   0.485 without; the digits alone 0.378 / 0.553 (the tokens lose which shape is which). BENCHMARKS.md "The image
-#   tokens name their shapes"
+#   token's place and its offset in the cell. GPU replays of this stage's 2,800 steps (one H200, three seeds each,
+#   one stage 1): counting 0.605 / pointing F1 0.601 at 1.0, 0.582 / 0.590 at 0.3, 0.548 / 0.610 at 0.1, against
+#   0.587 / 0.485 without; the digits alone 0.378 / 0.553 (the tokens lose which shape is which), the kind and colour
+#   alone 0.632 / 0.405. BENCHMARKS.md "The image tokens name their shapes"
 loss_weighting = "none"  # every answer token weighs 1: long point lists are the lesson here (Molmo2's sft weighting
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
