@@ -268,8 +268,8 @@ for step in range(start_step, max_steps):
     optimizer.step()
     if graphed is None:  # a graph's gradients stay where it captured them, zeroed by the next replay
         optimizer.zero_grad(set_to_none=True)
-    parts = {"token": float(sum(token_parts))} if token_parts else None  # this rank's: a look, not a mean
-    progress.step(step, loss, optimizer, micro_batches, grad_norm, parts)
+    other_losses = {"token": float(sum(token_parts))} if token_parts else None  # this rank's: a look, not a mean
+    progress.step(step, loss, optimizer, micro_batches, grad_norm, other_losses)
     done = step + 1
     max_steps = progress.max_steps = budget.fit(done, start_step, progress.step_times, max_steps)  # max_minutes
     if eval_every and (done % eval_every == 0 or done == max_steps):

@@ -1878,8 +1878,8 @@ class TokenAttributeLoss:
         unknown = [name for name in attributes if name not in known]
         if not attributes or unknown:
             raise ValueError(f"token_attributes={tuple(attributes)}: expected names among {tuple(known)}")
-        self.model, self.attributes = model, tuple(attributes)
-        self.classes = [len(known[name]) + 1 for name in self.attributes]  # + class 0: no centre here
+        self.model = model
+        self.classes = [len(known[name]) + 1 for name in attributes]  # + class 0: no centre here
         head = torch.nn.Linear(model.config.connector.llm_hidden_size, sum(self.classes),
                                device=model.new_embedding.device, dtype=model.new_embedding.dtype)  # as the model
         # from zero: every class alike at the start. The image tokens arrive at std ~10-100 (they are the LLM's

@@ -383,7 +383,7 @@ class VisionPretrainer(nn.Module):
         return torch.split(self.scene_head(tokens).float(), self.scene_classes, dim=-1)
 
     def scene_loss(self, tokens, batch):
-        """scene_loss (below) of this head's logits against batch["scene_targets"]."""
+        """The module's scene_loss (above) of this head's logits against batch["scene_targets"]."""
         return scene_loss(self.scene_logits(tokens), batch["scene_targets"], self.scene_weights, self.scene_balanced)
 
     def caption_loss(self, tokens, batch):
