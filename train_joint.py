@@ -42,6 +42,7 @@ token_loss = 0.0  # > 0: a linear head on each image token as the LLM receives i
 token_attributes = ("kind", "colour", "x_tenths", "y_tenths")  # of training.scene_attributes(digits=True): x_tenths
 #   is the first digit of the x a point on the centre is written with. The digits alone cost the CPU demo's
 #   counting ~0.2 (config/demo_joint.py)
+token_weights = ()  # each of token_attributes' weight within token_loss, in their order; (): 1 each
 vocab = "full"  # full | data: from scratch, LLM rows only for the tokens of the mixture's records (the
 #   151,936-row head is most of a small model's CPU step); a checkpoint keeps its own
 data_dir = "data"
@@ -158,7 +159,8 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, vit_from=vit_from,
                     vocab=vocab, data_dir=data_dir, mixture=data_mixture, projector_norm=projector_norm,
                     position_bins=position_bins, workers=loader_workers).to(d.device)
-token_attribute_loss = TokenAttributeLoss(model, token_attributes) if token_loss else None  # before the optimizer
+# before the optimizer, which takes the head as the connector's
+token_attribute_loss = TokenAttributeLoss(model, token_attributes, token_weights) if token_loss else None
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}

@@ -1873,12 +1873,16 @@ class TokenAttributeLoss:
     The head hangs on the connector while training (so the optimizer, DDP and checkpoints take it as the
     connector's) and is taken off before the export: the exported model is the plain one."""
 
-    def __init__(self, model, attributes):
+    def __init__(self, model, attributes, weights=()):
         known = scene_attributes(digits=True)
         unknown = [name for name in attributes if name not in known]
         if not attributes or unknown:
             raise ValueError(f"token_attributes={tuple(attributes)}: expected names among {tuple(known)}")
+        if weights and len(weights) != len(attributes):
+            raise ValueError(f"token_weights={tuple(weights)}: one weight for each of token_attributes="
+                             f"{tuple(attributes)}, or () for 1 each")
         self.model = model
+        self.weights = [float(w) for w in weights] if weights else [1.0] * len(attributes)
         self.classes = [len(known[name]) + 1 for name in attributes]  # + class 0: no centre here
         head = torch.nn.Linear(model.config.connector.llm_hidden_size, sum(self.classes),
                                device=model.new_embedding.device, dtype=model.new_embedding.dtype)  # as the model
@@ -1899,7 +1903,7 @@ class TokenAttributeLoss:
             return 0.0 * sum(p.sum() for p in head.parameters())  # keeps the head in the graph (DDP)
         placed = self.model.place(features, batch["image_grids"], "image")
         logits = torch.split(head(placed).float(), self.classes, dim=-1)
-        return scene_loss(logits, batch["image_scene_targets"], [1.0] * len(logits), balanced=True)
+        return scene_loss(logits, batch["image_scene_targets"], self.weights, balanced=True)
 
     def take_off(self, optimizer):
         """Before the export, when the training is done: the model without the head, and the optimizer without its

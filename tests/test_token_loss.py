@@ -64,16 +64,18 @@ def test_images_without_a_scene_or_of_several_images_are_unknown_not_empty():
         assert (targets == -1).all() and targets.shape == (len(example.image_token_pooling), 1)
     with pytest.raises(ValueError, match="token_attributes=.*'size'"):
         training.TokenAttributeLoss(training.build_model("scratch", "tiny"), ("x_tenths", "size"))
+    with pytest.raises(ValueError, match=r"token_weights=\(2.0,\): one weight for each"):
+        training.TokenAttributeLoss(training.build_model("scratch", "tiny"), ("x_tenths", "y_tenths"), (2.0,))
 
 
 def test_token_loss_starts_at_chance_and_its_gradient_reaches_the_connector(tiny_world):
     """The loader's targets line up with the batch's image tokens (one row each). The head starts at zero: every
     class alike, so each attribute's balanced loss is ln(11) over the tokens holding a centre plus ln(11) over the
-    rest, 4 ln 11 for the two digits (float32 sums of equal terms: 1e-5). Its first gradient reaches the head; once
+    rest: 2 (3 + 1) ln 11 for the two digits weighted 3 and 1 (float32 sums of equal terms: 1e-5). Its first gradient reaches the head; once
     the head is not zero, it reaches the connector's projector and position tables too."""
     torch.manual_seed(0)
     model = training.build_model("scratch", "tiny", position_bins=8)
-    loss_fn = training.TokenAttributeLoss(model, ("x_tenths", "y_tenths"))
+    loss_fn = training.TokenAttributeLoss(model, ("x_tenths", "y_tenths"), (3.0, 1.0))
     loader = training.TrainLoader(tiny_world, {"image": (1.0, ["synth_image"])}, "train", batch_size=2,
                                   max_seq_len=256, max_crops=2, max_row_crops=8, max_video_frames=4,
                                   crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
@@ -92,7 +94,7 @@ def test_token_loss_starts_at_chance_and_its_gradient_reaches_the_connector(tiny
         loss.backward()
         return loss
 
-    assert backward().item() == pytest.approx(4 * math.log(11), rel=1e-5)
+    assert backward().item() == pytest.approx(8 * math.log(11), rel=1e-5)
     assert head.weight.grad.abs().sum() > 0 and model.connector.projector.down_proj.weight.grad.abs().sum() == 0
     with torch.no_grad():
         head.weight.normal_(0.0, 0.02)

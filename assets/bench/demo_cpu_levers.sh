@@ -34,6 +34,8 @@
 #           digits of the centre they hold (train_joint.py --token_loss) at 0.3 and 1.0, and its kind and colour
 #           too at 0.3 (against the steps group's x2800: the same stage 1, which replays bit for bit on one GPU)
 #   tokens2: the same with all four attributes at 1.0 and 0.1, and the kind and colour alone at 0.3
+#   tokens3: all four at 1.0 with the kind and colour weighted 2 and 4 (train_joint.py --token_weights); and at the
+#           steps a slow day left the CPU (stage 1 480, the joint stage 2,200), all four weighted 1
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -269,8 +271,19 @@ tokens2)
     joint tokkcx2 tok $seed $X2 --token_loss=0.3 "--token_attributes=('kind', 'colour')" &
   done
   ;;
+tokens3)
+  x2_world
+  vision tok 128,512,4 $S600 &
+  vision tok480 128,512,4 $S600 --max_steps=480 &
+  wait
+  for seed in 1337 1338 1339; do
+    joint tokkc2x2 tok $seed ${X2/2430/2800} --token_loss=1.0 "--token_weights=(2.0, 2.0, 1.0, 1.0)" &
+    joint tokkc4x2 tok $seed ${X2/2430/2800} --token_loss=1.0 "--token_weights=(4.0, 4.0, 1.0, 1.0)" &
+    joint slowx2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens or tokens2"
+        "digits3, steps, tokens, tokens2 or tokens3"
    exit 2 ;;
 esac
 wait
