@@ -1766,18 +1766,24 @@ class Packer:
 
     def __next__(self):
         """-> one row: a list of Examples."""
-        row, n_tokens, n_crops = [], 0, 0
+        return self.next_keyed()[1]
+
+    def next_keyed(self):
+        """-> (the keys of the row's examples, the row). make_example remakes the row from its keys: for a caller
+        that holds rows back across a checkpoint (training.TrainLoader's length_groups)."""
+        keys, row, n_tokens, n_crops = [], [], 0, 0
         while True:
             self._fill()
             i = next((i for i, (_, ex) in enumerate(self.waiting) if self._fits(ex, n_tokens, n_crops)), None)
             if i is None:
                 break
-            _, example = self.waiting.pop(i)
+            key, example = self.waiting.pop(i)
+            keys.append(key)
             row.append(example)
             n_tokens, n_crops = n_tokens + len(example), n_crops + example.n_crops
         if not row:
             raise StopIteration
-        return row
+        return keys, row
 
     def state_dict(self):
         state = {"waiting": [key for key, _ in self.waiting], "n_drawn": self.n_drawn,

@@ -49,6 +49,8 @@ data_dir = "data"
 data_mixture = {"image": (0.7, ["synth_image"]), "multi_image": (0.1, ["synth_multi"]), "video": (0.2, ["synth_video"])}
 max_seq_len = 1024  # tokens per packed row
 max_crops = 4  # crops per image (Molmo2: 8 in training)
+length_groups = 0  # > 0: batches of rows of like length, each padded only to its longest row, from this many batches'
+#   rows packed at once (training.TrainLoader): less padding to compute where rows hold one example each
 max_row_crops = 16  # crops (and frames) per packed row
 max_video_frames = 8
 overlap_margins = (2, 2)  # patches shared with the neighbouring crop on each side (Molmo2 at 378 px: (4, 4))
@@ -195,7 +197,7 @@ def fixed_shape_losses(batch):
 
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
              "compile=True" if compile else "compile_blocks=True" if compile_blocks else
-             "token_loss" if token_loss else None)
+             "token_loss" if token_loss else "length_groups" if length_groups else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],
@@ -212,7 +214,8 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    weighting=loss_weighting, seed=seed, styles=styles)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, fixed_shapes=graphed is not None,
-                     token_attributes=token_attributes if token_loss else (), **loader_args)
+                     token_attributes=token_attributes if token_loss else (), length_groups=length_groups,
+                     **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []

@@ -669,6 +669,78 @@ def test_loader_workers_make_the_serial_examples_and_resume_exactly(world):
         torch.set_num_threads(threads)
 
 
+def grouped_loader(world, workers, length_groups=2, grad_accum=2):
+    return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                styles=("short_answer", "pointing", "video_short_answer"), grad_accum=grad_accum,
+                                workers=workers, length_groups=length_groups)
+
+
+def real_rows(batch):
+    """Each row's tokens without its padding, as a tuple."""
+    return [tuple(ids[ex >= 0].tolist()) for ids, ex in zip(batch["input_ids"], batch["example_ids"])]
+
+
+def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_its_longest(world):
+    """length_groups=3: the rows of 3 batches in draw order are the rows of the 3 grouped batches, none lost or
+    repeated; each grouped batch is padded to its longest row rounded up to LENGTH_STEP, and the rows of one group
+    split by length (every row of one batch at most as long as every row of the next longer one)."""
+    plain, grouped = grouped_loader(world, 0, 0, 1), grouped_loader(world, 0, 3, 1)
+    step = training.TrainLoader.LENGTH_STEP
+    for _ in range(2):  # two groups
+        drawn = [row for _ in range(3) for row in real_rows(plain.next_step()[0])]
+        batches = [grouped.next_step()[0] for _ in range(3)]
+        assert sorted(row for b in batches for row in real_rows(b)) == sorted(drawn)
+        spans = []
+        for b in batches:
+            lengths = [len(row) for row in real_rows(b)]
+            assert b["input_ids"].shape[1] == min(-(-max(lengths) // step) * step, 256)
+            spans.append((min(lengths), max(lengths)))
+        spans.sort()
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans
+    with pytest.raises(ValueError, match="length_groups.*fixed_shapes"):
+        training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                             fixed_shapes=True, length_groups=2)
+
+
+def test_length_groups_resume_within_a_group_and_workers_make_the_serial_batches(world):
+    """With length_groups=2 and 2 micro-batches a step, 3 steps leave a batch of each shard held back: its rows go
+    into the state as keys, and a loader resumed from it (with workers or without) hands out the same batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def held_back(serial):
+            assert all(len(held) == 1 for held in serial.state_dict()["held"])
+
+        assert_workers_match_serial(lambda workers: grouped_loader(world, workers), 2, held_back)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_batch_padded_to_its_longest_row_has_the_loss_of_one_padded_to_max_seq_len(world):
+    """What length_groups rests on: padding adds nothing to the loss or the gradients. The same rows collated to
+    their longest row and to 256 tokens: equal loss sums and gradients (float32, sums in another order: 1e-5)."""
+    torch.manual_seed(0)
+    model = training.build_model("scratch", "tiny")
+    loader = training.TrainLoader(world, {"image": (1.0, ["synth_image"])}, "train", 3, 256, 2, 8, 4, 56, 14, (1, 1),
+                                  "sft", "sft", 0)
+    rows = [next(loader.packers[0]) for _ in range(3)]
+    results = []
+    for pad_to in (None, 256):
+        batch = training.batch_to(data.collate(rows, pad_to=pad_to, mask=False), "cpu")
+        model.zero_grad(set_to_none=True)
+        loss_sum, _ = model(**training.model_inputs(batch), targets=batch["targets"],
+                            loss_weights=batch["loss_weights"], response_mask=batch["targets"] >= 0)
+        loss_sum.backward()
+        results.append((batch["input_ids"].shape[1], loss_sum.item(),
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (short, loss_a, grads_a), (long, loss_b, grads_b) = results
+    assert short < long == 256 and loss_a > 0
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert len(grads_a) == len(grads_b) > 10
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_joint_run_with_loader_workers_has_the_serial_losses(world, tmp_path, monkeypatch):
     """train_joint.py --loader_workers=2 trains on exactly the serial path's batches: the same losses (one thread)."""
     threads = torch.get_num_threads()

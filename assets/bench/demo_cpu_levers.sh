@@ -36,6 +36,8 @@
 #   tokens2: the same with all four attributes at 1.0 and 0.1, and the kind and colour alone at 0.3
 #   tokens3: all four at 1.0 with the kind and colour weighted 2 and 4 (train_joint.py --token_weights); and at the
 #           steps a slow day left the CPU (stage 1 480, the joint stage 2,200), all four weighted 1
+#   tokens4: the kind and colour weighted 4: with batches of rows of like length (train_joint.py --length_groups=8)
+#           at 2,800 steps; at a slow day's steps (2,200), and with the ~9% more that length groups fit there
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -282,8 +284,20 @@ tokens3)
     joint slowx2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 &
   done
   ;;
+tokens4)
+  x2_world
+  vision tok 128,512,4 $S600 &
+  vision tok480 128,512,4 $S600 --max_steps=480 &
+  wait
+  KC4="--token_weights=(4.0, 4.0, 1.0, 1.0)"
+  for seed in 1337 1338 1339; do
+    joint tokkc4lgx2 tok $seed ${X2/2430/2800} --token_loss=1.0 "$KC4" --length_groups=8 &
+    joint slowkc4x2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 "$KC4" &
+    joint slowkc4lgx2 tok480 $seed ${X2/2430/2400} --token_loss=1.0 "$KC4" --length_groups=8 &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2 or tokens3"
+        "digits3, steps, tokens, tokens2, tokens3 or tokens4"
    exit 2 ;;
 esac
 wait
