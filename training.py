@@ -234,7 +234,14 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        """One update of every group. closure (torch.optim's API) re-evaluates the loss first and its loss is returned:
+        torch.distributed.checkpoint calls step(closure=None) at lr 0 to make a fresh optimizer's state before it
+        loads a checkpoint's (training.load_checkpoint), so a resumed run needs the argument."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
             params = [p for p in g["params"] if p.grad is not None]
@@ -264,6 +271,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
+        return loss
 
 
 def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0):

@@ -332,6 +332,34 @@ def test_muon_under_fsdp_is_refused_by_name_and_nothing_else_is():
         assert training.refuse_muon_with_fsdp("train_x", muon_lr, parallel, world_size) is None
 
 
+def test_a_run_under_muon_and_length_groups_resumes_to_the_uninterrupted_losses(world, tmp_path, monkeypatch):
+    """train_joint with Muon (muon_lr) and length_groups (3 a group: step 2's checkpoint holds a batch back), resumed
+    from its step-2 checkpoint in a new out_dir, goes on with the uninterrupted run's losses (exact floats, one process). torch.distributed.checkpoint makes a fresh
+    optimizer's state by calling step(closure=None) before loading: MuonAdamW must take the argument."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    resumed_dir = tmp_path / "resumed"
+    save = training.save_checkpoint
+
+    def save_and_keep_step_2(path, model, optimizer, step, *args, **kwargs):
+        save(path, model, optimizer, step, *args, **kwargs)
+        if step == 2 and not resumed_dir.exists():
+            resumed_dir.mkdir()
+            torch.save(torch.load(path, weights_only=False), resumed_dir / "ckpt.pt")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_and_keep_step_2)
+    args = [*TINY, *mixture_args(world), "--max_steps=4", "--save_every=2", "--muon_lr=0.01", "--length_groups=3",
+            "--lr_connector=3e-3", "--lr_llm=1e-3", "--warmup_llm=0", "--warmup_connector=0", "--weight_decay=0.01"]
+    try:
+        run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'whole'}", *args], monkeypatch)
+        run_stage_in_process("train_joint.py", [f"--out_dir={resumed_dir}", *args], monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    whole, resumed = read_log(tmp_path / "whole"), read_log(resumed_dir)
+    assert [r["step"] for r in resumed] == [2, 3]
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in whole[2:]]
+
+
 def test_muon_resumes_from_its_state_dict_to_the_same_weights():
     """A MuonAdamW saved after a step (as a checkpoint holds it, through torch.save) and loaded into a fresh one
     around a copy of the model takes the next step exactly as the first: the momentum buffers and Adam's moments
