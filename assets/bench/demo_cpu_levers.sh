@@ -38,6 +38,8 @@
 #           steps a slow day left the CPU (stage 1 480, the joint stage 2,200), all four weighted 1
 #   tokens4: the kind and colour weighted 4: with batches of rows of like length (train_joint.py --length_groups=8)
 #           at 2,800 steps; at a slow day's steps (2,200), and with the ~9% more that length groups fit there
+#   tokens5: at a slow day's steps, the kind and colour weighted 8; the kind 8 and the colour 2; and weighted 4
+#           after a stage 1 of 600 steps, not 480, the joint stage then 2,010 steps (the CPU's 42 s of 120 stage-1 steps)
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -296,8 +298,19 @@ tokens4)
     joint slowkc4lgx2 tok480 $seed ${X2/2430/2400} --token_loss=1.0 "$KC4" --length_groups=8 &
   done
   ;;
+tokens5)
+  x2_world
+  vision tok 128,512,4 $S600 &
+  vision tok480 128,512,4 $S600 --max_steps=480 &
+  wait
+  for seed in 1337 1338 1339; do
+    joint slowkc8x2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 "--token_weights=(8.0, 8.0, 1.0, 1.0)" &
+    joint slowk8x2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 "--token_weights=(8.0, 2.0, 1.0, 1.0)" &
+    joint s600kc4x2 tok $seed ${X2/2430/2010} --token_loss=1.0 "--token_weights=(4.0, 4.0, 1.0, 1.0)" &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3 or tokens4"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4 or tokens5"
    exit 2 ;;
 esac
 wait
