@@ -47,8 +47,8 @@ token_loss = 1.0  # the image tokens also name the kind, colour and first digits
 #   alone 0.632 / 0.405. BENCHMARKS.md "The image tokens name their shapes"
 token_weights = (4.0, 4.0, 1.0, 1.0)  # the kind and colour weigh 4 beside each digit's 1: counting follows the
 #   kinds the tokens name. GPU replays, three seeds each: 0.622 / 0.603 against 0.605 / 0.601 at the 2,800 joint
-#   steps above; at a slow day's steps (stage 1 480, the joint stage 2,200) 0.498 / 0.491 against 0.432 / 0.464. BENCHMARKS.md
-#   "The kind and colour weighted above the digits"
+#   steps above; at a slow day's steps (stage 1 480, the joint stage 2,200) 0.498 / 0.491 against 0.432 / 0.464.
+#   BENCHMARKS.md "The kind and colour weighted above the digits"
 loss_weighting = "none"  # every answer token weighs 1: long point lists are the lesson here (Molmo2's sft weighting
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
