@@ -76,6 +76,12 @@ x2_world() {
   [ -f data/demo_x2/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2 \
       --max_objects=5 --train_images=10000 --extra_queries=2 > /dev/null
 }
+two_stage1s() {  # the x2 world, the demo's stage 1 (tok) and one of a slow day's 480 steps (tok480), and their align
+  x2_world
+  vision tok 128,512,4 $S600 &
+  vision tok480 128,512,4 $S600 --max_steps=480 &
+  wait
+}
 three_seeds() {  # name stage-1 args: that stage 1 (and align), then its joint stage in that world, seeds 1337-1339
   local name=$1; shift
   vision $name 128,512,4 $S600 "$@"
@@ -276,10 +282,7 @@ tokens2)
   done
   ;;
 tokens3)
-  x2_world
-  vision tok 128,512,4 $S600 &
-  vision tok480 128,512,4 $S600 --max_steps=480 &
-  wait
+  two_stage1s
   for seed in 1337 1338 1339; do
     joint tokkc2x2 tok $seed ${X2/2430/2800} --token_loss=1.0 "--token_weights=(2.0, 2.0, 1.0, 1.0)" &
     joint tokkc4x2 tok $seed ${X2/2430/2800} --token_loss=1.0 "--token_weights=(4.0, 4.0, 1.0, 1.0)" &
@@ -287,10 +290,7 @@ tokens3)
   done
   ;;
 tokens4)
-  x2_world
-  vision tok 128,512,4 $S600 &
-  vision tok480 128,512,4 $S600 --max_steps=480 &
-  wait
+  two_stage1s
   KC4="--token_weights=(4.0, 4.0, 1.0, 1.0)"
   for seed in 1337 1338 1339; do
     joint tokkc4lgx2 tok $seed ${X2/2430/2800} --token_loss=1.0 "$KC4" --length_groups=8 &
@@ -299,10 +299,7 @@ tokens4)
   done
   ;;
 tokens5)
-  x2_world
-  vision tok 128,512,4 $S600 &
-  vision tok480 128,512,4 $S600 --max_steps=480 &
-  wait
+  two_stage1s
   for seed in 1337 1338 1339; do
     joint slowkc8x2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 "--token_weights=(8.0, 8.0, 1.0, 1.0)" &
     joint slowk8x2 tok480 $seed ${X2/2430/2200} --token_loss=1.0 "--token_weights=(8.0, 2.0, 1.0, 1.0)" &
