@@ -1203,6 +1203,8 @@ class TrainLoader(ForkedWorkers):
                  rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, token_attributes=(),
                  length_groups=0):
         import data
+        if not isinstance(length_groups, int) or length_groups < 0:
+            raise ValueError(f"length_groups={length_groups!r}: a count of batches (0: off)")
         if length_groups and fixed_shapes:
             raise ValueError("length_groups: batches of varying length, and fixed_shapes asks for few: choose one")
         self.data, self.fixed_shapes = data, fixed_shapes

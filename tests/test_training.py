@@ -728,6 +728,9 @@ def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_it
     with pytest.raises(ValueError, match="length_groups.*fixed_shapes"):
         training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
                              fixed_shapes=True, length_groups=2)
+    with pytest.raises(ValueError, match="length_groups=-1: a count of batches"):
+        training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                             length_groups=-1)
 
 
 def test_length_groups_resume_within_a_group_and_workers_make_the_serial_batches(world):
