@@ -19,7 +19,10 @@ from training import TokenAttributeLoss, TrainLoader, batch_to, build_model, mod
 
 
 def main(run="out/demo/joint", data_dir="data/demo", batches=8):
-    ckpt = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+    path = os.path.join(run, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no checkpoint, and the token head lives only there (a run with save_every > 0)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     config = ckpt["config"]
     if not config.get("token_loss"):
         raise SystemExit(f"{run}: trained without token_loss, so it has no token head")
