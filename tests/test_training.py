@@ -513,11 +513,12 @@ def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world
     assert torch.equal(loader.next_step()[0]["input_ids"], seen["input_ids"])
 
 
-def loader_for(world, workers):
-    """Two micro-batches of 2 rows; multi-image records have none of these styles (filtered and counted)."""
+def loader_for(world, workers, length_groups=0, grad_accum=2):
+    """Two micro-batches of 2 rows (grad_accum); multi-image records have none of these styles (filtered and
+    counted)."""
     return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
-                                styles=("short_answer", "pointing", "video_short_answer"), grad_accum=2,
-                                workers=workers)
+                                styles=("short_answer", "pointing", "video_short_answer"), grad_accum=grad_accum,
+                                workers=workers, length_groups=length_groups)
 
 
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
@@ -697,12 +698,6 @@ def test_loader_workers_make_the_serial_examples_and_resume_exactly(world):
         torch.set_num_threads(threads)
 
 
-def grouped_loader(world, workers, length_groups=2, grad_accum=2):
-    return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
-                                styles=("short_answer", "pointing", "video_short_answer"), grad_accum=grad_accum,
-                                workers=workers, length_groups=length_groups)
-
-
 def real_rows(batch):
     """Each row's tokens without its padding, as a tuple."""
     return [tuple(ids[ex >= 0].tolist()) for ids, ex in zip(batch["input_ids"], batch["example_ids"])]
@@ -712,7 +707,7 @@ def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_it
     """length_groups=3: the rows of 3 batches in draw order are the rows of the 3 grouped batches, none lost or
     repeated; each grouped batch is padded to its longest row rounded up to LENGTH_STEP, and the rows of one group
     split by length (every row of one batch at most as long as every row of the next longer one)."""
-    plain, grouped = grouped_loader(world, 0, 0, 1), grouped_loader(world, 0, 3, 1)
+    plain, grouped = loader_for(world, 0, 0, 1), loader_for(world, 0, 3, 1)
     step = training.TrainLoader.LENGTH_STEP
     for _ in range(2):  # two groups
         drawn = [row for _ in range(3) for row in real_rows(plain.next_step()[0])]
@@ -742,7 +737,7 @@ def test_length_groups_resume_within_a_group_and_workers_make_the_serial_batches
         def held_back(serial):
             assert all(len(held) == 1 for held in serial.state_dict()["held"])
 
-        assert_workers_match_serial(lambda workers: grouped_loader(world, workers), 2, held_back)
+        assert_workers_match_serial(lambda workers: loader_for(world, workers, length_groups=2), 2, held_back)
     finally:
         torch.set_num_threads(threads)
 

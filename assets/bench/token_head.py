@@ -34,7 +34,7 @@ def main(run="out/demo/joint", data_dir="data/demo", batches=8):
     loader = TrainLoader(data_dir, config["data_mixture"], "val", config["batch_size"], config["max_seq_len"],
                          config["max_crops"], config["max_row_crops"], config["max_video_frames"],
                          model.config.vit.image_size, model.config.vit.patch_size, config["overlap_margins"],
-                         config["prefix_mode"] if "prefix_mode" in config else "sft", config["loss_weighting"],
+                         config.get("prefix_mode", "sft"), config["loss_weighting"],
                          config["seed"], styles=config["styles"], token_attributes=names)
     right, empty, total = torch.zeros(len(names)), 0, 0
     with torch.no_grad():
