@@ -64,7 +64,8 @@ def compile_each_block(model, **compile_kwargs):
     the one graph took 153 s and then 0.32-0.53 s, and the eager step 0.63 s (BENCHMARKS.md "The full recipe's joint
     step compiled"). What runs between the blocks (embeddings, connector, loss) stays eager. Generation with a KV
     cache should run the blocks eagerly (torch.compiler.set_stance("force_eager"), as train_joint.py's answers do):
-    each layer's cache index would be a new graph."""
+    each new cache position would be a new graph (generate(compile=True) compiles its prefill's blocks its own way,
+    Qwen3.compiled_blocks)."""
     ready_for_compile()
     for block in (*model.llm.layers, *model.vit.layers):
         block.compile(**compile_kwargs)
@@ -163,7 +164,8 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Preallocated keys and values for every layer: (B, n_kv, max_len, hd) each. All rows write at the
-    same position `pos`; rows of different lengths are left-padded and masked by the caller."""
+    same position `pos`; rows of different lengths are left-padded and masked by the caller. Each layer's
+    attention reads and writes its own part (layer(i))."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -173,25 +175,37 @@ class KVCache:
         self.max_len = max_len
         self.write_index = None  # (1,) long on the device: fixed-shape writes (DecodeStep); None = at pos
 
-    def update(self, layer, k, v):
-        """Write k, v (B, n_kv, T, hd) at pos; return all keys/values so far (B, n_kv, pos+T, hd). With a
-        write_index: write one token there and return every slot (B, n_kv, max_len, hd), the same shapes at
-        every step (a CUDA graph replays them); the caller masks the slots not written yet."""
-        if self.write_index is not None:
-            self.k[layer].index_copy_(2, self.write_index, k)
-            self.v[layer].index_copy_(2, self.write_index, v)
-            return self.k[layer], self.v[layer]
-        T = k.size(2)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+    def layer(self, i):
+        """Layer i's part, an object of its own: a block compiled by torch.compile then reads no layer index, so one
+        graph serves all layers (Qwen3.compiled_blocks); reading self.k[i], it would compile one graph a layer."""
+        return LayerKV(self.k[i], self.v[i], self.pos, self.write_index)
 
     def keep_rows(self, rows):
         """Drop the other rows (finished sequences): rows is a (B,) bool mask or an index tensor."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
+
+
+class LayerKV:
+    """One layer's keys and values (B, n_kv, max_len, hd) in a KVCache, with the cache's pos and write_index."""
+
+    def __init__(self, k, v, pos, write_index):
+        self.k, self.v, self.pos, self.write_index = k, v, pos, write_index
+
+    def update(self, k, v):
+        """Write k, v (B, n_kv, T, hd) at pos; return all keys/values so far (B, n_kv, pos+T, hd). With a
+        write_index: write one token there and return every slot (B, n_kv, max_len, hd), the same shapes at
+        every step (a CUDA graph replays them); the caller masks the slots not written yet."""
+        if self.write_index is not None:
+            self.k.index_copy_(2, self.write_index, k)
+            self.v.index_copy_(2, self.write_index, v)
+            return self.k, self.v
+        T = k.size(2)
+        if self.pos + T > self.k.size(2):
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.k.size(2)}")
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        return self.k[:, :, :self.pos + T], self.v[:, :, :self.pos + T]
 
 
 class Attention(nn.Module):
@@ -216,8 +230,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
+            past = kv_cache.pos  # kv_cache: this layer's LayerKV
+            k, v = kv_cache.update(k, v)  # (B, nkv, past+T, hd)
         if kv_cache is not None and kv_cache.write_index is not None:
             # one token against every cache slot, attn_mask (B, 1, 1, max_len) marking the real keys: the query
             # heads sharing a key/value head become that head's queries, so no kernel copies the cache per group
@@ -309,6 +323,7 @@ class Qwen3(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
+        self.compiled_block = None  # Block.forward through torch.compile, within compiled_blocks() only
         self.apply(self._init_weights)
 
     @staticmethod
@@ -334,15 +349,32 @@ class Qwen3(nn.Module):
             keep_prob = torch.full((B, T, 1), 1.0 - c.resid_dropout, device=x.device, dtype=x.dtype)
             if response_mask is not None:  # where(), not a masked assignment: no host sync (CUDA graphs)
                 keep_prob = torch.where(response_mask[..., None], 1.0 - c.response_dropout, keep_prob)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            layer_kv = None if kv_cache is None else kv_cache.layer(i)
             if self.gradient_checkpointing and self.training:
                 # the dropout draw is recomputed too: checkpoint restores the RNG state (preserve_rng_state)
-                x = checkpoint(block, x, cos, sin, attn_mask, kv_cache, keep_prob, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attn_mask, layer_kv, keep_prob, use_reentrant=False)
+            elif self.compiled_block is not None:
+                x = self.compiled_block(block, x, cos, sin, attn_mask, layer_kv, keep_prob)
             else:
-                x = block(x, cos, sin, attn_mask, kv_cache, keep_prob)
+                x = block(x, cos, sin, attn_mask, layer_kv, keep_prob)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.norm(x)
+
+    @contextlib.contextmanager
+    def compiled_blocks(self, **compile_kwargs):
+        """Within it run_layers calls each block's forward through torch.compile: regional compilation, as
+        compile_each_block, one graph for all blocks (their weights and their LayerKV are its inputs), and it is
+        undone on leaving. generate(compile=True) prefills so: eagerly a prefill is ~2,200 small kernels, and at batch 1
+        the host launching them is its time. Outside it the blocks run eagerly: step by step decoding would compile a
+        graph for each new cache position (DecodeStep compiles its own fixed-shape step)."""
+        ready_for_compile()
+        self.compiled_block = torch.compile(Block.forward, **compile_kwargs)
+        try:
+            yield
+        finally:
+            self.compiled_block = None
 
     def output_weight(self):
         """The output head's (vocab, C) matrix: the input embedding when tied."""
@@ -1021,7 +1053,8 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     default on CUDA): finished rows stay in the batch, and whether all have stopped is read back every
     STOP_CHECK_EVERY tokens (every token with on_token); else finished rows leave the batch and the KV cache,
     and each step runs eagerly at its own shapes. Greedy tokens are the same either way; sampled ones draw
-    the random numbers in another order. compile: the static step through torch.compile (see DecodeStep)."""
+    the random numbers in another order. compile: the prefill's LLM blocks (Qwen3.compiled_blocks) and the static
+    step (see DecodeStep) through torch.compile."""
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
@@ -1036,8 +1069,10 @@ def generate(model, input_ids, max_new_tokens, attention_mask=None, temperature=
     position_ids = padded_position_ids(attention_mask)  # (B, T)
     last = torch.zeros(B, T, dtype=torch.bool, device=device)
     last[:, -1] = True
-    logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
-                   logits_positions=last, **prefill_inputs)  # (B, V)
+    llm = model.llm if isinstance(model, Molmo2) else model
+    with llm.compiled_blocks() if compile else contextlib.nullcontext():
+        logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                       logits_positions=last, **prefill_inputs)  # (B, V)
     next_pos = position_ids[:, -1] + 1  # (B,)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     pad = stop_ids[0] if len(stop_ids) else 0

@@ -858,14 +858,14 @@ class AttentionRecorder:
 
     @torch.no_grad()
     def _record(self, attention, args, output):
-        x, cos, sin, attn_mask, kv_cache = args  # as model.Block calls it; x is the normed input
+        x, cos, sin, attn_mask, kv_cache = args  # as model.Block calls it; x is the normed input, kv_cache a LayerKV
         B, T, _ = x.shape
         nh, n_kv, hd = attention.n_head, attention.n_kv_head, attention.head_dim
         q = attention.q_norm(attention.q_proj(x[:, -1:]).view(B, 1, nh, hd)).transpose(1, 2)  # (B, nh, 1, hd)
         q = apply_rope(q, cos[:, -1:], sin[:, -1:])
         past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:  # this call's keys are in the cache already (pos moves on after the last layer)
-            k = kv_cache.k[attention.layer_idx][:, :, :past + T]  # (B, n_kv, S, hd)
+            k = kv_cache.k[:, :, :past + T]  # (B, n_kv, S, hd)
         else:
             k = apply_rope(attention.k_norm(attention.k_proj(x).view(B, T, n_kv, hd)).transpose(1, 2), cos, sin)
         k = k.repeat_interleave(nh // n_kv, dim=1)  # (B, nh, S, hd): query head h reads kv head h // (nh / n_kv)

@@ -1,6 +1,8 @@
 """Generation (model.generate) against transformers' Molmo2ForConditionalGeneration.generate, token for
 token, plus the invariants of batching, stopping, streaming and sampling."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,37 @@ def test_qwen3_batched_greedy_matches_transformers(tmp_path, static):
     got = nano.generate(ours_llm, ids, 16, attention_mask=mask, stop_ids=(), static=bool(static),
                         compile=str(static).startswith("compiled"))
     assert got.tolist() == expected.tolist()
+
+
+def test_compiled_prefill_traces_one_block_for_every_layer(ours, processor):
+    # generate(compile=True)'s prefill (Qwen3.compiled_blocks): every LLM block runs the one graph traced for the first,
+    # each reading and writing its own layer's cache (KVCache.layer). A backend that runs dynamo's graph as traced
+    # gives the eager prefill's logits and cache to the bit: only the tracing is checked here (inductor's kernels,
+    # which round otherwise, run in the compiled Qwen3 test above, against transformers' tokens)
+    torch._dynamo.reset()  # no graphs from other tests
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = dict(prompt_inputs(processor, "two examples, padded"))
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+
+    def prefill(compiled):
+        cache = ours.make_kv_cache(ids.shape[0], ids.shape[1] + 4)
+        with ours.llm.compiled_blocks(backend=counting_backend) if compiled else contextlib.nullcontext():
+            logits = ours(ids, position_ids=nano.padded_position_ids(mask), attention_mask=mask, kv_cache=cache,
+                          **inputs)
+        return logits, cache
+
+    with torch.no_grad():
+        (logits, cache), (want, want_cache) = prefill(True), prefill(False)
+    assert torch.equal(logits, want)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, want_cache.k + want_cache.v))
+    assert cache.pos == want_cache.pos == ids.shape[1]
+    assert len(graphs) == 1 < len(ours.llm.layers)
+    assert ours.llm.compiled_block is None  # eager again after the prefill
 
 
 def test_stop_tokens_streaming_and_padding(ours, processor):

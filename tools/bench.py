@@ -23,9 +23,9 @@ Sections (--sections, comma-separated):
   the trainer takes one at a time: the two together are measured here only).
 - generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
-  (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True). Weights in the
-  model dtype, no autocast. Prefill = until the first new token; decode = from there to the last, per token
-  (timed at each token, after a device sync).
+  (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True: the prefill's LLM
+  blocks too, Qwen3.compiled_blocks). Weights in the model dtype, no autocast. Prefill = until the first new
+  token; decode = from there to the last, per token (timed at each token, after a device sync).
 - scaling: our training step on one row of one image of 1, 9 or 25 crops, one video of 16, 64 or 128
   frames, or a packed row of 2k, 8k or 16k tokens (photo examples), with --activation_checkpointing.
 Under torchrun (several processes) only `train` runs, without transformers: each GPU trains its own batch
@@ -534,17 +534,21 @@ def section_generate(dev, weight_dtype):
             return lambda n, clock: nano.generate(model, ids, n, attention_mask=mask, stop_ids=(), on_token=clock,
                                                   static=path != "eager", compile=path == "compiled", **inputs)
 
-        # the compiled step is warmed up at the timed length: a new cache length compiles again
-        results = {path: guarded(f"ours {path}", lambda: time_generate(
-            ours(path), dev, warm_tokens=new_tokens if path == "compiled" else 2), dev) for path in decode_paths}
+        # warmed up at the timed length: a new cache length compiles the compiled path again, and gives every path's
+        # prefill attention keys of other strides (cuDNN's plans are made per stride: the eager prefill timed 30-45 ms
+        # slower after a warm-up of 2 tokens, BENCHMARKS.md "The prefill compiled")
+        results = {path: guarded(f"ours {path}", lambda: time_generate(ours(path), dev, warm_tokens=new_tokens), dev)
+                   for path in decode_paths}
         if hf_model is not None:
             def theirs(n, clock):
                 return hf_model.generate(input_ids=ids, attention_mask=mask, **inputs, max_new_tokens=n,
                                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=151643,
                                          streamer=clock)
             results["hf"] = guarded("transformers generate", lambda: time_generate(theirs, dev, streamer=True), dev)
-        if profile:  # the prefill alone (one new token), ours eager and transformers', at each batch
+        if profile:  # the prefill alone (one new token), ours eager (and compiled) and transformers', at each batch
             write_profile(lambda: ours("eager")(1, None), dev, f"prefill_b{B}_ours")
+            if "compiled" in decode_paths:
+                write_profile(lambda: ours("compiled")(1, None), dev, f"prefill_b{B}_ours_compiled")
             if hf_model is not None:
                 write_profile(lambda: theirs(1, None), dev, f"prefill_b{B}_transformers")
         if profile and B == decode_batches[0]:
