@@ -23,10 +23,10 @@ import torch
 from configurator import configure
 from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TokenAttributeLoss,
-                      TrainLoader, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe, evaluate_loss,
-                      export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs, refuse_muon_with_fsdp,
-                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast,
-                      stop_nonfinite, wrap_model)
+                      TrainLoader, autocast_dtype, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe,
+                      evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs,
+                      refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
+                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -169,7 +169,9 @@ lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
-optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay, muon_lr=muon_lr)
+autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
+optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay, muon_lr=muon_lr,
+                            muon_dtype=autocast_dtype(autocast))
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
@@ -179,7 +181,6 @@ elif compile_blocks:
                 "on a CPU: the blocks run eagerly")
     else:
         compile_each_block(model)
-autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 
 
 def fixed_shape_losses(batch):

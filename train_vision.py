@@ -49,7 +49,7 @@ from configurator import configure
 from eval import point_scores
 from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
-from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader,
+from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader, autocast_dtype,
                       eta_seconds, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
                       refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes,
                       scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
@@ -152,14 +152,16 @@ config = configure(globals())
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scale=1.0, muon_lr=0.0):
+def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scale=1.0, muon_lr=0.0,
+                    muon_dtype=torch.float32):
     """AdamW (0.9, 0.95, eps 1e-6) in groups: matrices decay; norm gains, biases, embedding tables and the
     scalars (temperatures, biases of the losses) do not: decaying them pulls norms and embeddings toward 0
     for no gain. A ViT weight whose rate differs from lr goes into a group of its own rate, lr_scale (the schedule
     multiplies by it): vit_scale for every ViT tensor, times min(1, vit_fan_in / fan-in) for its matrices where
     vit_fan_in > 0. The first group (the matrices at lr: the heads', and the ViT's when its rate is lr too) always
     learns at the schedule's rate, the one the log shows. muon_lr > 0: the ViT's matrices go to one group under
-    Muon (training.MuonAdamW, which runs AdamW's update on the rest) at lr_scale muon_lr / lr."""
+    Muon (training.MuonAdamW, which runs AdamW's update on the rest, its iteration in muon_dtype) at lr_scale
+    muon_lr / lr."""
     decay, no_decay, scaled, muon = [], [], collections.defaultdict(list), []
     for name, p in module.named_parameters():
         plain = p.dim() < 2 or name in ("vit.positional_embedding", "text.token_embedding.weight",
@@ -181,7 +183,8 @@ def build_optimizer(module, lr, weight_decay, fused=None, vit_fan_in=0, vit_scal
                for (s, plain), ps in sorted(scaled.items())]
     if muon:
         groups.append({"params": muon, "weight_decay": weight_decay, "lr_scale": muon_lr / lr, "muon": True})
-        return MuonAdamW([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], betas=(0.9, 0.95), eps=1e-6)
+        return MuonAdamW([{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups], betas=(0.9, 0.95), eps=1e-6,
+                         matmul_dtype=muon_dtype)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=fused)
 
 
@@ -322,9 +325,10 @@ train_model = wrap_model(pretrainer, d, parallel, getattr(torch, dtype))
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)
-optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in,
-                            vit_scale=vit_lr / lr if vit_lr else 1.0, muon_lr=muon_lr)
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
+optimizer = build_optimizer(pretrainer, lr, weight_decay, vit_fan_in=vit_lr_fan_in,
+                            vit_scale=vit_lr / lr if vit_lr else 1.0, muon_lr=muon_lr,
+                            muon_dtype=autocast_dtype(autocast))
 processor = data.Molmo2Processor(max_crops=max_crops, crop_size=vit.config.image_size,
                                  patch_size=vit.config.patch_size, overlap_margins=overlap_margins)
 loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_size, processor=processor,

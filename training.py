@@ -149,6 +149,11 @@ def step_autocast(device, dtype, cpu_autocast="off", print_fn=print):
     return torch.autocast("cpu", dtype=getattr(torch, dtype)) if on else nullcontext()
 
 
+def autocast_dtype(autocast):
+    """The dtype a step under step_autocast's context multiplies in: its autocast's, or float32 without one."""
+    return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -198,17 +203,20 @@ def wrap_model(model, d, parallel="ddp", dtype=torch.bfloat16, find_unused=False
 PARTS = ("connector", "vit", "llm")
 
 
-def orthogonalised(G, steps=5):
+def orthogonalised(G, steps=5, dtype=torch.float32):
     """Muon's direction for a 2-D update G, or for each matrix of a stack G (n, rows, cols): roughly its nearest
     semi-orthogonal matrix (every singular value moved toward 1, the singular vectors kept), by five steps of a
-    quintic Newton-Schulz iteration in float32. Its coefficients are tuned to pull small singular values up fast
+    quintic Newton-Schulz iteration in dtype. Its coefficients are tuned to pull small singular values up fast
     rather than to converge exactly: the values end spread around 1 (tests/test_training.py holds them within
-    0.6-1.25), not at 1. Float32, not bf16: a CPU without bf16 matrix instructions multiplies bf16 ~100x slower.
+    0.6-1.25), not at 1, so the iteration needs no more precision than bf16's: MuonAdamW runs it in the dtype the
+    step's own matmuls run in (bf16 under autocast, on a GPU or a CPU with bf16 matrix instructions), float32
+    elsewhere, as a CPU without those instructions multiplies bf16 ~100x slower. On the CPU demo's joint stage the
+    bf16 iteration took 15.6 ms a step against 28.8 (BENCHMARKS.md "Muon's iteration in bf16").
     Each step is two fused multiply-adds (addmm's beta and alpha), and a stack goes through them at once: on the CPU
     demo's 37 matrices, stacked by shape, 16 ms a step against 27 ms one at a time (BENCHMARKS.md "Muon's matrices
     stacked")."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.float()
+    X = G.to(dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value now <= 1, where it converges
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: X @ X.T is then the smaller square
@@ -230,8 +238,9 @@ class MuonAdamW(torch.optim.Optimizer):
     demo's joint stage"). A group's matrices of one shape are orthogonalised as one stack (a transformer's blocks
     repeat their shapes). For matrices whose whole gradient this process holds: not for FSDP's shards."""
 
-    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95):
+    def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95, matmul_dtype=torch.float32):
         super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
+        self.matmul_dtype = matmul_dtype  # orthogonalised's: the training step's (autocast_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -257,7 +266,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                         buf.mul_(g["momentum"]).add_(p.grad)
                         looks.append(p.grad.add(buf, alpha=g["momentum"]))
-                    directions = orthogonalised(torch.stack(looks))
+                    directions = orthogonalised(torch.stack(looks), dtype=self.matmul_dtype)
                     for p, direction in zip(same, directions):
                         p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
                 continue
@@ -274,14 +283,16 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0):
+def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0,
+                    muon_dtype=torch.float32):
     """AdamW with a group per part that trains. lr / warmup: {part: value}; a part with lr 0 is frozen.
     Molmo2 counts the 128 new token embeddings as part of the connector. With weight_decay > 0 (from-scratch
     recipes; Molmo2 uses 0) each part's norm gains, biases and embedding tables go into a second group without
     decay: pulling them toward 0 shrinks every token's scale for no gain (issue 15: decay on everything slowed
     the demo's learning after step 750).
     muon_lr > 0 (from scratch; not Molmo2's): the 2-D matrices of the LLM and the connector, all but the token
-    tables, go to Muon at this peak rate, with their part's warmup and schedule (MuonAdamW); the rest stays AdamW."""
+    tables, go to Muon at this peak rate, with their part's warmup and schedule (MuonAdamW, its iteration in
+    muon_dtype); the rest stays AdamW."""
     tables = [model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding]
     tables += [t.weight for t in (model.connector.position_x, model.connector.position_y) if t is not None]
     plain = {id(p) for p in tables}
@@ -303,7 +314,7 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
     if not groups:
         raise ValueError(f"no part has a learning rate > 0: {lr}")
     if muon_lr > 0:
-        return MuonAdamW(muon_groups(groups, model, muon_lr), betas=betas, eps=eps)
+        return MuonAdamW(muon_groups(groups, model, muon_lr), betas=betas, eps=eps, matmul_dtype=muon_dtype)
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)

@@ -273,6 +273,46 @@ def test_muons_direction_keeps_the_singular_vectors_and_maps_each_value_by_the_i
     torch.testing.assert_close(training.orthogonalised(G.float().T), out.T, rtol=0, atol=1e-6)  # wide = tall, moved
 
 
+def test_muons_iteration_in_bf16_stays_within_bf16_rounding_of_the_same_oracle():
+    """orthogonalised(dtype=torch.bfloat16), as MuonAdamW runs it under bf16 autocast: the same float64 oracle as above
+    (the scalar recursion on G's own SVD), now within bf16's rounding: each of the five steps rounds three products
+    to 8 significant bits (2^-9 ~ 0.002 at this G's entries of up to 0.39), so ~15 roundings bound the error near
+    0.03. Its singular values stay in the band the coefficients aim at: bf16 is precision enough for a direction."""
+    torch.manual_seed(0)
+    G = torch.randn(48, 16, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    s = S / G.norm()
+    for _ in range(5):
+        s = 3.4445 * s - 4.7750 * s ** 3 + 2.0315 * s ** 5
+    out = training.orthogonalised(G.float(), dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == G.shape
+    torch.testing.assert_close(out.double(), U @ torch.diag(s) @ Vh, rtol=0, atol=0.03)
+    values = torch.linalg.svdvals(out.double())
+    assert 0.6 < float(values.min()) and float(values.max()) < 1.25
+
+
+def test_muonadamw_orthogonalises_in_its_matmul_dtype_and_the_scripts_pick_the_steps():
+    """MuonAdamW(matmul_dtype=bf16) moves a matrix by orthogonalised(..., dtype=bf16) (the same calls on the same
+    buffer), not by the float32 direction; autocast_dtype gives the scripts the step's dtype: bf16 under CPU
+    autocast, float32 without it."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 8))
+    start, grad = w.detach().clone(), torch.randn(32, 8)
+    optimizer = training.MuonAdamW([{"params": [w], "lr": 0.02, "muon": True, "weight_decay": 0.0}],
+                                   matmul_dtype=torch.bfloat16)
+    w.grad = grad.clone()
+    optimizer.step()
+    scale = 0.02 * (32 / 8) ** 0.5
+    direction = training.orthogonalised((grad + 0.95 * grad)[None], dtype=torch.bfloat16)[0]
+    # float32: one fused add against a subtraction here, a few ulps of weights < 4; the float32 direction would move
+    # them ~1e-4 off (the next line: the two directions differ by ~1e-2, times the step's 0.04)
+    torch.testing.assert_close(w.detach(), start - scale * direction.float(), rtol=0, atol=1e-6)
+    assert not torch.allclose(direction.float(), training.orthogonalised(grad + 0.95 * grad), rtol=0, atol=1e-3)
+    cpu = torch.device("cpu")
+    assert training.autocast_dtype(training.step_autocast(cpu, "bfloat16", "on")) == torch.bfloat16
+    assert training.autocast_dtype(training.step_autocast(cpu, "bfloat16", "off")) == torch.float32
+
+
 def test_muon_groups_take_the_matrices_and_adamw_the_rest_with_torchs_update():
     """build_optimizer(muon_lr=...): the LLM's and connector's 2-D matrices (all but the token tables) in '<part> muon'
     groups at muon_lr, the rest in AdamW groups. Two steps from zero state with random gradients: each Muon matrix
