@@ -133,7 +133,7 @@ def answer_scores(model, processor, items):
     if d.is_master:
         was_training = model.training
         model.eval()
-        # compiled blocks answer eagerly: with a KV cache each layer would compile a graph of its own
+        # compiled blocks answer eagerly: with a KV cache each new cache position would compile a graph of its own
         with torch.no_grad(), torch.compiler.set_stance("force_eager") if compile_blocks else nullcontext():
             rows = evaluation.evaluate(model, processor, items, batch_size=64, style_prefixes=prefix_mode,
                                        log=lambda *_: None)

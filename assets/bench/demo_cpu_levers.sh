@@ -40,6 +40,9 @@
 #           at 2,800 steps; at a slow day's steps (2,200), and with the ~9% more that length groups fit there
 #   tokens5: at a slow day's steps, the kind and colour weighted 8; the kind 8 and the colour 2; and weighted 4
 #           after a stage 1 of 600 steps, not 480, the joint stage then 2,010 steps (the CPU's 42 s of 120 stage-1 steps)
+#   share:  a CPU half as fast (2026-12-03's: stage 1 334 steps in its 2.98 minutes, joint steps of ~0.48 s): stage 1
+#           given 25% (334 steps, joint 1,150), 35% (468, 1,000) or 45% (600, 850) of the stages' 12.2 minutes
+#   share2: the same CPU, stage 1 given 15% (200 steps, joint 1,300) or 20% (267, 1,225)
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -306,8 +309,27 @@ tokens5)
     joint s600kc4x2 tok $seed ${X2/2430/2010} --token_loss=1.0 "--token_weights=(4.0, 4.0, 1.0, 1.0)" &
   done
   ;;
+share)
+  x2_world
+  for steps in 334 468 600; do vision s$steps 128,512,4 $S600 --max_steps=$steps & done
+  wait
+  for seed in 1337 1338 1339; do
+    joint share25x2 s334 $seed ${X2/2430/1150} &
+    joint share35x2 s468 $seed ${X2/2430/1000} &
+    joint share45x2 s600 $seed ${X2/2430/850} &
+  done
+  ;;
+share2)
+  x2_world
+  for steps in 200 267; do vision s$steps 128,512,4 $S600 --max_steps=$steps & done
+  wait
+  for seed in 1337 1338 1339; do
+    joint share15x2 s200 $seed ${X2/2430/1300} &
+    joint share20x2 s267 $seed ${X2/2430/1225} &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3, tokens4 or tokens5"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share or share2"
    exit 2 ;;
 esac
 wait
