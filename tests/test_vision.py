@@ -183,7 +183,7 @@ def test_cast_once_casts_a_shared_input_once_and_changes_no_value(monkeypatch):
     config = Qwen3Config.preset("tiny")
     cos, sin = rope_cos_sin(torch.arange(12)[None], config.head_dim, config.rope_theta, torch.float32)
     modules = {"vit attention": (vision.SelfAttention(vision.SigLIP2Config(**TINY_SIGLIP)), 32, (), 2),
-               "llm attention": (Attention(config, 0), config.hidden_size, (cos, sin), 2),
+               "llm attention": (Attention(config), config.hidden_size, (cos, sin), 2),
                "llm mlp": (MLP(config), config.hidden_size, (), 1)}
     x0 = torch.randn(2, 12, 64)
     for name, (module, width, extra, fewer) in modules.items():

@@ -25,7 +25,8 @@ Sections (--sections, comma-separated):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
   (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True: the prefill's LLM
   blocks too, Qwen3.compiled_blocks). Weights in the model dtype, no autocast. Prefill = until the first new
-  token; decode = from there to the last, per token (timed at each token, after a device sync).
+  token; decode = from there to the last, per token (timed at each token, after a device sync); each the median of
+  generate_calls calls.
 - scaling: our training step on one row of one image of 1, 9 or 25 crops, one video of 16, 64 or 128
   frames, or a packed row of 2k, 8k or 16k tokens (photo examples), with --activation_checkpointing.
 Under torchrun (several processes) only `train` runs, without transformers: each GPU trains its own batch
@@ -45,6 +46,7 @@ import os
 import shutil
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -83,6 +85,8 @@ trainer_images = 256  # train: single-image records of the synthetic world that 
 trainer_batch_size = 8  # train: train_joint.py's rows a step
 trainer_seq_len = 1024  # train: train_joint.py's tokens a row
 new_tokens = 128  # generate: tokens forced per prompt
+generate_calls = 3  # generate: clocked calls per path and batch size, their medians in the table (one call's prefill
+#   moved 28.2 -> 43.0 ms between two machines at batch 1, BENCHMARKS.md "The prefill compiled")
 decode_batches = (1, 16)
 decode_paths = ("eager", "static", "compiled")  # generate: ours step by step; DecodeStep's CUDA graph; the same
 #   after torch.compile (compiles once per batch size and cache length: ~0.5-1 min each, untimed)
@@ -496,21 +500,25 @@ class Clock:
 def time_generate(run, dev, streamer=False, warm_tokens=2):
     """run(n, clock) generates n tokens, reporting each to clock (None: to nothing) -> (prefill seconds, decode
     seconds per token, the same as a caller without a clock sees it): prefill until the first new token, decode the
-    rest, of one call after a warm-up of warm_tokens. The clock syncs the device at every token, which the decoding
-    itself need not do; the third value times a whole call without it, less the clocked call's prefill."""
+    rest, the medians of generate_calls calls after a warm-up of warm_tokens. The clock syncs the device at every
+    token, which the decoding itself need not do; the third value times a whole call without it, less the prefill."""
     run(warm_tokens, Clock(dev, streamer))
-    sync(dev)
-    clock, start = Clock(dev, streamer), time.perf_counter()
-    run(new_tokens, clock)
-    if len(clock.times) != new_tokens:
-        raise RuntimeError(f"{len(clock.times)} tokens timed, expected {new_tokens}")
-    prefill = clock.times[0] - start
+    prefills, per_token = [], []
+    for _ in range(generate_calls):
+        sync(dev)
+        clock, start = Clock(dev, streamer), time.perf_counter()
+        run(new_tokens, clock)
+        if len(clock.times) != new_tokens:
+            raise RuntimeError(f"{len(clock.times)} tokens timed, expected {new_tokens}")
+        prefills.append(clock.times[0] - start)
+        per_token.append((clock.times[-1] - clock.times[0]) / (new_tokens - 1))
+    prefill = statistics.median(prefills)
     sync(dev)
     start = time.perf_counter()
     run(new_tokens, None)
     sync(dev)
     whole = time.perf_counter() - start
-    return prefill, (clock.times[-1] - clock.times[0]) / (new_tokens - 1), (whole - prefill) / (new_tokens - 1)
+    return prefill, statistics.median(per_token), (whole - prefill) / (new_tokens - 1)
 
 
 def section_generate(dev, weight_dtype):
