@@ -211,7 +211,8 @@ def orthogonalised(G, steps=5, dtype=torch.float32):
     0.6-1.25), not at 1, so the iteration needs no more precision than bf16's: MuonAdamW runs it in the dtype the
     step's own matmuls run in (bf16 under autocast, on a GPU or a CPU with bf16 matrix instructions), float32
     elsewhere, as a CPU without those instructions multiplies bf16 ~100x slower. On the CPU demo's joint stage the
-    bf16 iteration took 15.6 ms a step against 28.8 (BENCHMARKS.md "Muon's iteration in bf16").
+    bf16 iteration took 15.6 ms a step against 28.8 (BENCHMARKS.md "Stage 1's share on a half-speed CPU; Muon's
+    iteration in bf16").
     Each step is two fused multiply-adds (addmm's beta and alpha), and a stack goes through them at once: on the CPU
     demo's 37 matrices, stacked by shape, 16 ms a step against 27 ms one at a time (BENCHMARKS.md "Muon's matrices
     stacked")."""
