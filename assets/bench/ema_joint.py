@@ -30,9 +30,11 @@ def step(self, closure=None):
     loss = step_alone(self, closure)
     for group in self.param_groups:
         for p in group["params"]:
+            now = p.detach().float()  # once a parameter, not once a decay
             for decay in DECAYS:
-                average = averages.setdefault((decay, id(p)), p.detach().float().clone())
-                average.lerp_(p.detach().float(), 1 - decay)
+                if (decay, id(p)) not in averages:  # the first step starts each average at the weights
+                    averages[(decay, id(p))] = now.clone()
+                averages[(decay, id(p))].lerp_(now, 1 - decay)
     return loss
 
 
