@@ -73,6 +73,8 @@ max_minutes = 0.0  # > 0: end the steps within about this many minutes of the sc
 #   align stage) 1e-3, the ViT 10x lower after stage 1
 lr_connector, lr_vit, lr_llm = None, None, None
 warmup_connector, warmup_vit, warmup_llm = None, None, None
+lr_decay_frac = 1.0  # the cosine decay over this last fraction of the steps after the warmup, the peak held before it
+#   (training.lr_at; 1.0: cosine over all of them)
 grad_clip = 1.0
 weight_decay = None  # AdamW's decoupled decay on matrices (Molmo2: 0; from scratch 0.1)
 muon_lr = 0.0  # > 0: Muon at this peak rate for the LLM's and connector's matrices, AdamW for the rest (not Molmo2's;
@@ -232,7 +234,7 @@ for step in range(start_step, max_steps):
     if step >= max_steps:  # max_minutes cut the run short (below)
         break
     profiler.step(step)
-    set_learning_rates(optimizer, step, max_steps)
+    set_learning_rates(optimizer, step, max_steps, lr_decay_frac)
     # the state before this step's batches and dropout draws, in case the step must be redone
     data_state, rng_before = loader.state_dict(), rng_state()
     micro_batches = loader.next_step()

@@ -128,6 +128,8 @@ muon_lr = 0.0  # > 0: the ViT's 2-D matrices (not its position table) learn by M
 #   CPU demo's stage 1 with the scene loss, 0.02 named 0.72 of the kinds after 600 steps where AdamW stayed at chance
 #   (BENCHMARKS.md "Stage 1 by Muon"). Not with vit_lr or vit_lr_fan_in, which scale AdamW's ViT rates
 warmup = 50
+lr_decay_frac = 1.0  # the cosine decay over this last fraction of the steps after the warmup, the peak held before it
+#   (training.lr_at; 1.0: cosine over all of them)
 weight_decay = 0.05  # on matrices only; norms, biases, position and token embeddings are not decayed
 grad_clip = 1.0
 device = "auto"  # auto | cpu | cuda
@@ -372,7 +374,7 @@ for step in range(start_step, max_steps):
         break
     profiler.step(step)
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, lr, warmup, max_steps) * group.get("lr_scale", 1.0)
+        group["lr"] = lr_at(step, lr, warmup, max_steps, decay_frac=lr_decay_frac) * group.get("lr_scale", 1.0)
     rng_before = rng_state()  # in case the step must be redone
     if step % batch_echo == 0 or step == start_step:  # a run resumed within an echo draws its batch again
         data_state = loader.state_dict()  # before this batch's draws

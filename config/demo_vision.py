@@ -22,6 +22,9 @@ max_steps = 600
 lr = 1e-3  # AdamW: the heads, norms and tables
 muon_lr = 0.02  # Muon: the ViT's matrices (0.05 named fewer kinds at step 300: 0.29 against 0.34)
 warmup = 30
+lr_decay_frac = 0.25  # the peak held to the last quarter of the steps, then the cosine: the kinds come late, at the
+#   high rates (600 steps, GPU replays: kinds 0.77 against 0.61 with the cosine over all of them, kind questions
+#   counted 0.48 against 0.25 at one joint seed; BENCHMARKS.md "Stage 1's peak held")
 eval_every = 300
 eval_batches = 2
 save_every = 300

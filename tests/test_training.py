@@ -199,6 +199,18 @@ def test_joint_logs_each_parts_hand_worked_learning_rate(joint_run):
                                                                 ("vit", 0.0), ("llm", 0.01), ("llm", 0.0)]
 
 
+def test_lr_decay_frac_holds_the_peak_then_runs_the_cosine_over_the_last_steps_hand_worked():
+    """Warmup 10, max_steps 110: 100 steps after the warmup. decay_frac 0.4 holds the peak to step 70 and runs the
+    cosine over steps 70-110 (progress 0.25 at 80: 0.1 + 0.45 * (1 + cos(pi/4)) = 0.86819805); 1.0 is the plain
+    cosine over all 100 (progress 0.25 at 35)."""
+    held = [training.lr_at(s, 2.0, 10, 110, decay_frac=0.4) for s in (0, 5, 10, 40, 70, 80, 90, 100, 110, 120)]
+    assert held == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0, 2 * 0.86819805, 2 * 0.55, 2 * 0.23180195, 0.2, 0.2],
+                                 rel=1e-7)
+    plain = [training.lr_at(s, 2.0, 10, 110, decay_frac=1.0) for s in (10, 35, 60, 85, 110)]
+    assert plain == pytest.approx([2.0, 2 * 0.86819805, 2 * 0.55, 2 * 0.23180195, 0.2], rel=1e-7)
+    assert plain == [training.lr_at(s, 2.0, 10, 110) for s in (10, 35, 60, 85, 110)]  # the default
+
+
 def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
     torch.manual_seed(0)
     model = training.build_model("scratch", "tiny")

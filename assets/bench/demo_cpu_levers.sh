@@ -43,6 +43,11 @@
 #   share:  a CPU half as fast (2026-12-03's: stage 1 334 steps in its 2.98 minutes, joint steps of ~0.48 s): stage 1
 #           given 25% (334 steps, joint 1,150), 35% (468, 1,000) or 45% (600, 850) of the stages' 12.2 minutes
 #   share2: the same CPU, stage 1 given 15% (200 steps, joint 1,300) or 20% (267, 1,225)
+#   wsd:    at a full-speed day's steps (stage 1 600, the joint stage 2,550): stage 1's schedule holding its peak
+#           until the last half or quarter of its steps (--lr_decay_frac), Muon at 0.03, the scene loss at 2, no weight
+#           decay (one joint seed each after it); the joint stage's own peak held until its last 30%, three seeds
+#   wsd2:   stage 1's peak held until its last 25% (three joint seeds), with the scene loss at 2 too (three), until
+#           its last 15% (one)
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
@@ -328,8 +333,37 @@ share2)
     joint share20x2 s267 $seed ${X2/2430/1225} &
   done
   ;;
+wsd)
+  x2_world
+  vision base 128,512,4 $S600 &
+  vision wsd50 128,512,4 $S600 --lr_decay_frac=0.5 &
+  vision wsd25 128,512,4 $S600 --lr_decay_frac=0.25 &
+  vision mu03 128,512,4 $S600 --muon_lr=0.03 &
+  vision sw2 128,512,4 $S600 --scene_weight=2.0 &
+  vision wd0 128,512,4 $S600 --weight_decay=0.0 &
+  wait
+  J=${X2/2430/2550}
+  for seed in 1337 1338 1339; do
+    joint basex2 base $seed $J &
+    joint jwsd30x2 base $seed $J --lr_decay_frac=0.3 &
+  done
+  for name in wsd50 wsd25 mu03 sw2 wd0; do joint ${name}x2 $name 1337 $J & done
+  ;;
+wsd2)
+  x2_world
+  vision wsd25 128,512,4 $S600 --lr_decay_frac=0.25 &
+  vision wsd25sw2 128,512,4 $S600 --lr_decay_frac=0.25 --scene_weight=2.0 &
+  vision wsd15 128,512,4 $S600 --lr_decay_frac=0.15 &
+  wait
+  J=${X2/2430/2550}
+  for seed in 1337 1338 1339; do
+    joint wsd25x2 wsd25 $seed $J &
+    joint wsd25sw2x2 wsd25sw2 $seed $J &
+  done
+  joint wsd15x2 wsd15 1337 $J &
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share or share2"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd or wsd2"
    exit 2 ;;
 esac
 wait
