@@ -48,7 +48,8 @@
 #           decay (one joint seed each after it); the joint stage's own peak held until its last 30%, three seeds
 #   wsd2:   stage 1's peak held until its last 25% (three joint seeds), with the scene loss at 2 too (three), until
 #           its last 15% (one)
-# BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"). On a GPU machine:
+# BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
+#   1's peak held"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
 OUT=${1:?out dir}
