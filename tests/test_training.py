@@ -1258,13 +1258,24 @@ def test_device_busy_adds_the_kernels_own_times_and_counts_per_step():
 
 
 def test_steps_within_fits_the_minutes_left_at_the_mean_step_time():
-    """A 1-minute budget, 20 s gone, steps of 5 s (the first: start-up, left out), 1, 2, 3 and 2 s: their mean is
-    2 s, so 40 s more hold 20 steps: 5 done + 20 = 25. Never past max_steps, never before what is done (the
-    minutes already spent)."""
+    """A 1-minute budget, 20 s gone, steps of 5 s (the first: start-up, left out), 1, 2, 3 and 2 s: their median is
+    2 s and none is over twice it, so a step costs 2 s and 40 s more hold 20 steps: 5 done + 20 = 25. Never past
+    max_steps, never before what is done (the minutes already spent)."""
     times = [5.0, 1.0, 2.0, 3.0, 2.0]
     assert training.steps_within(1.0, 20.0, times, 5, 100) == 25
     assert training.steps_within(1.0, 20.0, times, 5, 10) == 10
     assert training.steps_within(1.0, 70.0, times, 5, 100) == 5
+
+
+def test_a_validation_step_weighs_on_the_step_cost_as_often_as_it_comes():
+    """Hand-worked: after the start-up step (5 s), 100 steps of 1 s of which the 61st also validated (11 s). The
+    median of the last 50 is 1 s; the validation's extra 10 s, spread over the 100 steps, adds 0.1 s: 1.1 s a step
+    (the last 50 steps' mean would say 1.2 s, as if every 50th step validated). A machine that slows to 2 s a step
+    costs 2 s at once, its earlier 1 s steps not being slow ones. With 111 s left, 100 more steps fit (92 at 1.2 s)."""
+    validated = [5.0] + [1.0] * 60 + [11.0] + [1.0] * 39
+    assert training.mean_step_seconds(validated) == pytest.approx(1.1, rel=1e-12)
+    assert training.mean_step_seconds([5.0] + [1.0] * 50 + [2.0] * 50) == 2.0
+    assert training.steps_within(10.0, 489.0, validated, 100, 10_000) == 200
 
 
 def test_max_minutes_ends_the_run_where_its_minutes_end(world, tmp_path, monkeypatch, capsys):
