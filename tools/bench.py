@@ -95,6 +95,8 @@ compile_blocks = False  # train: also time the model alone with each block compi
 cuda_graph = False  # train, on a GPU: also time the step (forward, backward, clipping) replayed as a CUDA graph
 #   (training.GraphedStep on the batch padded by training.pad_media, as train_joint.py's cuda_graph runs it), after
 #   compile_blocks when that is on: the host then launches one graph a step instead of ~2,000 kernels
+graph_fresh_grads = False  # train, with cuda_graph: also time the graph whose backward writes the gradients whole
+#   into memory of its own (GraphedStep's fresh_grads), not zeroed and added into each step
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
@@ -250,7 +252,7 @@ def ours_step(train_model, optimizer, batch, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def graphed_step(model, optimizer, cpu_batch, dev):
+def graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=False):
     """() -> one optimizer step whose forward, backward and clipping (to norm 1.0, as train_joint.py's default) replay
     as a CUDA graph (training.GraphedStep): the batch padded by pad_media and the model in fixed_shape_batches(), as
     train_joint.py's cuda_graph runs it. The first call captures; a step the graph cannot hold says why and runs
@@ -265,7 +267,7 @@ def graphed_step(model, optimizer, cpu_batch, dev):
 
     optimizer.zero_grad(set_to_none=True)  # the graph's first (eager) run makes the gradients it then zeroes in place
     graphed = GraphedStep(model, lambda b: b, lambda parts: parts["loss_sum"], 1.0, getattr(torch, dtype),
-                          forward=losses)
+                          forward=losses, fresh_grads=fresh_grads)
 
     def step():
         graphed.step(padded)
@@ -396,6 +398,13 @@ def section_train(d, autocast):
                      "capturing")
         if profile and d.is_master:
             write_profile(step, dev, "train_cuda_graph")
+        if graph_fresh_grads:
+            del step
+            step = graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=True)
+            compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph, "
+                         "its gradients fresh each replay", step, "capturing")
+            if profile and d.is_master:
+                write_profile(step, dev, "train_cuda_graph_fresh")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"

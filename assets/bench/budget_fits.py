@@ -39,7 +39,8 @@ def main(log_path, max_minutes):
     slow = [i for i, t in enumerate(times) if i and t > 2 * median]
     print(f"{len(times):,} steps, median {median:.3f} s; slow steps (over twice it): "
           + ", ".join(f"{i} ({times[i]:.2f} s)" for i in slow))
-    for name, cost in (("mean of the last 50", last_50_mean), ("training.mean_step_seconds", training.mean_step_seconds)):
+    rules = (("mean of the last 50", last_50_mean), ("training.mean_step_seconds", training.mean_step_seconds))
+    for name, cost in rules:
         ends = fitted_ends(times, max_minutes, cost)
         later = [e for d, e in ends.items() if d >= 600]
         print(f"{name}: fitted ends from step 600 {min(later):,}-{max(later):,} (sd {statistics.pstdev(later):.1f})")
