@@ -646,8 +646,9 @@ class Molmo2(nn.Module):
         cuda_graph): crops, pooling windows and grids have padding entries after the real ones, whose features
         are computed and never gathered (add_vision_features takes the k-th feature for the k-th <im_patch>). A
         graph's step cannot wait on the GPU, so the checks that read counts back to the host are left out, the
-        connector keeps every window (pad_media's windows are never empty), and the loss is taken at every
-        position with weight 0 where there is no target, instead of selecting the positions first."""
+        connector keeps every window (pad_media's windows are never empty), and the loss is taken at the
+        positions pad_media listed (target_positions, padded to a few counts), or without them at every
+        position, with weight 0 where there is no target, instead of selecting the positions on the GPU."""
         self.fixed_shapes = True
         try:
             yield
@@ -805,12 +806,13 @@ class Molmo2(nn.Module):
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
                 attention_mask=None, mm_token_type_ids=None, position_ids=None, attn_mask=None,
                 logits_positions=None, kv_cache=None, response_mask=None, targets=None, loss_weights=None,
-                z_loss=0.0):
+                z_loss=0.0, target_positions=None):
         """Logits over the base vocabulary: (B, T, vocab), or (N, vocab) at the N True places of
         logits_positions (B, T) bool (full-vocabulary logits everywhere dominate the cost of a step).
         With targets (B, T) (-1 = no loss) and loss_weights (B, T): Molmo2's training loss instead, as
         (sum of weight * (CE + z_loss * logsumexp^2), sum of weight * CE) over the positions with a target,
-        through the fused head (linear_cross_entropy): no logits are kept.
+        through the fused head (linear_cross_entropy): no logits are kept. target_positions (K,): within
+        fixed_shape_batches, those positions of the flattened (B * T) rows, -1 = padding (training.pad_media).
 
         Takes what transformers' Molmo2Processor returns, under its names: input_ids (B, T); pixel_values
         (N, P, patch_dim), the crops of all images of the batch; image_token_pooling (M, 4) indices into
@@ -824,20 +826,26 @@ class Molmo2(nn.Module):
                                pixel_values_videos, video_token_pooling, video_grids, attention_mask,
                                mm_token_type_ids, position_ids, attn_mask, kv_cache, response_mask)  # (B, T, C)
         if targets is not None:
-            return self.loss_at_targets(h, targets, loss_weights, z_loss)
+            return self.loss_at_targets(h, targets, loss_weights, z_loss, target_positions)
         if logits_positions is not None:
             h = h[logits_positions]  # (N, C)
         return self.full_vocab(self.llm.lm_logits(h))
 
-    def loss_at_targets(self, h, targets, loss_weights, z_loss):
+    def loss_at_targets(self, h, targets, loss_weights, z_loss, target_positions=None):
         """h (B, T, C), targets and loss_weights (B, T) -> linear_cross_entropy at the positions with a target
         (eagerly under torch.compile: ready_for_compile)."""
         has_target = targets >= 0  # (B, T)
-        if self.fixed_shapes:  # every position, weight 0 without a target: no shape that depends on the data
-            rows = targets.clamp(min=0).flatten()
+        if self.fixed_shapes:  # no shape that depends on the data: weight 0 where there is no target
+            h, targets, has_target, loss_weights = (t.flatten(0, 1) for t in (h, targets, has_target, loss_weights))
+            if target_positions is not None:  # the positions pad_media listed on the host, padded with -1: the
+                #   head and softmax over 151,936 logits then run on ~those rows, not on every padded position
+                at = target_positions.clamp(min=0)
+                h, targets, loss_weights = h[at], targets[at], loss_weights[at]
+                has_target = has_target[at] & (target_positions >= 0)
+            rows = targets.clamp(min=0)
             rows = rows if self.config.token_ids is None else self.kept_rows(rows, "targets").clamp(min=0)
-            weights = torch.where(has_target, loss_weights, 0.0).flatten()
-            return linear_cross_entropy(h.flatten(0, 1), self.llm.output_weight(), rows, weights, z_loss)
+            weights = torch.where(has_target, loss_weights, 0.0)
+            return linear_cross_entropy(h, self.llm.output_weight(), rows, weights, z_loss)
         targets = targets[has_target]
         if self.config.token_ids is not None:
             targets = self.kept_rows(targets, "targets")

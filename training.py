@@ -1086,14 +1086,23 @@ def padded_size(n, steps=4):
     return -(-n // step) * step
 
 
-def pad_media(batch, steps=4):
+def pad_media(batch, steps=4, list_targets=False):
     """A collated batch -> the same batch with its media padded to a few fixed sizes (padded_size), for a CUDA graph
     of the training step (train_joint.py's cuda_graph): crops of zeros; pooling windows [0, -1, ...] (one valid
     index, so never empty); one more grid row (and crop count) that owns the padding windows and crops, then grid
     rows of zeros (no tokens). The features of the padding come after every real one and no <im_patch> token takes
     them (Molmo2.add_vision_features; the model runs it within Molmo2.fixed_shape_batches()). The rows were already
-    padded to max_seq_len. `media_padding`: (padding crops, padding windows), which training_flops leaves out."""
+    padded to max_seq_len. `media_padding`: (padding crops, padding windows), which training_flops leaves out.
+    list_targets: also `target_positions`, the positions of the flattened rows that have a target, then -1 up to a
+    padded count, so that the loss of a graph runs on those rows and not on every position (a third of them in
+    tools/bench.py's batch of captions; BENCHMARKS.md "The graph's gradients written fresh"). Not in train_joint.py's
+    loader yet: the count of targets varies from batch to batch, and each padded count would multiply the layouts
+    (the GPU demo's media alone met 8), each a graph of its own."""
     batch = dict(batch)
+    if list_targets and "targets" in batch:
+        at = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)
+        n = max(len(at), 1)  # a batch without targets still gets a position (-1: no loss)
+        batch["target_positions"] = torch.cat([at, at.new_full((padded_size(n, steps) - len(at),), -1)])
     padding = torch.zeros(2, dtype=torch.long)
     streams = (("pixel_values", "image_token_pooling", "image_grids", "image_num_crops"),
                ("pixel_values_videos", "video_token_pooling", "video_grids", None))

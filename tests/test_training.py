@@ -967,8 +967,9 @@ def test_padded_size_keeps_the_sizes_few_hand_worked():
 @pytest.mark.parametrize("case", ["images, kept tokens, position bins", "images and videos, full vocabulary"])
 def test_batches_padded_to_fixed_shapes_give_the_same_loss_and_gradients(world, case):
     """train_joint.py's cuda_graph: a batch whose media training.pad_media padded, run within
-    Molmo2.fixed_shape_batches() (no host checks, every pooling window kept, the loss at every position), gives
-    the loss and gradients of the batch as collated, run as usual."""
+    Molmo2.fixed_shape_batches() (no host checks, every pooling window kept, the loss at the positions pad_media
+    listed, or at every position without the list), gives the loss and gradients of the batch as collated, run as
+    usual."""
     images_only = case.startswith("images,")
     rows, pad_to = short_answer_rows(world)
     rows = rows[:5] if images_only else rows[:7]  # single images and pairs; or videos too (one merged stream)
@@ -979,7 +980,7 @@ def test_batches_padded_to_fixed_shapes_give_the_same_loss_and_gradients(world, 
     net = training.build_model("scratch", "tiny", vocab="data" if images_only else "full", data_dir=world,
                                mixture=mixture, position_bins=8 if images_only else 0)
     batch = to_batch(rows, pad_to)
-    padded = training.pad_media(batch, steps=1)  # to powers of two, so that this small batch is padded
+    padded = training.pad_media(batch, steps=1, list_targets=True)  # to powers of two: this small batch is padded
     n_crops, n_windows = batch["pixel_values"].shape[0], batch["image_token_pooling"].shape[0]
     assert padded["pixel_values"].shape[0] > n_crops and padded["image_token_pooling"].shape[0] > n_windows
     assert padded["media_padding"].tolist() == [padded["pixel_values"].shape[0] - n_crops,
@@ -990,25 +991,46 @@ def test_batches_padded_to_fixed_shapes_give_the_same_loss_and_gradients(world, 
         assert int(padded["image_num_crops"].sum()) == padded["pixel_values"].shape[0]
         assert net.config.token_ids is not None and net.config.connector.position_bins == 8
 
+    # the positions with a target, in row-major order, then -1 up to the padded count (powers of two at steps=1)
+    listed = padded["target_positions"]
+    with_target = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)
+    assert len(listed) == training.padded_size(len(with_target), steps=1) > len(with_target)
+    assert listed[:len(with_target)].tolist() == with_target.tolist() and (listed[len(with_target):] == -1).all()
+
+    # the padding's -1 must add nothing, also where it lands (clamped to 0) on a position with a target: hand-made
+    # hidden states with targets at (0, 0), (0, 3) and (1, 2), listed and padded to 8, against the eager selection
+    ids = batch["targets"][batch["targets"] >= 0][:3]
+    targets = torch.full((2, 5), -1, dtype=torch.long)
+    targets[0, 0], targets[0, 3], targets[1, 2] = ids
+    weights, h = torch.rand(2, 5), torch.randn(2, 5, net.config.connector.llm_hidden_size)
+    eager = net.loss_at_targets(h, targets, weights, 1e-4)
+    with net.fixed_shape_batches():
+        listed_loss = net.loss_at_targets(h, targets, weights, 1e-4, torch.tensor([0, 3, 7, -1, -1, -1, -1, -1]))
+    # float32: the same three terms, the padding's zeros added exactly
+    assert [v.item() for v in listed_loss] == pytest.approx([v.item() for v in eager], rel=1e-6)
+
     def loss_and_grads(b, fixed):
         net.zero_grad(set_to_none=True)
         b = training.batch_to(b, "cpu")
         with net.fixed_shape_batches() if fixed else contextlib.nullcontext():
             loss_sum, wce = net(**training.model_inputs(b), targets=b["targets"], loss_weights=b["loss_weights"],
-                                z_loss=1e-4, response_mask=b["targets"] >= 0)
+                                z_loss=1e-4, response_mask=b["targets"] >= 0,
+                                target_positions=b.get("target_positions"))
         (loss_sum / b["loss_weights"].sum()).backward()
         return loss_sum.item(), wce.item(), {n: p.grad.clone() for n, p in net.named_parameters()}
 
-    want, got = loss_and_grads(batch, False), loss_and_grads(padded, True)
-    assert not net.fixed_shapes  # the context ends with the batch
-    # float32: the loss over every position sums the same terms (and zeros) in other chunks and order
-    assert got[0] == pytest.approx(want[0], rel=1e-5) and got[1] == pytest.approx(want[1], rel=1e-5)
-    assert want[2].keys() == got[2].keys()
-    for name, grad in want[2].items():
-        if name.endswith("k_proj.bias"):  # exactly 0 (softmax cancels a key bias): rounding noise either way
-            continue
-        scale = grad.abs().max().item() + 1e-12
-        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    unlisted = {k: v for k, v in padded.items() if k != "target_positions"}
+    want = loss_and_grads(batch, False)
+    for got in (loss_and_grads(padded, True), loss_and_grads(unlisted, True)):
+        assert not net.fixed_shapes  # the context ends with the batch
+        # float32: the loss over the listed or every position sums the same terms (and zeros) in other chunks
+        assert got[0] == pytest.approx(want[0], rel=1e-5) and got[1] == pytest.approx(want[1], rel=1e-5)
+        assert want[2].keys() == got[2].keys()
+        for name, grad in want[2].items():
+            if name.endswith("k_proj.bias"):  # exactly 0 (softmax cancels a key bias): rounding noise either way
+                continue
+            scale = grad.abs().max().item() + 1e-12
+            torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_molmo2_loss_equals_hand_computed_weighted_ce_and_z_loss():

@@ -97,6 +97,8 @@ cuda_graph = False  # train, on a GPU: also time the step (forward, backward, cl
 #   compile_blocks when that is on: the host then launches one graph a step instead of ~2,000 kernels
 graph_fresh_grads = False  # train, with cuda_graph: also time the graph whose backward writes the gradients whole
 #   into memory of its own (GraphedStep's fresh_grads), not zeroed and added into each step
+graph_all_positions = False  # train, with cuda_graph: also time the graph that takes the loss at every position of
+#   the padded rows, as train_joint.py's graph does, not only at those pad_media lists (list_targets)
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
@@ -252,17 +254,19 @@ def ours_step(train_model, optimizer, batch, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=False):
+def graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=False, all_positions=False):
     """() -> one optimizer step whose forward, backward and clipping (to norm 1.0, as train_joint.py's default) replay
     as a CUDA graph (training.GraphedStep): the batch padded by pad_media and the model in fixed_shape_batches(), as
     train_joint.py's cuda_graph runs it. The first call captures; a step the graph cannot hold says why and runs
-    eagerly."""
-    padded = to_device(pad_media(cpu_batch), dev)  # on the device already, as the other rows' batch: no copy timed
+    eagerly. all_positions: the loss at every position of the rows, not at pad_media's target_positions."""
+    padded = to_device(pad_media(cpu_batch, list_targets=not all_positions), dev)  # on the device already, as the
+    #   other rows' batch: no copy timed
 
     def losses(b):
         with model.fixed_shape_batches():
             loss_sum, _ = model(**{k: b[k] for k in MODEL_INPUTS if k in b}, targets=b["targets"],
-                                loss_weights=b["loss_weights"], z_loss=1e-4, response_mask=b["targets"] >= 0)
+                                loss_weights=b["loss_weights"], z_loss=1e-4, response_mask=b["targets"] >= 0,
+                                target_positions=b.get("target_positions"))
         return {"loss_sum": loss_sum}
 
     optimizer.zero_grad(set_to_none=True)  # the graph's first (eager) run makes the gradients it then zeroes in place
@@ -405,6 +409,13 @@ def section_train(d, autocast):
                          "its gradients fresh each replay", step, "capturing")
             if profile and d.is_master:
                 write_profile(step, dev, "train_cuda_graph_fresh")
+        if graph_all_positions:
+            del step
+            step = graphed_step(model, optimizer, cpu_batch, dev, all_positions=True)
+            compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph, "
+                         "the loss at every position", step, "capturing")
+            if profile and d.is_master:
+                write_profile(step, dev, "train_cuda_graph_all_positions")
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"

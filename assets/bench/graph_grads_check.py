@@ -36,7 +36,7 @@ def batches(cfg, seed):
             {"style": "long_caption", "messages": [{"role": "user", "content": "Describe this image."},
                                                    {"role": "assistant", "content": "a red cube left of a ball"}]}]}
         return data.format_example(record, processor)
-    return [pad_media(data.collate([[example()] for _ in range(n)])) for n in (2, 3)]
+    return [pad_media(data.collate([[example()] for _ in range(n)]), list_targets=True) for n in (2, 3)]
 
 
 def run(cfg, host_batches, steps, fresh):
@@ -47,7 +47,8 @@ def run(cfg, host_batches, steps, fresh):
     def losses(b):
         with model.fixed_shape_batches():
             loss_sum, _ = model(**{k: b[k] for k in MODEL_INPUTS if k in b}, targets=b["targets"],
-                                loss_weights=b["loss_weights"], response_mask=b["targets"] >= 0)
+                                loss_weights=b["loss_weights"], response_mask=b["targets"] >= 0,
+                                target_positions=b.get("target_positions"))
         return {"loss_sum": loss_sum}
     graphed = GraphedStep(model, lambda b: b, lambda parts: parts["loss_sum"], 1.0, torch.bfloat16, forward=losses,
                           fresh_grads=fresh, print_fn=lambda *a: None)
