@@ -351,6 +351,8 @@ def lr_at(step, peak, warmup, max_steps, final_frac=0.1, decay_frac=1.0):
     """Linear warmup from 0 to peak over `warmup` steps, then cosine down to final_frac * peak at max_steps.
     decay_frac < 1: the peak holds until the last decay_frac of the steps after the warmup, and the cosine runs over
     those alone (warmup-stable-decay: more of a short run at the peak rate)."""
+    if not 0 < decay_frac <= 1:
+        raise ValueError(f"lr_decay_frac={decay_frac!r}: the share of the steps the cosine decays over, in (0, 1]")
     if step < warmup:
         return peak * step / warmup
     if step >= max_steps:
@@ -1390,7 +1392,8 @@ class GraphedStep:
     The step reads only the batch's tensors. A capture runs the step twice on a side stream first (cuBLAS and cuDNN
     make their plans and workspaces there), then captures it and replays it: the gradients are the replay's. No
     parameter moves before the optimizer's step. The graphs share one memory pool: only one runs at a time, and
-    nothing they compute outlives a step but their outputs."""
+    nothing they compute outlives a step but their outputs (and with fresh_grads their gradients, held alive by
+    self.graphs, so no other graph's capture takes their memory)."""
 
     def __init__(self, model, prepare, loss_of, grad_clip, dtype, max_graphs=8, print_fn=print, forward=None,
                  fresh_grads=False):

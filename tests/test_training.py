@@ -209,6 +209,9 @@ def test_lr_decay_frac_holds_the_peak_then_runs_the_cosine_over_the_last_steps_h
     plain = [training.lr_at(s, 2.0, 10, 110, decay_frac=1.0) for s in (10, 35, 60, 85, 110)]
     assert plain == pytest.approx([2.0, 2 * 0.86819805, 2 * 0.55, 2 * 0.23180195, 0.2], rel=1e-7)
     assert plain == [training.lr_at(s, 2.0, 10, 110) for s in (10, 35, 60, 85, 110)]  # the default
+    for bad in (0.0, -0.5, 1.5):  # a share of the steps, named in the error
+        with pytest.raises(ValueError, match=f"lr_decay_frac={bad}"):
+            training.lr_at(50, 2.0, 10, 110, decay_frac=bad)
 
 
 def test_optimizer_has_one_group_per_part_holding_exactly_its_parameters():
