@@ -16,5 +16,11 @@ lr_connector, lr_vit, lr_llm = 1e-4, 0.0, 5e-4
 eval_every = 440  # two validations with answers (each ~5 s of the 0.6B model generating)
 compile_blocks = True  # each block compiled alone (model.compile_each_block): 12-15 s to compile, then ~0.30 s a step
 #   (the whole model as one graph: 153 s to compile, then 0.32-0.53 s)
+# the CPU demo's token loss (config/demo_joint.py) off, as this recipe was measured: inherited untried, on one H200
+# (2026-12-04, BENCHMARKS.md "Both GPU recipes on the code of 2026-12-04") the recipe with it counted 0.520 and
+# pointed at F1 0.232, against 0.615 / 0.408 without it (and with stage 1's earlier schedule). The 0.6B LLM's image
+# tokens never learned to name their shapes (token loss ~8 at step 620, the answers' 0.56): at weight 1 its gradient
+# outweighed the answers'
+token_loss = 0.0
 save_every = 0  # a resumable checkpoint of 1B parameters with their AdamW state is 12 GB
 log_every = 20
