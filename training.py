@@ -1097,9 +1097,10 @@ def pad_media(batch, steps=4, list_targets=False):
     padded to max_seq_len. `media_padding`: (padding crops, padding windows), which training_flops leaves out.
     list_targets: also `target_positions`, the positions of the flattened rows that have a target, then -1 up to a
     padded count, so that the loss of a graph runs on those rows and not on every position (a third of them in
-    tools/bench.py's batch of captions; BENCHMARKS.md "The graph's gradients written fresh"). Not in train_joint.py's
-    loader yet: the count of targets varies from batch to batch, and each padded count would multiply the layouts
-    (the GPU demo's media alone met 8), each a graph of its own."""
+    tools/bench.py's batch of captions: its graphed step 173.6 ms against 188.9 on an H200, BENCHMARKS.md "The
+    graph's loss at the listed targets alone"). Not in train_joint.py's loader yet: the count of targets varies
+    from batch to batch, and each padded count would multiply the layouts (the GPU demo's media alone met 8), each a
+    graph of its own."""
     batch = dict(batch)
     if list_targets and "targets" in batch:
         at = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)

@@ -397,25 +397,20 @@ def section_train(d, autocast):
         if profile and d.is_master:
             write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train_compiled_blocks")
     if cuda_graph and dev.type == "cuda" and d.world_size == 1:
-        step = graphed_step(model, optimizer, cpu_batch, dev)
-        compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph", step,
-                     "capturing")
-        if profile and d.is_master:
-            write_profile(step, dev, "train_cuda_graph")
-        if graph_fresh_grads:
-            del step
-            step = graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=True)
-            compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph, "
-                         "its gradients fresh each replay", step, "capturing")
+        variants = [("", "train_cuda_graph", {}, True),
+                    (", its gradients fresh each replay", "train_cuda_graph_fresh", {"fresh_grads": True},
+                     graph_fresh_grads),
+                    (", the loss at every position", "train_cuda_graph_all_positions", {"all_positions": True},
+                     graph_all_positions)]
+        for label, profile_name, how, on in variants:
+            if not on:
+                continue
+            step = None  # the last variant's graph (and its memory) goes before the next is captured
+            step = graphed_step(model, optimizer, cpu_batch, dev, **how)
+            compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph" + label,
+                         step, "capturing")
             if profile and d.is_master:
-                write_profile(step, dev, "train_cuda_graph_fresh")
-        if graph_all_positions:
-            del step
-            step = graphed_step(model, optimizer, cpu_batch, dev, all_positions=True)
-            compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph, "
-                         "the loss at every position", step, "capturing")
-            if profile and d.is_master:
-                write_profile(step, dev, "train_cuda_graph_all_positions")
+                write_profile(step, dev, profile_name)
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
