@@ -201,7 +201,8 @@ def fixed_shape_losses(batch):
 # compile_blocks turns it off: GraphedStep's first warm-up run, under the sync check, is where inductor compiles the
 # blocks, and the compile waits on the GPU, so the step falls back to running uncaptured: 138 ms a step of the GPU
 # demo's batch on an H200 against 70 compiled alone (2026-12-04; BENCHMARKS.md "The graph's loss at the listed
-# targets alone"). tools/bench.py combines them only because its earlier rows compiled the blocks first
+# targets alone"). In tools/bench.py the graphed rows come after rows that already ran the compiled blocks, and
+# there the graph held
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
              "compile=True" if compile else "compile_blocks=True" if compile_blocks else
              "token_loss" if token_loss else "length_groups" if length_groups else None)

@@ -405,12 +405,12 @@ def section_train(d, autocast):
         for label, profile_name, how, on in variants:
             if not on:
                 continue
-            step = None  # the last variant's graph (and its memory) goes before the next is captured
             step = graphed_step(model, optimizer, cpu_batch, dev, **how)
             compiled_row(("each block compiled, " if compile_blocks else "") + "the step as a CUDA graph" + label,
                          step, "capturing")
             if profile and d.is_master:
                 write_profile(step, dev, profile_name)
+            del step  # its graph and the graph's memory go before the next variant is captured
     tokens = int((cpu_batch["example_ids"] >= 0).sum())
     title = (f"Training step: {batch_images} photos 640x480 ({int(cpu_batch['image_num_crops'].sum())} crops), "
              f"{tokens:,} tokens{' per GPU' if d.world_size > 1 else ''}, {model_preset}"
