@@ -93,12 +93,13 @@ compile_blocks = False  # torch.compile each transformer block alone, the rest e
 #   H200). Under FSDP its hooks gather each block's weights around the compiled forward: on the CPU with gloo the
 #   two train exactly as eager FSDP (assets/bench/compile_blocks_fsdp.py); not yet timed on GPUs. On a CPU it needs
 #   a C++ compiler (without one the blocks run eagerly, and the run says so)
-cuda_graph = False  # True: on one GPU, one micro-batch a step, not compiled, the step (forward, backward, clipping)
-#   as CUDA graphs (training.GraphedStep), its media padded to a few sizes (training.pad_media): a small model's
-#   ~1,500 kernels a step launched at once, where eagerly the GPU waits on the host. The GPU demo's step: 33.7 ms
-#   against 42.6 on one H200; two demo runs with it counted 0.900 and 0.800 against eager's 0.920 and 0.915, too few
-#   to tell from the spread between runs, so its recipe leaves it off for now (BENCHMARKS.md "The joint step as
-#   CUDA graphs")
+cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forward, backward, clipping) as CUDA
+#   graphs (training.GraphedStep), its media padded to a few sizes and its target positions listed
+#   (training.pad_media): a small model's ~1,500 kernels a step launched at once, where eagerly the GPU waits on the
+#   host. The small preset's step on the GPU demo's batch, one H200: 74-83 ms eager, 58-59 as graphs, 62-72 with
+#   compile_blocks, 53 with both (BENCHMARKS.md "Compiled blocks in the graph"); the full preset's step is the GPU's
+#   work (~300 ms at 40% MFU either way). Two GPU demo runs with it counted 0.900 and 0.800 against eager's 0.920
+#   and 0.915, too few to tell from the spread between runs, so its recipe leaves it off for now
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
@@ -191,21 +192,16 @@ def fixed_shape_losses(batch):
     progress.image_features = None  # a batch without images leaves it so
     with model.fixed_shape_batches():
         loss_sum, wce = model(**model_inputs(batch), targets=batch["targets"], loss_weights=batch["loss_weights"],
-                              z_loss=z_loss, response_mask=batch["targets"] >= 0)
+                              z_loss=z_loss, response_mask=batch["targets"] >= 0,
+                              target_positions=batch["target_positions"])
     parts = {"loss_sum": loss_sum, "weighted_ce": wce, "weight": batch["loss_weights"].sum()}
     if progress.image_features is not None:  # what the connector made (Progress's hook): a replay runs no hook
         parts["image_features"] = progress.image_features
     return parts
 
 
-# compile_blocks turns it off: GraphedStep's first warm-up run, under the sync check, is where inductor compiles the
-# blocks, and the compile waits on the GPU, so the step falls back to running uncaptured: 138 ms a step of the GPU
-# demo's batch on an H200 against 70 compiled alone (2026-12-04; BENCHMARKS.md "The graph's loss at the listed
-# targets alone"). In tools/bench.py the graphed rows come after rows that already ran the compiled blocks, and
-# there the graph held
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
-             "compile=True" if compile else "compile_blocks=True" if compile_blocks else
-             "token_loss" if token_loss else "length_groups" if length_groups else None)
+             "compile=True" if compile else "token_loss" if token_loss else "length_groups" if length_groups else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],

@@ -1098,9 +1098,9 @@ def pad_media(batch, steps=4, list_targets=False):
     list_targets: also `target_positions`, the positions of the flattened rows that have a target, then -1 up to a
     padded count, so that the loss of a graph runs on those rows and not on every position (a third of them in
     tools/bench.py's batch of captions: its graphed step 173.6 ms against 188.9 on an H200, BENCHMARKS.md "The
-    graph's loss at the listed targets alone"). Not in train_joint.py's loader yet: the count of targets varies
-    from batch to batch, and each padded count would multiply the layouts (the GPU demo's media alone met 8), each a
-    graph of its own."""
+    graph's loss at the listed targets alone"). TrainLoader's fixed_shapes batches list them: the count varies from
+    batch to batch, so it adds layouts, each a graph of its own (150 of the GPU demo's batches met 7 against 5 from
+    their media alone), and the small preset's graphed step with compiled blocks went from 125 to 53 ms on an H200."""
     batch = dict(batch)
     if list_targets and "targets" in batch:
         at = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)
@@ -1220,7 +1220,8 @@ class TrainLoader(ForkedWorkers):
     workers > 0: worker processes (forked, Linux) read ahead and make the examples while the step runs (see
     _Prefetch). They are for machines with idle cores (a GPU machine: the formatting is most of a small
     model's step there); on a 2-core machine they cost more than they save (BENCHMARKS.md).
-    fixed_shapes: each batch's media padded to a few sizes (pad_media), for a CUDA graph of the step.
+    fixed_shapes: each batch's media padded to a few sizes, and the positions with a target listed and padded to a
+    few counts (pad_media), for a CUDA graph of the step.
     token_attributes: each batch also holds image_scene_targets, every image token's classes of these attributes
     (image_scene_targets; for train_joint.py's token_loss).
     length_groups > 0: batches of rows of like length, each only as long as its longest row (rounded up to
@@ -1320,7 +1321,7 @@ class TrainLoader(ForkedWorkers):
             batch["image_scene_targets"] = torch.cat(targets)
         if "pixel_values" in batch and "pixel_values_videos" in batch:
             batch = merge_media_streams(batch, rows)
-        return pad_media(batch) if self.fixed_shapes else batch
+        return pad_media(batch, list_targets=True) if self.fixed_shapes else batch
 
     def summary(self):
         lines = [self.report.summary()]
@@ -1387,9 +1388,10 @@ class GraphedStep:
     - fixed shapes: one graph per layout (every tensor's shape and dtype), at most max_graphs; a batch of another
       layout after that runs the same step eagerly (VisionLoader's round_labels and TrainLoader's fixed_shapes keep
       the layouts few);
-    - no host sync inside the step (a capture fails on one): the first warm-up run goes under
-      torch.cuda.set_sync_debug_mode("error"); a step that syncs, or leaves a parameter without a gradient (AdamW
-      would then move it by its momentum, where eagerly it would skip it), runs eagerly from then on, and says why.
+    - no host sync inside the step (a capture fails on one): the second warm-up run of the first capture goes under
+      torch.cuda.set_sync_debug_mode("error") (the first compiles what torch.compile wraps, and a compile syncs); a
+      step that syncs, or leaves a parameter without a gradient (AdamW would then move it by its momentum, where
+      eagerly it would skip it), runs eagerly from then on, and says why.
     The step reads only the batch's tensors. A capture runs the step twice on a side stream first (cuBLAS and cuDNN
     make their plans and workspaces there), then captures it and replays it: the gradients are the replay's. No
     parameter moves before the optimizer's step. The graphs share one memory pool: only one runs at a time, and
@@ -1447,6 +1449,7 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             first = not self.graphs
+            self._run(inputs)  # unchecked: torch.compile's blocks compile here, and a compile waits on the GPU
             mode = torch.cuda.get_sync_debug_mode()
             try:
                 if first:
@@ -1465,7 +1468,6 @@ class GraphedStep:
                 torch.cuda.current_stream().wait_stream(side)
                 self._eager_from_now(f"{len(without)} parameter(s) get no gradient, e.g. {without[:3]}")
                 return None
-            self._run(inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.fresh_grads:  # the captured backward then allocates them in the graph's pool, written whole each replay

@@ -773,6 +773,20 @@ def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_it
                              length_groups=-1)
 
 
+def test_fixed_shape_batches_list_their_targets(world):
+    """TrainLoader(fixed_shapes=True), train_joint.py's batches for a CUDA graph: media padded, and the flat positions
+    that have a target listed in order, then -1 up to padded_size's count, which the graph's loss is taken on."""
+    loader = training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                  styles=("short_answer", "pointing"), fixed_shapes=True)
+    for _ in range(3):
+        batch = loader.next_step()[0]
+        assert "media_padding" in batch
+        with_target = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)
+        listed = batch["target_positions"]
+        assert len(with_target) > 0 and len(listed) == training.padded_size(len(with_target))
+        assert torch.equal(listed[:len(with_target)], with_target) and bool((listed[len(with_target):] == -1).all())
+
+
 def test_length_groups_resume_within_a_group_and_workers_make_the_serial_batches(world):
     """With length_groups=2 and 2 micro-batches a step, 3 steps leave a batch of each shard held back: its rows go
     into the state as keys, and a loader resumed from it (with workers or without) hands out the same batches."""

@@ -98,7 +98,7 @@ cuda_graph = False  # train, on a GPU: also time the step (forward, backward, cl
 graph_fresh_grads = False  # train, with cuda_graph: also time the graph whose backward writes the gradients whole
 #   into memory of its own (GraphedStep's fresh_grads), not zeroed and added into each step
 graph_all_positions = False  # train, with cuda_graph: also time the graph that takes the loss at every position of
-#   the padded rows, as train_joint.py's graph does, not only at those pad_media lists (list_targets)
+#   the padded rows, not only at those pad_media lists (list_targets, as train_joint.py's graph takes it)
 scaling_crops = (1, 9, 25)  # crops of the one image of a row
 scaling_frames = (16, 64, 128)  # frames of the one video of a row
 scaling_rows = (2048, 8192, 16384)  # tokens of a packed row of photo examples
