@@ -191,18 +191,22 @@ def preflight(recipe):
 
 # the cpu recipe's minutes: what stage 1's and the joint stage's --max_minutes leave for the rest
 AFTER_S = 60  # evaluation, the report, and each stage's start and export, which its max_minutes does not count
+AFTER_BASE_S = 20  # ... at most; where the align stage ran just now, this plus its seconds: all of them scale with
+#   the CPU's speed (on this project's AMX CPU the align stage took 11 s and the rest ~19; on one ~4x slower, 29-34 s
+#   and 30-36), so a fast CPU trains ~30 s more and a slow one keeps its margin
 ALIGN_S = 40  # the align stage (34 s on the slowest CPU measured)
 VISION_SHARE = 0.25  # of the minutes left for stage 1 and the joint stage, stage 1's at most (it takes ~18% of them
 #   on a CPU with bf16 matrix instructions, so it is cut only on a slower one)
 
 
-def stage_minutes(name, seconds_left):
+def stage_minutes(name, seconds_left, align_s=None):
     """--max_minutes for a stage of the cpu recipe that starts with seconds_left of the demo's minutes, or None for
-    a stage that runs its steps whatever the time (the world, align, evaluation: short and fixed)."""
+    a stage that runs its steps whatever the time (the world, align, evaluation: short and fixed). align_s: how long
+    the align stage took, where it ran in this command (the joint stage then keeps AFTER_BASE_S + align_s back)."""
     if name == "vision":
         seconds_left = VISION_SHARE * (seconds_left - ALIGN_S - AFTER_S)
     elif name == "joint":
-        seconds_left -= AFTER_S
+        seconds_left -= AFTER_S if align_s is None else min(AFTER_S, AFTER_BASE_S + align_s)
     else:
         return None
     return max(seconds_left / 60, 0.1)  # at the least the 20 steps before the first fit (training.StepBudget)
@@ -228,13 +232,15 @@ def main(recipe="cpu"):
     t0 = time.time()
     clock_start = started or t0
     steps = demo_steps(recipe)
+    took = {}  # seconds of each step run in this command
     if not all(is_done(args, done_marker) for _, args, done_marker in steps):
         preflight(recipe)
     for name, args, done_marker in steps:
         if is_done(args, done_marker):
             print(f"== {name}: already done ({done_marker})", flush=True)
             continue
-        budget = stage_minutes(name, minutes * 60 - (time.time() - clock_start)) if minutes and recipe == "cpu" else None
+        budget = (stage_minutes(name, minutes * 60 - (time.time() - clock_start), took.get("align"))
+                  if minutes and recipe == "cpu" else None)
         if budget is not None:
             args = [*args, f"--max_minutes={budget:.2f}"]
         command = [sys.executable] + args
@@ -242,7 +248,8 @@ def main(recipe="cpu"):
         t = time.time()
         if subprocess.run(command).returncode != 0:
             raise SystemExit(f"demo: step '{name}' failed (command: {' '.join(args)})")
-        print(f"== {name}: {time.time() - t:.0f} s", flush=True)
+        took[name] = time.time() - t
+        print(f"== {name}: {took[name]:.0f} s", flush=True)
 
     with open(f"{out}/eval/metrics.json") as f:
         metrics = json.load(f)

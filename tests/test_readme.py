@@ -257,15 +257,18 @@ def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, cap
 
 def test_the_cpu_demo_gives_its_minutes_to_stage_1_and_the_joint_stage(tmp_path, monkeypatch):
     """demo.py's minutes (15, from when `make demo` started): stage 1 gets VISION_SHARE (0.25) of what is left after
-    the align stage's 40 s and the last 60 s, the joint stage all but those 60 s, each as --max_minutes; the other
-    steps run as they are. Started 300 s ago: stage 1 0.25 x (600 - 40 - 60) s = 2.08 min, the joint stage
-    (600 - 60) s = 9.00 min (the test's own seconds are within the 0.05 min allowed). The GPU recipes get none."""
+    the align stage's 40 s and the last 60 s, the joint stage all but those 60 s, or all but 20 s and the align
+    stage's own seconds where that ran in the same command, each as --max_minutes; the other steps run as they are.
+    Started 300 s ago: stage 1 0.25 x (600 - 40 - 60) s = 2.08 min, the joint stage after an align stage of ~0 s
+    (600 - 20) s = 9.67 min (the test's own seconds are within the 0.05 min allowed). The GPU recipes get none."""
     import subprocess
     import time
     from types import SimpleNamespace
 
     assert demo.stage_minutes("vision", 700) == 0.25 * 600 / 60 and demo.stage_minutes("joint", 600) == 9.0
     assert demo.stage_minutes("align", 600) is None and demo.stage_minutes("joint", 30) == 0.1  # the 20 probe steps
+    assert demo.stage_minutes("joint", 600, align_s=11) == (600 - 31) / 60  # a fast CPU's align stage: 31 s back
+    assert demo.stage_minutes("joint", 600, align_s=50) == 9.0  # a slow one's: at most the 60 s
     monkeypatch.chdir(tmp_path)  # nothing done yet: every step runs (here: is recorded)
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command: ran.append(command[1:]) or SimpleNamespace(returncode=0))
@@ -278,7 +281,7 @@ def test_the_cpu_demo_gives_its_minutes_to_stage_1_and_the_joint_stage(tmp_path,
         budgets = {args[0]: [float(a.split("=")[1]) for a in args if a.startswith("--max_minutes=")] for args in ran}
         if recipe == "cpu":
             assert budgets["train_vision.py"] == [pytest.approx(2.08, abs=0.05)]
-            assert budgets["train_joint.py"] == [pytest.approx(9.0, abs=0.05)]
+            assert budgets["train_joint.py"] == [pytest.approx(9.67, abs=0.05)]
             assert budgets["prepare_data.py"] == budgets["train_align.py"] == budgets["eval.py"] == []
         else:
             assert all(b == [] for b in budgets.values())
