@@ -191,9 +191,10 @@ def preflight(recipe):
 
 # the cpu recipe's minutes: what stage 1's and the joint stage's --max_minutes leave for the rest
 AFTER_S = 60  # evaluation, the report, and each stage's start and export, which its max_minutes does not count
-AFTER_BASE_S = 20  # ... at most; where the align stage ran just now, this plus its seconds: all of them scale with
-#   the CPU's speed (on this project's AMX CPU the align stage took 11 s and the rest ~19; on one ~4x slower, 29-34 s
-#   and 30-36), so a fast CPU trains ~30 s more and a slow one keeps its margin
+AFTER_BASE_S = 20  # where the align stage ran in the same command, the joint stage keeps back this plus the align
+#   stage's seconds instead (at most AFTER_S): both scale with the CPU's speed (on this project's AMX CPU the align
+#   stage took 11 s and the rest ~19; on one ~4x slower, 29-34 s and 30-36), so a fast CPU trains ~30 s more and a
+#   slow one keeps its margin
 ALIGN_S = 40  # the align stage (34 s on the slowest CPU measured)
 VISION_SHARE = 0.25  # of the minutes left for stage 1 and the joint stage, stage 1's at most (it takes ~18% of them
 #   on a CPU with bf16 matrix instructions, so it is cut only on a slower one)

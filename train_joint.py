@@ -96,10 +96,11 @@ compile_blocks = False  # torch.compile each transformer block alone, the rest e
 cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forward, backward, clipping) as CUDA
 #   graphs (training.GraphedStep), its media padded to a few sizes and its target positions listed
 #   (training.pad_media): a small model's ~1,500 kernels a step launched at once, where eagerly the GPU waits on the
-#   host. The small preset's step on the GPU demo's batch, one H200: 74-83 ms eager, 58-59 as graphs, 62-72 with
-#   compile_blocks, 53 with both (BENCHMARKS.md "Compiled blocks in the graph"); the full preset's step is the GPU's
-#   work (~300 ms at 40% MFU either way). Two GPU demo runs with it counted 0.900 and 0.800 against eager's 0.920
-#   and 0.915, too few to tell from the spread between runs, so its recipe leaves it off for now
+#   host. The small preset's step from scratch (the whole vocabulary) on the GPU demo's batch, one H200: 74-83 ms
+#   eager, 58-59 as graphs, 62-72 with compile_blocks, 53 with both (BENCHMARKS.md "Compiled blocks in the graph");
+#   the full preset's step is the GPU's work (~300 ms at 40% MFU either way). Two GPU demo runs with it counted 0.900
+#   and 0.800 against eager's 0.920 and 0.915, too few to tell from the spread between runs, so its recipe leaves it
+#   off for now
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
