@@ -48,6 +48,12 @@
 #           decay (one joint seed each after it); the joint stage's own peak held until its last 30%, three seeds
 #   wsd2:   stage 1's peak held until its last 25% (three joint seeds), with the scene loss at 2 too (three), until
 #           its last 15% (one)
+#   margins: the crops' overlap margins at (2, 2) (the demo's: a 224-px image's high-res view shrunk to 168 px, 6 x 6
+#           tokens), (1, 1) (196 px, 7 x 7) and (0, 0) (224 px, 8 x 8) in every stage, the same five crops an image
+#           for the ViT; the joint stage's rows of 448 / 464 / 480 tokens and 2,550 / 2,410 / 2,375 steps (step times
+#           measured on the CPU at the three), three seeds each
+#   margins2: stage 1 at (1, 1), then align and the joint stage at the demo's (2, 2) and steps, against the demo's
+#           chain, three seeds each
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
 #   1's peak held"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
@@ -62,7 +68,7 @@ vision() {  # name llm(w,i,l) stage-1 args: stage 1, then the align stage around
       --save_every=0 "$@" \
       > "$OUT/v-$name.log" 2>&1 || stamp "v-$name failed"
   LLM=$llm $PY assets/bench/resized_llm.py train_align.py config/demo_align.py --vit_from=$RUNS/v-$name \
-      --out_dir=$RUNS/a-$name --loader_workers=1 > "$OUT/a-$name.log" 2>&1 || stamp "a-$name failed"
+      --out_dir=$RUNS/a-$name --loader_workers=1 ${ALIGN_ARGS:-} > "$OUT/a-$name.log" 2>&1 || stamp "a-$name failed"
   stamp "v-$name: $(grep 'val loc' "$OUT/v-$name.log" | tail -1 | grep -o 'count_acc.*')"
 }
 joint() {  # name align seed joint-args
@@ -363,8 +369,32 @@ wsd2)
   done
   joint wsd15x2 wsd15 1337 $J &
   ;;
+margins)
+  x2_world
+  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed
+  vision m2 128,512,4 $W &
+  ALIGN_ARGS="--overlap_margins=(1,1)" vision m1 128,512,4 $W "--overlap_margins=(1,1)" &
+  ALIGN_ARGS="--overlap_margins=(0,0)" vision m0 128,512,4 $W "--overlap_margins=(0,0)" &
+  wait
+  for seed in 1337 1338 1339; do
+    joint m2x2 m2 $seed ${X2/2430/2550} &
+    joint m1x2 m1 $seed ${X2/2430/2410} --max_seq_len=464 "--overlap_margins=(1,1)" &
+    joint m0x2 m0 $seed ${X2/2430/2375} --max_seq_len=480 "--overlap_margins=(0,0)" &
+  done
+  ;;
+margins2)
+  x2_world
+  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"
+  vision m2 128,512,4 $W &
+  vision m1at2 128,512,4 $W "--overlap_margins=(1,1)" &  # stage 1 at (1, 1), its align stage at the demo's (2, 2)
+  wait
+  for seed in 1337 1338 1339; do
+    joint m2x2 m2 $seed ${X2/2430/2550} &
+    joint m1at2x2 m1at2 $seed ${X2/2430/2550} &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd or wsd2"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins or margins2"
    exit 2 ;;
 esac
 wait
