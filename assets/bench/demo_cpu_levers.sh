@@ -55,7 +55,7 @@
 #   margins2: stage 1 at (1, 1), then align and the joint stage at the demo's (2, 2) and steps, against the demo's
 #           chain, three seeds each
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
-#   1's peak held"). On a GPU machine:
+#   1's peak held"; margins, margins2: "The crops' overlap margins"). On a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
 OUT=${1:?out dir}
