@@ -27,6 +27,7 @@ from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, Ste
                       evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs,
                       refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
                       set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+from vision import FeatureCache
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -101,6 +102,9 @@ cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forwar
 #   the full preset's step is the GPU's work (~300 ms at 40% MFU either way). Two GPU demo runs with it counted 0.900
 #   and 0.800 against eager's 0.920 and 0.915, too few to tell from the spread between runs, so its recipe leaves it
 #   off for now
+vit_feature_cache = 0.0  # GiB > 0: on a CPU, with the ViT frozen (lr_vit 0), keep what the ViT gave each crop, up to
+#   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each training
+#   image about twice, and its ViT forward is ~9% of a step (BENCHMARKS.md "A frozen ViT's features kept")
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
@@ -185,6 +189,13 @@ elif compile_blocks:
                 "on a CPU: the blocks run eagerly")
     else:
         compile_each_block(model)
+if vit_feature_cache and d.device.type != "cpu":  # there the crops' keys would be read back to the host every step
+    d.print(f"vit_feature_cache={vit_feature_cache!r}: for a CPU; on {d.device.type} the ViT runs every step")
+elif vit_feature_cache:
+    if lrs["vit"] or compile:
+        raise SystemExit(f"vit_feature_cache={vit_feature_cache!r}: for a frozen ViT (lr_vit 0), the model not "
+                         f"compiled whole (here: lr_vit {lrs['vit']}, compile {compile})")
+    model.vit.feature_cache = FeatureCache(int(vit_feature_cache * 2**30))
 
 
 def fixed_shape_losses(batch):
@@ -289,12 +300,17 @@ for step in range(start_step, max_steps):
         save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
+vit_cache, model.vit.feature_cache = model.vit.feature_cache, None
 final_dir = os.path.join(out_dir, "final")
 if token_attribute_loss is not None:  # the head trains the tokens; the exported model is the plain one
     token_attribute_loss.take_off(optimizer)
 export_final(train_model, model, optimizer, d, final_dir, loader.processor, start)
 if d.is_master:
     print(progress.summary(loader, final_dir, ckpt_path))
+    if vit_cache is not None:
+        met = vit_cache.hits / max(1, vit_cache.hits + vit_cache.misses)
+        print(f"vit_feature_cache: {len(vit_cache.store):,} crops' features kept ({vit_cache.bytes / 2**30:.2f} GiB); "
+              f"{met:.0%} of the crops the ViT was given were met before and skipped it")
     if graphed is not None:
         print(f"cuda_graph: {graphed.replays} steps replayed as CUDA graphs of {len(graphed.graphs)} batch layouts, "
               f"{graphed.eager_steps} eagerly")

@@ -13,6 +13,7 @@ Design choices:
 - Only the encoder: SigLIP2's post_layernorm and attention-pooling head are never used by Molmo2.
 - `forward(patches, layers)` returns the outputs of the requested blocks and never runs the blocks after
   the deepest one asked for. Molmo2 reads blocks 24 and 18 of the 27 and keeps only 25 (see model.py).
+  A frozen ViT on a CPU can keep what it gave each crop (`FeatureCache`, train_joint.py's vit_feature_cache).
 - Parameter names follow transformers' Molmo2 vision tower, so that checkpoint layout maps by prefix (the
   name maps at the end of this file); model.py's checkpoint section reads and writes the files (`load_siglip`:
   the HF `SiglipVisionModel` / `SiglipModel` layout). This file imports nothing of the project's.
@@ -149,6 +150,7 @@ class SigLIP2(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(config.num_patches, config.hidden_size))
         self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
+        self.feature_cache = None  # a FeatureCache: a frozen ViT's features of crops met before (train_joint.py)
         self.init_weights()
 
     def init_weights(self):
@@ -192,6 +194,12 @@ class SigLIP2(nn.Module):
         for i in layers:
             if not 0 <= i < len(self.layers):
                 raise ValueError(f"vision layers {list(layers)}: block {i} is not among the {len(self.layers)} built")
+        if self.feature_cache is not None:
+            return self.feature_cache.features(self, patches, layers)
+        return self.encode(patches, layers)
+
+    def encode(self, patches: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """forward's work, without its checks or cache."""
         x = self.embed(patches)
         if not torch.compiler.is_compiling():  # blocks compiled alone (model.compile_each_block) trace the crop count
             torch._dynamo.maybe_mark_dynamic(x, 0)  # as a size from the first batch, not again at the next count
@@ -204,6 +212,43 @@ class SigLIP2(nn.Module):
             if i in layers:
                 wanted[i] = x
         return [wanted[i] for i in layers]
+
+
+class FeatureCache:
+    """What a frozen ViT gave each crop, kept by the crop's values, so that a crop met again skips the ViT: the CPU
+    demo's joint stage, whose ViT does not learn, meets each training image about twice, and its ViT forward is ~9%
+    of a step. For CPU tensors, and a ViT that does not learn (`features` refuses one that does). A crop's key is a
+    64-bit hash of its bytes, with the layers and the autocast dtype: among 100,000 different crops two share a key
+    with odds of ~3e-10. Features are kept as the ViT gave them until max_bytes are held, then no more are kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.store = {}  # key -> (one (P, C) tensor per layer asked for)
+        self.hits = self.misses = 0
+
+    def features(self, vit: "SigLIP2", patches: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        if patches.device.type != "cpu":
+            raise ValueError("FeatureCache: crops on the GPU (their keys would be read back to the host every step)")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in vit.parameters()):
+            raise ValueError("FeatureCache: the ViT learns (a parameter requires grad), so its features change")
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        salt = (tuple(layers), patches.dtype, autocast)
+        rows = patches.detach().reshape(len(patches), -1).contiguous().view(torch.uint8).numpy()
+        keys = [hash((salt, row.tobytes())) for row in rows]
+        missing = [i for i, key in enumerate(keys) if key not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            computed = vit.encode(patches[torch.tensor(missing, device=patches.device)], layers)
+            for j, i in enumerate(missing):
+                fresh[keys[i]] = tuple(t[j].clone() for t in computed)
+                size = sum(t.numel() * t.element_size() for t in fresh[keys[i]])
+                if keys[i] not in self.store and self.bytes + size <= self.max_bytes:
+                    self.store[keys[i]] = fresh[keys[i]]
+                    self.bytes += size
+        per_crop = [self.store[key] if key in self.store else fresh[key] for key in keys]
+        return [torch.stack([crop[j] for crop in per_crop]) for j in range(len(layers))]
 
 
 # ---------------------------------------------------------------------------

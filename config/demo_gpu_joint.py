@@ -20,6 +20,7 @@ max_seq_len = 512
 max_steps = 6000
 lr_connector, lr_vit, lr_llm = 2e-3, 0.0, 2e-3  # lr 0 freezes the ViT
 muon_lr = 0.0  # AdamW throughout, as every GPU run above was measured (the CPU demo's Muon is untried on a GPU)
+vit_feature_cache = 0.0  # the CPU demo's cache of the ViT's features is for a CPU (train_joint.py)
 eval_every = 500
 eval_answers = 100
 eval_batches = 2

@@ -842,6 +842,34 @@ def test_joint_run_with_loader_workers_has_the_serial_losses(world, tmp_path, mo
     assert len(losses[0]) == 3 and losses[2] == losses[0]
 
 
+def test_joint_run_with_the_vit_feature_cache_has_the_uncached_losses(world, tmp_path, monkeypatch):
+    """train_joint.py --vit_feature_cache with the ViT frozen: 12 training images in batches of 4, so steps 3 and 4
+    meet them again and take their features from the cache. Steps 0-2 see only new crops, computed as one batch as
+    without the cache: the same floats. After that a kept crop's features were computed in another batch than this
+    one, so float32 sums in another order (one thread): losses within float32 rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    image_only = [f"--data_dir={world}", "--data_mixture={'image': (1.0, ['synth_image'])}"]
+    args = [*TINY, *image_only, "--batch_size=4", "--max_steps=5", "--save_every=0", "--lr_vit=0.0"]
+    try:
+        losses, caches = {}, {}
+        for cache in (0.0, 1.0):
+            out_dir = tmp_path / f"cache{cache}"
+            namespace = run_stage_in_process("train_joint.py", [f"--out_dir={out_dir}", *args,
+                                                                f"--vit_feature_cache={cache}"], monkeypatch)
+            losses[cache] = [r["loss"] for r in read_log(out_dir) if "loss" in r]
+            caches[cache] = namespace["vit_cache"]
+        with pytest.raises(SystemExit, match="for a frozen ViT"):
+            run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'learning'}", *TINY, *image_only,
+                                                    "--max_steps=1", "--lr_vit=1e-3", "--vit_feature_cache=1.0"],
+                                 monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert caches[0.0] is None and caches[1.0].hits > 0 and caches[1.0].misses > 0
+    assert len(losses[0.0]) == 5 and losses[1.0][:3] == losses[0.0][:3]
+    torch.testing.assert_close(torch.tensor(losses[1.0]), torch.tensor(losses[0.0]), rtol=1e-5, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # 6. Gradient accumulation and DDP: the gradient of one big batch
 # ---------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Our SigLIP2 against transformers' SiglipVisionModel, layer by layer, and its checkpoint loading."""
 
+import pytest
 import torch
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
 
 from model import load_siglip
-from vision import SigLIP2, attend, siglip_config_from_hf, siglip_state_dict_from_hf
+from vision import FeatureCache, SigLIP2, attend, siglip_config_from_hf, siglip_state_dict_from_hf
 
 TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                    image_size=56, patch_size=14)
@@ -205,3 +206,58 @@ def test_cast_once_casts_a_shared_input_once_and_changes_no_value(monkeypatch):
         assert n == n_want - fewer, (name, n, n_want)
         torch.testing.assert_close(grad, want_grad, rtol=2 ** -6, atol=2 ** -6 * float(want_grad.abs().max()))
     assert vision.cast_once(x0) is x0
+
+
+def frozen_vit(seed=0):
+    hf = random_siglip(seed)
+    vit = SigLIP2(siglip_config_from_hf(hf.config.to_dict()))
+    vit.load_state_dict(siglip_state_dict_from_hf(hf.state_dict(), vit.config))
+    return vit.eval().requires_grad_(False)
+
+
+def crops(n, seed):
+    return torch.rand(n, 16, 588, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_feature_cache_gives_the_vits_features_and_skips_crops_met_before():
+    vit = frozen_vit()
+    first, new = crops(3, seed=1), crops(1, seed=2)
+    expected_first = vit.encode(first, [2, 0])
+    expected_new = vit.encode(new, [2, 0])
+    vit.feature_cache = FeatureCache(max_bytes=2**20)
+    ran = []
+    vit.layers[0].register_forward_hook(lambda module, args, out: ran.append(args[0].shape[0]))
+    out = vit(first, [2, 0])
+    # all three new: computed as one batch, the same batch as without the cache, so the same floats
+    assert all(torch.equal(o, e) for o, e in zip(out, expected_first))
+    again = vit(torch.cat([first[2:], new, first[:1]]), [2, 0])  # two crops met before, in another order, one new
+    assert ran == [3, 1]  # the second call ran the ViT on the new crop alone
+    for o, e_first, e_new in zip(again, expected_first, expected_new):
+        assert torch.equal(o[0], e_first[2]) and torch.equal(o[2], e_first[0])
+        assert torch.equal(o[1], e_new[0])  # computed alone: a batch of one, as expected_new was
+    assert (vit.feature_cache.hits, vit.feature_cache.misses) == (2, 4)
+    other_layers = vit(first[:1], [1])  # other blocks asked for: other keys, not block 2's features
+    assert torch.equal(other_layers[0], vit.encode(first[:1], [1])[0]) and ran[-1] == 1
+
+
+def test_feature_cache_keeps_at_most_max_bytes_and_still_answers():
+    vit = frozen_vit()
+    batch = crops(3, seed=3)
+    expected = vit.encode(batch, [2])
+    one_crop = expected[0][0].numel() * expected[0].element_size()
+    vit.feature_cache = FeatureCache(max_bytes=2 * one_crop)
+    assert torch.equal(vit(batch, [2])[0], expected[0])
+    assert len(vit.feature_cache.store) == 2 and vit.feature_cache.bytes == 2 * one_crop
+    again = vit(batch, [2])[0]
+    assert torch.equal(again[:2], expected[0][:2])  # kept
+    assert torch.equal(again[2], vit.encode(batch[2:], [2])[0][0])  # not kept: computed again, alone
+    assert (vit.feature_cache.hits, vit.feature_cache.misses) == (2, 4)
+
+
+def test_feature_cache_refuses_a_vit_that_learns():
+    vit = frozen_vit().requires_grad_(True)
+    vit.feature_cache = FeatureCache(max_bytes=2**20)
+    with pytest.raises(ValueError, match="the ViT learns"):
+        vit(crops(1, seed=4), [0])
+    with torch.no_grad():  # no gradient taken (validation, generation): its features are what they are now
+        assert len(vit(crops(1, seed=4), [0])) == 1
