@@ -54,8 +54,8 @@ loss_weighting = "none"  # every answer token weighs 1: long point lists are the
 resid_dropout = 0.0
 vit_feature_cache = 4.0  # GiB: the frozen ViT's features of each crop kept (vision.FeatureCache), so that a training
 #   image met again (from joint step ~1,250, when the 10,000 images' first pass ends) skips the ViT: 3.1 GiB for all
-#   50,000 crops. On this project's 2-core CPU such steps took 0.269-0.277 s against 0.326-0.358 (300 steps in a world
-#   of 1,000 images, the same losses to the bit; BENCHMARKS.md "A frozen ViT's features kept")
+#   50,000 crops. On this project's 2-core CPU such steps took 0.269-0.314 s against 0.326-0.358 (300 steps in a world
+#   of 1,000 images, two hours, the same losses to the bit; BENCHMARKS.md "A frozen ViT's features kept")
 eval_every = 1100
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report
 eval_batches = 2
