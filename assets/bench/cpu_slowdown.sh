@@ -13,16 +13,13 @@ J="config/demo_joint.py --eval_every=0 --log_every=50"
 mkdir -p "$S"
 $PY train_joint.py $J --init_from=$ALIGN --max_steps=1000 --save_every=1000 --out_dir="$S/A" > "$S/A.log" 2>&1
 cp -r "$S/A" "$S/C"
-$PY train_joint.py $J --init_from="$S/A" --max_steps=150 --save_every=0 --resume=False --out_dir="$S/B" > "$S/B.log" 2>&1
+$PY train_joint.py $J --init_from="$S/A" --max_steps=150 --save_every=0 --resume=False --out_dir="$S/B" \
+    > "$S/B.log" 2>&1
 $PY train_joint.py $J --init_from=$ALIGN --max_steps=1150 --save_every=0 --out_dir="$S/C" > "$S/C.log" 2>&1
 $PY train_joint.py $J --init_from=$ALIGN --max_steps=150 --save_every=0 --out_dir="$S/D" > "$S/D.log" 2>&1
-$PY - "$S" <<'PYEOF'
-import json, statistics, sys
-def median(run, first, last):
-    steps = [json.loads(line) for line in open(f"{sys.argv[1]}/{run}/log.jsonl") if '"step_s"' in line]
-    return statistics.median(s["step_s"] for s in steps if first <= s["step"] < last)
-print("A (from the align checkpoint), median step by 100 steps:",
-      " ".join(f"{a}: {median('A', a, a + 100):.3f}" for a in range(0, 1000, 100)))
-print(f"B (A's weights, a new optimizer) {median('B', 10, 150):.3f} | C (A resumed) {median('C', 1010, 1150):.3f} | "
-      f"D (the align checkpoint again) {median('D', 10, 150):.3f}")
-PYEOF
+echo "A (from the align checkpoint), by 100 steps; B (A's weights, a new optimizer); C (A resumed); D (the align"\
+     "checkpoint again):"
+$PY assets/bench/median_step.py "$S/A" 0-99 100-199 200-299 300-399 400-499 500-599 600-699 700-799 800-899 900-999
+$PY assets/bench/median_step.py "$S/B" 10-149
+$PY assets/bench/median_step.py "$S/C" 1010-1149
+$PY assets/bench/median_step.py "$S/D" 10-149

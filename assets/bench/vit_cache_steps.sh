@@ -11,17 +11,11 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$S"
 [ -f data/demo_1k/world.json ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_1k --max_objects=5 \
     --train_images=1000 --extra_queries=2 > /dev/null
-J="config/demo_joint.py --init_from=out/demo/align --data_dir=data/demo_1k --max_steps=300 --eval_every=0 --save_every=0"
+J="config/demo_joint.py --init_from=out/demo/align --data_dir=data/demo_1k --max_steps=300 --eval_every=0"
+J="$J --save_every=0"
 for run in off on off2 on2; do
   case $run in on*) cache=4.0 ;; *) cache=0.0 ;; esac
   $PY train_joint.py $J --log_every=50 --vit_feature_cache=$cache --out_dir="$S/$run" > "$S/$run.log" 2>&1
-  $PY - "$S/$run" <<'PYEOF'
-import json, statistics, sys
-steps = [json.loads(line) for line in open(f"{sys.argv[1]}/log.jsonl") if '"step_s"' in line]
-def median(first, last):
-    return statistics.median(s["step_s"] for s in steps if first <= s["step"] < last)
-print(f"{sys.argv[1]}: steps 20-119 {median(20, 120):.3f} s, 150-299 {median(150, 300):.3f} s, "
-      f"loss at step {steps[-1]['step']} {steps[-1]['loss']:.4f}")
-PYEOF
+  $PY assets/bench/median_step.py "$S/$run" 20-119 150-299
 done
 grep -h "vit_feature_cache:" "$S"/on*.log
