@@ -53,8 +53,8 @@ loss_weighting = "none"  # every answer token weighs 1: long point lists are the
 #   gives an answer of n tokens 2/sqrt(n) each: on one H200 "none" counted 0.48 against 0.33)
 resid_dropout = 0.0
 vit_feature_cache = 4.0  # GiB: the frozen ViT's features of each crop kept (vision.FeatureCache), so that a training
-#   image met again (from joint step ~1,250, when the 10,000 images' first pass ends) skips the ViT: 3.1 GiB for all
-#   50,000 crops. On this project's 2-core CPU such steps took 0.269-0.314 s against 0.326-0.358 (300 steps in a world
+#   image met again (from joint step ~625, when the 5,000 images' first pass ends) skips the ViT: 1.5 GiB for all
+#   25,000 crops. On this project's 2-core CPU such steps took 0.269-0.314 s against 0.326-0.358 (300 steps in a world
 #   of 1,000 images, two hours, the same losses to the bit; BENCHMARKS.md "A frozen ViT's features kept")
 eval_every = 1100
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report

@@ -54,8 +54,11 @@
 #           measured on the CPU at the three), three seeds each
 #   margins2: stage 1 at (1, 1), then align and the joint stage at the demo's (2, 2) and steps, against the demo's
 #           chain, three seeds each
+#   world5k: the demo's chain in a world of 5,000 training images against its 10,000 (stage 1 and align in each), the
+#           joint stage at the 2,550 steps of both and at 2,850 in the smaller one, three seeds each
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
-#   1's peak held"; margins, margins2: "The crops' overlap margins"). On a GPU machine:
+#   1's peak held"; margins, margins2: "The crops' overlap margins"; world5k: "A smaller world for the CPU demo"). On
+#   a GPU machine:
 #   bash assets/bench/demo_cpu_levers.sh OUT_DIR width|levers|rows|vitmuon
 set -u
 OUT=${1:?out dir}
@@ -393,8 +396,23 @@ margins2)
     joint m1at2x2 m1at2 $seed ${X2/2430/2550} &
   done
   ;;
+world5k)
+  x2_world
+  [ -f data/demo_x2_5k/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2_5k \
+      --max_objects=5 --train_images=5000 --extra_queries=2 > /dev/null
+  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"
+  vision m2 128,512,4 $W &
+  ALIGN_ARGS="--data_dir=data/demo_x2_5k" vision w5 128,512,4 $W --data_dir=data/demo_x2_5k &
+  wait
+  for seed in 1337 1338 1339; do
+    joint m2x2 m2 $seed ${X2/2430/2550} &
+    joint w5x2 w5 $seed ${X2/2430/2550} --data_dir=data/demo_x2_5k &
+    joint w5x2s2850 w5 $seed ${X2/2430/2850} --data_dir=data/demo_x2_5k &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins or margins2"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins, margins2"\
+        "or world5k"
    exit 2 ;;
 esac
 wait
