@@ -15,7 +15,7 @@
 # 2026-12-04): 8.0 min, counting 0.865, F1 0.897, the validation loss still falling (BENCHMARKS.md "Stage 1's step,
 # made and launched"). From the ViT of stage 1 with each batch trained four steps (kinds 0.966): 0.920 / 0.914 in
 # 9.5 min and 0.915 / 0.907 in 8.9 min (BENCHMARKS.md "Data echoing"). The CPU recipe's token loss, inherited untried,
-# counted 0.895 and 0.880 (F1 0.908 / 0.933); without it the step runs as CUDA graphs (35 ms against 45), so 8,000
+# counted 0.895 and 0.880 (F1 0.908 / 0.933); without it the step runs as CUDA graphs (30 ms against ~44), so 8,000
 # steps fit the minutes of 6,000: 0.910 / 0.936 in 8.7 min and 0.895 / 0.907, validation loss 0.195 / 0.193 against
 # 0.214 (BENCHMARKS.md "The small recipe without the token loss, as graphs, 8,000 joint steps").
 batch_size = 64
