@@ -103,8 +103,9 @@ cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forwar
 #   and 0.800 against eager's 0.920 and 0.915, too few to tell from the spread between runs, so its recipe leaves it
 #   off for now
 vit_feature_cache = 0.0  # GiB > 0: on a CPU, with the ViT frozen (lr_vit 0), keep what the ViT gave each crop, up to
-#   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each training
-#   image about twice, and its ViT forward is ~9% of a step (BENCHMARKS.md "A frozen ViT's features kept")
+#   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each of its
+#   5,000 training images 2-4 times, as fast as the CPU runs, and its ViT forward is ~9% of a step (BENCHMARKS.md "A
+#   frozen ViT's features kept", "A smaller world for the CPU demo")
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1

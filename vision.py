@@ -216,10 +216,11 @@ class SigLIP2(nn.Module):
 
 class FeatureCache:
     """What a frozen ViT gave each crop, kept by the crop's values, so that a crop met again skips the ViT: the CPU
-    demo's joint stage, whose ViT does not learn, meets each training image about twice, and its ViT forward is ~9%
-    of a step. For CPU tensors, and a ViT that does not learn (`features` refuses one that does). A crop's key is a
-    64-bit hash of its bytes, with the layers and the autocast dtype: among 100,000 different crops two share a key
-    with odds of ~3e-10. Features are kept as the ViT gave them until max_bytes are held, then no more are kept."""
+    demo's joint stage, whose ViT does not learn, meets each of its 5,000 training images 2-4 times, and its ViT
+    forward is ~9% of a step. For CPU tensors, and a ViT that does not learn (`features` refuses one that does). A
+    crop's key is a 64-bit hash of its bytes, with the layers and the autocast dtype: among 100,000 different crops
+    two share a key with odds of ~3e-10. Features are kept as the ViT gave them until max_bytes are held, then no
+    more are kept."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
