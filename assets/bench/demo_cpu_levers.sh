@@ -56,6 +56,13 @@
 #           chain, three seeds each
 #   world5k: the demo's chain in a world of 5,000 training images against its 10,000 (stage 1 and align in each), the
 #           joint stage at the 2,550 steps of both and at 2,850 in the smaller one, three seeds each
+#   slowcpu: at the steps of a 2-core CPU with AVX512-BF16 but no AMX (2026-12-04's AMD EPYC: stage 1 ~360 steps, the
+#           joint stage ~1,500), the demo's world of 5,000 against one of 2,500 (the same steps, and the ~10% more its
+#           kept ViT features fit), and the joint stage's Muon rate at 0.015, three seeds each
+#   amx2500: at the AMX CPU's steps (stage 1 600, the joint stage 2,850), the worlds of 5,000 and 2,500 (and 3,100
+#           steps in the smaller, the more its kept features fit), three seeds each
+#           (slowcpu and amx2500 not yet run: 2026-12-04's device call was lost with the machine; BENCHMARKS.md "The
+#           world of 2,500 on the slower CPU")
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
 #   1's peak held"; margins, margins2: "The crops' overlap margins"; world5k: "A smaller world for the CPU demo"). On
 #   a GPU machine:
@@ -410,9 +417,29 @@ world5k)
     joint w5x2s2850 w5 $seed ${X2/2430/2850} --data_dir=data/demo_x2_5k &
   done
   ;;
+slowcpu|amx2500)
+  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed
+  for n in 5000 2500; do
+    [ -f data/demo_x2_$n/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2_$n \
+        --max_objects=5 --train_images=$n --extra_queries=2 > /dev/null &
+  done
+  wait
+  if [ $GROUP = slowcpu ]; then S1=360 J=1500 J25=1650; else S1=600 J=2850 J25=3100; fi
+  for n in 5000 2500; do
+    ALIGN_ARGS="--data_dir=data/demo_x2_$n" vision $GROUP$n 128,512,4 $W --max_steps=$S1 --data_dir=data/demo_x2_$n &
+  done
+  wait
+  for seed in 1337 1338 1339; do
+    joint ${GROUP}5k $GROUP'5000' $seed ${X2/2430/$J} --data_dir=data/demo_x2_5000 &
+    joint ${GROUP}2500 $GROUP'2500' $seed ${X2/2430/$J} --data_dir=data/demo_x2_2500 &
+    joint ${GROUP}2500s$J25 $GROUP'2500' $seed ${X2/2430/$J25} --data_dir=data/demo_x2_2500 &
+    [ $GROUP = slowcpu ] && joint ${GROUP}5kmu15 $GROUP'5000' $seed ${X2/2430/$J} --data_dir=data/demo_x2_5000 \
+        --muon_lr=0.015 &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
-        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins, margins2"\
-        "or world5k"
+        "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins, margins2,"\
+        "world5k, slowcpu or amx2500"
    exit 2 ;;
 esac
 wait
