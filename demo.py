@@ -178,16 +178,25 @@ def last_validation(log_jsonl, key):
 
 def preflight(recipe):
     """What this machine means for the recipe, said before its first step: the GPU recipes need a CUDA GPU (on a
-    CPU they would run for hours), and the CPU recipe's ~15 minutes assume a CPU with bf16 matrix instructions."""
+    CPU they would run for hours), and the CPU recipe's ~15 minutes assume a CPU with AMX's bf16 matrix instructions
+    (with AVX512-BF16 alone they hold about half its steps, without either about a quarter)."""
     import torch
 
-    from training import cpu_has_bf16_matmul
+    from training import cpu_has_amx, cpu_has_bf16_matmul
     if torch.cuda.is_available():
         return
     if recipe != "cpu":
         raise SystemExit(f"demo: recipe={recipe!r} trains on a CUDA GPU, and this machine has none "
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
-    if not cpu_has_bf16_matmul():
+    if cpu_has_bf16_matmul() and not cpu_has_amx():
+        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 343-426 of stage "
+                 "1's 600, 1,265-1,818 of the joint stage's 3,300), and it learns less: there `make demo` counted "
+                 "0.42-0.49 where every step (--minutes=0) counted 0.705" if minutes else
+                 "the stages take ~1.5-2x as long as on one with AMX")
+        print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
+              f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "
+              "2,500 on the slower CPU\"", flush=True)
+    elif not cpu_has_bf16_matmul():
         fewer = (f"to end within its {minutes:g} minutes, stage 1 and the joint stage run the steps that fit and "
                  "learn less (--minutes=0: all of them)" if minutes else "the stages take ~3-4x longer (--minutes=0)")
         print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32, ~4x "

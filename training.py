@@ -116,16 +116,26 @@ class Dist:
             print(*args, **kwargs, flush=True)
 
 
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags as the kernel lists them (Linux); an empty set where there is no such file."""
+    try:
+        with open(cpuinfo) as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), from the kernel's flags (Linux; False
     elsewhere). With them a bf16 matmul runs several times faster than a float32 one (this project's 2-core CI
     machine: 850-960 against 190-210 GFLOP/s at the demo LLM's MLP shapes); without them bf16 is emulated and slower."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
+
+
+def cpu_has_amx(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU has AMX's bf16 tiles: with AVX512-BF16 alone a 2-core CPU multiplied the demo's bf16
+    products at 290-410 GFLOP/s, with AMX at ~2,400 (BENCHMARKS.md "A smaller world for the CPU demo")."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def cpp_compiler():

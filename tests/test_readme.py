@@ -239,7 +239,8 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
 
 def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, capsys):
     """Without CUDA a GPU recipe stops at once, naming the CPU recipe; the CPU recipe on a CPU without bf16 matrix
-    instructions warns that it takes longer, and with them says nothing."""
+    instructions warns that it takes longer, on one with AVX512-BF16 but no AMX that its minutes hold about half the
+    steps, and with AMX says nothing."""
     import torch
 
     import training
@@ -247,10 +248,14 @@ def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, cap
     for recipe in ("gpu", "full"):
         with pytest.raises(SystemExit, match=f"recipe='{recipe}' trains on a CUDA GPU, and this machine has none"):
             demo.preflight(recipe)
+    monkeypatch.setattr(training, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: False)
     demo.preflight("cpu")
     assert "this CPU has no bf16 matrix instructions" in capsys.readouterr().out
     monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: True)
+    demo.preflight("cpu")
+    assert "AVX512-BF16 but no AMX" in capsys.readouterr().out
+    monkeypatch.setattr(training, "cpu_has_amx", lambda: True)
     demo.preflight("cpu")
     assert capsys.readouterr().out == ""
 

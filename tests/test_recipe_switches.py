@@ -328,6 +328,16 @@ def test_cpu_has_bf16_matmul_reads_the_kernels_flags(tmp_path):
     assert training.cpu_has_bf16_matmul(str(tmp_path / "missing")) is False
 
 
+def test_cpu_has_amx_reads_the_kernels_flags(tmp_path):
+    """AMX's bf16 tiles in the flags line: yes; AVX512-BF16 alone (a CPU whose bf16 products run several times
+    slower), or no cpuinfo at all: no."""
+    for flags, expected in (("fpu avx2 amx_bf16 amx_tile avx512_bf16", True), ("fpu avx2 avx512f avx512_bf16", False)):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: none\n")
+        assert training.cpu_has_amx(str(path)) is expected, flags
+    assert training.cpu_has_amx(str(tmp_path / "missing")) is False
+
+
 def test_step_autocast_on_a_cpu_is_float32_unless_asked(monkeypatch):
     """On a CPU: 'off' computes a matmul in float32, 'on' in bfloat16, 'auto' as the CPU's flags say (and only for
     bfloat16); anything else names the knob."""
