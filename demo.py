@@ -188,7 +188,8 @@ def preflight(recipe):
     if recipe != "cpu":
         raise SystemExit(f"demo: recipe={recipe!r} trains on a CUDA GPU, and this machine has none "
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
-    if cpu_has_bf16_matmul() and not cpu_has_amx():
+    has_bf16 = cpu_has_bf16_matmul()
+    if has_bf16 and not cpu_has_amx():
         fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 343-426 of stage "
                  "1's 600, 1,265-1,818 of the joint stage's 3,300), and it learns less: there `make demo` counted "
                  "0.42-0.49 where every step (--minutes=0) counted 0.575-0.705" if minutes else
@@ -196,7 +197,7 @@ def preflight(recipe):
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
               f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "
               "2,500 on the slower CPU\"", flush=True)
-    elif not cpu_has_bf16_matmul():
+    elif not has_bf16:
         fewer = (f"to end within its {minutes:g} minutes, stage 1 and the joint stage run the steps that fit and "
                  "learn less (--minutes=0: all of them)" if minutes else "the stages take ~3-4x longer (--minutes=0)")
         print("demo: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so the stages run in float32, ~4x "
