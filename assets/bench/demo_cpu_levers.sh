@@ -97,9 +97,10 @@ easy_world() {  # stage 1's easy world (as demo.py --recipe=gpu makes it): one l
 # questions an image, whose 2,430 steps of 448 fit the CPU's minutes
 S600="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
 X2="--max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448"
-x2_world() {
-  [ -f data/demo_x2/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2 \
-      --max_objects=5 --train_images=10000 --extra_queries=2 > /dev/null
+x2_world() {  # [N]: the world of 2 more questions an image with N training images (10,000: data/demo_x2)
+  local n=${1:-10000} dir=data/demo_x2${1:+_$1}
+  [ -f $dir/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=$dir \
+      --max_objects=5 --train_images=$n --extra_queries=2 > /dev/null
 }
 two_stage1s() {  # the x2 world, the demo's stage 1 (tok) and one of a slow day's 480 steps (tok480), and their align
   x2_world
@@ -404,26 +405,20 @@ margins2)
   done
   ;;
 world5k)
-  x2_world
-  [ -f data/demo_x2_5k/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2_5k \
-      --max_objects=5 --train_images=5000 --extra_queries=2 > /dev/null
+  x2_world & x2_world 5000 & wait
   W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"
   vision m2 128,512,4 $W &
-  ALIGN_ARGS="--data_dir=data/demo_x2_5k" vision w5 128,512,4 $W --data_dir=data/demo_x2_5k &
+  ALIGN_ARGS="--data_dir=data/demo_x2_5000" vision w5 128,512,4 $W --data_dir=data/demo_x2_5000 &
   wait
   for seed in 1337 1338 1339; do
     joint m2x2 m2 $seed ${X2/2430/2550} &
-    joint w5x2 w5 $seed ${X2/2430/2550} --data_dir=data/demo_x2_5k &
-    joint w5x2s2850 w5 $seed ${X2/2430/2850} --data_dir=data/demo_x2_5k &
+    joint w5x2 w5 $seed ${X2/2430/2550} --data_dir=data/demo_x2_5000 &
+    joint w5x2s2850 w5 $seed ${X2/2430/2850} --data_dir=data/demo_x2_5000 &
   done
   ;;
 slowcpu|amx2500)
   W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed
-  for n in 5000 2500; do
-    [ -f data/demo_x2_$n/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=data/demo_x2_$n \
-        --max_objects=5 --train_images=$n --extra_queries=2 > /dev/null &
-  done
-  wait
+  x2_world 5000 & x2_world 2500 & wait
   if [ $GROUP = slowcpu ]; then S1=360 J=1500 J25=1650; else S1=600 J=2850 J25=3100; fi
   for n in 5000 2500; do
     ALIGN_ARGS="--data_dir=data/demo_x2_$n" vision $GROUP$n 128,512,4 $W --max_steps=$S1 --data_dir=data/demo_x2_$n &
