@@ -208,6 +208,49 @@ class LayerKV:
         return self.k[:, :, :self.pos + T], self.v[:, :, :self.pos + T]
 
 
+class KeyBlocks:
+    """A boolean attention mask (B, 1, T, S), True = may attend, cut for attention over the keys that matter. SDPA
+    given a dense mask computes every query against every key, though Molmo2's training rows let a query see few:
+    a row's prefix (its image tokens) and its own question's branch, never another example or another branch. Here the
+    T queries go in chunks of `rows`, and each chunk is given only the key blocks (of `cols` keys each) that some query
+    of it may see in some row of the batch, the same blocks for the whole batch, padded to the most any chunk needs with
+    blocks it cannot see. Nothing is approximated: a block left out is masked for every query of the chunk, so the
+    softmax and its gradient are the dense ones, summed in another order. The CPU demo's rows (one example, 7 branches,
+    T 448) keep ~0.44 of the dense scores (BENCHMARKS.md "Attention over the key blocks"). plan() reads the mask on
+    the host (one sync): for CPU training, not for CUDA graphs."""
+
+    def __init__(self, mask, keys):
+        self.mask, self.keys = mask, keys  # (B * chunks, 1, rows, K) bool; (chunks, K) int64 key indices
+
+    @classmethod
+    def plan(cls, mask, rows=64, cols=32, most=0.75):
+        """-> KeyBlocks, or None where T or S is not a multiple of the sizes or the chunks need more than `most`
+        of the keys (the dense kernel is then as fast)."""
+        B, _, T, S = mask.shape
+        if mask.dtype != torch.bool or mask.shape[1] != 1 or T % rows or S % cols:
+            return None
+        need = mask.view(B, T // rows, rows, S // cols, cols).any(4).any(2).any(0)  # (chunks, key blocks)
+        n = int(need.sum(1).max())
+        if n * cols > most * S:
+            return None
+        # each chunk's blocks in key order, the ones it needs first: stable sort on "not needed"
+        blocks = torch.sort((~need).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (chunks, n)
+        keys = (blocks[:, :, None] * cols + torch.arange(cols, device=mask.device)).flatten(1)  # (chunks, K)
+        chunks = mask.view(B, T // rows, rows, S)
+        sub = chunks.gather(3, keys[None, :, None, :].expand(B, -1, rows, -1))  # (B, chunks, rows, K)
+        return cls(sub.flatten(0, 1)[:, None], keys)
+
+    def attend(self, q, k, v):
+        """q (B, nh, T, hd), k and v (B, nkv, S, hd) -> (B, nh, T, hd), as attend(q, k, v, attn_mask=mask)."""
+        B, nh, T, hd = q.shape
+        chunks, K = self.keys.shape
+        rows = T // chunks
+        q = q.view(B, nh, chunks, rows, hd).transpose(1, 2).flatten(0, 1)  # (B * chunks, nh, rows, hd)
+        k, v = (t[:, :, self.keys].transpose(1, 2).flatten(0, 1) for t in (k, v))  # (B * chunks, nkv, K, hd)
+        y = attend(q, k, v, attn_mask=self.mask, enable_gqa=True)  # (B * chunks, nh, rows, hd)
+        return y.view(B, chunks, nh, rows, hd).transpose(1, 2).reshape(B, nh, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -241,6 +284,8 @@ class Attention(nn.Module):
             else:
                 y = attend(q, k, v, attn_mask=attn_mask)  # (B, nkv, groups, hd)
             y = y.reshape(B, self.n_head, T, self.head_dim)  # (B, nh, 1, hd)
+        elif isinstance(attn_mask, KeyBlocks):
+            y = attn_mask.attend(q, k, v)
         elif attn_mask is not None:
             y = attend(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         elif past == 0 or T == 1:
@@ -323,6 +368,7 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
         self.compiled_block = None  # Block.forward through torch.compile, within compiled_blocks() only
+        self.key_blocks = False  # masked attention over the key blocks each query chunk can see (KeyBlocks)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -342,6 +388,8 @@ class Qwen3(nn.Module):
             start = kv_cache.pos if kv_cache is not None else 0
             position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if self.key_blocks and kv_cache is None and attn_mask is not None:
+            attn_mask = KeyBlocks.plan(attn_mask) or attn_mask  # the same mask where cutting gains nothing
         keep_prob = None
         c = self.config
         if self.training and (c.resid_dropout > 0 or c.response_dropout > 0):

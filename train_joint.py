@@ -106,6 +106,9 @@ vit_feature_cache = 0.0  # GiB > 0: on a CPU, with the ViT frozen (lr_vit 0), ke
 #   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each of its
 #   5,000 training images 2-4 times, as fast as the CPU runs, and its ViT forward is ~9% of a step (BENCHMARKS.md "A
 #   frozen ViT's features kept", "A smaller world for the CPU demo")
+key_blocks = False  # the LLM's masked attention given only the key blocks each chunk of queries can see, the same
+#   result (model.KeyBlocks): a row's queries see its prefix and their own branch, ~0.44 of the dense scores in the
+#   CPU demo's rows. It reads the mask on the host each step, so not with cuda_graph
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1
@@ -155,6 +158,9 @@ def answer_scores(model, processor, items):
 if token_loss and (compile or parallel == "fsdp"):
     raise SystemExit("train_joint: token_loss trains a head on the connector's output through a forward hook: not with "
                      "compile=True (one graph) or parallel='fsdp' (compile_blocks and DDP are fine)")
+if key_blocks and compile:
+    raise SystemExit("train_joint: key_blocks reads the mask on the host, a graph break in compile=True's one graph: "
+                     "use compile_blocks=True with it")
 if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
@@ -174,6 +180,7 @@ model = build_model(init_from, model_preset, resid_dropout, response_dropout, vi
 token_attribute_loss = TokenAttributeLoss(model, token_attributes, token_weights) if token_loss else None
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
+model.llm.key_blocks = key_blocks
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
@@ -214,7 +221,8 @@ def fixed_shape_losses(batch):
 
 
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
-             "compile=True" if compile else "token_loss" if token_loss else "length_groups" if length_groups else None)
+             "compile=True" if compile else "token_loss" if token_loss else "length_groups" if length_groups else
+             "key_blocks" if key_blocks else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],

@@ -77,6 +77,67 @@ def test_batch_attention_mask_is_collates_mask():
     assert made.shape == (len(rows), 1, L, L) and torch.equal(made, batch["attn_mask"])
 
 
+
+def random_rows(g, lengths, L):
+    """Rows of random examples (a shared prefix with vision tokens, then 1-3 branches), each row filled up to about
+    its length in `lengths`, padded to L: collated with their mask."""
+    def random_example():
+        branch_ids = [0] * int(torch.randint(4, 40, (1,), generator=g))
+        for k in range(1, int(torch.randint(1, 4, (1,), generator=g)) + 1):
+            branch_ids += [k] * int(torch.randint(2, 30, (1,), generator=g))
+        is_vision = (torch.arange(len(branch_ids)) >= 1) & (torch.tensor(branch_ids) == 0)
+        return example_with(branch_ids, is_vision.tolist())
+
+    rows = []
+    for length in lengths:
+        row = []
+        while sum(len(ex) for ex in row) < length:
+            row.append(random_example())
+        rows.append(row[:-1] if sum(len(ex) for ex in row) > L else row)
+    return data.collate(rows, pad_to=L)
+
+
+def test_key_blocks_attention_is_the_dense_masked_attention():
+    """model.KeyBlocks gives SDPA only the key blocks each chunk of queries can see; the blocks it leaves out are
+    masked for the whole chunk, so its output and gradients are the dense masked attention's. Float64, so the only
+    difference is the summation order (~1e-15 here; 1e-12 leaves room). Rows of packed examples with trees, vision
+    tokens and padding, grouped-query heads; a mask where every chunk needs most keys (causal) is left dense, and so
+    is a length the chunks do not divide."""
+    g = torch.Generator().manual_seed(0)
+    L = 512
+    mask = random_rows(g, (500, 300, 120), L)["attn_mask"]
+    blocks = model_lib.KeyBlocks.plan(mask)
+    assert blocks is not None and blocks.keys.shape[1] < L / 2  # the test covers a real cut, not the dense path
+    q = torch.randn(3, 4, L, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, L, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad = torch.randn(3, 4, L, 16, generator=g, dtype=torch.float64)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    cut = blocks.attend(q, k, v)
+    torch.testing.assert_close(cut, dense, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(cut, (q, k, v), grad), torch.autograd.grad(dense, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    causal = torch.ones(L, L, dtype=torch.bool).tril().expand(3, 1, L, L)
+    assert model_lib.KeyBlocks.plan(causal) is None
+    assert model_lib.KeyBlocks.plan(mask[..., :500, :500]) is None
+
+
+@torch.no_grad()
+def test_key_blocks_leave_each_tokens_loss_unchanged():
+    """Qwen3 with key_blocks (train_joint.py's switch) on packed rows: each token's loss is the dense mask's, within
+    float32's rounding of other summation orders (as the packing test above)."""
+    torch.manual_seed(0)
+    qwen = model_lib.Qwen3(model_lib.Qwen3Config.preset("tiny")).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = random_rows(g, (500, 400), 512)
+    batch["input_ids"] = torch.randint(0, 1000, batch["input_ids"].shape, generator=g)
+    batch["targets"] = torch.randint(0, 1000, batch["targets"].shape, generator=g)
+    assert model_lib.KeyBlocks.plan(batch["attn_mask"]) is not None
+    dense = per_token_ce_qwen3(qwen, batch)
+    qwen.key_blocks = True
+    cut = per_token_ce_qwen3(qwen, batch)
+    torch.testing.assert_close(cut, dense, atol=1e-5, rtol=1e-5)
+
+
 def per_token_ce_qwen3(qwen, batch):
     """Cross-entropy at every loss target, in row-major order."""
     h = qwen.run_layers(qwen.embed_tokens(batch["input_ids"]), batch["position_ids"], batch["attn_mask"])

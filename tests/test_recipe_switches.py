@@ -223,7 +223,8 @@ def test_compiled_blocks_train_and_answer_eagerly(tiny_world, tmp_path, monkeypa
     that counts dynamo's graphs and runs them as traced), the stage trains and validates, and the validation's
     answers are generated with the blocks eager: the graphs stay a few for the two kinds of block (training, a new
     crop count, validation's no_grad), not one per layer and cache length; and the answers are eval.py's on the
-    exported weights. Asking for both compile switches is refused."""
+    exported weights. Asking for both compile switches is refused, and so is key_blocks (a host read of the mask)
+    in the one graph of compile=True."""
     import model as model_module
     graphs, compile_each_block = [], model_module.compile_each_block
 
@@ -249,6 +250,9 @@ def test_compiled_blocks_train_and_answer_eagerly(tiny_world, tmp_path, monkeypa
     assert all(logged.get(f"val_{metric}") == value for metric, value in expected.items() if value is not None)
     monkeypatch.setattr(sys, "argv", args + ["--compile=True"])
     with pytest.raises(SystemExit, match="compile=True and compile_blocks=True: choose one"):
+        runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", args[:-1] + ["--compile=True", "--key_blocks=True"])
+    with pytest.raises(SystemExit, match="key_blocks reads the mask on the host"):
         runpy.run_path(os.path.join(ROOT, "train_joint.py"), run_name="__main__")
 
 
