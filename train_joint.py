@@ -106,6 +106,9 @@ vit_feature_cache = 0.0  # GiB > 0: on a CPU, with the ViT frozen (lr_vit 0), ke
 #   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each of its
 #   5,000 training images 2-4 times, as fast as the CPU runs, and its ViT forward is ~9% of a step (BENCHMARKS.md "A
 #   frozen ViT's features kept", "A smaller world for the CPU demo")
+join_rows = False  # each batch's rows joined into one row, padded only at its end: the same examples and losses
+#   (packing), without the padding between rows (a fifth of the CPU demo's tokens; training.TrainLoader). Not with
+#   cuda_graph or length_groups
 key_blocks = False  # the LLM's masked attention given only the key blocks each chunk of queries can see, the same
 #   result (model.KeyBlocks): a row's queries see its prefix and their own branch, ~0.44 of the dense scores in the
 #   CPU demo's rows. It reads the mask on the host each step, so not with cuda_graph
@@ -222,7 +225,7 @@ def fixed_shape_losses(batch):
 
 graph_off = ("several processes" if d.world_size > 1 else "grad_accum > 1" if grad_accum > 1 else
              "compile=True" if compile else "token_loss" if token_loss else "length_groups" if length_groups else
-             "key_blocks" if key_blocks else None)
+             "key_blocks" if key_blocks else "join_rows" if join_rows else None)
 graphed = None
 if d.device.type == "cuda" and cuda_graph and graph_off is None:
     graphed = GraphedStep(model, lambda batch: batch_to(batch, d.device), lambda p: p["loss_sum"] / p["weight"],
@@ -236,7 +239,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
                    max_crops=max_crops, max_row_crops=max_row_crops, max_video_frames=max_video_frames,
                    crop_size=model.config.vit.image_size, patch_size=model.config.vit.patch_size,
                    overlap_margins=overlap_margins, prefix_mode=prefix_mode,
-                   weighting=loss_weighting, seed=seed, styles=styles)
+                   weighting=loss_weighting, seed=seed, styles=styles, join_rows=join_rows)
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, fixed_shapes=graphed is not None,
                      token_attributes=token_attributes if token_loss else (), length_groups=length_groups,

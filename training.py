@@ -1239,21 +1239,30 @@ class TrainLoader(ForkedWorkers):
     LENGTH_STEP), not max_seq_len: a shard packs length_groups batches' rows at once, orders them by length, cuts
     them into batches and hands those out in a seeded random order. Where rows hold one example each and their
     padding is much of a step (the CPU demo: a fifth of its tokens), the step costs that much less; the rows held
-    back go into state_dict() as their examples' keys. Not with fixed_shapes (one CUDA graph a shape)."""
+    back go into state_dict() as their examples' keys. Not with fixed_shapes (one CUDA graph a shape).
+    join_rows: each batch's rows joined end to end into one row, padded only at its end (to a multiple of JOIN_STEP):
+    the same examples in the same order, each in its own block of the mask with its positions from 0, so each token's
+    loss is what it was (packing), and none of the padding between rows is computed. Where a row holds one example and
+    a fifth of it is padding (the CPU demo's), the step computes that much less; with model.KeyBlocks (train_joint.py
+    key_blocks) the attention stays as cheap as in separate rows. Not with fixed_shapes or length_groups."""
 
     LENGTH_STEP = 32  # a grouped batch's length is a multiple of this: few shapes for a compiler to meet
+    JOIN_STEP = 64  # a joined row's length is a multiple of this: model.KeyBlocks' chunk of queries
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
                  rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, token_attributes=(),
-                 length_groups=0):
+                 length_groups=0, join_rows=False):
         import data
         if not isinstance(length_groups, int) or length_groups < 0:
             raise ValueError(f"length_groups={length_groups!r}: a count of batches (0: off)")
         if length_groups and fixed_shapes:
             raise ValueError("length_groups: batches of varying length, and fixed_shapes asks for few: choose one")
+        if join_rows and (fixed_shapes or length_groups):
+            raise ValueError("join_rows: one row of the batch's own length, which fixed_shapes and length_groups "
+                             "shape their own way: choose one")
         self.data, self.fixed_shapes = data, fixed_shapes
-        self.length_groups = length_groups
+        self.length_groups, self.join_rows = length_groups, join_rows
         self.shards = list(range(rank * grad_accum, (rank + 1) * grad_accum))  # the packers' shards, in order
         self.held = [[] for _ in self.shards]  # per shard: the grouped batches not yet handed out, [[(keys, row)]]
         self.n_groups = [0] * len(self.shards)  # per shard: groups made so far (seeds each group's order)
@@ -1323,6 +1332,9 @@ class TrainLoader(ForkedWorkers):
     def _batch(self, i):
         rows = self._rows(i)
         pad_to = self.max_seq_len
+        if self.join_rows:
+            rows = [[ex for row in rows for ex in row]]
+            pad_to = -(-sum(len(ex) for ex in rows[0]) // self.JOIN_STEP) * self.JOIN_STEP
         if self.length_groups:
             step = self.LENGTH_STEP
             pad_to = min(-(-max(sum(len(ex) for ex in row) for row in rows) // step) * step, self.max_seq_len)

@@ -56,10 +56,12 @@ vit_feature_cache = 4.0  # GiB: the frozen ViT's features of each crop kept (vis
 #   image met again (from joint step ~625, when the 5,000 images' first pass ends) skips the ViT: 1.5 GiB for all
 #   25,000 crops. On this project's 2-core CPU such steps took 0.269-0.314 s against 0.326-0.358 (300 steps in a world
 #   of 1,000 images, two hours, the same losses to the bit; BENCHMARKS.md "A frozen ViT's features kept")
-key_blocks = True  # each chunk of 64 queries attends over only the key blocks it can see (model.KeyBlocks): a row's
-#   image and the question's own branch, ~0.44 of the dense scores in these rows, the same losses. On this project's
-#   2-core AMD CPU the step took 289 ms against 332 (12 batches alternated in one process; BENCHMARKS.md "Attention
-#   over the key blocks")
+key_blocks = True  # each chunk of 64 queries attends over only the key blocks it can see (model.KeyBlocks): its
+#   example's image and the question's own branch, the same losses
+join_rows = True  # the 8 rows joined into one, padded only at its end (training.TrainLoader): the same examples and
+#   losses without the fifth of the tokens that was padding. On this project's 2-core AMD CPU a forward and backward
+#   took 264 ms with both, 295 with the key blocks alone and 338 with neither (the same 12 batches alternated in one
+#   process; BENCHMARKS.md "Attention over the key blocks")
 eval_every = 1100
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report
 eval_batches = 2

@@ -773,6 +773,50 @@ def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_it
                              length_groups=-1)
 
 
+
+def test_join_rows_make_one_row_of_the_same_examples(world):
+    """join_rows=True: each batch is one row holding the plain loader's rows' examples end to end, in order, token for
+    token (ids, targets, weights, positions from 0 in each example, vision flags), then padding up to a multiple of
+    JOIN_STEP; the media are the same tensors. Asked with fixed_shapes or length_groups, it is refused."""
+    def loader(join_rows):
+        return training.TrainLoader(world, MIXTURE, "train", 3, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                    join_rows=join_rows)
+
+    plain, joined = loader(False), loader(True)
+    for _ in range(3):
+        p, j = plain.next_step()[0], joined.next_step()[0]
+        assert j["input_ids"].shape[0] == 1 and j["input_ids"].shape[1] % training.TrainLoader.JOIN_STEP == 0
+        real = p["example_ids"] >= 0
+        n = int(real.sum())
+        assert n > 0 and bool((j["example_ids"][0, :n] >= 0).all()) and not bool((j["example_ids"][0, n:] >= 0).any())
+        for key in ("input_ids", "targets", "loss_weights", "position_ids", "mm_token_type_ids", "branch_ids"):
+            assert torch.equal(j[key][0, :n], p[key][real]), key
+        assert j["input_ids"].shape[1] - n < training.TrainLoader.JOIN_STEP
+        for key in ("pixel_values", "image_token_pooling", "image_grids", "pixel_values_videos", "video_token_pooling"):
+            assert (key in p) == (key in j) and (key not in p or torch.equal(p[key], j[key])), key
+    for other in (dict(fixed_shapes=True), dict(length_groups=2)):
+        with pytest.raises(ValueError, match="join_rows: one row of the batch's own length"):
+            training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                 join_rows=True, **other)
+
+
+def test_join_rows_and_key_blocks_train_to_the_same_losses(world, tmp_path, monkeypatch):
+    """train_joint.py with join_rows and key_blocks (the CPU demo's) takes the same steps as with neither: the same
+    examples, each token's loss computed apart from the others either way. Float32 on the CPU: other lengths run other
+    matmul shapes and attention sums (a few ulps: within 2e-7 relative over these three steps); 1e-5 leaves room for
+    other CPUs' kernels. No dropout: its draws follow the batch's shape."""
+    args = [*TINY, *mixture_args(world), "--batch_size=3", "--max_steps=3", "--save_every=0", "--resid_dropout=0.0",
+            "--lr_connector=3e-3", "--lr_vit=2e-3", "--lr_llm=1e-3", "--warmup_llm=0", "--warmup_connector=0"]
+    run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'rows'}", *args], monkeypatch)
+    run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'joined'}", *args, "--join_rows=True",
+                                            "--key_blocks=True"], monkeypatch)
+    rows, joined = read_log(tmp_path / "rows"), read_log(tmp_path / "joined")
+    assert len(rows) == len(joined) == 3
+    for a, b in zip(rows, joined):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                   rel=1e-5)
+
+
 def test_fixed_shape_batches_list_their_targets(world):
     """TrainLoader(fixed_shapes=True), train_joint.py's batches for a CUDA graph: media padded, and the flat positions
     that have a target listed in order, then -1 up to padded_size's count, which the graph's loss is taken on."""

@@ -1,10 +1,11 @@
 """The CPU demo's joint step with the LLM's attention dense and over its key blocks (train_joint.py key_blocks,
-model.KeyBlocks), alternated batch by batch in one process: a slow CPU's speed drifts from one minute to the next, and
-two runs one after the other measure the drift as much as the switch. The model is the align checkpoint's, its blocks
-compiled and its matmuls in bf16 where the CPU has them, as config/demo_joint.py trains; the batches are the joint
-stage's first (rows of 448, 8 a step). It prints the keys each chunk of queries was given against the dense row, each
-switch's median forward and backward (no optimizer step: the same in both), and the losses of the first batch, which
-must agree to bf16's rounding. BENCHMARKS.md "Attention over the key blocks" holds a run's numbers.
+model.KeyBlocks), and with the batch's rows joined into one (join_rows, training.TrainLoader), alternated batch by
+batch in one process: a slow CPU's speed drifts from one minute to the next, and two runs one after the other
+measure the drift as much as the switch. The model is the align checkpoint's, its blocks compiled and its matmuls in
+bf16 where the CPU has them, as config/demo_joint.py trains; the batches are the joint stage's first 12 (8 examples
+each, in rows of 448 or joined). It prints the lengths and the keys each chunk of queries is given, each variant's
+median forward and backward (no optimizer step: the same in all), and the losses of the first batch, which must agree
+to bf16's rounding. BENCHMARKS.md "Attention over the key blocks" holds a run's numbers.
 
     python assets/bench/key_blocks_step.py [out/demo/align] [data/demo] [rounds]    # after make demo's align stage
 """
@@ -30,14 +31,23 @@ def main(align="out/demo/align", data_dir="data/demo", rounds=4):
     model = training.build_model(align, "small")
     model_lib.compile_each_block(model)
     autocast = training.step_autocast(torch.device("cpu"), "bfloat16", "auto")
-    loader = training.TrainLoader(
-        data_dir, config["data_mixture"], "train", config["batch_size"], config["max_seq_len"], config["max_crops"],
-        None, None, model.config.vit.image_size, model.config.vit.patch_size, config["overlap_margins"], "sft",
-        config["loss_weighting"], 1337, styles=config["styles"])
-    batches = [training.batch_to(loader.next_step()[0], torch.device("cpu")) for _ in range(12)]
-    kept = [model_lib.KeyBlocks.plan(b["attn_mask"]).keys.shape[1] / b["attn_mask"].shape[-1] for b in batches]
-    print(f"keys a chunk is given: {min(kept):.2f}-{max(kept):.2f} of the row's "
-          f"{batches[0]['attn_mask'].shape[-1]} (mean {statistics.mean(kept):.2f})")
+
+    def batches(join_rows):  # the joint stage's first batches, the same examples either way
+        loader = training.TrainLoader(
+            data_dir, config["data_mixture"], "train", config["batch_size"], config["max_seq_len"],
+            config["max_crops"], None, None, model.config.vit.image_size, model.config.vit.patch_size,
+            config["overlap_margins"], "sft", config["loss_weighting"], 1337, styles=config["styles"],
+            join_rows=join_rows)
+        return [training.batch_to(loader.next_step()[0], torch.device("cpu")) for _ in range(12)]
+
+    rows, joined = batches(False), batches(True)
+    for name, made in (("rows of", rows), ("one joined row of", joined)):
+        kept = [model_lib.KeyBlocks.plan(b["attn_mask"]).keys.shape[1] for b in made]
+        lengths = [b["attn_mask"].shape[-1] for b in made]
+        print(f"{len(made[0]['input_ids'])} {name} {min(lengths)}-{max(lengths)} tokens: keys a chunk is given "
+              f"{min(kept)}-{max(kept)}")
+    variants = {"rows, dense mask": (rows, False), "rows, key blocks": (rows, True),
+                "joined, key blocks": (joined, True)}
 
     def step(batch, on):
         model.llm.key_blocks = on
@@ -50,15 +60,18 @@ def main(align="out/demo/align", data_dir="data/demo", rounds=4):
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start, loss.item()
 
-    losses = {on: [step(b, on)[1] for b in batches[:4]][0] for on in (False, True)}  # compiles both ways first
-    times = {False: [], True: []}
+    # compiles every variant first (a new length is one recompile, after which it is dynamic)
+    losses = {name: [step(b, on)[1] for b in made[:4]][0] for name, (made, on) in variants.items()}
+    times = {name: [] for name in variants}
+    order = list(variants)
     for r in range(rounds):
-        for batch in batches:
-            for on in ((False, True) if r % 2 == 0 else (True, False)):
-                times[on].append(step(batch, on)[0])
-    for on in (False, True):
-        print(f"key_blocks={on}: median {statistics.median(times[on]) * 1e3:.1f} ms a forward and backward "
-              f"({len(times[on])} steps), first batch's loss {losses[on]:.5f}")
+        for i in range(len(rows)):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                made, on = variants[name]
+                times[name].append(step(made[i], on)[0])
+    for name in variants:
+        print(f"{name}: median {statistics.median(times[name]) * 1e3:.1f} ms a forward and backward "
+              f"({len(times[name])} steps), first batch's loss {losses[name]:.5f}")
 
 
 if __name__ == "__main__":
