@@ -777,7 +777,8 @@ def test_length_groups_hand_out_the_same_rows_by_length_each_batch_as_long_as_it
 def test_join_rows_make_one_row_of_the_same_examples(world):
     """join_rows=True: each batch is one row holding the plain loader's rows' examples end to end, in order, token for
     token (ids, targets, weights, positions from 0 in each example, vision flags), then padding up to a multiple of
-    JOIN_STEP; the media are the same tensors. Asked with fixed_shapes or length_groups, it is refused."""
+    JOIN_STEP, with its attention mask; the media are the same tensors. Asked with fixed_shapes or length_groups, it is
+    refused."""
     def loader(join_rows):
         return training.TrainLoader(world, MIXTURE, "train", 3, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
                                     join_rows=join_rows)
@@ -792,6 +793,9 @@ def test_join_rows_make_one_row_of_the_same_examples(world):
         for key in ("input_ids", "targets", "loss_weights", "position_ids", "mm_token_type_ids", "branch_ids"):
             assert torch.equal(j[key][0, :n], p[key][real]), key
         assert j["input_ids"].shape[1] - n < training.TrainLoader.JOIN_STEP
+        # the row's mask comes with it (collate's, example by example): the one batch_to would make from its ids
+        assert torch.equal(j["attn_mask"], data.batch_attention_mask(j["example_ids"], j["branch_ids"],
+                                                                     j["mm_token_type_ids"]))
         for key in ("pixel_values", "image_token_pooling", "image_grids", "pixel_values_videos", "video_token_pooling"):
             assert (key in p) == (key in j) and (key not in p or torch.equal(p[key], j[key])), key
     for other in (dict(fixed_shapes=True), dict(length_groups=2)):
