@@ -216,8 +216,8 @@ class KeyBlocks:
     of it may see in some row of the batch, the same blocks for the whole batch, padded to the most any chunk needs with
     blocks it cannot see. Nothing is approximated: a block left out is masked for every query of the chunk, so the
     softmax and its gradient are the dense ones, summed in another order. The CPU demo's rows (one example, 7 branches,
-    T 448) keep ~0.44 of the dense scores (BENCHMARKS.md "Attention over the key blocks"). plan() reads the mask on
-    the host (one sync): for CPU training, not for CUDA graphs."""
+    T 448) keep ~0.45 of the dense scores (BENCHMARKS.md "Attention over the key blocks, and the rows joined").
+    plan() reads the mask on the host (one sync): for CPU training, not for CUDA graphs."""
 
     def __init__(self, mask, keys):
         self.mask, self.keys = mask, keys  # (B * chunks, 1, rows, K) bool; (chunks, K) int64 key indices

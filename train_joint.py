@@ -161,6 +161,9 @@ def answer_scores(model, processor, items):
 if token_loss and (compile or parallel == "fsdp"):
     raise SystemExit("train_joint: token_loss trains a head on the connector's output through a forward hook: not with "
                      "compile=True (one graph) or parallel='fsdp' (compile_blocks and DDP are fine)")
+if join_rows and length_groups:
+    raise SystemExit("train_joint: join_rows makes each batch one row of its own length, length_groups batches of like "
+                     "rows: choose one")
 if key_blocks and compile:
     raise SystemExit("train_joint: key_blocks reads the mask on the host, a graph break in compile=True's one graph: "
                      "use compile_blocks=True with it")

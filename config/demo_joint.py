@@ -61,7 +61,7 @@ key_blocks = True  # each chunk of 64 queries attends over only the key blocks i
 join_rows = True  # the 8 rows joined into one, padded only at its end (training.TrainLoader): the same examples and
 #   losses without the fifth of the tokens that was padding. On this project's 2-core AMD CPU a forward and backward
 #   took 264 ms with both, 295 with the key blocks alone and 338 with neither (the same 12 batches alternated in one
-#   process; BENCHMARKS.md "Attention over the key blocks")
+#   process; BENCHMARKS.md "Attention over the key blocks, and the rows joined")
 eval_every = 1100
 eval_answers = 100  # answered and scored at each validation: answers.png, the learning curve in the report
 eval_batches = 2

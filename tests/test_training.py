@@ -808,7 +808,7 @@ def test_join_rows_and_key_blocks_train_to_the_same_losses(world, tmp_path, monk
     """train_joint.py with join_rows and key_blocks (the CPU demo's) takes the same steps as with neither: the same
     examples, each token's loss computed apart from the others either way. Float32 on the CPU: other lengths run other
     matmul shapes and attention sums (a few ulps: within 2e-7 relative over these three steps); 1e-5 leaves room for
-    other CPUs' kernels. No dropout: its draws follow the batch's shape."""
+    other CPUs' kernels. No dropout: its draws follow the batch's shape. join_rows with length_groups is refused."""
     args = [*TINY, *mixture_args(world), "--batch_size=3", "--max_steps=3", "--save_every=0", "--resid_dropout=0.0",
             "--lr_connector=3e-3", "--lr_vit=2e-3", "--lr_llm=1e-3", "--warmup_llm=0", "--warmup_connector=0"]
     run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'rows'}", *args], monkeypatch)
@@ -819,6 +819,9 @@ def test_join_rows_and_key_blocks_train_to_the_same_losses(world, tmp_path, monk
     for a, b in zip(rows, joined):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
                                                                                                    rel=1e-5)
+    with pytest.raises(SystemExit, match="join_rows makes each batch one row of its own length"):
+        run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'both'}", *args, "--join_rows=True",
+                                                "--length_groups=2"], monkeypatch)
 
 
 def test_fixed_shape_batches_list_their_targets(world):

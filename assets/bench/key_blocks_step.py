@@ -5,7 +5,7 @@ measure the drift as much as the switch. The model is the align checkpoint's, it
 bf16 where the CPU has them, as config/demo_joint.py trains; the batches are the joint stage's first 12 (8 examples
 each, in rows of 448 or joined). It prints the lengths and the keys each chunk of queries is given, each variant's
 median forward and backward (no optimizer step: the same in all), and the losses of the first batch, which must agree
-to bf16's rounding. BENCHMARKS.md "Attention over the key blocks" holds a run's numbers.
+to bf16's rounding. BENCHMARKS.md "Attention over the key blocks, and the rows joined" holds a run's numbers.
 
     python assets/bench/key_blocks_step.py [out/demo/align] [data/demo] [rounds]    # after make demo's align stage
 """
