@@ -1335,7 +1335,7 @@ class TrainLoader(ForkedWorkers):
         if self.join_rows:
             rows = [[ex for row in rows for ex in row]]
             pad_to = -(-sum(len(ex) for ex in rows[0]) // self.JOIN_STEP) * self.JOIN_STEP
-        if self.length_groups:
+        elif self.length_groups:
             step = self.LENGTH_STEP
             pad_to = min(-(-max(sum(len(ex) for ex in row) for row in rows) // step) * step, self.max_seq_len)
         # batch_to makes the mask on the device from the ids; a joined row's comes from collate, example by example:

@@ -97,6 +97,7 @@ easy_world() {  # stage 1's easy world (as demo.py --recipe=gpu makes it): one l
 # questions an image, whose 2,430 steps of 448 fit the CPU's minutes
 S600="--muon_lr=0.02 --scene_weight=1.0 --scene_balanced=True --max_steps=600 --eval_every=300"
 X2="--max_steps=2430 --data_dir=data/demo_x2 --max_seq_len=448"
+W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed (held peak, scene loss 2)
 x2_world() {  # [N]: the world of 2 more questions an image with N training images (10,000: data/demo_x2)
   local n=${1:-10000} dir=data/demo_x2${1:+_$1}
   [ -f $dir/synth_image/test.jsonl ] || $PY prepare_data.py --dataset=synthetic --out=$dir \
@@ -382,7 +383,6 @@ wsd2)
   ;;
 margins)
   x2_world
-  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed
   vision m2 128,512,4 $W &
   ALIGN_ARGS="--overlap_margins=(1,1)" vision m1 128,512,4 $W "--overlap_margins=(1,1)" &
   ALIGN_ARGS="--overlap_margins=(0,0)" vision m0 128,512,4 $W "--overlap_margins=(0,0)" &
@@ -395,7 +395,6 @@ margins)
   ;;
 margins2)
   x2_world
-  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"
   vision m2 128,512,4 $W &
   vision m1at2 128,512,4 $W "--overlap_margins=(1,1)" &  # stage 1 at (1, 1), its align stage at the demo's (2, 2)
   wait
@@ -406,7 +405,6 @@ margins2)
   ;;
 world5k)
   x2_world & x2_world 5000 & wait
-  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"
   vision m2 128,512,4 $W &
   ALIGN_ARGS="--data_dir=data/demo_x2_5000" vision w5 128,512,4 $W --data_dir=data/demo_x2_5000 &
   wait
@@ -417,7 +415,6 @@ world5k)
   done
   ;;
 slowcpu|amx2500)
-  W="$S600 --lr_decay_frac=0.25 --scene_weight=2.0"  # the demo's stage 1 as committed
   x2_world 5000 & x2_world 2500 & wait
   if [ $GROUP = slowcpu ]; then S1=360 J=1500 J25=1650; else S1=600 J=2850 J25=3100; fi
   for n in 5000 2500; do
