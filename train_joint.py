@@ -111,7 +111,8 @@ join_rows = False  # each batch's rows joined into one row, padded only at its e
 #   cuda_graph or length_groups
 key_blocks = False  # the LLM's masked attention given only the key blocks each chunk of queries can see, the same
 #   result (model.KeyBlocks): a row's queries see its prefix and their own branch, ~0.44 of the dense scores in the
-#   CPU demo's rows. It reads the mask on the host each step, so not with cuda_graph
+#   CPU demo's rows. It reads the mask on the host each step, so not with cuda_graph (on a GPU it cost more than it
+#   saved: BENCHMARKS.md "The CPU savings on a GPU")
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
 log_every = 1

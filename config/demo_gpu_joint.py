@@ -24,6 +24,9 @@ max_steps = 8000
 token_loss = 0.0  # config/demo_joint.py's token loss is for the CPU's fewer steps; off, the step can be a CUDA graph
 cuda_graph = True  # the step replayed as CUDA graphs of a few padded batch layouts (train_joint.py): the host's
 #   ~1,500 kernel launches a step were most of its time
+key_blocks, join_rows = False, False  # config/demo_joint.py's exact CPU savings turn the graphs off, and the joined
+#   row of 64 examples (~25,000 tokens) makes a dense mask of ~600 MB that the key blocks read on the host: one H200
+#   took 0.45 s a step with both, against 0.036 s as graphs without (BENCHMARKS.md "The CPU savings on a GPU")
 lr_connector, lr_vit, lr_llm = 2e-3, 0.0, 2e-3  # lr 0 freezes the ViT
 muon_lr = 0.0  # AdamW throughout, as every GPU run above was measured (the CPU demo's Muon is untried on a GPU)
 vit_feature_cache = 0.0  # the CPU demo's cache of the ViT's features is for a CPU (train_joint.py)

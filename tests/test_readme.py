@@ -208,8 +208,8 @@ def test_each_script_the_readme_names_answers_help(monkeypatch, capsys):
 def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
     """Each step of each demo.py recipe (the GPU ones too, which this CPU cannot run) starts a script that exists,
     with config files that exist and set only knobs the script has (a key of another stage fails here, not minutes
-    into a GPU run), and --key=value knobs it has; the GPU recipe's stage 1 starts where its easy part ended, and
-    that part reads the easy world its step before made."""
+    into a GPU run), and --key=value knobs it has; the GPU recipes' joint steps can run as CUDA graphs; the GPU
+    recipe's stage 1 starts where its easy part ended, and that part reads the easy world its step before made."""
     for recipe in demo.RECIPES:
         steps = {name: args for name, args, _ in demo.demo_steps(recipe)}
         for name, (script, *args) in steps.items():
@@ -227,9 +227,14 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
                 exec(compile(head, script, "exec"), knob_defaults)
                 files_and_knobs = [a if a.startswith("--") else os.path.join(ROOT, a) for a in args]
                 try:
-                    configurator.configure(knob_defaults, files_and_knobs)
+                    resolved = configurator.configure(knob_defaults, files_and_knobs)
                 except configurator.ConfigError as e:
                     raise AssertionError(f"demo recipe {recipe!r}, step {name!r}: {e}") from None
+                if recipe != "cpu" and name == "joint":  # a GPU joint step runs as CUDA graphs: none of the switches
+                    # that turn them off (train_joint.py's graph_off), which the CPU recipe's file turns on
+                    off = [k for k in ("compile", "token_loss", "length_groups", "key_blocks", "join_rows")
+                           if resolved[k]]
+                    assert resolved["cuda_graph"] and resolved["grad_accum"] == 1 and not off, (recipe, off)
     gpu = {name: dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
            for name, args, _ in demo.demo_steps("gpu")}
     assert gpu["vision"]["init_from"] == gpu["vision, easy world"]["out_dir"]
