@@ -61,6 +61,10 @@
 #           kept ViT features fit), and the joint stage's Muon rate at 0.015, three seeds each
 #   amx2500: at the AMX CPU's steps (stage 1 600, the joint stage 2,850), the worlds of 5,000 and 2,500 (and 3,100
 #           steps in the smaller, the more its kept features fit), three seeds each
+#   slowshare: at the AMD CPU's steps since its joint step got the key blocks and joined rows (2026-12-05: stage 1
+#           ~390 steps of ~0.44 s, the joint stage ~1,950 of ~0.30 s), stage 1 given 390, 500 or 600 steps and the
+#           joint stage what is left (1,950, 1,800, 1,650); and the world of 2,500 at 390 / 1,950; three seeds each
+#           (SEEDS="1340 1341 1342": three more)
 #           (slowcpu and amx2500 not yet run: 2026-12-04's device call was lost with the machine; BENCHMARKS.md "The
 #           world of 2,500 on the slower CPU")
 # BENCHMARKS.md "The CPU demo on a CPU with AMX" holds the results (vitmuon: "Stage 1 by Muon"; wsd, wsd2: "Stage
@@ -429,9 +433,24 @@ slowcpu|amx2500)
         --muon_lr=0.015 &
   done
   ;;
+slowshare)
+  x2_world 5000 & x2_world 2500 & wait
+  for s1 in 390 500 600; do
+    ALIGN_ARGS="--data_dir=data/demo_x2_5000" vision share$s1 128,512,4 $W --max_steps=$s1 \
+        --data_dir=data/demo_x2_5000 &
+  done
+  ALIGN_ARGS="--data_dir=data/demo_x2_2500" vision w2500s390 128,512,4 $W --max_steps=390 --data_dir=data/demo_x2_2500 &
+  wait
+  for seed in ${SEEDS:-1337 1338 1339}; do
+    for spec in share390:1950 share500:1800 share600:1650; do
+      joint ${spec%:*}j${spec#*:} ${spec%:*} $seed ${X2/2430/${spec#*:}} --data_dir=data/demo_x2_5000 &
+    done
+    joint w2500s390j1950 w2500s390 $seed ${X2/2430/1950} --data_dir=data/demo_x2_2500 &
+  done
+  ;;
 *) echo "group: width, levers, rows, vitmuon, vitmuon2, vitmuon3, kinds, crops, queries, bvx2, digits, digits2,"\
         "digits3, steps, tokens, tokens2, tokens3, tokens4, tokens5, share, share2, wsd, wsd2, margins, margins2,"\
-        "world5k, slowcpu or amx2500"
+        "world5k, slowcpu, amx2500 or slowshare"
    exit 2 ;;
 esac
 wait
