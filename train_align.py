@@ -80,7 +80,7 @@ config = configure(globals())
 
 d = Dist(device)
 loader_workers = d.resolve_loader_workers(loader_workers)
-d.limit_cpu_threads(loader_workers)
+d.set_up_host(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model = build_model(init_from, model_preset, resid_dropout, response_dropout, llm_from, vit_from,

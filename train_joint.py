@@ -175,7 +175,7 @@ d = Dist(device)
 refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
-d.limit_cpu_threads(loader_workers)
+d.set_up_host(loader_workers)
 start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
 fill_recipe(globals(), config, *default_recipe(start), print_fn=d.print)
 seed_everything(seed)  # the same initial weights on every rank (FSDP shards each rank's own copy)

@@ -256,7 +256,7 @@ d = Dist(device)
 refuse_muon_with_fsdp("train_vision", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
-d.limit_cpu_threads(loader_workers)
+d.set_up_host(loader_workers)
 seed_everything(seed)  # the same initial weights on every rank
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # model_preset's ViT (trimmed after the deepest block the connector reads), fresh or of a checkpoint of that shape

@@ -48,6 +48,25 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def keep_freed_memory():
+    """glibc's malloc hands large freed blocks back to the kernel (blocks above its mmap threshold, which it raises
+    to at most 32 MB, and the free top of its heap past the trim threshold), and the next step's tensors of the same
+    sizes are then mapped afresh: every page faulted in and zeroed again. On this project's 2-core CPU (a virtual
+    machine) a page touched afresh costs ~5-17 us, and the CPU demo's joint step faulted ~3,000-6,000 pages a step
+    (BENCHMARKS.md "Memory kept for the next step"). Blocks up to 256 MB from the heap, and no trimming: the process
+    keeps its peak memory (which it reaches at every step anyway) and reuses it. -> whether glibc took the settings
+    (False off Linux or on another C library: nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(mallopt(M_MMAP_THRESHOLD, 256 * 2 ** 20))
+
+
 class Dist:
     """Where this process runs: rank, world size, device, and whether it is the one that prints."""
 
@@ -66,15 +85,18 @@ class Dist:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-    def limit_cpu_threads(self, loader_workers=0):
+    def set_up_host(self, loader_workers=0):
         """On a GPU, this process only collates batches and launches kernels. Its CPU ops (cat, copies) spread
         over every core fight the loader workers and the other ranks for them, and a thread team waiting on a
         busy core stalls: on a shared 16-core H200 machine, steps got 10x slower, and on 2 cores a 64-image
         torch.cat took 0.5 s instead of 5 ms while two workers ran (BENCHMARKS.md). OMP_NUM_THREADS, when set,
-        wins. CPU runs keep every core: there the arithmetic is this process's."""
+        wins. CPU runs keep every core: there the arithmetic is this process's, and they keep the memory they
+        free (keep_freed_memory)."""
         if self.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
             share = (os.cpu_count() or 1) // max(1, self.local_world_size * (1 + loader_workers))
             torch.set_num_threads(max(1, min(4, share)))
+        elif self.device.type == "cpu":
+            keep_freed_memory()
 
     def resolve_loader_workers(self, requested):
         """A stage's loader_workers knob -> the number of worker processes: -1 (auto) on a GPU is every core of this
