@@ -213,42 +213,81 @@ class KeyBlocks:
     given a dense mask computes every query against every key, though Molmo2's training rows let a query see few:
     a row's prefix (its image tokens) and its own question's branch, never another example or another branch. Here the
     T queries go in chunks of `rows`, and each chunk is given only the key blocks (of `cols` keys each) that some query
-    of it may see in some row of the batch, the same blocks for the whole batch, padded to the most any chunk needs with
-    blocks it cannot see. Nothing is approximated: a block left out is masked for every query of the chunk, so the
-    softmax and its gradient are the dense ones, summed in another order. The CPU demo's rows (one example, 7 branches,
-    T 448) keep ~0.45 of the dense scores (BENCHMARKS.md "Attention over the key blocks, and the rows joined").
+    of it may see in some row of the batch, the same blocks for the whole batch. The chunks go in `groups` by how many
+    blocks they need, each group padded to the most any of its chunks needs with blocks those cannot see (one SDPA call
+    a group). Nothing is approximated: a block left out is masked for every query of the chunk, so the softmax and its
+    gradient are the dense ones, summed in another order. The CPU demo's rows (one example, 7 branches, T 448) keep
+    ~0.45 of the dense scores (BENCHMARKS.md "Attention over the key blocks, and the rows joined").
     plan() reads the mask on the host (one sync): for CPU training, not for CUDA graphs."""
 
-    def __init__(self, mask, keys):
-        self.mask, self.keys = mask, keys  # (B * chunks, 1, rows, K) bool; (chunks, K) int64 key indices
+    GROUPS = 3  # plan()'s groups of chunks: each more is one more SDPA call a layer
+
+    def __init__(self, groups, order):
+        # groups: [(chunk indices (n,), their key indices (n, K) int64, their mask (B * n, 1, rows, K) bool)];
+        # order (chunks,): where each chunk's output sits in the groups' outputs laid end to end
+        self.groups, self.order = groups, order
+
+    @staticmethod
+    def split(counts, groups, least=2):
+        """counts: the blocks each chunk needs, ascending -> [(start, end)], `groups` runs of at least `least`
+        chunks each (fewer runs where there are too few chunks) whose padded total, the sum of (end - start) *
+        counts[end - 1], is least. (A run of one chunk would be a shape torch.compile specialises on, another graph.)"""
+        C = len(counts)
+        groups = max(1, min(groups, C // least))
+        # best[g][e]: (least padded total, its runs) for the first e chunks in g runs
+        best = [{0: (0, [])}] + [{} for _ in range(groups)]
+        for g in range(1, groups + 1):
+            for e in range(g * least, C + 1):
+                best[g][e] = min((best[g - 1][s][0] + (e - s) * counts[e - 1], best[g - 1][s][1] + [(s, e)])
+                                 for s in range(0, e - least + 1) if s in best[g - 1])
+        return best[groups][C][1]
 
     @classmethod
-    def plan(cls, mask, rows=64, cols=32, most=0.75):
-        """-> KeyBlocks, or None where T or S is not a multiple of the sizes or the chunks need more than `most`
-        of the keys (the dense kernel is then as fast)."""
+    def plan(cls, mask, rows=64, cols=32, most=0.75, groups=None):
+        """-> KeyBlocks, or None where T or S is not a multiple of the sizes or a chunk needs more than `most` of
+        the keys (the dense kernel is then as fast)."""
         B, _, T, S = mask.shape
         if mask.dtype != torch.bool or mask.shape[1] != 1 or T % rows or S % cols:
             return None
         need = mask.view(B, T // rows, rows, S // cols, cols).any(4).any(2).any(0)  # (chunks, key blocks)
-        n = int(need.sum(1).max())
-        if n * cols > most * S:
+        counts = need.sum(1)
+        if int(counts.max()) * cols > most * S:
             return None
+        by_need = torch.sort(counts, stable=True).indices  # the chunks, fewest blocks first
+        sorted_counts = counts[by_need].tolist()
         # each chunk's blocks in key order, the ones it needs first: stable sort on "not needed"
-        blocks = torch.sort((~need).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (chunks, n)
-        keys = (blocks[:, :, None] * cols + torch.arange(cols, device=mask.device)).flatten(1)  # (chunks, K)
+        blocks = torch.sort((~need).to(torch.uint8), dim=1, stable=True).indices  # (chunks, key blocks)
         chunks = mask.view(B, T // rows, rows, S)
-        sub = chunks.gather(3, keys[None, :, None, :].expand(B, -1, rows, -1))  # (B, chunks, rows, K)
-        return cls(sub.flatten(0, 1)[:, None], keys)
+        made = []
+        for start, end in cls.split(sorted_counts, groups or cls.GROUPS):
+            idx, n = by_need[start:end], sorted_counts[end - 1]
+            keys = (blocks[idx, :n, None] * cols + torch.arange(cols, device=mask.device)).flatten(1)  # (len, K)
+            sub = chunks[:, idx].gather(3, keys[None, :, None, :].expand(B, -1, rows, -1))  # (B, len, rows, K)
+            made.append((idx, keys, sub.flatten(0, 1)[:, None].clone()))  # a tensor of its own: no view's
+            #   base for the compiled blocks to guard on
+            if not torch.compiler.is_compiling():  # the compiled blocks (compile_each_block) take these sizes as
+                for t, dims in zip(made[-1], ((0,), (0, 1), (0, 3))):  # they come from the first step on, not
+                    for dim in dims:  # one recompile each as each size first changes (7 in 150 steps, ~12 s each)
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+        return cls(made, torch.argsort(by_need))
+
+    @property
+    def keys_per_chunk(self):
+        """How many keys a chunk of queries is given, on average over the chunks (padding included)."""
+        return sum(keys.numel() for _, keys, _ in self.groups) / len(self.order)
 
     def attend(self, q, k, v):
         """q (B, nh, T, hd), k and v (B, nkv, S, hd) -> (B, nh, T, hd), as attend(q, k, v, attn_mask=mask)."""
         B, nh, T, hd = q.shape
-        chunks, K = self.keys.shape
-        rows = T // chunks
-        q = q.view(B, nh, chunks, rows, hd).transpose(1, 2).flatten(0, 1)  # (B * chunks, nh, rows, hd)
-        k, v = (t[:, :, self.keys].transpose(1, 2).flatten(0, 1) for t in (k, v))  # (B * chunks, nkv, K, hd)
-        y = attend(q, k, v, attn_mask=self.mask, enable_gqa=True)  # (B * chunks, nh, rows, hd)
-        return y.view(B, chunks, nh, rows, hd).transpose(1, 2).reshape(B, nh, T, hd)
+        rows = T // len(self.order)
+        q = q.view(B, nh, len(self.order), rows, hd).transpose(1, 2)  # (B, chunks, nh, rows, hd)
+        out = []
+        for idx, keys, mask in self.groups:
+            k_g, v_g = (t[:, :, keys].transpose(1, 2).flatten(0, 1) for t in (k, v))  # (B * n, nkv, K, hd)
+            y = attend(q[:, idx].flatten(0, 1), k_g, v_g, attn_mask=mask, enable_gqa=True)  # (B * n, nh, rows, hd)
+            out.append(y.view(B, len(idx), nh, rows, hd))
+        y = torch.cat(out, 1)[:, self.order]  # (B, chunks, nh, rows, hd), in chunk order again
+        return y.transpose(1, 2).reshape(B, nh, T, hd)
 
 
 class Attention(nn.Module):

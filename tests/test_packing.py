@@ -4,6 +4,7 @@ reference), message-tree branches equal to separate sequences, the batch vision 
 transformers' processor output, and the packer's budgets, skips and exact resume."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -107,7 +108,8 @@ def test_key_blocks_attention_is_the_dense_masked_attention():
     L = 512
     mask = random_rows(g, (500, 300, 120), L)["attn_mask"]
     blocks = model_lib.KeyBlocks.plan(mask)
-    assert blocks is not None and blocks.keys.shape[1] < L / 2  # the test covers a real cut, not the dense path
+    assert blocks is not None and blocks.keys_per_chunk < L / 2  # the test covers a real cut, not the dense path
+    assert len({keys.shape[1] for _, keys, _ in blocks.groups}) > 1  # and groups of chunks given different keys
     q = torch.randn(3, 4, L, 16, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(3, 2, L, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     grad = torch.randn(3, 4, L, 16, generator=g, dtype=torch.float64)
@@ -119,6 +121,37 @@ def test_key_blocks_attention_is_the_dense_masked_attention():
     causal = torch.ones(L, L, dtype=torch.bool).tril().expand(3, 1, L, L)
     assert model_lib.KeyBlocks.plan(causal) is None
     assert model_lib.KeyBlocks.plan(mask[..., :500, :500]) is None
+
+
+def test_key_blocks_split_the_chunks_into_the_groups_of_least_padding():
+    """KeyBlocks.split: runs of the chunks (sorted by the blocks each needs), each padded to its last chunk's need;
+    the split it picks pads least. By hand for needs 1 1 2 5 5 8, runs of one chunk allowed: two runs pad least as
+    1 1 2 | 5 5 8 (3 x 2 + 3 x 8 = 30, against 34 at 2 | 4 and 33 at 5 | 1), three as 1 1 2 | 5 5 | 8 (6 + 10 + 8 =
+    24); with runs of at least two chunks (the default), 1 1 | 2 5 | 5 8 (2 + 10 + 16 = 28). Then against every
+    split, on random needs."""
+    split = model_lib.KeyBlocks.split
+    assert split([1, 1, 2, 5, 5, 8], 2, least=1) == [(0, 3), (3, 6)]
+    assert split([1, 1, 2, 5, 5, 8], 3, least=1) == [(0, 3), (3, 5), (5, 6)]
+    assert split([1, 1, 2, 5, 5, 8], 3) == [(0, 2), (2, 4), (4, 6)]
+    assert split([4, 7], 3, least=1) == [(0, 1), (1, 2)] and split([4, 7], 3) == [(0, 2)]
+
+    def padded(counts, runs):
+        return sum((end - start) * counts[end - 1] for start, end in runs)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        counts = sorted(torch.randint(1, 9, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist())
+        for groups, least in ((2, 1), (3, 1), (3, 2)):
+            every = [list(zip((0, *cuts), (*cuts, len(counts))))
+                     for cuts in itertools.combinations(range(1, len(counts)), groups - 1)]
+            every = [runs for runs in every if all(end - start >= least for start, end in runs)]
+            runs = split(counts, groups, least)
+            if not every:  # too few chunks for that many runs of that length: fewer runs
+                assert len(runs) < groups
+                continue
+            assert len(runs) == groups and runs[0][0] == 0 and runs[-1][1] == len(counts)
+            assert all(a[1] == b[0] for a, b in zip(runs, runs[1:])) and all(e - s >= least for s, e in runs)
+            assert padded(counts, runs) == min(padded(counts, r) for r in every)
 
 
 @torch.no_grad()

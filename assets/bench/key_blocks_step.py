@@ -1,11 +1,12 @@
 """The CPU demo's joint step with the LLM's attention dense and over its key blocks (train_joint.py key_blocks,
-model.KeyBlocks), and with the batch's rows joined into one (join_rows, training.TrainLoader), alternated batch by
-batch in one process: a slow CPU's speed drifts from one minute to the next, and two runs one after the other
-measure the drift as much as the switch. The model is the align checkpoint's, its blocks compiled and its matmuls in
-bf16 where the CPU has them, as config/demo_joint.py trains; the batches are the joint stage's first 12 (8 examples
-each, in rows of 448 or joined). It prints the lengths and the keys each chunk of queries is given, each variant's
-median forward and backward (no optimizer step: the same in all), and the losses of the first batch, which must agree
-to bf16's rounding. BENCHMARKS.md "Attention over the key blocks, and the rows joined" holds a run's numbers.
+model.KeyBlocks: the chunks of queries in one group, or in KeyBlocks.GROUPS by the keys they need), and with the
+batch's rows joined into one (join_rows, training.TrainLoader), alternated batch by batch in one process: a slow
+CPU's speed drifts from one minute to the next, and two runs one after the other measure the drift as much as the
+switch. The model is the align checkpoint's, its blocks compiled and its matmuls in bf16 where the CPU has them, as
+config/demo_joint.py trains; the batches are the joint stage's first 12 (8 examples each, in rows of 448 or joined).
+It prints the lengths and the keys each chunk of queries is given, each variant's median forward and backward (no
+optimizer step: the same in all), and the losses of the first batch, which must agree to bf16's rounding.
+BENCHMARKS.md "Attention over the key blocks, and the rows joined" holds a run's numbers.
 
     python assets/bench/key_blocks_step.py [out/demo/align] [data/demo] [rounds]    # after make demo's align stage
 """
@@ -28,6 +29,7 @@ def main(align="out/demo/align", data_dir="data/demo", rounds=4):
     config = {}
     with open(os.path.join(ROOT, "config", "demo_joint.py")) as f:
         exec(f.read(), config)  # the demo's knobs: plain assignments
+    training.keep_freed_memory()  # as the training scripts do on a CPU
     model = training.build_model(align, "small")
     model_lib.compile_each_block(model)
     autocast = training.step_autocast(torch.device("cpu"), "bfloat16", "auto")
@@ -42,15 +44,20 @@ def main(align="out/demo/align", data_dir="data/demo", rounds=4):
 
     rows, joined = batches(False), batches(True)
     for name, made in (("rows of", rows), ("one joined row of", joined)):
-        kept = [model_lib.KeyBlocks.plan(b["attn_mask"]).keys.shape[1] for b in made]
-        lengths = [b["attn_mask"].shape[-1] for b in made]
-        print(f"{len(made[0]['input_ids'])} {name} {min(lengths)}-{max(lengths)} tokens: keys a chunk is given "
-              f"{min(kept)}-{max(kept)}")
-    variants = {"rows, dense mask": (rows, False), "rows, key blocks": (rows, True),
-                "joined, key blocks": (joined, True)}
+        for groups in (1, model_lib.KeyBlocks.GROUPS):
+            kept = [model_lib.KeyBlocks.plan(b["attn_mask"], groups=groups).keys_per_chunk for b in made]
+            lengths = [b["attn_mask"].shape[-1] for b in made]
+            print(f"{len(made[0]['input_ids'])} {name} {min(lengths)}-{max(lengths)} tokens: keys a chunk is given "
+                  f"{min(kept):.0f}-{max(kept):.0f} on average, in {groups} group(s) of chunks")
+    groups_default = model_lib.KeyBlocks.GROUPS
+    # (batches, key blocks, groups of chunks)
+    variants = {"rows, dense mask": (rows, False, 0), "rows, key blocks": (rows, True, groups_default),
+                "joined, key blocks in one group": (joined, True, 1),
+                f"joined, key blocks in {groups_default} groups": (joined, True, groups_default)}
 
-    def step(batch, on):
+    def step(batch, on, groups):
         model.llm.key_blocks = on
+        model_lib.KeyBlocks.GROUPS = groups or groups_default
         start = time.perf_counter()
         with autocast:
             loss_sum, _ = model(**training.model_inputs(batch), targets=batch["targets"],
@@ -61,14 +68,14 @@ def main(align="out/demo/align", data_dir="data/demo", rounds=4):
         return time.perf_counter() - start, loss.item()
 
     # compiles every variant first (a new length is one recompile, after which it is dynamic)
-    losses = {name: [step(b, on)[1] for b in made[:4]][0] for name, (made, on) in variants.items()}
+    losses = {name: [step(b, on, groups)[1] for b in made[:4]][0] for name, (made, on, groups) in variants.items()}
     times = {name: [] for name in variants}
     order = list(variants)
     for r in range(rounds):
         for i in range(len(rows)):
             for name in (order if r % 2 == 0 else order[::-1]):
-                made, on = variants[name]
-                times[name].append(step(made[i], on)[0])
+                made, on, groups = variants[name]
+                times[name].append(step(made[i], on, groups)[0])
     for name in variants:
         print(f"{name}: median {statistics.median(times[name]) * 1e3:.1f} ms a forward and backward "
               f"({len(times[name])} steps), first batch's loss {losses[name]:.5f}")
