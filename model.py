@@ -266,8 +266,8 @@ class KeyBlocks:
             made.append((idx, keys, sub.flatten(0, 1)[:, None].clone()))  # a tensor of its own: no view's
             #   base for the compiled blocks to guard on
             if not torch.compiler.is_compiling():  # the compiled blocks (compile_each_block) take these sizes as
-                for t, dims in zip(made[-1], ((0,), (0, 1), (0, 3))):  # they come from the first step on, not
-                    for dim in dims:  # one recompile each as each size first changes (7 in 150 steps, ~12 s each)
+                for t, dims in zip(made[-1], ((0,), (0, 1), (0, 3))):  # dynamic from the first step on, where each
+                    for dim in dims:  # would cost a recompile (~12 s on a 2-core CPU) the first time it changed
                         torch._dynamo.maybe_mark_dynamic(t, dim)
         return cls(made, torch.argsort(by_need))
 
