@@ -1487,31 +1487,38 @@ def test_forked_workers_never_free_what_owns_the_parents_threads():
         workers.close()
 
 
-FREED_BLOCK = """
+FREED_BLOCKS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 import training
 kept = {keep} and training.keep_freed_memory()
-n = 64 * 2 ** 20
-torch.empty(n, dtype=torch.uint8).fill_(1)  # made, touched and freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.empty(n, dtype=torch.uint8).fill_(2)  # the same size again
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for step in range(10):  # a step's tensors: made, touched, freed; three of them above glibc's largest mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    made = [torch.empty(mb * 2 ** 20, dtype=torch.uint8) for mb in (48, 64, 8, 40)]
+    for x in made:
+        x.fill_(step)
+    small = made[0][:2 ** 20].float().sum()  # a small op's allocations among the large ones
+    del made
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
 """
 
 
-def test_keep_freed_memory_reuses_a_freed_block_without_faulting_its_pages_again():
-    """training.keep_freed_memory (CPU runs, Dist.set_up_host): a 64 MB block freed and asked for again comes back
-    from malloc's heap with its pages already there, where glibc's default maps a block that large afresh and the
-    kernel faults in each of its 16,384 pages again. The kernel's own count of minor page faults is the oracle; each
-    case in a process of its own, as the setting is the process's."""
-    pages = 64 * 2 ** 20 // 4096
+def test_keep_freed_memory_stops_the_steps_faulting_their_pages_in_again():
+    """training.keep_freed_memory (CPU runs, Dist.set_up_host): steps that free their large tensors and ask for the
+    same sizes again. With glibc's default each block above its largest mmap threshold (32 MB) is mapped afresh at
+    every step and the kernel faults in each of its pages again (48 + 64 + 40 MB: 38,912 pages a step); with the
+    memory kept, the steps after the first few reuse the heap (steps 5-8 of eight in 17 trial runs on this machine: 0
+    faults in 12, a block re-placed in the others, at most 14,336 pages over the four steps). The kernel's own count
+    of minor page faults is the oracle; each case in a process of its own, as the setting is the process's."""
+    pages = (48 + 64 + 40) * 2 ** 20 // 4096
     for keep in (False, True):
-        out = subprocess.run([sys.executable, "-c", FREED_BLOCK.format(root=ROOT, keep=keep)], capture_output=True,
+        out = subprocess.run([sys.executable, "-c", FREED_BLOCKS.format(root=ROOT, keep=keep)], capture_output=True,
                              text=True, check=True).stdout.split()
-        kept, faults = out[0] == "True", int(out[1])
-        assert kept == keep  # this project's Linux with glibc takes the settings
+        assert (out[0] == "True") == keep  # this project's Linux with glibc takes the settings
+        last = [int(f) for f in out[-4:]]
         if keep:
-            assert faults < pages // 20, faults  # a few pages of the interpreter's own, not the block's
+            assert sum(last) < pages, last  # four steps fault fewer pages than one step did before
         else:
-            assert faults > pages // 2, faults
+            assert all(f >= 0.9 * pages for f in last), last
