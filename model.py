@@ -233,6 +233,7 @@ class KeyBlocks:
         chunks each (fewer runs where there are too few chunks) whose padded total, the sum of (end - start) *
         counts[end - 1], is least. (A run of one chunk would be a shape torch.compile specialises on, another graph.)"""
         C = len(counts)
+        least = min(least, C)  # a single chunk is a run of one
         groups = max(1, min(groups, C // least))
         # best[g][e]: (least padded total, its runs) for the first e chunks in g runs
         best = [{0: (0, [])}] + [{} for _ in range(groups)]

@@ -118,6 +118,11 @@ def test_key_blocks_attention_is_the_dense_masked_attention():
     torch.testing.assert_close(cut, dense, rtol=0, atol=1e-12)
     for a, b in zip(torch.autograd.grad(cut, (q, k, v), grad), torch.autograd.grad(dense, (q, k, v), grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # a row of one chunk of queries (64 tokens): one group, still the dense attention
+    one_chunk, q1, k1, v1 = mask[:1, :, :64, :128], q[:1, :, :64], k[:1, :, :128], v[:1, :, :128]
+    one_dense = F.scaled_dot_product_attention(q1, k1, v1, attn_mask=one_chunk, enable_gqa=True)
+    torch.testing.assert_close(model_lib.KeyBlocks.plan(one_chunk, most=1.0).attend(q1, k1, v1), one_dense, rtol=0,
+                               atol=1e-12)
     causal = torch.ones(L, L, dtype=torch.bool).tril().expand(3, 1, L, L)
     assert model_lib.KeyBlocks.plan(causal) is None
     assert model_lib.KeyBlocks.plan(mask[..., :500, :500]) is None
@@ -134,6 +139,7 @@ def test_key_blocks_split_the_chunks_into_the_groups_of_least_padding():
     assert split([1, 1, 2, 5, 5, 8], 3, least=1) == [(0, 3), (3, 5), (5, 6)]
     assert split([1, 1, 2, 5, 5, 8], 3) == [(0, 2), (2, 4), (4, 6)]
     assert split([4, 7], 3, least=1) == [(0, 1), (1, 2)] and split([4, 7], 3) == [(0, 2)]
+    assert split([4], 3) == [(0, 1)]  # a row of one chunk (64 tokens)
 
     def padded(counts, runs):
         return sum((end - start) * counts[end - 1] for start, end in runs)
