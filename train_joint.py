@@ -311,7 +311,10 @@ for step in range(start_step, max_steps):
     max_steps = progress.max_steps = budget.fit(done, start_step, progress.step_times, max_steps)  # max_minutes
     if eval_every and (done % eval_every == 0 or done == max_steps):
         answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
-        progress.val(step, evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args), answers)
+        # compiled blocks score eagerly: in eval mode their graphs would compile again for a few batches
+        with torch.compiler.set_stance("force_eager") if compile_blocks else nullcontext():
+            val = evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args)
+        progress.val(step, val, answers)
     if save_every and (done % save_every == 0 or done == max_steps):
         save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
 

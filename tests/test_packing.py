@@ -177,6 +177,41 @@ def test_key_blocks_leave_each_tokens_loss_unchanged():
     torch.testing.assert_close(cut, dense, atol=1e-5, rtol=1e-5)
 
 
+def test_key_blocks_compiled_blocks_trace_once_for_every_row_length():
+    """train_joint.py's joined rows change length every step; with key_blocks, run_layers marks the length (and
+    KeyBlocks.plan the chunk count) dynamic, so the compiled blocks trace one graph at the first row and reuse it for
+    a row of another length: error_on_recompile is set after the first call (without the marks the second row
+    recompiles, ~22 s on a 2-core CPU with a cold cache). A backend that counts what dynamo hands it and runs the
+    traced graph, the same float32 ops: each token's loss is the eager blocks' exactly."""
+    torch._dynamo.reset()  # no graphs from the other tests
+    model_lib.ready_for_compile()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    eager = model_lib.Qwen3(model_lib.Qwen3Config.preset("tiny")).eval()
+    eager.key_blocks = True
+    compiled = copy.deepcopy(eager)
+    for block in compiled.layers:
+        block.compile(backend=counting_backend)
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for length, L in ((500, 512), (430, 448)):
+        batch = random_rows(g, (length,), L)
+        batch["input_ids"] = torch.randint(0, 1000, batch["input_ids"].shape, generator=g)
+        batch["targets"] = torch.randint(0, 1000, batch["targets"].shape, generator=g)
+        assert model_lib.KeyBlocks.plan(batch["attn_mask"]) is not None
+        rows.append(batch)
+    with torch.no_grad():
+        assert torch.equal(per_token_ce_qwen3(compiled, rows[0]), per_token_ce_qwen3(eager, rows[0]))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(per_token_ce_qwen3(compiled, rows[1]), per_token_ce_qwen3(eager, rows[1]))
+    assert len(graphs) == 1
+
+
 def per_token_ce_qwen3(qwen, batch):
     """Cross-entropy at every loss target, in row-major order."""
     h = qwen.run_layers(qwen.embed_tokens(batch["input_ids"]), batch["position_ids"], batch["attn_mask"])
