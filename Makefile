@@ -9,13 +9,14 @@ PY := .venv/bin/python
 COMPILE := $(PY) -m compileall -q -j 0 .venv/lib >/dev/null || true
 
 # $(call install,FILE): FILE's packages into .venv. uv unpacks the wheels on every core: torch and its CUDA libraries
-# (5.5 GB) with their bytecode in 35 s on a fresh 2-core machine, where pip took 68 s and compileall 12 more, a minute
-# the demo's 15 then trains (BENCHMARKS.md "The set-up by uv"). It is told pip's own settings (tools/pip_settings.py:
-# indexes, find-links, constraints) and, as pip does, takes the best version across the indexes, so both install the
-# same versions. Where uv cannot be had, or fails, pip installs them as before.
+# (5.5 GB) with their bytecode in 35 s on a fresh 2-core machine, where pip took 68 s and compileall 12 more, a
+# minute the demo's 15 then trains (BENCHMARKS.md "A fresh machine's first minute and a half"). It is told pip's own
+# settings (tools/pip_settings.py: indexes, find-links, constraints) and, as pip does, takes the best version across
+# the indexes, so both install the same versions. Where uv cannot be had, or fails, pip installs them as before.
 install = .venv/bin/pip install -q uv && .venv/bin/uv pip install -q --python $(PY) --no-cache --compile-bytecode \
-	--index-strategy unsafe-best-match $$($(PY) tools/pip_settings.py) -r $(1) \
-	|| { echo "uv did not install $(1): pip installs it"; .venv/bin/pip install -q --no-compile -r $(1) && { $(COMPILE); }; }
+	--index-strategy unsafe-best-match $$($(PY) tools/pip_settings.py) -r $(1) || { \
+	echo "uv did not install $(1): pip installs it"; \
+	.venv/bin/pip install -q --no-compile -r $(1) && { $(COMPILE); }; }
 
 .venv/.runtime: requirements.txt
 	python3 -m venv .venv
