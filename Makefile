@@ -13,8 +13,8 @@ COMPILE := $(PY) -m compileall -q -j 0 .venv/lib >/dev/null || true
 # minute the demo's 15 then trains (BENCHMARKS.md "A fresh machine's first minute and a half"). It is told pip's own
 # settings (tools/pip_settings.py: indexes, find-links, constraints) and, as pip does, takes the best version across
 # the indexes, so both install the same versions. Where uv cannot be had, or fails, pip installs them as before.
-install = .venv/bin/pip install -q uv && .venv/bin/uv pip install -q --python $(PY) --no-cache --compile-bytecode \
-	--index-strategy unsafe-best-match $$($(PY) tools/pip_settings.py) -r $(1) || { \
+install = .venv/bin/pip install -q uv && settings=$$($(PY) tools/pip_settings.py) && .venv/bin/uv pip install -q \
+	--python $(PY) --no-cache --compile-bytecode --index-strategy unsafe-best-match $$settings -r $(1) || { \
 	echo "uv did not install $(1): pip installs it"; \
 	.venv/bin/pip install -q --no-compile -r $(1) && { $(COMPILE); }; }
 
