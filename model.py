@@ -268,13 +268,15 @@ class KeyBlocks:
             sub = chunks[:, idx].gather(3, keys[None, :, None, :].expand(B, -1, rows, -1))  # (B, len, rows, K)
             made.append((idx, keys, sub.flatten(0, 1)[:, None].clone()))  # a tensor of its own: no view's
             #   base for the compiled blocks to guard on
-            if not torch.compiler.is_compiling():  # the compiled blocks (compile_each_block) take these sizes as
-                for t, dims in zip(made[-1], ((0,), (0, 1), (0, 3))):  # dynamic from the first step on, where each
-                    for dim in dims:  # would cost a recompile (~12 s on a 2-core CPU) the first time it changed
-                        torch._dynamo.maybe_mark_dynamic(t, dim)
         order = torch.argsort(by_need)
-        if not torch.compiler.is_compiling():
-            torch._dynamo.maybe_mark_dynamic(order, 0)  # the chunks: T / rows, as T (run_layers)
+        if not torch.compiler.is_compiling():  # the compiled blocks (compile_each_block) take these sizes as dynamic
+            # from the first step on, where each would cost a recompile (~12 s on a 2-core CPU) the first time it
+            # changed: each group's chunks, keys and mask, and the chunk count (T / rows, as T in run_layers)
+            for group in made:
+                for t, dims in zip(group, ((0,), (0, 1), (0, 3))):
+                    for dim in dims:
+                        torch._dynamo.maybe_mark_dynamic(t, dim)
+            torch._dynamo.maybe_mark_dynamic(order, 0)
         return cls(made, order)
 
     @property

@@ -149,8 +149,7 @@ def answer_scores(model, processor, items):
     if d.is_master:
         was_training = model.training
         model.eval()
-        # compiled blocks answer eagerly: with a KV cache each new cache position would compile a graph of its own
-        with torch.no_grad(), torch.compiler.set_stance("force_eager") if compile_blocks else nullcontext():
+        with torch.no_grad():  # eagerly, as the whole validation runs (the training loop)
             rows = evaluation.evaluate(model, processor, items, batch_size=64, style_prefixes=prefix_mode,
                                        log=lambda *_: None)
         model.train(was_training)
@@ -310,9 +309,10 @@ for step in range(start_step, max_steps):
     done = step + 1
     max_steps = progress.max_steps = budget.fit(done, start_step, progress.step_times, max_steps)  # max_minutes
     if eval_every and (done % eval_every == 0 or done == max_steps):
-        answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
-        # compiled blocks score eagerly: in eval mode their graphs would compile again for a few batches
+        # compiled blocks validate eagerly: answering with a KV cache, each new cache position would compile a graph
+        # of its own, and the loss in eval mode would compile them again for a few batches
         with torch.compiler.set_stance("force_eager") if compile_blocks else nullcontext():
+            answers = answer_scores(model, loader.processor, answer_items) if answer_items else None
             val = evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args)
         progress.val(step, val, answers)
     if save_every and (done % save_every == 0 or done == max_steps):
