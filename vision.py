@@ -79,13 +79,42 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
     autocast (which would cast float32 inputs down): there it runs in float32 and returns the low dtype. PyTorch's CPU
     attention kernels gain nothing from bf16 (a CPU's bf16 matrix instructions do not reach them) and took up to 4x
     longer in it than in float32 at this project's shapes, most of a bf16 step (BENCHMARKS.md "Attention in float32
-    under CPU autocast"). GPUs are left as they are."""
+    under CPU autocast"). One exception, where CPU_MATH_BF16 is on: bf16 attention that will be differentiated
+    eagerly, with no mask and not causal (stage 1's ViT crops: short, so the math backend's whole score matrix is
+    small), goes to math_bf16 below. GPUs are left as they are."""
     if q.device.type == "cpu":
         low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else cpu_autocast_dtype(q)
+        if (low == torch.bfloat16 and CPU_MATH_BF16 and kwargs.get("attn_mask") is None and not kwargs.get("is_causal")
+                and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+                and not torch.compiler.is_compiling()):
+            return math_bf16(q, k, v, **kwargs)
         if low is not None:
             with torch.autocast("cpu", enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(low)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+# attend's one exception: on a 2-core CPU with AVX512-BF16 (no AMX) the float32 flash kernel took ~21 ms a layer
+# forward and backward at stage 1's crops (160 x 4 heads x 64 x 32), ~16 of them in its backward, where the math
+# backend's batched bf16 products took ~14; stage 1's step 0.40 -> 0.36 s, and after the recipe's 600 steps its
+# ViT named 0.82 of the kinds against 0.84 (BENCHMARKS.md "Stage 1's attention in bf16"). False: float32 always
+CPU_MATH_BF16 = True
+
+
+def math_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention's math backend (SDPBackend.MATH: q @ k^T, softmax, @ v, and their autograd) on
+    bf16 q, k, v, its products and softmax kept in bf16: by default that backend computes bf16 inputs in float32, which
+    is no faster than the flash kernel. The products accumulate in float32 inside each matmul; the scores and the
+    probabilities are rounded to bf16 between them. The global switch
+    (torch.backends.cuda's, though it governs CPUs too) is set for this call alone and put back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)  # read in the forward; the backward replays it
+    try:
+        with torch.autocast("cpu", enabled=False), sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), **kwargs)
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
 def cast_once(x: torch.Tensor) -> torch.Tensor:

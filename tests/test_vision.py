@@ -6,6 +6,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 from transformers.models.molmo2.image_processing_molmo2 import batch_pixels_to_patches
 
 from model import load_siglip
+import vision
 from vision import FeatureCache, SigLIP2, attend, siglip_config_from_hf, siglip_state_dict_from_hf
 
 TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -155,6 +156,40 @@ def test_attend_runs_cpu_bf16_attention_in_float32():
     for dtype in (torch.float32, torch.float64):
         a, b, c = (x.to(dtype) for x in (q, k, v))
         assert torch.equal(attend(a, b, c, attn_mask=mask), plain(a, b, c, attn_mask=mask))
+
+
+def test_attend_differentiates_unmasked_cpu_bf16_attention_by_the_math_backend_in_bf16(monkeypatch):
+    """Stage 1's crops on a CPU under bf16 autocast (no mask, gradients wanted, eager): vision.attend hands them to
+    SDPA's math backend with bf16 products (vision.math_bf16). Against float64 on the same bf16-rounded inputs, its
+    output is within 4 bf16 roundings (unit roundoff 2^-8) at the values' scale (the scores, the probabilities, the
+    products, the output), its gradients within 8 at theirs (the backward rounds twice as often); it is not the
+    float32 kernel's answer (so that path did not run), and it leaves the global switch as it found it. Without
+    gradients, or with CPU_MATH_BF16 off, the float32 kernel's answer rounded once, exactly."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g) for _ in range(3))
+    plain = torch.nn.functional.scaled_dot_product_attention
+    rounded = [x.bfloat16().double().requires_grad_() for x in (q, k, v)]
+    want = plain(*rounded)
+    want.square().sum().backward()
+    float32_kernel = plain(q, k, v).bfloat16()  # the float32 path: autocast's float32 inputs as they are
+    unit = 2.0 ** -8
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(*leaves)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - want).abs().max() <= 4 * unit * v.bfloat16().abs().max()
+    for leaf, ref in zip(leaves, rounded):
+        assert (leaf.grad.double() - ref.grad).abs().max() <= 8 * unit * ref.grad.abs().max()
+    assert not torch.equal(out, float32_kernel)
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(attend(*leaves), float32_kernel)
+    monkeypatch.setattr(vision, "CPU_MATH_BF16", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(attend(*leaves), float32_kernel)
 
 
 def test_cast_once_casts_a_shared_input_once_and_changes_no_value(monkeypatch):
