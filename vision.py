@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -96,7 +97,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
 
 # attend's one exception: on a 2-core CPU with AVX512-BF16 (no AMX) the float32 flash kernel took ~21 ms a layer
 # forward and backward at stage 1's crops (160 x 4 heads x 64 x 32), ~16 of them in its backward, where the math
-# backend's batched bf16 products took ~14; stage 1's step 0.40 -> 0.36 s, and after the recipe's 600 steps its
+# backend's batched bf16 products took ~14; stage 1's step 11-14% shorter, and after the recipe's 600 steps its
 # ViT named 0.82 of the kinds against 0.84 (BENCHMARKS.md "Stage 1's attention in bf16"). False: float32 always
 CPU_MATH_BF16 = True
 
@@ -105,9 +106,8 @@ def math_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> to
     """F.scaled_dot_product_attention's math backend (SDPBackend.MATH: q @ k^T, softmax, @ v, and their autograd) on
     bf16 q, k, v, its products and softmax kept in bf16: by default that backend computes bf16 inputs in float32, which
     is no faster than the flash kernel. The products accumulate in float32 inside each matmul; the scores and the
-    probabilities are rounded to bf16 between them. The global switch
-    (torch.backends.cuda's, though it governs CPUs too) is set for this call alone and put back."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    probabilities are rounded to bf16 between them. The global switch (torch.backends.cuda's, though it governs CPUs
+    too) is set for this call alone and put back."""
     allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
     torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)  # read in the forward; the backward replays it
     try:
