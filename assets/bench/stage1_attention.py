@@ -39,16 +39,16 @@ configure(globals())
 
 training.keep_freed_memory()  # as the training scripts do on a CPU
 torch.set_num_threads(os.cpu_count())
+WAYS = {False: "flash kernel, float32", True: "math backend, bf16 products"}  # vision.CPU_MATH_BF16 -> its name
 
 
 def attention_alone(rounds=3, reps=15):
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(160, 4, 64, 32, generator=g).bfloat16() for _ in range(4))
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    ways = {False: "flash kernel, float32", True: "math backend, bf16 products"}
-    times, errors = {on: [] for on in ways}, {}
+    times, errors = {on: [] for on in WAYS}, {}
     for _ in range(rounds):
-        for on in ways:
+        for on in WAYS:
             vision.CPU_MATH_BF16 = on
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             for i in range(reps + 3):  # the first 3 untimed
@@ -59,7 +59,7 @@ def attention_alone(rounds=3, reps=15):
                     times[on].append(time.perf_counter() - start)
             errors[on] = (out.double() - want).abs().max().item()
     vision.CPU_MATH_BF16 = True
-    for on, name in ways.items():
+    for on, name in WAYS.items():
         print(f"attention alone, {name}: {statistics.median(times[on]) * 1e3:.1f} ms forward and backward "
               f"(median of {len(times[on])}), largest difference from float64 {errors[on]:.2e}", flush=True)
 
@@ -92,7 +92,7 @@ def stage1_alternated():
         training.StepBudget.fit, vision.CPU_MATH_BF16 = fit, True
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         logged = [json.loads(line) for line in f][-steps:]
-    for on, name in ((True, "math backend, bf16 products"), (False, "flash kernel, float32")):
+    for on, name in WAYS.items():
         seconds = [r["step_s"] for r in logged if r["step"] >= 10 and (r["step"] % 2 == 0) == on]
         print(f"stage 1's step, {name}: median {statistics.median(seconds) * 1e3:.0f} ms ({len(seconds)} steps)",
               flush=True)
