@@ -21,8 +21,9 @@ import torch
 from configurator import configure
 from model import ready_for_compile
 from training import (Dist, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer,
-                      evaluate_loss, export_final, lineage, mixture_has_text_only, model_inputs, resume_run, rng_state,
-                      save_checkpoint, seed_everything, set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+                      evaluate_loss, export_final, freeze_untrained_parts, lineage, mixture_has_text_only, model_inputs,
+                      resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast,
+                      stop_nonfinite, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
@@ -90,6 +91,7 @@ seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
+freeze_untrained_parts(model, lrs)  # before DDP lists what wants gradients
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay)

@@ -24,8 +24,8 @@ from configurator import configure
 from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TokenAttributeLoss,
                       TrainLoader, autocast_dtype, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe,
-                      evaluate_loss, export_final, fill_recipe, lineage, mixture_has_text_only, model_inputs,
-                      refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
+                      evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
+                      model_inputs, refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
                       set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 from vision import FeatureCache
 
@@ -189,6 +189,7 @@ model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation
 model.llm.key_blocks = key_blocks
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
+freeze_untrained_parts(model, lrs)  # before DDP lists what wants gradients
 train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
                          find_unused=d.world_size > 1 and mixture_has_text_only(data_dir, data_mixture))
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)

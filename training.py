@@ -316,6 +316,15 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
 
+def freeze_untrained_parts(model, lr):
+    """Each part with lr 0 (or none) -> requires_grad False, the others True. Called before wrap_model: DDP lists
+    the parameters that want gradients when it wraps, and waits every step for each one it listed, so a part frozen
+    after wrapping (a stage's frozen ViT or LLM) stopped a several-process run at its second step."""
+    for part, params in model.param_parts().items():
+        for p in params:
+            p.requires_grad_(lr.get(part, 0.0) > 0)
+
+
 def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, fused=None, muon_lr=0.0,
                     muon_dtype=torch.float32):
     """AdamW with a group per part that trains. lr / warmup: {part: value}; a part with lr 0 is frozen.
@@ -329,12 +338,10 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
     tables = [model.llm.embed_tokens.weight, model.new_embedding, model.vit.positional_embedding]
     tables += [t.weight for t in (model.connector.position_x, model.connector.position_y) if t is not None]
     plain = {id(p) for p in tables}
+    freeze_untrained_parts(model, lr)
     groups = []
     for part, params in model.param_parts().items():
-        trainable = lr.get(part, 0.0) > 0
-        for p in params:
-            p.requires_grad_(trainable)
-        if not trainable:
+        if not lr.get(part, 0.0) > 0:
             continue
         split = {"decay": params, "no_decay": []}
         if weight_decay > 0:

@@ -466,6 +466,26 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
     assert math.isfinite(val["val_loss_crops_shuffled"]) and math.isfinite(val["val_loss"])
 
 
+def test_frozen_parts_train_under_ddp_past_the_first_step(world, tmp_path):
+    """Two gloo processes: align (ViT and LLM frozen) and then the joint stage with its ViT frozen, three steps each.
+    DDP waits every step for a gradient of each parameter that wanted one when it wrapped the model: a part frozen
+    only after the wrap stopped both stages at their second step. The frozen parts stay bit for bit."""
+    torch.manual_seed(1)
+    start = training.build_model("scratch", "tiny")
+    start.save_pretrained(str(tmp_path / "start" / "final"))
+    runs = [("train_align.py", tmp_path / "start", tmp_path / "align", [], ("vit.", "llm.")),
+            ("train_joint.py", tmp_path / "align", tmp_path / "joint", ["--lr_vit=0"], ("vit.",))]
+    for script, init_from, out_dir, extra, frozen in runs:
+        run_gloo_ranks([script, f"--init_from={init_from}", f"--out_dir={out_dir}", f"--data_dir={world}", *TINY,
+                        "--max_steps=3", "--save_every=0", "--loader_workers=0", *extra], timeout=TIMEOUT_S)
+        assert [r["step"] for r in read_log(out_dir) if "loss" in r] == [0, 1, 2]
+        before = Molmo2.from_pretrained(str(init_from / "final")).state_dict()
+        after = Molmo2.from_pretrained(str(out_dir / "final")).state_dict()
+        for name in before:
+            trained = not torch.equal(before[name], after[name])
+            assert trained != name.startswith(frozen) or name.endswith("k_proj.bias"), f"{script}: {name}"
+
+
 def test_joint_recipe_follows_where_the_llm_started(world, tmp_path, monkeypatch, capsys):
     """An LLM from scratch keeps the scratch recipe through an align stage (final/lineage.json); a checkpoint
     without a lineage (a released Molmo2) gets Molmo2's SFT recipe; a knob the user set is never replaced."""
