@@ -722,6 +722,7 @@ class Progress:
         dt, self.t_last = now - self.t_last, now
         self.curves["train"].append((step, loss))
         features, self.image_features = self.image_features, None
+        self.step_times.append(dt)  # every rank's: StepBudget.fit prices its steps on each (max_minutes)
         if not self.d.is_master:
             return
         image_stats = image_feature_stats(features) if features is not None else None
@@ -740,7 +741,6 @@ class Progress:
         if image_stats:
             line += f" | image std {image_stats[0]:.3g} cos {image_stats[1]:.3f}"
         done = step + 1
-        self.step_times.append(dt)
         line += f" | {dt * 1000:.0f} ms | ETA {eta_seconds(self.step_times, self.max_steps - done) / 60:.1f} min"
         if step % self.log_every == 0 or done == self.max_steps:
             print(line, flush=True)

@@ -467,18 +467,21 @@ def test_align_trains_connector_and_new_embeddings_only(world, tmp_path, monkeyp
 
 
 def test_frozen_parts_train_under_ddp_past_the_first_step(world, tmp_path):
-    """Two gloo processes: align (ViT and LLM frozen) and then the joint stage with its ViT frozen, three steps each.
-    DDP waits every step for a gradient of each parameter that wanted one when it wrapped the model: a part frozen
-    only after the wrap stopped both stages at their second step. The frozen parts stay bit for bit."""
+    """Two gloo processes: align (ViT and LLM frozen, three steps) and then the joint stage with its ViT frozen and
+    max_minutes (21 steps: the budget first prices the steps after 20). DDP waits every step for a gradient of each
+    parameter that wanted one when it wrapped the model: a part frozen only after the wrap stopped both stages at
+    their second step. And only the first process kept its step times, so the others' budget had none to price at
+    step 20. The frozen parts stay bit for bit."""
     torch.manual_seed(1)
     start = training.build_model("scratch", "tiny")
     start.save_pretrained(str(tmp_path / "start" / "final"))
-    runs = [("train_align.py", tmp_path / "start", tmp_path / "align", [], ("vit.", "llm.")),
-            ("train_joint.py", tmp_path / "align", tmp_path / "joint", ["--lr_vit=0"], ("vit.",))]
-    for script, init_from, out_dir, extra, frozen in runs:
+    runs = [("train_align.py", tmp_path / "start", tmp_path / "align", 3, [], ("vit.", "llm.")),
+            ("train_joint.py", tmp_path / "align", tmp_path / "joint", 21, ["--lr_vit=0", "--max_minutes=30"],
+             ("vit.",))]
+    for script, init_from, out_dir, steps, extra, frozen in runs:
         run_gloo_ranks([script, f"--init_from={init_from}", f"--out_dir={out_dir}", f"--data_dir={world}", *TINY,
-                        "--max_steps=3", "--save_every=0", "--loader_workers=0", *extra], timeout=TIMEOUT_S)
-        assert [r["step"] for r in read_log(out_dir) if "loss" in r] == [0, 1, 2]
+                        f"--max_steps={steps}", "--save_every=0", "--loader_workers=0", *extra], timeout=TIMEOUT_S)
+        assert [r["step"] for r in read_log(out_dir) if "loss" in r] == list(range(steps))
         before = Molmo2.from_pretrained(str(init_from / "final")).state_dict()
         after = Molmo2.from_pretrained(str(out_dir / "final")).state_dict()
         for name in before:
