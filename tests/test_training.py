@@ -470,18 +470,22 @@ def test_frozen_parts_train_under_ddp_past_the_first_step(world, tmp_path):
     """Two gloo processes: align (ViT and LLM frozen, three steps) and then the joint stage with its ViT frozen and
     max_minutes (21 steps: the budget first prices the steps after 20). DDP waits every step for a gradient of each
     parameter that wanted one when it wrapped the model: a part frozen only after the wrap stopped both stages at
-    their second step. And only the first process kept its step times, so the others' budget had none to price at
-    step 20. The frozen parts stay bit for bit."""
+    their second step. Only the first process kept its step times, so the others' budget had none to price at
+    step 20. And at a validation with answers (step 20) the first process answered and waited at a barrier while
+    the others went on to the loss's all-reduce: both waited for ever. The frozen parts stay bit for bit."""
     torch.manual_seed(1)
     start = training.build_model("scratch", "tiny")
     start.save_pretrained(str(tmp_path / "start" / "final"))
     runs = [("train_align.py", tmp_path / "start", tmp_path / "align", 3, [], ("vit.", "llm.")),
-            ("train_joint.py", tmp_path / "align", tmp_path / "joint", 21, ["--lr_vit=0", "--max_minutes=30"],
-             ("vit.",))]
+            ("train_joint.py", tmp_path / "align", tmp_path / "joint", 21,
+             ["--lr_vit=0", "--max_minutes=30", "--eval_every=20", "--eval_batches=1", "--eval_answers=2"], ("vit.",))]
     for script, init_from, out_dir, steps, extra, frozen in runs:
         run_gloo_ranks([script, f"--init_from={init_from}", f"--out_dir={out_dir}", f"--data_dir={world}", *TINY,
                         f"--max_steps={steps}", "--save_every=0", "--loader_workers=0", *extra], timeout=TIMEOUT_S)
         assert [r["step"] for r in read_log(out_dir) if "loss" in r] == list(range(steps))
+        if script == "train_joint.py":  # validated at 20 and at the end, answers scored by the first process
+            assert [sorted(k for k in r if k.startswith("val_")) for r in read_log(out_dir) if "val_loss" in r] == \
+                2 * [["val_counting_accuracy", "val_loss", "val_loss_crops_shuffled", "val_pointing_f1"]]
         before = Molmo2.from_pretrained(str(init_from / "final")).state_dict()
         after = Molmo2.from_pretrained(str(out_dir / "final")).state_dict()
         for name in before:
