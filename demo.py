@@ -191,7 +191,7 @@ def preflight(recipe):
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
         fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 343-468 of stage "
-                 "1's 600, 1,265-2,214 of the joint stage's 3,300), and it learns less: there `make demo` counted "
+                 "1's 600, 1,265-2,462 of the joint stage's 3,300), and it learns less: there `make demo` counted "
                  "0.42-0.57 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
@@ -244,6 +244,30 @@ def is_done(args, done_marker):
     return all(str(made.get(k)) == asked[k] for k in prepare_data.WORLD_CONTENT if k in asked)
 
 
+JOINT_PROCESSES = 2  # the CPU recipe's joint stage as this many DDP processes (gloo), each with its share of the
+#   cores and of the step's rows. One process of two threads left a core waiting while the other ran the step's
+#   serial Python and small ops (~20% of its time in the OpenMP spin); on this project's 2-core AMD CPU two processes
+#   fitted 2,462 joint steps in the demo's minutes where one had fitted 2,148-2,214 in four draws, though each keeps
+#   only its own draws' ViT features (BENCHMARKS.md "Two processes on the two cores")
+
+
+def joint_launch(args, cores):
+    """The CPU recipe's joint step (the command after `python`) -> (the command to run, its environment): under
+    torch.distributed.run as JOINT_PROCESSES processes of cores // JOINT_PROCESSES threads each, each with its share
+    of config/demo_joint.py's rows a step (batch_size is per process), so a step trains the same rows; as it is on a
+    machine with fewer cores than that."""
+    import runpy
+    n = JOINT_PROCESSES
+    if cores < n:
+        return args, None
+    config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), args[1])  # args: the script, its config
+    rows = runpy.run_path(config_file)["batch_size"]
+    if rows % n:
+        raise SystemExit(f"demo: {args[1]}'s batch_size {rows} does not split over {n} processes")
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return [*launch, *args, f"--batch_size={rows // n}"], {**os.environ, "OMP_NUM_THREADS": str(cores // n)}
+
+
 def main(recipe="cpu"):
     out, (world, _), _, _ = RECIPES[recipe]
     t0 = time.time()
@@ -260,10 +284,13 @@ def main(recipe="cpu"):
                   if minutes and recipe == "cpu" else None)
         if budget is not None:
             args = [*args, f"--max_minutes={budget:.2f}"]
-        command = [sys.executable] + args
+        env = None
+        if recipe == "cpu" and name == "joint":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            args, env = joint_launch(args, cores)
         print(f"\n== {name}: {' '.join(args)}", flush=True)
         t = time.time()
-        if subprocess.run(command).returncode != 0:
+        if subprocess.run([sys.executable] + args, env=env).returncode != 0:
             raise SystemExit(f"demo: step '{name}' failed (command: {' '.join(args)})")
         took[name] = time.time() - t
         print(f"== {name}: {took[name]:.0f} s", flush=True)

@@ -2245,7 +2245,8 @@ class VisionLoader(ForkedWorkers):
     example is a pure function of its key and keys are drawn here in order, so the batches are the serial
     loader's on one thread: a worker runs torch on one, and the CPU's bilinear resize rounds a few pixels to the
     next of the 256 levels on two (31 of 84,672 values, a random 224-px image resized to 168), so the CPU demo's
-    stage 1 with a worker trains on other pixels than in one process. state_dict() is the state before the keys read ahead."""
+    stage 1 with a worker trains on other pixels than in one process. state_dict() is the state before the keys
+    read ahead."""
 
     shared_pixels = True  # the workers hand their pixels over in shared memory (_make_slots), else through pipes
 

@@ -14,6 +14,7 @@ proof that a newcomer can follow them after `make demo` (issue 13).
 import json
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -242,6 +243,21 @@ def test_every_demo_recipe_names_files_and_knobs_its_scripts_have():
     assert "init_from" not in gpu["vision, easy world"]
 
 
+def test_cpu_joint_stage_runs_as_processes_that_share_the_cores_and_the_rows():
+    """The CPU recipe's joint step under torch.distributed.run: JOINT_PROCESSES processes with the config's rows a
+    step split between them (batch_size is per process) and the cores split between them (torchrun would give each
+    one thread on any machine); as it is on a machine with fewer cores than processes."""
+    args = next(args for name, args, _ in demo.STEPS if name == "joint")
+    rows = runpy.run_path(os.path.join(ROOT, "config/demo_joint.py"))["batch_size"]
+    n = demo.JOINT_PROCESSES
+    for cores in (n, 2 * n + 1):
+        launched, env = demo.joint_launch(args, cores)
+        assert launched == ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
+                            f"--batch_size={rows // n}"]
+        assert env["OMP_NUM_THREADS"] == str(cores // n) and rows // n * n == rows
+    assert demo.joint_launch(args, n - 1) == (args, None)
+
+
 def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, capsys):
     """Without CUDA a GPU recipe stops at once, naming the CPU recipe; the CPU recipe on a CPU without bf16 matrix
     instructions warns that it takes longer, on one with AVX512-BF16 but no AMX that its minutes hold about half the
@@ -281,14 +297,17 @@ def test_the_cpu_demo_gives_its_minutes_to_stage_1_and_the_joint_stage(tmp_path,
     assert demo.stage_minutes("joint", 600, align_s=50) == 9.0  # a slow one's: at most the 60 s
     monkeypatch.chdir(tmp_path)  # nothing done yet: every step runs (here: is recorded)
     ran = []
-    monkeypatch.setattr(subprocess, "run", lambda command: ran.append(command[1:]) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(subprocess, "run",
+                        lambda command, env=None: ran.append(command[1:]) or SimpleNamespace(returncode=0))
     for recipe, started in (("cpu", time.time() - 300), ("gpu", time.time() - 300)):
         ran.clear()
         monkeypatch.setattr(demo, "started", started)
         monkeypatch.setattr(demo, "preflight", lambda recipe: None)
         with pytest.raises(FileNotFoundError):  # the steps did not really run: no metrics to report
             demo.main(recipe)
-        budgets = {args[0]: [float(a.split("=")[1]) for a in args if a.startswith("--max_minutes=")] for args in ran}
+        # by script (the joint step's may come after torch.distributed.run's words: demo.joint_launch)
+        budgets = {next(a for a in args if a.endswith(".py")): [float(a.split("=")[1]) for a in args
+                                                                if a.startswith("--max_minutes=")] for args in ran}
         if recipe == "cpu":
             assert budgets["train_vision.py"] == [pytest.approx(2.08, abs=0.05)]
             assert budgets["train_joint.py"] == [pytest.approx(9.67, abs=0.05)]
