@@ -286,8 +286,8 @@ def main(recipe="cpu"):
             args = [*args, f"--max_minutes={budget:.2f}"]
         env = None
         if recipe == "cpu" and name == "joint":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            args, env = joint_launch(args, cores)
+            from training import usable_cores
+            args, env = joint_launch(args, usable_cores())
         print(f"\n== {name}: {' '.join(args)}", flush=True)
         t = time.time()
         if subprocess.run([sys.executable] + args, env=env).returncode != 0:
