@@ -1252,7 +1252,7 @@ class TrainLoader(ForkedWorkers):
     """The micro-batches of one rank: records drawn from the mixture (data.MixtureSampler), formatted
     (data.format_example, deterministic per draw), packed (data.Packer) and collated.
 
-    One stream of draws is dealt round-robin over world_size * grad_accum shards, and micro-batch m of
+    One stream of draws is dealt by record over world_size * grad_accum shards (_DrawKeys), and micro-batch m of
     rank r packs shard r * grad_accum + m. The examples of a step therefore depend only on the product:
     2 GPUs x 1 micro-batch see exactly what 1 GPU x 2 micro-batches sees (how the FSDP run is checked
     against the single-GPU one). Bad records are skipped and counted in self.report, examples that cannot
@@ -1871,10 +1871,17 @@ class _Prefetch:
 class _DrawKeys:
     """The sampler's draws dealt to one shard, as keys (dataset, index, draw number): the draw number seeds
     the example's own randomness, so an example is a pure function of its key. Resumable through the
-    sampler's state (every shard runs the whole sampler and keeps every n_shards-th draw)."""
+    sampler's state (every shard runs the whole sampler and keeps the draws dealt to it).
+    A draw goes to the shard of its record, index % n_shards (by the draw number, draw % n_shards, in a dataset of
+    fewer records than shards, where some shard would have none): every draw still trains exactly one shard, so
+    the mixture and its passes over each dataset are the one stream's, and a record met again meets the same
+    shard, so a rank's vision.FeatureCache holds the crops its rank meets again. Dealt by the draw number alone,
+    two ranks' caches each held half of a crop's meetings: the CPU demo's two processes skipped the ViT for 53% of
+    their crops against ~70% in one process (BENCHMARKS.md "Each record to one rank")."""
 
     def __init__(self, sampler, shard=0, n_shards=1):
         self.sampler, self.shard, self.n_shards = sampler, shard, n_shards
+        self.by_draw = {name for name, size in sampler.sizes.items() if size < n_shards}
 
     def __iter__(self):
         return self
@@ -1883,7 +1890,7 @@ class _DrawKeys:
         while True:
             draw = self.sampler.draws
             name, index = next(self.sampler)
-            if draw % self.n_shards == self.shard:
+            if (draw if name in self.by_draw else index) % self.n_shards == self.shard:
                 return name, index, draw
 
     def state_dict(self):

@@ -8,6 +8,7 @@ records are skipped and counted; Molmo2's loss equals a hand computation."""
 import contextlib
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -727,6 +728,23 @@ def test_steps_ahead_pins_every_tensor_of_every_micro_batch(world, monkeypatch):
         assert current == [(ahead.thread.ident, torch.device("cuda", 1))]  # once, in the thread that pins
     finally:
         ahead.close()
+
+
+def test_each_draw_trains_one_shard_and_a_record_always_the_same_one():
+    """_DrawKeys deals the one stream of draws over 3 shards: together the shards take every draw once (the mixture
+    and its passes stay the stream's), a record of a large dataset always goes to shard index % 3 (so a rank's
+    feature cache meets its crops again), and a dataset of 2 records, fewer than the shards, reaches every shard."""
+    sizes, n = {"big": 50, "tiny": 2}, 600
+    stream = [(*key, draw) for draw, key in enumerate(
+        itertools.islice(data.MixtureSampler({"g": (1.0, ["big", "tiny"])}, sizes, seed=4), n))]
+    shards = [list(itertools.takewhile(lambda key: key[2] < n, training._DrawKeys(
+        data.MixtureSampler({"g": (1.0, ["big", "tiny"])}, sizes, seed=4), shard, 3))) for shard in range(3)]
+    assert sorted(sum(shards, []), key=lambda key: key[2]) == stream
+    for shard, keys in enumerate(shards):
+        assert {index % 3 for name, index, _ in keys if name == "big"} == {shard}
+        assert {draw % 3 for name, _, draw in keys if name == "tiny"} == {shard}
+    assert len({index for name, index, _ in stream if name == "big"}) == 50  # every record met, more than once
+    assert sum(name == "tiny" for name, _, _ in stream) >= 30
 
 
 def test_loader_pixels_are_uint8_and_batch_to_restores_the_processors_floats(world):
