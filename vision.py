@@ -289,7 +289,23 @@ class FeatureCache:
 def window_means(vit_features, pooling):
     """The features stage 1 reads for each pooled token: vit_features, one (N, P, C) tensor per block the connector
     reads, concatenated; pooling (M, K) indices into the N * P patches (-1 = none) -> (M, D), the mean of each window
-    (an all-padding window gives zeros)."""
+    (an all-padding window gives zeros). On a CPU each block's windows are gathered and summed in one
+    F.embedding_bag, each patch weighted 1 / (its window's patches): at the CPU demo's stage-1 shapes (1,664 windows
+    of 4 a step, two blocks of 128) 2.2-3.2 ms forward and backward on 2 cores, against 6.5-10.1 ms for
+    gathered_window_means (assets/bench/window_means.py; BENCHMARKS.md "Each record to one rank"). On a GPU the
+    gathered tensor: there the step is captured as a CUDA graph (train_vision.py cuda_graph), and embedding_bag's
+    backward there has not been checked for host syncs."""
+    if pooling.device.type != "cpu":
+        return gathered_window_means(vit_features, pooling)
+    valid = pooling >= 0
+    weights = (valid / valid.sum(1, keepdim=True).clamp(min=1)).to(vit_features[0].dtype)  # (M, K), 0 at padding
+    index = pooling.clamp(min=0)
+    return torch.cat([F.embedding_bag(index, f.reshape(-1, f.shape[-1]), per_sample_weights=weights, mode="sum")
+                      for f in vit_features], dim=-1)  # (M, D)
+
+
+def gathered_window_means(vit_features, pooling):
+    """window_means with the windows gathered as one (M, K, D) tensor, masked, summed and divided."""
     features = torch.cat(vit_features, dim=-1)  # (N, P, D)
     features = features.reshape(-1, features.shape[-1])  # (N * P, D)
     valid = (pooling >= 0)[..., None].to(features.dtype)  # (M, K, 1)

@@ -502,6 +502,31 @@ def end_summary(stdout):
     return lines[start + 1:end]
 
 
+@pytest.mark.parametrize("name", ["window_means", "gathered_window_means"])  # the CPU's path and the GPU's
+def test_window_means_averages_each_window_by_hand(name):
+    """Two blocks' features of 2 crops x 3 patches and four windows worked by hand: two patches, one patch and
+    padding, padding alone (zeros), one patch listed twice; and the gradient each patch gets back. float64, and
+    every weight a power of two, so the sums are exact: compared for equality."""
+    import vision
+
+    window_means = getattr(vision, name)
+    torch.manual_seed(0)
+    blocks = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    pooling = torch.tensor([[0, 1], [5, -1], [-1, -1], [2, 2]])
+    out = window_means(blocks, pooling)
+    flat = torch.cat(blocks, -1).detach().reshape(6, 8)  # patch i of the 2 x 3, both blocks side by side
+    assert torch.equal(out, torch.stack([(flat[0] + flat[1]) / 2, flat[5], torch.zeros(8, dtype=torch.float64),
+                                         flat[2]]))
+    upstream = torch.randn(4, 8, dtype=torch.float64)
+    out.backward(upstream)
+    expected = torch.zeros(6, 8, dtype=torch.float64)
+    expected[0] = expected[1] = upstream[0] / 2
+    expected[5] = upstream[1]
+    expected[2] = upstream[3]  # listed twice at weight 1/2
+    got = torch.cat([b.grad for b in blocks], -1).reshape(6, 8)
+    assert torch.equal(got, expected)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny_world, tmp_path_factory):
     """One process, grad_accum 2, loader workers 2, uninterrupted: (out_dir, stdout)."""
