@@ -268,12 +268,43 @@ class MuonAdamW(torch.optim.Optimizer):
     sqrt(max(1, rows / cols)) * that (its decoupled weight decay as AdamW's). Every direction of the matrix moves
     by about the same amount, where Adam's step follows the gradient's few large directions: on the CPU demo's
     joint stage it pointed at F1 0.38 against AdamW's 0.21 with the same steps (BENCHMARKS.md "Muon in the CPU
-    demo's joint stage"). A group's matrices of one shape are orthogonalised as one stack (a transformer's blocks
-    repeat their shapes). For matrices whose whole gradient this process holds: not for FSDP's shards."""
+    demo's joint stage"). The matrices of one shape, of every Muon group, are orthogonalised as one stack (a
+    transformer's blocks repeat their shapes). For matrices whose whole gradient this process holds: not for FSDP's
+    shards."""
 
     def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95, matmul_dtype=torch.float32):
         super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
         self.matmul_dtype = matmul_dtype  # orthogonalised's: the training step's (autocast_dtype)
+
+    def orthogonalise(self, stacks):
+        """orthogonalised() of each (n, rows, cols) stack. Under several processes (DDP: each holds the same
+        gradients, and so the same stacks) each orthogonalises its own share of every stack, ceil(n / processes)
+        matrices, and one all-gather hands everyone the rest: in the CPU demo's joint stage as two one-core processes
+        the optimizer step took 23.6-23.7 ms against 31.7-32.8, the whole step 241.5 against 245.1-245.8 ms
+        (BENCHMARKS.md "Each record to one rank"). A matrix's direction does not depend on the stack it is computed
+        in (each is its own batched product), so the weights are those of one process, bit for bit."""
+        import torch.distributed as dist
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            return [orthogonalised(stack, dtype=self.matmul_dtype) for stack in stacks]
+        rank, shares = dist.get_rank(), [-(-len(stack) // world) for stack in stacks]
+        mine = []  # this process's directions, each stack's share padded to its full length, flat
+        for stack, share in zip(stacks, shares):
+            part = stack[rank * share:(rank + 1) * share]
+            out = stack.new_zeros((share, *stack.shape[1:]), dtype=self.matmul_dtype)
+            if len(part):
+                out[:len(part)] = orthogonalised(part, dtype=self.matmul_dtype)
+            mine.append(out.reshape(-1))
+        mine = torch.cat(mine)
+        everyone = mine.new_empty(world, mine.numel())
+        dist.all_gather(list(everyone.unbind(0)), mine)  # into everyone's rows
+        directions, at = [], 0
+        for stack, share in zip(stacks, shares):
+            size = share * stack[0].numel()
+            parts = everyone[:, at:at + size].reshape(world * share, *stack.shape[1:])
+            directions.append(parts[:len(stack)])
+            at += size
+        return directions
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -284,24 +315,15 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        by_shape = collections.defaultdict(list)  # every Muon group's matrices by shape: (p, its lr, momentum)
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
             params = [p for p in g["params"] if p.grad is not None]
             for p in params:
                 p.mul_(1 - lr * wd)
             if g["muon"]:
-                by_shape = collections.defaultdict(list)
                 for p in params:
-                    by_shape[p.shape].append(p)
-                for shape, same in by_shape.items():
-                    looks = []
-                    for p in same:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        buf.mul_(g["momentum"]).add_(p.grad)
-                        looks.append(p.grad.add(buf, alpha=g["momentum"]))
-                    directions = orthogonalised(torch.stack(looks), dtype=self.matmul_dtype)
-                    for p, direction in zip(same, directions):
-                        p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
+                    by_shape[p.shape].append((p, lr, g["momentum"]))
                 continue
             b1, b2 = g["betas"]
             for p in params:
@@ -313,6 +335,17 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
+        stacks = []
+        for same in by_shape.values():
+            looks = []
+            for p, _, momentum in same:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(momentum).add_(p.grad)
+                looks.append(p.grad.add(buf, alpha=momentum))
+            stacks.append(torch.stack(looks))
+        for (shape, same), directions in zip(by_shape.items(), self.orthogonalise(stacks)):
+            for (p, lr, _), direction in zip(same, directions):
+                p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
         return loss
 
 
