@@ -191,7 +191,7 @@ def preflight(recipe):
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
         fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 343-484 of stage "
-                 "1's 600, 1,265-2,690 of the joint stage's 3,300), and it learns less: there `make demo` counted "
+                 "1's 600, 1,265-2,736 of the joint stage's 3,300), and it learns less: there `make demo` counted "
                  "0.42-0.575 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
@@ -248,7 +248,7 @@ JOINT_PROCESSES = 2  # the CPU recipe's joint stage as this many DDP processes (
 #   cores and of the step's rows. One process of two threads left a core waiting while the other ran the step's
 #   serial Python and small ops (~20% of its time in the OpenMP spin); on this project's 2-core AMD CPU two processes
 #   fitted 2,398-2,462 joint steps in the demo's minutes where one had fitted 2,148-2,214 in four draws, and
-#   2,544-2,690 with each training image dealt to one process, whose ViT feature cache then holds it
+#   2,544-2,736 with each training image dealt to one process, whose ViT feature cache then holds it
 #   (training._DrawKeys; BENCHMARKS.md "Two processes on the two cores", "Each record to one rank")
 
 
