@@ -130,9 +130,10 @@ KIND_HARDEST = ("A colour is the easiest thing for the ViT to see, a kind of sha
 KINDS_NOTE = {
     True: KIND_HARDEST + """This stage 1 names the kinds too (train_vision.py's scene
 loss), its ViT's matrices learning by Muon: under AdamW the CPU's 9,600-19,200 images named no more kinds than chance,
-under Muon 600 steps name ~0.7 of them, and a GPU recipe, which first shows the ViT one large shape an image, 0.97. A
-count of n shapes of a kind needs every one of them named, so the LLM still counts the kinds near chance in most runs
-(0.25-0.40; BENCHMARKS.md "Stage 1 by Muon", "Stage 1 in two parts").""",
+under Muon a 2-core CPU's ~16,000 names 0.65-0.82 of them, and a GPU recipe, which first shows the ViT one large shape
+an image, 0.97. A count of n shapes of a kind needs every one of them named, so the LLM counts the kinds below the
+colours (0.36-0.63 on a 2-core CPU; BENCHMARKS.md "Stage 1 by Muon", "Stage 1 at 48 images a step", "Stage 1 in two
+parts").""",
     False: KIND_HARDEST + """This recipe's stage 1 also learns the kinds (train_vision.py's scene
 loss), in a world of one large shape an image first (BENCHMARKS.md "Stage 1 in two parts").""",
 }
@@ -190,9 +191,9 @@ def preflight(recipe):
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
-        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 343-484 of stage "
-                 "1's 600, 1,265-2,736 of the joint stage's 3,300), and it learns less: there `make demo` counted "
-                 "0.42-0.575 where every step (--minutes=0) counted 0.575-0.705" if minutes else
+        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 333-346 of stage "
+                 "1's 400, 1,265-2,909 of the joint stage's 3,300), and it learns less: there `make demo` counted "
+                 "0.42-0.64 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
               f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "
