@@ -191,9 +191,9 @@ def preflight(recipe):
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
-        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 333-346 of stage "
+        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 333-365 of stage "
                  "1's 400, 1,265-2,909 of the joint stage's 3,300), and it learns less: there `make demo` counted "
-                 "0.42-0.64 where every step (--minutes=0) counted 0.575-0.705" if minutes else
+                 "0.42-0.67 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
               f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "
