@@ -180,7 +180,7 @@ def last_validation(log_jsonl, key):
 def preflight(recipe):
     """What this machine means for the recipe, said before its first step: the GPU recipes need a CUDA GPU (on a
     CPU they would run for hours), and the CPU recipe's ~15 minutes assume a CPU with AMX's bf16 matrix instructions
-    (with AVX512-BF16 alone they hold about half its steps, without either about a quarter)."""
+    (with AVX512-BF16 alone they hold half to nine tenths of its steps, without either about a quarter)."""
     import torch
 
     from training import cpu_has_amx, cpu_has_bf16_matmul
@@ -191,9 +191,9 @@ def preflight(recipe):
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
-        fewer = (f"its {minutes:g} minutes hold about half the recipe's steps (a 2-core AMD EPYC: 333-365 of stage "
-                 "1's 400, 1,265-2,909 of the joint stage's 3,300), and it learns less: there `make demo` counted "
-                 "0.42-0.67 where every step (--minutes=0) counted 0.575-0.705" if minutes else
+        fewer = (f"its {minutes:g} minutes hold fewer of the recipe's steps (a 2-core AMD EPYC: 333-365 of stage "
+                 "1's 400, 1,265-2,909 of the joint stage's 3,300, as fast as it ran that hour), and it learns less: "
+                 "there `make demo` counted 0.42-0.67 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
               f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "

@@ -4,9 +4,8 @@
 # named the kinds above chance, under Muon 600 steps of 32 images name ~0.7 of them. On a 2-core CPU with AMX
 # `make demo` then counted 0.565 and pointed at F1 0.409 against 0.425 / 0.462 with the AdamW, localisation-only
 # stage 1 of 300 steps (the joint stage gets ~2,600 steps in the minutes left, not ~2,750; BENCHMARKS.md "Stage 1
-# by Muon"). In bf16
-# where the CPU has bf16 matrix instructions (cpu_autocast), its attention in float32 (vision.attend; BENCHMARKS.md
-# "Attention in float32 under CPU autocast"). On a GPU cpu_autocast does nothing.
+# by Muon"). In bf16 where the CPU has bf16 matrix instructions (cpu_autocast), its attention in float32
+# (vision.attend; BENCHMARKS.md "Attention in float32 under CPU autocast"). On a GPU cpu_autocast does nothing.
 out_dir = "out/demo/vision"
 model_preset = "small"
 data_dir = "data/demo"

@@ -260,7 +260,7 @@ def test_cpu_joint_stage_runs_as_processes_that_share_the_cores_and_the_rows():
 
 def test_demo_says_what_the_machine_means_before_its_first_step(monkeypatch, capsys):
     """Without CUDA a GPU recipe stops at once, naming the CPU recipe; the CPU recipe on a CPU without bf16 matrix
-    instructions warns that it takes longer, on one with AVX512-BF16 but no AMX that its minutes hold about half the
+    instructions warns that it takes longer, on one with AVX512-BF16 but no AMX that its minutes hold fewer of the
     steps, and with AMX says nothing."""
     import torch
 
