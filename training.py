@@ -285,7 +285,7 @@ class MuonAdamW(torch.optim.Optimizer):
         in (each is its own batched product), so the weights are those of one process, bit for bit."""
         import torch.distributed as dist
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1:
+        if world == 1 or not stacks:  # none: no Muon matrix has a gradient this step, on every process alike
             return [orthogonalised(stack, dtype=self.matmul_dtype) for stack in stacks]
         rank, shares = dist.get_rank(), [-(-len(stack) // world) for stack in stacks]
         mine = []  # this process's directions, each stack's share padded to its full length, flat

@@ -387,6 +387,9 @@ for step in range(3):  # every process the same gradients, as DDP leaves them
     for p in params + [bias]:
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + p.numel()))
     optimizer.step()
+for p in params:  # a step where no matrix has a gradient: nothing for Muon to share out
+    p.grad = None
+optimizer.step()
 name = f"rank{dist.get_rank()}" if several else "alone"
 torch.save([p.detach() for p in params + [bias]], f"{sys.argv[1]}/{name}.pt")
 if several:  # together (training.Dist.cleanup says why): alone, gloo aborted a process at exit in 2 runs of 12
@@ -397,9 +400,10 @@ if several:  # together (training.Dist.cleanup says why): alone, gloo aborted a 
 
 def test_muon_under_two_processes_orthogonalises_shares_and_ends_as_one_process(tmp_path):
     """MuonAdamW under two gloo processes (each the same gradients, as under DDP): each orthogonalises its share of
-    every stack and they exchange the results; three steps later both hold, bit for bit, the weights the same
-    script computes in one process, with stacks that split evenly, unevenly and into nothing for the second
-    process. One thread each: a matrix's batched products do not depend on the stack it is in."""
+    every stack and they exchange the results; three steps later (and a fourth, where only the bias has a gradient)
+    both hold, bit for bit, the weights the same script computes in one process, with stacks that split evenly,
+    unevenly and into nothing for the second process. One thread each: a matrix's batched products do not depend
+    on the stack it is in."""
     script = tmp_path / "muon_shares.py"
     script.write_text(MUON_SHARES)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
