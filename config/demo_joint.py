@@ -32,13 +32,16 @@ cpu_autocast = "auto"
 compile_blocks = True  # torch.compile each block (where the CPU has a C++ compiler): on this project's 2-core CPU
 #   1,000-step runs took 0.20-0.22 s a step against 0.25-0.28 eagerly (1.2x), after ~26 s of compiling from a cold
 #   cache (BENCHMARKS.md "Coordinates' digits against a Gaussian, and the joint stage compiled")
-lr_connector, lr_vit, lr_llm = 1e-3, 0.0, 1e-3  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
+lr_connector, lr_vit, lr_llm = 5e-4, 0.0, 5e-4  # from scratch: far above Molmo2's fine-tuning rates; lr 0 freezes
+#   the ViT. Half the 1e-3 they had, as is muon_lr below: from one align checkpoint, 2,750 steps, two seeds, the test
+#   images counted 0.650 and 0.685 against 0.595 and 0.575 (the kind questions 0.64 / 0.66 against 0.52 / 0.34), F1
+#   0.583 / 0.628 against 0.621 / 0.568 (BENCHMARKS.md "The joint stage at half its learning rates")
 warmup_connector, warmup_vit, warmup_llm = 50, 50, 50
 weight_decay = 0.1
-muon_lr = 0.01  # Muon for the LLM's and connector's matrices (training.MuonAdamW): on a 2-core CPU with AMX, the
-#   same 2,536 steps pointed at F1 0.383 against AdamW's 0.208 and 0.250 (two runs), counted 0.450 against 0.485 and
-#   0.455, and widened the validation gap to 0.380 from 0.155-0.179 (at 0.02: 0.355 / 0.316 / 0.311). BENCHMARKS.md
-#   "Muon in the CPU demo's joint stage"
+muon_lr = 0.005  # Muon for the LLM's and connector's matrices (training.MuonAdamW): on a 2-core CPU with AMX, at 0.01
+#   the same 2,536 steps pointed at F1 0.383 against AdamW's 0.208 and 0.250 (two runs), counted 0.450 against 0.485
+#   and 0.455, and widened the validation gap to 0.380 from 0.155-0.179 (at 0.02: 0.355 / 0.316 / 0.311; BENCHMARKS.md
+#   "Muon in the CPU demo's joint stage"); 0.005 with the rates above
 token_loss = 1.0  # the image tokens also name the kind, colour and first digits of x and y of the shape whose centre
 #   they hold (training.TokenAttributeLoss): a frozen ViT's features hold a centre's digits only spread over the
 #   token's place and its offset in the cell. GPU replays of this stage's 2,800 steps (one H200, three seeds each,
