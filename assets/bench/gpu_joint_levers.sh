@@ -13,9 +13,10 @@
 #     sed -i 's/EXTRA_QUERIES = {"cpu": 2}/EXTRA_QUERIES = {"cpu": 2, "gpu": 2}/' demo.py &&
 #         bash assets/bench/gpu_recipes.sh $OUT 585 gpu
 #   call B, on the same warm machine: the joint stage from call A's align checkpoint without the extra questions,
-#     and with them under Muon (the CPU recipe's; untried on a GPU)
+#     and with them at half the rates (the CPU recipe's joint stage counted ~0.08 more at half its rates); then
+#     Muon (--muon_lr=0.005, the CPU recipe's; untried on a GPU) in a call C the same way
 #     bash assets/bench/gpu_joint_levers.sh $OUT 585 "q0|data/demo_gpu_60k_q0|" \
-#         "q2_muon|data/demo_gpu_60k|--muon_lr=0.01"
+#         "q2_half|data/demo_gpu_60k|--lr_connector=1e-3 --lr_llm=1e-3"
 set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
 # shellcheck source=assets/bench/bench_start.sh
