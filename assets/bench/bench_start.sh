@@ -34,14 +34,16 @@ take_share() {
   export CUDA_VISIBLE_DEVICES=${gpus[$1]}
   taskset -pc "$(IFS=,; echo "${cores[*]:$1*per:per}")" $BASHPID > /dev/null
 }
-# test_eval RUN NAME: eval.py on the GPU demo world's test images (counting, pointing) of the joint run in RUN, its
-# log, metrics and predictions copied into $LOGS as NAME_*; within the caller's left() seconds. EVAL_ARGS adds
-# eval.py words: the full preset's 1B parameters want the GPU ("--device=cuda --dtype=bfloat16 --batch_size=100",
-# demo.py's), where eval.py's own default, the CPU in float32, would take most of a call
+# test_eval RUN NAME [WORLD]: eval.py on the test images (counting, pointing) of WORLD (the full recipe's
+# data/demo_gpu unless given) of the joint run in RUN, its log, metrics and predictions copied into $LOGS as NAME_*;
+# within the caller's left() seconds. EVAL_ARGS adds eval.py words: the full preset's 1B parameters want the GPU
+# ("--device=cuda --dtype=bfloat16 --batch_size=100", demo.py's), where eval.py's own default, the CPU in float32,
+# would take most of a call
 test_eval() {
   # shellcheck disable=SC2086  # EVAL_ARGS is --key=value words, none holding a space
-  timeout "$(left)" $PY eval.py --init_from="$1" --split=test --data_dir=data/demo_gpu "--datasets=['synth_image']" \
-      "--tasks=['counting', 'pointing']" --out_dir="$1/eval" ${EVAL_ARGS:-} > "$LOGS/$2_eval.log" 2>&1
+  timeout "$(left)" $PY eval.py --init_from="$1" --split=test --data_dir="${3:-data/demo_gpu}" \
+      "--datasets=['synth_image']" "--tasks=['counting', 'pointing']" --out_dir="$1/eval" ${EVAL_ARGS:-} \
+      > "$LOGS/$2_eval.log" 2>&1
   cp "$1/eval/metrics.json" "$LOGS/$2_metrics.json"
   cp "$1/eval/predictions.jsonl" "$LOGS/$2_predictions.jsonl"
 }

@@ -46,11 +46,8 @@ for spec in "$@"; do
         > "$LOGS/${name}_joint.log" 2>&1
     stamp "$name: train_joint exited with $?"
     cp "$dir/log.jsonl" "$LOGS/${name}_log.jsonl" 2>/dev/null
-    timeout "$(left)" $PY eval.py --init_from="$dir" --split=test --data_dir="$world" "--datasets=['synth_image']" \
-        "--tasks=['counting', 'pointing']" --out_dir="$dir/eval" > "$LOGS/${name}_eval.log" 2>&1
+    test_eval "$dir" "$name" "$world"
     stamp "$name: $(grep -ho '"counting_accuracy": [0-9.]*\|"f1": [0-9.]*' "$dir/eval/metrics.json" | tr '\n' ' ')"
-    cp "$dir/eval/metrics.json" "$LOGS/${name}_metrics.json" 2>/dev/null
-    cp "$dir/eval/predictions.jsonl" "$LOGS/${name}_predictions.jsonl" 2>/dev/null
     pack
   ) &
   i=$(( i + 1 ))
