@@ -191,7 +191,7 @@ def preflight(recipe):
                          "(torch.cuda.is_available() is False); the CPU recipe is `python demo.py`")
     has_bf16 = cpu_has_bf16_matmul()
     if has_bf16 and not cpu_has_amx():
-        fewer = (f"its {minutes:g} minutes hold fewer of the recipe's steps (a 2-core AMD EPYC: 319-365 of stage "
+        fewer = (f"its {minutes:g} minutes hold fewer of the recipe's steps (a 2-core AMD EPYC: 286-365 of stage "
                  "1's 400, 1,265-2,909 of the joint stage's 3,300, as fast as it ran that hour), and it learns less: "
                  "there `make demo` counted 0.42-0.67 where every step (--minutes=0) counted 0.575-0.705" if minutes else
                  "the stages take ~1.5-2x as long as on one with AMX")
