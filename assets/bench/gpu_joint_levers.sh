@@ -2,21 +2,18 @@
 # The GPU recipe's joint stage (config/demo_gpu_joint.py) several ways at once on ONE GPU, all from one align
 # checkpoint, each scored on the 200 test images: what a joint-stage lever does with stage 1 and the align stage
 # held fixed (the whole recipe's counting moves ~0.1 between runs, much of it stage 1's). The runs share the GPU and
-# split the cores, so their step times say nothing; their step counts are fixed. Usage, after a GPU recipe run left
-# out/demo_gpu/align on the machine (bash assets/bench/gpu_recipes.sh OUT SECONDS gpu):
+# split the cores, so their step times say nothing; their step counts are fixed (unless --max_minutes). Usage,
+# after a GPU recipe run left out/demo_gpu/align on the machine (bash assets/bench/gpu_recipes.sh OUT SECONDS gpu):
 #   bash assets/bench/gpu_joint_levers.sh OUT SECONDS "name|data_dir|train_joint args" ...
 # A data_dir that does not exist yet is made first: the GPU recipe's world (TRAIN_IMAGES training images, 60,000
 # unless set), with as many extra questions an image as its name's "_q<N>" says (none without one). Logs and metrics
-# go into OUT/logs.tgz as each run ends. Not yet run on a GPU (written 2026-12-05, when none was lent); the plan for it:
-#   call A: the GPU recipe with 2 extra questions an image in its world (demo.py's EXTRA_QUERIES edited on the
-#     device's copy), as one command: it leaves out/demo_gpu/align and its world data/demo_gpu_60k (with them)
-#     sed -i 's/EXTRA_QUERIES = {"cpu": 2}/EXTRA_QUERIES = {"cpu": 2, "gpu": 2}/' demo.py &&
-#         bash assets/bench/gpu_recipes.sh $OUT 585 gpu
-#   call B, on the same warm machine: the joint stage from call A's align checkpoint without the extra questions,
-#     and with them at half the rates (the CPU recipe's joint stage counted ~0.08 more at half its rates); then
-#     Muon (--muon_lr=0.005, the CPU recipe's; untried on a GPU) in a call C the same way
-#     bash assets/bench/gpu_joint_levers.sh $OUT 585 "q0|data/demo_gpu_60k_q0|" \
-#         "q2_half|data/demo_gpu_60k|--lr_connector=1e-3 --lr_llm=1e-3"
+# go into OUT/logs.tgz as each run ends. Run on one H200 on 2026-12-06 after `bash assets/bench/gpu_recipes.sh $OUT 585
+# gpu` (BENCHMARKS.md "Two more questions an image in the GPU recipe's world"), on the same warm machine (idle release
+# is 30 s), with --max_minutes in each run's args so that runs sharing the GPU end with a checkpoint and are scored:
+#   bash assets/bench/gpu_joint_levers.sh $OUT 585 "q0|data/demo_gpu_60k_q0|--max_minutes=7.0" \
+#       "q2_half|data/demo_gpu_60k|--lr_connector=1e-3 --lr_llm=1e-3 --max_minutes=7.0"
+# (the recipe's world data/demo_gpu_60k then had its 2 extra questions an image by a device-copy edit; demo.py now
+# asks them). Untried on a GPU: Muon (--muon_lr=0.005, the CPU recipe's).
 set -u
 OUT=${1:?out dir}; BUDGET=${2:?seconds}; shift 2
 # shellcheck source=assets/bench/bench_start.sh
