@@ -61,7 +61,8 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # questions an image"). The held-out splits are the same bytes with or without them. The GPU recipe's world asks them
 # too: on one H200 (2026-12-06) its one command counted 0.915 and 0.930 with them (F1 0.946 / 0.930; two joint rates,
 # one stage 1) where its last four runs without them had counted 0.855-0.910, and the joint stage from one align
-# checkpoint 0.93 against 0.84 (BENCHMARKS.md "Two more questions an image in the GPU recipe's world").
+# checkpoint 0.93 with them (at half the rates) against 0.84 without them (at the old; BENCHMARKS.md "Two more
+# questions an image in the GPU recipe's world").
 EXTRA_QUERIES = {"cpu": 2, "gpu": 2}
 # The CPU recipe's world holds 5,000 training images, not 10,000: its joint stage's ~2,550 steps of 8 meet each image
 # ~4 times, not twice. Replayed on one GPU (three seeds, the same stage 1 and steps) the smaller world counted 0.618
