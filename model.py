@@ -559,8 +559,41 @@ class Qwen3(nn.Module):
 # (N, vocab) float32 tensor and several same-sized temporaries alive for backward: 3 GB at 5k loss tokens,
 # and on CPU the elementwise passes over them cost as much as the matmul. Here the logits of a chunk of rows
 # are made, turned into their gradient in place (softmax scaled, minus the target), and used for both
-# gradients at once; backward only scales what forward computed.
+# gradients at once; backward only scales what forward computed. On a GPU the softmax step of a large
+# vocabulary is compiled (softmax_grad_for), so no float32 copy of the logits is made at all.
 # ---------------------------------------------------------------------------
+
+
+def head_softmax_grad(logits, targets, token_weights, z_loss):
+    """One chunk of the fused head: logits (n, V) as the matmul made them, targets (n,), token_weights (n,) float32 ->
+    (logsumexp (n,), CE (n,), the gradient of token_weights * (CE + z_loss * logsumexp^2) by the logits (n, V) in
+    the logits' dtype), in float32 inside. Eagerly each step is a pass over (n, V) float32 values; compiled (on a
+    GPU: softmax_grad_for) they fuse into two passes over the bf16 logits, and no float32 (n, V) tensor is made."""
+    x = logits.float()
+    lse = x.logsumexp(dim=-1)  # (n,)
+    rows = torch.arange(len(targets), device=logits.device)
+    ce = lse - x[rows, targets]  # (n,)
+    # d/dlogits of w * (lse - logit_t + z * lse^2) = w * (1 + 2 z lse) * softmax - w * onehot(t)
+    grad = x.sub_(lse[:, None]).exp_().mul_((token_weights * (1 + 2 * z_loss * lse))[:, None])  # in place
+    grad[rows, targets] -= token_weights
+    return lse, ce, grad.to(logits.dtype)
+
+
+COMPILED_HEAD_MIN_ROWS = 16384  # output-head rows from which softmax_grad_for compiles
+_compiled_softmax_grad = None
+
+
+def softmax_grad_for(logits):
+    """head_softmax_grad, compiled for a CUDA chunk of a large vocabulary (Qwen3's 151,936 rows: the eager passes
+    over its float32 logits cost the full preset's graphed step 5.8 ms of 182 on an H100, BENCHMARKS.md "The output
+    head's softmax compiled"), eager otherwise: a CPU's runs stay as they were to the bit, and a kept vocabulary of a
+    few hundred rows has little to fuse and would pay the compile (~10 s) at every run's start."""
+    global _compiled_softmax_grad
+    if not logits.is_cuda or logits.shape[1] < COMPILED_HEAD_MIN_ROWS:
+        return head_softmax_grad
+    if _compiled_softmax_grad is None:
+        _compiled_softmax_grad = torch.compile(head_softmax_grad, dynamic=True)  # one graph for any chunk's rows
+    return _compiled_softmax_grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -569,25 +602,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         """h (N, C), weight (V, C), targets (N,), token_weights (N,) -> (sum of weighted loss, sum of weighted
         CE); gradients of the first are computed now, chunk by chunk."""
         grad_h = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None
         w_mm = weight.to(h.dtype)  # under autocast h is bf16: matmuls in bf16, softmax in float32
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, t, w = h[start:start + chunk_size], targets[start:start + chunk_size], token_weights[start:start + chunk_size].float()
-            logits = (hc @ w_mm.t()).float()  # (n, V)
-            lse = logits.logsumexp(dim=-1)  # (n,)
-            rows = torch.arange(len(t), device=h.device)
-            ce_rows = lse - logits[rows, t]  # (n,)
+            logits = hc @ w_mm.t()  # (n, V)
+            lse, ce_rows, grad = softmax_grad_for(logits)(logits, t, w, z_loss)
             loss += (w * (ce_rows + z_loss * lse.pow(2))).sum()
             ce += (w * ce_rows).sum()
-            # d/dlogits of w * (lse - logit_t + z * lse^2) = w * (1 + 2 z lse) * softmax - w * onehot(t)
-            grad = logits.sub_(lse[:, None]).exp_().mul_((w * (1 + 2 * z_loss * lse))[:, None])  # (n, V), in place
-            grad[rows, t] -= w
-            grad = grad.to(h.dtype)
             grad_h[start:start + chunk_size] = grad @ w_mm  # (n, C)
             if ctx.needs_input_grad[1]:  # a frozen head (the align stage) skips a third of the work
-                grad_weight += (grad.t() @ hc).float()  # (V, C)
+                part = (grad.t() @ hc).float()  # (V, C); the first chunk's is the sum so far (0 + x is x)
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        if grad_weight is None:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)
@@ -601,15 +631,19 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def loss_chunk_rows(vocab_rows, on_gpu):
     """linear_cross_entropy's default rows a chunk (its docstring says why)."""
-    return max(1024, 2**24 // vocab_rows) if on_gpu else 1024
+    if not on_gpu:
+        return 1024
+    values = 2**28 if vocab_rows >= COMPILED_HEAD_MIN_ROWS else 2**24  # compiled: no float32 (n, V) tensor made
+    return max(1024, values // vocab_rows)
 
 
 def linear_cross_entropy(h, weight, targets, token_weights, z_loss=0.0, chunk_size=None):
     """Sum over rows of token_weights * (CE(h @ weight^T, targets) + z_loss * logsumexp^2), and the weighted
-    CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are already
-    matmuls and one fused softmax step each, so compiling it would gain little; a compiled Molmo2 runs it eagerly
-    (ready_for_compile; on torch 2.11 tracing it fails on an assertion).
-    chunk_size: rows a chunk; None = 1,024, or on a GPU as many as keep a chunk's logits near 2^24 values. Each
+    CE sum alone (for logging, no gradient). h (N, C); weight (V, C), the output head. Its chunks are matmuls and
+    head_softmax_grad each; a compiled Molmo2 runs it eagerly (ready_for_compile; on torch 2.11 tracing it fails on
+    an assertion), with the softmax compiled apart on a GPU (softmax_grad_for).
+    chunk_size: rows a chunk; None = 1,024, or on a GPU as many as keep a chunk's logits near 2^24 values (2^28
+    where the softmax is compiled: 1 GB of bf16 logits and gradient, 1,766 rows of Qwen3's vocabulary). Each
     chunk is a few dozen small ops the host launches: with a kept vocabulary of ~500 rows a GPU demo step had ~19
     chunks, 16 ms of host time in a step of ~100 (BENCHMARKS.md "Where a GPU step's time goes"); the CPU keeps
     1,024, so its runs stay as they were to the last bit."""

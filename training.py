@@ -635,6 +635,42 @@ def device_busy(averages, n_steps):
             sum(e.count for e in kernels) / n_steps)
 
 
+KERNEL_KINDS = (  # (kind, words of a kernel's name), the first match wins: cuDNN's attention runs small kernels of
+    #   its own (convert_dq, dot_do_o) beside the flash ones; inductor names a fused kernel by the ops in it
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitkreduce")),
+    ("optimizer, clipping, zeroing", ("multi_tensor_apply", "lpnorm")),
+    ("norms", ("layer_norm", "rsqrt")),
+    ("activations", ("gelu", "silu")),
+    ("sums (bias gradients, loss)", ("reduce_kernel", "red_fused_sum", "softmax", "nll_loss")),
+    ("copies and casts", ("direct_copy", "copy_kernel", "fillfunctor", "catarray")),
+)
+COPY_OPS = {"to", "copy", "view", "t", "unsafe", "clone", "permute", "transpose", "expand", "cat", "slice"}  # a
+#   fused kernel made of these alone moves data: a cast, a transpose, a concatenation
+
+
+def kernel_kind(name):
+    """A GPU kernel's name -> its kind in KERNEL_KINDS, or "other elementwise"."""
+    name = name.lower()
+    kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), None)
+    if kind is None and name.startswith("triton_") and "_fused_" in name:
+        ops = name.split("_fused_", 1)[1].rsplit("_", 1)[0]  # "triton_poi_fused__to_copy_t_7" -> "_to_copy_t"
+        kind = "copies and casts" if set(filter(None, ops.split("_"))) <= COPY_OPS else None
+    return kind or "other elementwise"
+
+
+def kernel_kinds(averages, n_steps):
+    """torch.profiler's key_averages() over n_steps steps -> [(kind, ms a step, kernels a step)] of the GPU's busy
+    time by kernel_kind, largest first: what a step spends on its arithmetic (matmul, attention) against the
+    memory-bound rest."""
+    kinds = {}
+    for e in averages:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
+            ms, n = kinds.get(kernel_kind(e.key), (0.0, 0.0))
+            kinds[kernel_kind(e.key)] = (ms + e.self_device_time_total / (1e3 * n_steps), n + e.count / n_steps)
+    return sorted(((k, ms, n) for k, (ms, n) in kinds.items()), key=lambda kind: -kind[1])
+
+
 def profile_report(averages, n_calls, wall, cuda, unit="step"):
     """torch.profiler's key_averages() over n_calls calls of wall seconds each -> (a summary: a call's wall time against
     the time the GPU was busy in it, its kernels and its host-device syncs; the ops' table by their own device time,
@@ -648,6 +684,9 @@ def profile_report(averages, n_calls, wall, cuda, unit="step"):
         syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
         line += (f", the GPU busy {busy:.1f} ms of it ({busy / (wall * 1e3):.0%}), {n_kernels:,.0f} kernels and "
                  f"{syncs / n_calls:.0f} host-device syncs a {unit}")
+        kinds = "\n".join(f"  {kind:<30} {ms:8.2f} ms {n:8,.0f} kernels"
+                           for kind, ms, n in kernel_kinds(averages, n_calls))
+        table = f"The GPU's busy time by kind, a {unit}:\n{kinds}\n\n{table}"
     return line, table
 
 

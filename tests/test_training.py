@@ -1270,9 +1270,28 @@ def test_fused_head_equals_plain_logits_on_a_real_vocabulary():
     assert abs(loss_bf16.item() - ref.item()) / ref.item() < 2e-2
 
 
+def test_fused_head_softmax_compiled_equals_eager():
+    """head_softmax_grad as a GPU runs it for a large vocabulary (softmax_grad_for: torch.compile, here inductor's
+    CPU code) against its eager run, on bf16 logits as autocast makes them, rows given as dynamic: the logsumexp and
+    CE in float32 (the sums over 20,000 values in another order: a few float32 ulps of their ~10), the gradient
+    rounded to bf16 alike (at most one bf16 ulp where float32 values straddle a rounding edge). The CPU itself keeps
+    the eager function."""
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 20000) * 3).to(torch.bfloat16)
+    targets, weights = torch.randint(0, 20000, (37,)), torch.rand(37)
+    assert model_lib.softmax_grad_for(logits) is model_lib.head_softmax_grad
+    eager = model_lib.head_softmax_grad(logits, targets, weights, 1e-4)
+    compiled = torch.compile(model_lib.head_softmax_grad, dynamic=True)(logits, targets, weights, 1e-4)
+    for got, want in zip(compiled[:2], eager[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert compiled[2].dtype == torch.bfloat16
+    torch.testing.assert_close(compiled[2].float(), eager[2].float(), rtol=2 ** -7, atol=1e-9)
+
+
 def test_fused_head_default_chunks_keep_the_cpu_as_it_was_and_a_gpu_chunk_near_2_24_logits():
     """On a CPU the default is 1,024 rows a chunk, bit for bit; on a GPU a small kept vocabulary gets one chunk for
-    a demo step's ~19,000 loss rows instead of ~19, and the full vocabulary keeps 1,024 (0.6 GB of float32 logits)."""
+    a demo step's ~19,000 loss rows instead of ~19, and the full vocabulary, whose softmax a GPU compiles (no
+    float32 logits made), 1,766 rows: 2^28 bf16 logits, 0.5 GB, one chunk for the bench's ~1,440 loss rows."""
     torch.manual_seed(0)
     h, head = torch.randn(2500, 8), torch.randn(50, 8)
     targets, weights = torch.randint(0, 50, (2500,)), torch.rand(2500)
@@ -1281,7 +1300,8 @@ def test_fused_head_default_chunks_keep_the_cpu_as_it_was_and_a_gpu_chunk_near_2
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
     assert model_lib.loss_chunk_rows(514, on_gpu=False) == 1024
     assert model_lib.loss_chunk_rows(514, on_gpu=True) == 32640 and 32640 * 514 <= 2**24
-    assert model_lib.loss_chunk_rows(151936, on_gpu=True) == 1024
+    assert model_lib.loss_chunk_rows(151936, on_gpu=True) == 1766 and 1766 * 151936 <= 2**28 < 1767 * 151936
+    assert model_lib.loss_chunk_rows(151936, on_gpu=False) == 1024
 
 
 def test_validation_reports_what_the_images_are_worth(world):
@@ -1468,6 +1488,39 @@ def test_device_busy_adds_the_kernels_own_times_and_counts_per_step():
                 Event(device_type=cpu, is_user_annotation=False, self_device_time_total=0.0, count=50),
                 Event(device_type=cuda, is_user_annotation=True, self_device_time_total=9000.0, count=1)]
     assert training.device_busy(averages, 2) == (2.0, 3.0)
+
+
+def test_kernel_kinds_sorts_the_gpu_time_by_what_the_kernels_do():
+    """Kernel names as a profile of the full preset's step shows them (cuDNN's attention and its helper, cuBLAS's
+    nvjet matmul, inductor's fused kernels, AdamW's multi-tensor kernel, a plain aten add); a CPU op and a user
+    annotation are left out. Two steps profiled: the times and counts are halved."""
+    from types import SimpleNamespace
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, us, count, device_type=cuda, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation,
+                               self_device_time_total=us, count=count)
+    averages = [event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 4000.0, 4),
+                event("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)", 200.0, 4),
+                event("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_bias_TNN", 6000.0, 8),
+                event("triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_2", 800.0, 2),
+                event("triton_per_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_6", 100.0, 2),
+                event("triton_poi_fused_gelu_gelu_backward_view_4", 500.0, 2),
+                event("triton_poi_fused__to_copy_t_7", 300.0, 6),
+                event("triton_poi_fused__to_copy_add_cat_mul_neg_slice_unsqueeze_5", 60.0, 2),
+                event("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+                      1000.0, 2),
+                event("triton_red_fused_sum_1", 250.0, 10),
+                event("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>",
+                      40.0, 2),
+                event("aten::mm", 9000.0, 8, device_type=cpu),
+                event("Optimizer.step#AdamW.step", 1000.0, 2, annotation=True)]
+    kinds = {kind: (ms, n) for kind, ms, n in training.kernel_kinds(averages, 2)}
+    assert kinds == {"matmul": (3.0, 4.0), "attention": (2.1, 4.0), "norms": (0.45, 2.0),
+                     "optimizer, clipping, zeroing": (0.5, 1.0), "activations": (0.25, 1.0),
+                     "copies and casts": (0.15, 3.0), "sums (bias gradients, loss)": (0.125, 5.0),
+                     "other elementwise": (0.05, 2.0)}
+    assert [kind for kind, _, _ in training.kernel_kinds(averages, 2)][:2] == ["matmul", "attention"]  # largest first
 
 
 def test_steps_within_fits_the_minutes_left_at_the_mean_step_time():
