@@ -106,7 +106,8 @@ activation_checkpointing = False  # scaling and train's model-alone step: recomp
 parallel = "ddp"  # several GPUs (torchrun): ddp | fsdp
 max_memory_gib = 0.0  # > 0: each process may allocate at most this much of its GPU (37.3 = a 40 GB card's 40e9 bytes):
 #   torch.cuda.set_per_process_memory_fraction, so a run on a bigger card shows what fits the smaller one
-profile = False  # also write torch.profiler tables of the top kernels (train steps, prefills, decode steps) to out_dir
+profile = False  # also write torch.profiler tables of the top kernels (train steps, prefills, decode steps) to out_dir,
+#   each headed by the GPU's busy time by kind (training.kernel_kinds: matmul, attention, optimizer, norms, ...)
 profile_trace = False  # with profile: each profile's timeline too, out_dir/profile_<name>.json.gz (ui.perfetto.dev)
 out_dir = "out/bench"
 seed = 0

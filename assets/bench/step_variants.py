@@ -1,0 +1,102 @@
+"""The full preset's graphed train step three ways, on one GPU, in one process (BENCHMARKS.md "The output head's
+softmax compiled"): the output head's softmax eager in chunks of 1,024 rows (as before 2026-12-06), the step as
+committed (the softmax compiled, model.softmax_grad_for), and the step run on bf16 copies of the weights, cast down
+at its start and the gradients cast up into float32 at its end (the precision FSDP's MixedPrecisionPolicy gives;
+a subclass of training.GraphedStep here, not in the trainers). tools/bench.py's batch (4 photos, 4,509 tokens), each
+block compiled, the step as a CUDA graph; ms a step (tools/bench.py's measure), MFU, and a profile of each (with the
+GPU's busy time by kind) in out/step_variants/.
+
+    python assets/bench/step_variants.py
+"""
+
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, ROOT)
+sys.argv = [sys.argv[0], "--hf=False", "--trainer=False", "--out_dir=out/step_variants", "--profile=True"]  # bench's
+#   knobs, read when it is imported
+
+import bench  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import model as nano  # noqa: E402
+from training import GraphedStep, build_optimizer  # noqa: E402
+
+
+class CopiesStep(GraphedStep):
+    """GraphedStep whose step runs on bf16 copies of the weights: cast down once at the step's start, the gradients
+    cast up into each float32 parameter's .grad at its end (fixed buffers, overwritten), clipped there."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.copies = [p.detach().to(torch.bfloat16).requires_grad_() for _, p in self.named]
+        by_id = {id(p): c for (_, p), c in zip(self.named, self.copies)}
+        self.slots = [(m, n, by_id[id(p)]) for m in self.model.modules() for n, p in m._parameters.items()
+                      if p is not None and id(p) in by_id]  # every module that holds a parameter (tied ones too)
+        for _, p in self.named:
+            p.grad = torch.zeros_like(p)
+
+    def _run(self, batch, zero=True):
+        params = [p for _, p in self.named]
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, params)
+        grads = [c.grad for c in self.copies if c.grad is not None]
+        if grads and zero:
+            torch._foreach_zero_(grads)
+        saved = [(m, n, m._parameters[n]) for m, n, _ in self.slots]
+        for m, n, c in self.slots:
+            m._parameters[n] = c
+        try:
+            with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+                losses = self.forward(self.prepare(batch))
+                loss = self.loss_of(losses)
+            loss.backward()
+        finally:
+            for m, n, p in saved:
+                m._parameters[n] = p
+        torch._foreach_copy_([p.grad for p in params], [c.grad for c in self.copies])
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        return {k: v.detach() for k, v in losses.items()}, norm
+
+
+def main():
+    os.makedirs(bench.out_dir, exist_ok=True)
+    dev = torch.device("cuda")
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    cfg = nano.Molmo2Config.preset("nanomolmo2")
+    cpu_batch = data.collate([[ex] for ex in bench.photo_examples(cfg, 4, np.random.default_rng(0))])
+    model = bench.build_ours(dev).train()
+    flops = model.training_flops(bench.to_device(cpu_batch, dev))
+    nano.compile_each_block(model)
+    compiled_for, chunk_rows = nano.softmax_grad_for, nano.loss_chunk_rows
+    for label, cls, fresh, before in (("head as before, fp32 weights, fresh", GraphedStep, True, True),
+                                      ("fp32 weights, fresh", GraphedStep, True, False),
+                                      ("bf16 copies", CopiesStep, False, False)):
+        try:
+            nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
+            nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
+            bench.GraphedStep = cls
+            optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
+            step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            seconds, peak = bench.measure(step, dev)
+            print(f"step, graphed, {label}: {seconds * 1e3:.1f} ms, MFU {flops / seconds / bench.PEAK_FLOPS:.1%}, "
+                  f"peak {peak:.1f} GiB, first {first:.0f} s", flush=True)
+            bench.write_profile(step, dev, "step_" + label.replace(" ", "_").replace(",", ""))
+            del step, optimizer
+            torch.cuda.empty_cache()
+        except Exception:
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
