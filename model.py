@@ -607,17 +607,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
-            hc, t, w = h[start:start + chunk_size], targets[start:start + chunk_size], token_weights[start:start + chunk_size].float()
+            rows = slice(start, start + chunk_size)
+            hc, t, w = h[rows], targets[rows], token_weights[rows].float()
             logits = hc @ w_mm.t()  # (n, V)
             lse, ce_rows, grad = softmax_grad_for(logits)(logits, t, w, z_loss)
             loss += (w * (ce_rows + z_loss * lse.pow(2))).sum()
             ce += (w * ce_rows).sum()
-            grad_h[start:start + chunk_size] = grad @ w_mm  # (n, C)
+            grad_h[rows] = grad @ w_mm  # (n, C)
             if ctx.needs_input_grad[1]:  # a frozen head (the align stage) skips a third of the work
                 part = (grad.t() @ hc).float()  # (V, C); the first chunk's is the sum so far (0 + x is x)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
-        if grad_weight is None:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if grad_weight is None:  # no rows, or a frozen head (whose gradient backward leaves as None)
+            shape = weight.shape if ctx.needs_input_grad[1] else (0,)
+            grad_weight = torch.zeros(shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)
@@ -626,7 +628,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_weight, None, None, None, None
 
 
 def loss_chunk_rows(vocab_rows, on_gpu):

@@ -1288,6 +1288,22 @@ def test_fused_head_softmax_compiled_equals_eager():
     torch.testing.assert_close(compiled[2].float(), eager[2].float(), rtol=2 ** -7, atol=1e-9)
 
 
+def test_fused_head_with_a_frozen_head_gives_the_rows_the_same_gradient():
+    """The align stage's frozen LLM: a head that needs no gradient gets none, and the rows' gradient and the loss
+    are those of a head that trains, to the bit (the same chunks, the same products)."""
+    torch.manual_seed(0)
+    h, head = torch.randn(9, 8), torch.randn(40, 8)
+    targets, weights = torch.randint(0, 40, (9,)), torch.rand(9)
+    got = []
+    for trains in (True, False):
+        rows, w = h.clone().requires_grad_(), head.clone().requires_grad_(trains)
+        loss, _ = model_lib.linear_cross_entropy(rows, w, targets, weights, z_loss=1e-4, chunk_size=4)
+        loss.backward()
+        got.append((loss.detach(), rows.grad, w.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert got[0][2] is not None and got[1][2] is None
+
+
 def test_fused_head_default_chunks_keep_the_cpu_as_it_was_and_a_gpu_chunk_near_2_24_logits():
     """On a CPU the default is 1,024 rows a chunk, bit for bit; on a GPU a small kept vocabulary gets one chunk for
     a demo step's ~19,000 loss rows instead of ~19, and the full vocabulary, whose softmax a GPU compiles (no
