@@ -441,7 +441,9 @@ def run_trainer(knobs, dev, out):
         "--resume=False", f"--activation_checkpointing={activation_checkpointing}"]  # as the model-alone rows
     result = subprocess.run([sys.executable, "train_joint.py", *args], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"train_joint.py {' '.join(args)}: exit {result.returncode}\n{result.stderr[-2000:]}")
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
+        raise RuntimeError(f"train_joint.py exited with {result.returncode}: {last} (its arguments: {' '.join(args)})"
+                           f"\n{result.stderr[-2000:]}")  # the error first: a failed row prints one line
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [(r["step_s"], round(r["tokens_per_s"] * r["step_s"])) for r in records
@@ -457,6 +459,9 @@ def trainer_table(cfg, model, train_model, optimizer, dev, autocast):
         subprocess.run([sys.executable, "prepare_data.py", "--dataset=synthetic", f"--out={data_dir}",
                         f"--train_images={trainer_images}"], cwd=ROOT, check=True, capture_output=True)
         knobs = trainer_knobs(cfg, data_dir)
+        if dev.type == "cuda":  # this process's cached blocks back to the card: the trainer is another process, and
+            #   beside the rows above (up to ~40 GiB cached) an 80 GB card may not hold it
+            torch.cuda.empty_cache()
         trainer = run_trainer(knobs, dev, os.path.join(tmp, "run"))
         loader = TrainLoader(data_dir=data_dir, mixture=knobs["data_mixture"], split="train",
                              batch_size=knobs["batch_size"], max_seq_len=knobs["max_seq_len"],
