@@ -666,8 +666,9 @@ def kernel_kinds(averages, n_steps):
     kinds = {}
     for e in averages:
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
-            ms, n = kinds.get(kernel_kind(e.key), (0.0, 0.0))
-            kinds[kernel_kind(e.key)] = (ms + e.self_device_time_total / (1e3 * n_steps), n + e.count / n_steps)
+            kind = kernel_kind(e.key)
+            ms, n = kinds.get(kind, (0.0, 0.0))
+            kinds[kind] = (ms + e.self_device_time_total / (1e3 * n_steps), n + e.count / n_steps)
     return sorted(((k, ms, n) for k, (ms, n) in kinds.items()), key=lambda kind: -kind[1])
 
 
