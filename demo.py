@@ -46,8 +46,9 @@ WORLD = "data/demo"  # the CPU demo's world: up to 5 shapes an image (counts 0-5
 # each recipe: its out_dir, its world (folder, training images) and, per stage, the config files applied in order
 # (a GPU file overrides a few knobs of the CPU one: more and bigger steps). The GPU recipe's joint stage sees each of
 # 10,000 images ~28 times and overfits them by step 1,500 (BENCHMARKS.md "The GPU demo"); in a world of 30,000 its
-# validation loss turned up after 5,000 steps, in one of 60,000 (the recipe's) it fell to the end of 6,000 (BENCHMARKS.md
-# "Stage 1's step, made and launched"). The same val and test images (each split is drawn from its own seeds).
+# validation loss turned up after 5,000 steps, in one of 60,000 (the recipe's) it fell to the end of 6,000
+# (BENCHMARKS.md "Stage 1's step, made and launched"). The same val and test images (each split is drawn from its own
+# seeds).
 # The GPU recipe's stage 1 starts in an easy world (one large solid shape or none on plain grey, 10,000 images), where
 # the ViT learns the kinds of shape it does not learn among the demo world's five small textured ones: its scene head
 # then named 0.86 of the world's kinds after 2,400 steps of 64 images on it (0.91 at 128 images a step, the recipe
@@ -108,7 +109,8 @@ def demo_steps(recipe="cpu"):
              f"{out}/vision_easy/final/config.json")]
         configs["vision"].append(f"--init_from={out}/vision_easy")
     return steps + [
-        ("vision", ["train_vision.py", *configs["vision"], f"--out_dir={out}/vision"], f"{out}/vision/final/config.json"),
+        ("vision", ["train_vision.py", *configs["vision"], f"--out_dir={out}/vision"],
+         f"{out}/vision/final/config.json"),
         ("align", ["train_align.py", *configs["align"], f"--out_dir={out}/align", f"--vit_from={out}/vision"],
          f"{out}/align/final/config.json"),
         ("joint", ["train_joint.py", *configs["joint"], f"--out_dir={out}/joint", f"--init_from={out}/align"],
@@ -197,8 +199,8 @@ def preflight(recipe):
     if has_bf16 and not cpu_has_amx():
         fewer = (f"its {minutes:g} minutes hold fewer of the recipe's steps (a 2-core AMD EPYC: 286-365 of stage "
                  "1's 400, 1,265-2,909 of the joint stage's 3,300, as fast as it ran that hour), and it learns less: "
-                 "there `make demo` counted 0.42-0.67 where every step (--minutes=0) counted 0.575-0.705" if minutes else
-                 "the stages take ~1.5-2x as long as on one with AMX")
+                 "there `make demo` counted 0.42-0.67 where every step (--minutes=0) counted 0.575-0.705"
+                 if minutes else "the stages take ~1.5-2x as long as on one with AMX")
         print("demo: this CPU has AVX512-BF16 but no AMX, so its bf16 products run several times slower than on a "
               f"CPU with AMX (a 2-core one: 290-410 GFLOP/s against ~2,400): {fewer}. BENCHMARKS.md \"The world of "
               "2,500 on the slower CPU\"", flush=True)
