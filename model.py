@@ -583,13 +583,19 @@ COMPILED_HEAD_MIN_ROWS = 16384  # output-head rows from which softmax_grad_for c
 _compiled_softmax_grad = None
 
 
+def compiles_head_softmax(vocab_rows, on_gpu):
+    """Whether softmax_grad_for compiles the softmax of a head of vocab_rows rows (loss_chunk_rows sizes its chunks
+    by it)."""
+    return on_gpu and vocab_rows >= COMPILED_HEAD_MIN_ROWS
+
+
 def softmax_grad_for(logits):
     """head_softmax_grad, compiled for a CUDA chunk of a large vocabulary (Qwen3's 151,936 rows: the eager passes
     over its float32 logits cost the full preset's graphed step 5.8 ms of 182 on an H100, BENCHMARKS.md "The output
     head's softmax compiled"), eager otherwise: a CPU's runs stay as they were to the bit, and a kept vocabulary of a
     few hundred rows has little to fuse and would pay the compile (~10 s) at every run's start."""
     global _compiled_softmax_grad
-    if not logits.is_cuda or logits.shape[1] < COMPILED_HEAD_MIN_ROWS:
+    if not compiles_head_softmax(logits.shape[1], logits.is_cuda):
         return head_softmax_grad
     if _compiled_softmax_grad is None:
         _compiled_softmax_grad = torch.compile(head_softmax_grad, dynamic=True)  # one graph for any chunk's rows
@@ -617,10 +623,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1]:  # a frozen head (the align stage) skips a third of the work
                 part = (grad.t() @ hc).float()  # (V, C); the first chunk's is the sum so far (0 + x is x)
                 grad_weight = part if grad_weight is None else grad_weight.add_(part)
-        if grad_weight is None:  # no rows, or a frozen head (whose gradient backward leaves as None)
-            shape = weight.shape if ctx.needs_input_grad[1] else (0,)
-            grad_weight = torch.zeros(shape, dtype=torch.float32, device=weight.device)
-        ctx.save_for_backward(grad_h, grad_weight)
+        if grad_weight is None and ctx.needs_input_grad[1]:  # no rows
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ctx.save_for_backward(grad_h, grad_weight)  # None for a frozen head (the align stage)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)
         return loss, ce
@@ -628,7 +633,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):
         grad_h, grad_weight = ctx.saved_tensors
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_h * grad_loss.to(grad_h.dtype), grad_weight, None, None, None, None
 
 
@@ -636,7 +641,7 @@ def loss_chunk_rows(vocab_rows, on_gpu):
     """linear_cross_entropy's default rows a chunk (its docstring says why)."""
     if not on_gpu:
         return 1024
-    values = 2**28 if vocab_rows >= COMPILED_HEAD_MIN_ROWS else 2**24  # compiled: no float32 (n, V) tensor made
+    values = 2**28 if compiles_head_softmax(vocab_rows, on_gpu) else 2**24  # compiled: no float32 (n, V) made
     return max(1024, values // vocab_rows)
 
 

@@ -626,11 +626,16 @@ def logged_steps(log_path):
 ANSWER_METRICS = ("counting_accuracy", "pointing_f1")  # what train_joint's eval_answers scores (eval.headline)
 
 
+def gpu_kernels(averages):
+    """The kernels among torch.profiler's key_averages(): the device timeline's events that are not user ranges."""
+    return [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+
+
 def device_busy(averages, n_steps):
     """torch.profiler's key_averages() over n_steps steps -> (ms a step the GPU was busy, kernels a step). Kernels are
     the leaves of the device timeline, so their own times add up to its busy time; a small model pays host time for
     each kernel it launches, so their number says as much as their time."""
-    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    kernels = gpu_kernels(averages)
     return (sum(e.self_device_time_total for e in kernels) / (1e3 * n_steps),  # us over n steps -> ms a step
             sum(e.count for e in kernels) / n_steps)
 
@@ -664,11 +669,10 @@ def kernel_kinds(averages, n_steps):
     time by kernel_kind, largest first: what a step spends on its arithmetic (matmul, attention) against the
     memory-bound rest."""
     kinds = {}
-    for e in averages:
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
-            kind = kernel_kind(e.key)
-            ms, n = kinds.get(kind, (0.0, 0.0))
-            kinds[kind] = (ms + e.self_device_time_total / (1e3 * n_steps), n + e.count / n_steps)
+    for e in gpu_kernels(averages):
+        kind = kernel_kind(e.key)
+        ms, n = kinds.get(kind, (0.0, 0.0))
+        kinds[kind] = (ms + e.self_device_time_total / (1e3 * n_steps), n + e.count / n_steps)
     return sorted(((k, ms, n) for k, (ms, n) in kinds.items()), key=lambda kind: -kind[1])
 
 

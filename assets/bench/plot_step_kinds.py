@@ -43,11 +43,11 @@ def read(path):
     with open(path) as f:
         for line in f:
             line = line.rstrip("\n")
-            if HEAD.match(line):
-                name, wall, busy = HEAD.match(line).groups()
+            if head := HEAD.match(line):
+                name, wall, busy = head.groups()
                 found[name] = (float(wall), float(busy), {})
-            elif name and KIND.match(line):
-                kind, ms = KIND.match(line).groups()
+            elif name and (kind_line := KIND.match(line)):
+                kind, ms = kind_line.groups()
                 found[name][2][kind] = float(ms)
     return found
 
