@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vision import linears
+
 
 @dataclass
 class ConnectorConfig:
@@ -97,7 +99,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Connector(nn.Module):

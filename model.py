@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from connector import Connector, ConnectorConfig, token_centres
 from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision tokens
-from vision import (SigLIP2, SigLIP2Config, attend, cast_once, siglip_config_from_hf, siglip_config_to_hf,
+from vision import (SigLIP2, SigLIP2Config, attend, cast_once, linears, siglip_config_from_hf, siglip_config_to_hf,
                     siglip_state_dict_from_hf, siglip_state_dict_to_hf)
 
 _READY_FOR_COMPILE = False
@@ -313,9 +313,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, kv_cache=None):
         B, T, _ = x.shape
         x = cast_once(x)
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if kv_cache is not None:
@@ -380,8 +381,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        x = cast_once(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(cast_once(x), self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def residual_dropout(branch, keep_prob):

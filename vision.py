@@ -126,6 +126,27 @@ def cast_once(x: torch.Tensor) -> torch.Tensor:
     return x if low is None else x.to(low)
 
 
+def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through several Linears that all read it -> their outputs. On a GPU while gradients are on, one matmul
+    against their weights (and biases) stacked, its output split: the ViT's q, k and v are three 1,152-wide matmuls
+    over 14,580 tokens that cuBLAS runs well under its speed on one 3,456-wide one, forward and backward alike, and the
+    LLM's q, k, v and gate, up likewise (BENCHMARKS.md "Linears that read one input as one matmul"). The stacking is
+    a copy of the weights each call, paid for by a training step's thousands of tokens; generation reads each weight
+    once a token and would pay it every token, so it keeps one matmul each, and so does a CPU, whose float32
+    arithmetic stays transformers' bit for bit."""
+    if not stacks_linears(x):
+        return tuple(layer(x) for layer in layers)
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    y = F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
+    return y.split([layer.out_features for layer in layers], dim=-1)
+
+
+def stacks_linears(x: torch.Tensor) -> bool:
+    """Whether linears stacks the weights for input x: on a GPU, gradients on (a test replaces it to run the stacked
+    path on a CPU, a benchmark to time the GPU without it)."""
+    return x.is_cuda and torch.is_grad_enabled()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: SigLIP2Config):
         super().__init__()
@@ -141,9 +162,8 @@ class SelfAttention(nn.Module):
         captions; crops never need one)."""
         N, P, _ = x.shape
         x = cast_once(x)
-        q = self.q_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
-        k = self.k_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
-        v = self.v_proj(x).view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs)
+        q, k, v = (t.view(N, P, self.num_heads, self.head_dim).transpose(1, 2)  # (N, nh, P, hs) each
+                   for t in linears(x, self.q_proj, self.k_proj, self.v_proj))
         y = attend(q, k, v, attn_mask=attn_mask)  # (N, nh, P, hs)
         return self.o_proj(y.transpose(1, 2).reshape(N, P, -1))  # (N, P, C)
 

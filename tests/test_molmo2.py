@@ -14,6 +14,7 @@ from transformers import (Molmo2Config as HFMolmo2Config, Molmo2ForConditionalGe
 
 import model as nano
 from model import Molmo2, Molmo2Config
+import vision
 from vision import SigLIP2
 
 CROP = 56  # 4x4 patches of 14 px: tiny crops keep the ViT cheap on CPU
@@ -435,6 +436,40 @@ def test_compiled_training_loss_and_gradients_match_eager(ours, processor):
     assert grads_e.keys() == grads_c.keys() and len(grads_e) > 20
     for name in grads_e:  # float32: compiled kernels may fuse and reorder sums (rtol 1e-4 = ~800 ulps)
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stacked_linears_give_each_linears_loss_and_gradients(ours, processor, monkeypatch):
+    """vision.linears: the Linears that read one input (the ViT's and the LLM's q, k, v; the LLM's and the
+    projector's gate, up) run as one matmul against their stacked weights on a GPU in training. Forced on here, on a
+    CPU in float32: the loss and every parameter's gradient are the separate Linears' (the same products, summed by
+    one larger matmul whose blocking may differ: float32 within 1e-5, ~80 ulps). A CPU and generation never stack
+    (vision.stacks_linears), so the exact-logit tests above run the separate Linears."""
+    inputs = processor_inputs(processor, "one image")
+    ids = inputs["input_ids"]
+    targets = torch.full_like(ids, -1)
+    targets[0, :-1] = torch.where(ids[0, 1:] < nano.QWEN3_VOCAB_SIZE, ids[0, 1:], -1)
+    model = copy.deepcopy(ours).train()
+    calls = []
+    results = []
+    for stacked in (False, True):
+        monkeypatch.setattr(vision, "stacks_linears", lambda x, stacked=stacked: calls.append(stacked) or stacked)
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(**inputs, targets=targets, loss_weights=(targets >= 0).float())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    config = ours.config
+    per_run = config.vit.num_hidden_layers + 2 * config.llm.num_hidden_layers + 1  # ViT attention, LLM attention
+    #   and MLP, the projector
+    assert calls.count(True) == calls.count(False) >= per_run
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:  # an element that is a sum of larger terms of both signs keeps their rounding (the key
+        #   bias's gradient is zero but for it): atol is 1e-5 of the largest gradient in the parameter's module
+        module = name.rsplit(".", 2)[0] + "."
+        scale = max(g.abs().max().item() for n, g in grads_a.items() if n.startswith(module) or n == name)
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_inference_scripts_start_without_torch_dynamo():

@@ -1,12 +1,21 @@
-"""The full preset's graphed train step three ways, on one GPU, in one process (BENCHMARKS.md "The output head's
-softmax compiled"): the output head's softmax eager in chunks of 1,024 rows (as before 2026-12-06), the step as
-committed (the softmax compiled, model.softmax_grad_for), and the step run on bf16 copies of the weights, cast down
-at its start and the gradients cast up into float32 at its end (the precision FSDP's MixedPrecisionPolicy gives;
-a subclass of training.GraphedStep here, not in the trainers). tools/bench.py's batch (4 photos, 4,509 tokens), each
-block compiled, the step as a CUDA graph; ms a step (tools/bench.py's measure), MFU, and a profile of each (with the
-GPU's busy time by kind) in out/step_variants/.
+"""The full preset's graphed train step several ways, on one GPU, in one process (BENCHMARKS.md "The output head's
+softmax compiled" and "Linears that read one input as one matmul; the clipping in AdamW"): tools/bench.py's batch
+(4 photos, 4,509 tokens), each block compiled, the step as a CUDA graph with fresh gradients; ms a step
+(tools/bench.py's measure), MFU, and a profile of each (with the GPU's busy time by kind) in out/step_variants/. The variants, by name:
 
-    python assets/bench/step_variants.py
+    before      the output head's softmax eager in chunks of 1,024 rows (as before 2026-12-06)
+    committed   the step as committed
+    unstacked   each Linear its own matmul, as before 2026-12-06's stacking (vision.linears)
+    copies      the step run on bf16 copies of the weights, cast down at its start and the gradients cast up into
+                float32 at its end (the precision FSDP's MixedPrecisionPolicy gives; a subclass of
+                training.GraphedStep here, not in the trainers)
+    clip_adamw  the clipping's scale not applied to the gradients in the graph but divided out inside fused AdamW
+                (its grad_scale, which torch's GradScaler uses): one pass over the 1B gradients fewer
+    autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
+                against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
+
+    python assets/bench/step_variants.py                          # all but autotune
+    python assets/bench/step_variants.py committed autotune
 """
 
 import os
@@ -17,6 +26,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, ROOT)
+NAMES = sys.argv[1:] or ["before", "committed", "copies", "clip_adamw"]
 sys.argv = [sys.argv[0], "--hf=False", "--trainer=False", "--out_dir=out/step_variants", "--profile=True"]  # bench's
 #   knobs, read when it is imported
 
@@ -26,6 +36,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import model as nano  # noqa: E402
+import vision  # noqa: E402
 from training import GraphedStep, build_optimizer  # noqa: E402
 
 
@@ -65,6 +76,24 @@ class CopiesStep(GraphedStep):
         return {k: v.detach() for k, v in losses.items()}, norm
 
 
+class ClipInAdamWStep(GraphedStep):
+    """GraphedStep that leaves the gradients unclipped and its scale, max(1, norm / grad_clip), in self.scale: fused
+    AdamW divides each gradient by its grad_scale as it reads it (optimizer.grad_scale = step.scale)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ClipInAdamWStep.last = self
+
+    def _run(self, batch, zero=True):
+        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+            losses = self.forward(self.prepare(batch))
+            loss = self.loss_of(losses)
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for _, p in self.named])
+        self.scale = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
+        return {k: v.detach() for k, v in losses.items()}, norm
+
+
 def main():
     os.makedirs(bench.out_dir, exist_ok=True)
     dev = torch.device("cuda")
@@ -75,15 +104,31 @@ def main():
     flops = model.training_flops(bench.to_device(cpu_batch, dev))
     nano.compile_each_block(model)
     compiled_for, chunk_rows = nano.softmax_grad_for, nano.loss_chunk_rows
-    for label, cls, fresh, before in (("head as before, fp32 weights, fresh", GraphedStep, True, True),
-                                      ("fp32 weights, fresh", GraphedStep, True, False),
-                                      ("bf16 copies", CopiesStep, False, False)):
+    stacks = vision.stacks_linears
+    variants = {"before": ("head as before, fp32 weights, fresh", GraphedStep, True, True),
+                "committed": ("fp32 weights, fresh", GraphedStep, True, False),
+                "unstacked": ("each Linear its own matmul, fresh", GraphedStep, True, False),
+                "copies": ("bf16 copies", CopiesStep, False, False),
+                "clip_adamw": ("clipping in AdamW, fresh", ClipInAdamWStep, True, False),
+                "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False)}
+    compiled = ("default", True)  # how the blocks are compiled now: (mode, Linears stacked)
+    for name in NAMES:
+        label, cls, fresh, before = variants[name]
         try:
+            wanted = ("max-autotune-no-cudagraphs" if name == "autotune" else "default", name != "unstacked")
+            if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
+                torch._dynamo.reset()
+                vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
+                nano.compile_each_block(model, mode=wanted[0])
+                compiled = wanted
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
+            if name == "clip_adamw":
+                step()  # captures: the scale is one of the graph's outputs from then on
+                optimizer.grad_scale = ClipInAdamWStep.last.scale
             start = time.perf_counter()
             step()
             torch.cuda.synchronize()
