@@ -8,6 +8,8 @@ bf16; a backend that cannot run a case says so.
   kernels are tuned for those sizes only.
 - LLM: 4 rows x 16 query heads (8 key/value heads) x 1,127 tokens x 128: causal through is_causal; causal as a
   dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among themselves: 400 of them per row).
+- "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask made from the same mask,
+  which skips the key blocks a query block never sees (not SDPA: a candidate for an optional path, issue 16).
 
     python assets/bench/train_attention.py
 """
@@ -30,7 +32,25 @@ steps = 20
 configure(globals())
 
 BACKENDS = {"picked": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "flex": "flex"}
+FLEX = {}  # the compiled flex_attention, made once
+
+
+def flex_attend(q, k, v, scale, attn_mask=None, is_causal=False, enable_gqa=False):
+    """FlexAttention of one case: the mask (the same for every row and head here) as a block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if not FLEX:
+        FLEX["fn"] = torch.compile(flex_attention)
+    T, S = q.shape[-2], k.shape[-2]
+    key = (id(attn_mask), is_causal, T, S)  # made once a case, as a model would once a step for all its layers
+    if key not in FLEX:
+        FLEX[key] = None
+        if attn_mask is not None:
+            dense = attn_mask[0, 0]
+            FLEX[key] = create_block_mask(lambda b, h, qi, ki: dense[qi, ki], None, None, T, S, device=q.device)
+        elif is_causal:
+            FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, S, device=q.device)
+    return FLEX["fn"](q, k, v, block_mask=FLEX[key], scale=scale, enable_gqa=enable_gqa)
 
 
 def median_ms(fn):
@@ -56,6 +76,8 @@ def case(q, k, v, pad_to=None, **kwargs):
     results = {}
     for name, backend in BACKENDS.items():
         def attend():
+            if backend == "flex":
+                return flex_attend(q, k, v, scale, **kwargs)[..., :d]
             with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
 
