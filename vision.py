@@ -132,8 +132,8 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     over 14,580 tokens that cuBLAS runs well under its speed on one 3,456-wide one, forward and backward alike, and the
     LLM's q, k, v and gate, up likewise (BENCHMARKS.md "Linears that read one input as one matmul"). The stacking is
     a copy of the weights each call, paid for by a training step's thousands of tokens; generation reads each weight
-    once a token and would pay it every token, so it keeps one matmul each, and so does a CPU, whose float32
-    arithmetic stays transformers' bit for bit."""
+    once a token and would pay it every token, so it keeps one matmul each. So does a CPU, where the demo's small
+    model gained nothing measurable from stacking, and whose float32 arithmetic thus stays transformers' bit for bit."""
     if not stacks_linears(x):
         return tuple(layer(x) for layer in layers)
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
