@@ -1,9 +1,10 @@
 """The CPU demo's small LLM (Qwen3 "small": 4 blocks of width 128) forward and backward over 8 rows of 448 tokens
 under bf16 autocast, each Linear its own matmul against the Linears that read one input stacked (vision.linears,
-which stacks only on a GPU: here forced on), eagerly and with each block compiled; ms a step, twice each, alternating
-(BENCHMARKS.md "Linears that read one input as one matmul").
+which stacks only on a GPU: here forced on), eagerly and with each block compiled (or one of the two); ms a step,
+in alternating pairs (3 by default; BENCHMARKS.md "Linears that read one input as one matmul").
 
-    python assets/bench/cpu_stacked_linears.py
+    python assets/bench/cpu_stacked_linears.py                 # eager and compiled, 3 pairs each
+    python assets/bench/cpu_stacked_linears.py compiled 6      # compiled only, 6 pairs
 """
 
 import os

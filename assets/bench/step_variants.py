@@ -1,7 +1,8 @@
 """The full preset's graphed train step several ways, on one GPU, in one process (BENCHMARKS.md "The output head's
 softmax compiled" and "Linears that read one input as one matmul; the clipping in AdamW"): tools/bench.py's batch
 (4 photos, 4,509 tokens), each block compiled, the step as a CUDA graph with fresh gradients; ms a step
-(tools/bench.py's measure), MFU, and a profile of each (with the GPU's busy time by kind) in out/step_variants/. The variants, by name:
+(tools/bench.py's measure), MFU, and a profile of each (with the GPU's busy time by kind) in out/step_variants/.
+The variants, by name:
 
     before      the output head's softmax eager in chunks of 1,024 rows (as before 2026-12-06)
     committed   the step as committed
