@@ -89,11 +89,13 @@ cpu_autocast = "off"  # CPU: autocast to dtype too: off | on | auto (where the C
 #   bf16 matmuls run several times faster than float32: training.cpu_has_bf16_matmul)
 parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the whole model as one graph (no graph breaks, one graph for any image count)
-compile_blocks = False  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
+compile_blocks = None  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
 #   full preset's joint step compiles in 12-15 s, not 153, and ran at 0.30 s against 0.32-0.53 as one graph (one
-#   H200). Under FSDP its hooks gather each block's weights around the compiled forward: on the CPU with gloo the
-#   two train exactly as eager FSDP (assets/bench/compile_blocks_fsdp.py); not yet timed on GPUs. On a CPU it needs
-#   a C++ compiler (without one the blocks run eagerly, and the run says so)
+#   H200); this trainer's step on one H100 took 267 ms against 398 eagerly (BENCHMARKS.md "The trainer compiled by
+#   default"). None: on for one process on a GPU, off on a CPU (there it needs a C++ compiler, and the CPU demo's
+#   configs turn it on) and under torchrun, where it is not yet timed on GPUs (under FSDP its hooks gather each
+#   block's weights around the compiled forward: on the CPU with gloo the two train exactly as eager FSDP,
+#   assets/bench/compile_blocks_fsdp.py). On a CPU without a C++ compiler the blocks run eagerly, and the run says so
 cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forward, backward, clipping) as CUDA
 #   graphs (training.GraphedStep), its media padded to a few sizes and its target positions listed
 #   (training.pad_media): a small model's ~1,500 kernels a step launched at once, where eagerly the GPU waits on the
@@ -173,6 +175,12 @@ if compile and compile_blocks:
     raise SystemExit("train_joint: compile=True and compile_blocks=True: choose one (the whole model as one graph, "
                      "or each block alone)")
 d = Dist(device)
+if compile_blocks is None:  # the default: on where it was measured to pay, one process on a GPU
+    compile_blocks = d.device.type == "cuda" and d.world_size == 1 and not compile
+    if d.device.type == "cuda":
+        why = "one process on a GPU" if compile_blocks else "compile=True" if compile else "several processes"
+        d.print(f"compile_blocks: {'on' if compile_blocks else 'off'} by default ({why}); --compile_blocks=True or "
+                f"False to choose")
 refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)

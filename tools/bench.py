@@ -20,7 +20,9 @@ Sections (--sections, comma-separated):
   the same batches (training.TrainLoader with train_joint.py's arguments and seed, already on the device).
   Medians over the timed steps. One process only. --compile_blocks and --cuda_graph add rows: the blocks compiled,
   and the step replayed as a CUDA graph, here also both at once (train_joint.py's switches of those names, which
-  the trainer takes one at a time: the two together are measured here only).
+  the trainer takes one at a time: the two together are measured here only). With --compile_blocks the trainer's
+  table runs compiled on both sides (train_joint.py --compile_blocks=True against the model with its blocks
+  compiled).
 - generate: prefill and decode of one photo's prompt at batch 1 and 16, `new_tokens` tokens forced (no stop):
   transformers' generate, ours with every step run eagerly (static=False), ours through model.DecodeStep
   (static=True: fixed shapes, a CUDA graph on CUDA), and the same compiled (compile=True: the prefill's LLM
@@ -389,14 +391,14 @@ def section_train(d, autocast):
     if profile and d.is_master:
         write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train")
     trainer_report = None
-    if d.world_size == 1 and trainer:
-        trainer_report = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev,
-                                                                         autocast), dev) or ""
     if compile_blocks:  # last: it compiles the model's blocks in place
         nano.compile_each_block(model)
         compiled_row("each block compiled", lambda: ours_step(train_model, optimizer, batch, autocast))
         if profile and d.is_master:
             write_profile(lambda: ours_step(train_model, optimizer, batch, autocast), dev, "train_compiled_blocks")
+    if d.world_size == 1 and trainer:  # with compile_blocks both sides compiled: train_joint.py gets the switch
+        trainer_report = guarded("train_joint.py", lambda: trainer_table(cfg, model, train_model, optimizer, dev,
+                                                                         autocast), dev) or ""
     if cuda_graph and dev.type == "cuda" and d.world_size == 1:
         variants = [("", "train_cuda_graph", {}, True),
                     (", its gradients fresh each replay", "train_cuda_graph_fresh", {"fresh_grads": True},
@@ -438,7 +440,8 @@ def run_trainer(knobs, dev, out):
     args = [f"--{k}={v!r}" for k, v in knobs.items()] + [
         f"--model_preset={model_preset}", f"--device={dev.type}", f"--dtype={dtype}", f"--out_dir={out}",
         f"--max_steps={warmup + steps}", "--eval_every=0", "--save_every=0", "--log_every=1", "--resid_dropout=0.0",
-        "--resume=False", f"--activation_checkpointing={activation_checkpointing}"]  # as the model-alone rows
+        "--resume=False", f"--activation_checkpointing={activation_checkpointing}",  # as the model-alone rows
+        f"--compile_blocks={compile_blocks}"]
     result = subprocess.run([sys.executable, "train_joint.py", *args], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
