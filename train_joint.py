@@ -91,10 +91,10 @@ parallel = "ddp"  # ddp | fsdp (with torchrun)
 compile = False  # torch.compile the whole model as one graph (no graph breaks, one graph for any image count)
 compile_blocks = None  # torch.compile each transformer block alone, the rest eager (model.compile_each_block): the
 #   full preset's joint step compiles in 12-15 s, not 153, and ran at 0.30 s against 0.32-0.53 as one graph (one
-#   H200); this trainer's step on one H100 took 267 ms against 398 eagerly (BENCHMARKS.md "The trainer compiled by
-#   default"). None: on for one process on a GPU, off on a CPU (there it needs a C++ compiler, and the CPU demo's
-#   configs turn it on) and under torchrun, where it is not yet timed on GPUs (under FSDP its hooks gather each
-#   block's weights around the compiled forward: on the CPU with gloo the two train exactly as eager FSDP,
+#   H200); this trainer's step on an H100 took 267 ms against 398 eagerly (two calls; BENCHMARKS.md "The trainer
+#   compiled by default"). None: on for one process on a GPU, off on a CPU (there it needs a C++ compiler, and the
+#   CPU demo's configs turn it on) and under torchrun, where it is not yet timed on GPUs (under FSDP its hooks gather
+#   each block's weights around the compiled forward: on the CPU with gloo the two train exactly as eager FSDP,
 #   assets/bench/compile_blocks_fsdp.py). On a CPU without a C++ compiler the blocks run eagerly, and the run says so
 cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forward, backward, clipping) as CUDA
 #   graphs (training.GraphedStep), its media padded to a few sizes and its target positions listed
