@@ -634,6 +634,30 @@ def test_compile_each_block_traces_one_block_of_each_kind(ours, processor):
     assert len(graphs) == 3 < n_blocks
 
 
+def test_compiled_blocks_under_activation_checkpointing_give_the_eager_gradients(ours, processor):
+    """compile_blocks is train_joint.py's default on one GPU, so `--activation_checkpointing=True` there recomputes
+    compiled blocks in backward (torch.utils.checkpoint around each compiled block). Run as dynamo traced them (the
+    same float32 ops in the same order), the loss and every gradient are the eager model's without checkpointing, to
+    the bit: the recompute replays the block, not something else."""
+    torch._dynamo.reset()
+    inputs = processor_inputs(processor, "one image")
+    targets = torch.where(inputs["input_ids"] < nano.QWEN3_VOCAB_SIZE, inputs["input_ids"], -1)
+    results = []
+    for checkpointed in (False, True):
+        model = copy.deepcopy(ours).train()
+        if checkpointed:
+            model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = True
+            nano.compile_each_block(model, backend=lambda gm, example_inputs: gm.forward)  # dynamo's graph as traced
+        loss = model(**inputs, targets=targets, loss_weights=(targets >= 0).float())[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (loss, grads) = results
+    assert torch.equal(loss, want)
+    assert grads.keys() == want_grads.keys() and len(grads) > 20
+    assert all(torch.equal(grads[n], want_grads[n]) for n in grads), [n for n in grads
+                                                                       if not torch.equal(grads[n], want_grads[n])]
+
+
 def test_training_flops_count_what_each_part_computes():
     """The trainer's FLOP count (its MFU), by hand from the modules' own matmul weights: a part's weights cost 1 x
     its forward, 1 more where it trains (weight gradients) and 1 more where it or a part before it trains

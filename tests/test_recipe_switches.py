@@ -195,7 +195,10 @@ def test_a_scratch_model_takes_the_crop_size_of_its_stage_1_vit(tmp_path):
 def test_answers_scored_at_validation_are_eval_pys_on_the_same_weights(tiny_world, tmp_path, monkeypatch):
     """train_joint's eval_answers scores greedy answers at each validation. Its last validation runs after the last
     update, on the weights it exports: eval.py's own evaluate() on the exported model, over the same questions,
-    gives the same numbers; and they are logged and drawn (answers.png)."""
+    gives the same numbers; and they are logged and drawn (answers.png). The run leaves compile_blocks at its default,
+    which compiles on one GPU only: on a CPU the blocks stay eager."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "compile_each_block", lambda m: pytest.fail("compiled by default on a CPU"))
     out_dir = str(tmp_path / "joint")
     args = ["train_joint.py", f"--out_dir={out_dir}", *TINY, f"--data_dir={tiny_world}",
             "--data_mixture={'image': (1.0, ['synth_image'])}", "--max_steps=3", "--eval_every=3", "--eval_batches=1",
