@@ -12,6 +12,11 @@ The variants, by name:
                 training.GraphedStep here, not in the trainers)
     clip_adamw  the clipping's scale not applied to the gradients in the graph but divided out inside fused AdamW
                 (its grad_scale, which torch's GradScaler uses): one pass over the 1B gradients fewer
+    cublaslt    every matmul through cuBLASLt (torch.backends.cuda.preferred_blas_library), whose heuristics pick
+                other kernels than cuBLAS's for some shapes; the rest as committed
+    coordesc    the blocks compiled with inductor's coordinate_descent_tuning: each of its own (Triton) kernels, the norms
+                and elementwise ones, timed over block sizes around its heuristic's (seconds, not minutes; max-autotune
+                turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
 
@@ -111,17 +116,22 @@ def main():
                 "unstacked": ("each Linear its own matmul, fresh", GraphedStep, True, False),
                 "copies": ("bf16 copies", CopiesStep, False, False),
                 "clip_adamw": ("clipping in AdamW, fresh", ClipInAdamWStep, True, False),
+                "cublaslt": ("cuBLASLt preferred, fresh", GraphedStep, True, False),
+                "coordesc": ("coordinate descent tuned, fresh", GraphedStep, True, False),
                 "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False)}
-    compiled = ("default", True)  # how the blocks are compiled now: (mode, Linears stacked)
+    compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
+    how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
+           "coordesc": {"options": {"coordinate_descent_tuning": True}}}
     for name in NAMES:
         label, cls, fresh, before = variants[name]
         try:
-            wanted = ("max-autotune-no-cudagraphs" if name == "autotune" else "default", name != "unstacked")
+            wanted = (how.get(name, {}), name != "unstacked")
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
-                nano.compile_each_block(model, mode=wanted[0])
+                nano.compile_each_block(model, **wanted[0])
                 compiled = wanted
+            torch.backends.cuda.preferred_blas_library("cublaslt" if name == "cublaslt" else "cublas")
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
