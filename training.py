@@ -1354,6 +1354,7 @@ class TrainLoader(ForkedWorkers):
 
     LENGTH_STEP = 32  # a grouped batch's length is a multiple of this: few shapes for a compiler to meet
     JOIN_STEP = 64  # a joined row's length is a multiple of this: model.KeyBlocks' chunk of queries
+    shared_pixels = True  # the workers hand an image example's pixels over in shared memory (_make_slots)
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
@@ -1384,6 +1385,7 @@ class TrainLoader(ForkedWorkers):
         n_shards = world_size * grad_accum
         self.files, self.packers = None, []
         self.workers, self.pool = workers, None
+        self.slots, self.free_slots = None, []  # the workers' shared pixel slots (_make_slots), those not in use
         for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
             try:
                 sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
@@ -1394,6 +1396,37 @@ class TrainLoader(ForkedWorkers):
             if workers:
                 keys = _Prefetch(keys, self, depth=max(16, 4 * batch_size))
             self.packers.append(data.Packer(keys, keys.make if workers else self._example, max_seq_len, max_row_crops))
+
+    def start_workers(self):
+        if self.pool is None and self.shared_pixels and self.slots is None:
+            self._make_slots()  # before the workers are forked: they write where this process reads
+        return super().start_workers()
+
+    def _make_slots(self):
+        """Shared memory for the workers' pixels: a slot for each key a shard's read-ahead may hold at once (its
+        depth and one task more), each as large as an image of max_crops + 1 crops; larger examples (several
+        images, videos) still come back through the pipes. The pixels are most of an example's bytes: one H100
+        machine's batch process (the GPU demo's joint stage, 64 rows of 512 tokens, ~1.6 MB a task) spent ~23 ms a
+        step reading, buffering and unpickling them from the workers' pipe, ~2/3 of its step (BENCHMARKS.md "The GPU
+        demo's joint batches through shared memory"). Anonymous and shared, as VisionLoader's slots."""
+        import mmap
+        p = self.processor
+        crop_bytes = (p.crop_size // p.patch_size) ** 2 * p.patch_size ** 2 * 3
+        n = sum(packer.items.depth + packer.items.per_task for packer in self.packers
+                if isinstance(packer.items, _Prefetch))
+        shape = (n, (p.max_crops + 1) * crop_bytes)
+        self.slots = np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+        self.free_slots = list(range(n))
+
+    def take_slot(self):
+        """A free slot's index, or None (the pipe) when every slot is in use."""
+        return self.free_slots.pop() if self.free_slots else None
+
+    def from_slot(self, slot, dtype, shape):
+        """A copy of the pixels a worker wrote into a slot, which is then free again (the example may wait in its
+        Packer across steps, while its slot is written anew)."""
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self.slots[slot, :n].copy().view(dtype).reshape(shape)
 
     def _example(self, key):
         name, index, draw = key
@@ -1870,10 +1903,13 @@ def _each(make, keys):
     return [make(key) for key in keys]
 
 
-def _worker_example(key):
+def _worker_example(key_and_slot):
     """In a worker: the example of a key as numpy arrays (sent back by value through a pipe, much cheaper than
-    one shared-memory handle per tensor), or the ExampleTooLong it raised, and what making it counted."""
+    one shared-memory handle per tensor), or the ExampleTooLong it raised, and what making it counted. Its pixels go
+    into its slot of the loader's shared memory where they fit (TrainLoader._make_slots), and the example then
+    carries only their dtype and shape."""
     import data
+    key, slot = key_and_slot
     loader = _WORKER_LOADER
     report = loader.report  # the one its files count into: zeroed, so what follows is this key's alone
     report.n_seen, report.counts, report.first, loader.n_filtered = 0, collections.Counter(), {}, 0
@@ -1884,6 +1920,10 @@ def _worker_example(key):
         too_long = e
     arrays = None if example is None else {name: None if value is None else value.numpy()
                                            for name, value in vars(example).items()}
+    pixels = None if arrays is None else arrays["pixel_values"]
+    if slot is not None and pixels is not None and pixels.nbytes <= loader.slots.shape[1]:
+        loader.slots[slot, :pixels.nbytes] = pixels.reshape(-1).view(np.uint8)
+        arrays["pixel_values"] = (pixels.dtype.str, pixels.shape)
     return arrays, too_long, (report.n_seen, dict(report.counts), dict(report.first), loader.n_filtered)
 
 
@@ -1901,7 +1941,7 @@ class _Prefetch:
         self.keys, self.loader, self.depth = keys, loader, depth
         # keys a worker task makes: an even share of half the read-ahead (at most 8), so each worker has a task queued
         self.per_task = per_task(depth // 2, loader.workers)
-        self.queue = collections.deque()  # (sampler state before the key, key, (pending chunk, place in it))
+        self.queue = collections.deque()  # (sampler state before the key, key, (pending chunk, place in it), slot)
         self.taken = None  # the entry __next__ handed out, until make() takes its example
 
     def __iter__(self):
@@ -1913,18 +1953,24 @@ class _Prefetch:
             drawn = []
             for _ in range(self.per_task):
                 state = self.keys.state_dict()
-                drawn.append((state, next(self.keys)))  # the sampler is endless
-            chunk = pool.submit(_each, _worker_example, [key for _, key in drawn])
-            self.queue.extend((state, key, (chunk, i)) for i, (state, key) in enumerate(drawn))
+                drawn.append((state, next(self.keys), self.loader.take_slot()))  # the sampler is endless
+            chunk = pool.submit(_each, _worker_example, [(key, slot) for _, key, slot in drawn])
+            self.queue.extend((state, key, (chunk, i), slot) for i, (state, key, slot) in enumerate(drawn))
         self.taken = self.queue.popleft()
         return self.taken[1]
 
     def make(self, key):
         if self.taken is not None and self.taken[1] == key:
-            (chunk, i), self.taken = self.taken[2], None
+            (chunk, i), slot, self.taken = self.taken[2], self.taken[3], None
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
-            chunk, i = self.loader.start_workers().submit(_each, _worker_example, [key]), 0
-        arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
+            chunk, i, slot = self.loader.start_workers().submit(_each, _worker_example, [(key, None)]), 0, None
+        try:
+            arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
+            if arrays is not None and isinstance(arrays["pixel_values"], tuple):
+                arrays["pixel_values"] = self.loader.from_slot(slot, *arrays["pixel_values"])
+        finally:
+            if slot is not None:
+                self.loader.free_slots.append(slot)
         self.loader.report.add(n_seen, counts, first)
         self.loader.n_filtered += n_filtered
         if too_long is not None:
@@ -1940,7 +1986,14 @@ class _Prefetch:
         return self.queue[0][0] if self.queue else self.keys.state_dict()
 
     def load_state_dict(self, state):
-        self.queue.clear()  # what was read ahead is dropped (its workers' results are never collected)
+        # what was read ahead is dropped (its workers' results are never collected); its slots are free again once
+        # its workers are done writing into them
+        dropped = [*self.queue, *([self.taken] if self.taken is not None else [])]
+        if dropped:
+            import concurrent.futures
+            concurrent.futures.wait({chunk for _, _, (chunk, _), _ in dropped})
+            self.loader.free_slots.extend(slot for *_, slot in dropped if slot is not None)
+        self.queue.clear()
         self.taken = None
         self.keys.load_state_dict(state)
 

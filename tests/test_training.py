@@ -842,6 +842,59 @@ def test_loader_workers_make_the_serial_examples_and_resume_exactly(world):
         torch.set_num_threads(threads)
 
 
+def test_loader_workers_hand_pixels_over_in_shared_slots_or_the_pipe_alike(world, monkeypatch):
+    """TrainLoader's workers write an image example's pixels into a slot of shared memory (TrainLoader._make_slots)
+    and send only their dtype and shape; several images, videos and the keys past the slots there are (6 here,
+    fewer than the 2 x 16 keys the read-ahead holds) come through the pipe. Either way the batches are the serial
+    loader's, and every slot is free again once its example is taken or, when load_state_dict drops the read-ahead,
+    once its workers are done writing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serial path then rounds as the workers do (one thread each)
+    delivered = {"slot": 0, "pipe": 0}
+    make_slots, from_slot, make = (training.TrainLoader._make_slots, training.TrainLoader.from_slot,
+                                   training._Prefetch.make)
+
+    def six_slots(self):
+        make_slots(self)
+        self.slots, self.free_slots = self.slots[:6], list(range(6))
+
+    def counted_from_slot(self, *args):
+        delivered["slot"] += 1
+        return from_slot(self, *args)
+
+    def counted_make(self, key):
+        before = delivered["slot"]
+        example = make(self, key)
+        if example is not None and example.pixel_values is not None and delivered["slot"] == before:
+            delivered["pipe"] += 1
+        return example
+
+    monkeypatch.setattr(training.TrainLoader, "_make_slots", six_slots)
+    monkeypatch.setattr(training.TrainLoader, "from_slot", counted_from_slot)
+    monkeypatch.setattr(training._Prefetch, "make", counted_make)
+
+    def loader(workers):  # every style: the multi-image records (more crops than a slot holds) too
+        return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                    grad_accum=2, workers=workers)
+
+    serial, shared, resumed = loader(0), loader(2), loader(2)
+    try:
+        steps = [serial.next_step() for _ in range(4)]
+        assert_same_steps([shared.next_step() for _ in range(4)], steps)
+        assert delivered["slot"] > 0 and delivered["pipe"] > 0, delivered
+        assert not shared.free_slots  # the read-ahead holds more keys than there are slots: all six in use
+        resumed.next_step()  # its read-ahead under way, its slots written into, then dropped
+        resumed.load_state_dict(shared.state_dict())
+        assert sorted(resumed.free_slots) == list(range(6))
+        later = [serial.next_step() for _ in range(3)]
+        assert_same_steps([resumed.next_step() for _ in range(3)], later)
+        assert_same_steps([shared.next_step() for _ in range(3)], later)
+    finally:
+        shared.close()
+        resumed.close()
+        torch.set_num_threads(threads)
+
+
 def real_rows(batch):
     """Each row's tokens without its padding, as a tuple."""
     return [tuple(ids[ex >= 0].tolist()) for ids, ex in zip(batch["input_ids"], batch["example_ids"])]
