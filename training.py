@@ -1814,6 +1814,9 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
     gc.freeze()  # data.fork_context says why
     parents_end.close()
     torch.set_num_threads(1)
+    # each step's batch (the GPU demo's: ~14 MB of pixels, concatenated, then padded) in the memory the last one
+    # freed, not mapped and faulted in afresh; its workers, forked after this, keep theirs too
+    keep_freed_memory()
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
     try:
         if resume_state is not None:

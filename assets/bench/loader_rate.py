@@ -12,7 +12,8 @@ the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `s
     to-device    the same, each batch also copied to the GPU and made into the model's batch (training.batch_to)
 
 plus this process's CPU time a step in-process (its threads, not the workers'), and a cProfile of it (by own time)
-in out/loader_rate/profile.txt.
+in out/loader_rate/profile.txt. `--shared_pixels=False` and `--keep_memory=False` put back how the batches were
+made before 2026-12-06's changes (pixels through the workers' pipes; freed memory handed back to the kernel).
 
     python assets/bench/loader_rate.py --data_dir=data/demo_gpu_60k
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import model as nano  # noqa: E402
+import training  # noqa: E402
 from configurator import configure  # noqa: E402
 from training import StepsAhead, TrainLoader, batch_to, usable_cores  # noqa: E402
 
@@ -36,6 +38,7 @@ data_dir = "data/demo_gpu_60k"
 configs = ("config/demo_joint.py", "config/demo_gpu_joint.py")  # the stage's settings, read as train_joint.py would
 workers = -1  # -1: train_joint.py's default on a GPU, every usable core but two
 shared_pixels = True  # False: the workers' pixels come back through their pipes (TrainLoader.shared_pixels)
+keep_memory = True  # False: the batch process hands freed memory back as before (training.keep_freed_memory)
 steps = 60
 warm = 5
 rows = ("in-process", "steps-ahead", "to-device")
@@ -72,11 +75,13 @@ def timed(next_step, n):
 
 def main():
     os.makedirs(out_dir, exist_ok=True)
+    if not keep_memory:  # the batch process (forked from this one) then finds the function doing nothing
+        training.keep_freed_memory = lambda: False
     s = stage_settings()
     n_workers = max(1, usable_cores() - 2) if workers < 0 else workers
     cuda = torch.cuda.is_available()
     print(f"# assets/bench/loader_rate.py, {usable_cores()} usable cores, {n_workers} workers, torch "
-          f"{torch.__version__}{', ' + torch.cuda.get_device_name() if cuda else ''}; shared_pixels={shared_pixels}; "
+          f"{torch.__version__}{', ' + torch.cuda.get_device_name() if cuda else ''}; shared_pixels={shared_pixels}, keep_memory={keep_memory}; "
           f"{s['batch_size']} rows of "
           f"{s['max_seq_len']} a step, {steps} steps timed after {warm}", flush=True)
     torch.set_num_threads(1)  # as the batch process runs it
