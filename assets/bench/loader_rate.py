@@ -6,7 +6,8 @@ The loader as train_joint.py builds it from config/demo_joint.py + config/demo_g
 the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `steps` steps after `warm`:
 
     in-process   TrainLoader.next_step() in this process, its `workers` making the examples: the batch process's own
-                 work (packing, collating, padding the media, taking the workers' results), without the socket
+                 work (packing, collating, padding the media, taking the workers' results), without the socket; this
+                 process keeps the memory it frees as the batch process does (keep_memory)
     steps-ahead  training.StepsAhead(process=True) as the trainer uses it: what a training loop whose step took no
                  time would wait for
     to-device    the same, each batch also copied to the GPU and made into the model's batch (training.batch_to)
@@ -75,15 +76,17 @@ def timed(next_step, n):
 
 def main():
     os.makedirs(out_dir, exist_ok=True)
-    if not keep_memory:  # the batch process (forked from this one) then finds the function doing nothing
+    if keep_memory:  # this process then makes its batches as the batch process does
+        training.keep_freed_memory()
+    else:  # and the batch process (forked from this one) finds the function doing nothing
         training.keep_freed_memory = lambda: False
     s = stage_settings()
     n_workers = max(1, usable_cores() - 2) if workers < 0 else workers
     cuda = torch.cuda.is_available()
+    card = f", {torch.cuda.get_device_name()}" if cuda else ""
     print(f"# assets/bench/loader_rate.py, {usable_cores()} usable cores, {n_workers} workers, torch "
-          f"{torch.__version__}{', ' + torch.cuda.get_device_name() if cuda else ''}; shared_pixels={shared_pixels}, keep_memory={keep_memory}; "
-          f"{s['batch_size']} rows of "
-          f"{s['max_seq_len']} a step, {steps} steps timed after {warm}", flush=True)
+          f"{torch.__version__}{card}; shared_pixels={shared_pixels}, keep_memory={keep_memory}; "
+          f"{s['batch_size']} rows of {s['max_seq_len']} a step, {steps} steps timed after {warm}", flush=True)
     torch.set_num_threads(1)  # as the batch process runs it
     if "in-process" in rows:
         loader = make_loader(s, n_workers)

@@ -14,9 +14,9 @@ The variants, by name:
                 (its grad_scale, which torch's GradScaler uses): one pass over the 1B gradients fewer
     cublaslt    every matmul through cuBLASLt (torch.backends.cuda.preferred_blas_library), whose heuristics pick
                 other kernels than cuBLAS's for some shapes; the rest as committed
-    coordesc    the blocks compiled with inductor's coordinate_descent_tuning: each of its own (Triton) kernels, the norms
-                and elementwise ones, timed over block sizes around its heuristic's (seconds, not minutes; max-autotune
-                turns it on too)
+    coordesc    the blocks compiled with inductor's coordinate_descent_tuning: each of its own (Triton) kernels,
+                the norms and elementwise ones, timed over block sizes around its heuristic's (about a minute and a
+                half more compiling, not max-autotune's many; max-autotune turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
 
