@@ -1284,6 +1284,16 @@ def merge_media_streams(batch, rows):
     return batch
 
 
+def pixel_slots(processor, *counts):
+    """Shared memory for a loader's worker processes to write their examples' pixels into: a uint8 array of shape
+    (*counts, bytes of max_crops + 1 of the processor's crops), a slot each. Anonymous and mapped shared, made before
+    the workers are forked, so they write where the loader reads, and no file in /dev/shm is needed (or left behind)."""
+    import mmap
+    crop_bytes = (processor.crop_size // processor.patch_size) ** 2 * processor.patch_size ** 2 * 3
+    shape = (*counts, (processor.max_crops + 1) * crop_bytes)
+    return np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+
+
 class ForkedWorkers:
     """A loader's worker processes (self.workers of them; Linux), made on first use: forked from this process,
     so each has the loader's files, processor and settings without pickling them. A ProcessPoolExecutor, not a
@@ -1408,23 +1418,18 @@ class TrainLoader(ForkedWorkers):
         images, videos) still come back through the pipes. The pixels are most of an example's bytes: one H100
         machine's batch process (the GPU demo's joint stage, 64 rows of 512 tokens, ~1.6 MB a task) spent ~23 ms a
         step reading, buffering and unpickling them from the workers' pipe, ~2/3 of its step (BENCHMARKS.md "The GPU
-        demo's joint batches through shared memory"). Anonymous and shared, as VisionLoader's slots."""
-        import mmap
-        p = self.processor
-        crop_bytes = (p.crop_size // p.patch_size) ** 2 * p.patch_size ** 2 * 3
+        demo's joint batches through shared memory")."""
         n = sum(packer.items.depth + packer.items.per_task for packer in self.packers
                 if isinstance(packer.items, _Prefetch))
-        shape = (n, (p.max_crops + 1) * crop_bytes)
-        self.slots = np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
-        self.free_slots = list(range(n))
+        self.slots, self.free_slots = pixel_slots(self.processor, n), list(range(n))
 
     def take_slot(self):
         """A free slot's index, or None (the pipe) when every slot is in use."""
         return self.free_slots.pop() if self.free_slots else None
 
     def from_slot(self, slot, dtype, shape):
-        """A copy of the pixels a worker wrote into a slot, which is then free again (the example may wait in its
-        Packer across steps, while its slot is written anew)."""
+        """A copy of the pixels a worker wrote into a slot, so that the caller can free the slot at once (the example
+        may wait in its Packer across steps, while its slot is written anew)."""
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return self.slots[slot, :n].copy().view(dtype).reshape(shape)
 
@@ -2416,13 +2421,8 @@ class VisionLoader(ForkedWorkers):
         per example, each as large as max_crops + 1 crops. The pixels are most of what came back through the
         workers' pipes (128 images of the GPU demo's stage 1: 24 MB a step, pickled, piped and unpickled); on a
         16-core H200 machine StepsAhead's process made those steps in 59.7-64.4 ms with the slots and 65.0-66.1
-        without (BENCHMARKS.md "Stage 1's step, made and launched"). Anonymous and mapped shared before the workers
-        are forked, so they write where this process reads, and no file in /dev/shm is needed."""
-        import mmap
-        p = self.processor
-        crop_bytes = (p.crop_size // p.patch_size) ** 2 * p.patch_size ** 2 * 3
-        shape = (2, len(self.shards) * self.batch_size, (p.max_crops + 1) * crop_bytes)
-        self.slots = np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+        without (BENCHMARKS.md "Stage 1's step, made and launched")."""
+        self.slots = pixel_slots(self.processor, 2, len(self.shards) * self.batch_size)
 
     def example(self, key):
         import data
