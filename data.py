@@ -644,18 +644,25 @@ def video_token_ids(grid, timestamps, tokenizer=None):
 # --- the processor ------------------------------------------------------------------------------------------
 
 
-def concat_pooled(patches, poolings):
+def concat_pooled(patches, poolings, out=None):
     """Several inputs' patches (n_crops, n_patches, patch_dim) and the pooling indices into each -> one
     (patches, pooling), each input's indices shifted past the patches before it; -1 padding stays -1. How
-    images (videos) are concatenated across a batch: transformers' Molmo2 batch convention."""
+    images (videos) are concatenated across a batch: transformers' Molmo2 batch convention.
+    out: a tensor of the patches' dtype and crop shape with at least as many rows as all the inputs' crops: the
+    patches are written into its first rows, its other rows zeroed, and it is the patches returned (the training
+    loader's crops, padded and in memory the training process reads, in one copy: training.TrainLoader)."""
+    if out is not None:
+        n = sum(p.shape[0] for p in patches)
+        torch.cat(patches, out=out[:n])
+        out[n:].zero_()
     if len(patches) == 1:  # no copy
-        return patches[0], poolings[0]
+        return patches[0] if out is None else out, poolings[0]
     offsets = torch.tensor(np.cumsum([0] + [p.shape[0] * p.shape[1] for p in patches[:-1]]))  # patches before each
     pooling = torch.cat(poolings)
     # one shift per pooled token, whole-batch ops: a training step joins ~80 examples, and an op per example held the
     # GIL of the process that also launches the GPU's kernels (BENCHMARKS.md "128 joint rows a step")
     shift = torch.repeat_interleave(offsets, torch.tensor([len(x) for x in poolings]))[:, None].to(pooling.dtype)
-    return torch.cat(patches), torch.where(pooling >= 0, pooling + shift, -1)
+    return torch.cat(patches) if out is None else out, torch.where(pooling >= 0, pooling + shift, -1)
 
 
 class Molmo2Processor:
@@ -1836,7 +1843,7 @@ def batch_attention_mask(example_ids, branch_ids, is_vision):
     return mask[:, None]
 
 
-def collate(rows, pad_to=None, mask=True):
+def collate(rows, pad_to=None, mask=True, crops_out=None):
     """Rows of Examples (from Packer) -> the model's batch, a dict of tensors:
 
       input_ids (B, L) int64, padded with <|endoftext|>; position_ids (B, L) int64 (0 on padding)
@@ -1855,7 +1862,9 @@ def collate(rows, pad_to=None, mask=True):
     Images (videos) are concatenated in token order, row after row, and pooling indices offset into the
     concatenated patches: transformers' Molmo2 batch convention. L = pad_to, or the longest row.
     Pixels keep their dtype: the training loader's are uint8 (training.to_uint8, a quarter of the bytes to
-    concatenate and copy), and training.batch_to turns them back into the processor's floats, bit for bit."""
+    concatenate and copy), and training.batch_to turns them back into the processor's floats, bit for bit.
+    crops_out(name, n, crop_shape, dtype): the tensor to write a media stream's n crops into (concat_pooled's out),
+    or None; the training loader's, which pads the crops for a CUDA graph where it concatenates them."""
     lengths = [sum(len(ex) for ex in row) for row in rows]
     L = pad_to or max(lengths)
     if max(lengths) > L:
@@ -1912,8 +1921,10 @@ def collate(rows, pad_to=None, mask=True):
         if len({getattr(ex, pixels).dtype for ex in having}) > 1:  # torch.cat would promote uint8 to float
             dtypes = sorted(str(getattr(ex, pixels).dtype) for ex in having)
             raise ValueError(f"collate: {pixels} of mixed dtypes {dtypes}")
-        batch[pixels], batch[pooling] = concat_pooled([getattr(ex, pixels) for ex in having],
-                                                      [getattr(ex, pooling) for ex in having])
+        parts = [getattr(ex, pixels) for ex in having]
+        out = None if crops_out is None else crops_out(pixels, sum(p.shape[0] for p in parts), parts[0].shape[1:],
+                                                       parts[0].dtype)
+        batch[pixels], batch[pooling] = concat_pooled(parts, [getattr(ex, pooling) for ex in having], out=out)
         for key in extra:
             batch[key] = torch.cat([getattr(ex, key) for ex in having])
     return batch

@@ -1204,7 +1204,7 @@ def padded_size(n, steps=4):
     return -(-n // step) * step
 
 
-def pad_media(batch, steps=4, list_targets=False):
+def pad_media(batch, steps=4, list_targets=False, crops=None):
     """A collated batch -> the same batch with its media padded to a few fixed sizes (padded_size), for a CUDA graph
     of the training step (train_joint.py's cuda_graph): crops of zeros; pooling windows [0, -1, ...] (one valid
     index, so never empty); one more grid row (and crop count) that owns the padding windows and crops, then grid
@@ -1217,7 +1217,9 @@ def pad_media(batch, steps=4, list_targets=False):
     graph's loss at the listed targets alone"). TrainLoader's fixed_shapes batches list them: the count varies from
     batch to batch, so it adds layouts, each a graph of its own (1,000 of the GPU demo's batches met 10 against 6
     from their media alone), and the small preset's graphed step with compiled blocks (its whole vocabulary) went from
-    125 to 53 ms on an H200."""
+    125 to 53 ms on an H200.
+    crops: {pixels key: its real crop count} for streams whose crops were already written padded to
+    padded_size(count), the padding zeros (TrainLoader: concat_pooled's out), so they are not copied again."""
     batch = dict(batch)
     if list_targets and "targets" in batch:
         at = (batch["targets"] >= 0).flatten().nonzero().squeeze(1)
@@ -1229,10 +1231,15 @@ def pad_media(batch, steps=4, list_targets=False):
     for pixels, pooling, grids, crop_counts in streams:
         if pixels not in batch:
             continue
-        n_crops, n_windows = batch[pixels].shape[0], batch[pooling].shape[0]
+        written = (crops or {}).get(pixels)  # the real crops of a stream written padded, else None
+        n_crops, n_windows = batch[pixels].shape[0] if written is None else written, batch[pooling].shape[0]
         pad_crops, pad_windows = padded_size(n_crops, steps) - n_crops, padded_size(n_windows, steps) - n_windows
         padding += torch.tensor([pad_crops, pad_windows])
-        batch[pixels] = torch.cat([batch[pixels], batch[pixels].new_zeros(pad_crops, *batch[pixels].shape[1:])])
+        if written is None:
+            batch[pixels] = torch.cat([batch[pixels], batch[pixels].new_zeros(pad_crops, *batch[pixels].shape[1:])])
+        elif batch[pixels].shape[0] != n_crops + pad_crops:
+            raise ValueError(f"pad_media: {pixels} has {batch[pixels].shape[0]} rows, not {written} crops padded to "
+                             f"{n_crops + pad_crops}")
         windows = batch[pooling].new_full((pad_windows, batch[pooling].shape[1]), -1)
         windows[:, 0] = 0
         batch[pooling] = torch.cat([batch[pooling], windows])
@@ -1267,10 +1274,11 @@ def model_inputs(batch, compiled=False):
     return inputs
 
 
-def merge_media_streams(batch, rows):
+def merge_media_streams(batch, rows, crops_out=None):
     """A batch holding images and videos -> one stream of crops and frames, in token order, image windows
     padded to the 9 slots of video windows (-1 = padding): the model reads <im_patch> tokens in order, and
-    images and videos share the ViT and connector (pooling with padding slots is the same computation)."""
+    images and videos share the ViT and connector (pooling with padding slots is the same computation).
+    crops_out: as data.collate's, for the one stream."""
     import data
     parts, poolings = [], []
     for ex in (ex for row in rows for ex in row):
@@ -1280,18 +1288,48 @@ def merge_media_streams(batch, rows):
                 poolings.append(F.pad(pooling.long(), (0, 9 - pooling.shape[1]), value=-1))  # (n_tokens, 9)
     for key in ("pixel_values_videos", "video_token_pooling", "video_grids", "image_grids", "image_num_crops"):
         batch.pop(key, None)
-    batch["pixel_values"], batch["image_token_pooling"] = data.concat_pooled(parts, poolings)
+    out = None if crops_out is None else crops_out("pixel_values", sum(p.shape[0] for p in parts), parts[0].shape[1:],
+                                                   parts[0].dtype)
+    batch["pixel_values"], batch["image_token_pooling"] = data.concat_pooled(parts, poolings, out=out)
     return batch
+
+
+def shared_array(*shape):
+    """A zeroed uint8 array of anonymous shared memory: made before a fork, the processes on both sides read and write
+    the same bytes, and no file in /dev/shm is needed (or left behind). Its pages take memory once written."""
+    import mmap
+    return np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+
+
+def crop_bytes(processor):
+    """The bytes of one of a loader's crops: its patches' uint8 levels (levels_processor)."""
+    return (processor.crop_size // processor.patch_size) ** 2 * processor.patch_size ** 2 * 3
 
 
 def pixel_slots(processor, *counts):
     """Shared memory for a loader's worker processes to write their examples' pixels into: a uint8 array of shape
-    (*counts, bytes of max_crops + 1 of the processor's crops), a slot each. Anonymous and mapped shared, made before
-    the workers are forked, so they write where the loader reads, and no file in /dev/shm is needed (or left behind)."""
-    import mmap
-    crop_bytes = (processor.crop_size // processor.patch_size) ** 2 * processor.patch_size ** 2 * 3
-    shape = (*counts, (processor.max_crops + 1) * crop_bytes)
-    return np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), dtype=np.uint8).reshape(shape)
+    (*counts, bytes of max_crops + 1 of the processor's crops), a slot each, made before the workers are forked, so
+    they write where the loader reads."""
+    return shared_array(*counts, (processor.max_crops + 1) * crop_bytes(processor))
+
+
+class StepBuffer:
+    """One step's share of StepsAhead's shared memory, handed out front to back: TrainLoader.crop_buffer in the
+    batch process, where each micro-batch's crops are written (in one copy, padded) for the training process to read,
+    instead of being sent through the socket. nbytes -> a uint8 tensor over the next nbytes, or None where they do not
+    fit (the crops are then made as without it, and sent)."""
+
+    ALIGN = 64  # each buffer starts at a multiple of 64 bytes: any dtype's view of it is aligned
+
+    def __init__(self, region):
+        self.region, self.used = region, 0
+
+    def __call__(self, nbytes):
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        if start + nbytes > len(self.region):
+            return None
+        self.used = start + nbytes
+        return torch.from_numpy(self.region[start:start + nbytes])
 
 
 class ForkedWorkers:
@@ -1365,6 +1403,7 @@ class TrainLoader(ForkedWorkers):
     LENGTH_STEP = 32  # a grouped batch's length is a multiple of this: few shapes for a compiler to meet
     JOIN_STEP = 64  # a joined row's length is a multiple of this: model.KeyBlocks' chunk of queries
     shared_pixels = True  # the workers hand an image example's pixels over in shared memory (_make_slots)
+    crop_buffer = None  # StepsAhead's batch process sets a StepBuffer: where the step's crops are written (_crops_out)
 
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
@@ -1427,6 +1466,28 @@ class TrainLoader(ForkedWorkers):
         """A free slot's index, or None (the pipe) when every slot is in use."""
         return self.free_slots.pop() if self.free_slots else None
 
+    def step_crop_bytes(self):
+        """The most bytes one step's crops take in crop_buffer (StepsAhead's shared memory for them): each micro-batch's
+        batch_size rows of at most max_row_crops crops, padded with fixed_shapes; 0 where the rows have no bound."""
+        row_crops = self.packers[0].max_crops
+        if row_crops is None:
+            return 0
+        n = self.batch_size * row_crops
+        rows = padded_size(n) if self.fixed_shapes else n
+        return len(self.packers) * (rows * crop_bytes(self.processor) + StepBuffer.ALIGN)
+
+    def _crops_out(self, name, n, crop_shape, dtype):
+        """collate's crops_out: a media stream's n crops written once where they go. Padded to padded_size(n) for a
+        CUDA graph (fixed_shapes), where they were concatenated, then copied again to be padded; and in the batch
+        process, into crop_buffer, the memory the training process reads them from, where they were copied once
+        more into the socket (a GPU demo step's ~14 MB: BENCHMARKS.md "The GPU demo's crops written once"). None,
+        collate's own concatenation, where neither applies."""
+        rows = padded_size(n) if self.fixed_shapes else n
+        buffer = None if self.crop_buffer is None else self.crop_buffer(rows * math.prod(crop_shape) * dtype.itemsize)
+        if buffer is not None:
+            return buffer.view(dtype).view(rows, *crop_shape)
+        return torch.empty((rows, *crop_shape), dtype=dtype) if self.fixed_shapes else None
+
     def from_slot(self, slot, dtype, shape):
         """A copy of the pixels a worker wrote into a slot, so that the caller can free the slot at once (the example
         may wait in its Packer across steps, while its slot is written anew)."""
@@ -1484,13 +1545,20 @@ class TrainLoader(ForkedWorkers):
             pad_to = min(-(-max(sum(len(ex) for ex in row) for row in rows) // step) * step, self.max_seq_len)
         # batch_to makes the mask on the device from the ids; a joined row's comes from collate, example by example:
         #   a (1, L, L) mask from the ids took 26 ms for the CPU demo's L of ~2,900, collate's 2.5
-        batch = self.data.collate(rows, pad_to=pad_to, mask=self.join_rows)
-        targets = [ex.scene_targets for row in rows for ex in row if ex.scene_targets is not None]
+        examples = [ex for row in rows for ex in row]
+        crops = {name: sum(getattr(ex, name).shape[0] for ex in examples if getattr(ex, name) is not None)
+                 for name in ("pixel_values", "pixel_values_videos")}
+        # images and videos together are one stream in the end (merge_media_streams): only that one is written out
+        merging = all(any(getattr(ex, name) is not None for ex in examples) for name in crops)
+        batch = self.data.collate(rows, pad_to=pad_to, mask=self.join_rows,
+                                  crops_out=None if merging else self._crops_out)
+        targets = [ex.scene_targets for ex in examples if ex.scene_targets is not None]
         if targets:  # in the order collate concatenates the examples' images
             batch["image_scene_targets"] = torch.cat(targets)
-        if "pixel_values" in batch and "pixel_values_videos" in batch:
-            batch = merge_media_streams(batch, rows)
-        return pad_media(batch, list_targets=True) if self.fixed_shapes else batch
+        if merging:
+            batch = merge_media_streams(batch, rows, crops_out=self._crops_out)
+            crops = {"pixel_values": sum(crops.values())}
+        return pad_media(batch, list_targets=True, crops=crops) if self.fixed_shapes else batch
 
     def summary(self):
         lines = [self.report.summary()]
@@ -1686,6 +1754,7 @@ class StepsAhead:
             pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
         self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
+        self.crop_memory = None  # process=True: shared memory the child writes each step's crops into (_start_child)
         self.waits = []  # seconds the training thread waited for each step's batches: is the GPU waiting for data?
 
     def _run(self):
@@ -1698,7 +1767,7 @@ class StepsAhead:
         while not self.stopping:
             if self.process:
                 try:
-                    item = _receive_step(self.sock, self.pin_device is not None)
+                    item = _receive_step(self.sock, self.pin_device is not None, self.crop_memory)
                 except (ConnectionError, OSError, EOFError) as e:
                     if self.stopping:
                         return
@@ -1731,9 +1800,14 @@ class StepsAhead:
         for s in (ours, theirs):  # a step's bytes in few system calls
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        # a region of shared memory for each step the child may make ahead (_batch_process says why that is enough),
+        # made before the fork; for loaders that can say how large a step's crops may be (TrainLoader)
+        depth = self.queue.maxsize
+        step_bytes = self.loader.step_crop_bytes() if hasattr(self.loader, "step_crop_bytes") and depth > 0 else 0
+        self.crop_memory = shared_array(depth, step_bytes) if step_bytes else None
         # not a daemon: a daemon process may not start the loader's own workers
         self.child = data.fork_context().Process(
-            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, self.queue.maxsize),
+            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, depth, self.crop_memory),
             name="steps-ahead")
         self.child.start()
         theirs.close()
@@ -1813,14 +1887,18 @@ class StepsAhead:
         return getattr(self.loader, name)
 
 
-def _batch_process(loader, sock, parents_end, resume_state, depth):
+def _batch_process(loader, sock, parents_end, resume_state, depth, crop_memory=None):
     """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
-    `depth` more than the parent has taken (it sends a byte for each)."""
+    `depth` more than the parent has taken (it sends a byte for each).
+    crop_memory: (depth, bytes) of shared memory; step m's crops are written into region m % depth (the loader's
+    crop_buffer) and the parent copies them out. Region m % depth last held step m - depth, and before making step m
+    this process has received m - depth + 1 bytes, one for each step the parent has taken (0 to m - depth), and the
+    parent copies a step's crops out before it can take it: so it is done with them."""
     gc.freeze()  # data.fork_context says why
     parents_end.close()
     torch.set_num_threads(1)
-    # each step's batch (the GPU demo's: ~14 MB of pixels, concatenated, then padded) in the memory the last one
-    # freed, not mapped and faulted in afresh; its workers, forked after this, keep theirs too
+    # each step's batch in the memory the last one freed, not mapped and faulted in afresh (the GPU demo's ~14 MB of
+    # pixels, then concatenated and padded in fresh memory); its workers, forked after this, keep theirs too
     keep_freed_memory()
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
     try:
@@ -1830,11 +1908,13 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
             if made >= depth and not sock.recv(1):  # nothing: the parent closed its end
                 return
             state = loader.state_dict()
+            if crop_memory is not None:
+                loader.crop_buffer = StepBuffer(crop_memory[made % depth])
             try:
                 batches, error = loader.next_step(), None
             except BaseException as e:  # sent on and raised in the training thread
                 batches, error = None, e
-            _send_step(sock, state, batches, error, loader.summary() if error is None else None)
+            _send_step(sock, state, batches, error, loader.summary() if error is None else None, crop_memory)
             if error is not None:
                 return
     except (ConnectionError, OSError):  # the parent closed its end: it is stopping
@@ -1844,14 +1924,19 @@ def _batch_process(loader, sock, parents_end, resume_state, depth):
             loader.close()
 
 
-def _send_step(sock, state, batches, error, summary):
+def _send_step(sock, state, batches, error, summary, crop_memory=None):
     """One step through the socket: a pickled header (the state, error, summary and each micro-batch's layout:
-    its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order."""
+    its tensors' dtypes and shapes, its other values), then each tensor's bytes in that order; a tensor already in
+    crop_memory is sent as its place there."""
     tensors, layout = [], []
+    start = None if crop_memory is None else crop_memory.ctypes.data
     for batch in batches or []:
         entry = {}
         for k, v in batch.items():
-            if torch.is_tensor(v):
+            if (start is not None and torch.is_tensor(v) and v.is_contiguous()
+                    and start <= v.data_ptr() <= start + crop_memory.nbytes - v.nbytes):
+                entry[k] = ("shared", v.dtype, tuple(v.shape), v.data_ptr() - start)
+            elif torch.is_tensor(v):
                 entry[k] = ("tensor", v.dtype, tuple(v.shape))
                 tensors.append(v)
             else:
@@ -1877,8 +1962,9 @@ def _receive_exactly(sock, view):
         got += n
 
 
-def _receive_step(sock, pin):
-    """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket."""
+def _receive_step(sock, pin, crop_memory=None):
+    """_send_step's step: tensors made here (page-locked if pin) and filled straight from the socket, or copied
+    from their place in crop_memory."""
     size = bytearray(8)
     _receive_exactly(sock, memoryview(size))
     header = bytearray(struct.unpack("<Q", size)[0])
@@ -1893,9 +1979,12 @@ def _receive_step(sock, pin):
                 if kind == "value":
                     batch[k] = spec[0]
                     continue
-                dtype, shape = spec
+                dtype, shape, *at = spec
                 t = batch[k] = torch.empty(shape, dtype=dtype, pin_memory=pin)
-                if t.numel():
+                if kind == "shared" and t.numel():  # a copy without the GIL, as recv_into's
+                    place = crop_memory.reshape(-1)[at[0]:at[0] + t.nbytes]
+                    t.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(place))
+                elif t.numel():
                     _receive_exactly(sock, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             batches.append(batch)
     return state, batches, error, summary

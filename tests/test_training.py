@@ -990,6 +990,56 @@ def test_fixed_shape_batches_list_their_targets(world):
         assert torch.equal(listed[:len(with_target)], with_target) and bool((listed[len(with_target):] == -1).all())
 
 
+@pytest.mark.parametrize("where", ["in_process", "buffer_too_small", "batch_process"])
+def test_fixed_shape_crops_are_written_once_where_the_training_process_reads_them(world, where):
+    """TrainLoader(fixed_shapes=True) writes each micro-batch's crops once, padded (collate's crops_out), where they
+    were concatenated and then copied again to be padded. Its batches are what pad_media made of collate's (and
+    merge_media_streams', where images and videos meet) from the same rows: for images, several images and videos.
+    In StepsAhead's batch process the crops are written into shared memory that the training process copies them out
+    of, not sent through the socket: the same batches, and that memory holds the crops. A crop_buffer too small for
+    a batch's crops gives them as without one."""
+    mixture = {"image": (0.6, ["synth_image"]), "multi_image": (0.3, ["synth_multi"]), "video": (0.04, ["synth_video"])}
+
+    def loader():  # 7 rows: batches of more than 8 crops, whose padding a CUDA graph needs
+        return training.TrainLoader(world, mixture, "train", 7, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                    grad_accum=2, fixed_shapes=True)
+
+    reference, steps = loader(), []
+    for _ in range(4):
+        step = []
+        for i in range(len(reference.packers)):
+            rows = reference._rows(i)
+            batch = data.collate(rows, pad_to=256, mask=False)
+            if "pixel_values" in batch and "pixel_values_videos" in batch:
+                batch = training.merge_media_streams(batch, rows)
+            step.append(training.pad_media(batch, list_targets=True))
+        steps.append(step)
+    batches = [batch for step in steps for batch in step]
+    merged = sum(batch["image_token_pooling"].shape[1] == 9 for batch in batches if "image_token_pooling" in batch)
+    assert 0 < merged < len(batches)  # both kinds of batch met
+    assert any(batch["media_padding"][0] > 0 for batch in batches)  # padding crops (a count <= 4 is its own size)
+
+    made = loader()
+    if where == "buffer_too_small":
+        made.crop_buffer = training.StepBuffer(np.zeros(1000, dtype=np.uint8))
+    ahead = training.StepsAhead(made, process=where == "batch_process")
+    try:
+        assert_same_steps([ahead.next_step() for _ in range(4)], steps)
+        if where == "batch_process":
+            assert ahead.crop_memory is not None and ahead.crop_memory.any()
+    finally:
+        ahead.close()
+
+
+def test_a_step_buffer_hands_out_aligned_spans_until_it_is_full():
+    buffer = training.StepBuffer(np.zeros(300, dtype=np.uint8))
+    first, second = buffer(10), buffer(100)
+    assert len(first) == 10 and len(second) == 100
+    assert second.data_ptr() - first.data_ptr() == 64  # the next multiple of StepBuffer.ALIGN
+    assert buffer(200) is None  # 192 + 200 > 300: the caller makes its own
+    assert buffer(100).data_ptr() - first.data_ptr() == 192  # what fits still does
+
+
 def test_length_groups_resume_within_a_group_and_workers_make_the_serial_batches(world):
     """With length_groups=2 and 2 micro-batches a step, 3 steps leave a batch of each shard held back: its rows go
     into the state as keys, and a loader resumed from it (with workers or without) hands out the same batches."""
