@@ -65,6 +65,11 @@ loader_workers = -1  # processes that make the training examples ahead of the st
 batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
 max_steps = 500
+batch_echo = 1  # > 1: each step's batches train this many steps in a row (data echoing, as train_vision.py's), for
+#   a run whose step waits for its batches: echoed steps take the GPU's time alone. max_steps counts the updates. The
+#   GPU demo's joint stage (~20 ms a step as CUDA graphs where the GPU computes ~10) took 120 s at 2 against 213, but
+#   its 8,000 steps then learned what ~5,000 fresh ones do (validation loss 0.209 against 0.190; counting 0.895 and
+#   F1 0.916 against 0.950 / 0.946), so the demo keeps 1 (BENCHMARKS.md "The GPU demo's crops written once")
 max_minutes = 0.0  # > 0: end the steps within about this many minutes of the script's start, whatever the machine:
 #   every 20 steps the run sets max_steps to what fits at its mean step time (training.StepBudget, never past the
 #   max_steps asked), its learning rates decaying to there. What follows the last step (export, pictures) is not
@@ -162,6 +167,8 @@ def answer_scores(model, processor, items):
     return scores
 
 
+if not (isinstance(batch_echo, int) and batch_echo >= 1):
+    raise SystemExit(f"train_joint: batch_echo={batch_echo!r}: the steps each batch trains, a whole number >= 1")
 if token_loss and (compile or parallel == "fsdp"):
     raise SystemExit("train_joint: token_loss trains a head on the connector's output through a forward hook: not with "
                      "compile=True (one graph) or parallel='fsdp' (compile_blocks and DDP are fine)")
@@ -274,9 +281,10 @@ for step in range(start_step, max_steps):
         break
     profiler.step(step)
     set_learning_rates(optimizer, step, max_steps, lr_decay_frac)
-    # the state before this step's batches and dropout draws, in case the step must be redone
-    data_state, rng_before = loader.state_dict(), rng_state()
-    micro_batches = loader.next_step()
+    rng_before = rng_state()  # before this step's dropout draws, in case the step must be redone
+    if step % batch_echo == 0 or step == start_step:  # a run resumed within an echo draws its batches again
+        data_state = loader.state_dict()  # before this step's batches
+        micro_batches = loader.next_step()
     # the divisor of this step's loss: every loss token's weight, on every rank
     weight_total = d.all_reduce_sum(sum(mb["loss_weights"].sum() for mb in micro_batches).to(d.device))
     weighted_ce = torch.zeros((), device=d.device)
@@ -327,7 +335,9 @@ for step in range(start_step, max_steps):
             val = evaluate_loss(train_model, d, "val", eval_batches, autocast, **loader_args)
         progress.val(step, val, answers)
     if save_every and (done % save_every == 0 or done == max_steps):
-        save_checkpoint(ckpt_path, train_model, optimizer, done, d, loader.state_dict(), config)
+        # within an echo the state before its batches, so that a resumed run draws them again
+        save_checkpoint(ckpt_path, train_model, optimizer, done, d,
+                        loader.state_dict() if done % batch_echo == 0 else data_state, config)
 
 # -- the end: export, pictures, summary ------------------------------------------------------------------------
 vit_cache, model.vit.feature_cache = model.vit.feature_cache, None

@@ -460,6 +460,46 @@ def test_a_run_under_muon_and_length_groups_resumes_to_the_uninterrupted_losses(
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in whole[2:]]
 
 
+def test_batch_echo_draws_every_other_step_and_resumes_within_an_echo(world, tmp_path, monkeypatch):
+    """train_joint --batch_echo=2: 4 steps draw their batches twice (steps 0 and 2). The checkpoint after step 2 falls
+    within an echo (step 3 trains on step 2's batches): it holds the data state before them, so a run resumed from it
+    draws them again, once, and its step 3 has the uninterrupted run's loss and gradient norm (exact floats, one
+    process). batch_echo=0 is refused by name."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    resumed_dir, draws = tmp_path / "resumed", []
+    save, next_step = training.save_checkpoint, training.TrainLoader.next_step
+
+    def save_and_keep_step_3(path, model, optimizer, step, *args, **kwargs):
+        save(path, model, optimizer, step, *args, **kwargs)
+        if step == 3 and not resumed_dir.exists():
+            resumed_dir.mkdir()
+            torch.save(torch.load(path, weights_only=False), resumed_dir / "ckpt.pt")
+
+    def counted_next_step(self):
+        draws.append(self.state_dict())
+        return next_step(self)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_and_keep_step_3)
+    monkeypatch.setattr(training.TrainLoader, "next_step", counted_next_step)
+    args = [*TINY, *mixture_args(world), "--max_steps=4", "--save_every=3", "--batch_echo=2", "--lr_connector=3e-3",
+            "--lr_llm=1e-3", "--warmup_llm=0", "--warmup_connector=0", "--weight_decay=0.01", "--loader_workers=0"]
+    try:
+        run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'whole'}", *args], monkeypatch)
+        assert len(draws) == 2
+        run_stage_in_process("train_joint.py", [f"--out_dir={resumed_dir}", *args], monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(draws) == 3 and draws[2] == draws[1]  # the resumed run drew step 2's batches, from the same state
+    whole, resumed = read_log(tmp_path / "whole"), read_log(resumed_dir)
+    whole = [r for r in whole if "loss" in r]
+    assert [r["step"] for r in resumed if "loss" in r] == [3]
+    assert [(r["loss"], r["grad_norm"]) for r in resumed if "loss" in r] == [(whole[3]["loss"], whole[3]["grad_norm"])]
+    with pytest.raises(SystemExit, match="batch_echo=0: the steps each batch trains"):
+        run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'refused'}", *args, "--batch_echo=0"],
+                             monkeypatch)
+
+
 def test_muon_resumes_from_its_state_dict_to_the_same_weights():
     """A MuonAdamW saved after a step (as a checkpoint holds it, through torch.save) and loaded into a fresh one
     around a copy of the model takes the next step exactly as the first: the momentum buffers and Adam's moments
