@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 import uuid
+import weakref
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -1453,13 +1454,14 @@ class TrainLoader(ForkedWorkers):
 
     def _make_slots(self):
         """Shared memory for the workers' pixels: a slot for each key a shard's read-ahead may hold at once (its
-        depth and one task more), each as large as an image of max_crops + 1 crops; larger examples (several
-        images, videos) still come back through the pipes. The pixels are most of an example's bytes: one H100
+        depth and one task more) and for each example whose pixels are held (from_slot) while it waits to be packed
+        (the Packer's lookahead) or its batch is made (~2 a row), each as large as an image of max_crops + 1 crops;
+        larger examples (several images, videos) and keys past the free slots come back through the pipes. The pixels are most of an example's bytes: one H100
         machine's batch process (the GPU demo's joint stage, 64 rows of 512 tokens, ~1.6 MB a task) spent ~23 ms a
         step reading, buffering and unpickling them from the workers' pipe, ~2/3 of its step (BENCHMARKS.md "The GPU
         demo's joint batches through shared memory")."""
-        n = sum(packer.items.depth + packer.items.per_task for packer in self.packers
-                if isinstance(packer.items, _Prefetch))
+        n = sum(packer.items.depth + packer.items.per_task + packer.lookahead + 2 * self.batch_size
+                for packer in self.packers if isinstance(packer.items, _Prefetch))
         self.slots, self.free_slots = pixel_slots(self.processor, n), list(range(n))
 
     def take_slot(self):
@@ -1489,10 +1491,15 @@ class TrainLoader(ForkedWorkers):
         return torch.empty((rows, *crop_shape), dtype=dtype) if self.fixed_shapes else None
 
     def from_slot(self, slot, dtype, shape):
-        """A copy of the pixels a worker wrote into a slot, so that the caller can free the slot at once (the example
-        may wait in its Packer across steps, while its slot is written anew)."""
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return self.slots[slot, :n].copy().view(dtype).reshape(shape)
+        """The pixels a worker wrote into a slot, read where they are: the batch's copy of them (collate's) is then
+        their only one. The slot is free again once nothing holds them (their example, which may wait in its Packer
+        across steps, or a batch that took them without a copy): every tensor made from the array returned keeps it
+        alive (torch.from_numpy), and its finalizer frees the slot. A copy here took 2.7 ms of a GPU demo step's 14.8
+        on a 2-core CPU (BENCHMARKS.md "The GPU demo's crops written once")."""
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        pixels = self.slots[slot, :n].view(dtype).reshape(shape)
+        weakref.finalize(pixels, self.free_slots.append, slot)
+        return pixels
 
     def _example(self, key):
         name, index, draw = key
@@ -2061,12 +2068,13 @@ class _Prefetch:
             (chunk, i), slot, self.taken = self.taken[2], self.taken[3], None
         else:  # a key not read ahead: a resumed Packer remaking its waiting examples
             chunk, i, slot = self.loader.start_workers().submit(_each, _worker_example, [(key, None)]), 0, None
+        held = False  # the example's pixels read in their slot: from_slot frees it once they are gone
         try:
             arrays, too_long, (n_seen, counts, first, n_filtered) = chunk.result()[i]
             if arrays is not None and isinstance(arrays["pixel_values"], tuple):
-                arrays["pixel_values"] = self.loader.from_slot(slot, *arrays["pixel_values"])
+                arrays["pixel_values"], held = self.loader.from_slot(slot, *arrays["pixel_values"]), True
         finally:
-            if slot is not None:
+            if slot is not None and not held:
                 self.loader.free_slots.append(slot)
         self.loader.report.add(n_seen, counts, first)
         self.loader.n_filtered += n_filtered

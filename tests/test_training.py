@@ -7,6 +7,7 @@ records are skipped and counted; Molmo2's loss equals a hand computation."""
 
 import contextlib
 import copy
+import gc
 import io
 import itertools
 import json
@@ -933,6 +934,28 @@ def test_loader_workers_hand_pixels_over_in_shared_slots_or_the_pipe_alike(world
         shared.close()
         resumed.close()
         torch.set_num_threads(threads)
+
+
+def test_a_slot_is_free_again_only_once_nothing_holds_its_pixels(world):
+    """TrainLoader.from_slot reads a worker's pixels where they are, without a copy: the slot must not be written
+    anew while any tensor made from them lives (an example waiting in its Packer, a batch that took them as they
+    are), and must be free once none does."""
+    loader = training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
+                                  workers=1)
+    try:
+        loader._make_slots()
+        slot = loader.take_slot()
+        loader.slots[slot, :8] = np.arange(8, dtype=np.uint8)
+        pixels = torch.from_numpy(loader.from_slot(slot, "|u1", (2, 4)))
+        later_rows = pixels[1:] * 1  # a copy: holds nothing of the slot
+        view = pixels[1:]  # a view: holds the slot's memory
+        del pixels
+        gc.collect()
+        assert slot not in loader.free_slots and view.tolist() == [[4, 5, 6, 7]]
+        del view
+        assert slot in loader.free_slots and later_rows.tolist() == [[4, 5, 6, 7]]
+    finally:
+        loader.close()
 
 
 def real_rows(batch):
