@@ -1456,10 +1456,10 @@ class TrainLoader(ForkedWorkers):
         """Shared memory for the workers' pixels: a slot for each key a shard's read-ahead may hold at once (its
         depth and one task more) and for each example whose pixels are held (from_slot) while it waits to be packed
         (the Packer's lookahead) or its batch is made (~2 a row), each as large as an image of max_crops + 1 crops;
-        larger examples (several images, videos) and keys past the free slots come back through the pipes. The pixels are most of an example's bytes: one H100
-        machine's batch process (the GPU demo's joint stage, 64 rows of 512 tokens, ~1.6 MB a task) spent ~23 ms a
-        step reading, buffering and unpickling them from the workers' pipe, ~2/3 of its step (BENCHMARKS.md "The GPU
-        demo's joint batches through shared memory")."""
+        larger examples (several images, videos) and keys past the free slots come back through the pipes. The
+        pixels are most of an example's bytes: one H100 machine's batch process (the GPU demo's joint stage, 64 rows
+        of 512 tokens, ~1.6 MB a task) spent ~23 ms a step reading, buffering and unpickling them from the workers'
+        pipe, ~2/3 of its step (BENCHMARKS.md "The GPU demo's joint batches through shared memory")."""
         n = sum(packer.items.depth + packer.items.per_task + packer.lookahead + 2 * self.batch_size
                 for packer in self.packers if isinstance(packer.items, _Prefetch))
         self.slots, self.free_slots = pixel_slots(self.processor, n), list(range(n))
@@ -1469,8 +1469,9 @@ class TrainLoader(ForkedWorkers):
         return self.free_slots.pop() if self.free_slots else None
 
     def step_crop_bytes(self):
-        """The most bytes one step's crops take in crop_buffer (StepsAhead's shared memory for them): each micro-batch's
-        batch_size rows of at most max_row_crops crops, padded with fixed_shapes; 0 where the rows have no bound."""
+        """The most bytes one step's crops take in crop_buffer (StepsAhead's shared memory for them): each
+        micro-batch's batch_size rows of at most max_row_crops crops, padded with fixed_shapes; 0 where the rows have
+        no bound."""
         row_crops = self.packers[0].max_crops
         if row_crops is None:
             return 0
@@ -1479,11 +1480,11 @@ class TrainLoader(ForkedWorkers):
         return len(self.packers) * (rows * crop_bytes(self.processor) + StepBuffer.ALIGN)
 
     def _crops_out(self, name, n, crop_shape, dtype):
-        """collate's crops_out: a media stream's n crops written once where they go. Padded to padded_size(n) for a
-        CUDA graph (fixed_shapes), where they were concatenated, then copied again to be padded; and in the batch
-        process, into crop_buffer, the memory the training process reads them from, where they were copied once
-        more into the socket (a GPU demo step's ~14 MB: BENCHMARKS.md "The GPU demo's crops written once"). None,
-        collate's own concatenation, where neither applies."""
+        """collate's crops_out: a media stream's n crops, written once where they go: padded to padded_size(n) for a
+        CUDA graph (fixed_shapes), so that pad_media need not copy them again, and in the batch process into
+        crop_buffer, the memory the training process reads them from, so that they need not go through the socket (a
+        GPU demo step's ~14 MB: BENCHMARKS.md "The GPU demo's crops written once"). None (collate's own
+        concatenation) where neither applies."""
         rows = padded_size(n) if self.fixed_shapes else n
         buffer = None if self.crop_buffer is None else self.crop_buffer(rows * math.prod(crop_shape) * dtype.itemsize)
         if buffer is not None:
@@ -1904,8 +1905,8 @@ def _batch_process(loader, sock, parents_end, resume_state, depth, crop_memory=N
     gc.freeze()  # data.fork_context says why
     parents_end.close()
     torch.set_num_threads(1)
-    # each step's batch in the memory the last one freed, not mapped and faulted in afresh (the GPU demo's ~14 MB of
-    # pixels, then concatenated and padded in fresh memory); its workers, forked after this, keep theirs too
+    # each step's tensors in the memory the last one freed, not mapped and faulted in afresh; its workers, forked after
+    # this, keep theirs too
     keep_freed_memory()
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
     try:
