@@ -1055,8 +1055,8 @@ def test_fixed_shape_batches_list_their_targets(world):
 
 @pytest.mark.parametrize("where", ["in_process", "buffer_too_small", "batch_process"])
 def test_fixed_shape_crops_are_written_once_where_the_training_process_reads_them(world, where):
-    """TrainLoader(fixed_shapes=True) writes each micro-batch's crops once, padded (collate's crops_out), where they
-    were concatenated and then copied again to be padded. Its batches are what pad_media made of collate's (and
+    """TrainLoader(fixed_shapes=True) writes each micro-batch's crops once, padded (collate's crops_out), not
+    concatenated and then copied again to be padded. Its batches are what pad_media makes of collate's (and
     merge_media_streams', where images and videos meet) from the same rows: for images, several images and videos.
     In StepsAhead's batch process the crops are written into shared memory that the training process copies them out
     of, not sent through the socket: the same batches, and that memory holds the crops. A crop_buffer too small for
@@ -1067,31 +1067,36 @@ def test_fixed_shape_crops_are_written_once_where_the_training_process_reads_the
         return training.TrainLoader(world, mixture, "train", 7, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
                                     grad_accum=2, fixed_shapes=True)
 
-    reference, steps = loader(), []
-    for _ in range(4):
-        step = []
-        for i in range(len(reference.packers)):
-            rows = reference._rows(i)
-            batch = data.collate(rows, pad_to=256, mask=False)
-            if "pixel_values" in batch and "pixel_values_videos" in batch:
-                batch = training.merge_media_streams(batch, rows)
-            step.append(training.pad_media(batch, list_targets=True))
-        steps.append(step)
-    batches = [batch for step in steps for batch in step]
-    merged = sum(batch["image_token_pooling"].shape[1] == 9 for batch in batches if "image_token_pooling" in batch)
-    assert 0 < merged < len(batches)  # both kinds of batch met
-    assert any(batch["media_padding"][0] > 0 for batch in batches)  # padding crops (a count <= 4 is its own size)
-
-    made = loader()
-    if where == "buffer_too_small":
-        made.crop_buffer = training.StepBuffer(np.zeros(1000, dtype=np.uint8))
-    ahead = training.StepsAhead(made, process=where == "batch_process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the batch process runs: resizing rounds alike
     try:
-        assert_same_steps([ahead.next_step() for _ in range(4)], steps)
-        if where == "batch_process":
-            assert ahead.crop_memory is not None and ahead.crop_memory.any()
+        reference, steps = loader(), []
+        for _ in range(4):
+            step = []
+            for i in range(len(reference.packers)):
+                rows = reference._rows(i)
+                batch = data.collate(rows, pad_to=256, mask=False)
+                if "pixel_values" in batch and "pixel_values_videos" in batch:
+                    batch = training.merge_media_streams(batch, rows)
+                step.append(training.pad_media(batch, list_targets=True))
+            steps.append(step)
+        batches = [batch for step in steps for batch in step]
+        merged = sum(batch["image_token_pooling"].shape[1] == 9 for batch in batches if "image_token_pooling" in batch)
+        assert 0 < merged < len(batches)  # both kinds of batch met
+        assert any(batch["media_padding"][0] > 0 for batch in batches)  # padding crops (a count <= 4 is its own size)
+
+        made = loader()
+        if where == "buffer_too_small":
+            made.crop_buffer = training.StepBuffer(np.zeros(1000, dtype=np.uint8))
+        ahead = training.StepsAhead(made, process=where == "batch_process")
+        try:
+            assert_same_steps([ahead.next_step() for _ in range(4)], steps)
+            if where == "batch_process":
+                assert ahead.crop_memory is not None and ahead.crop_memory.any()
+        finally:
+            ahead.close()
     finally:
-        ahead.close()
+        torch.set_num_threads(threads)
 
 
 def test_a_step_buffer_hands_out_aligned_spans_until_it_is_full():
