@@ -1495,8 +1495,8 @@ class TrainLoader(ForkedWorkers):
         """The pixels a worker wrote into a slot, read where they are: the batch's copy of them (collate's) is then
         their only one. The slot is free again once nothing holds them (their example, which may wait in its Packer
         across steps, or a batch that took them without a copy): every tensor made from the array returned keeps it
-        alive (torch.from_numpy), and its finalizer frees the slot. A copy here took 2.7 ms of a GPU demo step's 14.8
-        on a 2-core CPU (BENCHMARKS.md "The GPU demo's crops written once")."""
+        alive (torch.from_numpy), and its finalizer frees the slot. A copy here took ~1.75 ms a step of the GPU
+        demo's batch process on an H100 host, by its profile (BENCHMARKS.md "The GPU demo's crops written once")."""
         n = math.prod(shape) * np.dtype(dtype).itemsize
         pixels = self.slots[slot, :n].view(dtype).reshape(shape)
         weakref.finalize(pixels, self.free_slots.append, slot)

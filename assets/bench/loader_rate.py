@@ -12,7 +12,8 @@ the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `s
                  time would wait for
     to-device    the same, each batch also copied to the GPU and made into the model's batch (training.batch_to)
 
-plus this process's CPU time a step in-process (its threads, not the workers'), and a cProfile of it (by own time)
+plus the CPU time a step of the process making the batches (its threads, not the workers': this one in-process,
+StepsAhead's batch process otherwise), and a cProfile of the in-process loader (by own time)
 in out/loader_rate/profile.txt. `--shared_pixels=False` and `--keep_memory=False` put back how the batches were
 made before 2026-12-06's changes (pixels through the workers' pipes; freed memory handed back to the kernel).
 
@@ -65,13 +66,20 @@ def make_loader(s, n_workers):
                        styles=s["styles"], workers=n_workers, fixed_shapes=True)
 
 
-def timed(next_step, n):
+def timed(next_step, n, cpu_time=time.process_time):
     for _ in range(warm):
         next_step()
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), cpu_time()
     for _ in range(n):
         next_step()
-    return (time.perf_counter() - start) / n * 1e3, (time.process_time() - cpu) / n * 1e3
+    return (time.perf_counter() - start) / n * 1e3, (cpu_time() - cpu) / n * 1e3
+
+
+def process_cpu(pid):
+    """Seconds of CPU another process (all its threads) has used: Linux's /proc/PID/stat, user + system time."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main():
@@ -111,8 +119,9 @@ def main():
                 batch = batch_to(ahead.next_step()[0], torch.device("cuda"))
                 torch.cuda.synchronize()
                 return batch
-        ms, _ = timed(step, steps)
-        print(f"{row}: {ms:.1f} ms a step", flush=True)
+        step()  # the batch process started
+        ms, cpu = timed(step, steps, lambda: process_cpu(ahead.child.pid))
+        print(f"{row}: {ms:.1f} ms a step, the batch process's CPU {cpu:.1f} ms a step", flush=True)
         ahead.close()
 
 
