@@ -648,11 +648,14 @@ def concat_pooled(patches, poolings, out=None):
     """Several inputs' patches (n_crops, n_patches, patch_dim) and the pooling indices into each -> one
     (patches, pooling), each input's indices shifted past the patches before it; -1 padding stays -1. How
     images (videos) are concatenated across a batch: transformers' Molmo2 batch convention.
-    out: a tensor of the patches' dtype and crop shape with at least as many rows as all the inputs' crops: the
-    patches are written into its first rows, its other rows zeroed, and it is the patches returned (the training
-    loader's crops, padded and in memory the training process reads, in one copy: training.TrainLoader)."""
+    out(n, crop_shape, dtype): the tensor to write all n crops into, of their dtype and crop shape and at least n
+    rows, or None (then as without out): the patches are written into its first rows, its other rows zeroed, and it
+    is the patches returned (the training loader's crops, padded and in memory the training process reads, in one
+    copy: training.TrainLoader)."""
     if out is not None:
         n = sum(p.shape[0] for p in patches)
+        out = out(n, patches[0].shape[1:], patches[0].dtype)
+    if out is not None:
         torch.cat(patches, out=out[:n])
         out[n:].zero_()
     if len(patches) == 1:  # no copy
@@ -1863,8 +1866,8 @@ def collate(rows, pad_to=None, mask=True, crops_out=None):
     concatenated patches: transformers' Molmo2 batch convention. L = pad_to, or the longest row.
     Pixels keep their dtype: the training loader's are uint8 (training.to_uint8, a quarter of the bytes to
     concatenate and copy), and training.batch_to turns them back into the processor's floats, bit for bit.
-    crops_out(name, n, crop_shape, dtype): the tensor to write a media stream's n crops into (concat_pooled's out),
-    or None; the training loader's, which pads the crops for a CUDA graph where it concatenates them."""
+    crops_out: concat_pooled's out for each media stream, or None; the training loader's pads the crops for a CUDA
+    graph where it concatenates them."""
     lengths = [sum(len(ex) for ex in row) for row in rows]
     L = pad_to or max(lengths)
     if max(lengths) > L:
@@ -1921,10 +1924,8 @@ def collate(rows, pad_to=None, mask=True, crops_out=None):
         if len({getattr(ex, pixels).dtype for ex in having}) > 1:  # torch.cat would promote uint8 to float
             dtypes = sorted(str(getattr(ex, pixels).dtype) for ex in having)
             raise ValueError(f"collate: {pixels} of mixed dtypes {dtypes}")
-        parts = [getattr(ex, pixels) for ex in having]
-        out = None if crops_out is None else crops_out(pixels, sum(p.shape[0] for p in parts), parts[0].shape[1:],
-                                                       parts[0].dtype)
-        batch[pixels], batch[pooling] = concat_pooled(parts, [getattr(ex, pooling) for ex in having], out=out)
+        batch[pixels], batch[pooling] = concat_pooled([getattr(ex, pixels) for ex in having],
+                                                      [getattr(ex, pooling) for ex in having], out=crops_out)
         for key in extra:
             batch[key] = torch.cat([getattr(ex, key) for ex in having])
     return batch

@@ -1289,9 +1289,7 @@ def merge_media_streams(batch, rows, crops_out=None):
                 poolings.append(F.pad(pooling.long(), (0, 9 - pooling.shape[1]), value=-1))  # (n_tokens, 9)
     for key in ("pixel_values_videos", "video_token_pooling", "video_grids", "image_grids", "image_num_crops"):
         batch.pop(key, None)
-    out = None if crops_out is None else crops_out("pixel_values", sum(p.shape[0] for p in parts), parts[0].shape[1:],
-                                                   parts[0].dtype)
-    batch["pixel_values"], batch["image_token_pooling"] = data.concat_pooled(parts, poolings, out=out)
+    batch["pixel_values"], batch["image_token_pooling"] = data.concat_pooled(parts, poolings, out=crops_out)
     return batch
 
 
@@ -1479,7 +1477,7 @@ class TrainLoader(ForkedWorkers):
         rows = padded_size(n) if self.fixed_shapes else n
         return len(self.packers) * (rows * crop_bytes(self.processor) + StepBuffer.ALIGN)
 
-    def _crops_out(self, name, n, crop_shape, dtype):
+    def _crops_out(self, n, crop_shape, dtype):
         """collate's crops_out: a media stream's n crops, written once where they go: padded to padded_size(n) for a
         CUDA graph (fixed_shapes), so that pad_media need not copy them again, and in the batch process into
         crop_buffer, the memory the training process reads them from, so that they need not go through the socket (a
