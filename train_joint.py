@@ -26,7 +26,7 @@ from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, Ste
                       TrainLoader, autocast_dtype, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe,
                       evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
                       model_inputs, refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
-                      set_learning_rates, step_autocast, stop_nonfinite, usable_cores, wrap_model)
+                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
 from vision import FeatureCache
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -64,10 +64,11 @@ loader_workers = -1  # processes that make the training examples ahead of the st
 #   process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
 batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
-batch_processes = -1  # with batch_process: how many such processes make the steps side by side, each every k-th step
+batch_processes = 1  # with batch_process: how many such processes make the steps side by side, each every k-th step
 #   from its own shards of the records (TrainLoader's step_shards: the same batches as one process dealing its steps
-#   so). -1 = auto: 2 where each process has 8 cores or more, else 1. One process made the GPU demo's steps in ~19
-#   ms where its graphed step needs ~10 of GPU (BENCHMARKS.md "Two batch processes")
+#   so), the loader's workers shared among them. For a host where one process cannot make the steps as fast as the
+#   GPU trains them; on a 16-core H100 host whose 14 workers were the bound (the GPU demo's loader 12.5 ms a step), 2
+#   processes made them no faster with 14 workers and slower with 13 (BENCHMARKS.md "Two batch processes")
 max_steps = 500
 batch_echo = 1  # > 1: each step's batches train this many steps in a row (data echoing, as train_vision.py's), for
 #   a run whose step waits for its batches: echoed steps take the GPU's time alone. max_steps counts the updates. The
@@ -194,12 +195,9 @@ if compile_blocks is None:  # the default: on where it was measured to pay, one 
                 f"False to choose")
 refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
-if batch_processes == -1:
-    cores = usable_cores() // d.local_world_size
-    batch_processes = 2 if d.device.type == "cuda" and batch_process and cores >= 8 else 1
 if not isinstance(batch_processes, int) or batch_processes < 1 or (batch_processes > 1 and not batch_process):
     raise SystemExit(f"train_joint: batch_processes={batch_processes!r}: a count of batch processes (1 or more, more "
-                     f"than 1 only with batch_process=True), or -1 for the default")
+                     f"than 1 only with batch_process=True)")
 loader_workers = d.resolve_loader_workers(loader_workers, batch_processes)
 d.set_up_host(loader_workers)
 start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
