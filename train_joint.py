@@ -64,11 +64,6 @@ loader_workers = -1  # processes that make the training examples ahead of the st
 #   process; -1 = auto: every core of its share but two on a GPU, 0 on a CPU
 batch_process = True  # on a GPU the next steps' batches are made in a forked process (training.StepsAhead);
 #   False: in a thread of this one, where its Python holds the GIL the training thread needs
-batch_processes = 1  # with batch_process: how many such processes make the steps side by side, each every k-th step
-#   from its own shards of the records (TrainLoader's step_shards: the same batches as one process dealing its steps
-#   so), the loader's workers shared among them. For a host where one process cannot make the steps as fast as the
-#   GPU trains them; on a 16-core H100 host whose 14 workers were the bound (the GPU demo's loader 12.5 ms a step), 2
-#   processes made them no faster with 14 workers and slower with 13 (BENCHMARKS.md "Two batch processes")
 max_steps = 500
 batch_echo = 1  # > 1: each step's batches train this many steps in a row (data echoing, as train_vision.py's), for
 #   a run whose step waits for its batches: echoed steps take the GPU's time alone. max_steps counts the updates. The
@@ -195,10 +190,7 @@ if compile_blocks is None:  # the default: on where it was measured to pay, one 
                 f"False to choose")
 refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
-if not isinstance(batch_processes, int) or batch_processes < 1 or (batch_processes > 1 and not batch_process):
-    raise SystemExit(f"train_joint: batch_processes={batch_processes!r}: a count of batch processes (1 or more, more "
-                     f"than 1 only with batch_process=True)")
-loader_workers = d.resolve_loader_workers(loader_workers, batch_processes)
+loader_workers = d.resolve_loader_workers(loader_workers)
 d.set_up_host(loader_workers)
 start = lineage(init_from, model_preset, vit_from)  # where its LLM and ViT started: picks the recipe
 fill_recipe(globals(), config, *default_recipe(start), print_fn=d.print)
@@ -272,7 +264,7 @@ loader_args = dict(data_dir=data_dir, mixture=data_mixture, batch_size=batch_siz
 loader = TrainLoader(split="train", rank=d.rank, world_size=d.world_size, grad_accum=grad_accum,
                      workers=loader_workers, fixed_shapes=graphed is not None,
                      token_attributes=token_attributes if token_loss else (), length_groups=length_groups,
-                     step_shards=batch_processes if d.device.type == "cuda" else 1, **loader_args)
+                     **loader_args)
 if d.device.type == "cuda":  # the host makes the next batches while the GPU computes (on a CPU it has no spare core)
     loader = StepsAhead(loader, pin_device=d.device, process=batch_process)
 answer_items = validation_questions(model, loader.processor) if eval_answers and d.is_master else []

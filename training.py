@@ -99,18 +99,17 @@ class Dist:
         elif self.device.type == "cpu":
             keep_freed_memory()
 
-    def resolve_loader_workers(self, requested, batch_processes=1):
+    def resolve_loader_workers(self, requested):
         """A stage's loader_workers knob -> the number of worker processes: -1 (auto) on a GPU is every core of this
-        process's share but one for the training thread and one for each process collating the next batches (one
-        unless train_joint.py's batch_processes says more), so the GPU never waits on the CPU work of making examples
-        (in this process it stalled steps 2-10x; a small model's step of 128 examples needs ~0.5 s of it,
-        BENCHMARKS.md); 0 on a CPU run, where the workers would take cores
+        process's share but two (the training thread and the one collating the next batches), so the GPU never
+        waits on the CPU work of making examples (in this process it stalled steps 2-10x; a small model's step
+        of 128 examples needs ~0.5 s of it, BENCHMARKS.md); 0 on a CPU run, where the workers would take cores
         from the arithmetic, and off Linux (workers are forked)."""
         if requested >= 0:
             return requested
         if self.device.type != "cuda" or not sys.platform.startswith("linux"):
             return 0
-        return max(1, usable_cores() // self.local_world_size - 1 - batch_processes)
+        return max(1, usable_cores() // self.local_world_size - 2)
 
     def all_reduce_sum(self, x):
         if self.world_size > 1:
@@ -1398,13 +1397,7 @@ class TrainLoader(ForkedWorkers):
     the same examples in the same order, each in its own block of the mask with its positions from 0, so each token's
     loss is what it was (packing), and none of the padding between rows is computed. Where a row holds one example and
     a fifth of it is padding (the CPU demo's), the step computes that much less; with model.KeyBlocks (train_joint.py
-    key_blocks) the attention stays as cheap as in separate rows. Not with fixed_shapes or length_groups.
-    step_shards k > 1: the steps are dealt over k sets of shards in turn, step s packed from set s % k (its own
-    grad_accum packers, its own share of the records: one stream of draws dealt over k times as many shards), so that
-    k of StepsAhead's batch processes can make the steps side by side, each every k-th, from its own set: a step's
-    batch is then the same whichever process made it, and the same as this loader makes alone. Where one process
-    cannot make a step as fast as the GPU trains it (the GPU demo's joint stage: ~19 ms of Python a step for ~66
-    examples, the step ~10 ms of GPU work), k of them make k steps in that time."""
+    key_blocks) the attention stays as cheap as in separate rows. Not with fixed_shapes or length_groups."""
 
     LENGTH_STEP = 32  # a grouped batch's length is a multiple of this: few shapes for a compiler to meet
     JOIN_STEP = 64  # a joined row's length is a multiple of this: model.KeyBlocks' chunk of queries
@@ -1414,10 +1407,8 @@ class TrainLoader(ForkedWorkers):
     def __init__(self, data_dir, mixture, split, batch_size, max_seq_len, max_crops, max_row_crops,
                  max_video_frames, crop_size, patch_size, overlap_margins, prefix_mode, weighting, seed, styles=None,
                  rank=0, world_size=1, grad_accum=1, workers=0, fixed_shapes=False, token_attributes=(),
-                 length_groups=0, join_rows=False, step_shards=1):
+                 length_groups=0, join_rows=False):
         import data
-        if not isinstance(step_shards, int) or step_shards < 1:
-            raise ValueError(f"step_shards={step_shards!r}: a count of shard sets the steps take turns over (1: one)")
         if not isinstance(length_groups, int) or length_groups < 0:
             raise ValueError(f"length_groups={length_groups!r}: a count of batches (0: off)")
         if length_groups and fixed_shapes:
@@ -1427,9 +1418,7 @@ class TrainLoader(ForkedWorkers):
                              "shape their own way: choose one")
         self.data, self.fixed_shapes = data, fixed_shapes
         self.length_groups, self.join_rows = length_groups, join_rows
-        self.step_shards, self.micro_batches, self.n_steps = step_shards, grad_accum, 0  # n_steps: steps made so far
-        # the packers' shards, set by set: micro-batch m of a step of set p packs shard (rank * grad_accum + m) * k + p
-        self.shards = [(rank * grad_accum + m) * step_shards + p for p in range(step_shards) for m in range(grad_accum)]
+        self.shards = list(range(rank * grad_accum, (rank + 1) * grad_accum))  # the packers' shards, in order
         self.held = [[] for _ in self.shards]  # per shard: the grouped batches not yet handed out, [[(keys, row)]]
         self.n_groups = [0] * len(self.shards)  # per shard: groups made so far (seeds each group's order)
         self.token_attributes = tuple(token_attributes)  # each image token's scene attributes, for TokenAttributeLoss
@@ -1441,11 +1430,11 @@ class TrainLoader(ForkedWorkers):
         self.processor = data.Molmo2Processor(max_crops=max_crops, max_frames=max_video_frames, crop_size=crop_size,
                                               patch_size=patch_size, overlap_margins=overlap_margins)
         self.example_processor = levels_processor(self.processor)
-        n_shards = world_size * grad_accum * step_shards
+        n_shards = world_size * grad_accum
         self.files, self.packers = None, []
         self.workers, self.pool = workers, None
         self.slots, self.free_slots = None, []  # the workers' shared pixel slots (_make_slots), those not in use
-        for shard in self.shards:
+        for shard in range(rank * grad_accum, (rank + 1) * grad_accum):
             try:
                 sampler, files = data.open_mixture(mixture, data_dir, split, seed, rank=0, report=self.report)
             except FileNotFoundError as e:  # no data yet: the message says how to make it
@@ -1486,7 +1475,7 @@ class TrainLoader(ForkedWorkers):
             return 0
         n = self.batch_size * row_crops
         rows = padded_size(n) if self.fixed_shapes else n
-        return self.micro_batches * (rows * crop_bytes(self.processor) + StepBuffer.ALIGN)
+        return len(self.packers) * (rows * crop_bytes(self.processor) + StepBuffer.ALIGN)
 
     def _crops_out(self, n, crop_shape, dtype):
         """collate's crops_out: a media stream's n crops, written once where they go: padded to padded_size(n) for a
@@ -1533,12 +1522,8 @@ class TrainLoader(ForkedWorkers):
         return example
 
     def next_step(self):
-        """-> [micro-batch] (grad_accum of them), each a collated batch of batch_size rows, from the packers of shard
-        set n_steps % step_shards."""
-        first = self.n_steps % self.step_shards * self.micro_batches
-        batches = [self._batch(i) for i in range(first, first + self.micro_batches)]
-        self.n_steps += 1
-        return batches
+        """-> [micro-batch] (grad_accum of them), each a collated batch of batch_size rows."""
+        return [self._batch(i) for i in range(len(self.packers))]
 
     def _rows(self, i):
         """The next batch's rows of the i-th packer: as it packs them, or its next length group's batch."""
@@ -1581,19 +1566,13 @@ class TrainLoader(ForkedWorkers):
             crops = {"pixel_values": sum(crops.values())}
         return pad_media(batch, list_targets=True, crops=crops) if self.fixed_shapes else batch
 
-    def summary(self, state=None):
-        """What was read, skipped and not packed: by this loader, or as a state_dict() (merge_states') counts it."""
-        report, n_filtered, skipped_by_packer = self.report, self.n_filtered, [p.skipped for p in self.packers]
-        if state is not None:
-            report = self.data.SkipReport()
-            report.add(state["records"]["n_seen"], state["records"]["counts"], state["records"]["first"])
-            n_filtered, skipped_by_packer = state["records"]["n_filtered"], [p["skipped"] for p in state["packers"]]
-        lines = [report.summary()]
-        if n_filtered:
-            lines.append(f"records without an annotation of the styles {sorted(self.styles)}: {n_filtered}")
+    def summary(self):
+        lines = [self.report.summary()]
+        if self.n_filtered:
+            lines.append(f"records without an annotation of the styles {sorted(self.styles)}: {self.n_filtered}")
         skipped = collections.Counter()
-        for counts in skipped_by_packer:
-            skipped.update(counts)
+        for packer in self.packers:
+            skipped.update(packer.skipped)
         if skipped:
             lines.append("examples not packed: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
         return "\n".join(lines)
@@ -1602,52 +1581,27 @@ class TrainLoader(ForkedWorkers):
         report = self.report
         return {"packers": [packer.state_dict() for packer in self.packers],  # each holds its sampler's state
                 "held": [[[keys for keys, _ in batch] for batch in held] for held in self.held],
-                "n_groups": list(self.n_groups), "n_steps": self.n_steps,
+                "n_groups": list(self.n_groups),
                 "records": {"n_seen": report.n_seen, "counts": dict(report.counts), "first": dict(report.first),
                             "n_filtered": self.n_filtered}}
 
-    def load_state_dict(self, state, shard_set=None):
-        """shard_set: only that set's packers are restored, and the counts of what was read only in set 0 (StepsAhead's
-        batch process for that set; merge_states adds up the sets' counts again); the loader then makes that set's
-        steps from the first one due."""
+    def load_state_dict(self, state):
         if len(state["packers"]) != len(self.packers):
-            raise ValueError(f"data state for {len(state['packers'])} packers (micro-batches a step times batch "
-                             f"processes), this run has {len(self.packers)} (resume with the same grad_accum and "
-                             f"batch processes)")
+            raise ValueError(f"data state for {len(state['packers'])} micro-batches per step, this run has "
+                             f"{len(self.packers)} (resume with the same grad_accum)")
+        for packer, packer_state in zip(self.packers, state["packers"]):
+            packer.load_state_dict(packer_state)
         held = state.get("held", [[] for _ in self.packers])
         if any(held) and not self.length_groups:
             raise ValueError("data state with length groups held back: resume with the same length_groups")
-        n_groups = state.get("n_groups", [0] * len(self.packers))
-        for i, packer in enumerate(self.packers):
-            if shard_set is not None and i // self.micro_batches != shard_set:
-                continue
-            packer.load_state_dict(state["packers"][i])
-            # remade from their keys, as the packers' own
-            self.held[i] = [[(keys, [packer.make_example(key) for key in keys]) for keys in batch] for batch in held[i]]
-            self.n_groups[i] = n_groups[i]
-        self.n_steps = state.get("n_steps", 0)
-        if shard_set is not None:
-            self.n_steps += (shard_set - self.n_steps) % self.step_shards  # its set's next step
+        self.held = [[[(keys, [packer.make_example(key) for key in keys]) for keys in batch] for batch in shard]
+                     for packer, shard in zip(self.packers, held)]  # remade from their keys, as the packers' own
+        self.n_groups = list(state.get("n_groups", [0] * len(self.packers)))
         # after the packers, which reread their waiting records: those were counted before the checkpoint
-        records = state["records"] if shard_set in (None, 0) else {"n_seen": 0, "counts": {}, "first": {}}
-        self.report.n_seen = records["n_seen"]
-        self.report.counts = collections.Counter(records["counts"])
-        self.report.first = dict(records["first"])
-        self.n_filtered = records.get("n_filtered", 0)
-
-    def merge_states(self, states, n_steps):
-        """The data state before step n_steps of k batch processes (StepsAhead), one per shard set: states[p], set
-        p's state before its next step, holds set p's packers (the others' are its stale copies) and what set p alone
-        read (load_state_dict(shard_set=p) gave the counts before a resume to set 0)."""
-        def of_set(key):
-            return [states[i // self.micro_batches][key][i] for i in range(len(self.packers))]
-        report, n_filtered = self.data.SkipReport(), 0  # each reason's first message: the lowest set's that met it
-        for state in states:
-            report.add(state["records"]["n_seen"], state["records"]["counts"], state["records"]["first"])
-            n_filtered += state["records"].get("n_filtered", 0)
-        return {"packers": of_set("packers"), "held": of_set("held"), "n_groups": of_set("n_groups"),
-                "n_steps": n_steps, "records": {"n_seen": report.n_seen, "counts": dict(report.counts),
-                                                "first": report.first, "n_filtered": n_filtered}}
+        self.report.n_seen = state["records"]["n_seen"]
+        self.report.counts = collections.Counter(state["records"]["counts"])
+        self.report.first = dict(state["records"]["first"])
+        self.n_filtered = state["records"].get("n_filtered", 0)
 
 
 def _project_frame(error):
@@ -1790,10 +1744,7 @@ class StepsAhead:
     process=True: a forked process runs the loader (and its own workers) and sends each step's tensors as raw bytes
     through a socket; a thread here receives them straight into the tensors it hands over (recv_into, without the
     GIL), so this process does no batch work in Python at all. The child must not touch CUDA (it never does: the
-    loaders are CPU code) and runs torch on one thread (OpenMP is not fork-safe). A loader with step_shards k
-    (TrainLoader's) gets k such processes, each making every k-th step from its own shard set with its share of the
-    loader's workers; the receiving thread takes step s from process s % k and puts together the data state before
-    it from each process's state after its last step (TrainLoader.merge_states).
+    loaders are CPU code) and runs torch on one thread (OpenMP is not fork-safe).
 
     pin_device: a CUDA device; the batches' tensors are then page-locked, so the training thread's
     `.to(device, non_blocking=True)` returns at once and the copy overlaps the GPU's work (from pageable memory that
@@ -1808,9 +1759,8 @@ class StepsAhead:
         if pin_device is not None and torch.device(pin_device).index is None:  # "cuda": the current one
             pin_device = torch.device("cuda", torch.cuda.current_device())
         self.stopping, self.pin_device, self.process = False, pin_device, process and sys.platform.startswith("linux")
-        self.children, self.socks, self.resume_state, self.child_summary = [], [], None, None
-        self.crop_memory = []  # process=True: shared memory each child writes its steps' crops into (_start_children)
-        self.after = None  # process=True: each child's data state after the last step received from it
+        self.child, self.sock, self.resume_state, self.child_summary = None, None, None, None
+        self.crop_memory = None  # process=True: shared memory the child writes each step's crops into (_start_child)
         self.waits = []  # seconds the training thread waited for each step's batches: is the GPU waiting for data?
 
     def _run(self):
@@ -1820,26 +1770,20 @@ class StepsAhead:
             except BaseException as e:  # raised in the training thread, which would otherwise wait for ever
                 self.queue.put((None, None, e))
                 return
-        step = self.first_step
         while not self.stopping:
             if self.process:
-                c = step % len(self.children)  # the child making this step
                 try:
-                    item = _receive_step(self.socks[c], self.pin_device is not None, self.crop_memory[c])
+                    item = _receive_step(self.sock, self.pin_device is not None, self.crop_memory)
                 except (ConnectionError, OSError, EOFError) as e:
                     if self.stopping:
                         return
-                    self.children[c].join(timeout=5)
+                    self.child.join(timeout=5)
                     item = (None, None, RuntimeError(f"the batch process ended without a step (exit code "
-                                                     f"{self.children[c].exitcode}): {e}"), None)
-                after, batches, error, summary = item
-                state = self._state_before(step)
-                if error is None:
-                    self.after[c] = after
+                                                     f"{self.child.exitcode}): {e}"), None)
+                state, batches, error, summary = item
                 if summary is not None:  # a step that failed sends none: the last one made still counts
                     self.child_summary = summary
                 item = (state, batches, error)
-                step += 1
             else:
                 state = self.loader.state_dict()
                 try:
@@ -1854,51 +1798,34 @@ class StepsAhead:
             if item[2] is not None:
                 return
 
-    def _state_before(self, step):
-        """The data state before a step, from each child's state after its last step before it."""
-        if len(self.after) == 1:
-            return self.after[0]
-        return self.loader.merge_states(self.after, step)
-
-    def _start_children(self):
+    def _start_child(self):
         import atexit
         import socket
         import data
-        k = getattr(self.loader, "step_shards", 1)
-        # each child's state "after" the steps before the first: the one resumed from (what was read before it
-        # counted in set 0 only, as the children load it), or the loader's own before it made any step
-        start = self.resume_state if self.resume_state is not None else self.loader.state_dict()
-        self.after = [start] + [{**start, "records": {"n_seen": 0, "counts": {}, "first": {}}}] * (k - 1)
-        self.first_step = start.get("n_steps", 0) if k > 1 else 0
-        # a region of shared memory for each step a child may make ahead (_batch_process says why that is enough),
+        ours, theirs = socket.socketpair()
+        for s in (ours, theirs):  # a step's bytes in few system calls
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        # a region of shared memory for each step the child may make ahead (_batch_process says why that is enough),
         # made before the fork; for loaders that can say how large a step's crops may be (TrainLoader)
         depth = self.queue.maxsize
         step_bytes = self.loader.step_crop_bytes() if hasattr(self.loader, "step_crop_bytes") and depth > 0 else 0
-        for c in range(k):
-            ours, theirs = socket.socketpair()
-            for s in (ours, theirs):  # a step's bytes in few system calls
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-            memory = shared_array(depth, step_bytes) if step_bytes else None
-            # not a daemon: a daemon process may not start the loader's own workers
-            child = data.fork_context().Process(
-                target=_batch_process, args=(self.loader, theirs, [*self.socks, ours], self.resume_state, depth,
-                                             memory, c if k > 1 else None), name=f"steps-ahead-{c}")
-            child.start()
-            theirs.close()
-            self.socks.append(ours)
-            self.children.append(child)
-            self.crop_memory.append(memory)
-        self.taken = self.first_step  # steps the training thread has taken: each one's child may make one more
-        atexit.register(self.close)  # before multiprocessing's own exit handler joins the children
+        self.crop_memory = shared_array(depth, step_bytes) if step_bytes else None
+        # not a daemon: a daemon process may not start the loader's own workers
+        self.child = data.fork_context().Process(
+            target=_batch_process, args=(self.loader, theirs, ours, self.resume_state, depth, self.crop_memory),
+            name="steps-ahead")
+        self.child.start()
+        theirs.close()
+        self.sock = ours
+        atexit.register(self.close)  # before multiprocessing's own exit handler joins the child
 
     def _peek(self):
         if self.head is None:
             if self.thread is None:
                 import threading
-                self.first_step = 0
                 if self.process:
-                    self._start_children()
+                    self._start_child()
                 self.thread = threading.Thread(target=self._run, name="steps-ahead", daemon=True)
                 self.thread.start()
             t = time.perf_counter()  # where the loop waits: its first call for a step (state_dict or next_step)
@@ -1912,11 +1839,10 @@ class StepsAhead:
             raise error
         self.head = None
         if self.process:
-            try:  # its child may make one step more: each stays `depth` of its steps ahead, as a thread
-                self.socks[self.taken % len(self.socks)].send(b"+")
+            try:
+                self.sock.send(b"+")  # the child may make one step more: it stays `depth` steps ahead, as a thread
             except OSError:  # the child is gone: the receiving thread says so at the next step
                 pass
-            self.taken += 1
         return batches
 
     def state_dict(self):
@@ -1931,10 +1857,7 @@ class StepsAhead:
             self.loader.load_state_dict(state)
 
     def summary(self):
-        if self.process and self.after is not None and len(self.after) > 1:  # what every child has made so far
-            made = self.loader.summary(self.loader.merge_states(self.after, 0))
-        else:
-            made = self.child_summary if self.child_summary is not None else self.loader.summary()
+        made = self.child_summary if self.child_summary is not None else self.loader.summary()
         if len(self.waits) < 2:
             return made
         later = sorted(self.waits[1:])
@@ -1944,9 +1867,9 @@ class StepsAhead:
     def close(self):
         """Stop the thread (after the step it is making), the batch process and the loader's workers."""
         self.stopping = True
-        import socket
-        for sock in self.socks:
-            sock.shutdown(socket.SHUT_RDWR)  # the thread's receive and the child's send both end
+        if self.sock is not None:
+            import socket
+            self.sock.shutdown(socket.SHUT_RDWR)  # the thread's receive and the child's send both end
         if self.thread is not None:
             import queue
             while self.thread.is_alive():
@@ -1955,13 +1878,12 @@ class StepsAhead:
                 except queue.Empty:
                     pass
             self.thread = None
-        for child in self.children:
-            child.join(timeout=30)
-            if child.is_alive():
-                child.terminate()
-        for sock in self.socks:
-            sock.close()
-        self.children, self.socks = [], []
+        if self.child is not None:
+            self.child.join(timeout=30)
+            if self.child.is_alive():
+                self.child.terminate()
+            self.sock.close()
+            self.child, self.sock = None, None
         if hasattr(self.loader, "close"):
             self.loader.close()
 
@@ -1971,42 +1893,33 @@ class StepsAhead:
         return getattr(self.loader, name)
 
 
-def _batch_process(loader, sock, parents_ends, resume_state, depth, crop_memory=None, shard_set=None):
-    """StepsAhead's child: the loader's steps, each sent as (the data state after it, batches, error, summary), at
-    most `depth` more than the parent has taken (it sends a byte for each). shard_set p of a loader's k: the steps of
-    that set only (every k-th), with its share of the loader's workers.
+def _batch_process(loader, sock, parents_end, resume_state, depth, crop_memory=None):
+    """StepsAhead's child: the loader's steps, each sent as (state before it, batches, error, summary), at most
+    `depth` more than the parent has taken (it sends a byte for each).
     crop_memory: (depth, bytes) of shared memory; step m's crops are written into region m % depth (the loader's
     crop_buffer) and the parent copies them out. Region m % depth last held step m - depth, and before making step m
     this process has received m - depth + 1 bytes, one for each step the parent has taken (0 to m - depth), and the
     parent copies a step's crops out before it can take it: so it is done with them."""
     gc.freeze()  # data.fork_context says why
-    for end in parents_ends:  # this child's and the children's before it: each sees its own close when the parent ends
-        end.close()
+    parents_end.close()
     torch.set_num_threads(1)
     # each step's tensors in the memory the last one freed, not mapped and faulted in afresh; its workers, forked after
     # this, keep theirs too
     keep_freed_memory()
     loader.pool = None  # a forked copy of the parent's executor has no threads here; this process starts its own
-    if shard_set is not None:
-        k = loader.step_shards
-        if loader.workers:  # its share, at least one: the loader's packers read through workers
-            loader.workers = max(1, loader.workers // k + (shard_set < loader.workers % k))
-        loader.n_steps = shard_set
     try:
         if resume_state is not None:
-            loader.load_state_dict(resume_state, **({} if shard_set is None else {"shard_set": shard_set}))
+            loader.load_state_dict(resume_state)
         for made in itertools.count():
             if made >= depth and not sock.recv(1):  # nothing: the parent closed its end
                 return
+            state = loader.state_dict()
             if crop_memory is not None:
                 loader.crop_buffer = StepBuffer(crop_memory[made % depth])
             try:
                 batches, error = loader.next_step(), None
-                if shard_set is not None:
-                    loader.n_steps += loader.step_shards - 1  # this set's next step
             except BaseException as e:  # sent on and raised in the training thread
                 batches, error = None, e
-            state = loader.state_dict() if error is None else None
             _send_step(sock, state, batches, error, loader.summary() if error is None else None, crop_memory)
             if error is not None:
                 return

@@ -307,7 +307,7 @@ def test_loader_workers_auto_is_every_core_but_two_per_gpu_process_and_none_on_c
     """loader_workers=-1 (the stages' default): on a CPU run no workers (they would take the arithmetic's cores);
     on a GPU each process keeps two cores of its share (training, collating) and the rest make examples, at least
     one (16 cores, 1 GPU: 14; 4 GPUs: 16 // 4 - 2 = 2; 2 cores: 1; 128 cores, 8 GPUs: 14); a number asked for
-    is kept. A second batch process (train_joint.py's batch_processes=2) takes one more."""
+    is kept."""
     from types import SimpleNamespace
     assert training.Dist("cpu").resolve_loader_workers(-1) == 0
     assert training.Dist("cpu").resolve_loader_workers(3) == 3
@@ -317,8 +317,6 @@ def test_loader_workers_auto_is_every_core_but_two_per_gpu_process_and_none_on_c
         gpu = SimpleNamespace(device=torch.device("cuda", 0), local_world_size=processes)
         assert training.Dist.resolve_loader_workers(gpu, -1) == expected, (cores, processes)
         assert training.Dist.resolve_loader_workers(gpu, 0) == 0
-        # with train_joint.py's batch_processes=2, each of the two keeps a core of its own
-        assert training.Dist.resolve_loader_workers(gpu, -1, 2) == max(1, expected - 1), (cores, processes)
     monkeypatch.undo()
     # a process pinned to one core (taskset, a container's cpuset) counts one, whatever the machine has
     code = ("import os, training; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "

@@ -681,12 +681,12 @@ def test_nonfinite_loss_stops_the_run_with_batch_and_state_before_the_step(world
     assert torch.equal(loader.next_step()[0]["input_ids"], seen["input_ids"])
 
 
-def loader_for(world, workers, length_groups=0, grad_accum=2, step_shards=1):
+def loader_for(world, workers, length_groups=0, grad_accum=2):
     """Two micro-batches of 2 rows (grad_accum); multi-image records have none of these styles (filtered and
     counted)."""
     return training.TrainLoader(world, MIXTURE, "train", 2, 256, 2, 8, 4, 56, 14, (1, 1), "sft", "sft", 0,
                                 styles=("short_answer", "pointing", "video_short_answer"), grad_accum=grad_accum,
-                                workers=workers, length_groups=length_groups, step_shards=step_shards)
+                                workers=workers, length_groups=length_groups)
 
 
 @pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
@@ -748,46 +748,6 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
         slow.close()
 
 
-def without_first_messages(state):
-    """A TrainLoader state without the first message of each skip reason: which one a reason's first is depends on
-    the order the records were read in, which k batch processes do not share (the reasons stay)."""
-    return {**state, "records": {**state["records"], "first": sorted(state["records"]["first"])}}
-
-
-def test_two_batch_processes_give_the_loaders_own_steps_states_and_resumes(world):
-    """A loader with step_shards=2 in StepsAhead: two batch processes, each making every other step from its own
-    shard set with its own worker, against the same loader making every step itself: the same micro-batches and
-    data states step by step (the states put together from both processes' counts); a run resumed from the state
-    before an odd step (the second process's) continues exactly, the first step it takes from that process; and
-    each set's steps come from its own images."""
-    serial = loader_for(world, 0, step_shards=2)
-    ahead = training.StepsAhead(loader_for(world, 2, step_shards=2), process=True)
-    try:
-        assert len(serial.packers) == 4 and serial.shards == [0, 2, 1, 3]
-        for _ in range(5):
-            assert without_first_messages(ahead.state_dict()) == without_first_messages(serial.state_dict())
-            assert_same_steps([ahead.next_step()], [serial.next_step()])
-        state = ahead.state_dict()
-        assert state["n_steps"] == 5
-        assert len(ahead.children) == 2
-        # what every process made so far, skips included, counted once
-        assert "undecodable_image" in ahead.summary()
-    finally:
-        ahead.close()
-    resumed = training.StepsAhead(loader_for(world, 0, step_shards=2), process=True)
-    try:
-        resumed.load_state_dict(state)
-        assert_same_steps([resumed.next_step() for _ in range(3)], [serial.next_step() for _ in range(3)])
-        assert without_first_messages(resumed.state_dict()) == without_first_messages(serial.state_dict())
-    finally:
-        resumed.close()
-    # a record goes to one shard only (of a dataset with at least as many records as shards, by its index: the
-    # world's few damaged records and videos go by draw), so the sets read the images apart
-    drawn = [{key[1] for key in packer.state_dict()["waiting"] if key[0] == "synth_image"} for packer in serial.packers]
-    sets = [drawn[0] | drawn[1], drawn[2] | drawn[3]]
-    assert sets[0] and sets[1] and not sets[0] & sets[1]
-
-
 def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monkeypatch):
     """process=True: the receiving thread asks for page-locked tensors when given a pin_device (a CPU has none: a
     stand-in for torch.empty records what it was asked); a batch process that dies mid-run is an error in the
@@ -806,7 +766,7 @@ def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monk
     try:
         assert_same_steps([ahead.next_step()], [serial.next_step()])
         assert len(pins) >= 5 and all(pins)
-        child, = ahead.children
+        child = ahead.child
         os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=30)
         with pytest.raises(RuntimeError, match="batch process ended without a step"):
@@ -814,7 +774,7 @@ def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monk
                 ahead.next_step()
     finally:
         ahead.close()
-    assert not ahead.children and not child.is_alive()
+    assert ahead.child is None and not child.is_alive()
 
 
 def test_steps_ahead_that_cannot_take_its_device_raises_instead_of_waiting(world, monkeypatch):
@@ -1132,7 +1092,7 @@ def test_fixed_shape_crops_are_written_once_where_the_training_process_reads_the
         try:
             assert_same_steps([ahead.next_step() for _ in range(4)], steps)
             if where == "batch_process":
-                assert ahead.crop_memory[0] is not None and ahead.crop_memory[0].any()
+                assert ahead.crop_memory is not None and ahead.crop_memory.any()
         finally:
             ahead.close()
     finally:

@@ -9,13 +9,11 @@ the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `s
                  work (packing, collating, padding the media, taking the workers' results), without the socket; this
                  process keeps the memory it frees as the batch process does (keep_memory)
     steps-ahead  training.StepsAhead(process=True) as the trainer uses it: what a training loop whose step took no
-                 time would wait for; once for each count of batch processes in `batch_processes` (train_joint.py's
-                 knob: k processes make every k-th step each, TrainLoader's step_shards), with the workers the
-                 trainer gives them by default
+                 time would wait for
     to-device    the same, each batch also copied to the GPU and made into the model's batch (training.batch_to)
 
-plus the CPU time a step of the processes making the batches (their threads, not the workers': this one in-process,
-StepsAhead's batch processes otherwise), and a cProfile of the in-process loader (by own time)
+plus the CPU time a step of the process making the batches (its threads, not the workers': this one in-process,
+StepsAhead's batch process otherwise), and a cProfile of the in-process loader (by own time)
 in out/loader_rate/profile.txt. `--shared_pixels=False` and `--keep_memory=False` put back how the batches were
 made before 2026-12-06's changes (pixels through the workers' pipes; freed memory handed back to the kernel).
 
@@ -40,8 +38,7 @@ from training import StepsAhead, TrainLoader, batch_to, usable_cores  # noqa: E4
 
 data_dir = "data/demo_gpu_60k"
 configs = ("config/demo_joint.py", "config/demo_gpu_joint.py")  # the stage's settings, read as train_joint.py would
-workers = -1  # -1: train_joint.py's default on a GPU, every usable core but one and one a batch process
-batch_processes = (1, 2)  # the steps-ahead and to-device rows, once for each
+workers = -1  # -1: train_joint.py's default on a GPU, every usable core but two
 shared_pixels = True  # False: the workers' pixels come back through their pipes (TrainLoader.shared_pixels)
 keep_memory = True  # False: the batch process hands freed memory back as before (training.keep_freed_memory)
 steps = 60
@@ -59,14 +56,14 @@ def stage_settings():
     return settings
 
 
-def make_loader(s, n_workers, step_shards=1):
+def make_loader(s, n_workers):
     TrainLoader.shared_pixels = shared_pixels
     cfg = nano.Molmo2Config.preset(s["model_preset"])
     return TrainLoader(data_dir=data_dir, mixture=s["data_mixture"], split="train", batch_size=s["batch_size"],
                        max_seq_len=s["max_seq_len"], max_crops=s["max_crops"], max_row_crops=16, max_video_frames=8,
                        crop_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size,
                        overlap_margins=s["overlap_margins"], prefix_mode="sft", weighting=s["loss_weighting"], seed=1,
-                       styles=s["styles"], workers=n_workers, fixed_shapes=True, step_shards=step_shards)
+                       styles=s["styles"], workers=n_workers, fixed_shapes=True)
 
 
 def timed(next_step, n, cpu_time=time.process_time):
@@ -92,9 +89,7 @@ def main():
     else:  # and the batch process (forked from this one) finds the function doing nothing
         training.keep_freed_memory = lambda: False
     s = stage_settings()
-    def workers_for(k):
-        return max(1, usable_cores() - 1 - k) if workers < 0 else workers
-    n_workers = workers_for(1)
+    n_workers = max(1, usable_cores() - 2) if workers < 0 else workers
     cuda = torch.cuda.is_available()
     card = f", {torch.cuda.get_device_name()}" if cuda else ""
     print(f"# assets/bench/loader_rate.py, {usable_cores()} usable cores, {n_workers} workers, torch "
@@ -113,10 +108,10 @@ def main():
         with open(os.path.join(out_dir, "profile.txt"), "w") as f:
             pstats.Stats(profile, stream=f).sort_stats("tottime").print_stats(40)
         loader.close()
-    for row, k in ((row, k) for row in ("steps-ahead", "to-device") for k in batch_processes):
+    for row in ("steps-ahead", "to-device"):
         if row not in rows or (row == "to-device" and not cuda):
             continue
-        ahead = StepsAhead(make_loader(s, workers_for(k), k), pin_device="cuda" if cuda else None, process=True)
+        ahead = StepsAhead(make_loader(s, n_workers), pin_device="cuda" if cuda else None, process=True)
         if row == "steps-ahead":
             step = ahead.next_step
         else:
@@ -125,9 +120,8 @@ def main():
                 torch.cuda.synchronize()
                 return batch
         step()  # the batch process started
-        ms, cpu = timed(step, steps, lambda: sum(process_cpu(child.pid) for child in ahead.children))
-        print(f"{row}, {k} batch process{'es' if k > 1 else ''} ({workers_for(k)} workers): {ms:.1f} ms a step, "
-              f"the batch processes' CPU {cpu:.1f} ms a step", flush=True)
+        ms, cpu = timed(step, steps, lambda: process_cpu(ahead.child.pid))
+        print(f"{row}: {ms:.1f} ms a step, the batch process's CPU {cpu:.1f} ms a step", flush=True)
         ahead.close()
 
 
