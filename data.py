@@ -1625,7 +1625,7 @@ def record_token_ids(data_dir, mixture, tokenizer=None, report=None, workers=0):
     workers > 1: chunks of SCAN_CHUNK records are scanned in that many forked processes (Linux): the same ids and
     counts. The GPU demo's world of 60,000 images took 21.6 s in one process on this 2-core machine, 11.4 in two."""
     global _SCAN
-    tokenizer = _MemoTokenizer(tokenizer or Tokenizer())
+    tokenizer = MemoTokenizer(tokenizer or Tokenizer())
     ids = set(range(min(SPECIAL_TOKENS.values()), MOLMO2_FIRST_ID))  # <|endoftext|>, <|im_start|>, ... the rest
     texts = [chr(c) for c in range(32, 127)] + ["\n", "\n\n"] + [f"Image {i}" for i in range(1, 17)]
     texts += [f"{' ' if k else ''}{k / 10:.1f} " for k in range(1000)]  # video timestamps up to 99.9 s
@@ -1699,12 +1699,18 @@ def _annotation_token_ids(messages, prefixes, tokenizer):
     return ids
 
 
-class _MemoTokenizer:
+class MemoTokenizer:
     """A tokenizer that encodes each distinct short text once (prompts, short answers and the template's pieces
-    recur across records; long answers, mostly unique, are encoded as they come, so the memory stays small)."""
+    recur across records; long answers, mostly unique, are encoded as they come, so the memory stays small). The
+    same ids as the tokenizer's: encoding is a function of the text."""
 
     def __init__(self, tokenizer, longest=64, most=100_000):
         self.tokenizer, self.seen, self.longest, self.most = tokenizer, {}, longest, most
+
+    def __getattr__(self, name):  # decode, special ids, ...: the tokenizer's
+        if name == "tokenizer":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
 
     def encode(self, text, allow_special=True):
         if len(text) > self.longest:

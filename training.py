@@ -2340,9 +2340,15 @@ def caption_of(record, draw):
 def levels_processor(processor):
     """A copy of a data.Molmo2Processor whose pixels come as their uint8 0..255 levels, before the normalisation
     (the loaders' examples: a quarter of the bytes to send from a worker, concatenate and copy to the GPU, where
-    from_uint8 makes the processor's floats from them, bit for bit; and the normalising is not done on the host)."""
+    from_uint8 makes the processor's floats from them, bit for bit; and the normalising is not done on the host).
+    Its tokenizer encodes each short text once (data.MemoTokenizer): a loader's examples repeat their prompts and the
+    chat template's pieces, most of the ~28 texts an example of the GPU demo's world encodes, and on a host with fast
+    cores the workers making the examples are what the GPU demo's batches wait for (BENCHMARKS.md "Two batch
+    processes, and the workers' texts encoded once")."""
+    import data
     levels = copy.copy(processor)
     levels.pixel_levels = True
+    levels.tokenizer = data.MemoTokenizer(processor.tokenizer)
     return levels
 
 

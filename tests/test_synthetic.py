@@ -422,7 +422,7 @@ def test_record_token_ids_are_each_prefixed_conversations_tokens(world):
     ]
     for messages in conversations:
         expected = set().union(*(data._conversation_tokens(messages, p, tokenizer)[0] for p in prefixes))
-        memo = data._MemoTokenizer(tokenizer)
+        memo = data.MemoTokenizer(tokenizer)
         assert data._annotation_token_ids(messages, prefixes, memo) == expected
         assert data._annotation_token_ids(messages, prefixes, memo) == expected  # again, from the memo
 

@@ -748,6 +748,32 @@ def test_steps_ahead_gives_the_loaders_batches_states_and_errors(world, process)
         slow.close()
 
 
+def test_the_loaders_memoised_tokenizer_makes_the_plain_tokenizers_examples(world):
+    """The loaders' processor encodes each short text once (levels_processor's data.MemoTokenizer): every example a
+    loader makes, its second encoding of a prompt from the memo included, equals format_example's with the plain
+    tokenizer, field by field."""
+    loader = loader_for(world, 0, grad_accum=1)
+    plain = copy.copy(loader.example_processor)
+    plain.tokenizer = loader.processor.tokenizer
+    assert isinstance(loader.example_processor.tokenizer, data.MemoTokenizer)
+    keys = [next(loader.packers[0].items) for _ in range(40)]
+    compared = 0
+    for key in keys + keys:  # the second pass reads every short text from the memo
+        example = loader._example(key)
+        if example is None:
+            continue
+        name, index, draw = key
+        record = loader.files[name].get(index)
+        record["annotations"] = [a for a in record["annotations"] if a["style"] in loader.styles]
+        expected = data.format_example(record, plain, np.random.default_rng([loader.seed, draw]), loader.prefix_mode,
+                                       loader.weighting, loader.max_seq_len)
+        for field, value in vars(expected).items():
+            mine = getattr(example, field)
+            assert (mine is None) == (value is None) and (value is None or torch.equal(mine, value)), (key, field)
+        compared += 1
+    assert compared >= 40 and loader.example_processor.tokenizer.seen
+
+
 def test_steps_ahead_process_pins_tells_of_a_dead_child_and_stops_it(world, monkeypatch):
     """process=True: the receiving thread asks for page-locked tensors when given a pin_device (a CPU has none: a
     stand-in for torch.empty records what it was asked); a batch process that dies mid-run is an error in the

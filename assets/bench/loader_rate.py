@@ -5,6 +5,8 @@ waited ~16 ms a step for its batches: is the batch process the bottleneck, and w
 The loader as train_joint.py builds it from config/demo_joint.py + config/demo_gpu_joint.py (64 rows of 512 tokens,
 the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `steps` steps after `warm`:
 
+    example      one example made in this process (TrainLoader._example, ms an example over `steps` examples
+                 after `warm`): what each of the workers spends on each
     in-process   TrainLoader.next_step() in this process, its `workers` making the examples: the batch process's own
                  work (packing, collating, padding the media, taking the workers' results), without the socket; this
                  process keeps the memory it frees as the batch process does (keep_memory)
@@ -14,8 +16,9 @@ the small preset's 112-px crops, fixed shapes for the graphs), ms a step over `s
 
 plus the CPU time a step of the process making the batches (its threads, not the workers': this one in-process,
 StepsAhead's batch process otherwise), and a cProfile of the in-process loader (by own time)
-in out/loader_rate/profile.txt. `--shared_pixels=False` and `--keep_memory=False` put back how the batches were
-made before 2026-12-06's changes (pixels through the workers' pipes; freed memory handed back to the kernel).
+in out/loader_rate/profile.txt. `--shared_pixels=False`, `--keep_memory=False` and `--memo_tokenizer=False` put
+back how the batches were made before 2026-12-06's changes (pixels through the workers' pipes; freed memory handed
+back to the kernel; every text encoded afresh).
 
     python assets/bench/loader_rate.py --data_dir=data/demo_gpu_60k
 """
@@ -41,9 +44,10 @@ configs = ("config/demo_joint.py", "config/demo_gpu_joint.py")  # the stage's se
 workers = -1  # -1: train_joint.py's default on a GPU, every usable core but two
 shared_pixels = True  # False: the workers' pixels come back through their pipes (TrainLoader.shared_pixels)
 keep_memory = True  # False: the batch process hands freed memory back as before (training.keep_freed_memory)
+memo_tokenizer = True  # False: the workers encode every text afresh, as before 2026-12-06 (training.levels_processor)
 steps = 60
 warm = 5
-rows = ("in-process", "steps-ahead", "to-device")
+rows = ("example", "in-process", "steps-ahead", "to-device")
 out_dir = "out/loader_rate"
 configure(globals())
 
@@ -59,11 +63,14 @@ def stage_settings():
 def make_loader(s, n_workers):
     TrainLoader.shared_pixels = shared_pixels
     cfg = nano.Molmo2Config.preset(s["model_preset"])
-    return TrainLoader(data_dir=data_dir, mixture=s["data_mixture"], split="train", batch_size=s["batch_size"],
+    loader = TrainLoader(data_dir=data_dir, mixture=s["data_mixture"], split="train", batch_size=s["batch_size"],
                        max_seq_len=s["max_seq_len"], max_crops=s["max_crops"], max_row_crops=16, max_video_frames=8,
                        crop_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size,
                        overlap_margins=s["overlap_margins"], prefix_mode="sft", weighting=s["loss_weighting"], seed=1,
                        styles=s["styles"], workers=n_workers, fixed_shapes=True)
+    if not memo_tokenizer:  # before the workers are forked from it
+        loader.example_processor.tokenizer = loader.processor.tokenizer
+    return loader
 
 
 def timed(next_step, n, cpu_time=time.process_time):
@@ -93,9 +100,15 @@ def main():
     cuda = torch.cuda.is_available()
     card = f", {torch.cuda.get_device_name()}" if cuda else ""
     print(f"# assets/bench/loader_rate.py, {usable_cores()} usable cores, {n_workers} workers, torch "
-          f"{torch.__version__}{card}; shared_pixels={shared_pixels}, keep_memory={keep_memory}; "
+          f"{torch.__version__}{card}; shared_pixels={shared_pixels}, keep_memory={keep_memory}, "
+          f"memo_tokenizer={memo_tokenizer}; "
           f"{s['batch_size']} rows of {s['max_seq_len']} a step, {steps} steps timed after {warm}", flush=True)
     torch.set_num_threads(1)  # as the batch process runs it
+    if "example" in rows:  # on one thread, as a worker makes it
+        loader = make_loader(s, 0)
+        keys = iter(loader.packers[0].items)
+        ms, cpu = timed(lambda: loader._example(next(keys)), steps)
+        print(f"example: {ms:.2f} ms an example, this process's CPU {cpu:.2f} ms", flush=True)
     if "in-process" in rows:
         loader = make_loader(s, n_workers)
         ms, cpu = timed(loader.next_step, steps)
