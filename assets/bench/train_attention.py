@@ -10,8 +10,12 @@ bf16; a backend that cannot run a case says so.
   dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among themselves: 400 of them per row).
 - "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask made from the same mask,
   which skips the key blocks a query block never sees (not SDPA: a candidate for an optional path, issue 16).
+- `--flash_impl=FA4`: SDPA's flash backend served by FlashAttention 4 (the `flash-attn-4` package, registered
+  through torch.nn.attention.activate_flash_attention_impl), so the "flash" column is FA4's kernels; each case
+  also prints how far FA4's output and gradients lie from cuDNN's.
 
     python assets/bench/train_attention.py
+    python assets/bench/train_attention.py --flash_impl=FA4
 """
 
 import contextlib
@@ -29,10 +33,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from configurator import configure  # noqa: E402
 
 steps = 20
+flash_impl = ""  # "" for torch's own flash kernels, "FA4" for FlashAttention 4's
+flex = True  # False leaves FlexAttention's column out (it compiles for a minute)
 configure(globals())
 
 BACKENDS = {"picked": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "flex": "flex"}
+if not flex:
+    del BACKENDS["flex"]
 FLEX = {}  # the compiled flex_attention, made once
 
 
@@ -90,11 +98,31 @@ def case(q, k, v, pad_to=None, **kwargs):
         except RuntimeError as e:
             results[name] = str(e).splitlines()[0][:60]
         torch.cuda.empty_cache()
+    if flash_impl and isinstance(results.get("flash"), tuple):
+        results["flash vs cuDNN"] = differences(q, k, v, d, kwargs, scale)
     return results
+
+
+def differences(q, k, v, d, kwargs, scale):
+    """The largest |flash - cuDNN| of the output and of each input's gradient, over the largest |cuDNN| value."""
+    outs = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        for t in (q, k, v):
+            t.grad = None
+        with sdpa_kernel([backend]):
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
+        o.float().square().mean().backward()
+        outs[backend] = [o.detach().float()] + [t.grad.float() for t in (q, k, v)]
+    rel = [((a - b).abs().max() / b.abs().max()).item()
+           for a, b in zip(outs[SDPBackend.FLASH_ATTENTION], outs[SDPBackend.CUDNN_ATTENTION])]
+    return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
 
 
 def main():
     warnings.simplefilter("ignore", UserWarning)  # each backend that declines says why; the table says it once
+    if flash_impl:
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl(flash_impl)
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bf = dict(device=dev, dtype=torch.bfloat16)
@@ -115,10 +143,13 @@ def main():
                                             enable_gqa=True)))
     print(f"# assets/bench/train_attention.py on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; bf16, median of {steps}: forward / forward+backward ms\n")
-    print("| case | " + " | ".join(BACKENDS) + " |")
-    print("|---|" + "---|" * len(BACKENDS))
+    columns = [f"flash ({flash_impl})" if b == "flash" and flash_impl else b for b in BACKENDS]
+    columns += ["flash vs cuDNN"] if flash_impl else []
+    print("| case | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for what, results in rows:
         cells = [f"{r[0]:.2f} / {r[1]:.2f}" if isinstance(r, tuple) else f"({r})" for r in results.values()]
+        cells += [""] * (len(columns) - len(cells))
         print(f"| {what} | " + " | ".join(cells) + " |")
 
 
