@@ -27,7 +27,7 @@ from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, Ste
                       evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
                       model_inputs, refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
                       set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
-from vision import FeatureCache, use_flash_impl
+from vision import FeatureCache
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -109,9 +109,6 @@ cuda_graph = False  # True: on one GPU, one micro-batch a step, the step (forwar
 #   the full preset's step is the GPU's work (~300 ms at 40% MFU either way). Two GPU demo runs with it counted 0.900
 #   and 0.800 against eager's 0.920 and 0.915, too few to tell from the spread between runs, so its recipe leaves it
 #   off for now
-flash_impl = ""  # "FA4": on a GPU, the ViT's attention (it has no mask) through SDPA's flash backend served by
-#   FlashAttention 4's kernels (the flash-attn-4 package, for Hopper and Blackwell GPUs; vision.use_flash_impl), not
-#   cuDNN's. "": PyTorch's own kernels
 vit_feature_cache = 0.0  # GiB > 0: on a CPU, with the ViT frozen (lr_vit 0), keep what the ViT gave each crop, up to
 #   this much, and skip it for a crop met again (vision.FeatureCache): the CPU demo's joint stage meets each of its
 #   5,000 training images 2-4 times, as fast as the CPU runs, and its ViT forward is ~9% of a step (BENCHMARKS.md "A
@@ -215,10 +212,6 @@ train_model = wrap_model(model, d, parallel, getattr(torch, dtype),
 autocast = step_autocast(d.device, dtype, cpu_autocast, print_fn=d.print)
 optimizer = build_optimizer(model, lrs, warmups, weight_decay=weight_decay, muon_lr=muon_lr,
                             muon_dtype=autocast_dtype(autocast))
-if flash_impl:  # before compiling: the compiled blocks keep the attention kernel they were traced with
-    if d.device.type != "cuda":
-        raise SystemExit(f"flash_impl={flash_impl!r}: a GPU's kernels; this run is on {d.device.type}")
-    use_flash_impl(flash_impl)
 if compile:
     ready_for_compile()
     train_model = torch.compile(train_model)

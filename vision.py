@@ -92,30 +92,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
         if low is not None:
             with torch.autocast("cpu", enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(low)
-    elif FLASH_FIRST and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
-        with sdpa_kernel(FLASH_FIRST, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-# SDPA's backends in the order attend tries them for a GPU's attention without a mask (the ViT's), once use_flash_impl
-# has put another flash implementation first; None: PyTorch's own order (cuDNN's kernels first on an H100 or H200)
-FLASH_FIRST = None
-
-
-def use_flash_impl(impl: str) -> None:
-    """Serve SDPA's flash backend with the kernels of `impl` (torch.nn.attention's registry: "FA4", the flash-attn-4
-    package's kernels for Hopper and Blackwell GPUs) and have attend try it first for attention without a mask. The
-    model keeps calling F.scaled_dot_product_attention; only the kernel behind it changes. A GPU's masked attention
-    (the LLM's, with Molmo2's image-token mask) stays where PyTorch puts it: flash kernels take no mask."""
-    from torch.nn.attention import activate_flash_attention_impl
-    try:
-        activate_flash_attention_impl(impl)
-    except ImportError as e:
-        raise RuntimeError(f"flash_impl={impl!r} needs its kernels' package (FA4: pip install flash-attn-4): {e}") from e
-    global FLASH_FIRST
-    FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                   SDPBackend.MATH]
 
 
 # attend's one exception: on a 2-core CPU with AVX512-BF16 (no AMX) the float32 flash kernel took ~21 ms a layer

@@ -95,18 +95,6 @@ def test_bad_input_shape_names_the_input():
         raise AssertionError("wrong patch count accepted")
 
 
-def test_a_flash_impl_whose_package_is_missing_is_named_and_changes_nothing(monkeypatch):
-    """use_flash_impl("FA4") without the flash-attn-4 package (CI has none): an error naming the package, and the
-    attention routing left as it was (a half-done switch would send a GPU's ViT to an unregistered kernel)."""
-    import importlib.util
-    if importlib.util.find_spec("flash_attn") is not None:
-        pytest.fail("this test checks the error where flash_attn is missing; it is installed here")
-    monkeypatch.setattr(vision, "FLASH_FIRST", None)
-    with pytest.raises(RuntimeError, match="flash-attn-4"):
-        vision.use_flash_impl("FA4")
-    assert vision.FLASH_FIRST is None
-
-
 def test_big_vision_init_draws_siglips_scales():
     """init_big_vision, the small preset's ViT (width 128, patches of 14 x 14 x 3 = 588 values): block matrices
     Xavier-uniform, inside +-sqrt(6 / (fan_in + fan_out)) with std that bound / sqrt(3); the patch embedding a normal

@@ -63,7 +63,6 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import model as nano  # noqa: E402
-import vision  # noqa: E402
 from configurator import configure  # noqa: E402
 from training import (MODEL_INPUTS, Dist, GraphedStep, TrainLoader, batch_to, build_optimizer,  # noqa: E402
                       pad_media, profile_report, wrap_model)
@@ -109,8 +108,6 @@ activation_checkpointing = False  # scaling and train's model-alone step: recomp
 parallel = "ddp"  # several GPUs (torchrun): ddp | fsdp
 max_memory_gib = 0.0  # > 0: each process may allocate at most this much of its GPU (37.3 = a 40 GB card's 40e9 bytes):
 #   torch.cuda.set_per_process_memory_fraction, so a run on a bigger card shows what fits the smaller one
-flash_impl = ""  # "FA4": our ViT's attention through SDPA's flash backend served by FlashAttention 4's kernels
-#   (vision.use_flash_impl; train_joint.py's knob of that name in the trainer's run); transformers' as it is
 profile = False  # also write torch.profiler tables of the top kernels (train steps, prefills, decode steps) to out_dir,
 #   each headed by the GPU's busy time by kind (training.kernel_kinds: matmul, attention, optimizer, norms, ...)
 profile_trace = False  # with profile: each profile's timeline too, out_dir/profile_<name>.json.gz (ui.perfetto.dev)
@@ -444,7 +441,7 @@ def run_trainer(knobs, dev, out):
         f"--model_preset={model_preset}", f"--device={dev.type}", f"--dtype={dtype}", f"--out_dir={out}",
         f"--max_steps={warmup + steps}", "--eval_every=0", "--save_every=0", "--log_every=1", "--resid_dropout=0.0",
         "--resume=False", f"--activation_checkpointing={activation_checkpointing}",  # as the model-alone rows
-        f"--compile_blocks={compile_blocks}", f"--flash_impl={flash_impl!r}"]
+        f"--compile_blocks={compile_blocks}"]
     result = subprocess.run([sys.executable, "train_joint.py", *args], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
@@ -663,8 +660,6 @@ def main():
         torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total), dev)
         card += f" (capped at {max_memory_gib:g} GiB a process)"
     d.print(f"# tools/bench.py on {card} x {d.world_size}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
-    if flash_impl:
-        vision.use_flash_impl(flash_impl)
     report = []
     for name in chosen:
         part = {"train": lambda: section_train(d, autocast), "generate": lambda: section_generate(dev, weight_dtype),

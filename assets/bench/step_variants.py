@@ -19,8 +19,6 @@ The variants, by name:
                 half more compiling, not max-autotune's many; max-autotune turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
-    fa4         the ViT's attention through SDPA's flash backend served by FlashAttention 4 (vision.use_flash_impl;
-                the flash-attn-4 package) instead of cuDNN's kernels; last, since it stays on for the process
 
     python assets/bench/step_variants.py                          # all but autotune
     python assets/bench/step_variants.py committed autotune
@@ -120,8 +118,7 @@ def main():
                 "clip_adamw": ("clipping in AdamW, fresh", ClipInAdamWStep, True, False),
                 "cublaslt": ("cuBLASLt preferred, fresh", GraphedStep, True, False),
                 "coordesc": ("coordinate descent tuned, fresh", GraphedStep, True, False),
-                "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False),
-                "fa4": ("ViT attention by FA4, fresh", GraphedStep, True, False)}
+                "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}}}
@@ -129,9 +126,6 @@ def main():
         label, cls, fresh, before = variants[name]
         try:
             wanted = (how.get(name, {}), name != "unstacked")
-            if name == "fa4":
-                vision.use_flash_impl("FA4")
-                compiled = None  # the blocks traced their attention's backend: compiled anew
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
