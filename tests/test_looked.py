@@ -158,7 +158,9 @@ def test_trained_model_looks_at_the_discs_it_counts(one_thread):
             optimizer.step()
         model.eval()
         half = N_HELD_OUT // 2
-        second_half = pool.submit(looks, model, held_out[half:])
+        # a copy again: pickling a CPU tensor for a worker moves its storage into shared memory (a new buffer, the
+        # old one freed), and the executor pickles in a thread of its own while this one reads the same weights
+        second_half = pool.submit(looks, copy.deepcopy(model), held_out[half:])
         trained = looked_at_discs(looks(model, held_out[:half]) + second_half.result())
         untrained = looked_at_discs(untrained.result())
 
