@@ -73,8 +73,9 @@ def main():
     cfg = nano.Molmo2Config.preset("nanomolmo2")
     batch = data.collate([[ex] for ex in bench.photo_examples(cfg, 4, np.random.default_rng(0))])
     gen = torch.Generator().manual_seed(0)
-    print(f"# assets/bench/gather_backward.py on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}"
-          f", torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; float32, median of {steps}, forward + backward ms")
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"# assets/bench/gather_backward.py on {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"float32, median of {steps}, forward + backward ms")
     print("\n| gather | source by index | x[idx] | index_select | same gradients |\n|---|---|---:|---:|---|")
 
     idx = batch["image_token_pooling"].to(dev)
