@@ -11,8 +11,8 @@ as written now (`x[idx]`) and through `index_select`, whose backward is `index_a
 - targets: the loss's `h[has_target]`, h (rows, tokens, 1,024), by a bool mask
 
 Each case also says whether the two ways' gradients are equal bit for bit (they should be: at most one nonzero
-term reaches a row). Median ms of `steps` calls after a synchronisation. Runs on a CPU too (the equality; its
-times say nothing of a GPU's).
+term reaches a row). Mean ms a call over `steps` calls after 3 (tools/bench.py's measure). Runs on a CPU too (the
+equality; its times say nothing of a GPU's).
 
     python assets/bench/gather_backward.py
 """
@@ -36,21 +36,6 @@ import model as nano  # noqa: E402
 steps = 20
 
 
-def median_ms(fn, dev):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def case(name, source, index, gather_now, gather_select, dev):
     """Time both gathers of `source` forward and backward (a fixed random output gradient); compare gradients."""
     source = source.detach().requires_grad_()
@@ -61,7 +46,7 @@ def case(name, source, index, gather_now, gather_select, dev):
         def step():
             source.grad = None
             gather(source, index).backward(grad_out)
-        times.append(median_ms(step, dev))
+        times.append(bench.measure(step, dev, n_steps=steps, n_warmup=3)[0] * 1e3)
         grads.append(source.grad.clone())
     same = torch.equal(grads[0], grads[1])
     print(f"| {name} | {tuple(source.shape)} by {tuple(index.shape)} | {times[0]:.3f} | {times[1]:.3f} | "
@@ -75,7 +60,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"# assets/bench/gather_backward.py on {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
-          f"float32, median of {steps}, forward + backward ms")
+          f"float32, mean of {steps}, forward + backward ms")
     print("\n| gather | source by index | x[idx] | index_select | same gradients |\n|---|---|---:|---:|---|")
 
     idx = batch["image_token_pooling"].to(dev)
