@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vision import linears
+from vision import linears, take_rows
 
 
 @dataclass
@@ -146,7 +146,8 @@ class Connector(nn.Module):
             # drop all-padding windows up front: they produce no token and would make a fully masked softmax
             pooled_patches_idx = pooled_patches_idx[(pooled_patches_idx >= 0).any(-1)]  # (M', K)
         valid = pooled_patches_idx >= 0  # (M', K)
-        windows = features[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(features.dtype)  # (M', K, D)
+        windows = take_rows(features, pooled_patches_idx.clamp(min=0))  # (M', K, D)
+        windows = windows * valid[..., None].to(features.dtype)
         tokens = self.projector(self.pooling(windows, valid))  # (M', llm_hidden)
         return tokens if self.norm is None else self.norm(tokens)
 

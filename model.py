@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from connector import Connector, ConnectorConfig, token_centres
 from data import VISION_TOKEN_IDS  # the tokens the processor marks as vision tokens
 from vision import (SigLIP2, SigLIP2Config, attend, cast_once, linears, siglip_config_from_hf, siglip_config_to_hf,
-                    siglip_state_dict_from_hf, siglip_state_dict_to_hf)
+                    siglip_state_dict_from_hf, siglip_state_dict_to_hf, take_rows)
 
 _READY_FOR_COMPILE = False
 
@@ -941,7 +941,7 @@ class Molmo2(nn.Module):
         # the k-th <im_patch> of the batch (row-major) takes features[k]: a gather of static shape, where
         # indexing by torch.nonzero(is_patch) would have a data-dependent one (a torch.compile graph break)
         k = (is_patch.flatten().cumsum(0) - 1).clamp(min=0).view_as(is_patch)  # (B, T)
-        return torch.where(is_patch[..., None], x + features.to(x.dtype)[k], x)  # (B, T, C)
+        return torch.where(is_patch[..., None], x + take_rows(features.to(x.dtype), k), x)  # (B, T, C)
 
     def forward(self, input_ids, pixel_values=None, image_token_pooling=None, image_grids=None,
                 image_num_crops=None, pixel_values_videos=None, video_token_pooling=None, video_grids=None,
@@ -981,7 +981,7 @@ class Molmo2(nn.Module):
             if target_positions is not None:  # the positions pad_media listed on the host, padded with -1: the
                 #   head and softmax over 151,936 logits then run on ~those rows, not on every padded position
                 at = target_positions.clamp(min=0)
-                h, targets, loss_weights = h[at], targets[at], loss_weights[at]
+                h, targets, loss_weights = take_rows(h, at), targets[at], loss_weights[at]
                 has_target = has_target[at] & (target_positions >= 0)
             rows = targets.clamp(min=0)
             rows = rows if self.config.token_ids is None else self.kept_rows(rows, "targets").clamp(min=0)
@@ -990,7 +990,9 @@ class Molmo2(nn.Module):
         targets = targets[has_target]
         if self.config.token_ids is not None:
             targets = self.kept_rows(targets, "targets")
-        return linear_cross_entropy(h[has_target], self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
+        h = take_rows(h.flatten(0, 1), has_target.flatten().nonzero().squeeze(1))  # h[has_target], its backward as
+        #   take_rows says
+        return linear_cross_entropy(h, self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)

@@ -147,6 +147,15 @@ def stacks_linears(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.is_grad_enabled()
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an integer index into x's first dimension: (*index.shape, *x.shape[1:]). Through index_select,
+    whose backward adds each row's gradient into place (index_add_), where x[index]'s backward sorts the indices
+    first (a sort-based index_put_): a GPU runs each of the joint step's three such gathers in about half the time,
+    the gradients equal bit for bit where at most one nonzero gradient reaches a row, as at each place it is used
+    (`python assets/bench/gather_backward.py`; BENCHMARKS.md "The step's gathers through index_select")."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: SigLIP2Config):
         super().__init__()
@@ -329,7 +338,7 @@ def gathered_window_means(vit_features, pooling):
     features = torch.cat(vit_features, dim=-1)  # (N, P, D)
     features = features.reshape(-1, features.shape[-1])  # (N * P, D)
     valid = (pooling >= 0)[..., None].to(features.dtype)  # (M, K, 1)
-    windows = features[pooling.clamp(min=0)] * valid  # (M, K, D)
+    windows = take_rows(features, pooling.clamp(min=0)) * valid  # (M, K, D)
     return windows.sum(1) / valid.sum(1).clamp(min=1)  # (M, D)
 
 

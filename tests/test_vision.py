@@ -254,6 +254,30 @@ def crops(n, seed):
     return torch.rand(n, 16, 588, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def test_take_rows_is_advanced_indexing_with_its_gradients():
+    """take_rows (index_select) against PyTorch's own x[index]: the same rows, and the same gradients bit for bit
+    where at most one nonzero gradient reaches a row, as where the model uses it; where several do, their sums."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 7, generator=gen)
+    index = torch.randint(0, 50, (4, 6), generator=gen)
+    index[0] = index[1]  # rows gathered twice: a zero gradient on one of the copies, as a text token's
+    grad_out = torch.randn(4, 6, 3, 7, generator=gen)
+    grad_out[0] = 0.0
+    grads = []
+    for gather in (lambda t: t[index], lambda t: vision.take_rows(t, index)):
+        leaf = x.clone().requires_grad_()
+        out = gather(leaf)
+        out.backward(grad_out)
+        grads.append((out.detach(), leaf.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and grads[1][0].shape == (4, 6, 3, 7)
+    assert torch.equal(grads[0][1], grads[1][1])
+    # several nonzero gradients into one row: ones, so each sum is its row's count exactly in any order
+    leaf = x.clone().requires_grad_()
+    vision.take_rows(leaf, index).backward(torch.ones(4, 6, 3, 7))
+    counts = torch.bincount(index.flatten(), minlength=50).float()
+    torch.testing.assert_close(leaf.grad, counts[:, None, None].expand(50, 3, 7), rtol=0, atol=0)
+
+
 def test_feature_cache_gives_the_vits_features_and_skips_crops_met_before():
     vit = frozen_vit()
     first, new = crops(3, seed=1), crops(1, seed=2)

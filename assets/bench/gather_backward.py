@@ -1,8 +1,9 @@
-"""The backward of the train step's three gathers, two ways (issue 16; BENCHMARKS.md "The GPU demo's joint loop
-profiled"): a step's autograd graph holds three IndexBackward0 nodes, which a GPU runs as PyTorch's sort-based
+"""The backward of the train step's three gathers, two ways (issue 16; BENCHMARKS.md "The step's gathers through
+index_select"): a step's autograd graph held three IndexBackward0 nodes, which a GPU runs as PyTorch's sort-based
 `index_put_(accumulate=True)` (`indexing_backward_kernel`, ~1.1 ms of the full preset's graphed step). Each is
 timed here forward and backward on tools/bench.py's batch (the full preset, 4 photos), float32 as in the step,
-as written now (`x[idx]`) and through `index_select`, whose backward is `index_add_` (atomic adds on a GPU):
+as written before (`x[idx]`) and through `index_select` (vision.take_rows, as now), whose backward is `index_add_`
+(atomic adds on a GPU):
 
 - windows: the connector's `features[pooled_patches_idx.clamp(min=0)]`, features (crops x patches, 2 x 1,152);
   its valid indices are unique
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import model as nano  # noqa: E402
+from vision import take_rows  # noqa: E402
 
 steps = 20
 
@@ -61,7 +63,7 @@ def main():
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"# assets/bench/gather_backward.py on {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"float32, mean of {steps}, forward + backward ms")
-    print("\n| gather | source by index | x[idx] | index_select | same gradients |\n|---|---|---:|---:|---|")
+    print("\n| gather | source by index | x[idx] | index_select (take_rows) | same gradients |\n|---|---|---:|---:|---|")
 
     idx = batch["image_token_pooling"].to(dev)
     n_patches = batch["pixel_values"].shape[0] * batch["pixel_values"].shape[1]
@@ -69,18 +71,18 @@ def main():
     features = torch.randn(n_patches, width, generator=gen).to(dev)
     valid = (idx >= 0)[..., None].float()
     case("windows", features, idx.clamp(min=0), lambda x, i: x[i] * valid,
-         lambda x, i: x.index_select(0, i.flatten()).view(*i.shape, -1) * valid, dev)
+         lambda x, i: take_rows(x, i) * valid, dev)
 
     is_patch = (batch["input_ids"] == cfg.image_patch_id).to(dev)
     k = (is_patch.flatten().cumsum(0) - 1).clamp(min=0).view_as(is_patch)
     pooled = torch.randn(int(is_patch.sum()), cfg.llm.hidden_size, generator=gen).to(dev)
     case("tokens", pooled, k, lambda x, i: torch.where(is_patch[..., None], x[i], 0.0),
-         lambda x, i: torch.where(is_patch[..., None], x.index_select(0, i.flatten()).view(*i.shape, -1), 0.0), dev)
+         lambda x, i: torch.where(is_patch[..., None], take_rows(x, i), 0.0), dev)
 
     has_target = (batch["targets"] >= 0).to(dev)
     h = torch.randn(*has_target.shape, cfg.llm.hidden_size, generator=gen).to(dev)
     case("targets", h, has_target, lambda x, m: x[m],
-         lambda x, m: x.flatten(0, 1).index_select(0, m.flatten().nonzero().squeeze(1)), dev)
+         lambda x, m: take_rows(x.flatten(0, 1), m.flatten().nonzero().squeeze(1)), dev)
 
 
 if __name__ == "__main__":
