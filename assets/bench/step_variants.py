@@ -19,6 +19,8 @@ The variants, by name:
                 half more compiling, not max-autotune's many; max-autotune turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
+    levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
+                gradients right (none is in the trainers), what this step would be with all of them
 
     python assets/bench/step_variants.py                          # all but autotune
     python assets/bench/step_variants.py committed autotune
@@ -46,9 +48,23 @@ import vision  # noqa: E402
 from training import GraphedStep, build_optimizer  # noqa: E402
 
 
+def clip_or_scale(step, grads):
+    """The step's gradient norm; clips `grads` to step.grad_clip, or with step.clip_in_adamw leaves them and keeps the
+    clipping's scale, max(1, norm / grad_clip), in step.scale: fused AdamW divides each gradient by its grad_scale as
+    it reads it (optimizer.grad_scale = step.scale), one pass over the gradients fewer."""
+    if not step.clip_in_adamw:
+        return torch.nn.utils.clip_grad_norm_(grads, step.grad_clip)
+    norm = torch.nn.utils.get_total_norm(grads)
+    step.scale = ((norm + 1e-6) / step.grad_clip).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
+    type(step).last = step  # main() hands the captured graph's scale to the optimizer
+    return norm
+
+
 class CopiesStep(GraphedStep):
     """GraphedStep whose step runs on bf16 copies of the weights: cast down once at the step's start, the gradients
     cast up into each float32 parameter's .grad at its end (fixed buffers, overwritten), clipped there."""
+
+    clip_in_adamw = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,26 +94,26 @@ class CopiesStep(GraphedStep):
             for m, n, p in saved:
                 m._parameters[n] = p
         torch._foreach_copy_([p.grad for p in params], [c.grad for c in self.copies])
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        return {k: v.detach() for k, v in losses.items()}, norm
+        return {k: v.detach() for k, v in losses.items()}, clip_or_scale(self, [p.grad for p in params])
 
 
 class ClipInAdamWStep(GraphedStep):
-    """GraphedStep that leaves the gradients unclipped and its scale, max(1, norm / grad_clip), in self.scale: fused
-    AdamW divides each gradient by its grad_scale as it reads it (optimizer.grad_scale = step.scale)."""
+    """GraphedStep that leaves the gradients unclipped, their clipping's scale in self.scale (clip_or_scale)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        ClipInAdamWStep.last = self
+    clip_in_adamw = True
 
     def _run(self, batch, zero=True):
         with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
             losses = self.forward(self.prepare(batch))
             loss = self.loss_of(losses)
         loss.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for _, p in self.named])
-        self.scale = ((norm + 1e-6) / self.grad_clip).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
-        return {k: v.detach() for k, v in losses.items()}, norm
+        return {k: v.detach() for k, v in losses.items()}, clip_or_scale(self, [p.grad for _, p in self.named])
+
+
+class LeversStep(CopiesStep):
+    """CopiesStep with its clipping in AdamW."""
+
+    clip_in_adamw = True
 
 
 def main():
@@ -118,10 +134,12 @@ def main():
                 "clip_adamw": ("clipping in AdamW, fresh", ClipInAdamWStep, True, False),
                 "cublaslt": ("cuBLASLt preferred, fresh", GraphedStep, True, False),
                 "coordesc": ("coordinate descent tuned, fresh", GraphedStep, True, False),
-                "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False)}
+                "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False),
+                "levers": ("bf16 copies, clipping in AdamW, coordinate descent tuned", LeversStep, False, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
-           "coordesc": {"options": {"coordinate_descent_tuning": True}}}
+           "coordesc": {"options": {"coordinate_descent_tuning": True}},
+           "levers": {"options": {"coordinate_descent_tuning": True}}}
     for name in NAMES:
         label, cls, fresh, before = variants[name]
         try:
@@ -137,9 +155,9 @@ def main():
             bench.GraphedStep = cls
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
-            if name == "clip_adamw":
+            if getattr(cls, "clip_in_adamw", False):
                 step()  # captures: the scale is one of the graph's outputs from then on
-                optimizer.grad_scale = ClipInAdamWStep.last.scale
+                optimizer.grad_scale = cls.last.scale
             start = time.perf_counter()
             step()
             torch.cuda.synchronize()
