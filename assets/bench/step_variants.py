@@ -19,6 +19,11 @@ The variants, by name:
                 half more compiling, not max-autotune's many; max-autotune turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
+    mix64       the blocks compiled with inductor's mix-order reductions (a LayerNorm's backward computing its weight
+    mix128      and bias gradients' partial sums beside its input gradient) over 64 or 128 rows a partial sum, not the
+                16 its heuristic picks for the ViT's 14,580 rows: the partial sums' last reduction, an aten sum over
+                dim 0 of (rows / split) x 1,152, is then shorter
+    nomix       the blocks compiled without mix-order reductions (config.triton.mix_order_reduction off)
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
 
@@ -135,11 +140,17 @@ def main():
                 "cublaslt": ("cuBLASLt preferred, fresh", GraphedStep, True, False),
                 "coordesc": ("coordinate descent tuned, fresh", GraphedStep, True, False),
                 "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False),
-                "levers": ("bf16 copies, clipping in AdamW, coordinate descent tuned", LeversStep, False, False)}
+                "levers": ("bf16 copies, clipping in AdamW, coordinate descent tuned", LeversStep, False, False),
+                "mix64": ("mix-order split 64, fresh", GraphedStep, True, False),
+                "mix128": ("mix-order split 128, fresh", GraphedStep, True, False),
+                "nomix": ("no mix-order reductions, fresh", GraphedStep, True, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
-           "levers": {"options": {"coordinate_descent_tuning": True}}}
+           "levers": {"options": {"coordinate_descent_tuning": True}},
+           "mix64": {"options": {"triton.mix_order_reduction_split_size": 64}},
+           "mix128": {"options": {"triton.mix_order_reduction_split_size": 128}},
+           "nomix": {"options": {"triton.mix_order_reduction": False}}}
     for name in NAMES:
         label, cls, fresh, before = variants[name]
         try:
