@@ -987,12 +987,12 @@ class Molmo2(nn.Module):
             rows = rows if self.config.token_ids is None else self.kept_rows(rows, "targets").clamp(min=0)
             weights = torch.where(has_target, loss_weights, 0.0)
             return linear_cross_entropy(h, self.llm.output_weight(), rows, weights, z_loss)
-        targets = targets[has_target]
+        at = has_target.flatten().nonzero().squeeze(1)  # (N,) the positions with a target: one host sync
+        targets, loss_weights = targets.flatten()[at], loss_weights.flatten()[at]
         if self.config.token_ids is not None:
             targets = self.kept_rows(targets, "targets")
-        h = take_rows(h.flatten(0, 1), has_target.flatten().nonzero().squeeze(1))  # h[has_target], its backward as
-        #   take_rows says
-        return linear_cross_entropy(h, self.llm.output_weight(), targets, loss_weights[has_target], z_loss)
+        return linear_cross_entropy(take_rows(h.flatten(0, 1), at), self.llm.output_weight(), targets, loss_weights,
+                                    z_loss)
 
     def make_kv_cache(self, batch_size, max_len, device=None, dtype=None):
         return self.llm.make_kv_cache(batch_size, max_len, device, dtype)
