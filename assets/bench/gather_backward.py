@@ -38,13 +38,13 @@ from vision import take_rows  # noqa: E402
 steps = 20
 
 
-def case(name, source, index, gather_now, gather_select, dev):
+def case(name, source, index, gather_index, gather_take, dev):
     """Time both gathers of `source` forward and backward (a fixed random output gradient); compare gradients."""
     source = source.detach().requires_grad_()
-    out = gather_now(source, index)
+    out = gather_index(source, index)
     grad_out = torch.randn(out.shape, device=dev, generator=torch.Generator(dev).manual_seed(1))
     grads, times = [], []
-    for gather in (gather_now, gather_select):
+    for gather in (gather_index, gather_take):
         def step():
             source.grad = None
             gather(source, index).backward(grad_out)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import data  # noqa: E402
 import model as nano  # noqa: E402
-from training import GraphedStep, build_optimizer  # noqa: E402
+from training import build_optimizer  # noqa: E402
 
 
 def main():
@@ -33,9 +33,7 @@ def main():
     nano.compile_each_block(model)
     optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
     step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=True)
-    cells = [c.cell_contents for c in step.__closure__]
-    graphed = next(c for c in cells if isinstance(c, GraphedStep))
-    padded = next(c for c in cells if isinstance(c, dict))
+    graphed, padded = step.graphed, step.batch
 
     def eager():
         for _, p in graphed.named:

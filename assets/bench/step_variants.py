@@ -61,7 +61,6 @@ def clip_or_scale(step, grads):
         return torch.nn.utils.clip_grad_norm_(grads, step.grad_clip)
     norm = torch.nn.utils.get_total_norm(grads)
     step.scale = ((norm + 1e-6) / step.grad_clip).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
-    type(step).last = step  # main() hands the captured graph's scale to the optimizer
     return norm
 
 
@@ -168,7 +167,7 @@ def main():
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
             if getattr(cls, "clip_in_adamw", False):
                 step()  # captures: the scale is one of the graph's outputs from then on
-                optimizer.grad_scale = cls.last.scale
+                optimizer.grad_scale = step.graphed.scale
             start = time.perf_counter()
             step()
             torch.cuda.synchronize()
