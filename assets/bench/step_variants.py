@@ -19,11 +19,15 @@ The variants, by name:
                 half more compiling, not max-autotune's many; max-autotune turns it on too)
     autotune    the blocks compiled with mode="max-autotune-no-cudagraphs": inductor times its own matmul kernels
                 against cuBLAS's and may fuse an elementwise epilogue into them (compiles for minutes)
-    mix64       the blocks compiled with inductor's mix-order reductions (a LayerNorm's backward computing its weight
-    mix128      and bias gradients' partial sums beside its input gradient) over 64 or 128 rows a partial sum, not the
-                16 its heuristic picks for the ViT's 14,580 rows: the partial sums' last reduction, an aten sum over
-                dim 0 of (rows / split) x 1,152, is then shorter
+    mix64       the blocks compiled with inductor's mix-order reductions (a norm's backward computing its weight's
+    mix256 ...  gradient's partial sums beside its input gradient) over 64, 256, ... rows a partial sum, not the 128
+                that model.ready_for_compile sets: the partial sums' last reduction, an aten sum over dim 0 of
+                (rows / split) x width, is longer or shorter
     nomix       the blocks compiled without mix-order reductions (config.triton.mix_order_reduction off)
+    mixheuristic  each mix-order reduction's split as inductor's heuristic picks it by the SM count (16 rows at the
+                ViT's 14,580; before 2026-12-06's fifty-second session)
+    mixtune     each split timed at compile time around the heuristic's (mix_order_reduction_autotune_split_size,
+                which coordinate_descent_tuning turns on too)
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
 
@@ -140,17 +144,21 @@ def main():
                 "coordesc": ("coordinate descent tuned, fresh", GraphedStep, True, False),
                 "autotune": ("blocks max-autotuned, fresh", GraphedStep, True, False),
                 "levers": ("bf16 copies, clipping in AdamW, coordinate descent tuned", LeversStep, False, False),
-                "mix64": ("mix-order split 64, fresh", GraphedStep, True, False),
-                "mix128": ("mix-order split 128, fresh", GraphedStep, True, False),
-                "nomix": ("no mix-order reductions, fresh", GraphedStep, True, False)}
+                "nomix": ("no mix-order reductions, fresh", GraphedStep, True, False),
+                "mixheuristic": ("mix-order split by its heuristic, fresh", GraphedStep, True, False),
+                "mixtune": ("mix-order split tuned, fresh", GraphedStep, True, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
            "levers": {"options": {"coordinate_descent_tuning": True}},
-           "mix64": {"options": {"triton.mix_order_reduction_split_size": 64}},
-           "mix128": {"options": {"triton.mix_order_reduction_split_size": 128}},
-           "nomix": {"options": {"triton.mix_order_reduction": False}}}
+           "nomix": {"options": {"triton.mix_order_reduction": False}},
+           "mixheuristic": {"options": {"triton.mix_order_reduction_split_size": None}},
+           "mixtune": {"options": {"triton.mix_order_reduction_split_size": None,
+                                   "triton.mix_order_reduction_autotune_split_size": True}}}
     for name in NAMES:
+        if name.startswith("mix") and name[3:].isdigit():  # mix64, mix128, ...: the split, rows a partial sum
+            variants[name] = (f"mix-order split {name[3:]}, fresh", GraphedStep, True, False)
+            how[name] = {"options": {"triton.mix_order_reduction_split_size": int(name[3:])}}
         label, cls, fresh, before = variants[name]
         try:
             wanted = (how.get(name, {}), name != "unstacked")
