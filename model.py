@@ -48,10 +48,19 @@ def ready_for_compile():
     - The connector keeps the pooling windows that hold a patch, a count read from the data: torch.compile traces
       it as a size known only at run time instead of breaking the graph there.
     - Molmo2.loss_at_targets runs eagerly: selecting the loss positions has a data-dependent shape, and on torch
-      2.11 dynamo fails tracing the fused head's autograd Function (linear_cross_entropy) at all."""
+      2.11 dynamo fails tracing the fused head's autograd Function (linear_cross_entropy) at all.
+    - On a GPU, a norm's backward sums its weight's gradient over the rows in one kernel with its input's gradient
+      (inductor's mix-order reduction), each program a split of rows, then sums the programs' partial rows. Its
+      heuristic splits by SM count, 16 rows at the full ViT's 14,580: 912 partial rows to a slow last sum. 128 rows,
+      the heuristic's own cap (what it picks from ~135,000 rows up), took 2.2 ms off the full preset's step on an H100
+      and 1.9 on an H200; inductor's timing of the splits at compile time 0.6-1.9 ms; 256 rows 59 ms more (BENCHMARKS.md
+      "The norms' partial sums")."""
     global _READY_FOR_COMPILE
     if not _READY_FOR_COMPILE:
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        triton_options = torch._inductor.config.triton  # Triton's kernels (a GPU's) only: a CPU's are C++
+        if hasattr(triton_options, "mix_order_reduction_split_size"):  # torch >= 2.11
+            triton_options.mix_order_reduction_split_size = 128
         Molmo2.loss_at_targets = torch.compiler.disable(Molmo2.loss_at_targets)
         _READY_FOR_COMPILE = True
 
