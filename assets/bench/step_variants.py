@@ -31,7 +31,7 @@ The variants, by name:
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
 
-    python assets/bench/step_variants.py                          # all but autotune
+    python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
 """
 
