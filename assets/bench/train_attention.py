@@ -8,6 +8,12 @@ bf16; a backend that cannot run a case says so.
   kernels are tuned for those sizes only.
 - LLM: 4 rows x 16 query heads (8 key/value heads) x 1,127 tokens x 128: causal through is_causal; causal as a
   dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among themselves: 400 of them per row).
+- LLM, two more ways to Molmo2's mask: the same mask as an additive bf16 one (0 / -inf), made once, as a model could
+  once a step for its 28 layers (SDPA otherwise converts a boolean mask in every call); and no mask at all, the
+  exact result where a row's image is one contiguous span [s, e) of vision tokens: is_causal attention for every
+  query, then the span's rows again over the keys before e, unmasked (a vision query sees every key before it and
+  every vision key after it, all of them before e); how far each lies from the dense mask's output and gradients is
+  printed under the table.
 - "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask made from the same mask,
   which skips the key blocks a query block never sees (not SDPA: a candidate for an optional path, issue 16).
 - `--flash_impl=FA4`: SDPA's flash backend served by FlashAttention 4 (the `flash-attn-4` package, registered
@@ -74,8 +80,17 @@ def median_ms(fn):
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def case(q, k, v, pad_to=None, **kwargs):
-    """(forward ms, forward+backward ms, output) for each backend of BACKENDS."""
+def span_attention(q, k, v, span, **kwargs):
+    """Molmo2's mask for one contiguous image span [s, e) of every row, with no mask: causal attention, its rows
+    s..e-1 replaced by the same queries attending to keys 0..e-1 both ways."""
+    s, e = span
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    image = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs)
+    return torch.cat([out[:, :, :s], image, out[:, :, e:]], dim=2)
+
+
+def case(q, k, v, pad_to=None, span=None, **kwargs):
+    """(forward ms, forward+backward ms, output) for each backend of BACKENDS; span: span_attention's."""
     d = q.shape[-1]
     if pad_to:
         q, k, v = (F.pad(t, (0, pad_to - d)) for t in (q, k, v))
@@ -87,10 +102,15 @@ def case(q, k, v, pad_to=None, **kwargs):
             if backend == "flex":
                 return flex_attend(q, k, v, scale, **kwargs)[..., :d]
             with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                if span is not None:
+                    return span_attention(q, k, v, span, scale=scale, **kwargs)[..., :d]
                 return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
 
         def forward_backward():
             attend().float().square().mean().backward()
+        if backend == "flex" and span is not None:
+            results[name] = "not a flex case"
+            continue
         try:
             with torch.no_grad():
                 fwd = median_ms(attend)
@@ -118,6 +138,22 @@ def differences(q, k, v, d, kwargs, scale):
     return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
 
 
+def against_mask(q, k, v, mask, attn_mask=None, span=None):
+    """The largest |other - masked| of the output and of each input's gradient, over the largest |masked| value: the
+    boolean mask against the same mask given as attn_mask or as span_attention's span, SDPA picking the kernels."""
+    grads = []
+    for how in ({"attn_mask": mask}, {"attn_mask": attn_mask} if span is None else {"span": span}):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        if "span" in how:
+            o = span_attention(q, k, v, how["span"], enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=how["attn_mask"], enable_gqa=True)
+        o.float().square().mean().backward()
+        grads.append([o.detach().float()] + [t.grad.float() for t in (q, k, v)])
+    rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[1], grads[0])]
+    return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
+
+
 def main():
     warnings.simplefilter("ignore", UserWarning)  # each backend that declines says why; the table says it once
     if flash_impl:
@@ -141,6 +177,13 @@ def main():
                                                    enable_gqa=True)))
     rows.append(("LLM, Molmo2's mask", case(q, k, v, attn_mask=molmo[None, None].expand(4, 1, T, T),
                                             enable_gqa=True)))
+    additive = torch.zeros(T, T, **bf).masked_fill(~molmo, float("-inf"))
+    rows.append(("LLM, Molmo2's mask, additive bf16", case(q, k, v, attn_mask=additive[None, None].expand(4, 1, T, T),
+                                                           enable_gqa=True)))
+    span = (8, 8 + n_image)
+    rows.append(("LLM, Molmo2's mask as is_causal + the image rows again", case(q, k, v, span=span, enable_gqa=True)))
+    notes = [f"{what} against the boolean mask (SDPA's pick): {against_mask(q, k, v, molmo, **how)}"
+             for what, how in (("additive", {"attn_mask": additive}), ("is_causal + the image rows", {"span": span}))]
     print(f"# assets/bench/train_attention.py on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; bf16, median of {steps}: forward / forward+backward ms\n")
     columns = [f"flash ({flash_impl})" if b == "flash" and flash_impl else b for b in BACKENDS]
@@ -151,6 +194,7 @@ def main():
         cells = [f"{r[0]:.2f} / {r[1]:.2f}" if isinstance(r, tuple) else f"({r})" for r in results.values()]
         cells += [""] * (len(columns) - len(cells))
         print(f"| {what} | " + " | ".join(cells) + " |")
+    print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":
