@@ -108,8 +108,9 @@ def case(q, k, v, pad_to=None, span=None, **kwargs):
 
         def forward_backward():
             attend().float().square().mean().backward()
-        if backend == "flex" and span is not None:
-            results[name] = "not a flex case"
+        mask = kwargs.get("attn_mask")
+        if backend == "flex" and (span is not None or (mask is not None and mask.dtype != torch.bool)):
+            results[name] = "not a flex case"  # flex_attend reads a boolean mask
             continue
         try:
             with torch.no_grad():
