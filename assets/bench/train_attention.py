@@ -124,35 +124,28 @@ def case(q, k, v, pad_to=None, span=None, **kwargs):
     return results
 
 
+def outputs_and_grads(q, k, v, attend):
+    """attend(q, k, v)'s output and the gradients of its mean square for q, k and v, in float32."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = attend(q, k, v)
+    o.float().square().mean().backward()
+    return [o.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+
+def relative_errors(got, want):
+    """The largest |got - want| of the output and of each input's gradient, over the largest |want| value."""
+    rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
+
+
 def differences(q, k, v, d, kwargs, scale):
-    """The largest |flash - cuDNN| of the output and of each input's gradient, over the largest |cuDNN| value."""
+    """FlashAttention's output and gradients against cuDNN's (relative_errors)."""
     outs = {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-        for t in (q, k, v):
-            t.grad = None
         with sdpa_kernel([backend]):
-            o = F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
-        o.float().square().mean().backward()
-        outs[backend] = [o.detach().float()] + [t.grad.float() for t in (q, k, v)]
-    rel = [((a - b).abs().max() / b.abs().max()).item()
-           for a, b in zip(outs[SDPBackend.FLASH_ATTENTION], outs[SDPBackend.CUDNN_ATTENTION])]
-    return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
-
-
-def against_mask(q, k, v, mask, attn_mask=None, span=None):
-    """The largest |other - masked| of the output and of each input's gradient, over the largest |masked| value: the
-    boolean mask against the same mask given as attn_mask or as span_attention's span, SDPA picking the kernels."""
-    grads = []
-    for how in ({"attn_mask": mask}, {"attn_mask": attn_mask} if span is None else {"span": span}):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        if "span" in how:
-            o = span_attention(q, k, v, how["span"], enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=how["attn_mask"], enable_gqa=True)
-        o.float().square().mean().backward()
-        grads.append([o.detach().float()] + [t.grad.float() for t in (q, k, v)])
-    rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[1], grads[0])]
-    return ", ".join(f"{n} {r:.1e}" for n, r in zip(("o", "dq", "dk", "dv"), rel))
+            outs[backend] = outputs_and_grads(
+                q, k, v, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d])
+    return relative_errors(outs[SDPBackend.FLASH_ATTENTION], outs[SDPBackend.CUDNN_ATTENTION])
 
 
 def main():
@@ -183,8 +176,12 @@ def main():
                                                            enable_gqa=True)))
     span = (8, 8 + n_image)
     rows.append(("LLM, Molmo2's mask as is_causal + the image rows again", case(q, k, v, span=span, enable_gqa=True)))
-    notes = [f"{what} against the boolean mask (SDPA's pick): {against_mask(q, k, v, molmo, **how)}"
-             for what, how in (("additive", {"attn_mask": additive}), ("is_causal + the image rows", {"span": span}))]
+    masked = outputs_and_grads(  # the two ways above against the boolean mask, SDPA picking the kernels
+        q, k, v, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=molmo, enable_gqa=True))
+    others = {"additive": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True),
+              "is_causal + the image rows": lambda q, k, v: span_attention(q, k, v, span, enable_gqa=True)}
+    notes = [f"{what} against the boolean mask (SDPA's pick): "
+             f"{relative_errors(outputs_and_grads(q, k, v, attend), masked)}" for what, attend in others.items()]
     print(f"# assets/bench/train_attention.py on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; bf16, median of {steps}: forward / forward+backward ms\n")
     columns = [f"flash ({flash_impl})" if b == "flash" and flash_impl else b for b in BACKENDS]
