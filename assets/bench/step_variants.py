@@ -30,6 +30,11 @@ The variants, by name:
                 which coordinate_descent_tuning turns on too)
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
+    spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
+    threeparts  whose vision tokens are one span [s, e), the same in every row: the bench's rows): is_causal
+                attention and the span's rows again over the keys before e (spanrows), or the three calls over
+                only the work the mask leaves (threeparts; the rows after e through a mask of their own).
+                train_attention.py's span_attention and three_parts, planned once on the host from the batch's mask
 
     python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
@@ -55,6 +60,12 @@ import data  # noqa: E402
 import model as nano  # noqa: E402
 import vision  # noqa: E402
 from training import GraphedStep, build_optimizer  # noqa: E402
+
+sys.argv, bench_argv = sys.argv[:1], sys.argv  # train_attention reads its own knobs from the command line
+from train_attention import span_attention, three_parts_masked  # noqa: E402
+
+sys.argv = bench_argv
+SPLITS = {"spanrows": span_attention, "threeparts": three_parts_masked}
 
 
 def clip_or_scale(step, grads):
@@ -124,6 +135,48 @@ class LeversStep(CopiesStep):
     clip_in_adamw = True
 
 
+def vision_rows(mask, example_ids):
+    """The span [s, e) where a batch's (B, 1, T, T) mask is Molmo2's over one contiguous span of vision tokens shared by
+    every row (causal, except that the span's rows see every key before e), or None. Padding queries (example_ids
+    -1) are left out: they carry no loss, and no real query sees them (they end a row)."""
+    B, _, T, _ = mask.shape
+    real = example_ids >= 0  # (B, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    rows = ((mask[:, 0] != causal) & real[:, :, None]).any(2).any(0).nonzero().flatten()  # queries not causal
+    if len(rows) == 0 or len(rows) != int(rows[-1] - rows[0] + 1):
+        return None
+    s, e = int(rows[0]), int(rows[-1]) + 2  # the span's last row is causal already (it sees keys up to itself)
+    want = causal.clone()
+    want[s:e, :e] = True
+    return (s, e) if bool(((mask[:, 0] == want) | ~real[:, :, None]).all()) else None
+
+
+class VisionRows(nano.KeyBlocks):
+    """The LLM attention's mask as one vision span [s, e) (vision_rows), attended by `split`."""
+
+    def __init__(self, span, split):
+        self.span, self.split = span, split
+
+    def attend(self, q, k, v):
+        return self.split(q, k, v, self.span, enable_gqa=True)
+
+
+def attend_by_span(model, cpu_batch, split):
+    """model's LLM given VisionRows(split) in place of the batch's dense mask; undone by the returned function."""
+    span = vision_rows(cpu_batch["attn_mask"], cpu_batch["example_ids"])
+    if span is None:
+        raise ValueError("the batch's mask is not one shared vision span")
+    print(f"the LLM's mask as the vision span {span}", flush=True)
+    llm, plan = model.llm, VisionRows(span, split)
+    run_layers = llm.run_layers
+
+    def with_span(x, position_ids=None, attn_mask=None, kv_cache=None, **kwargs):
+        return run_layers(x, position_ids, plan if attn_mask is not None and kv_cache is None else attn_mask,
+                          kv_cache, **kwargs)
+    llm.run_layers = with_span
+    return lambda: delattr(llm, "run_layers")
+
+
 def main():
     os.makedirs(bench.out_dir, exist_ok=True)
     dev = torch.device("cuda")
@@ -146,7 +199,9 @@ def main():
                 "levers": ("bf16 copies, clipping in AdamW, coordinate descent tuned", LeversStep, False, False),
                 "nomix": ("no mix-order reductions, fresh", GraphedStep, True, False),
                 "mixheuristic": ("mix-order split by its heuristic, fresh", GraphedStep, True, False),
-                "mixtune": ("mix-order split tuned, fresh", GraphedStep, True, False)}
+                "mixtune": ("mix-order split tuned, fresh", GraphedStep, True, False),
+                "spanrows": ("the LLM's mask as is_causal and the span's rows again, fresh", GraphedStep, True, False),
+                "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
@@ -160,6 +215,7 @@ def main():
             variants[name] = (f"mix-order split {name[3:]}, fresh", GraphedStep, True, False)
             how[name] = {"options": {"triton.mix_order_reduction_split_size": int(name[3:])}}
         label, cls, fresh, before = variants[name]
+        undo = lambda: None  # noqa: E731
         try:
             wanted = (how.get(name, {}), name != "unstacked")
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
@@ -171,6 +227,8 @@ def main():
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
+            if name in SPLITS:
+                undo = attend_by_span(model, cpu_batch, SPLITS[name])
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
             if getattr(cls, "clip_in_adamw", False):
@@ -188,6 +246,8 @@ def main():
             torch.cuda.empty_cache()
         except Exception:
             traceback.print_exc()
+        finally:
+            undo()
 
 
 if __name__ == "__main__":

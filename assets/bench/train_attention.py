@@ -6,14 +6,17 @@ bf16; a backend that cannot run a case says so.
 - ViT: 20 crops x 16 heads x 729 patches x 72, no mask; also with the head dimension zero-padded to 80 and 128
   (the same result: zero columns add nothing to q.k, and the output's extra columns are dropped), since some
   kernels are tuned for those sizes only.
-- LLM: 4 rows x 16 query heads (8 key/value heads) x 1,127 tokens x 128: causal through is_causal; causal as a
-  dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among themselves: 400 of them per row).
-- LLM, two more ways to Molmo2's mask: the same mask as an additive bf16 one (0 / -inf), made once, as a model could
-  once a step for its 28 layers (SDPA otherwise converts a boolean mask in every call); and no mask at all, the
-  exact result where a row's image is one contiguous span [s, e) of vision tokens: is_causal attention for every
-  query, then the span's rows again over the keys before e, unmasked (a vision query sees every key before it and
-  every vision key after it, all of them before e); how far each lies from the dense mask's output and gradients is
-  printed under the table.
+- LLM: 4 rows x 16 query heads (8 key/value heads) x 1,128 tokens x 128 (`tokens`), as in tools/bench.py's batch:
+  causal through is_causal; causal as a dense bool mask; Molmo2's mask (causal, its image tokens bidirectional among
+  themselves: `image`, the bench rows' span [1, 753), 752 vision tokens of the 1,128).
+- LLM, three more ways to Molmo2's mask: the same mask as an additive bf16 one (0 / -inf), made once, as a model
+  could once a step for its 28 layers (SDPA otherwise converts a boolean mask in every call); and two without a
+  mask, exact where a row's image is one contiguous span [s, e) of vision tokens (a vision query sees every key
+  before it and every vision key after it, all of them before e): is_causal attention for every query, then the
+  span's rows again over the keys before e; and three calls over only the work the mask leaves (the rows before s
+  causal, the span's rows over the keys before e, the rows after e causal over all keys, aligned lower right: through
+  torch's causal_lower_right, or a mask of those rows alone). How far each lies from the dense mask's output and
+  gradients is printed under the table.
 - "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask made from the same mask,
   which skips the key blocks a query block never sees (not SDPA: a candidate for an optional path, issue 16).
 - `--flash_impl=FA4`: SDPA's flash backend served by FlashAttention 4 (the `flash-attn-4` package, registered
@@ -39,6 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from configurator import configure  # noqa: E402
 
 steps = 20
+tokens = 1128  # an LLM row: tools/bench.py's batch has rows of 1,128 (a photo of 5 crops, a long caption)
+image = (1, 753)  # its vision tokens' span [s, e): 752 of them, right after the row's first token
 flash_impl = ""  # "" for torch's own flash kernels, "FA4" for FlashAttention 4's
 flex = True  # False leaves FlexAttention's column out (it compiles for a minute)
 configure(globals())
@@ -89,8 +94,30 @@ def span_attention(q, k, v, span, **kwargs):
     return torch.cat([out[:, :, :s], image, out[:, :, e:]], dim=2)
 
 
-def case(q, k, v, pad_to=None, span=None, **kwargs):
-    """(forward ms, forward+backward ms, output) for each backend of BACKENDS; span: span_attention's."""
+def three_parts(q, k, v, span, bias=True, **kwargs):
+    """Molmo2's mask for one contiguous image span [s, e) of every row, as three calls over the work the mask leaves:
+    rows before s causal among themselves, the span's rows over keys 0..e-1 both ways (no mask), and the rows after
+    e causal over every key, aligned lower right (row e sees keys 0..e): bias=True through torch's causal_lower_right,
+    which only SDPA's flash backend runs and torch.compile cannot trace (it constructs a tensor subclass); False
+    through a small boolean mask of those rows alone."""
+    from torch.nn.attention.bias import causal_lower_right
+    s, e = span
+    T, S = q.shape[2], k.shape[2]
+    after = (causal_lower_right(T - e, S) if bias else
+             torch.ones(T - e, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T + e))
+    parts = [F.scaled_dot_product_attention(q[:, :, :s], k[:, :, :s], v[:, :, :s], is_causal=True, **kwargs),
+             F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs),
+             F.scaled_dot_product_attention(q[:, :, e:], k, v, attn_mask=after, **kwargs)]
+    return torch.cat(parts, dim=2)
+
+
+def three_parts_masked(q, k, v, span, **kwargs):
+    return three_parts(q, k, v, span, bias=False, **kwargs)
+
+
+def case(q, k, v, pad_to=None, span=None, split=span_attention, **kwargs):
+    """(forward ms, forward+backward ms, output) for each backend of BACKENDS; span: split's (span_attention's or
+    three_parts')."""
     d = q.shape[-1]
     if pad_to:
         q, k, v = (F.pad(t, (0, pad_to - d)) for t in (q, k, v))
@@ -103,7 +130,7 @@ def case(q, k, v, pad_to=None, span=None, **kwargs):
                 return flex_attend(q, k, v, scale, **kwargs)[..., :d]
             with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
                 if span is not None:
-                    return span_attention(q, k, v, span, scale=scale, **kwargs)[..., :d]
+                    return split(q, k, v, span, scale=scale, **kwargs)[..., :d]
                 return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)[..., :d]
 
         def forward_backward():
@@ -160,12 +187,13 @@ def main():
     q, k, v = (torch.randn(20, 16, 729, 72, **bf) for _ in range(3))
     for pad in (None, 80, 128):
         rows.append((f"ViT, head dim 72{f' padded to {pad}' if pad else ''}", case(q, k, v, pad_to=pad)))
-    T, n_image = 1127, 400
+    T = tokens
     q = torch.randn(4, 16, T, 128, **bf)
     k, v = (torch.randn(4, 8, T, 128, **bf) for _ in range(2))
     causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     molmo = causal.clone()
-    molmo[8:8 + n_image, 8:8 + n_image] = True  # the image tokens see each other both ways
+    span = image
+    molmo[span[0]:span[1], span[0]:span[1]] = True  # the image tokens see each other both ways
     rows.append(("LLM, is_causal", case(q, k, v, is_causal=True, enable_gqa=True)))
     rows.append(("LLM, causal as a bool mask", case(q, k, v, attn_mask=causal[None, None].expand(4, 1, T, T),
                                                    enable_gqa=True)))
@@ -174,12 +202,17 @@ def main():
     additive = torch.zeros(T, T, **bf).masked_fill(~molmo, float("-inf"))
     rows.append(("LLM, Molmo2's mask, additive bf16", case(q, k, v, attn_mask=additive[None, None].expand(4, 1, T, T),
                                                            enable_gqa=True)))
-    span = (8, 8 + n_image)
     rows.append(("LLM, Molmo2's mask as is_causal + the image rows again", case(q, k, v, span=span, enable_gqa=True)))
+    rows.append(("LLM, Molmo2's mask as three parts, causal_lower_right", case(q, k, v, span=span, split=three_parts,
+                                                                               enable_gqa=True)))
+    rows.append(("LLM, Molmo2's mask as three parts, the last rows' mask", case(
+        q, k, v, span=span, split=three_parts_masked, enable_gqa=True)))
     masked = outputs_and_grads(  # the two ways above against the boolean mask, SDPA picking the kernels
         q, k, v, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=molmo, enable_gqa=True))
     others = {"additive": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True),
-              "is_causal + the image rows": lambda q, k, v: span_attention(q, k, v, span, enable_gqa=True)}
+              "is_causal + the image rows": lambda q, k, v: span_attention(q, k, v, span, enable_gqa=True),
+              "three parts": lambda q, k, v: three_parts(q, k, v, span, enable_gqa=True),
+              "three parts, masked": lambda q, k, v: three_parts_masked(q, k, v, span, enable_gqa=True)}
     notes = [f"{what} against the boolean mask (SDPA's pick): "
              f"{relative_errors(outputs_and_grads(q, k, v, attend), masked)}" for what, attend in others.items()]
     print(f"# assets/bench/train_attention.py on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
