@@ -105,9 +105,12 @@ def three_parts(q, k, v, span, bias=True, **kwargs):
     T, S = q.shape[2], k.shape[2]
     after = (causal_lower_right(T - e, S) if bias else
              torch.ones(T - e, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T + e))
-    parts = [F.scaled_dot_product_attention(q[:, :, :s], k[:, :, :s], v[:, :, :s], is_causal=True, **kwargs),
-             F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs),
-             F.scaled_dot_product_attention(q[:, :, e:], k, v, attn_mask=after, **kwargs)]
+    parts = []
+    if s:  # (a span that starts its row leaves no rows before it)
+        parts.append(F.scaled_dot_product_attention(q[:, :, :s], k[:, :, :s], v[:, :, :s], is_causal=True, **kwargs))
+    parts.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs))
+    if e < T:  # (a span that ends its row leaves no rows after it)
+        parts.append(F.scaled_dot_product_attention(q[:, :, e:], k, v, attn_mask=after, **kwargs))
     return torch.cat(parts, dim=2)
 
 
@@ -207,7 +210,7 @@ def main():
                                                                                enable_gqa=True)))
     rows.append(("LLM, Molmo2's mask as three parts, the last rows' mask", case(
         q, k, v, span=span, split=three_parts_masked, enable_gqa=True)))
-    masked = outputs_and_grads(  # the two ways above against the boolean mask, SDPA picking the kernels
+    masked = outputs_and_grads(  # each way above against the boolean mask, SDPA picking the kernels
         q, k, v, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=molmo, enable_gqa=True))
     others = {"additive": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True),
               "is_causal + the image rows": lambda q, k, v: span_attention(q, k, v, span, enable_gqa=True),
