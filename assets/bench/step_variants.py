@@ -49,8 +49,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, ROOT)
 NAMES = sys.argv[1:] or ["before", "committed", "copies", "clip_adamw"]
-sys.argv = [sys.argv[0], "--hf=False", "--trainer=False", "--out_dir=out/step_variants", "--profile=True"]  # bench's
-#   knobs, read when it is imported
+sys.argv = sys.argv[:1]  # train_attention reads its own knobs from the command line when imported: none here
+from train_attention import span_attention, three_parts_masked  # noqa: E402
+
+sys.argv += ["--hf=False", "--trainer=False", "--out_dir=out/step_variants", "--profile=True"]  # bench's knobs, read
+#   when it is imported
 
 import bench  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,10 +64,6 @@ import model as nano  # noqa: E402
 import vision  # noqa: E402
 from training import GraphedStep, build_optimizer  # noqa: E402
 
-sys.argv, bench_argv = sys.argv[:1], sys.argv  # train_attention reads its own knobs from the command line
-from train_attention import span_attention, three_parts_masked  # noqa: E402
-
-sys.argv = bench_argv
 SPLITS = {"spanrows": span_attention, "threeparts": three_parts_masked}
 
 
@@ -152,7 +151,8 @@ def vision_rows(mask, example_ids):
 
 
 class VisionRows(nano.KeyBlocks):
-    """The LLM attention's mask as one vision span [s, e) (vision_rows), attended by `split`."""
+    """The LLM attention's mask as one vision span [s, e) (vision_rows), attended by `split`: a KeyBlocks only so that
+    model.Attention hands it q, k and v (its attend), as it does the key blocks' plan."""
 
     def __init__(self, span, split):
         self.span, self.split = span, split

@@ -90,8 +90,8 @@ def span_attention(q, k, v, span, **kwargs):
     s..e-1 replaced by the same queries attending to keys 0..e-1 both ways."""
     s, e = span
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
-    image = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs)
-    return torch.cat([out[:, :, :s], image, out[:, :, e:]], dim=2)
+    span_rows = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs)
+    return torch.cat([out[:, :, :s], span_rows, out[:, :, e:]], dim=2)
 
 
 def three_parts(q, k, v, span, bias=True, **kwargs):
@@ -103,13 +103,13 @@ def three_parts(q, k, v, span, bias=True, **kwargs):
     from torch.nn.attention.bias import causal_lower_right
     s, e = span
     T, S = q.shape[2], k.shape[2]
-    after = (causal_lower_right(T - e, S) if bias else
-             torch.ones(T - e, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T + e))
     parts = []
     if s:  # (a span that starts its row leaves no rows before it)
         parts.append(F.scaled_dot_product_attention(q[:, :, :s], k[:, :, :s], v[:, :, :s], is_causal=True, **kwargs))
     parts.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], **kwargs))
     if e < T:  # (a span that ends its row leaves no rows after it)
+        after = (causal_lower_right(T - e, S) if bias else
+                 torch.ones(T - e, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T + e))
         parts.append(F.scaled_dot_product_attention(q[:, :, e:], k, v, attn_mask=after, **kwargs))
     return torch.cat(parts, dim=2)
 
