@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, ROOT)
 NAMES = sys.argv[1:] or ["before", "committed", "copies", "clip_adamw"]
 sys.argv = sys.argv[:1]  # train_attention reads its own knobs from the command line when imported: none here
-from train_attention import span_attention, three_parts_masked  # noqa: E402
+from train_attention import rows_after, span_attention, three_parts  # noqa: E402
 
 sys.argv += ["--hf=False", "--trainer=False", "--out_dir=out/step_variants", "--profile=True"]  # bench's knobs, read
 #   when it is imported
@@ -64,7 +64,7 @@ import model as nano  # noqa: E402
 import vision  # noqa: E402
 from training import GraphedStep, build_optimizer  # noqa: E402
 
-SPLITS = {"spanrows": span_attention, "threeparts": three_parts_masked}
+SPLITS = {"spanrows": span_attention, "threeparts": three_parts}
 
 
 def clip_or_scale(step, grads):
@@ -154,11 +154,11 @@ class VisionRows(nano.KeyBlocks):
     """The LLM attention's mask as one vision span [s, e) (vision_rows), attended by `split`: a KeyBlocks only so that
     model.Attention hands it q, k and v (its attend), as it does the key blocks' plan."""
 
-    def __init__(self, span, split):
-        self.span, self.split = span, split
+    def __init__(self, span, split, **extra):
+        self.span, self.split, self.extra = span, split, extra
 
     def attend(self, q, k, v):
-        return self.split(q, k, v, self.span, enable_gqa=True)
+        return self.split(q, k, v, self.span, enable_gqa=True, **self.extra)
 
 
 def attend_by_span(model, cpu_batch, split):
@@ -167,7 +167,11 @@ def attend_by_span(model, cpu_batch, split):
     if span is None:
         raise ValueError("the batch's mask is not one shared vision span")
     print(f"the LLM's mask as the vision span {span}", flush=True)
-    llm, plan = model.llm, VisionRows(span, split)
+    extra = {}
+    if split is three_parts:  # the rows after the span through their own mask, made once here, not in every layer
+        T = cpu_batch["attn_mask"].shape[-1]
+        extra["after"] = rows_after(T, T, span[1], next(model.parameters()).device)
+    llm, plan = model.llm, VisionRows(span, split, **extra)
     run_layers = llm.run_layers
 
     def with_span(x, position_ids=None, attn_mask=None, kv_cache=None, **kwargs):
