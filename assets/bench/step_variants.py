@@ -30,6 +30,10 @@ The variants, by name:
                 which coordinate_descent_tuning turns on too)
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
+    vitbf16     the ViT's residual stream in bf16 under autocast (its embeddings cast down before the first block,
+                so each block adds its attention and MLP outputs to a bf16 stream and its LayerNorms read half the
+                bytes), not transformers' float32 stream: what the step's memory-bound passes over the ViT's
+                14,580 tokens would give back, at a change of precision no trainer makes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
     threeparts  whose vision tokens are one span [s, e), the same in every row: the bench's rows): is_causal
                 attention and the span's rows again over the keys before e (spanrows), or the three calls over
@@ -181,6 +185,18 @@ def attend_by_span(model, cpu_batch, split):
     return lambda: delattr(llm, "run_layers")
 
 
+def vit_stream_in(dtype, model):
+    """model's ViT with its residual stream cast to dtype where autocast is on; undone by the returned function."""
+    vit = model.vit
+    embed = vit.embed
+
+    def embed_down(patches):
+        x = embed(patches)
+        return x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x
+    vit.embed = embed_down
+    return lambda: delattr(vit, "embed")
+
+
 def main():
     os.makedirs(bench.out_dir, exist_ok=True)
     dev = torch.device("cuda")
@@ -205,7 +221,8 @@ def main():
                 "mixheuristic": ("mix-order split by its heuristic, fresh", GraphedStep, True, False),
                 "mixtune": ("mix-order split tuned, fresh", GraphedStep, True, False),
                 "spanrows": ("the LLM's mask as is_causal and the span's rows again, fresh", GraphedStep, True, False),
-                "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False)}
+                "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False),
+                "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
@@ -233,6 +250,8 @@ def main():
             bench.GraphedStep = cls
             if name in SPLITS:
                 undo = attend_by_span(model, cpu_batch, SPLITS[name])
+            if name == "vitbf16":
+                undo = vit_stream_in(torch.bfloat16, model)
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
             if getattr(cls, "clip_in_adamw", False):
