@@ -44,6 +44,7 @@ The variants, by name:
     python assets/bench/step_variants.py committed autotune
 """
 
+import functools
 import os
 import sys
 import time
@@ -158,11 +159,11 @@ class VisionRows(nano.KeyBlocks):
     """The LLM attention's mask as one vision span [s, e) (vision_rows), attended by `split`: a KeyBlocks only so that
     model.Attention hands it q, k and v (its attend), as it does the key blocks' plan."""
 
-    def __init__(self, span, split, **extra):
-        self.span, self.split, self.extra = span, split, extra
+    def __init__(self, span, split):
+        self.span, self.split = span, split
 
     def attend(self, q, k, v):
-        return self.split(q, k, v, self.span, enable_gqa=True, **self.extra)
+        return self.split(q, k, v, self.span, enable_gqa=True)
 
 
 def attend_by_span(model, cpu_batch, split):
@@ -171,11 +172,10 @@ def attend_by_span(model, cpu_batch, split):
     if span is None:
         raise ValueError("the batch's mask is not one shared vision span")
     print(f"the LLM's mask as the vision span {span}", flush=True)
-    extra = {}
     if split is three_parts:  # the rows after the span through their own mask, made once here, not in every layer
         T = cpu_batch["attn_mask"].shape[-1]
-        extra["after"] = rows_after(T, T, span[1], next(model.parameters()).device)
-    llm, plan = model.llm, VisionRows(span, split, **extra)
+        split = functools.partial(three_parts, after=rows_after(T, T, span[1], next(model.parameters()).device))
+    llm, plan = model.llm, VisionRows(span, split)
     run_layers = llm.run_layers
 
     def with_span(x, position_ids=None, attn_mask=None, kv_cache=None, **kwargs):
