@@ -33,7 +33,9 @@ The variants, by name:
     vitbf16     the ViT's residual stream in bf16 under autocast (its embeddings cast down before the first block,
                 so each block adds its attention and MLP outputs to a bf16 stream and its LayerNorms read half the
                 bytes), not transformers' float32 stream: what the step's memory-bound passes over the ViT's
-                14,580 tokens would give back, at a change of precision no trainer makes
+                14,580 tokens would give back (Megatron-LM keeps a bf16 residual stream under --bf16 unless
+                --fp32-residual-connection is set; transformers' SigLIP adds an fp32 position embedding, so its
+                stream stays fp32 under autocast)
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
     threeparts  whose vision tokens are one span [s, e), the same in every row: the bench's rows): is_causal
                 attention and the span's rows again over the keys before e (spanrows), or the three calls over
