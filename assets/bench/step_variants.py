@@ -30,6 +30,9 @@ The variants, by name:
                 which coordinate_descent_tuning turns on too)
     levers      copies, clip_adamw and coordesc at once: the step with every lever measured here that keeps its
                 gradients right (none is in the trainers), what this step would be with all of them
+    all         levers, threeparts and vitbf16 at once: the step with every lever measured here, the bound on
+                what they reach together (threeparts holds for one-example rows only, vitbf16 is not transformers'
+                precision)
     vitbf16     the ViT's residual stream in bf16 under autocast (its embeddings cast down before the first block,
                 so each block adds its attention and MLP outputs to a bf16 stream and its LayerNorms read half the
                 bytes), not transformers' float32 stream: what the step's memory-bound passes over the ViT's
@@ -224,11 +227,13 @@ def main():
                 "mixtune": ("mix-order split tuned, fresh", GraphedStep, True, False),
                 "spanrows": ("the LLM's mask as is_causal and the span's rows again, fresh", GraphedStep, True, False),
                 "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False),
-                "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False)}
+                "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False),
+                "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False)}
     compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
            "levers": {"options": {"coordinate_descent_tuning": True}},
+           "all": {"options": {"coordinate_descent_tuning": True}},
            "nomix": {"options": {"triton.mix_order_reduction": False}},
            "mixheuristic": {"options": {"triton.mix_order_reduction_split_size": None}},
            "mixtune": {"options": {"triton.mix_order_reduction_split_size": None,
@@ -250,10 +255,12 @@ def main():
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
-            if name in SPLITS:
-                undo = attend_by_span(model, cpu_batch, SPLITS[name])
-            if name == "vitbf16":
-                undo = vit_stream_in(torch.bfloat16, model)
+            undos = []
+            if name in SPLITS or name == "all":
+                undos.append(attend_by_span(model, cpu_batch, SPLITS.get(name, three_parts)))
+            if name in ("vitbf16", "all"):
+                undos.append(vit_stream_in(torch.bfloat16, model))
+            undo = lambda: [u() for u in undos]  # noqa: E731
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
             if getattr(cls, "clip_in_adamw", False):
@@ -266,7 +273,8 @@ def main():
             seconds, peak = bench.measure(step, dev)
             print(f"step, graphed, {label}: {seconds * 1e3:.1f} ms, MFU {flops / seconds / bench.PEAK_FLOPS:.1%}, "
                   f"peak {peak:.1f} GiB, first {first:.0f} s", flush=True)
-            bench.write_profile(step, dev, "step_" + label.replace(" ", "_").replace(",", ""))
+            file_name = "".join(c for c in label.replace(" ", "_") if c.isalnum() or c == "_")  # no quotes in names
+            bench.write_profile(step, dev, "step_" + file_name)
             del step, optimizer
             torch.cuda.empty_cache()
         except Exception:
