@@ -305,6 +305,9 @@ def write_profile(fn, dev, name, calls=3):
         sync(dev)
         wall = (time.perf_counter() - start) / calls
     summary, table = profile_report(prof.key_averages(), calls, wall, dev.type == "cuda", unit="call")
+    # the name may be a label in words: spaces become _, and quotes, commas and the like go, so that the file's name
+    # survives a shell and the copies that leave out odd names
+    name = "".join(c for c in name.replace(" ", "_") if c.isalnum() or c == "_")
     line = f"{name}: {summary}"
     path = os.path.join(out_dir, f"profile_{name}.txt")
     with open(path, "w") as f:

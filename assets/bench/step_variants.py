@@ -243,7 +243,7 @@ def main():
             variants[name] = (f"mix-order split {name[3:]}, fresh", GraphedStep, True, False)
             how[name] = {"options": {"triton.mix_order_reduction_split_size": int(name[3:])}}
         label, cls, fresh, before = variants[name]
-        undo = lambda: None  # noqa: E731
+        undos = []  # what the variant patched into the model, undone after it whatever happens
         try:
             wanted = (how.get(name, {}), name != "unstacked")
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
@@ -255,12 +255,10 @@ def main():
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
-            undos = []
             if name in SPLITS or name == "all":
                 undos.append(attend_by_span(model, cpu_batch, SPLITS.get(name, three_parts)))
             if name in ("vitbf16", "all"):
                 undos.append(vit_stream_in(torch.bfloat16, model))
-            undo = lambda: [u() for u in undos]  # noqa: E731
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
             if getattr(cls, "clip_in_adamw", False):
@@ -273,14 +271,14 @@ def main():
             seconds, peak = bench.measure(step, dev)
             print(f"step, graphed, {label}: {seconds * 1e3:.1f} ms, MFU {flops / seconds / bench.PEAK_FLOPS:.1%}, "
                   f"peak {peak:.1f} GiB, first {first:.0f} s", flush=True)
-            file_name = "".join(c for c in label.replace(" ", "_") if c.isalnum() or c == "_")  # no quotes in names
-            bench.write_profile(step, dev, "step_" + file_name)
+            bench.write_profile(step, dev, "step " + label)
             del step, optimizer
             torch.cuda.empty_cache()
         except Exception:
             traceback.print_exc()
         finally:
-            undo()
+            for undo in undos:
+                undo()
 
 
 if __name__ == "__main__":
