@@ -14,6 +14,10 @@ max_steps = 880  # ~0.30 s each with compile_blocks (below): with both parts of 
 # against 0.945 at 1e-3) and the images were worth 0.35 of validation loss against 0.165
 lr_connector, lr_vit, lr_llm = 1e-4, 0.0, 5e-4
 eval_every = 440  # two validations with answers (each ~5 s of the 0.6B model generating)
+cuda_graph = False  # eagerly, not config/demo_gpu_joint.py's CUDA graphs: they keep a memory pool of the size of a
+#   step's activations beside the eager warm-up of each new batch layout, and on an 80 GB H100 (2026-12-07) the pool
+#   held 44.6 GiB after the first layout, so the second layout's warm-up ran out of memory (the eager step peaks at
+#   ~50 GiB). A step of ~0.3 s is the GPU's own work: the host's launches that graphs save hide behind it
 compile_blocks = True  # each block compiled alone (model.compile_each_block): 12-15 s to compile, then ~0.30 s a step
 #   (the whole model as one graph: 153 s to compile, then 0.32-0.53 s)
 # the CPU demo's token loss (config/demo_joint.py) off, as this recipe was measured: inherited untried, on one H200
