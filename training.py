@@ -1634,7 +1634,12 @@ class GraphedStep:
     - no host sync inside the step (a capture fails on one): the second warm-up run of the first capture goes under
       torch.cuda.set_sync_debug_mode("error") (the first compiles what torch.compile wraps, and a compile syncs); a
       step that syncs, or leaves a parameter without a gradient (AdamW would then move it by its momentum, where
-      eagerly it would skip it), runs eagerly from then on, and says why.
+      eagerly it would skip it), runs eagerly from then on, and says why;
+    - memory: the graphs' pool keeps a step's activations, and each new layout's warm-up runs eagerly beside it, so
+      graphs need up to about twice the eager step's memory. A warm-up that runs out of GPU memory lets every graph
+      go (their pool with them) and the run goes on eagerly, saying so, rather than ending there (the full preset's
+      joint stage at 64 rows of 512 tokens: a 44.6 GiB pool after the first layout, the eager step 50.3 GiB, on an
+      80 GB card).
     The step reads only the batch's tensors. A capture runs the step twice on a side stream first (cuBLAS and cuDNN
     make their plans and workspaces there), then captures it and replays it: the gradients are the replay's. No
     parameter moves before the optimizer's step. The graphs share one memory pool: only one runs at a time, and
@@ -1668,7 +1673,13 @@ class GraphedStep:
         layout = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
         entry = self.graphs.get(layout)
         if entry is None and not self.eager_only and len(self.graphs) < self.max_graphs:
-            entry = self._capture(tensors, layout)
+            try:
+                entry = self._capture(tensors, layout)
+            except torch.OutOfMemoryError as e:  # in a warm-up run: a failed capture itself ends the run (below)
+                n = len(self.graphs) + 1
+                self._let_graphs_go()
+                self._eager_from_now(f"warming up to capture batch layout {n} ran out of GPU memory "
+                                     f"({str(e).splitlines()[0]}); the graphs and their memory pool are let go")
         if entry is None:
             self.eager_steps += 1
             return self._run({k: v.cuda(non_blocking=True) for k, v in tensors.items()})
@@ -1681,6 +1692,19 @@ class GraphedStep:
                 p.grad = g
         self.replays += 1
         return outputs
+
+    def _let_graphs_go(self):
+        """Drops every captured graph and with them their memory pool, for the eager steps that follow. With
+        fresh_grads the gradients lived in that pool: they go too, and the next backward makes its own."""
+        self.graphs.clear()
+        self.pool = None
+        if self.fresh_grads:
+            for _, p in self.named:
+                p.grad = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the failed warm-up's side stream may still be running
+            torch.cuda.empty_cache()
 
     def _eager_from_now(self, why):
         self.eager_only = True

@@ -1887,3 +1887,60 @@ def test_keep_freed_memory_stops_the_steps_faulting_their_pages_in_again():
             assert sum(last) < pages, last  # four steps fault fewer pages than one step did before
         else:
             assert all(f >= 0.9 * pages for f in last), last
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # GraphedStep's autocast("cuda"): off on this CPU
+def test_a_graph_warm_up_out_of_gpu_memory_lets_the_graphs_go_and_the_run_goes_on_eagerly(monkeypatch):
+    """training.GraphedStep: where the warm-up before a new batch layout's capture runs out of GPU memory (the full
+    preset's joint stage on an 80 GB card), every graph goes, the step runs eagerly from then on with gradients of
+    its own (fresh_grads: not the dropped graph's), and the run says so, rather than ending there. On this CPU the
+    capture and the copy to the device are stood in for: the first layout gets a stand-in graph, the second's
+    warm-up raises torch's out-of-memory error. The eager steps' losses, norms and gradients are float32 autograd's
+    on the same batch, to the bit (the same ops in the same order)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    said = []
+    step = training.GraphedStep(net, prepare=lambda b: b, loss_of=lambda p: p["loss"], grad_clip=1.0,
+                                dtype=torch.bfloat16, print_fn=said.append, fresh_grads=True,
+                                forward=lambda b: {"loss": net(b["x"]).square().mean()})
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    graph_grads = [torch.full_like(p, 7.0) for p in net.parameters()]
+    captures = []
+
+    class StandIn:
+        replays = 0
+
+        def replay(self):
+            StandIn.replays += 1
+
+    def capture(tensors, layout):
+        captures.append(layout)
+        if len(captures) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB. (a stand-in)")
+        step.graphs[layout] = (StandIn(), dict(tensors), ({"loss": torch.tensor(0.0)}, torch.tensor(0.0)),
+                               graph_grads)
+        return step.graphs[layout]
+    monkeypatch.setattr(step, "_capture", capture)
+
+    def by_hand(x):
+        ref = copy.deepcopy(net)
+        ref.zero_grad(set_to_none=True)
+        loss = ref(x).square().mean()
+        loss.backward()
+        return loss.detach(), torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), [p.grad for p in ref.parameters()]
+
+    rng = np.random.default_rng(0)
+    a, b = (torch.tensor(rng.standard_normal(shape), dtype=torch.float32) for shape in ((3, 4), (5, 4)))
+    step.step({"x": a})  # layout 1: captured and replayed, its gradients handed to the parameters
+    assert StandIn.replays == 1 and net.weight.grad is graph_grads[0] and not step.eager_only
+    for x in (b, a):  # layout 2, whose warm-up runs out of memory; then layout 1 again, eagerly now
+        want_loss, want_norm, want_grads = by_hand(x)
+        losses, norm = step.step({"x": x})
+        assert step.eager_only and step.graphs == {} and step.pool is None
+        torch.testing.assert_close(losses["loss"], want_loss, rtol=0, atol=0)
+        torch.testing.assert_close(norm, want_norm, rtol=0, atol=0)
+        for p, g in zip(net.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert net.weight.grad is not graph_grads[0]  # the dropped graph's gradients are not written into
+    assert StandIn.replays == 1 and step.eager_steps == 2 and len(captures) == 2  # nothing captured anew
+    assert len(said) == 1 and "ran out of GPU memory" in said[0] and "layout 2" in said[0], said
