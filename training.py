@@ -1673,13 +1673,16 @@ class GraphedStep:
         layout = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
         entry = self.graphs.get(layout)
         if entry is None and not self.eager_only and len(self.graphs) < self.max_graphs:
+            oom = None
             try:
                 entry = self._capture(tensors, layout)
             except torch.OutOfMemoryError as e:  # in a warm-up run: a failed capture itself ends the run (below)
+                oom = str(e).splitlines()[0]  # the error goes at the block's end, and with it the warm-up's tensors
+            if oom is not None:
                 n = len(self.graphs) + 1
                 self._let_graphs_go()
-                self._eager_from_now(f"warming up to capture batch layout {n} ran out of GPU memory "
-                                     f"({str(e).splitlines()[0]}); the graphs and their memory pool are let go")
+                self._eager_from_now(f"warming up to capture batch layout {n} ran out of GPU memory ({oom}); the "
+                                     f"graphs and their memory pool are let go")
         if entry is None:
             self.eager_steps += 1
             return self._run({k: v.cuda(non_blocking=True) for k, v in tensors.items()})
