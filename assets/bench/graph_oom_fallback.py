@@ -3,16 +3,22 @@ graphs go and the run goes on eagerly (BENCHMARKS.md "The full recipe on an 80 G
 whose activations are most of its memory; the process's GPU memory capped (torch.cuda.set_per_process_memory_fraction)
 so that the eager step fits but the first layout's graph pool beside the second layout's eager warm-up does not, as
 for the full preset's joint stage on an 80 GB card. Prints each step's loss against the same step run eagerly on a
-copy of the model, and what GraphedStep said. One GPU:
+copy of the model, the memory the graphs' private pools still reserve and hold live before each step (once the
+graphs are let go, nothing should be left there: cuBLAS's workspace for the capture's stream was, until
+GraphedStep cleared it), and what GraphedStep said. One GPU:
 
     python assets/bench/graph_oom_fallback.py
 """
 
 import copy
+import os
+import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import training
+import torch  # noqa: E402
+
+import training  # noqa: E402
 
 WIDTH, DEPTH, ROWS = 4096, 8, 32768
 dev = torch.device("cuda")
@@ -56,7 +62,16 @@ step = training.GraphedStep(net, prepare=lambda b: b, loss_of=lambda p: p["loss"
 total = torch.cuda.get_device_properties(dev).total_memory
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: weights {params / 2**30:.1f} GiB (two copies), "
       f"an eager step's peak {peak / 2**30:.1f} GiB more", flush=True)
+
+
+def private_pools():
+    """MiB reserved and MiB live in the CUDA graphs' private memory pools, from the allocator's snapshot."""
+    segments = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+    return sum(s["total_size"] for s in segments) >> 20, sum(s["allocated_size"] for s in segments) >> 20
+
+
 for i, x in enumerate(batches):
+    print("before step %d: the graphs' pools reserve %d MiB, %d MiB of it live" % (i, *private_pools()), flush=True)
     if i == 1:  # after the first capture: room for the weights, a gradient set and one eager step with some slack,
         #   not for the graph's pool (~one step's activations and a gradient set) beside a warm-up
         torch.cuda.empty_cache()
