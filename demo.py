@@ -32,7 +32,7 @@ from configurator import configure
 # -- knobs (override with --key=value) -------------------------------------------------------------------------
 recipe = "cpu"  # cpu: this 2-core machine, ~15 min (config/demo_*.py) | gpu: one GPU, ~9 min: longer stages on
 #   bigger batches (config/demo_gpu_*.py on top of them), into out/demo_gpu | full: the full nanomolmo2 preset on
-#   one large GPU, ~9.5 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops, in the easy
+#   one large GPU, ~9.5-9.7 min (config/demo_full_*.py on top of the GPU files; its ViT at 112-px crops, in the easy
 #   world first too), into out/demo_full
 minutes = 15.0  # cpu recipe: end within about this many minutes of `started`, on any CPU. Stage 1 and the joint
 #   stage get --max_minutes (train_*.py cut their steps to what fits, their learning rates decaying to there): on a
