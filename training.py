@@ -316,12 +316,18 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Each pass below goes over a group's (or a shape's) tensors at once (torch._foreach_*: a few kernels for many
+        # tensors on a GPU, the same ops tensor by tensor on a CPU, so a CPU's results are those of the per-tensor
+        # loop bit for bit): tensor by tensor, the full preset's step was ~2,000 small launches, and its GPU waited
+        # ~11 ms a step on the host (BENCHMARKS.md "The full recipe's joint stage by Muon"; not yet timed this way)
         by_shape = collections.defaultdict(list)  # every Muon group's matrices by shape: (p, its lr, momentum)
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
             params = [p for p in g["params"] if p.grad is not None]
-            for p in params:
-                p.mul_(1 - lr * wd)
+            if not params:
+                continue
+            if wd:  # decoupled weight decay (a multiply by 1 would be a pass for nothing)
+                torch._foreach_mul_(params, 1 - lr * wd)
             if g["muon"]:
                 for p in params:
                     by_shape[p.shape].append((p, lr, g["momentum"]))
@@ -332,21 +338,45 @@ class MuonAdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
-                state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (state["exp_avg_sq"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** state["step"]))
+            grads = [p.grad for p in params]
+            avgs = [self.state[p]["exp_avg"] for p in params]
+            squares = [self.state[p]["exp_avg_sq"] for p in params]
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_mul_(avgs, b1)
+            torch._foreach_add_(avgs, grads, alpha=1 - b1)
+            torch._foreach_mul_(squares, b2)
+            torch._foreach_addcmul_(squares, grads, grads, value=1 - b2)
+            denom = torch._foreach_div(squares, [1 - b2 ** n for n in steps])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, g["eps"])
+            torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - b1 ** n) for n in steps])
         stacks = []
         for same in by_shape.values():
-            looks = []
-            for p, _, momentum in same:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(momentum).add_(p.grad)
-                looks.append(p.grad.add(buf, alpha=momentum))
+            ps = [p for p, _, _ in same]
+            for p in ps:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs, grads = [self.state[p]["momentum_buffer"] for p in ps], [p.grad for p in ps]
+            momenta = [m for _, _, m in same]
+            if len(set(momenta)) == 1:
+                torch._foreach_mul_(bufs, momenta[0])
+                torch._foreach_add_(bufs, grads)
+                looks = torch._foreach_add(grads, bufs, alpha=momenta[0])
+            else:  # groups of one shape with different momenta: each its own
+                looks = []
+                for buf, grad, m in zip(bufs, grads, momenta):
+                    buf.mul_(m).add_(grad)
+                    looks.append(grad.add(buf, alpha=m))
             stacks.append(torch.stack(looks))
         for (shape, same), directions in zip(by_shape.items(), self.orthogonalise(stacks)):
+            # one cast for the stack, not one a matrix, laid out as the weights are (a tall matrix's came transposed)
+            directions = directions.to(same[0][0].dtype, memory_format=torch.contiguous_format).unbind(0)
+            by_lr = collections.defaultdict(lambda: ([], []))
             for (p, lr, _), direction in zip(same, directions):
-                p.add_(direction.to(p.dtype), alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
+                by_lr[lr][0].append(p)
+                by_lr[lr][1].append(direction)
+            for lr, (ps, ds) in by_lr.items():
+                torch._foreach_add_(ps, ds, alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
         return loss
 
 

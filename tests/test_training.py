@@ -369,6 +369,34 @@ def test_muon_groups_take_the_matrices_and_adamw_the_rest_with_torchs_update():
     assert all(torch.equal(p, q) for p, q in zip(model.vit.parameters(), reference.vit.parameters()))  # frozen
 
 
+
+def test_muonadamw_adamw_groups_follow_torchs_adamw_when_a_parameter_misses_a_step():
+    """MuonAdamW's AdamW groups go over their tensors together (torch._foreach_*), yet each parameter keeps its own
+    step count for its bias corrections: a parameter without a gradient on a step is left as it is and counts one
+    step fewer, as torch.optim.AdamW counts it (the oracle). Three steps of two parameters of one group, the second
+    without a gradient on the middle step, with weight decay."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))
+    twin_a, twin_b = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    ours = training.MuonAdamW([{"params": [a, b], "lr": 1e-2, "weight_decay": 0.1}])
+    theirs = torch.optim.AdamW([twin_a, twin_b], lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1,
+                               foreach=False)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        ga, gb = torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)
+        a.grad, twin_a.grad = ga.clone(), ga.clone()
+        b.grad = twin_b.grad = None if step == 1 else gb
+        if step == 1:
+            before = b.detach().clone()
+        ours.step()
+        theirs.step()
+        if step == 1:
+            assert torch.equal(b.detach(), before)  # no gradient: not decayed, not moved
+    assert ours.state[a]["step"] == 3 and ours.state[b]["step"] == 2
+    # float32 rounding: torch updates its averages with lerp, ours with mul and add
+    torch.testing.assert_close(a.detach(), twin_a.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach(), twin_b.detach(), rtol=1e-6, atol=1e-7)
+
 MUON_SHARES = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
