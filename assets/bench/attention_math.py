@@ -100,24 +100,19 @@ def kept(q, k, v, attn_mask=None, enable_gqa=False, pad=1):
     so k and v are read once, not repeated) and the keys padded to a multiple of `pad` (masked out), which keeps the
     scores' rows aligned to 16 bytes for cuBLAS."""
     B, H, T, d = q.shape
-    S, Hkv = k.shape[-2], k.shape[1]
-    g = H // Hkv
-    mask = None if attn_mask is None else attn_mask.reshape(B, 1, 1, T, S) if g > 1 else attn_mask
+    S, g = k.shape[-2], H // k.shape[1]
+    mask = attn_mask  # (B, 1, T, S) or None
     if S % pad:
         extra = pad - S % pad
         k, v = (F.pad(t, (0, 0, 0, extra)) for t in (k, v))
-        keys = torch.arange(S + extra, device=q.device) < S
-        mask = keys if mask is None else mask & keys
-        if mask is keys:
-            mask = keys.view(1, 1, 1, S + extra) if g > 1 else keys.view(1, 1, S + extra)
+        if mask is None:
+            mask = torch.arange(S + extra, device=q.device) < S  # (S + extra,): broadcasts over every row
         else:
             mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], extra)], dim=-1)
     if g > 1:
-        q = q.reshape(B, Hkv, g * T, d)
-        if mask is not None and mask.dim() == 5:
-            mask = mask.expand(B, 1, g, T, mask.shape[-1]).reshape(B, 1, g * T, mask.shape[-1])
-        elif mask is not None:
-            mask = mask.view(1, 1, 1, mask.shape[-1])
+        q = q.reshape(B, H // g, g * T, d)
+        if mask is not None and mask.dim() == 4:  # each query row's mask for each of its g heads' rows
+            mask = mask.unsqueeze(2).expand(B, 1, g, T, mask.shape[-1]).reshape(B, 1, g * T, mask.shape[-1])
     o = KeptProbabilities.apply(q, k, v, mask, d ** -0.5)
     return o.reshape(B, H, T, d)
 
