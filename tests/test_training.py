@@ -369,7 +369,6 @@ def test_muon_groups_take_the_matrices_and_adamw_the_rest_with_torchs_update():
     assert all(torch.equal(p, q) for p, q in zip(model.vit.parameters(), reference.vit.parameters()))  # frozen
 
 
-
 def test_muonadamw_adamw_groups_follow_torchs_adamw_when_a_parameter_misses_a_step():
     """MuonAdamW's AdamW groups go over their tensors together (torch._foreach_*), yet each parameter keeps its own
     step count for its bias corrections: a parameter without a gradient on a step is left as it is and counts one
@@ -396,6 +395,7 @@ def test_muonadamw_adamw_groups_follow_torchs_adamw_when_a_parameter_misses_a_st
     # float32 rounding: torch updates its averages with lerp, ours with mul and add
     torch.testing.assert_close(a.detach(), twin_a.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.detach(), twin_b.detach(), rtol=1e-6, atol=1e-7)
+
 
 MUON_SHARES = """
 import os, sys, torch, torch.distributed as dist
