@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from clock import median_ms  # noqa: E402 (assets/bench/clock.py)
 from configurator import configure  # noqa: E402
 
 steps = 20
@@ -121,19 +122,6 @@ WAYS = {"sdpa": torch.compile(sdpa), "math": torch.compile(math), "written": tor
         "kept": torch.compile(kept), "kept, keys padded to 8": torch.compile(functools.partial(kept, pad=8))}
 
 
-def median_ms(fn):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        (torch.cuda.synchronize() if torch.cuda.is_available() else None)
-        start = time.perf_counter()
-        fn()
-        (torch.cuda.synchronize() if torch.cuda.is_available() else None)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def run(way, q, k, v, grad, **kwargs):
     """The output and q, k, v's gradients for the output's gradient `grad`, in float32."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -153,12 +141,12 @@ def case(q, k, v, **kwargs):
         got = run(way, q, k, v, grad, **kwargs)
         errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
         with torch.no_grad():
-            fwd = median_ms(lambda: way(q, k, v, **kwargs))
+            fwd = median_ms(lambda: way(q, k, v, **kwargs), steps)
 
         def forward_backward():
             q.grad = k.grad = v.grad = None
             way(q, k, v, **kwargs).backward(grad)
-        both = median_ms(forward_backward)
+        both = median_ms(forward_backward, steps)
         (torch.cuda.synchronize() if torch.cuda.is_available() else None)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

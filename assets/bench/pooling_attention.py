@@ -9,7 +9,6 @@ windows; forward and forward+backward, median ms of 20, and each one's largest d
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -17,6 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from clock import median_ms  # noqa: E402 (assets/bench/clock.py)
 from configurator import configure  # noqa: E402
 
 device = "auto"  # auto | cuda | cpu
@@ -47,24 +47,6 @@ def written_out(q, k, v, valid):
     return (scores.softmax(1)[..., None] * v.float()).sum(1)  # (M, h, d)
 
 
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[steps // 2] * 1e3
-
-
 generator = torch.Generator(device=dev).manual_seed(0)
 print(f"{dev.type}, {heads} heads of {head_dim}, inputs in {dtype}, torch {torch.__version__}")
 for M in windows:
@@ -77,7 +59,7 @@ for M in windows:
         for name, fn in (("SDPA", through_sdpa), ("SDPA, math backend", through_sdpa_math),
                          ("written out", written_out)):
             diff = (fn(q, k, v, valid) - reference).abs().max().item()
-            forward = median_ms(lambda: fn(q, k, v, valid))
-            both = median_ms(lambda: fn(q, k, v, valid).sum().backward())
+            forward = median_ms(lambda: fn(q, k, v, valid), steps)
+            both = median_ms(lambda: fn(q, k, v, valid).sum().backward(), steps)
             print(f"{M:6d} windows x {K} | {name:18s} | forward {forward:7.3f} ms | forward+backward {both:7.3f} ms"
                   f" | largest difference {diff:.1e}", flush=True)

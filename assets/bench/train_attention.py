@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from clock import median_ms  # noqa: E402 (assets/bench/clock.py)
 from configurator import configure  # noqa: E402
 
 steps = 20
@@ -71,19 +72,6 @@ def flex_attend(q, k, v, scale, attn_mask=None, is_causal=False, enable_gqa=Fals
         elif is_causal:
             FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, S, device=q.device)
     return FLEX["fn"](q, k, v, block_mask=FLEX[key], scale=scale, enable_gqa=enable_gqa)
-
-
-def median_ms(fn):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def span_attention(q, k, v, span, **kwargs):
@@ -146,8 +134,8 @@ def case(q, k, v, pad_to=None, span=None, split=span_attention, **kwargs):
             continue
         try:
             with torch.no_grad():
-                fwd = median_ms(attend)
-            results[name] = (fwd, median_ms(forward_backward))
+                fwd = median_ms(attend, steps)
+            results[name] = (fwd, median_ms(forward_backward, steps))
         except RuntimeError as e:
             results[name] = str(e).splitlines()[0][:60]
         torch.cuda.empty_cache()

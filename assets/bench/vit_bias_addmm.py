@@ -15,20 +15,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from clock import median_ms  # assets/bench/clock.py
+
 ROWS = 14580  # 20 crops of 729 patches
-
-
-def median_ms(fn, n=30):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[n // 2] * 1e3
 
 
 def epilogue(x, w, b, residual):
@@ -54,12 +43,12 @@ def main():
         for name, way in (("bias in the epilogue", epilogue), ("bias in the pointwise kernel", pointwise)):
             compiled = torch.compile(way)
             with torch.no_grad():
-                forward = median_ms(lambda: compiled(x, w, b, residual))
+                forward = median_ms(lambda: compiled(x, w, b, residual), calls=30, warmup=5)
 
             def forward_backward():
                 x.grad = w.grad = b.grad = residual.grad = None
                 compiled(x, w, b, residual).backward(grad)
-            cells.append(f"{name} {forward:.3f} / {median_ms(forward_backward):.3f}")
+            cells.append(f"{name} {forward:.3f} / {median_ms(forward_backward, calls=30, warmup=5):.3f}")
             outs.append(compiled(x, w, b, residual).detach())
         apart = ((outs[0] - outs[1]).abs().max() / outs[0].abs().max()).item()
         print(f"{ROWS}x{k} @ {k}x{n}: " + ", ".join(cells) + f"; apart {apart:.1e}", flush=True)
