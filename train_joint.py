@@ -25,8 +25,8 @@ from model import compile_each_block, ready_for_compile
 from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, StepsAhead, TokenAttributeLoss,
                       TrainLoader, autocast_dtype, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe,
                       evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
-                      model_inputs, refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, seed_everything,
-                      set_learning_rates, step_autocast, stop_nonfinite, wrap_model)
+                      model_inputs, resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates,
+                      step_autocast, stop_nonfinite, wrap_model)
 from vision import FeatureCache
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -84,7 +84,7 @@ lr_decay_frac = 1.0  # the cosine decay over this last fraction of the steps aft
 grad_clip = 1.0
 weight_decay = None  # AdamW's decoupled decay on matrices (Molmo2: 0; from scratch 0.1)
 muon_lr = 0.0  # > 0: Muon at this peak rate for the LLM's and connector's matrices, AdamW for the rest (not Molmo2's;
-#   training.MuonAdamW says why). Not with parallel="fsdp": Muon needs each matrix's whole gradient
+#   training.MuonAdamW says why). Under parallel="fsdp" each matrix's look-ahead is gathered whole for the iteration
 z_loss = 1e-4
 resid_dropout = 0.1  # Molmo2 SFT: 0.1 everywhere
 response_dropout = 0.0
@@ -188,7 +188,6 @@ if compile_blocks is None:  # the default: on where it was measured to pay, one 
         why = "one process on a GPU" if compile_blocks else "compile=True" if compile else "several processes"
         d.print(f"compile_blocks: {'on' if compile_blocks else 'off'} by default ({why}); --compile_blocks=True or "
                 f"False to choose")
-refuse_muon_with_fsdp("train_joint", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.set_up_host(loader_workers)

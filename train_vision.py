@@ -51,8 +51,8 @@ from model import Molmo2Config, ready_for_compile, save_siglip
 from sample import python_command
 from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader, autocast_dtype,
                       eta_seconds, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
-                      refuse_muon_with_fsdp, resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes,
-                      scene_hits, seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+                      resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes, scene_hits,
+                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -253,7 +253,6 @@ if sigmoid_weight <= 0 and loc_weight <= 0 and scene_weight <= 0:
 # each loss's weight in the step's total; the localisation loss's parts (loc, offset, position) share loc_weight
 weight_of = collections.defaultdict(lambda: loc_weight, sigmoid=sigmoid_weight, scene=scene_weight)
 d = Dist(device)
-refuse_muon_with_fsdp("train_vision", muon_lr, parallel, d.world_size)
 budget = StepBudget(max_minutes, max_steps, d)  # max_minutes counts from here
 loader_workers = d.resolve_loader_workers(loader_workers)
 d.set_up_host(loader_workers)

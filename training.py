@@ -262,6 +262,29 @@ def orthogonalised(G, steps=5, dtype=torch.float32):
     return X.mT if tall else X
 
 
+def is_shard(t):
+    """Whether t is FSDP's shard of a tensor (a DTensor). Asked of the module only once something has loaded it
+    (fully_shard does): torch.distributed.tensor takes ~0.5 s to import, and every script would pay it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def whole(t):
+    """t itself, or the whole tensor of an FSDP shard (one all-gather, so every process must call this for the
+    same tensors in the same order, as MuonAdamW.step does)."""
+    return t.full_tensor() if is_shard(t) else t
+
+
+def laid_out_as(t, like):
+    """A whole tensor t laid out as `like` is: itself for a plain tensor, this process's shard of it for FSDP's
+    (every process holds the same t, so each takes its rows where FSDP put them, without communicating)."""
+    if not is_shard(like):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh = like.device_mesh
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, like.placements)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the param groups marked muon=True, AdamW (torch.optim.AdamW's update, written out) on the others, so
     that one optimizer, one state_dict and one learning-rate schedule hold both. Muon's step for a matrix W with
@@ -270,8 +293,9 @@ class MuonAdamW(torch.optim.Optimizer):
     by about the same amount, where Adam's step follows the gradient's few large directions: on the CPU demo's
     joint stage it pointed at F1 0.38 against AdamW's 0.21 with the same steps (BENCHMARKS.md "Muon in the CPU
     demo's joint stage"). The matrices of one shape, of every Muon group, are orthogonalised as one stack (a
-    transformer's blocks repeat their shapes). For matrices whose whole gradient this process holds: not for FSDP's
-    shards."""
+    transformer's blocks repeat their shapes). Under FSDP each process holds a shard of each matrix (a DTensor): the
+    momentum and the look-ahead are elementwise and stay on the shards, each look-ahead is gathered whole for the
+    iteration, which needs the whole matrix, and each process keeps its own rows of the direction."""
 
     def __init__(self, groups, betas=(0.9, 0.95), eps=1e-6, momentum=0.95, matmul_dtype=torch.float32):
         super().__init__(groups, dict(betas=betas, eps=eps, muon=False, momentum=momentum, weight_decay=0.0))
@@ -367,14 +391,14 @@ class MuonAdamW(torch.optim.Optimizer):
                 for buf, grad, m in zip(bufs, grads, momenta):
                     buf.mul_(m).add_(grad)
                     looks.append(grad.add(buf, alpha=m))
-            stacks.append(torch.stack(looks))
+            stacks.append(torch.stack([whole(look) for look in looks]))
         for (shape, same), directions in zip(by_shape.items(), self.orthogonalise(stacks)):
             # one cast for the stack, not one a matrix, laid out as the weights are (a tall matrix's came transposed)
             directions = directions.to(same[0][0].dtype, memory_format=torch.contiguous_format).unbind(0)
             by_lr = collections.defaultdict(lambda: ([], []))
             for (p, lr, _), direction in zip(same, directions):
                 by_lr[lr][0].append(p)
-                by_lr[lr][1].append(direction)
+                by_lr[lr][1].append(laid_out_as(direction, p))
             for lr, (ps, ds) in by_lr.items():
                 torch._foreach_add_(ps, ds, alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
         return loss
@@ -422,14 +446,6 @@ def build_optimizer(model, lr, warmup, betas=(0.9, 0.95), eps=1e-6, weight_decay
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-
-
-def refuse_muon_with_fsdp(script, muon_lr, parallel, world_size):
-    """Stop a run that asks for Muon under FSDP, before any work: Muon orthogonalises each matrix's whole gradient,
-    and FSDP leaves each process a shard of it."""
-    if muon_lr > 0 and parallel == "fsdp" and world_size > 1:
-        raise SystemExit(f"{script}: muon_lr={muon_lr!r} with parallel='fsdp': Muon orthogonalises each matrix's whole "
-                         "gradient, and FSDP gives each process a shard of it; use parallel='ddp' or muon_lr=0")
 
 
 def muon_groups(groups, model, muon_lr):

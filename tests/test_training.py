@@ -451,14 +451,92 @@ def test_muon_under_two_processes_orthogonalises_shares_and_ends_as_one_process(
         assert all(torch.equal(a, b) for a, b in zip(alone, shared)), rank
 
 
-def test_muon_under_fsdp_is_refused_by_name_and_nothing_else_is():
-    """Muon needs each matrix's whole gradient: several FSDP processes stop with the script's name and the way out;
-    one process, DDP, or muon_lr 0 go on."""
-    refusal = r"train_x: muon_lr=0.02 with parallel='fsdp'.*use parallel='ddp' or muon_lr=0"
-    with pytest.raises(SystemExit, match=refusal):
-        training.refuse_muon_with_fsdp("train_x", 0.02, "fsdp", 2)
-    for muon_lr, parallel, world_size in ((0.0, "fsdp", 2), (0.02, "ddp", 2), (0.02, "fsdp", 1)):
-        assert training.refuse_muon_with_fsdp("train_x", muon_lr, parallel, world_size) is None
+MUON_FSDP = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+import training
+torch.set_num_threads(1)
+several = "RANK" in os.environ  # under torch.distributed.run, or alone
+torch.manual_seed(0)
+# rows 5 (3 and 2 to a process), 8 (4 and 4) and 1 (1 and none); two matrices of one shape make a stack of 2
+shapes = {"a": (5, 4), "b": (5, 4), "c": (8, 5), "d": (1, 6), "bias": (5,)}
+module = torch.nn.Module()
+for name, shape in shapes.items():
+    module.register_parameter(name, torch.nn.Parameter(torch.randn(shape)))
+if several:
+    dist.init_process_group("gloo")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    fully_shard(module)  # every parameter now this process's rows of it (a DTensor, Shard(0))
+matrices = [module.a, module.b, module.c, module.d]
+optimizer = training.MuonAdamW([{"params": matrices, "lr": 0.02, "muon": True, "weight_decay": 0.1},
+                                {"params": [module.bias], "lr": 1e-3, "weight_decay": 0.0}],
+                               matmul_dtype=torch.bfloat16)
+for step in range(3):  # the whole gradients the same everywhere; under FSDP each process gets its rows of them
+    for name, p in module.named_parameters():
+        grad = torch.randn(shapes[name], generator=torch.Generator().manual_seed(100 * step + len(name) + p.dim()))
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements) if several else grad
+    optimizer.step()
+for p in matrices:  # a step where no matrix has a gradient: nothing to gather
+    p.grad = None
+optimizer.step()
+weights = [(p.full_tensor() if several else p).detach() for p in module.parameters()]
+if not several:
+    torch.save(weights, f"{sys.argv[1]}/alone.pt")
+else:
+    torch.save(weights, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as MUON_SHARES does, for the same reason
+"""
+
+
+def test_muon_under_fsdp_moves_each_shard_as_one_process_moves_the_whole_matrix(tmp_path):
+    """MuonAdamW under two gloo processes with FSDP's shards (fully_shard: each process holds its rows of every
+    matrix, as DTensors): the momentum stays on the shards, each look-ahead is gathered whole, orthogonalised, and
+    each process keeps its own rows. Three steps (and a fourth with only the bias's gradient) end, bit for bit, at the
+    weights one process computes with the whole matrices, for shards that split evenly, unevenly and into nothing
+    (a matrix of one row). One thread each: a matrix's batched products do not depend on the stack it is in."""
+    script = tmp_path / "muon_fsdp.py"
+    script.write_text(MUON_FSDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []):
+        run = subprocess.run([sys.executable, *launch, str(script), str(tmp_path), ROOT], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    alone = torch.load(tmp_path / "alone.pt")
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in ((5, 4), (5, 4), (8, 5), (1, 6), (5,))]
+    assert not any(torch.equal(a, b) for a, b in zip(start, alone))  # every weight moved
+    for rank in range(2):
+        sharded = torch.load(tmp_path / f"rank{rank}.pt")
+        assert all(torch.equal(a, b) for a, b in zip(alone, sharded)), rank
+
+
+def test_train_joint_by_muon_under_fsdp_follows_ddp(world, tmp_path):
+    """train_joint.py by Muon as two gloo processes, under FSDP and under DDP, from one start: the same losses and
+    gradient norms step by step, and the same weights at the end, to float32's reduction order (FSDP reduce-scatters
+    the gradients where DDP all-reduces them, so the sums may round apart: ~1e-7 of a value, and the relative 1e-5
+    allowed leaves room for Muon's bf16 iteration to carry such a difference through four steps). Muon moved the
+    LLM's matrices under both."""
+    torch.manual_seed(1)
+    start = training.build_model("scratch", "tiny")
+    start.save_pretrained(str(tmp_path / "start" / "final"))
+    for parallel in ("ddp", "fsdp"):
+        run_gloo_ranks(["train_joint.py", f"--init_from={tmp_path / 'start'}", f"--out_dir={tmp_path / parallel}",
+                        f"--data_dir={world}", *TINY, "--max_steps=4", "--save_every=0", "--loader_workers=0",
+                        "--data_mixture={'image': (1.0, ['synth_image'])}", "--muon_lr=0.02", "--lr_llm=1e-3",
+                        "--lr_connector=1e-3", "--warmup_llm=0", "--warmup_connector=0", f"--parallel={parallel}"],
+                       timeout=TIMEOUT_S)
+    ddp, fsdp = ([(r["loss"], r["grad_norm"]) for r in read_log(tmp_path / p) if "loss" in r] for p in ("ddp", "fsdp"))
+    assert len(ddp) == len(fsdp) == 4
+    torch.testing.assert_close(fsdp, ddp, rtol=1e-5, atol=0)
+    before = start.state_dict()
+    after = {p: Molmo2.from_pretrained(str(tmp_path / p / "final")).state_dict() for p in ("ddp", "fsdp")}
+    name = "llm.layers.0.mlp.down_proj.weight"  # a Muon matrix
+    assert not torch.equal(after["ddp"][name], before[name])
+    for key in before:
+        torch.testing.assert_close(after["fsdp"][key], after["ddp"][key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_under_muon_and_length_groups_resumes_to_the_uninterrupted_losses(world, tmp_path, monkeypatch):
