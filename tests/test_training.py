@@ -431,19 +431,25 @@ if several:  # together (training.Dist.close says why): alone, gloo aborted a pr
 """
 
 
+def run_as_two_processes_and_alone(code, tmp_path):
+    """code (a script taking the folder for its results and the repository) run under torch.distributed.run as two
+    processes of one thread each, then as one plain process."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []):
+        run = subprocess.run([sys.executable, *launch, str(script), str(tmp_path), ROOT], capture_output=True,
+                             text=True, env=env, timeout=TIMEOUT_S)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_muon_under_two_processes_orthogonalises_shares_and_ends_as_one_process(tmp_path):
     """MuonAdamW under two gloo processes (each the same gradients, as under DDP): each orthogonalises its share of
     every stack and they exchange the results; three steps later (and a fourth, where only the bias has a gradient)
     both hold, bit for bit, the weights the same script computes in one process, with stacks that split evenly,
     unevenly and into nothing for the second process. One thread each: a matrix's batched products do not depend
     on the stack it is in."""
-    script = tmp_path / "muon_shares.py"
-    script.write_text(MUON_SHARES)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []):
-        run = subprocess.run([sys.executable, *launch, str(script), str(tmp_path), ROOT], capture_output=True,
-                             text=True, env=env, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
+    run_as_two_processes_and_alone(MUON_SHARES, tmp_path)
     start, alone = torch.load(tmp_path / "start.pt"), torch.load(tmp_path / "alone.pt")
     assert not any(torch.equal(a, b) for a, b in zip(start, alone))  # three steps moved every weight
     for rank in range(2):
@@ -497,13 +503,7 @@ def test_muon_under_fsdp_moves_each_shard_as_one_process_moves_the_whole_matrix(
     each process keeps its own rows. Three steps (and a fourth with only the bias's gradient) end, bit for bit, at the
     weights one process computes with the whole matrices, for shards that split evenly, unevenly and into nothing
     (a matrix of one row). One thread each: a matrix's batched products do not depend on the stack it is in."""
-    script = tmp_path / "muon_fsdp.py"
-    script.write_text(MUON_FSDP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launch in (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], []):
-        run = subprocess.run([sys.executable, *launch, str(script), str(tmp_path), ROOT], capture_output=True,
-                             text=True, env=env, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
+    run_as_two_processes_and_alone(MUON_FSDP, tmp_path)
     alone = torch.load(tmp_path / "alone.pt")
     torch.manual_seed(0)
     start = [torch.randn(s) for s in ((5, 4), (5, 4), (8, 5), (1, 6), (5,))]
