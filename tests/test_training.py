@@ -474,6 +474,8 @@ if several:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     fully_shard(module)  # every parameter now this process's rows of it (a DTensor, Shard(0))
+else:
+    torch.save([p.detach().clone() for p in module.parameters()], f"{sys.argv[1]}/start.pt")
 matrices = [module.a, module.b, module.c, module.d]
 optimizer = training.MuonAdamW([{"params": matrices, "lr": 0.02, "muon": True, "weight_decay": 0.1},
                                 {"params": [module.bias], "lr": 1e-3, "weight_decay": 0.0}],
@@ -487,10 +489,8 @@ for p in matrices:  # a step where no matrix has a gradient: nothing to gather
     p.grad = None
 optimizer.step()
 weights = [(p.full_tensor() if several else p).detach() for p in module.parameters()]
-if not several:
-    torch.save(weights, f"{sys.argv[1]}/alone.pt")
-else:
-    torch.save(weights, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+torch.save(weights, f"{sys.argv[1]}/{f'rank{dist.get_rank()}' if several else 'alone'}.pt")
+if several:
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # as MUON_SHARES does, for the same reason
@@ -504,9 +504,7 @@ def test_muon_under_fsdp_moves_each_shard_as_one_process_moves_the_whole_matrix(
     weights one process computes with the whole matrices, for shards that split evenly, unevenly and into nothing
     (a matrix of one row). One thread each: a matrix's batched products do not depend on the stack it is in."""
     run_as_two_processes_and_alone(MUON_FSDP, tmp_path)
-    alone = torch.load(tmp_path / "alone.pt")
-    torch.manual_seed(0)
-    start = [torch.randn(s) for s in ((5, 4), (5, 4), (8, 5), (1, 6), (5,))]
+    start, alone = torch.load(tmp_path / "start.pt"), torch.load(tmp_path / "alone.pt")
     assert not any(torch.equal(a, b) for a, b in zip(start, alone))  # every weight moved
     for rank in range(2):
         sharded = torch.load(tmp_path / f"rank{rank}.pt")

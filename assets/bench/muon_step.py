@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 import training  # noqa: E402
+from clock import median_ms  # noqa: E402 (assets/bench/clock.py)
 from configurator import configure  # noqa: E402
 
 steps = 10
@@ -35,14 +36,7 @@ def main():
         gen = torch.Generator(device=dev).manual_seed(0)
         for p in params:
             p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-3
-        times = []
-        for _ in range(steps + 2):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            opt.step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        wall = sorted(times[2:])[steps // 2] * 1e3
+        wall = median_ms(opt.step, calls=steps, warmup=2)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 opt.step()
