@@ -23,7 +23,7 @@ from model import ready_for_compile
 from training import (Dist, Progress, StepProfiler, StepsAhead, TrainLoader, batch_to, build_model, build_optimizer,
                       evaluate_loss, export_final, freeze_untrained_parts, lineage, mixture_has_text_only, model_inputs,
                       resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates, step_autocast,
-                      stop_nonfinite, wrap_model)
+                      stop_nonfinite, whole, wrap_model)
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/align"
@@ -140,7 +140,7 @@ for step in range(start_step, max_steps):
             (loss_sum / weight_total * d.world_size).backward()
         weighted_ce += wce
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
+    grad_norm = whole(grad_norm).item()  # under FSDP the norm is a DTensor
     loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         stop_nonfinite(step, loss, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,

@@ -26,7 +26,7 @@ from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, Ste
                       TrainLoader, autocast_dtype, batch_to, build_model, build_optimizer, cpp_compiler, default_recipe,
                       evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
                       model_inputs, resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates,
-                      step_autocast, stop_nonfinite, wrap_model)
+                      step_autocast, stop_nonfinite, whole, wrap_model)
 from vision import FeatureCache
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -314,7 +314,7 @@ for step in range(start_step, max_steps):
         weighted_ce += wce
     if graphed is None:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
+    grad_norm = whole(grad_norm).item()  # under FSDP the norm is a DTensor
     loss = (d.all_reduce_sum(weighted_ce) / weight_total).item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         stop_nonfinite(step, loss, grad_norm, micro_batches, ckpt_path, train_model, optimizer, d, data_state, config,

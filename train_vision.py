@@ -52,7 +52,7 @@ from sample import python_command
 from training import (Dist, GraphedStep, MuonAdamW, StepBudget, StepProfiler, StepsAhead, VisionLoader, autocast_dtype,
                       eta_seconds, full_state_dicts, image_feature_stats, load_vit, lr_at, plot_vision_run,
                       resume_run, rng_state, save_checkpoint, scene_attributes, scene_classes, scene_hits,
-                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, wrap_model)
+                      seed_everything, step_autocast, stop_nonfinite, vision_batch_to, whole, wrap_model)
 from vision import SigLIP2, VisionPretrainer
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
@@ -393,7 +393,7 @@ for step in range(start_step, max_steps):
             parts[k] = parts.get(k, 0.0) + v.detach() / len(micro_batches)
     if graphed is None:
         grad_norm = torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
+    grad_norm = whole(grad_norm).item()  # under FSDP the norm is a DTensor
     parts = {k: d.all_reduce_sum(v.reshape(1).float()).item() / d.world_size for k, v in parts.items()}
     total = sum(v * weight_of[k] for k, v in parts.items())
     if not (math.isfinite(total) and math.isfinite(grad_norm)):
