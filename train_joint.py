@@ -27,7 +27,7 @@ from training import (Dist, GraphedStep, Progress, StepBudget, StepProfiler, Ste
                       evaluate_loss, export_final, fill_recipe, freeze_untrained_parts, lineage, mixture_has_text_only,
                       model_inputs, resume_run, rng_state, save_checkpoint, seed_everything, set_learning_rates,
                       step_autocast, stop_nonfinite, whole, wrap_model)
-from vision import FeatureCache
+from vision import FeatureCache, float8_linears
 
 # -- knobs (override with config/*.py files and --key=value) -------------------------------------------------
 out_dir = "out/joint"
@@ -122,6 +122,10 @@ key_blocks = False  # the LLM's masked attention given only the key blocks each 
 #   saved: BENCHMARKS.md "The CPU savings on a GPU")
 profile = 0  # > 0: torch.profiler over this many steps, 10 into the run: out_dir/profile.txt, the trace, GPU busy time
 activation_checkpointing = False
+float8 = False  # True: every Linear in the ViT's and the LLM's blocks multiplies in float8 while training
+#   (vision.Float8Linear: scaled per tensor, activations and weights e4m3, gradients e5m2), on the float8 tensor cores
+#   of an H100/H200 (compute capability 8.9 or more); evaluation and answers stay in dtype. Not Molmo2's precision,
+#   and not yet timed on a GPU (BENCHMARKS.md "Float8 matmuls")
 log_every = 1
 wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)
 eval_every = 100  # validation loss on the val split
@@ -203,6 +207,13 @@ token_attribute_loss = TokenAttributeLoss(model, token_attributes, token_weights
 seed_everything(seed + d.rank)  # dropout differs between ranks
 model.llm.gradient_checkpointing = model.vit.gradient_checkpointing = activation_checkpointing
 model.llm.key_blocks = key_blocks
+if float8:
+    if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
+        raise SystemExit(f"train_joint: float8=True: {torch.cuda.get_device_name(d.device)} has no float8 tensor "
+                         f"cores (compute capability 8.9 or more: an L4, H100, H200)")
+    cpu_note = " (on a CPU only slower: its float8 matmul is for checking, not speed)" if d.device.type == "cpu" else ""
+    d.print(f"float8: the blocks' {float8_linears(*model.vit.layers, *model.llm.layers)} Linears multiply in float8"
+            f"{cpu_note}")
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 freeze_untrained_parts(model, lrs)  # before DDP lists what wants gradients

@@ -137,7 +137,8 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     if not stacks_linears(x):
         return tuple(layer(x) for layer in layers)
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    y = F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
+    matmul = Float8Matmul.apply if isinstance(layers[0], Float8Linear) else F.linear
+    y = matmul(x, torch.cat([layer.weight for layer in layers]), bias)
     return y.split([layer.out_features for layer in layers], dim=-1)
 
 
@@ -145,6 +146,98 @@ def stacks_linears(x: torch.Tensor) -> bool:
     """Whether linears stacks the weights for input x: on a GPU, gradients on (a test replaces it to run the stacked
     path on a CPU, a benchmark to time the GPU without it)."""
     return x.is_cuda and torch.is_grad_enabled()
+
+
+# -- float8 matmuls (train_joint.py --float8=True) ------------------------------------------------------------------
+# An H100/H200 multiplies float8 at twice its bf16 rate. A float8 number has 3 mantissa bits (e4m3: activations and
+# weights) or 2 (e5m2: gradients, which need the range more than the precision), and a range of ~2^17 or ~2^31, so
+# each tensor is scaled first: one scale per tensor, mapping its largest magnitude onto the format's largest value,
+# computed on the device from this step's values ("dynamic tensorwise" scaling). The matmul then multiplies the
+# scales back in as it accumulates in float32.
+FLOAT8_LARGEST = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """t -> (t * s in dtype, 1 / s), s = dtype's largest value / t's largest magnitude (a float32 scalar on t's
+    device: no sync, so a CUDA graph can hold it)."""
+    largest = FLOAT8_LARGEST[dtype]
+    scale = largest / t.detach().abs().amax().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-largest, largest).to(dtype), scale.reciprocal()
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """t's values laid out column by column: torch._scaled_mm reads its second operand that way."""
+    return t.t().contiguous().t()
+
+
+def rows_padded(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """t (R, C) with zero rows added up to a multiple of `multiple` (float8 matmuls need their shared dimension so)."""
+    extra = -t.shape[0] % multiple
+    if extra == 0:
+        return t
+    return torch.cat([t, t.new_zeros(extra, t.shape[1])])
+
+
+class Float8Matmul(torch.autograd.Function):
+    """y = x @ weight.T + bias with all three of the training step's matmuls in float8: forward x (e4m3) by the
+    weight (e4m3); backward the output's gradient (e5m2) by the weight for x's gradient, and by x for the weight's
+    (its shared dimension, the tokens, padded to a multiple of 16). The weight's gradient comes out float32.
+    Backward keeps x in float8, half of what a bf16 Linear keeps. The output is in autocast's dtype where autocast
+    is on (as nn.Linear's would be), else in x's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, x_scale = to_float8(x2, torch.float8_e4m3fn)
+        wq, w_scale = to_float8(weight, torch.float8_e4m3fn)
+        on = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        fused_bias = bias is not None and out_dtype != torch.float32  # a GPU adds a bias in the matmul in 16 bits only
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
+                             bias=bias.to(out_dtype) if fused_bias else None, use_fast_accum=True)
+        if bias is not None and not fused_bias:
+            y = y + bias
+        ctx.save_for_backward(xq, x_scale, wq, w_scale)
+        ctx.x_shape, ctx.has_bias, ctx.out_dtype = x.shape, bias is not None, out_dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xq, x_scale, wq, w_scale = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gq, g_scale = to_float8(g, torch.float8_e5m2)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._scaled_mm(gq, column_major(wq), scale_a=g_scale, scale_b=w_scale,
+                                      out_dtype=ctx.out_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:  # (out, tokens) by (tokens, in); the zero rows added to both add nothing
+            grad_w = torch._scaled_mm(rows_padded(gq).t().contiguous(), column_major(rows_padded(xq)),
+                                      scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.float().sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose matmuls run in float8 while gradients are on
+    (Float8Matmul); without them (evaluation, generation) it is nn.Linear exactly. float8_linears makes one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return Float8Matmul.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def float8_linears(*modules: nn.Module) -> int:
+    """Every nn.Linear inside modules becomes a Float8Linear in place (its class changed, its parameters kept);
+    returns how many. The trainers pass the transformer blocks, where nearly all of the step's matmuls are."""
+    n = 0
+    for module in modules:
+        for m in module.modules():
+            if type(m) is nn.Linear:
+                m.__class__ = Float8Linear
+                n += 1
+    return n
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

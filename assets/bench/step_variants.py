@@ -39,6 +39,9 @@ The variants, by name:
                 14,580 tokens would give back (Megatron-LM keeps a bf16 residual stream under --bf16 unless
                 --fp32-residual-connection is set; transformers' SigLIP adds an fp32 position embedding, so its
                 stream stays fp32 under autocast)
+    float8      every Linear in the blocks (the ViT's and the LLM's) a vision.Float8Linear, as train_joint.py's
+                float8 makes them: one scale a tensor from its values, activations and weights e4m3, gradients e5m2,
+                all three matmuls on the float8 tensor cores (twice the bf16 peak)
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
     threeparts  whose vision tokens are one span [s, e), the same in every row: the bench's rows): is_causal
                 attention and the span's rows again over the keys before e (spanrows), or the three calls over
@@ -202,6 +205,18 @@ def vit_stream_in(dtype, model):
     return lambda: delattr(vit, "embed")
 
 
+def float8_blocks(model):
+    """Every Linear in model's blocks a vision.Float8Linear (train_joint.py's float8); undone by the returned
+    function. The blocks must be compiled after it."""
+    print(f"float8: {vision.float8_linears(*model.vit.layers, *model.llm.layers)} Linears", flush=True)
+
+    def undo():
+        for m in model.modules():
+            if type(m) is vision.Float8Linear:
+                m.__class__ = torch.nn.Linear
+    return undo
+
+
 def main():
     os.makedirs(bench.out_dir, exist_ok=True)
     dev = torch.device("cuda")
@@ -228,8 +243,10 @@ def main():
                 "spanrows": ("the LLM's mask as is_causal and the span's rows again, fresh", GraphedStep, True, False),
                 "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False),
                 "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False),
-                "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False)}
-    compiled = ({}, True)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked)
+                "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False),
+                "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False)}
+    compiled = ({}, True, False)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked,
+    #   float8)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
            "levers": {"options": {"coordinate_descent_tuning": True}},
@@ -245,7 +262,9 @@ def main():
         label, cls, fresh, before = variants[name]
         undos = []  # what the variant patched into the model, undone after it whatever happens
         try:
-            wanted = (how.get(name, {}), name != "unstacked")
+            wanted = (how.get(name, {}), name != "unstacked", name == "float8")
+            if name == "float8":
+                undos.append(float8_blocks(model))
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
