@@ -3,8 +3,8 @@ float8), forward and backward, on one GPU (BENCHMARKS.md "Float8 matmuls"): the 
 (the ViT's 20 crops x 729 patches = 14,580 tokens through 25 blocks, the LLM's 4 rows of 1,128 through 28, their
 stacked q/k/v and gate/up as vision.linears runs them). Each shape as the step's compiled blocks would run it: a
 float32 weight, a bf16 input and output gradient, under bf16 autocast; both ways compiled alone (the float8 one with
-its scaling and casts, which inside a compiled block may also fuse with their neighbours). Prints ms a shape and the
-sum over the step's layers.
+its scaling and casts, which inside a compiled block may also fuse with their neighbours). Prints the median ms a
+shape (clock.median_ms) and the sum over the step's layers.
 
     python assets/bench/float8_matmuls.py
 """
@@ -16,25 +16,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from clock import median_ms  # noqa: E402
 from vision import Float8Matmul  # noqa: E402
 
 # (name, tokens, in, out, layers): the step's Linears
 SHAPES = [("vit qkv", 14580, 1152, 3456, 25), ("vit o", 14580, 1152, 1152, 25), ("vit fc1", 14580, 1152, 4304, 25),
           ("vit fc2", 14580, 4304, 1152, 25), ("llm qkv", 4512, 1024, 4096, 28), ("llm o", 4512, 2048, 1024, 28),
           ("llm gate,up", 4512, 1024, 6144, 28), ("llm down", 4512, 3072, 1024, 28)]
-
-
-def timed(fn, n=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def main():
@@ -55,7 +43,7 @@ def main():
                 gx, gw = torch.autograd.grad(y, (x, w), g)
                 return gx, gw
             compiled = torch.compile(step, dynamic=False)
-            ms[how] = timed(compiled)
+            ms[how] = median_ms(compiled)
             totals[how] += ms[how] * layers
         print(f"| {name} | {m} x {k} -> {n} | {layers} | {ms['bf16']:.3f} | {ms['float8']:.3f} | "
               f"{ms['bf16'] / ms['float8']:.2f}x |", flush=True)
