@@ -36,6 +36,7 @@ def main():
         w = (torch.randn(n, k, device=dev, generator=gen) * k ** -0.5).requires_grad_()
         g = torch.randn(m, n, device=dev, generator=gen, dtype=torch.bfloat16)
         ms = {}
+        torch._dynamo.reset()  # each shape compiled afresh: one function recompiled per shape hits dynamo's limit
         for how, matmul in (("bf16", F.linear), ("float8", Float8Matmul.apply)):
             def step(matmul=matmul):
                 with torch.autocast("cuda", dtype=torch.bfloat16):

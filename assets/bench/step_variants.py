@@ -42,6 +42,8 @@ The variants, by name:
     float8      every Linear in the blocks (the ViT's and the LLM's) a vision.Float8Linear, as train_joint.py's
                 float8 makes them: one scale a tensor from its values, activations and weights e4m3, gradients e5m2,
                 all three matmuls on the float8 tensor cores (twice the bf16 peak)
+    float8vit   the ViT's blocks' Linears alone in float8: its 14,580 tokens make larger matmuls than the LLM's 4,512,
+                which leaves a float8 matmul less to win against its scaling passes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
     threeparts  whose vision tokens are one span [s, e), the same in every row: the bench's rows): is_causal
                 attention and the span's rows again over the keys before e (spanrows), or the three calls over
@@ -205,10 +207,11 @@ def vit_stream_in(dtype, model):
     return lambda: delattr(vit, "embed")
 
 
-def float8_blocks(model):
-    """Every Linear in model's blocks a vision.Float8Linear (train_joint.py's float8); undone by the returned
-    function. The blocks must be compiled after it."""
-    print(f"float8: {vision.float8_linears(*model.vit.layers, *model.llm.layers)} Linears", flush=True)
+def float8_blocks(model, llm=True):
+    """Every Linear in model's blocks (the ViT's alone if not llm) a vision.Float8Linear (train_joint.py's float8);
+    undone by the returned function. The blocks must be compiled after it."""
+    blocks = [*model.vit.layers, *(model.llm.layers if llm else [])]
+    print(f"float8: {vision.float8_linears(*blocks)} Linears", flush=True)
 
     def undo():
         for m in model.modules():
@@ -244,9 +247,10 @@ def main():
                 "threeparts": ("the LLM's mask as three parts, fresh", GraphedStep, True, False),
                 "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False),
                 "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False),
-                "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False)}
+                "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False),
+                "float8vit": ("the ViT's blocks' Linears in float8, fresh", GraphedStep, True, False)}
     compiled = ({}, True, False)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked,
-    #   float8)
+    #   which float8 variant or False)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
            "levers": {"options": {"coordinate_descent_tuning": True}},
@@ -262,9 +266,9 @@ def main():
         label, cls, fresh, before = variants[name]
         undos = []  # what the variant patched into the model, undone after it whatever happens
         try:
-            wanted = (how.get(name, {}), name != "unstacked", name == "float8")
-            if name == "float8":
-                undos.append(float8_blocks(model))
+            wanted = (how.get(name, {}), name != "unstacked", name.startswith("float8") and name)
+            if name.startswith("float8"):
+                undos.append(float8_blocks(model, llm=name == "float8"))
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
