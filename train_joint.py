@@ -126,6 +126,8 @@ float8 = False  # True: every Linear in the ViT's and the LLM's blocks multiplie
 #   (vision.Float8Linear: scaled per tensor, activations and weights e4m3, gradients e5m2), on the float8 tensor cores
 #   of an H100/H200 (compute capability 8.9 or more); evaluation and answers stay in dtype. Not Molmo2's precision,
 #   and slower as built: 214 ms a full-preset step against 171 on an H100 (BENCHMARKS.md "Float8 matmuls")
+float8_rowwise = False  # with float8: one scale a row, all e4m3, the weight's gradient in bf16 (vision.
+#   Float8RowwiseMatmul): each cast in one pass, no transposed copies; not yet timed on a GPU
 log_every = 1
 wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)
 eval_every = 100  # validation loss on the val split
@@ -212,8 +214,11 @@ if float8:
         raise SystemExit(f"train_joint: float8=True: {torch.cuda.get_device_name(d.device)} has no float8 tensor "
                          f"cores (compute capability 8.9 or more: an L4, H100, H200)")
     cpu_note = " (on a CPU only slower: its float8 matmul is for checking, not speed)" if d.device.type == "cpu" else ""
-    d.print(f"float8: the blocks' {float8_linears(*model.vit.layers, *model.llm.layers)} Linears multiply in float8"
+    n_float8 = float8_linears(*model.vit.layers, *model.llm.layers, rowwise=float8_rowwise)
+    d.print(f"float8: the blocks' {n_float8} Linears multiply in float8{', scaled a row at a time' * float8_rowwise}"
             f"{cpu_note}")
+elif float8_rowwise:
+    raise SystemExit("train_joint: float8_rowwise=True says how to scale float8=True's matmuls: set both")
 lrs = {"connector": lr_connector, "vit": lr_vit, "llm": lr_llm}
 warmups = {"connector": warmup_connector, "vit": warmup_vit, "llm": warmup_llm}
 freeze_untrained_parts(model, lrs)  # before DDP lists what wants gradients

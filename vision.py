@@ -137,7 +137,7 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     if not stacks_linears(x):
         return tuple(layer(x) for layer in layers)
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    matmul = Float8Matmul.apply if isinstance(layers[0], Float8Linear) else F.linear
+    matmul = layers[0].float8_matmul() if isinstance(layers[0], Float8Linear) else F.linear
     y = matmul(x, torch.cat([layer.weight for layer in layers]), bias)
     return y.split([layer.out_features for layer in layers], dim=-1)
 
@@ -175,7 +175,9 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def rows_padded(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    """t (R, C) with zero rows added up to a multiple of `multiple` (float8 matmuls need their shared dimension so)."""
+    """t (R, C) with zero rows added up to a multiple of `multiple` (float8 matmuls need their shared dimension so).
+    Float8Matmul pads before casting to float8: torch.cat of float8 tensors fails under a compiled block's autocast
+    (torch 2.14 on a CPU), and zero rows leave a tensor's largest magnitude, so its scale, as it was."""
     extra = -t.shape[0] % multiple
     if extra == 0:
         return t
@@ -185,20 +187,20 @@ def rows_padded(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 class Float8Matmul(torch.autograd.Function):
     """y = x @ weight.T + bias with all three of the training step's matmuls in float8: forward x (e4m3) by the
     weight (e4m3); backward the output's gradient (e5m2) by the weight for x's gradient, and by x for the weight's
-    (its shared dimension, the tokens, padded to a multiple of 16). The weight's gradient comes out float32.
-    Backward keeps x in float8, half of what a bf16 Linear keeps. The output is in autocast's dtype where autocast
-    is on (as nn.Linear's would be), else in x's."""
+    (its shared dimension, the tokens, padded to a multiple of 16 before the casts; the padded rows' products are
+    dropped). The weight's gradient comes out float32. Backward keeps x in float8, half of what a bf16 Linear keeps.
+    The output is in autocast's dtype where autocast is on (as nn.Linear's would be), else in x's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        xq, x_scale = to_float8(x2, torch.float8_e4m3fn)
+        xq, x_scale = to_float8(rows_padded(x2), torch.float8_e4m3fn)
         wq, w_scale = to_float8(weight, torch.float8_e4m3fn)
         on = torch.is_autocast_enabled(x.device.type)
         out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         fused_bias = bias is not None and out_dtype != torch.float32  # a GPU adds a bias in the matmul in 16 bits only
         y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
-                             bias=bias.to(out_dtype) if fused_bias else None, use_fast_accum=True)
+                             bias=bias.to(out_dtype) if fused_bias else None, use_fast_accum=True)[:len(x2)]
         if bias is not None and not fused_bias:
             y = y + bias
         ctx.save_for_backward(xq, x_scale, wq, w_scale)
@@ -209,14 +211,63 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         xq, x_scale, wq, w_scale = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        gq, g_scale = to_float8(g, torch.float8_e5m2)
+        gq, g_scale = to_float8(rows_padded(g), torch.float8_e5m2)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch._scaled_mm(gq, column_major(wq), scale_a=g_scale, scale_b=w_scale,
-                                      out_dtype=ctx.out_dtype).view(ctx.x_shape)
+                                      out_dtype=ctx.out_dtype)[:len(g)].view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # (out, tokens) by (tokens, in); the zero rows added to both add nothing
-            grad_w = torch._scaled_mm(rows_padded(gq).t().contiguous(), column_major(rows_padded(xq)),
-                                      scale_a=g_scale, scale_b=x_scale, out_dtype=torch.float32)
+            grad_w = torch._scaled_mm(gq.t().contiguous(), column_major(xq), scale_a=g_scale, scale_b=x_scale,
+                                      out_dtype=torch.float32)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.float().sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def to_float8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (R, C) -> (each row times its own s in e4m3, the (R, 1) float32 column of 1 / s), s = e4m3's largest value /
+    the row's largest magnitude. A row's scale needs only that row, so one kernel can find it and cast the row in the
+    same pass (a tensor's one scale needs a pass over all of it before any element is cast)."""
+    largest = FLOAT8_LARGEST[torch.float8_e4m3fn]
+    scale = largest / t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-largest, largest).to(torch.float8_e4m3fn), scale.reciprocal()
+
+
+class Float8RowwiseMatmul(torch.autograd.Function):
+    """y = x @ weight.T + bias, the float8 scaled a row at a time (train_joint.py --float8_rowwise=True), all in e4m3:
+    forward each token's row of x by each output's row of the weight, backward each token's row of the output's
+    gradient by each input's column of the weight for x's gradient. The weight's gradient stays a bf16 matmul (as
+    nn.Linear's under autocast) of the gradient and x, kept in autocast's dtype: in float8 its operands would need
+    scales along the tokens and a transposed copy each, the passes that made Float8Matmul's step slower."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        on = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        xq, x_scale = to_float8_rows(x2)
+        wq, w_scale = to_float8_rows(weight)
+        fused_bias = bias is not None and out_dtype == torch.bfloat16  # a row-scaled matmul writes bf16 only
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16,
+                             bias=bias.to(torch.bfloat16) if fused_bias else None, use_fast_accum=True).to(out_dtype)
+        if bias is not None and not fused_bias:
+            y = y + bias
+        ctx.save_for_backward(x2.to(out_dtype), weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gq, g_scale = to_float8_rows(g)
+            wtq, wt_scale = to_float8_rows(weight.t().contiguous())  # a row each input, so that .t() is column-major
+            grad_x = torch._scaled_mm(gq, wtq.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=torch.bfloat16
+                                      ).to(x2.dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t().to(x2.dtype) @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.float().sum(0)
         return grad_x, grad_w, grad_b
@@ -224,22 +275,30 @@ class Float8Matmul(torch.autograd.Function):
 
 class Float8Linear(nn.Linear):
     """nn.Linear (the same parameters and state dict) whose matmuls run in float8 while gradients are on
-    (Float8Matmul); without them (evaluation, generation) it is nn.Linear exactly. float8_linears makes one."""
+    (Float8Matmul, or Float8RowwiseMatmul where rowwise); without them (evaluation, generation) it is nn.Linear
+    exactly. float8_linears makes one."""
+
+    rowwise = False
+
+    def float8_matmul(self):
+        return (Float8RowwiseMatmul if self.rowwise else Float8Matmul).apply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return Float8Matmul.apply(x, self.weight, self.bias)
+            return self.float8_matmul()(x, self.weight, self.bias)
         return super().forward(x)
 
 
-def float8_linears(*modules: nn.Module) -> int:
-    """Every nn.Linear inside modules becomes a Float8Linear in place (its class changed, its parameters kept);
-    returns how many. The trainers pass the transformer blocks, where nearly all of the step's matmuls are."""
+def float8_linears(*modules: nn.Module, rowwise: bool = False) -> int:
+    """Every nn.Linear inside modules becomes a Float8Linear in place (its class changed, its parameters kept), scaled
+    a row at a time if rowwise; returns how many. The trainers pass the transformer blocks, where nearly all of the
+    step's matmuls are."""
     n = 0
     for module in modules:
         for m in module.modules():
             if type(m) is nn.Linear:
                 m.__class__ = Float8Linear
+                m.rowwise = rowwise
                 n += 1
     return n
 

@@ -1,13 +1,16 @@
-"""train_joint.py's float8 (vision.Float8Matmul, Float8Linear) on a CPU, whose torch._scaled_mm computes what a GPU's
-float8 tensor cores compute: each of the three matmuls against float64 arithmetic on the same float8 operands, the
-rounding into float8 against its format's step, and the switch leaving evaluation exactly as it was."""
+"""train_joint.py's float8 (vision.Float8Matmul, Float8Linear; Float8RowwiseMatmul for float8_rowwise) on a CPU, whose
+torch._scaled_mm computes what a GPU's float8 tensor cores compute: each matmul against float64 arithmetic on the
+same float8 operands, the rounding into float8 against its format's step, and the switch leaving evaluation exactly
+as it was."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from model import Molmo2, Molmo2Config
-from vision import FLOAT8_LARGEST, Float8Linear, Float8Matmul, float8_linears, to_float8
+import vision
+from vision import (FLOAT8_LARGEST, Float8Linear, Float8Matmul, Float8RowwiseMatmul, float8_linears, to_float8,
+                    to_float8_rows)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 MANTISSA_BITS = {E4M3: 3, E5M2: 2}
@@ -31,6 +34,17 @@ def test_to_float8_maps_the_largest_magnitude_onto_the_formats_largest_and_round
         assert normal.float().mean() > 0.99
         assert relative.max().item() <= 2.0 ** -(MANTISSA_BITS[dtype] + 1) * (1 + 1e-6)
         assert relative.max().item() > 2.0 ** -(MANTISSA_BITS[dtype] + 3)  # it rounded: not float32 in disguise
+
+
+def test_to_float8_rows_scales_each_row_onto_the_formats_largest():
+    t = randn(300, 40, seed=0, scale=3.0) * torch.logspace(-3, 3, 300).unsqueeze(1)  # rows 6 decades apart
+    q, inverse = to_float8_rows(t)
+    assert q.dtype == E4M3 and inverse.dtype == torch.float32 and inverse.shape == (300, 1)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((300,), FLOAT8_LARGEST[E4M3]))
+    normal = q.float().abs() >= SMALLEST_NORMAL[E4M3]  # each row's own scale keeps its small rows normal too
+    relative = ((q.float() * inverse - t).abs() / t.abs())[normal]
+    assert normal.float().mean() > 0.99
+    assert relative.max().item() <= 2.0 ** -(MANTISSA_BITS[E4M3] + 1) * (1 + 1e-6)
 
 
 def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
@@ -64,10 +78,59 @@ def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
     assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 50 * torch.finfo(torch.float32).eps
 
 
-def test_a_frozen_weight_gets_no_gradient_and_costs_no_matmul():
+def test_the_rowwise_matmuls_are_float64_arithmetic_on_the_float8_operands_and_the_weight_gradient_bf16():
+    x = randn(2, 25, 64, seed=1).requires_grad_()
+    weight = randn(48, 64, seed=2, scale=0.1).requires_grad_()
+    bias = randn(48, seed=3).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = Float8RowwiseMatmul.apply(x, weight, bias)
+    grad = randn(2, 25, 48, seed=4).to(torch.bfloat16)
+    y.backward(grad)
+
+    xq, x_scale = to_float8_rows(x.detach().reshape(50, 64))
+    wq, w_scale = to_float8_rows(weight.detach())
+    gq, g_scale = to_float8_rows(grad.reshape(50, 48))
+    wtq, wt_scale = to_float8_rows(weight.detach().t().contiguous())  # a scale for each input's column
+    xd, wd, gd, wtd = ((q.double() * s.double()) for q, s in
+                       ((xq, x_scale), (wq, w_scale), (gq, g_scale), (wtq, wt_scale)))
+    want_y = xd @ wd.T + bias.detach().to(torch.bfloat16).double()
+    want_gx = gd @ wtd.T
+    # the weight's gradient: bf16 operands (x as autocast keeps it), as nn.Linear's under autocast
+    want_gw = grad.reshape(50, 48).double().T @ x.detach().reshape(50, 64).to(torch.bfloat16).double()
+
+    def largest_error(got, want):
+        return ((got.double().reshape(want.shape) - want).abs().max() / want.abs().max()).item()
+
+    # bf16 outputs: one rounding of 2^-9 relative, two at most (the bias added after) 2^-8
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 25, 48)
+    assert largest_error(y, want_y) <= 2.0 ** -8
+    assert largest_error(x.grad, want_gx) <= 2.0 ** -8
+    assert weight.grad.dtype == torch.float32 and largest_error(weight.grad, want_gw) <= 2.0 ** -8
+    assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 50 * torch.finfo(torch.float32).eps
+
+
+def test_stacked_rowwise_linears_equal_them_one_by_one(monkeypatch):
+    """vision.linears' one matmul against stacked weights (a GPU's training path): row scales belong to a token of x
+    and to an output of a weight, so stacking changes none of them."""
+    layers = [nn.Linear(64, n) for n in (32, 16, 16)]
+    for seed, layer in enumerate(layers):
+        layer.weight.data = randn(*layer.weight.shape, seed=10 + seed, scale=0.1)
+        layer.bias.data = randn(layer.out_features, seed=20 + seed)
+    float8_linears(*layers, rowwise=True)
+    x = randn(30, 64, seed=8)
+    alone = [layer(x) for layer in layers]
+    monkeypatch.setattr(vision, "stacks_linears", lambda x: True)
+    stacked = vision.linears(x, *layers)
+    for a, b in zip(alone, stacked):
+        # the same float8 products summed in float32, then one bf16 rounding (2^-9 relative to the largest)
+        assert ((a - b).abs().max() / a.abs().max()).item() <= 2.0 ** -9
+
+
+@pytest.mark.parametrize("matmul", [Float8Matmul, Float8RowwiseMatmul])
+def test_a_frozen_weight_gets_no_gradient_and_costs_no_matmul(matmul):
     x = randn(20, 32, seed=5).requires_grad_()
     weight = randn(16, 32, seed=6)
-    Float8Matmul.apply(x, weight, None).float().sum().backward()
+    matmul.apply(x, weight, None).float().sum().backward()
     assert weight.grad is None and x.grad is not None and x.grad.shape == x.shape
 
 
@@ -95,20 +158,66 @@ def test_float8_linears_change_only_the_blocks_and_leave_evaluation_exact():
     assert ((trained.float() - plain).abs().max() / plain.abs().max()).item() < 0.1
 
 
-def test_train_joint_in_float8_follows_the_same_run_in_float32(tiny_world, tmp_path, monkeypatch, capsys):
-    """train_joint.py --float8=True, three steps from the same start on the same batches (no dropout), against the
-    run without it: each operand's float8 rounding is at most 2^-4 (e4m3) or 2^-3 (e5m2) of itself and independent
-    from element to element, so a loss summed over many such products moves far less (3e-4 relative here, 2^-9 the
-    bound) and the gradient norm a little more (1.5% here, 2^-4 the bound: e5m2 gradients)."""
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_train_joint_in_float8_follows_the_same_run_in_float32(tiny_world, tmp_path, monkeypatch, capsys, rowwise):
+    """train_joint.py --float8=True (and --float8_rowwise=True), three steps from the same start on the same batches
+    (no dropout), against the run without it: each operand's float8 rounding is at most 2^-4 (e4m3) or 2^-3 (e5m2)
+    of itself and independent from element to element, so a loss summed over many such products moves far less
+    (3e-4 relative here, 1e-4 by rows; 2^-9 the bound) and the gradient norm a little more (1.5% here, 0.7% by
+    rows; 2^-4 the bound)."""
     from test_training import TINY, mixture_args, read_log, run_stage_in_process
 
     args = [*TINY, *mixture_args(tiny_world), "--max_steps=3", "--save_every=0", "--resid_dropout=0.0",
             "--lr_connector=3e-3", "--lr_vit=2e-3", "--lr_llm=1e-3", "--warmup_llm=0", "--warmup_connector=0"]
     run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'float32'}", *args], monkeypatch)
-    run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'float8'}", *args, "--float8=True"], monkeypatch)
-    assert "float8: the blocks' 32 Linears multiply in float8" in capsys.readouterr().out  # 3 ViT + 2 LLM blocks
+    float8_args = ["--float8=True", f"--float8_rowwise={rowwise}"]
+    run_stage_in_process("train_joint.py", [f"--out_dir={tmp_path / 'float8'}", *args, *float8_args], monkeypatch)
+    said = "float8: the blocks' 32 Linears multiply in float8" + ", scaled a row at a time" * rowwise
+    assert said in capsys.readouterr().out  # 3 ViT + 2 LLM blocks
     plain, float8 = read_log(tmp_path / "float32"), read_log(tmp_path / "float8")
     assert len(plain) == len(float8) == 3
     for a, b in zip(plain, float8):
         assert b["loss"] != a["loss"] and b["loss"] == pytest.approx(a["loss"], rel=2 ** -9)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2 ** -4)
+
+
+def test_float8_rowwise_alone_is_refused_by_name(tiny_world, tmp_path, monkeypatch):
+    from test_training import TINY, mixture_args, run_stage_in_process
+
+    args = [*TINY, *mixture_args(tiny_world), "--max_steps=1", f"--out_dir={tmp_path}", "--float8_rowwise=True"]
+    with pytest.raises(SystemExit, match="float8_rowwise=True says how to scale float8=True's matmuls"):
+        run_stage_in_process("train_joint.py", args, monkeypatch)
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_a_compiled_block_in_float8_is_one_graph_and_computes_what_eager_does(rowwise, monkeypatch):
+    """A SigLIP2 block as compile_each_block compiles it for a GPU (its q, k, v stacked, bf16 autocast), here with
+    inductor's CPU code: no graph break (a torch.cat of float8 tensors once broke it), and the forward and gradients
+    of the block run eagerly. Inductor skips some of eager's bf16 roundings before a cast, which can move an element
+    to the neighbouring float8 value, up to one e5m2 step (2^-3) of it: every output and gradient stays within 2^-3
+    of its largest value (0.066 at most here). The key bias's gradient is left out: softmax ignores a constant
+    added to a query's every score, so its true value is 0 and both runs hold only rounding noise."""
+    from vision import Block, SigLIP2Config
+
+    monkeypatch.setattr(vision, "stacks_linears", lambda x: torch.is_grad_enabled())
+    torch.manual_seed(0)
+    block = Block(SigLIP2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16))
+    float8_linears(block, rowwise=rowwise)
+    x = randn(2, 24, 64, seed=9)
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xi)
+        y.float().square().mean().backward()
+        grads = {name: p.grad for name, p in block.named_parameters() if name != "self_attn.k_proj.bias"}
+        block.zero_grad(set_to_none=True)
+        return {"y": y.detach(), "x": xi.grad, **grads}
+
+    eager = run(block)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(block, fullgraph=True))
+    assert eager.keys() == compiled.keys() and len(eager) == 17
+    for name, a in eager.items():
+        b = compiled[name]
+        assert ((a.float() - b.float()).abs().max() / a.float().abs().max()).item() < 2.0 ** -3, name

@@ -42,6 +42,8 @@ The variants, by name:
     float8      every Linear in the blocks (the ViT's and the LLM's) a vision.Float8Linear, as train_joint.py's
                 float8 makes them: one scale a tensor from its values, activations and weights e4m3, gradients e5m2,
                 all three matmuls on the float8 tensor cores (twice the bf16 peak)
+    float8rows  float8 scaled a row at a time (train_joint.py's float8_rowwise, vision.Float8RowwiseMatmul): each
+                cast in one pass with its row's scale, all e4m3, the weight's gradient in bf16
     float8vit   the ViT's blocks' Linears alone in float8: its 14,580 tokens make larger matmuls than the LLM's 4,512,
                 which leaves a float8 matmul less to win against its scaling passes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
@@ -207,16 +209,17 @@ def vit_stream_in(dtype, model):
     return lambda: delattr(vit, "embed")
 
 
-def float8_blocks(model, llm=True):
-    """Every Linear in model's blocks (the ViT's alone if not llm) a vision.Float8Linear (train_joint.py's float8);
-    undone by the returned function. The blocks must be compiled after it."""
+def float8_blocks(model, llm=True, rowwise=False):
+    """Every Linear in model's blocks (the ViT's alone if not llm) a vision.Float8Linear (train_joint.py's float8),
+    scaled a row at a time if rowwise; undone by the returned function. The blocks must be compiled after it."""
     blocks = [*model.vit.layers, *(model.llm.layers if llm else [])]
-    print(f"float8: {vision.float8_linears(*blocks)} Linears", flush=True)
+    print(f"float8: {vision.float8_linears(*blocks, rowwise=rowwise)} Linears", flush=True)
 
     def undo():
         for m in model.modules():
             if type(m) is vision.Float8Linear:
                 m.__class__ = torch.nn.Linear
+                m.__dict__.pop("rowwise", None)
     return undo
 
 
@@ -248,6 +251,7 @@ def main():
                 "vitbf16": ("the ViT's residual stream in bf16, fresh", GraphedStep, True, False),
                 "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False),
                 "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False),
+                "float8rows": ("the blocks' Linears in float8 scaled by rows, fresh", GraphedStep, True, False),
                 "float8vit": ("the ViT's blocks' Linears in float8, fresh", GraphedStep, True, False)}
     compiled = ({}, True, False)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked,
     #   which float8 variant or False)
@@ -268,7 +272,7 @@ def main():
         try:
             wanted = (how.get(name, {}), name != "unstacked", name.startswith("float8") and name)
             if name.startswith("float8"):
-                undos.append(float8_blocks(model, llm=name == "float8"))
+                undos.append(float8_blocks(model, llm=name != "float8vit", rowwise=name == "float8rows"))
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
