@@ -160,13 +160,23 @@ FLOAT8_LARGEST = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """t -> (t * s in dtype, 1 / s), s = dtype's largest value / t's largest magnitude (a float32 scalar on t's
     device: no sync, so a CUDA graph can hold it)."""
-    largest = FLOAT8_LARGEST[dtype]
     # Each row's largest first, then theirs (the same value): on an H100 inductor ran the amax of a whole tensor, fused
     # into the gelu backward that made it, at 0.66 ms for a 14,580 x 4,304 gradient, ~5x its bytes' time. A reduction
     # along rows it spreads like a norm's; not yet timed (BENCHMARKS.md "Float8 matmuls").
-    amax = t.detach().abs().amax(dim=-1).amax()
+    return scaled_into(t, t.detach().abs().amax(dim=-1).amax(), dtype)
+
+
+def scaled_into(t: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """t times s in dtype and 1 / s, s = dtype's largest value / amax (t's largest magnitude, one for all of t or one
+    a row), clamped so that rounding cannot step past the format's largest value."""
+    largest = FLOAT8_LARGEST[dtype]
     scale = largest / amax.float().clamp(min=1e-12)
     return (t.float() * scale).clamp(-largest, largest).to(dtype), scale.reciprocal()
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear's output takes for input x: autocast's where autocast is on for x's device, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def column_major(t: torch.Tensor) -> torch.Tensor:
@@ -196,8 +206,7 @@ class Float8Matmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq, x_scale = to_float8(rows_padded(x2), torch.float8_e4m3fn)
         wq, w_scale = to_float8(weight, torch.float8_e4m3fn)
-        on = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        out_dtype = matmul_dtype(x)
         fused_bias = bias is not None and out_dtype != torch.float32  # a GPU adds a bias in the matmul in 16 bits only
         y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
                              bias=bias.to(out_dtype) if fused_bias else None, use_fast_accum=True)[:len(x2)]
@@ -228,9 +237,7 @@ def to_float8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t (R, C) -> (each row times its own s in e4m3, the (R, 1) float32 column of 1 / s), s = e4m3's largest value /
     the row's largest magnitude. A row's scale needs only that row, so one kernel can find it and cast the row in the
     same pass (a tensor's one scale needs a pass over all of it before any element is cast)."""
-    largest = FLOAT8_LARGEST[torch.float8_e4m3fn]
-    scale = largest / t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-largest, largest).to(torch.float8_e4m3fn), scale.reciprocal()
+    return scaled_into(t, t.detach().abs().amax(dim=-1, keepdim=True), torch.float8_e4m3fn)
 
 
 class Float8RowwiseMatmul(torch.autograd.Function):
@@ -243,8 +250,7 @@ class Float8RowwiseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        on = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        out_dtype = matmul_dtype(x)
         xq, x_scale = to_float8_rows(x2)
         wq, w_scale = to_float8_rows(weight)
         fused_bias = bias is not None and out_dtype == torch.bfloat16  # a row-scaled matmul writes bf16 only

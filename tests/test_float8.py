@@ -21,6 +21,25 @@ def randn(*shape, seed, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def largest_error(got, want):
+    """got's largest difference from want (float64), relative to want's largest magnitude."""
+    return ((got.double().reshape(want.shape) - want).abs().max() / want.abs().max()).item()
+
+
+def matmul_run(matmul):
+    """matmul (a float8 Function) on 50 tokens (not a multiple of 16: the tensorwise weight gradient's padding runs),
+    64 in, 48 out, a bias, under bf16 autocast as a GPU trains, then backward from a bf16 gradient:
+    (x, weight, bias, grad, y), their gradients filled in."""
+    x = randn(2, 25, 64, seed=1).requires_grad_()
+    weight = randn(48, 64, seed=2, scale=0.1).requires_grad_()
+    bias = randn(48, seed=3).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the output in autocast's dtype
+        y = matmul.apply(x, weight, bias)
+    grad = randn(2, 25, 48, seed=4).to(torch.bfloat16)
+    y.backward(grad)
+    return x, weight, bias, grad, y
+
+
 def test_to_float8_maps_the_largest_magnitude_onto_the_formats_largest_and_rounds_to_the_nearest():
     t = randn(300, 40, seed=0, scale=3.0)
     for dtype in (E4M3, E5M2):
@@ -48,14 +67,7 @@ def test_to_float8_rows_scales_each_row_onto_the_formats_largest():
 
 
 def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
-    """50 tokens (not a multiple of 16: the weight gradient's padding runs), 64 in, 48 out, a bias."""
-    x = randn(2, 25, 64, seed=1).requires_grad_()
-    weight = randn(48, 64, seed=2, scale=0.1).requires_grad_()
-    bias = randn(48, seed=3).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a GPU trains: the output in autocast's dtype
-        y = Float8Matmul.apply(x, weight, bias)
-    grad = randn(2, 25, 48, seed=4).to(torch.bfloat16)
-    y.backward(grad)
+    x, weight, bias, grad, y = matmul_run(Float8Matmul)
 
     xq, x_scale = to_float8(x.detach().reshape(50, 64), E4M3)
     wq, w_scale = to_float8(weight.detach(), E4M3)
@@ -63,9 +75,6 @@ def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
     xd, wd, gd = ((q.double() * s.double()) for q, s in ((xq, x_scale), (wq, w_scale), (gq, g_scale)))
     want_y = xd @ wd.T + bias.detach().to(torch.bfloat16).double()
     want_gx, want_gw = gd @ wd, gd.T @ xd
-
-    def largest_error(got, want):
-        return ((got.double().reshape(want.shape) - want).abs().max() / want.abs().max()).item()
 
     # y and x's gradient come out in bf16: one rounding of 2^-9 relative, two at most (the bias added after) 2^-8
     assert y.dtype == torch.bfloat16 and y.shape == (2, 25, 48)
@@ -79,13 +88,7 @@ def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
 
 
 def test_the_rowwise_matmuls_are_float64_arithmetic_on_the_float8_operands_and_the_weight_gradient_bf16():
-    x = randn(2, 25, 64, seed=1).requires_grad_()
-    weight = randn(48, 64, seed=2, scale=0.1).requires_grad_()
-    bias = randn(48, seed=3).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = Float8RowwiseMatmul.apply(x, weight, bias)
-    grad = randn(2, 25, 48, seed=4).to(torch.bfloat16)
-    y.backward(grad)
+    x, weight, bias, grad, y = matmul_run(Float8RowwiseMatmul)
 
     xq, x_scale = to_float8_rows(x.detach().reshape(50, 64))
     wq, w_scale = to_float8_rows(weight.detach())
@@ -97,9 +100,6 @@ def test_the_rowwise_matmuls_are_float64_arithmetic_on_the_float8_operands_and_t
     want_gx = gd @ wtd.T
     # the weight's gradient: bf16 operands (x as autocast keeps it), as nn.Linear's under autocast
     want_gw = grad.reshape(50, 48).double().T @ x.detach().reshape(50, 64).to(torch.bfloat16).double()
-
-    def largest_error(got, want):
-        return ((got.double().reshape(want.shape) - want).abs().max() / want.abs().max()).item()
 
     # bf16 outputs: one rounding of 2^-9 relative, two at most (the bias added after) 2^-8
     assert y.dtype == torch.bfloat16 and y.shape == (2, 25, 48)
@@ -123,7 +123,7 @@ def test_stacked_rowwise_linears_equal_them_one_by_one(monkeypatch):
     stacked = vision.linears(x, *layers)
     for a, b in zip(alone, stacked):
         # the same float8 products summed in float32, then one bf16 rounding (2^-9 relative to the largest)
-        assert ((a - b).abs().max() / a.abs().max()).item() <= 2.0 ** -9
+        assert largest_error(b, a.double()) <= 2.0 ** -9
 
 
 @pytest.mark.parametrize("matmul", [Float8Matmul, Float8RowwiseMatmul])
@@ -192,11 +192,11 @@ def test_float8_rowwise_alone_is_refused_by_name(tiny_world, tmp_path, monkeypat
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_a_compiled_block_in_float8_is_one_graph_and_computes_what_eager_does(rowwise, monkeypatch):
     """A SigLIP2 block as compile_each_block compiles it for a GPU (its q, k, v stacked, bf16 autocast), here with
-    inductor's CPU code: no graph break (a torch.cat of float8 tensors once broke it), and the forward and gradients
-    of the block run eagerly. Inductor skips some of eager's bf16 roundings before a cast, which can move an element
-    to the neighbouring float8 value, up to one e5m2 step (2^-3) of it: every output and gradient stays within 2^-3
-    of its largest value (0.066 at most here). The key bias's gradient is left out: softmax ignores a constant
-    added to a query's every score, so its true value is 0 and both runs hold only rounding noise."""
+    inductor's CPU code: no graph break (a torch.cat of float8 tensors once broke it), and, within rounding, the forward
+    and gradients of the block run eagerly. Inductor skips some of eager's bf16 roundings before a cast, which can move
+    an element to the neighbouring float8 value, up to one e5m2 step (2^-3) of it: every output and gradient stays
+    within 2^-3 of its largest value (0.066 at most here). The key bias's gradient is left out: softmax ignores a
+    constant added to a query's every score, so its true value is 0 and both runs hold only rounding noise."""
     from vision import Block, SigLIP2Config
 
     monkeypatch.setattr(vision, "stacks_linears", lambda x: torch.is_grad_enabled())
@@ -219,5 +219,4 @@ def test_a_compiled_block_in_float8_is_one_graph_and_computes_what_eager_does(ro
     compiled = run(torch.compile(block, fullgraph=True))
     assert eager.keys() == compiled.keys() and len(eager) == 17
     for name, a in eager.items():
-        b = compiled[name]
-        assert ((a.float() - b.float()).abs().max() / a.float().abs().max()).item() < 2.0 ** -3, name
+        assert largest_error(compiled[name], a.double()) < 2.0 ** -3, name
