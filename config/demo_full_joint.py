@@ -15,7 +15,8 @@ max_steps = 880  # ~0.30 s each with compile_blocks (below) on an H200, ~0.32 on
 # against 0.945 at 1e-3) and the images were worth 0.35 of validation loss against 0.165
 lr_connector, lr_vit, lr_llm = 1e-4, 0.0, 5e-4
 # the LLM's and connector's matrices by Muon, as the CPU demo's joint stage (config/demo_joint.py: 0.005 with AdamW at
-# 5e-4 for the rest), where config/demo_gpu_joint.py turns it off. Two H100 runs (2026-12-07): test counting 0.690
+# 5e-4 for the rest) and the small GPU recipe's (config/demo_gpu_joint.py), set here too: this preset's rate was
+# measured on its own. Two H100 runs (2026-12-07): test counting 0.690
 # and 0.670, pointing F1 0.712 and 0.718, kind questions 0.57 and 0.45, against 0.605-0.630, 0.40-0.47 and 0.42 in
 # four runs by AdamW alone (BENCHMARKS.md "The full recipe's joint stage by Muon", "The full recipe by Muon again");
 # Muon's orthogonalising adds ~0.04 s a step
