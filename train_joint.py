@@ -125,9 +125,10 @@ activation_checkpointing = False
 float8 = False  # True: every Linear in the ViT's and the LLM's blocks multiplies in float8 while training
 #   (vision.Float8Linear: scaled per tensor, activations and weights e4m3, gradients e5m2), on the float8 tensor cores
 #   of an H100/H200 (compute capability 8.9 or more); evaluation and answers stay in dtype. Not Molmo2's precision,
-#   and slower as built: 214 ms a full-preset step against 171 on an H100 (BENCHMARKS.md "Float8 matmuls")
+#   and slower as built: 182 ms a full-preset step against 171 on an H100 (BENCHMARKS.md "Float8 matmuls")
 float8_rowwise = False  # with float8: one scale a row, all e4m3, the weight's gradient in bf16 (vision.
-#   Float8RowwiseMatmul): each cast in one pass, no transposed copies; not yet timed on a GPU
+#   Float8RowwiseMatmul): each cast in one pass, no transposed copies; 179 ms a step on the H100, 19 of them the bias
+#   gradients, since folded into the weight gradient's matmul (untimed)
 log_every = 1
 wandb_project = ""  # also log to this Weights & Biases project (pip install wandb; wandb login)
 eval_every = 100  # validation loss on the val split

@@ -194,6 +194,15 @@ def rows_padded(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
 
+def bias_gradient(g: torch.Tensor) -> torch.Tensor:
+    """The bias's gradient, g (tokens, out) summed over its tokens, as a matmul by a row of ones, not g.sum(0): in a
+    compiled float8 backward that sum sits beside the row reduction that scales g, and inductor fuses the two into one
+    mix-order reduction whose every program keeps a whole row of column sums; at the ViT's 4,304-wide rows that took
+    5.3 ms a call on an H100 (BENCHMARKS.md "Float8 matmuls"). The matmul sums in float32 as the sum did; its output is
+    in g's dtype, as nn.Linear's bias gradient is under autocast."""
+    return (g.new_ones(1, g.shape[0]) @ g).view(-1).float()
+
+
 class Float8Matmul(torch.autograd.Function):
     """y = x @ weight.T + bias with all three of the training step's matmuls in float8: forward x (e4m3) by the
     weight (e4m3); backward the output's gradient (e5m2) by the weight for x's gradient, and by x for the weight's
@@ -229,7 +238,7 @@ class Float8Matmul(torch.autograd.Function):
             grad_w = torch._scaled_mm(gq.t().contiguous(), column_major(xq), scale_a=g_scale, scale_b=x_scale,
                                       out_dtype=torch.float32)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.float().sum(0)
+            grad_b = bias_gradient(g)
         return grad_x, grad_w, grad_b
 
 
@@ -245,7 +254,9 @@ class Float8RowwiseMatmul(torch.autograd.Function):
     forward each token's row of x by each output's row of the weight, backward each token's row of the output's
     gradient by each input's column of the weight for x's gradient. The weight's gradient stays a bf16 matmul (as
     nn.Linear's under autocast) of the gradient and x, kept in autocast's dtype: in float8 its operands would need
-    scales along the tokens and a transposed copy each, the passes that made Float8Matmul's step slower."""
+    scales along the tokens and a transposed copy each, the passes that made Float8Matmul's step slower. The bias's
+    gradient comes out of that matmul too, from a column of ones kept beside x: as its own matmul (bias_gradient) it
+    took 19 ms of an H100's row-scaled step, as a sum fused beside the scaling 133 ms."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -258,24 +269,32 @@ class Float8RowwiseMatmul(torch.autograd.Function):
                              bias=bias.to(torch.bfloat16) if fused_bias else None, use_fast_accum=True).to(out_dtype)
         if bias is not None and not fused_bias:
             y = y + bias
-        ctx.save_for_backward(x2.to(out_dtype), weight)
+        x_kept = x2.to(out_dtype)
+        if bias is not None:  # a column of ones after x's (and 7 of zeros, keeping its rows 16-byte aligned): the
+            # weight's gradient matmul then sums the output's gradient over the tokens, the bias's gradient, as its
+            # last column (the docstring says why not alone)
+            x_kept = torch.cat([x_kept, x_kept.new_ones(len(x2), 1), x_kept.new_zeros(len(x2), 7)], dim=1)
+        ctx.save_for_backward(x_kept, weight)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
+        x_kept, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             gq, g_scale = to_float8_rows(g)
             wtq, wt_scale = to_float8_rows(weight.t().contiguous())  # a row each input, so that .t() is column-major
             grad_x = torch._scaled_mm(gq, wtq.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=torch.bfloat16
-                                      ).to(x2.dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.t().to(x2.dtype) @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.float().sum(0)
+                                      ).to(x_kept.dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_wb = g.t().to(x_kept.dtype) @ x_kept
+            in_features = weight.shape[1]
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_wb[:, :in_features]
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_wb[:, in_features].float()
         return grad_x, grad_w, grad_b
 
 
