@@ -161,8 +161,8 @@ def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     """t -> (t * s in dtype, 1 / s), s = dtype's largest value / t's largest magnitude (a float32 scalar on t's
     device: no sync, so a CUDA graph can hold it)."""
     # Each row's largest first, then theirs (the same value): on an H100 inductor ran the amax of a whole tensor, fused
-    # into the gelu backward that made it, at 0.66 ms for a 14,580 x 4,304 gradient, ~5x its bytes' time. A reduction
-    # along rows it spreads like a norm's; not yet timed (BENCHMARKS.md "Float8 matmuls").
+    # into the gelu backward that made it, at 0.66 ms for a 14,580 x 4,304 gradient, ~5x its bytes' time; a reduction
+    # along rows it spreads like a norm's: 0.20 ms, the step 183 ms against 214 (BENCHMARKS.md "Float8 matmuls").
     return scaled_into(t, t.detach().abs().amax(dim=-1).amax(), dtype)
 
 
@@ -288,13 +288,14 @@ class Float8RowwiseMatmul(torch.autograd.Function):
             wtq, wt_scale = to_float8_rows(weight.t().contiguous())  # a row each input, so that .t() is column-major
             grad_x = torch._scaled_mm(gq, wtq.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=torch.bfloat16
                                       ).to(x_kept.dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1] or ctx.has_bias and ctx.needs_input_grad[2]:
+        wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:
             grad_wb = g.t().to(x_kept.dtype) @ x_kept
-            in_features = weight.shape[1]
-            if ctx.needs_input_grad[1]:
-                grad_w = grad_wb[:, :in_features]
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = grad_wb[:, in_features].float()
+            grad_w = grad_wb[:, :weight.shape[1]]
+            if wants_bias:
+                grad_b = grad_wb[:, weight.shape[1]].float()
+        elif wants_bias:  # a frozen weight: the ones' column alone, not the whole weight gradient's matmul
+            grad_b = bias_gradient(g)
         return grad_x, grad_w, grad_b
 
 

@@ -136,6 +136,15 @@ def test_a_frozen_weight_gets_no_gradient_and_costs_no_matmul(matmul):
     assert weight.grad is None and x.grad is not None and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("matmul", [Float8Matmul, Float8RowwiseMatmul])
+def test_a_frozen_weight_beside_a_learning_bias_gives_the_bias_its_gradient(matmul):
+    x = randn(20, 32, seed=5).requires_grad_()
+    weight, bias = randn(16, 32, seed=6), torch.zeros(16, requires_grad=True)
+    matmul.apply(x, weight, bias).float().sum().backward()
+    # the output's gradient is all ones, so each bias's is the 20 tokens' count, exact in any float
+    assert weight.grad is None and torch.equal(bias.grad, torch.full((16,), 20.0))
+
+
 def test_float8_linears_change_only_the_blocks_and_leave_evaluation_exact():
     torch.manual_seed(0)
     model = Molmo2(Molmo2Config.preset("tiny")).eval()
