@@ -194,13 +194,21 @@ def rows_padded(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
 
+@torch.library.custom_op("nanomolmo2::bias_gradient", mutates_args=())
 def bias_gradient(g: torch.Tensor) -> torch.Tensor:
-    """The bias's gradient, g (tokens, out) summed over its tokens, as a matmul by a row of ones, not g.sum(0): in a
-    compiled float8 backward that sum sits beside the row reduction that scales g, and inductor fuses the two into one
-    mix-order reduction whose every program keeps a whole row of column sums; at the ViT's 4,304-wide rows that took
-    5.3 ms a call on an H100 (BENCHMARKS.md "Float8 matmuls"). The matmul sums in float32 as the sum did; its output is
-    in g's dtype, as nn.Linear's bias gradient is under autocast."""
-    return (g.new_ones(1, g.shape[0]) @ g).view(-1).float()
+    """The bias's gradient: g (tokens, out) summed over its tokens in float32, as an operator torch.compile cannot
+    see into. Inside a compiled float8 backward, g.sum(0) sits beside the row reduction that scales g, and inductor
+    fuses the two into one mix-order reduction whose every program keeps a whole row of column sums: at the ViT's
+    4,304-wide rows that took 5.3 ms a call on an H100. As a matmul by a row of ones, cuBLAS's gemv took 19 ms a step,
+    and as a column of ones kept beside x for the weight gradient's matmul the step took 9 ms more again (the wider
+    x's copies and slower scaling kernels). Here it is ATen's own column sum, one read of g (BENCHMARKS.md "Float8
+    matmuls")."""
+    return g.sum(0, dtype=torch.float32)
+
+
+@bias_gradient.register_fake
+def _(g):
+    return g.new_empty(g.shape[1], dtype=torch.float32)
 
 
 class Float8Matmul(torch.autograd.Function):
@@ -255,8 +263,7 @@ class Float8RowwiseMatmul(torch.autograd.Function):
     gradient by each input's column of the weight for x's gradient. The weight's gradient stays a bf16 matmul (as
     nn.Linear's under autocast) of the gradient and x, kept in autocast's dtype: in float8 its operands would need
     scales along the tokens and a transposed copy each, the passes that made Float8Matmul's step slower. The bias's
-    gradient comes out of that matmul too, from a column of ones kept beside x: as its own matmul (bias_gradient) it
-    took 19 ms of an H100's row-scaled step, as a sum fused beside the scaling 133 ms."""
+    gradient is bias_gradient's (which says why not a sum here)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -269,12 +276,7 @@ class Float8RowwiseMatmul(torch.autograd.Function):
                              bias=bias.to(torch.bfloat16) if fused_bias else None, use_fast_accum=True).to(out_dtype)
         if bias is not None and not fused_bias:
             y = y + bias
-        x_kept = x2.to(out_dtype)
-        if bias is not None:  # a column of ones after x's (and 7 of zeros, keeping its rows 16-byte aligned): the
-            # weight's gradient matmul then sums the output's gradient over the tokens, the bias's gradient, as its
-            # last column (the docstring says why not alone)
-            x_kept = torch.cat([x_kept, x_kept.new_ones(len(x2), 1), x_kept.new_zeros(len(x2), 7)], dim=1)
-        ctx.save_for_backward(x_kept, weight)
+        ctx.save_for_backward(x2.to(out_dtype), weight)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -288,13 +290,9 @@ class Float8RowwiseMatmul(torch.autograd.Function):
             wtq, wt_scale = to_float8_rows(weight.t().contiguous())  # a row each input, so that .t() is column-major
             grad_x = torch._scaled_mm(gq, wtq.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=torch.bfloat16
                                       ).to(x_kept.dtype).view(ctx.x_shape)
-        wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            grad_wb = g.t().to(x_kept.dtype) @ x_kept
-            grad_w = grad_wb[:, :weight.shape[1]]
-            if wants_bias:
-                grad_b = grad_wb[:, weight.shape[1]].float()
-        elif wants_bias:  # a frozen weight: the ones' column alone, not the whole weight gradient's matmul
+            grad_w = g.t().to(x_kept.dtype) @ x_kept
+        if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = bias_gradient(g)
         return grad_x, grad_w, grad_b
 

@@ -84,9 +84,9 @@ def test_the_three_matmuls_are_float64_arithmetic_on_the_float8_operands():
     # products of float8 numbers are exact, 50 of them summed in float32
     assert weight.grad.dtype == torch.float32
     assert largest_error(weight.grad, want_gw) <= 50 * torch.finfo(torch.float32).eps
-    # the bias's gradient summed in float32 and written in the gradient's bf16 (vision.bias_gradient), as nn.Linear's
-    # under autocast: one rounding of 2^-9 relative after 50 float32 additions
-    assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 2.0 ** -9 + 50 * torch.finfo(torch.float32).eps
+    # the bias's gradient summed over the 50 tokens in float32 and kept so (vision.bias_gradient): the
+    # roundings of 50 float32 additions
+    assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 50 * torch.finfo(torch.float32).eps
 
 
 def test_the_rowwise_matmuls_are_float64_arithmetic_on_the_float8_operands_and_the_weight_gradient_bf16():
@@ -108,7 +108,7 @@ def test_the_rowwise_matmuls_are_float64_arithmetic_on_the_float8_operands_and_t
     assert largest_error(y, want_y) <= 2.0 ** -8
     assert largest_error(x.grad, want_gx) <= 2.0 ** -8
     assert weight.grad.dtype == torch.float32 and largest_error(weight.grad, want_gw) <= 2.0 ** -8
-    assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 2.0 ** -9 + 50 * torch.finfo(torch.float32).eps
+    assert largest_error(bias.grad, grad.double().sum((0, 1))) <= 50 * torch.finfo(torch.float32).eps
 
 
 def test_stacked_rowwise_linears_equal_them_one_by_one(monkeypatch):

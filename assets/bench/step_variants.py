@@ -44,6 +44,7 @@ The variants, by name:
                 all three matmuls on the float8 tensor cores (twice the bf16 peak)
     float8rows  float8 scaled a row at a time (train_joint.py's float8_rowwise, vision.Float8RowwiseMatmul): each
                 cast in one pass with its row's scale, all e4m3, the weight's gradient in bf16
+    all8        all, with float8rows: every lever measured here at once
     float8vit   the ViT's blocks' Linears alone in float8: its 14,580 tokens make larger matmuls than the LLM's 4,512,
                 which leaves a float8 matmul less to win against its scaling passes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
@@ -252,13 +253,15 @@ def main():
                 "all": ("levers, three parts and the ViT's stream in bf16", LeversStep, False, False),
                 "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False),
                 "float8rows": ("the blocks' Linears in float8 scaled by rows, fresh", GraphedStep, True, False),
-                "float8vit": ("the ViT's blocks' Linears in float8, fresh", GraphedStep, True, False)}
+                "float8vit": ("the ViT's blocks' Linears in float8, fresh", GraphedStep, True, False),
+                "all8": ("levers, three parts, the ViT's stream in bf16, float8 by rows", LeversStep, False, False)}
     compiled = ({}, True, False)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked,
     #   which float8 variant or False)
     how = {"autotune": {"mode": "max-autotune-no-cudagraphs"},
            "coordesc": {"options": {"coordinate_descent_tuning": True}},
            "levers": {"options": {"coordinate_descent_tuning": True}},
            "all": {"options": {"coordinate_descent_tuning": True}},
+           "all8": {"options": {"coordinate_descent_tuning": True}},
            "nomix": {"options": {"triton.mix_order_reduction": False}},
            "mixheuristic": {"options": {"triton.mix_order_reduction_split_size": None}},
            "mixtune": {"options": {"triton.mix_order_reduction_split_size": None,
@@ -270,9 +273,10 @@ def main():
         label, cls, fresh, before = variants[name]
         undos = []  # what the variant patched into the model, undone after it whatever happens
         try:
-            wanted = (how.get(name, {}), name != "unstacked", name.startswith("float8") and name)
-            if name.startswith("float8"):
-                undos.append(float8_blocks(model, llm=name != "float8vit", rowwise=name == "float8rows"))
+            float8 = name.startswith("float8") or name == "all8"
+            wanted = (how.get(name, {}), name != "unstacked", float8 and name)
+            if float8:
+                undos.append(float8_blocks(model, llm=name != "float8vit", rowwise=name in ("float8rows", "all8")))
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
@@ -282,9 +286,9 @@ def main():
             nano.softmax_grad_for = (lambda logits: nano.head_softmax_grad) if before else compiled_for
             nano.loss_chunk_rows = (lambda rows, on_gpu: 1024) if before else chunk_rows
             bench.GraphedStep = cls
-            if name in SPLITS or name == "all":
+            if name in SPLITS or name in ("all", "all8"):
                 undos.append(attend_by_span(model, cpu_batch, SPLITS.get(name, three_parts)))
-            if name in ("vitbf16", "all"):
+            if name in ("vitbf16", "all", "all8"):
                 undos.append(vit_stream_in(torch.bfloat16, model))
             optimizer = build_optimizer(model, {"connector": 1e-5, "vit": 1e-5, "llm": 1e-5}, {})
             step = bench.graphed_step(model, optimizer, cpu_batch, dev, fresh_grads=fresh)
