@@ -52,9 +52,15 @@ The variants, by name:
                 attention and the span's rows again over the keys before e (spanrows), or the three calls over
                 only the work the mask leaves (threeparts; the rows after e through a mask of their own).
                 train_attention.py's span_attention and three_parts, planned once on the host from the batch's mask
+    NAME_mk     NAME with inductor's multi-kernel reductions (config.triton.multi_kernel): a reduction over a
+                row is compiled persistent (the whole row in registers, one read) up to 16,384 wide, not 1,024, as
+                well as looped, and the faster of the two is timed at its first call and kept. The ViT's LayerNorms
+                (1,152 wide) and float8's row amaxes (4,304 wide at the ViT's fc1, 3,072 at the LLM's gate/up)
+                loop today: two passes over each row, once for the statistic and once to use it
 
     python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
+    python assets/bench/step_variants.py committed committed_mk float8rows float8rows_mk
 """
 
 import functools
@@ -266,15 +272,21 @@ def main():
            "mixheuristic": {"options": {"triton.mix_order_reduction_split_size": None}},
            "mixtune": {"options": {"triton.mix_order_reduction_split_size": None,
                                    "triton.mix_order_reduction_autotune_split_size": True}}}
-    for name in NAMES:
+    for full in NAMES:
+        name, kernels = full.removesuffix("_mk"), full.endswith("_mk")  # the variant, and the reductions as multi
+        #   kernels (the "_mk" suffix)
         if name.startswith("mix") and name[3:].isdigit():  # mix64, mix128, ...: the split, rows a partial sum
             variants[name] = (f"mix-order split {name[3:]}, fresh", GraphedStep, True, False)
             how[name] = {"options": {"triton.mix_order_reduction_split_size": int(name[3:])}}
         label, cls, fresh, before = variants[name]
+        options = how.get(name, {})
+        if kernels:
+            label += ", reductions persistent up to 16,384 wide where timed faster (multi-kernel)"
+            options = {**options, "options": {**options.get("options", {}), "triton.multi_kernel": 1}}
         undos = []  # what the variant patched into the model, undone after it whatever happens
         try:
             float8 = name.startswith("float8") or name == "all8"
-            wanted = (how.get(name, {}), name != "unstacked", float8 and name)
+            wanted = (options, name != "unstacked", float8 and name)
             if float8:
                 undos.append(float8_blocks(model, llm=name != "float8vit", rowwise=name in ("float8rows", "all8")))
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
