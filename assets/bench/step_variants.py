@@ -54,9 +54,10 @@ The variants, by name:
                 train_attention.py's span_attention and three_parts, planned once on the host from the batch's mask
     NAME_mk     NAME with inductor's multi-kernel reductions (config.triton.multi_kernel): a reduction over a
                 row is compiled persistent (the whole row in registers, one read) up to 16,384 wide, not 1,024, as
-                well as looped, and the faster of the two is timed at its first call and kept. The ViT's LayerNorms
-                (1,152 wide) and float8's row amaxes (4,304 wide at the ViT's fc1, 3,072 at the LLM's gate/up)
-                loop today: two passes over each row, once for the statistic and once to use it
+                well as looped, and the faster of the two is timed at its first call and kept. By inductor's
+                heuristic the ViT's LayerNorms (1,152 wide) and float8's row amaxes over the ViT's rows (1,152 to
+                4,304 wide) and the LLM's down projection's input (3,072) loop today: each row read twice, once
+                for the statistic and once to use it (untimed on a GPU as of 2026-12-08)
 
     python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
