@@ -146,10 +146,34 @@ def test_demo_reports_what_its_steps_made(clone):
         n_counting = sum(json.loads(line)["task"] == "counting" for line in f)
     by_query = re.findall(r"^\| (?:a colour|a kind|both|every shape)[^|]*\| (\d+) \| [0-9.]+ \|$", report, re.M)
     assert by_query and sum(map(int, by_query)) == n_counting  # every counting question in one row
+    # each training stage ran the steps SHORTER gave its command, and the report says so, with nothing about minutes
+    steps = int(next(a for a in SHORTER["train_"] if a.startswith("--max_steps=")).split("=", 1)[1])
+    stages = [name for name, args, _ in demo.STEPS if args[0].startswith("train_")]
+    assert (f"| steps each stage ran, of those its command set: {' / '.join(stages)} | "
+            f"{' / '.join([f'{steps} of {steps}'] * len(stages))} |") in report
+    assert "The minutes ran out" not in report
     tiny = Molmo2Config.preset("tiny")
     kept_blocks = max(tiny.connector.vit_layers) + 1  # the ViT is kept up to the last block the connector reads
     assert (f"ViT {tiny.vit.hidden_size} wide x {kept_blocks} blocks at {tiny.vit.image_size} px, Qwen3-style LLM "
             f"{tiny.llm.hidden_size} wide x {tiny.llm.num_hidden_layers} blocks") in report
+
+
+def test_the_report_names_a_stage_that_ran_out_of_minutes(tmp_path):
+    """A stage that max_minutes ended early: its checkpoint's step is below the max_steps its config kept."""
+    import torch
+    for stage, step, max_steps in (("vision", 400, 400), ("joint", 2455, 3300)):
+        os.makedirs(tmp_path / stage)
+        torch.save({"step": step, "config": {"max_steps": max_steps}}, tmp_path / stage / "ckpt.pt")
+    steps = [("vision", ["train_vision.py", "config/demo_vision.py", f"--out_dir={tmp_path}/vision"], ""),
+             ("align", ["train_align.py", f"--out_dir={tmp_path}/align"], ""),  # no checkpoint: left out
+             ("joint", ["train_joint.py", f"--out_dir={tmp_path}/joint"], ""),
+             ("evaluate", ["eval.py", f"--out_dir={tmp_path}/vision"], "")]  # not a training stage
+    rows = demo.steps_ran(steps)
+    assert rows == [("vision", 400, 400), ("joint", 2455, 3300)]
+    note = " ".join(demo.steps_note(rows).split())
+    assert "The minutes ran out before the steps: joint ran 2,455 of its 3,300 steps," in note
+    assert "vision" not in note
+    assert demo.steps_note([("vision", 400, 400)]) == ""
 
 
 def test_a_world_made_with_other_content_knobs_is_made_again(tmp_path):
