@@ -206,9 +206,9 @@ def steps_note(rows):
         return ""
     return "\n" + textwrap.fill(
         f"The minutes ran out before the steps: {', '.join(short)}, its learning rates decaying to where it ended "
-        "(max_minutes). Fewer steps have scored lower: of the README's `make demo` draws on a 2-core Xeon, those that "
-        "fit fewer than 2,900 joint steps counted and pointed lower on average than those that fit more (README.md, "
-        '"The CPU demo as it runs now").', width=115) + "\n"
+        "(max_minutes). Runs of fewer steps have scored lower (README.md, \"The CPU demo as it runs now\": of its "
+        "draws of this demo on a 2-core Xeon, those of fewer than 2,900 joint steps counted and pointed lower on "
+        "average).", width=115) + "\n"
 
 
 def preflight(recipe):
