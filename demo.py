@@ -193,7 +193,9 @@ def steps_ran(steps):
     for name, args, _ in steps:
         out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), None)
         if args[0].startswith("train_") and out_dir and os.path.isfile(f"{out_dir}/ckpt.pt"):
-            ckpt = torch.load(f"{out_dir}/ckpt.pt", map_location="cpu", weights_only=False)
+            # mapped, not read: the full recipe's checkpoint holds ~1B parameters and their AdamW moments, and only
+            # two numbers of it are wanted here
+            ckpt = torch.load(f"{out_dir}/ckpt.pt", map_location="cpu", weights_only=False, mmap=True)
             rows.append((name, ckpt["step"], ckpt["config"]["max_steps"]))
     return rows
 
