@@ -45,6 +45,12 @@ The variants, by name:
     float8rows  float8 scaled a row at a time (train_joint.py's float8_rowwise, vision.Float8RowwiseMatmul): each
                 cast in one pass with its row's scale, all e4m3, the weight's gradient in bf16
     all8        all, with float8rows: every lever measured here at once
+    float8delayed  float8 as above with each scale a constant where float8 computes it from the tensor it scales: the
+                speed "delayed" scaling (each scale from earlier steps' largest magnitudes, Transformer Engine's
+                way) could reach. Each largest magnitude is still computed, as delayed scaling must for its history,
+                and fed into the scale the matmul reads (plus 0 times it), so that the compiler keeps it but no cast
+                waits for it. Its numbers are wrong (values past e4m3's range clamped, small gradients lost), its
+                time is the bound: if it is not well under bf16's, delayed scaling is not worth building
     float8vit   the ViT's blocks' Linears alone in float8: its 14,580 tokens make larger matmuls than the LLM's 4,512,
                 which leaves a float8 matmul less to win against its scaling passes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
@@ -62,6 +68,7 @@ The variants, by name:
     python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
     python assets/bench/step_variants.py committed committed_mk float8rows float8rows_mk
+    python assets/bench/step_variants.py committed float8 float8delayed float8rows
 """
 
 import functools
@@ -231,6 +238,21 @@ def float8_blocks(model, llm=True, rowwise=False):
     return undo
 
 
+def float8_delayed():
+    """vision.to_float8 with its scale a constant and the tensor's largest magnitude computed beside the cast, not
+    before it (float8delayed); undone by the returned function."""
+    to_float8 = vision.to_float8
+
+    def constant_scale(t, dtype):
+        amax = t.detach().abs().amax(dim=-1).amax()  # what delayed scaling would keep for the next steps' scales
+        largest = vision.FLOAT8_LARGEST[dtype]
+        q = t.float().clamp(-largest, largest).to(dtype)  # the scale 1, as if from the history
+        return q, torch.ones((), device=t.device) + 0 * amax.float()  # 1 / scale, tied to amax so it is computed
+
+    vision.to_float8 = constant_scale
+    return lambda: setattr(vision, "to_float8", to_float8)
+
+
 def main():
     os.makedirs(bench.out_dir, exist_ok=True)
     dev = torch.device("cuda")
@@ -261,6 +283,8 @@ def main():
                 "float8": ("the blocks' Linears in float8, fresh", GraphedStep, True, False),
                 "float8rows": ("the blocks' Linears in float8 scaled by rows, fresh", GraphedStep, True, False),
                 "float8vit": ("the ViT's blocks' Linears in float8, fresh", GraphedStep, True, False),
+                "float8delayed": ("the blocks' Linears in float8, each scale a constant (delayed scaling's bound), "
+                                  "fresh", GraphedStep, True, False),
                 "all8": ("levers, three parts, the ViT's stream in bf16, float8 by rows", LeversStep, False, False)}
     compiled = ({}, True, False)  # how the blocks are compiled now: (torch.compile's keywords, Linears stacked,
     #   which float8 variant or False)
@@ -290,6 +314,8 @@ def main():
             wanted = (options, name != "unstacked", float8 and name)
             if float8:
                 undos.append(float8_blocks(model, llm=name != "float8vit", rowwise=name in ("float8rows", "all8")))
+            if name == "float8delayed":
+                undos.append(float8_delayed())
             if wanted != compiled:  # the next step compiles the blocks anew: its "first" time says how long
                 torch._dynamo.reset()
                 vision.stacks_linears = stacks if wanted[1] else (lambda x: False)
