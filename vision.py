@@ -470,8 +470,7 @@ class FeatureCache:
             raise ValueError("FeatureCache: crops on the GPU (their keys would be read back to the host every step)")
         if torch.is_grad_enabled() and any(p.requires_grad for p in vit.parameters()):
             raise ValueError("FeatureCache: the ViT learns (a parameter requires grad), so its features change")
-        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        salt = (tuple(layers), patches.dtype, autocast)
+        salt = (tuple(layers), patches.dtype, cpu_autocast_dtype(patches))
         rows = patches.detach().reshape(len(patches), -1).contiguous().view(torch.uint8).numpy()
         keys = [hash((salt, row.tobytes())) for row in rows]
         missing = [i for i, key in enumerate(keys) if key not in self.store]

@@ -299,6 +299,24 @@ def test_feature_cache_gives_the_vits_features_and_skips_crops_met_before():
     assert torch.equal(other_layers[0], vit.encode(first[:1], [1])[0]) and ran[-1] == 1
 
 
+def test_feature_cache_keeps_float32_and_autocast_features_apart():
+    """The same crops under CPU bf16 autocast are other work (bf16 products): the cache runs the ViT on them again and
+    answers each mode with its own features, never the other's."""
+    vit = frozen_vit()
+    batch = crops(2, seed=5)
+    expected_fp32 = vit.encode(batch, [2])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_bf16 = vit.encode(batch, [2])[0]
+    assert not torch.equal(expected_fp32, expected_bf16.float())  # the two modes differ, so a mix-up would show
+    vit.feature_cache = FeatureCache(max_bytes=2**20)
+    assert torch.equal(vit(batch, [2])[0], expected_fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vit(batch, [2])[0], expected_bf16)  # computed: the float32 features are not its
+        assert torch.equal(vit(batch, [2])[0], expected_bf16)  # kept
+    assert torch.equal(vit(batch, [2])[0], expected_fp32)
+    assert (vit.feature_cache.hits, vit.feature_cache.misses) == (4, 4)
+
+
 def test_feature_cache_keeps_at_most_max_bytes_and_still_answers():
     vit = frozen_vit()
     batch = crops(3, seed=3)
