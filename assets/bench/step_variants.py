@@ -50,7 +50,9 @@ The variants, by name:
                 way) could reach. Each largest magnitude is still computed, as delayed scaling must for its history,
                 and fed into the scale the matmul reads (plus 0 times it), so that the compiler keeps it but no cast
                 waits for it. Its numbers are wrong (values past e4m3's range clamped, small gradients lost), its
-                time is the bound: if it is not well under bf16's, delayed scaling is not worth building
+                time is the bound: if it is not well under bf16's, delayed scaling is not worth building.
+                Name it last: the variants step one model in turn, and its wrong numbers may leave that
+                model's weights not finite for those after it
     float8vit   the ViT's blocks' Linears alone in float8: its 14,580 tokens make larger matmuls than the LLM's 4,512,
                 which leaves a float8 matmul less to win against its scaling passes
     spanrows    the LLM's attention without Molmo2's dense mask, where the batch allows it (each row one example
@@ -68,7 +70,7 @@ The variants, by name:
     python assets/bench/step_variants.py                          # before, committed, copies, clip_adamw
     python assets/bench/step_variants.py committed autotune
     python assets/bench/step_variants.py committed committed_mk float8rows float8rows_mk
-    python assets/bench/step_variants.py committed float8 float8delayed float8rows
+    python assets/bench/step_variants.py committed float8 float8rows float8delayed
 """
 
 import functools
