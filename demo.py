@@ -183,6 +183,11 @@ def last_validation(log_jsonl, key):
     return next((r for r in reversed(logged_steps(log_jsonl)[1].values()) if key in r), None)
 
 
+def flags(args):
+    """A step's command's --key=value arguments as {key: value} (the script, args[0], left out)."""
+    return dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--"))
+
+
 def steps_ran(steps):
     """[(stage, steps it ran, steps its command set)] for each training stage among a recipe's steps, read off its
     last checkpoint (train_*.py saves one at its last step; max_minutes may end a stage before its max_steps, and the
@@ -191,7 +196,7 @@ def steps_ran(steps):
     import torch
     rows = []
     for name, args, _ in steps:
-        out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), None)
+        out_dir = flags(args).get("out_dir")
         if args[0].startswith("train_") and out_dir and os.path.isfile(f"{out_dir}/ckpt.pt"):
             # mapped, not read: the full recipe's checkpoint holds ~1B parameters and their AdamW moments, and only
             # two numbers of it are wanted here
@@ -277,7 +282,7 @@ def is_done(args, done_marker):
         return True
     with open(done_marker) as f:
         made = json.load(f)
-    asked = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--"))
+    asked = flags(args)
     return all(str(made.get(k)) == asked[k] for k in prepare_data.WORLD_CONTENT if k in asked)
 
 
