@@ -247,9 +247,9 @@ def float8_delayed():
 
     def constant_scale(t, dtype):
         amax = t.detach().abs().amax(dim=-1).amax()  # what delayed scaling would keep for the next steps' scales
-        largest = vision.FLOAT8_LARGEST[dtype]
-        q = t.float().clamp(-largest, largest).to(dtype)  # the scale 1, as if from the history
-        return q, torch.ones((), device=t.device) + 0 * amax.float()  # 1 / scale, tied to amax so it is computed
+        # float8's own cast, its amax standing in for the history's: the format's largest value, so the scale is 1
+        q, inverse_scale = vision.scaled_into(t, torch.full((), vision.FLOAT8_LARGEST[dtype], device=t.device), dtype)
+        return q, inverse_scale + 0 * amax.float()  # tied to this step's amax, so that it is computed
 
     vision.to_float8 = constant_scale
     return lambda: setattr(vision, "to_float8", to_float8)
